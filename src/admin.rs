@@ -1,0 +1,1 @@
+//! Admin listener: /healthz, /readyz, /metrics. Exposes nothing that changes state.

@@ -1,0 +1,1 @@
+//! Wiring: builds config, metrics, publisher, source, rebuild loop, proxy and admin, and runs the shutdown sequence.

@@ -1,0 +1,198 @@
+//! Command line and environment: every flag (also as `PORTICO_*`), parsed once into typed,
+//! validated values. Each part gets its own small config built from these.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use ipnet::IpNet;
+
+use crate::model::duration::parse_duration;
+
+/// portico: a Kubernetes ingress controller. Ingress v1 routing, TLS termination and load
+/// balancing straight to pod endpoints.
+#[derive(Debug, Parser)]
+#[command(name = "portico", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the proxy, fed from a manifests directory (`--manifests DIR`).
+    Run(Box<RunArgs>),
+    /// Parse and translate a manifests directory offline; print diagnostics; exit 1 on errors.
+    Check(CheckArgs),
+    /// Print the RateLimitPolicy CustomResourceDefinition YAML.
+    Crd,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+/// Options that shape translation, shared by `run` and `check`.
+#[derive(Debug, Clone, Args)]
+pub struct TranslateArgs {
+    /// IngressClass name served by this controller.
+    #[arg(long, env = "PORTICO_INGRESS_CLASS", default_value = crate::translate::DEFAULT_INGRESS_CLASS)]
+    pub ingress_class: String,
+    /// `spec.controller` value that marks an IngressClass as ours.
+    #[arg(long, env = "PORTICO_CONTROLLER_NAME", default_value = crate::translate::DEFAULT_CONTROLLER_NAME)]
+    pub controller_name: String,
+    /// TLS Secret (`namespace/name`) served for unknown or missing SNI; a self-signed
+    /// certificate is generated at start when absent.
+    #[arg(long, env = "PORTICO_DEFAULT_CERTIFICATE", value_parser = parse_ns_name)]
+    pub default_certificate: Option<(String, String)>,
+    /// Allow `type: ExternalName` Services as backends.
+    #[arg(long, env = "PORTICO_ALLOW_EXTERNAL_NAME")]
+    pub allow_external_name: bool,
+    /// Upstream connect timeout (annotation `proxy-connect-timeout` overrides).
+    #[arg(long, env = "PORTICO_PROXY_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_dur)]
+    pub proxy_connect_timeout: Duration,
+    /// Time to wait for upstream response headers (annotation `proxy-read-timeout` overrides).
+    #[arg(long, env = "PORTICO_PROXY_READ_TIMEOUT", default_value = "60s", value_parser = parse_dur)]
+    pub proxy_read_timeout: Duration,
+    /// Request body limit in bytes; 0 = unlimited (annotation `proxy-body-size` overrides).
+    #[arg(long, env = "PORTICO_PROXY_BODY_SIZE", default_value_t = crate::model::DEFAULT_BODY_LIMIT)]
+    pub proxy_body_size: u64,
+}
+
+/// `portico check DIR`.
+#[derive(Debug, Clone, Args)]
+pub struct CheckArgs {
+    /// Directory of Kubernetes YAML (searched recursively).
+    pub dir: PathBuf,
+    #[command(flatten)]
+    pub translate: TranslateArgs,
+}
+
+/// `portico run`.
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// Directory of Kubernetes YAML to serve (recursively; watched live). Required until the
+    /// cluster source lands.
+    #[arg(long, env = "PORTICO_MANIFESTS")]
+    pub manifests: Option<PathBuf>,
+    /// Plain HTTP listener (h1 and h2c prior knowledge).
+    #[arg(long, env = "PORTICO_HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    pub http_addr: SocketAddr,
+    /// HTTPS listener (ALPN h2, http/1.1).
+    #[arg(long, env = "PORTICO_HTTPS_ADDR", default_value = "0.0.0.0:8443")]
+    pub https_addr: SocketAddr,
+    /// Admin listener: /healthz, /readyz, /metrics.
+    #[arg(long, env = "PORTICO_ADMIN_ADDR", default_value = "0.0.0.0:9090")]
+    pub admin_addr: SocketAddr,
+    #[command(flatten)]
+    pub translate: TranslateArgs,
+    /// After SIGTERM, keep accepting for this long (readiness already 503) so endpoint removal
+    /// propagates before listeners close.
+    #[arg(long, env = "PORTICO_SHUTDOWN_DELAY", default_value = "0s", value_parser = parse_dur)]
+    pub shutdown_delay: Duration,
+    /// After listeners close, in-flight requests get this long before they are cut.
+    #[arg(long, env = "PORTICO_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_dur)]
+    pub shutdown_grace: Duration,
+    /// Peers whose X-Forwarded-* headers are trusted (comma-separated CIDRs).
+    #[arg(long, env = "PORTICO_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Vec<IpNet>,
+    /// Log format for logs and access logs.
+    #[arg(long, env = "PORTICO_LOG_FORMAT", value_enum, default_value = "json")]
+    pub log_format: LogFormat,
+    /// Turn off the per-request access log.
+    #[arg(long, env = "PORTICO_NO_ACCESS_LOG")]
+    pub no_access_log: bool,
+    /// Proxy worker threads (default: number of cores).
+    #[arg(long, env = "PORTICO_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
+    /// Maximum open client connections; above it portico stops accepting (backpressure).
+    #[arg(long, env = "PORTICO_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
+    /// Cap on concurrent requests for the whole proxy; excess → 503. 0 = no cap.
+    #[arg(long, env = "PORTICO_MAX_CONCURRENT_REQUESTS", default_value_t = 0)]
+    pub max_concurrent_requests: u32,
+    /// Time allowed for a client to send the full request head; then 408 / close.
+    #[arg(long, env = "PORTICO_CLIENT_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_dur)]
+    pub client_header_timeout: Duration,
+    /// Idle keep-alive timeout for client connections.
+    #[arg(long, env = "PORTICO_CLIENT_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_dur)]
+    pub client_idle_timeout: Duration,
+    /// Idle timeout of WebSockets and other upgraded streams.
+    #[arg(long, env = "PORTICO_STREAM_IDLE_TIMEOUT", default_value = "1h", value_parser = parse_dur)]
+    pub stream_idle_timeout: Duration,
+    /// Maximum retries of a failed request on other endpoints.
+    #[arg(long, env = "PORTICO_MAX_RETRIES", default_value_t = 2)]
+    pub max_retries: u32,
+    /// HTTP/2 max concurrent streams per client connection.
+    #[arg(long, env = "PORTICO_H2_MAX_CONCURRENT_STREAMS", default_value_t = 100)]
+    pub h2_max_concurrent_streams: u32,
+}
+
+fn parse_dur(s: &str) -> Result<Duration, String> {
+    parse_duration(s)
+        .ok_or_else(|| format!("invalid duration {s:?} (examples: 500ms, 5s, 1m, 1h30m)"))
+}
+
+fn parse_ns_name(s: &str) -> Result<(String, String), String> {
+    match s.split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+            Ok((ns.to_string(), name.to_string()))
+        }
+        _ => Err(format!("expected namespace/name, got {s:?}")),
+    }
+}
+
+impl TranslateArgs {
+    /// Translate options from these flags.
+    pub fn options(&self) -> crate::translate::Options {
+        let mut o = crate::translate::Options {
+            ingress_class: self.ingress_class.clone(),
+            controller_name: self.controller_name.clone(),
+            default_certificate: self.default_certificate.clone(),
+            allow_external_name: self.allow_external_name,
+            ..Default::default()
+        };
+        o.defaults.connect_timeout = self.proxy_connect_timeout;
+        o.defaults.read_timeout = self.proxy_read_timeout;
+        o.defaults.body_limit = self.proxy_body_size;
+        o
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn every_run_flag_has_help_and_env() {
+        let cmd = Cli::command();
+        for sub in cmd.get_subcommands() {
+            for arg in sub.get_arguments() {
+                if arg.is_positional() || arg.get_id() == "help" {
+                    continue;
+                }
+                assert!(
+                    arg.get_help().is_some(),
+                    "flag {} has no help",
+                    arg.get_id()
+                );
+                assert!(
+                    arg.get_env().is_some(),
+                    "flag {} has no PORTICO_* env",
+                    arg.get_id()
+                );
+            }
+        }
+    }
+}

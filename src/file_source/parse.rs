@@ -1,0 +1,203 @@
+//! Parsing of manifest files: multi-document YAML → typed Kubernetes objects.
+//!
+//! Comment-only and empty documents are skipped, `kind: List` is flattened, kinds portico does
+//! not read are ignored, objects without a namespace land in `default`, and Secret `stringData`
+//! is merged into `data` as the API server would. Any document that fails to parse fails the
+//! whole file, so the caller can keep the file's last good objects.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::crd::RateLimitPolicy;
+use crate::translate::Inputs;
+
+/// Namespace given to namespaced objects that declare none.
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// One object portico reads.
+#[derive(Debug, Clone)]
+pub enum Object {
+    Ingress(Ingress),
+    IngressClass(IngressClass),
+    Service(Service),
+    EndpointSlice(EndpointSlice),
+    Secret(Secret),
+    RateLimitPolicy(RateLimitPolicy),
+}
+
+/// Why a file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ParseError {
+    #[error("invalid YAML: {0}")]
+    Yaml(String),
+    #[error("document {index}: {message}")]
+    Document { index: usize, message: String },
+}
+
+/// Parse the text of one manifest file.
+pub fn parse_manifests(text: &str) -> Result<Vec<Object>, ParseError> {
+    let docs: Vec<Value> =
+        serde_saphyr::from_multiple(text).map_err(|e| ParseError::Yaml(e.to_string()))?;
+    let mut out = Vec::new();
+    for (index, doc) in docs.into_iter().enumerate() {
+        parse_value(doc, index, &mut out)?;
+    }
+    Ok(out)
+}
+
+fn parse_value(doc: Value, index: usize, out: &mut Vec<Object>) -> Result<(), ParseError> {
+    let err = |message: String| ParseError::Document { index, message };
+    let obj = match doc {
+        Value::Null => return Ok(()),
+        Value::Object(map) => map,
+        _ => {
+            return Err(err(
+                "a document must be a mapping (a Kubernetes object)".into()
+            ));
+        }
+    };
+    let api_version = obj
+        .get("apiVersion")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
+    let kind = obj
+        .get("kind")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
+    if kind.is_empty() {
+        return Err(err("missing `kind`".into()));
+    }
+    let value = Value::Object(obj);
+    let parsed = match (api_version.as_str(), kind.as_str()) {
+        ("v1", "List") => {
+            let items = match value.get("items") {
+                Some(Value::Array(items)) => items.clone(),
+                Some(Value::Null) | None => Vec::new(),
+                Some(_) => return Err(err("List `items` must be a sequence".into())),
+            };
+            for item in items {
+                parse_value(item, index, out)?;
+            }
+            return Ok(());
+        }
+        ("networking.k8s.io/v1", "Ingress") => Object::Ingress(typed(value, &kind).map_err(err)?),
+        ("networking.k8s.io/v1", "IngressClass") => {
+            Object::IngressClass(typed(value, &kind).map_err(err)?)
+        }
+        ("v1", "Service") => Object::Service(typed(value, &kind).map_err(err)?),
+        ("discovery.k8s.io/v1", "EndpointSlice") => {
+            Object::EndpointSlice(typed(value, &kind).map_err(err)?)
+        }
+        ("v1", "Secret") => Object::Secret(merge_string_data(typed(value, &kind).map_err(err)?)),
+        ("portico.dev/v1alpha1", "RateLimitPolicy") => {
+            Object::RateLimitPolicy(typed(value, &kind).map_err(err)?)
+        }
+        (_, "Ingress" | "IngressClass" | "EndpointSlice" | "RateLimitPolicy") => {
+            return Err(err(format!(
+                "unsupported apiVersion {api_version:?} for {kind}"
+            )));
+        }
+        // Other kinds (Deployments, ConfigMaps, Namespaces...) are not portico's business.
+        _ => return Ok(()),
+    };
+    out.push(with_default_namespace(parsed));
+    Ok(())
+}
+
+fn typed<T: DeserializeOwned>(value: Value, kind: &str) -> Result<T, String> {
+    serde_json::from_value(value).map_err(|e| format!("invalid {kind}: {e}"))
+}
+
+fn merge_string_data(mut secret: Secret) -> Secret {
+    if let Some(string_data) = secret.string_data.take() {
+        let data = secret.data.get_or_insert_with(BTreeMap::new);
+        for (k, v) in string_data {
+            data.insert(k, ByteString(v.into_bytes()));
+        }
+    }
+    secret
+}
+
+fn with_default_namespace(mut obj: Object) -> Object {
+    let meta = match &mut obj {
+        Object::Ingress(o) => &mut o.metadata,
+        // IngressClass is cluster-scoped.
+        Object::IngressClass(_) => return obj,
+        Object::Service(o) => &mut o.metadata,
+        Object::EndpointSlice(o) => &mut o.metadata,
+        Object::Secret(o) => &mut o.metadata,
+        Object::RateLimitPolicy(o) => &mut o.metadata,
+    };
+    if meta.namespace.as_deref().is_none_or(str::is_empty) {
+        meta.namespace = Some(DEFAULT_NAMESPACE.to_string());
+    }
+    obj
+}
+
+impl Inputs {
+    /// Add parsed objects to the inputs.
+    pub fn extend_objects(&mut self, objects: impl IntoIterator<Item = Object>) {
+        for obj in objects {
+            match obj {
+                Object::Ingress(o) => self.ingresses.push(Arc::new(o)),
+                Object::IngressClass(o) => self.ingress_classes.push(Arc::new(o)),
+                Object::Service(o) => self.services.push(Arc::new(o)),
+                Object::EndpointSlice(o) => self.endpoint_slices.push(Arc::new(o)),
+                Object::Secret(o) => self.secrets.push(Arc::new(o)),
+                Object::RateLimitPolicy(o) => self.rate_limit_policies.push(Arc::new(o)),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn multi_document_with_comments_and_other_kinds() {
+        let text = "# just a comment\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n---\n# only comments here\n---\napiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  ports: [{port: 80, name: http}]\n";
+        let objs = parse_manifests(text).expect("parses");
+        assert_eq!(objs.len(), 1);
+        match &objs[0] {
+            Object::Service(s) => assert_eq!(s.metadata.namespace.as_deref(), Some("default")),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn string_data_is_merged() {
+        let text = "apiVersion: v1\nkind: Secret\nmetadata: {name: s, namespace: ns}\ntype: kubernetes.io/tls\nstringData:\n  tls.crt: abc\n";
+        let objs = parse_manifests(text).expect("parses");
+        let Object::Secret(s) = &objs[0] else {
+            panic!("not a secret")
+        };
+        let data = s.data.as_ref().expect("data");
+        assert_eq!(
+            data.get("tls.crt").map(|b| b.0.as_slice()),
+            Some(&b"abc"[..])
+        );
+    }
+
+    #[test]
+    fn malformed_document_fails_the_file() {
+        let text = "apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {name: x}\nspec:\n  rules: 5\n";
+        assert!(parse_manifests(text).is_err());
+        assert!(parse_manifests("key: [unclosed").is_err());
+    }
+
+    #[test]
+    fn list_is_flattened() {
+        let text = "apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Service\n  metadata: {name: a}\n- apiVersion: v1\n  kind: Service\n  metadata: {name: b}\n";
+        assert_eq!(parse_manifests(text).expect("parses").len(), 2);
+    }
+}

@@ -1,0 +1,70 @@
+//! SNI certificate table: exact names, one-label wildcards, and the default certificate from
+//! `--default-certificate`. Certificates are parsed rustls keys, ready for handshakes.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+use rustls::sign::CertifiedKey;
+
+/// A parsed certificate chain + private key. Equality compares the source material (the PEM
+/// bytes it was built from), so an unchanged Secret yields an equal snapshot.
+#[derive(Clone)]
+pub struct CertKey {
+    pub key: Arc<CertifiedKey>,
+    /// `namespace/name` of the Secret it came from (logs only).
+    pub source: Arc<str>,
+    /// The certificate and key bytes it was parsed from.
+    pub material: Arc<[u8]>,
+}
+
+impl PartialEq for CertKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.source == other.source && self.material == other.material
+    }
+}
+
+impl fmt::Debug for CertKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CertKey")
+            .field("source", &self.source)
+            .finish_non_exhaustive()
+    }
+}
+
+/// SNI → certificate. Names are lower-case.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct TlsTable {
+    pub exact: HashMap<String, CertKey>,
+    /// Keyed by the suffix after `*.`.
+    pub wildcard: HashMap<String, CertKey>,
+    /// From `--default-certificate ns/name`; when `None` the proxy's generated fallback serves.
+    pub default: Option<CertKey>,
+}
+
+impl TlsTable {
+    /// SNI picks exact, then wildcard (one label), then the default certificate.
+    pub fn resolve(&self, sni: Option<&str>) -> Option<&CertKey> {
+        if let Some(name) = sni {
+            let name = name.trim_end_matches('.').to_ascii_lowercase();
+            if let Some(c) = self.exact.get(&name) {
+                return Some(c);
+            }
+            if let Some((first, rest)) = name.split_once('.')
+                && !first.is_empty()
+                && let Some(c) = self.wildcard.get(rest)
+            {
+                return Some(c);
+            }
+        }
+        self.default.as_ref()
+    }
+
+    /// True when the host has a certificate of its own (exact or wildcard), not just the default.
+    pub fn has_cert_for(&self, host: &str) -> bool {
+        self.exact.contains_key(host)
+            || host
+                .split_once('.')
+                .is_some_and(|(f, rest)| !f.is_empty() && self.wildcard.contains_key(rest))
+    }
+}

@@ -1,0 +1,104 @@
+//! The data plane: HTTP and HTTPS listeners, TLS (SNI from the snapshot), routing, forwarding
+//! to pod endpoints with pooling and retries, and the request rules of brief §4.4.
+//!
+//! Owns: everything on the request path. May import: model, publish, metrics, hyper, rustls,
+//! tokio. Must never import kube or k8s-openapi types (checked by `tests/architecture.rs`).
+//!
+//! Seams: [`listener`] accepts connections (TCP, TLS, h1/h2/h2c, connection cap, shutdown) and
+//! hands every request with its [`ConnInfo`] to [`handler::Handler`], which validates, routes
+//! and forwards through [`upstream`].
+
+pub mod error;
+pub mod handler;
+pub mod listener;
+pub mod normalize;
+pub mod tls;
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use ipnet::IpNet;
+
+pub use listener::{Proxy, ShutdownTrigger};
+
+/// Error type carried by proxied bodies.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// Body type of every response the proxy writes.
+pub type ProxyBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;
+
+/// Request line limit (method + target + version), 8 KiB → 414 above it.
+pub const DEFAULT_MAX_REQUEST_LINE: usize = 8 * 1024;
+/// Header block limit, 64 KiB → 431 above it.
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Header count limit → 431 above it.
+pub const DEFAULT_MAX_HEADERS: usize = 100;
+/// Client must send its full request head within this.
+pub const DEFAULT_CLIENT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Idle keep-alive client connections close after this.
+pub const DEFAULT_CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default cap on open client connections.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Default retries on other endpoints.
+pub const DEFAULT_MAX_RETRIES: u32 = 2;
+/// HTTP/2 streams per connection.
+pub const DEFAULT_H2_MAX_CONCURRENT_STREAMS: u32 = 100;
+
+/// Proxy settings, from flags.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    pub http_addr: SocketAddr,
+    pub https_addr: SocketAddr,
+    pub max_connections: usize,
+    /// Whole-proxy cap on concurrent requests; `None` = no cap.
+    pub max_concurrent_requests: Option<u32>,
+    pub max_request_line: usize,
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub client_header_timeout: Duration,
+    pub client_idle_timeout: Duration,
+    pub stream_idle_timeout: Duration,
+    pub h2_max_concurrent_streams: u32,
+    pub max_retries: u32,
+    /// Peers whose forwarding headers are trusted.
+    pub trusted_proxies: Vec<IpNet>,
+    /// In-flight requests get this long after listeners close.
+    pub shutdown_grace: Duration,
+    /// Emit one access-log line per request.
+    pub access_log: bool,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            https_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_concurrent_requests: None,
+            max_request_line: DEFAULT_MAX_REQUEST_LINE,
+            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            max_headers: DEFAULT_MAX_HEADERS,
+            client_header_timeout: DEFAULT_CLIENT_HEADER_TIMEOUT,
+            client_idle_timeout: DEFAULT_CLIENT_IDLE_TIMEOUT,
+            stream_idle_timeout: crate::model::DEFAULT_STREAM_IDLE_TIMEOUT,
+            h2_max_concurrent_streams: DEFAULT_H2_MAX_CONCURRENT_STREAMS,
+            max_retries: DEFAULT_MAX_RETRIES,
+            trusted_proxies: Vec::new(),
+            shutdown_grace: Duration::from_secs(30),
+            access_log: true,
+        }
+    }
+}
+
+/// What the handler knows about the client connection a request came on.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+    /// Came over the HTTPS listener.
+    pub tls: bool,
+    /// SNI the client sent, lower-case.
+    pub sni: Option<Arc<str>>,
+}

@@ -1,0 +1,1 @@
+//! Logging setup (json | text) and the access-log line.
