@@ -1,0 +1,37 @@
+# portico — developer entry points. `make test` is what CI runs (`.ci/run`).
+SHELL := /bin/bash
+CARGO ?= cargo
+# cargo-nextest runs each test in its own process (faster, isolated); fall back to cargo test.
+NEXTEST := $(shell $(CARGO) nextest --version >/dev/null 2>&1 && echo yes)
+
+.PHONY: all build test fmt-check clippy unit demo clean
+
+all: build
+
+build:
+	$(CARGO) build --locked --all-targets
+
+## test: format check, clippy with -D warnings on all targets, the whole test suite
+test: fmt-check clippy unit
+
+fmt-check:
+	$(CARGO) fmt --all -- --check
+
+clippy:
+	$(CARGO) clippy --locked --all-targets -- -D warnings
+
+unit:
+ifeq ($(NEXTEST),yes)
+	$(CARGO) nextest run --locked --no-fail-fast
+	$(CARGO) test --locked --doc
+else
+	$(CARGO) test --locked --no-fail-fast
+endif
+
+## demo: two echo backends + portico on examples/quickstart (no cluster needed)
+demo:
+	$(CARGO) build --locked --bin portico --example echo
+	./examples/demo.sh
+
+clean:
+	$(CARGO) clean
