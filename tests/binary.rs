@@ -1,0 +1,358 @@
+//! End-to-end tests of the real `portico` binary on a manifests directory: `check`, bad objects
+//! next to good ones, live updates under load, and the SIGTERM drain sequence. Everything on
+//! 127.0.0.1, ports chosen by the OS and read back from the binary's `listening` log line.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, mpsc};
+
+const BIN: &str = env!("CARGO_BIN_EXE_portico");
+const DEADLINE: Duration = Duration::from_secs(20);
+
+/// A running portico process; killed (by PID, via Child) when dropped.
+struct Portico {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    http: SocketAddr,
+    admin: SocketAddr,
+}
+
+impl Drop for Portico {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Portico {
+    fn start(dir: &Path, extra: &[&str]) -> Portico {
+        let mut child = Command::new(BIN)
+            .args(["run", "--manifests"])
+            .arg(dir)
+            .args(["--http-addr", "127.0.0.1:0", "--https-addr", "127.0.0.1:0"])
+            .args(["--admin-addr", "127.0.0.1:0", "--log-format", "json"])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn portico");
+        let stdout = child.stdout.take().expect("stdout");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                sink.lock().expect("lock").push(line.clone());
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = rx.recv_timeout(left).expect("portico logged `listening` in time");
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
+            if v["message"] == "listening" {
+                let addr = |k: &str| {
+                    v[k].as_str().and_then(|s| s.parse().ok()).expect("address field")
+                };
+                return Portico { http: addr("http_addr"), admin: addr("admin_addr"), child, lines };
+            }
+        }
+    }
+
+    fn log_contains(&self, needle: &str) -> bool {
+        self.lines.lock().expect("lock").iter().any(|l| l.contains(needle))
+    }
+}
+
+type HttpClient = Client<HttpConnector, Empty<Bytes>>;
+
+fn client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+async fn get(c: &HttpClient, addr: SocketAddr, host: &str, path: &str) -> Result<(u16, String), String> {
+    let req = http::Request::get(format!("http://{addr}{path}"))
+        .header("host", host)
+        .body(Empty::new())
+        .map_err(|e| e.to_string())?;
+    let resp = c.request(req).await.map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// Poll `f` until it returns true or the deadline passes.
+async fn eventually<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + DEADLINE;
+    while Instant::now() < deadline {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+/// A backend that answers `name` and counts requests per listener address.
+struct Backend {
+    addr: SocketAddr,
+    hits: Arc<AtomicUsize>,
+}
+
+async fn backend(name: &'static str) -> Backend {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind backend");
+    let addr = listener.local_addr().expect("addr");
+    let hits = Arc::new(AtomicUsize::new(0));
+    let h = hits.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = listener.accept().await else { continue };
+            let h = h.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |_req| {
+                    h.fetch_add(1, Ordering::Relaxed);
+                    async move {
+                        Ok::<_, std::convert::Infallible>(http::Response::new(
+                            http_body_util::Full::new(Bytes::from(name)),
+                        ))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    Backend { addr, hits }
+}
+
+fn service_yaml(ns: &str, name: &str, endpoints: &[SocketAddr]) -> String {
+    let port = endpoints.first().map(|a| a.port()).unwrap_or(1);
+    let mut eps = String::new();
+    for e in endpoints {
+        eps.push_str(&format!("  - addresses: [\"{}\"]\n    conditions: {{ready: true}}\n", e.ip()));
+    }
+    // All endpoints of one slice share the port; tests give one slice per port.
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  ports: [{{name: http, port: 80}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-{port}\n  namespace: {ns}\n  labels: {{kubernetes.io/service-name: {name}}}\naddressType: IPv4\nports: [{{name: http, port: {port}}}]\nendpoints:\n{eps}"
+    )
+}
+
+fn ingress_yaml(ns: &str, name: &str, host: &str, path: &str, service: &str) -> String {
+    format!(
+        "apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  ingressClassName: portico\n  rules:\n  - host: {host}\n    http:\n      paths:\n      - path: {path}\n        pathType: Prefix\n        backend: {{service: {{name: {service}, port: {{name: http}}}}}}\n"
+    )
+}
+
+/// Write atomically (temp file + rename), as editors and ConfigMap updates do.
+fn write_atomic(dir: &Path, name: &str, text: &str) {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, text).expect("write tmp");
+    std::fs::rename(&tmp, dir.join(name)).expect("rename");
+}
+
+const GARBAGE_SECRET: &str = "apiVersion: v1\nkind: Secret\nmetadata: {name: broken-tls, namespace: shop}\ntype: kubernetes.io/tls\nstringData:\n  tls.crt: \"-----BEGIN CERTIFICATE-----\\nnot base64 at all\\n-----END CERTIFICATE-----\\n\"\n  tls.key: garbage\n";
+
+fn bad_objects(dir: &Path) {
+    std::fs::write(dir.join("broken.yaml"), "apiVersion: v1\nkind: Service\nmetadata: [unclosed\n")
+        .expect("write");
+    std::fs::write(dir.join("orphan.yaml"), ingress_yaml("shop", "orphan", "orphan.test", "/", "missing"))
+        .expect("write");
+    let tls_ingress = "apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {name: tls-broken, namespace: shop}\nspec:\n  ingressClassName: portico\n  tls: [{hosts: [secure.test], secretName: broken-tls}]\n  rules:\n  - host: secure.test\n    http:\n      paths:\n      - {path: /, pathType: Prefix, backend: {service: {name: web, port: {name: http}}}}\n";
+    std::fs::write(dir.join("tls.yaml"), format!("{GARBAGE_SECRET}---\n{tls_ingress}")).expect("write");
+}
+
+#[test]
+fn quickstart_example_checks_clean() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/quickstart");
+    let out = Command::new(BIN).args(["check", dir]).output().expect("run check");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "check failed:\n{text}");
+}
+
+#[test]
+fn check_reports_every_problem_and_exits_nonzero() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    bad_objects(dir.path());
+    let out = Command::new(BIN).arg("check").arg(dir.path()).output().expect("run check");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "check must fail:\n{text}");
+    assert!(text.contains("broken.yaml"), "malformed file reported:\n{text}");
+    assert!(text.contains("Ingress shop/orphan"), "missing Service reported:\n{text}");
+    assert!(text.contains("ServiceNotFound"), "{text}");
+    assert!(text.contains("shop/tls-broken"), "garbage PEM reported:\n{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_objects_never_break_other_routes() {
+    let web = backend("web").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("web.yaml"), format!(
+        "{}---\n{}",
+        service_yaml("shop", "web", &[web.addr]),
+        ingress_yaml("shop", "web", "shop.test", "/", "web")
+    )).expect("write");
+    bad_objects(dir.path());
+    let p = Portico::start(dir.path(), &[]);
+    let c = client();
+    eventually("good route serves", || async {
+        matches!(get(&c, p.http, "shop.test", "/").await, Ok((200, ref b)) if b == "web")
+    }).await;
+    // The TLS host with a garbage Secret still answers over plain HTTP (no redirect).
+    assert_eq!(get(&c, p.http, "secure.test", "/").await.map(|r| r.0), Ok(200));
+    // The Ingress whose Service is missing answers 503, not the whole proxy.
+    assert_eq!(get(&c, p.http, "orphan.test", "/").await.map(|r| r.0), Ok(503));
+    let (status, metrics) = get(&c, p.admin, "admin", "/metrics").await.expect("metrics");
+    assert_eq!(status, 200);
+    assert!(metrics.contains("portico_config_diagnostics{kind=\"Ingress\",reason=\"ServiceNotFound\"} 1"), "{metrics}");
+    assert!(metrics.contains("portico_manifest_files_invalid 1"), "{metrics}");
+    assert_eq!(get(&c, p.admin, "admin", "/readyz").await.map(|r| r.0), Ok(200));
+    eventually("diagnostics logged", || async {
+        p.log_contains("ServiceNotFound") && p.log_contains("broken.yaml") && p.log_contains("tls-broken")
+    }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_updates_under_load_drop_nothing() {
+    let a = [backend("a").await, backend("a").await];
+    let b = [backend("b").await, backend("b").await];
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().to_path_buf();
+    let svc = |set: &[Backend; 2]| {
+        // One slice per endpoint port: portico merges slices of one Service.
+        let s0 = service_yaml("live", "app", &[set[0].addr]);
+        let s1 = service_yaml("live", "app", &[set[1].addr]);
+        let slice1 = s1.split("---\n").nth(1).unwrap_or_default().to_string();
+        format!("{s0}---\n{slice1}")
+    };
+    write_atomic(&d, "app.yaml", &svc(&a));
+    write_atomic(&d, "ingress.yaml", &ingress_yaml("live", "app", "live.test", "/", "app"));
+    let p = Portico::start(&d, &[]);
+    let c = client();
+    eventually("route serves", || async { matches!(get(&c, p.http, "live.test", "/").await, Ok((200, _))) }).await;
+
+    let failures = Arc::new(Mutex::new(Vec::<String>::new()));
+    let done = Arc::new(Notify::new());
+    let (finished_tx, mut finished_rx) = mpsc::channel::<()>(4);
+    for _ in 0..4 {
+        let (c, f, tx, http) = (c.clone(), failures.clone(), finished_tx.clone(), p.http);
+        tokio::spawn(async move {
+            for _ in 0..800 {
+                match get(&c, http, "live.test", "/").await {
+                    Ok((200, _)) => {}
+                    other => f.lock().expect("lock").push(format!("{other:?}")),
+                }
+            }
+            let _ = tx.send(()).await;
+        });
+    }
+    drop(finished_tx);
+    let writer = {
+        let d = d.clone();
+        let (sa, sb) = (svc(&a), svc(&b));
+        let done = done.clone();
+        tokio::spawn(async move {
+            for i in 0..60u32 {
+                write_atomic(&d, "app.yaml", if i % 2 == 0 { &sb } else { &sa });
+                if i % 3 == 0 {
+                    let other = d.join("other.yaml");
+                    if other.exists() {
+                        let _ = std::fs::remove_file(&other);
+                    } else {
+                        write_atomic(&d, "other.yaml", &ingress_yaml("live", "other", "other.test", "/", "app"));
+                    }
+                }
+                tokio::select! {
+                    _ = done.notified() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                }
+            }
+        })
+    };
+    while finished_rx.recv().await.is_some() {}
+    done.notify_one();
+    let _ = writer.await;
+    let f = failures.lock().expect("lock");
+    assert!(f.is_empty(), "{} failed requests, first: {:?}", f.len(), f.first());
+    let b_hits: usize = b.iter().map(|x| x.hits.load(Ordering::Relaxed)).sum();
+    assert!(b_hits > 0, "the new endpoints received no traffic");
+    let a_hits: usize = a.iter().map(|x| x.hits.load(Ordering::Relaxed)).sum();
+    assert!(a_hits + b_hits >= 3200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_in_flight_request_finish_then_exits_zero() {
+    // A backend that holds its response until the test releases it.
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let gate = Arc::new(Notify::new());
+    let (arrived_tx, mut arrived_rx) = mpsc::channel::<()>(1);
+    {
+        let gate = gate.clone();
+        tokio::spawn(async move {
+            let Ok((s, _)) = listener.accept().await else { return };
+            let svc = hyper::service::service_fn(move |_req| {
+                let (gate, arrived) = (gate.clone(), arrived_tx.clone());
+                async move {
+                    let _ = arrived.send(()).await;
+                    gate.notified().await;
+                    Ok::<_, std::convert::Infallible>(http::Response::new(
+                        http_body_util::Full::new(Bytes::from_static(b"slow")),
+                    ))
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(s), svc).await;
+        });
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("app.yaml"), format!(
+        "{}---\n{}",
+        service_yaml("slow", "app", &[addr]),
+        ingress_yaml("slow", "app", "slow.test", "/", "app")
+    )).expect("write");
+    let mut p = Portico::start(dir.path(), &["--shutdown-delay", "200ms", "--shutdown-grace", "20s"]);
+    let c = client();
+    eventually("ready", || async { matches!(get(&c, p.admin, "a", "/readyz").await, Ok((200, _))) }).await;
+    let in_flight = {
+        let (c, http) = (c.clone(), p.http);
+        tokio::spawn(async move { get(&c, http, "slow.test", "/").await })
+    };
+    arrived_rx.recv().await.expect("request reached the backend");
+    let pid = p.child.id().to_string();
+    let st = Command::new("kill").args(["-TERM", &pid]).status().expect("kill");
+    assert!(st.success());
+    // Readiness flips at once, while the request is still in flight.
+    eventually("readyz 503 while draining", || async {
+        matches!(get(&client(), p.admin, "a", "/readyz").await, Ok((503, _)))
+    }).await;
+    gate.notify_one();
+    let res = in_flight.await.expect("join");
+    assert_eq!(res, Ok((200, "slow".to_string())));
+    let deadline = Instant::now() + DEADLINE;
+    let code = loop {
+        if let Some(s) = p.child.try_wait().expect("try_wait") {
+            break s.code();
+        }
+        assert!(Instant::now() < deadline, "portico did not exit after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(code, Some(0));
+}
