@@ -33,8 +33,7 @@ fn render(case: &Path) -> String {
             continue;
         }
         let text = fs::read_to_string(&file).expect("read yaml");
-        let objects = parse_manifests(&text)
-            .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        let objects = parse_manifests(&text).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
         inputs.extend_objects(objects);
     }
     let (snapshot, diagnostics) = translate(&inputs, &Options::default());
@@ -80,7 +79,10 @@ fn golden_cases() {
             ));
         }
     }
-    assert!(cases >= 5, "expected at least 5 golden cases, found {cases}");
+    assert!(
+        cases >= 5,
+        "expected at least 5 golden cases, found {cases}"
+    );
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 

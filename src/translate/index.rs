@@ -139,17 +139,16 @@ impl<'a> Index<'a> {
             }
         }
 
-        let mut ingresses: Vec<(&Ingress, String)> = inputs
-            .ingresses
-            .iter()
-            .map(|i| (&**i, fingerprint(&**i)))
-            .collect();
-        ingresses.sort_by(|(a, fa), (b, fb)| precedence(a, b).then_with(|| fa.cmp(fb)));
+        let mut ingresses: Vec<&Ingress> = inputs.ingresses.iter().map(|i| &**i).collect();
+        // `precedence` only ties for equal namespace/name and timestamp (duplicates); only then
+        // is the content fingerprint computed.
+        ingresses
+            .sort_by(|a, b| precedence(a, b).then_with(|| fingerprint(*a).cmp(&fingerprint(*b))));
         // Two Ingresses with one namespace/name cannot come from an API server, but can from
         // two manifest files: the first in precedence order is used.
         let mut seen = std::collections::BTreeSet::new();
         let mut deduped: Vec<&Ingress> = Vec::with_capacity(ingresses.len());
-        for (ing, _) in ingresses {
+        for ing in ingresses {
             let m = &ing.metadata;
             if seen.insert((namespace(m), name(m))) {
                 deduped.push(ing);
