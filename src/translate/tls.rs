@@ -248,7 +248,8 @@ fn assign(
             owner.insert(key, this);
         }
         Entry::Occupied(o) => {
-            if o.get() != cert {
+            // Two Secrets with identical material are the same certificate: no conflict.
+            if o.get().material != cert.material {
                 let winner = owner.get(&key).cloned().unwrap_or_default();
                 diags.error(
                     "Ingress",
