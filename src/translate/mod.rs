@@ -3,8 +3,15 @@
 //! whole build and never takes other routes down.
 //!
 //! Owns: Ingress v1 semantics (brief §4.3), annotation parsing (§4.4/§4.6), TLS Secret parsing.
-//! May import: model, crd, k8s-openapi, rustls (key parsing). Must not import tokio, hyper, kube
-//! clients or the filesystem.
+//! May import: model, crd, k8s-openapi, rustls + rustls-pki-types (key parsing), serde_json
+//! (content fingerprints to order duplicate objects). Must not import tokio, hyper, kube clients,
+//! file_source or the filesystem.
+//!
+//! Layout, one processor per concern (Contour `internal/dag` style): `index` orders and
+//! deduplicates inputs, `class` decides ownership, `hosts`/`paths` validate rules, `tls` builds
+//! the SNI table, `annotations` reads policy, `routes` assembles hosts and resolves conflicts,
+//! `backends` resolves Services (during route derivation) and endpoints (separately, so endpoint
+//! churn never re-derives routes).
 
 mod annotations;
 mod backends;
