@@ -154,7 +154,6 @@ impl TranslateArgs {
             ingress_class: self.ingress_class.clone(),
             controller_name: self.controller_name.clone(),
             default_certificate: self.default_certificate.clone(),
-            allow_external_name: self.allow_external_name,
             ..Default::default()
         };
         o.defaults.connect_timeout = self.proxy_connect_timeout;

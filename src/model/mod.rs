@@ -4,6 +4,7 @@
 //! Owns: [`Snapshot`] and everything hanging off it. Must not import tokio, hyper, kube,
 //! k8s-openapi or the filesystem: it is plain data built by `translate` and read by `proxy`.
 
+mod describe;
 pub mod duration;
 mod lookup;
 mod tls;
@@ -13,6 +14,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use describe::describe;
 pub use lookup::{HostMatch, RouteMatch, normalize_host};
 pub use tls::{CertKey, TlsTable};
 

@@ -3,8 +3,27 @@
 //! whole build and never takes other routes down.
 //!
 //! Owns: Ingress v1 semantics (brief §4.3), annotation parsing (§4.4/§4.6), TLS Secret parsing.
-//! May import: model, crd, k8s-openapi, rustls (key parsing). Must not import tokio, hyper, kube
-//! clients or the filesystem.
+//! May import: model, crd, k8s-openapi, rustls + rustls-pki-types (key parsing), serde_json
+//! (content fingerprints to order duplicate objects). Must not import tokio, hyper, kube clients,
+//! file_source or the filesystem.
+//!
+//! Layout, one processor per concern (Contour `internal/dag` style): `index` orders and
+//! deduplicates inputs, `class` decides ownership, `hosts`/`paths` validate rules, `tls` builds
+//! the SNI table, `annotations` reads policy, `routes` assembles hosts and resolves conflicts,
+//! `backends` resolves Services (during route derivation) and endpoints (separately, so endpoint
+//! churn never re-derives routes).
+
+mod annotations;
+mod backends;
+mod class;
+mod hosts;
+mod index;
+mod paths;
+mod routes;
+mod tls;
+
+#[cfg(test)]
+mod tests;
 
 use std::fmt;
 use std::sync::Arc;
@@ -15,7 +34,9 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
 
 use crate::crd::RateLimitPolicy;
-use crate::model::{self, Snapshot};
+use crate::model::{self, BackendKey, BackendTable, HostTable, Snapshot, TlsTable};
+
+pub use backends::resolve_endpoints;
 
 /// Everything translate reads. Sources (file provider, controller) fill it; order does not
 /// matter (translate sorts where precedence depends on it).
@@ -43,8 +64,6 @@ pub struct Options {
     pub controller_name: String,
     /// `--default-certificate ns/name`.
     pub default_certificate: Option<(String, String)>,
-    /// Allow `type: ExternalName` Services as backends (refused by default).
-    pub allow_external_name: bool,
     /// Defaults for per-route parameters, overridable by annotation.
     pub defaults: RouteDefaults,
 }
@@ -79,7 +98,6 @@ impl Default for Options {
             ingress_class: DEFAULT_INGRESS_CLASS.to_string(),
             controller_name: DEFAULT_CONTROLLER_NAME.to_string(),
             default_certificate: None,
-            allow_external_name: false,
             defaults: RouteDefaults::default(),
         }
     }
@@ -121,8 +139,104 @@ impl fmt::Display for Diagnostic {
     }
 }
 
+impl Diagnostic {
+    fn new(
+        severity: Severity,
+        kind: &str,
+        obj: &ObjRef,
+        reason: &str,
+        message: impl Into<String>,
+    ) -> Self {
+        Diagnostic {
+            severity,
+            kind: kind.to_string(),
+            namespace: obj.namespace.to_string(),
+            name: obj.name.to_string(),
+            reason: reason.to_string(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Namespace/name of the object a diagnostic is about.
+#[derive(Debug, Clone, Copy)]
+struct ObjRef<'a> {
+    namespace: &'a str,
+    name: &'a str,
+}
+
+/// Collects diagnostics while translating; sorted and deduplicated at the end so the output
+/// does not depend on input order.
+#[derive(Debug, Default)]
+struct Diags(Vec<Diagnostic>);
+
+impl Diags {
+    fn error(&mut self, kind: &str, obj: &ObjRef, reason: &str, message: impl Into<String>) {
+        self.0
+            .push(Diagnostic::new(Severity::Error, kind, obj, reason, message));
+    }
+
+    fn warn(&mut self, kind: &str, obj: &ObjRef, reason: &str, message: impl Into<String>) {
+        self.0.push(Diagnostic::new(
+            Severity::Warning,
+            kind,
+            obj,
+            reason,
+            message,
+        ));
+    }
+
+    fn finish(mut self) -> Vec<Diagnostic> {
+        self.0.sort();
+        self.0.dedup();
+        self.0
+    }
+}
+
+/// What a route's backend resolves to once endpoints are known: the stable key plus the name of
+/// the Service port, which selects the EndpointSlice port (brief §4.3).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct BackendSpec {
+    pub key: BackendKey,
+    /// `ServicePort.name`; `None` (or empty) matches an unnamed EndpointSlice port.
+    pub port_name: Option<String>,
+}
+
+/// The endpoint-independent part of a snapshot: hosts and routes (targets already refer to
+/// [`model::BackendId`]s), TLS, and the backends still to resolve. Keeping this separate lets an
+/// endpoint-only change re-run [`resolve_endpoints`] alone (brief §2).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Routes {
+    pub hosts: Arc<HostTable>,
+    pub tls: Arc<TlsTable>,
+    /// Indexed by `BackendId.0`, sorted by key.
+    pub backends: Arc<[BackendSpec]>,
+}
+
+impl Routes {
+    /// Combine with a resolved backend table into a snapshot.
+    pub fn snapshot(&self, backends: BackendTable) -> Snapshot {
+        Snapshot {
+            hosts: Arc::clone(&self.hosts),
+            backends: Arc::new(backends),
+            tls: Arc::clone(&self.tls),
+        }
+    }
+}
+
+/// Derive hosts, routes and TLS from Ingresses, IngressClasses, Services and Secrets.
+/// EndpointSlices are not read here.
+pub fn derive_routes(inputs: &Inputs, opts: &Options) -> (Routes, Vec<Diagnostic>) {
+    let mut diags = Diags::default();
+    let routes = routes::derive(inputs, opts, &mut diags);
+    (routes, diags.finish())
+}
+
 /// Build a snapshot from inputs. Never fails: bad objects become diagnostics.
 pub fn translate(inputs: &Inputs, opts: &Options) -> (Snapshot, Vec<Diagnostic>) {
-    let _ = (inputs, opts);
-    (Snapshot::default(), Vec::new())
+    let mut diags = Diags::default();
+    let routes = routes::derive(inputs, opts, &mut diags);
+    let (backends, endpoint_diags) = resolve_endpoints(&routes.backends, &inputs.endpoint_slices);
+    diags.0.extend(endpoint_diags);
+    (routes.snapshot(backends), diags.finish())
 }

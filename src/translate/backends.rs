@@ -1,0 +1,242 @@
+//! Ingress backends → Services → EndpointSlice endpoints (brief §4.3; Kubernetes
+//! `IngressServiceBackend`, `ServicePort`, discovery.k8s.io/v1 `EndpointSlice`).
+//!
+//! Two separate steps, so that endpoint churn never re-derives routes (brief §2):
+//! [`resolve_service`] runs during route derivation (Service, port, protocol) and yields a
+//! [`BackendSpec`]; [`resolve_endpoints`] turns specs into the [`BackendTable`] from slices alone.
+//!
+//! Owns: backend/Service/endpoint rules. Must not import tokio, hyper or the filesystem.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::IngressBackend;
+
+use crate::model::{Backend, BackendKey, BackendTable, Endpoint, ServicePortRef, UpstreamProtocol};
+
+use super::annotations::BackendProtocol;
+use super::index::{self, Index};
+use super::{BackendSpec, Diagnostic, Diags};
+
+/// Label linking an EndpointSlice to its Service (Kubernetes well-known label).
+pub(super) const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// `ServicePort.appProtocol` value for HTTP/2 over cleartext (KEP-3726 standard values).
+pub(super) const APP_PROTOCOL_H2C: &str = "kubernetes.io/h2c";
+
+/// Why a backend cannot be served; the route stays, answering 503.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(super) enum BackendError {
+    #[error("backend refers to a {0} resource; only Service backends are supported")]
+    Resource(String),
+    #[error("backend names no service")]
+    NoService,
+    #[error("backend service {0:?} must set exactly one of port.number and port.name")]
+    BadPort(String),
+    #[error("backend-protocol {0} is not supported (use HTTP, H2C or GRPC)")]
+    UnsupportedProtocol(String),
+    #[error("Service {0} not found")]
+    ServiceNotFound(String),
+    #[error("Service {0} is of type ExternalName; portico only proxies to pod endpoints")]
+    ExternalName(String),
+    #[error("Service {service} has no port {port}")]
+    ServicePortNotFound { service: String, port: String },
+}
+
+impl BackendError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            BackendError::Resource(_) => "ResourceBackendNotSupported",
+            BackendError::NoService | BackendError::BadPort(_) => "InvalidBackend",
+            BackendError::UnsupportedProtocol(_) => "UnsupportedBackendProtocol",
+            BackendError::ServiceNotFound(_) => "ServiceNotFound",
+            BackendError::ExternalName(_) => "ExternalNameNotSupported",
+            BackendError::ServicePortNotFound { .. } => "ServicePortNotFound",
+        }
+    }
+}
+
+/// Resolve an Ingress backend against the Services of the Ingress's namespace. Returns the spec
+/// to resolve endpoints for and the protocol to speak: the `backend-protocol` annotation when
+/// set, else `kubernetes.io/h2c` on the Service port, else HTTP/1.1.
+pub(super) fn resolve_service(
+    namespace: &str,
+    backend: &IngressBackend,
+    index: &Index<'_>,
+    protocol: &BackendProtocol,
+) -> Result<(BackendSpec, UpstreamProtocol), BackendError> {
+    if let Some(res) = &backend.resource {
+        let kind = match &res.api_group {
+            Some(g) if !g.is_empty() => format!("{g}/{}", res.kind),
+            _ => res.kind.clone(),
+        };
+        return Err(BackendError::Resource(kind));
+    }
+    let Some(svc) = backend.service.as_ref().filter(|s| !s.name.is_empty()) else {
+        return Err(BackendError::NoService);
+    };
+    let port_ref = match svc.port.as_ref().map(|p| (p.number, p.name.as_deref())) {
+        Some((Some(n), None | Some(""))) => ServicePortRef::Number(n),
+        Some((None, Some(name))) if !name.is_empty() => ServicePortRef::Name(name.to_string()),
+        _ => return Err(BackendError::BadPort(svc.name.clone())),
+    };
+    if let BackendProtocol::Unsupported(p) = protocol {
+        return Err(BackendError::UnsupportedProtocol(p.clone()));
+    }
+    let full_name = format!("{namespace}/{}", svc.name);
+    let Some(service) = index.services.get(&(namespace, svc.name.as_str())) else {
+        return Err(BackendError::ServiceNotFound(full_name));
+    };
+    let spec = service.spec.as_ref();
+    if spec.and_then(|s| s.type_.as_deref()) == Some("ExternalName") {
+        return Err(BackendError::ExternalName(full_name));
+    }
+    let ports = spec.and_then(|s| s.ports.as_deref()).unwrap_or_default();
+    let found = ports.iter().find(|p| match &port_ref {
+        ServicePortRef::Number(n) => p.port == *n,
+        ServicePortRef::Name(n) => p.name.as_deref() == Some(n.as_str()),
+    });
+    let Some(port) = found else {
+        let port = match &port_ref {
+            ServicePortRef::Number(n) => n.to_string(),
+            ServicePortRef::Name(n) => format!("{n:?}"),
+        };
+        return Err(BackendError::ServicePortNotFound {
+            service: full_name,
+            port,
+        });
+    };
+    let upstream = match protocol {
+        BackendProtocol::Set(p) => *p,
+        _ if port.app_protocol.as_deref() == Some(APP_PROTOCOL_H2C) => UpstreamProtocol::H2c,
+        _ => UpstreamProtocol::Http1,
+    };
+    let key = BackendKey {
+        namespace: Arc::from(namespace),
+        service: Arc::from(svc.name.as_str()),
+        port: port_ref,
+    };
+    Ok((
+        BackendSpec {
+            key,
+            port_name: port.name.clone().filter(|n| !n.is_empty()),
+        },
+        upstream,
+    ))
+}
+
+/// Endpoints of each backend, in `backends` order (so `BackendId(i)` is `backends[i]`).
+///
+/// Per the EndpointSlice API: an endpoint is usable when `conditions.ready` is not `false` (nil
+/// means ready); when none is, endpoints that are `serving` and `terminating` are used so a
+/// draining backend still answers. Only `IPv4`/`IPv6` slices are read (`FQDN` is ignored).
+/// Addresses are deduplicated across slices and sorted. Zero endpoints is not a diagnostic:
+/// it is normal during rollouts, and the proxy answers 503.
+pub fn resolve_endpoints(
+    backends: &[BackendSpec],
+    slices: &[Arc<EndpointSlice>],
+) -> (BackendTable, Vec<Diagnostic>) {
+    let mut diags = Diags::default();
+    let mut by_service: BTreeMap<(&str, &str), Vec<&EndpointSlice>> = BTreeMap::new();
+    for slice in slices {
+        let Some(svc) = slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_NAME_LABEL))
+        else {
+            continue;
+        };
+        by_service
+            .entry((index::namespace(&slice.metadata), svc.as_str()))
+            .or_default()
+            .push(slice);
+    }
+    let mut table = BackendTable {
+        backends: Vec::with_capacity(backends.len()),
+    };
+    for spec in backends {
+        let mut ready = BTreeSet::new();
+        let mut draining = BTreeSet::new();
+        let key = (&*spec.key.namespace, &*spec.key.service);
+        for slice in by_service.get(&key).map(Vec::as_slice).unwrap_or_default() {
+            collect_slice(slice, spec, &mut ready, &mut draining, &mut diags);
+        }
+        let (endpoints, draining_fallback) = if ready.is_empty() && !draining.is_empty() {
+            (draining, true)
+        } else {
+            (ready, false)
+        };
+        table.backends.push(Backend {
+            key: spec.key.clone(),
+            endpoints: endpoints
+                .into_iter()
+                .map(|addr| Endpoint { addr })
+                .collect(),
+            draining_fallback,
+        });
+    }
+    (table, diags.finish())
+}
+
+fn collect_slice(
+    slice: &EndpointSlice,
+    spec: &BackendSpec,
+    ready: &mut BTreeSet<SocketAddr>,
+    draining: &mut BTreeSet<SocketAddr>,
+    diags: &mut Diags,
+) {
+    let v4 = match slice.address_type.as_str() {
+        "IPv4" => true,
+        "IPv6" => false,
+        _ => return,
+    };
+    let want = spec.port_name.as_deref().unwrap_or_default();
+    let port = slice
+        .ports
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .find(|p| p.name.as_deref().unwrap_or_default() == want)
+        .and_then(|p| p.port)
+        .and_then(|p| u16::try_from(p).ok())
+        .filter(|p| *p != 0);
+    let Some(port) = port else {
+        return;
+    };
+    for ep in slice.endpoints.as_deref().unwrap_or_default() {
+        let cond = ep.conditions.as_ref();
+        let is_ready = cond.and_then(|c| c.ready) != Some(false);
+        let is_draining =
+            cond.is_some_and(|c| c.serving == Some(true) && c.terminating == Some(true));
+        if !is_ready && !is_draining {
+            continue;
+        }
+        for raw in &ep.addresses {
+            let ip = if v4 {
+                raw.parse::<Ipv4Addr>().ok().map(IpAddr::V4)
+            } else {
+                raw.parse::<Ipv6Addr>().ok().map(IpAddr::V6)
+            };
+            let Some(ip) = ip else {
+                diags.warn(
+                    "EndpointSlice",
+                    &index::obj_ref(&slice.metadata),
+                    "InvalidEndpointAddress",
+                    format!(
+                        "address {raw:?} is not a valid {} address; skipped",
+                        slice.address_type
+                    ),
+                );
+                continue;
+            };
+            let addr = SocketAddr::new(ip, port);
+            if is_ready {
+                ready.insert(addr);
+            } else {
+                draining.insert(addr);
+            }
+        }
+    }
+}

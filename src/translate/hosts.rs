@@ -1,0 +1,84 @@
+//! Ingress host validation (brief §4.3; Kubernetes `IngressRule.host`: a DNS-1123 subdomain,
+//! optionally with `*.` as the whole first label; IP literals are not allowed).
+//!
+//! Owns: rule/TLS host parsing into [`HostKey`]. Must not import tokio, hyper or the filesystem.
+
+use std::fmt;
+use std::net::Ipv4Addr;
+
+/// Where a host's routes live in the [`crate::model::HostTable`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(super) enum HostKey {
+    /// Lower-case exact name.
+    Exact(String),
+    /// `*.foo.com`, stored as `foo.com`.
+    Wildcard(String),
+    /// No host: catches every host not matched otherwise.
+    CatchAll,
+}
+
+impl fmt::Display for HostKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HostKey::Exact(h) => f.write_str(h),
+            HostKey::Wildcard(s) => write!(f, "*.{s}"),
+            HostKey::CatchAll => f.write_str("(any host)"),
+        }
+    }
+}
+
+/// Why a host is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(super) enum HostError {
+    #[error("host {0:?} is an IP address; Ingress hosts must be DNS names")]
+    IpLiteral(String),
+    #[error("host {0:?}: `*` is only allowed as the whole first label (`*.example.com`)")]
+    BadWildcard(String),
+    #[error("host {0:?} is not a valid DNS name (RFC 1123 labels of a-z, 0-9 and `-`)")]
+    InvalidName(String),
+}
+
+/// Longest DNS name (RFC 1123 §2.1) and label.
+const MAX_NAME: usize = 253;
+const MAX_LABEL: usize = 63;
+
+/// Parse a rule or TLS host. `None` or empty means "no host" (catch-all), as the API treats an
+/// empty host as absent. Hosts are case-insensitive (RFC 4343), stored lower-case.
+pub(super) fn parse_host(raw: Option<&str>) -> Result<HostKey, HostError> {
+    let Some(raw) = raw.filter(|h| !h.is_empty()) else {
+        return Ok(HostKey::CatchAll);
+    };
+    let host = raw.to_ascii_lowercase();
+    if host.parse::<Ipv4Addr>().is_ok() || host.contains(':') || host.starts_with('[') {
+        return Err(HostError::IpLiteral(raw.to_string()));
+    }
+    let (wildcard, name) = match host.strip_prefix("*.") {
+        Some(rest) => (true, rest),
+        None => (false, host.as_str()),
+    };
+    if name.contains('*') {
+        return Err(HostError::BadWildcard(raw.to_string()));
+    }
+    if !is_dns1123_subdomain(name) {
+        return Err(HostError::InvalidName(raw.to_string()));
+    }
+    Ok(if wildcard {
+        HostKey::Wildcard(name.to_string())
+    } else {
+        HostKey::Exact(name.to_string())
+    })
+}
+
+fn is_dns1123_subdomain(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_NAME
+        && name.split('.').all(|label| {
+            let b = label.as_bytes();
+            !b.is_empty()
+                && b.len() <= MAX_LABEL
+                && b.iter()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+                && b.first() != Some(&b'-')
+                && b.last() != Some(&b'-')
+        })
+}

@@ -1,0 +1,188 @@
+//! Deterministic lookup indexes over [`Inputs`]: Services, Secrets and IngressClasses by name,
+//! and Ingresses in precedence order (oldest `creationTimestamp`, then namespace/name).
+//!
+//! Owns: input ordering and duplicate handling. Must not import tokio, hyper or the filesystem.
+
+use std::cmp::Ordering;
+use std::collections::BTreeMap;
+use std::collections::btree_map::Entry;
+
+use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use serde::Serialize;
+
+use super::{Diags, Inputs, ObjRef};
+
+/// Namespace assumed for a namespaced object that carries none (same rule as the file
+/// provider; kept here so translate does not import `file_source`).
+const DEFAULT_NAMESPACE: &str = "default";
+
+/// Namespace of an object; the file provider and the API always set one, but an object built
+/// by hand may not, and the file provider's rule is "no namespace means `default`".
+pub(super) fn namespace(meta: &ObjectMeta) -> &str {
+    match meta.namespace.as_deref() {
+        Some(ns) if !ns.is_empty() => ns,
+        _ => DEFAULT_NAMESPACE,
+    }
+}
+
+pub(super) fn name(meta: &ObjectMeta) -> &str {
+    meta.name.as_deref().unwrap_or_default()
+}
+
+pub(super) fn obj_ref(meta: &ObjectMeta) -> ObjRef<'_> {
+    ObjRef {
+        namespace: namespace(meta),
+        name: name(meta),
+    }
+}
+
+/// A content fingerprint used only to break ties between two objects with the same identity
+/// (which a real API server never produces, but two manifest files can), so that the choice does
+/// not depend on input order.
+fn fingerprint<T: Serialize>(obj: &T) -> String {
+    serde_json::to_string(obj).unwrap_or_default()
+}
+
+/// Insert keeping the object with the smaller fingerprint on a duplicate key.
+fn insert_dedup<'a, K: Ord, T: Serialize>(
+    map: &mut BTreeMap<K, &'a T>,
+    key: K,
+    obj: &'a T,
+    kind: &str,
+    meta: &ObjectMeta,
+    diags: &mut Diags,
+) {
+    match map.entry(key) {
+        Entry::Vacant(v) => {
+            v.insert(obj);
+        }
+        Entry::Occupied(mut o) => {
+            let (a, b) = (fingerprint(*o.get()), fingerprint(obj));
+            if a != b {
+                diags.warn(
+                    kind,
+                    &obj_ref(meta),
+                    "DuplicateObject",
+                    format!("several different {kind} objects share this name; one is used"),
+                );
+            }
+            if b < a {
+                o.insert(obj);
+            }
+        }
+    }
+}
+
+/// Lookups translate needs, built once per translation.
+pub(super) struct Index<'a> {
+    pub services: BTreeMap<(&'a str, &'a str), &'a Service>,
+    pub secrets: BTreeMap<(&'a str, &'a str), &'a Secret>,
+    pub classes: BTreeMap<&'a str, &'a IngressClass>,
+    /// All Ingresses (not only ours), deduplicated by namespace/name, in precedence order.
+    pub ingresses: Vec<&'a Ingress>,
+}
+
+impl<'a> Index<'a> {
+    pub fn new(inputs: &'a Inputs, diags: &mut Diags) -> Self {
+        let mut services = BTreeMap::new();
+        for s in &inputs.services {
+            let m = &s.metadata;
+            insert_dedup(
+                &mut services,
+                (namespace(m), name(m)),
+                &**s,
+                "Service",
+                m,
+                diags,
+            );
+        }
+        let mut secrets = BTreeMap::new();
+        for s in &inputs.secrets {
+            let m = &s.metadata;
+            insert_dedup(
+                &mut secrets,
+                (namespace(m), name(m)),
+                &**s,
+                "Secret",
+                m,
+                diags,
+            );
+        }
+        let mut classes = BTreeMap::new();
+        for c in &inputs.ingress_classes {
+            let m = &c.metadata;
+            // IngressClass is cluster-scoped: diagnostics about it carry an empty namespace.
+            let r = ObjRef {
+                namespace: "",
+                name: name(m),
+            };
+            match classes.entry(name(m)) {
+                Entry::Vacant(v) => {
+                    v.insert(&**c);
+                }
+                Entry::Occupied(mut o) => {
+                    let (a, b) = (fingerprint(*o.get()), fingerprint(&**c));
+                    if a != b {
+                        diags.warn(
+                            "IngressClass",
+                            &r,
+                            "DuplicateObject",
+                            "several different IngressClass objects share this name; one is used",
+                        );
+                    }
+                    if b < a {
+                        o.insert(&**c);
+                    }
+                }
+            }
+        }
+
+        let mut ingresses: Vec<&Ingress> = inputs.ingresses.iter().map(|i| &**i).collect();
+        // `precedence` only ties for equal namespace/name and timestamp (duplicates); only then
+        // is the content fingerprint computed.
+        ingresses
+            .sort_by(|a, b| precedence(a, b).then_with(|| fingerprint(*a).cmp(&fingerprint(*b))));
+        // Two Ingresses with one namespace/name cannot come from an API server, but can from
+        // two manifest files: the first in precedence order is used.
+        let mut seen = std::collections::BTreeSet::new();
+        let mut deduped: Vec<&Ingress> = Vec::with_capacity(ingresses.len());
+        for ing in ingresses {
+            let m = &ing.metadata;
+            if seen.insert((namespace(m), name(m))) {
+                deduped.push(ing);
+            } else {
+                diags.warn(
+                    "Ingress",
+                    &obj_ref(m),
+                    "DuplicateObject",
+                    "several Ingress objects share this namespace/name; the oldest is used",
+                );
+            }
+        }
+
+        Index {
+            services,
+            secrets,
+            classes,
+            ingresses: deduped,
+        }
+    }
+}
+
+/// Ingress precedence for conflicts (brief §4.3): oldest `creationTimestamp` first; a missing
+/// timestamp sorts after every present one; then namespace, then name.
+pub(super) fn precedence(a: &Ingress, b: &Ingress) -> Ordering {
+    let ta = a.metadata.creation_timestamp.as_ref();
+    let tb = b.metadata.creation_timestamp.as_ref();
+    let by_time = match (ta, tb) {
+        (Some(x), Some(y)) => x.cmp(y),
+        (Some(_), None) => Ordering::Less,
+        (None, Some(_)) => Ordering::Greater,
+        (None, None) => Ordering::Equal,
+    };
+    by_time
+        .then_with(|| namespace(&a.metadata).cmp(namespace(&b.metadata)))
+        .then_with(|| name(&a.metadata).cmp(name(&b.metadata)))
+}

@@ -1,0 +1,1713 @@
+//! Table-driven tests of translate: one named case per Ingress rule (brief §5). Behaviour is
+//! asserted through `Snapshot::route()` and `TlsTable::resolve()` wherever possible.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+
+use super::*;
+use crate::model::{
+    PathKind, Route, RoutePolicy, RouteTarget, Snapshot, UpstreamProtocol, describe, normalize_host,
+};
+
+// ---------------------------------------------------------------------------------------------
+// Object builders
+// ---------------------------------------------------------------------------------------------
+
+fn from<T: DeserializeOwned>(v: Value) -> T {
+    serde_json::from_value(v).expect("valid object")
+}
+
+/// Ingress builder: `Ing::new("ns", "name").rule(...).build()`. Class `portico` by default.
+#[derive(Clone)]
+struct Ing {
+    meta: Value,
+    spec: Value,
+}
+
+impl Ing {
+    fn new(ns: &str, name: &str) -> Self {
+        Ing {
+            meta: json!({"namespace": ns, "name": name, "annotations": {}}),
+            spec: json!({"ingressClassName": "portico", "rules": [], "tls": []}),
+        }
+    }
+    /// No `ingressClassName` at all.
+    fn no_class(mut self) -> Self {
+        if let Some(m) = self.spec.as_object_mut() {
+            m.remove("ingressClassName");
+        }
+        self
+    }
+    fn class(mut self, c: &str) -> Self {
+        self.spec["ingressClassName"] = json!(c);
+        self
+    }
+    fn ann(mut self, k: &str, v: &str) -> Self {
+        self.meta["annotations"][k] = json!(v);
+        self
+    }
+    fn created(mut self, ts: &str) -> Self {
+        self.meta["creationTimestamp"] = json!(ts);
+        self
+    }
+    /// A rule with `(pathType, path, service, port)` paths; `port` is a number or a name.
+    fn rule(mut self, host: Option<&str>, paths: &[(&str, &str, &str, Value)]) -> Self {
+        let paths: Vec<Value> = paths
+            .iter()
+            .map(|(t, p, svc, port)| {
+                let port = if port.is_number() {
+                    json!({"number": port})
+                } else {
+                    json!({"name": port})
+                };
+                json!({"pathType": t, "path": p,
+                       "backend": {"service": {"name": svc, "port": port}}})
+            })
+            .collect();
+        let mut rule = json!({"http": {"paths": paths}});
+        if let Some(h) = host {
+            rule["host"] = json!(h);
+        }
+        self.spec["rules"]
+            .as_array_mut()
+            .expect("rules array")
+            .push(rule);
+        self
+    }
+    /// A rule with one raw path object (for missing fields, resource backends...).
+    fn raw_path(mut self, host: &str, path: Value) -> Self {
+        self.spec["rules"]
+            .as_array_mut()
+            .expect("rules array")
+            .push(json!({"host": host, "http": {"paths": [path]}}));
+        self
+    }
+    fn path(self, host: &str, t: &str, p: &str, svc: &str, port: Value) -> Self {
+        self.rule(Some(host), &[(t, p, svc, port)])
+    }
+    fn tls(mut self, hosts: Option<&[&str]>, secret: &str) -> Self {
+        let mut e = json!({"secretName": secret});
+        if let Some(h) = hosts {
+            e["hosts"] = json!(h);
+        }
+        self.spec["tls"].as_array_mut().expect("tls array").push(e);
+        self
+    }
+    fn default_backend(mut self, svc: &str, port: i32) -> Self {
+        self.spec["defaultBackend"] = json!({"service": {"name": svc, "port": {"number": port}}});
+        self
+    }
+    fn build(self) -> Ingress {
+        from(
+            json!({"apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
+                    "metadata": self.meta, "spec": self.spec}),
+        )
+    }
+}
+
+/// Service with `(name, port)` ports; an empty name leaves the port unnamed.
+fn svc(ns: &str, name: &str, ports: &[(&str, i32)]) -> Service {
+    let ports: Vec<Value> = ports
+        .iter()
+        .map(|(n, p)| {
+            if n.is_empty() {
+                json!({"port": p})
+            } else {
+                json!({"name": n, "port": p})
+            }
+        })
+        .collect();
+    from(json!({"metadata": {"namespace": ns, "name": name}, "spec": {"ports": ports}}))
+}
+
+fn svc_app_protocol(ns: &str, name: &str, port: i32, app: &str) -> Service {
+    from(json!({"metadata": {"namespace": ns, "name": name},
+                "spec": {"ports": [{"name": "grpc", "port": port, "appProtocol": app}]}}))
+}
+
+fn svc_external(ns: &str, name: &str) -> Service {
+    from(json!({"metadata": {"namespace": ns, "name": name},
+                "spec": {"type": "ExternalName", "externalName": "example.org",
+                         "ports": [{"name": "http", "port": 80}]}}))
+}
+
+/// Endpoint with optional `ready`, `serving`, `terminating` conditions (`None` = absent).
+fn ep(addr: &str, ready: Option<bool>, serving: Option<bool>, terminating: Option<bool>) -> Value {
+    let mut c = serde_json::Map::new();
+    if let Some(r) = ready {
+        c.insert("ready".into(), json!(r));
+    }
+    if let Some(s) = serving {
+        c.insert("serving".into(), json!(s));
+    }
+    if let Some(t) = terminating {
+        c.insert("terminating".into(), json!(t));
+    }
+    json!({"addresses": [addr], "conditions": c})
+}
+
+fn ready(addr: &str) -> Value {
+    ep(addr, Some(true), Some(true), Some(false))
+}
+
+/// EndpointSlice of Service `service` with `(name, port)` ports ("" = unnamed).
+fn slice(
+    ns: &str,
+    name: &str,
+    service: &str,
+    address_type: &str,
+    ports: &[(&str, i32)],
+    endpoints: Vec<Value>,
+) -> EndpointSlice {
+    let ports: Vec<Value> = ports
+        .iter()
+        .map(|(n, p)| {
+            if n.is_empty() {
+                json!({"port": p})
+            } else {
+                json!({"name": n, "port": p})
+            }
+        })
+        .collect();
+    from(json!({"metadata": {"namespace": ns, "name": name,
+                             "labels": {"kubernetes.io/service-name": service}},
+                "addressType": address_type, "ports": ports, "endpoints": endpoints}))
+}
+
+fn class(name: &str, controller: &str, is_default: bool) -> IngressClass {
+    let mut meta = json!({"name": name});
+    if is_default {
+        meta["annotations"] = json!({"ingressclass.kubernetes.io/is-default-class": "true"});
+    }
+    from(json!({"metadata": meta, "spec": {"controller": controller}}))
+}
+
+fn secret(ns: &str, name: &str, type_: &str, data: &[(&str, &[u8])]) -> Secret {
+    let mut s: Secret = from(json!({"metadata": {"namespace": ns, "name": name}, "type": type_}));
+    s.data = Some(
+        data.iter()
+            .map(|(k, v)| (k.to_string(), k8s_openapi::ByteString(v.to_vec())))
+            .collect(),
+    );
+    s
+}
+
+/// A self-signed certificate and its key, PEM.
+fn cert(names: &[&str]) -> (String, String) {
+    let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+    let ck = rcgen::generate_simple_self_signed(names).expect("rcgen");
+    (ck.cert.pem(), ck.signing_key.serialize_pem())
+}
+
+fn tls_secret(ns: &str, name: &str, names: &[&str]) -> Secret {
+    let (c, k) = cert(names);
+    secret(
+        ns,
+        name,
+        "kubernetes.io/tls",
+        &[("tls.crt", c.as_bytes()), ("tls.key", k.as_bytes())],
+    )
+}
+
+/// The objects of one test case.
+#[derive(Default, Clone)]
+struct World(Inputs);
+
+impl World {
+    /// Service `web` (port `http`: 80 → 8080) with one ready endpoint 10.0.0.1, in `default`.
+    fn web() -> Self {
+        World::default().web_in("default")
+    }
+    fn web_in(self, ns: &str) -> Self {
+        self.svc(svc(ns, "web", &[("http", 80)])).slice(slice(
+            ns,
+            "web-1",
+            "web",
+            "IPv4",
+            &[("http", 8080)],
+            vec![ready("10.0.0.1")],
+        ))
+    }
+    fn ing(mut self, i: Ing) -> Self {
+        self.0.ingresses.push(Arc::new(i.build()));
+        self
+    }
+    fn svc(mut self, s: Service) -> Self {
+        self.0.services.push(Arc::new(s));
+        self
+    }
+    fn slice(mut self, s: EndpointSlice) -> Self {
+        self.0.endpoint_slices.push(Arc::new(s));
+        self
+    }
+    fn secret(mut self, s: Secret) -> Self {
+        self.0.secrets.push(Arc::new(s));
+        self
+    }
+    fn class(mut self, c: IngressClass) -> Self {
+        self.0.ingress_classes.push(Arc::new(c));
+        self
+    }
+    fn run(&self) -> (Snapshot, Vec<Diagnostic>) {
+        translate(&self.0, &Options::default())
+    }
+    fn run_with(&self, opts: &Options) -> (Snapshot, Vec<Diagnostic>) {
+        translate(&self.0, opts)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Assertion helpers
+// ---------------------------------------------------------------------------------------------
+
+/// Route a request as the proxy would: normalise the host, then `Snapshot::route()`.
+fn route<'a>(snap: &'a Snapshot, host: &str, path: &str) -> Option<&'a Arc<Route>> {
+    let host = normalize_host(host).expect("host");
+    snap.route(&host, path).route
+}
+
+/// What a request reaches: `"ns/svc:port"`, `"503"` (unavailable) or `"404"`.
+fn hit(snap: &Snapshot, host: &str, path: &str) -> String {
+    match route(snap, host, path) {
+        None => "404".to_string(),
+        Some(r) => match &r.target {
+            RouteTarget::Backend(id) => snap
+                .backends
+                .get(*id)
+                .map(|b| b.key.to_string())
+                .unwrap_or_else(|| "dangling".to_string()),
+            RouteTarget::Unavailable { .. } => "503".to_string(),
+        },
+    }
+}
+
+/// Endpoint addresses a request reaches, as strings.
+fn endpoints(snap: &Snapshot, host: &str, path: &str) -> Vec<String> {
+    let r = route(snap, host, path).expect("routed");
+    let RouteTarget::Backend(id) = r.target else {
+        panic!("unavailable route")
+    };
+    let b = snap.backends.get(id).expect("backend");
+    b.endpoints.iter().map(|e| e.addr.to_string()).collect()
+}
+
+fn reasons(d: &[Diagnostic]) -> Vec<(Severity, &str)> {
+    d.iter().map(|d| (d.severity, d.reason.as_str())).collect()
+}
+
+fn only(d: &[Diagnostic], sev: Severity, reason: &str) -> Diagnostic {
+    assert_eq!(reasons(d), vec![(sev, reason)], "diagnostics: {d:#?}");
+    d[0].clone()
+}
+
+fn svc80() -> Value {
+    json!(80)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Class
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn class_by_name_equal_to_our_flag() {
+    let (s, d) = World::web()
+        .ing(Ing::new("default", "a").path("a.test", "Prefix", "/", "web", svc80()))
+        .run();
+    assert_eq!(hit(&s, "a.test", "/"), "default/web:80");
+    assert!(d.is_empty(), "{d:?}");
+}
+
+#[test]
+fn class_by_controller_of_named_ingress_class() {
+    let w = World::web()
+        .class(class("edge", DEFAULT_CONTROLLER_NAME, false))
+        .class(class("nginx", "k8s.io/ingress-nginx", false))
+        .ing(Ing::new("default", "ours").class("edge").path(
+            "a.test",
+            "Prefix",
+            "/",
+            "web",
+            svc80(),
+        ))
+        .ing(Ing::new("default", "theirs").class("nginx").path(
+            "b.test",
+            "Prefix",
+            "/",
+            "web",
+            svc80(),
+        ))
+        // A class name that exists nowhere and is not our flag: not ours.
+        .ing(Ing::new("default", "ghost").class("ghost").path(
+            "c.test",
+            "Prefix",
+            "/",
+            "web",
+            svc80(),
+        ));
+    let (s, d) = w.run();
+    assert_eq!(hit(&s, "a.test", "/"), "default/web:80");
+    assert_eq!(hit(&s, "b.test", "/"), "404");
+    assert_eq!(hit(&s, "c.test", "/"), "404");
+    assert!(d.is_empty(), "{d:?}");
+}
+
+#[test]
+fn class_by_legacy_annotation() {
+    let w = World::web()
+        .ing(
+            Ing::new("default", "legacy")
+                .no_class()
+                .ann("kubernetes.io/ingress.class", "portico")
+                .path("a.test", "Prefix", "/", "web", svc80()),
+        )
+        .ing(
+            Ing::new("default", "other")
+                .no_class()
+                .ann("kubernetes.io/ingress.class", "nginx")
+                .path("b.test", "Prefix", "/", "web", svc80()),
+        )
+        // Our default class does not capture an Ingress that names another class by annotation.
+        .class(class("portico", DEFAULT_CONTROLLER_NAME, true));
+    let (s, _) = w.run();
+    assert_eq!(hit(&s, "a.test", "/"), "default/web:80");
+    assert_eq!(hit(&s, "b.test", "/"), "404");
+}
+
+#[test]
+fn class_absent_served_only_by_our_default_class() {
+    let ing = Ing::new("default", "plain")
+        .no_class()
+        .path("a.test", "Prefix", "/", "web", svc80());
+    let cases = [
+        (
+            "our default class",
+            Some(class("portico", DEFAULT_CONTROLLER_NAME, true)),
+            "default/web:80",
+        ),
+        (
+            "our class, not default",
+            Some(class("portico", DEFAULT_CONTROLLER_NAME, false)),
+            "404",
+        ),
+        (
+            "someone else's default",
+            Some(class("nginx", "k8s.io/ingress-nginx", true)),
+            "404",
+        ),
+        ("no classes at all", None, "404"),
+    ];
+    for (name, c, want) in cases {
+        let mut w = World::web().ing(ing.clone());
+        if let Some(c) = c {
+            w = w.class(c);
+        }
+        let (s, d) = w.run();
+        assert_eq!(hit(&s, "a.test", "/"), want, "case {name}");
+        assert!(d.is_empty(), "case {name}: {d:?}");
+    }
+}
+
+#[test]
+fn class_not_ours_is_ignored_silently_even_when_broken() {
+    let (s, d) = World::default()
+        .ing(
+            Ing::new("default", "x")
+                .class("nginx")
+                .path("BAD HOST", "Weird", "nope", "missing", svc80())
+                .tls(None, "missing"),
+        )
+        .run();
+    assert_eq!(s, Snapshot::default());
+    assert!(d.is_empty(), "{d:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hosts
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn host_exact_is_case_insensitive_and_ignores_request_port() {
+    let (s, d) = World::web()
+        .ing(Ing::new("default", "a").path("Shop.Example.COM", "Prefix", "/", "web", svc80()))
+        .run();
+    assert!(d.is_empty());
+    assert!(s.hosts.exact.contains_key("shop.example.com"));
+    assert_eq!(hit(&s, "SHOP.example.com:8443", "/x"), "default/web:80");
+    assert_eq!(hit(&s, "shop.example.com.", "/x"), "default/web:80");
+    assert_eq!(hit(&s, "other.example.com", "/x"), "404");
+}
+
+#[test]
+fn host_wildcard_matches_exactly_one_label_and_exact_wins() {
+    let w = World::web()
+        .svc(svc("default", "exact", &[("http", 80)]))
+        .ing(Ing::new("default", "w").path("*.example.com", "Prefix", "/", "web", svc80()))
+        .ing(Ing::new("default", "e").path("www.example.com", "Prefix", "/", "exact", svc80()));
+    let (s, d) = w.run();
+    assert!(d.is_empty(), "{d:?}");
+    assert!(s.hosts.wildcard.contains_key("example.com"));
+    assert_eq!(hit(&s, "a.example.com", "/"), "default/web:80");
+    assert_eq!(hit(&s, "www.example.com", "/"), "default/exact:80");
+    assert_eq!(hit(&s, "example.com", "/"), "404");
+    assert_eq!(hit(&s, "a.b.example.com", "/"), "404");
+}
+
+#[test]
+fn host_less_rule_catches_all_other_hosts() {
+    let w = World::web()
+        .svc(svc("default", "named", &[("http", 80)]))
+        .ing(Ing::new("default", "any").rule(None, &[("Prefix", "/", "web", svc80())]))
+        .ing(Ing::new("default", "named").path("named.test", "Prefix", "/", "named", svc80()));
+    let (s, _) = w.run();
+    assert!(s.hosts.catch_all.is_some());
+    assert_eq!(hit(&s, "whatever.test", "/x"), "default/web:80");
+    assert_eq!(hit(&s, "10.1.2.3:8080", "/x"), "default/web:80");
+    assert_eq!(hit(&s, "named.test", "/x"), "default/named:80");
+}
+
+#[test]
+fn host_invalid_forms_are_diagnosed_and_only_that_rule_skipped() {
+    for bad in [
+        "10.0.0.1",
+        "[::1]",
+        "foo.com:80",
+        "foo.*.com",
+        "*foo.com",
+        "*",
+        "a_b.com",
+        "-a.com",
+        "a..com",
+        "foo.com.",
+    ] {
+        let (s, d) = World::web()
+            .ing(
+                Ing::new("default", "a")
+                    .path(bad, "Prefix", "/bad", "web", svc80())
+                    .path("good.test", "Prefix", "/", "web", svc80()),
+            )
+            .run();
+        let diag = only(&d, Severity::Error, "InvalidHost");
+        assert!(diag.message.contains(bad), "{bad}: {}", diag.message);
+        assert_eq!(hit(&s, "good.test", "/"), "default/web:80", "{bad}");
+        assert_eq!(s.hosts.exact.len(), 1, "{bad}");
+        assert!(
+            s.hosts.wildcard.is_empty() && s.hosts.catch_all.is_none(),
+            "{bad}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Paths
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn path_exact_is_whole_string_and_prefix_element_wise() {
+    let w = World::web()
+        .svc(svc("default", "exact", &[("http", 80)]))
+        .ing(
+            Ing::new("default", "a")
+                .path("a.test", "Exact", "/foo", "exact", svc80())
+                .path("b.test", "Prefix", "/foo", "web", svc80()),
+        );
+    let (s, _) = w.run();
+    let table = [
+        ("a.test", "/foo", "default/exact:80"),
+        ("a.test", "/foo/", "404"),
+        ("a.test", "/foo/bar", "404"),
+        ("b.test", "/foo", "default/web:80"),
+        ("b.test", "/foo/", "default/web:80"),
+        ("b.test", "/foo/bar", "default/web:80"),
+        ("b.test", "/foobar", "404"),
+        ("b.test", "/", "404"),
+    ];
+    for (host, path, want) in table {
+        assert_eq!(hit(&s, host, path), want, "{host}{path}");
+    }
+}
+
+#[test]
+fn path_prefix_trailing_slash_is_ignored() {
+    let (s, d) = World::web()
+        .ing(Ing::new("default", "a").path("a.test", "Prefix", "/foo/", "web", svc80()))
+        .run();
+    assert!(d.is_empty());
+    let r = route(&s, "a.test", "/foo").expect("matches without slash");
+    assert_eq!(r.path, "/foo");
+    assert_eq!(hit(&s, "a.test", "/foo/bar"), "default/web:80");
+    assert_eq!(hit(&s, "a.test", "/foobar"), "404");
+    // The root prefix stays `/`.
+    let (s, _) = World::web()
+        .ing(Ing::new("default", "a").path("a.test", "Prefix", "/", "web", svc80()))
+        .run();
+    assert_eq!(route(&s, "a.test", "/x").expect("root").path, "/");
+}
+
+#[test]
+fn path_implementation_specific_is_prefix_and_missing_type_warns() {
+    let (s, d) = World::web()
+        .ing(
+            Ing::new("default", "a")
+                .path("a.test", "ImplementationSpecific", "/api", "web", svc80())
+                .raw_path(
+                    "b.test",
+                    json!({"path": "/api",
+                "backend": {"service": {"name": "web", "port": {"number": 80}}}}),
+                ),
+        )
+        .run();
+    for host in ["a.test", "b.test"] {
+        let r = route(&s, host, "/api/v1").expect("prefix match");
+        assert_eq!(r.kind, PathKind::Prefix);
+        assert_eq!(hit(&s, host, "/apix"), "404");
+    }
+    only(&d, Severity::Warning, "MissingPathType");
+}
+
+#[test]
+fn path_is_normalised_like_requests() {
+    let (s, d) = World::web()
+        .ing(
+            Ing::new("default", "a")
+                .path("a.test", "Prefix", "/a//b/./c/../d", "web", svc80())
+                .path("b.test", "Exact", "/%7Euser", "web", svc80()),
+        )
+        .run();
+    assert!(d.is_empty(), "{d:?}");
+    assert_eq!(
+        route(&s, "a.test", "/a/b/d/x").expect("normalised").path,
+        "/a/b/d"
+    );
+    assert_eq!(hit(&s, "b.test", "/~user"), "default/web:80");
+}
+
+#[test]
+fn path_invalid_is_diagnosed_and_skipped() {
+    let cases = [
+        ("Prefix", Some("api"), "InvalidPath"),
+        ("Exact", Some("/a b"), "InvalidPath"),
+        ("Prefix", Some("/a%zz"), "InvalidPath"),
+        ("Prefix", Some("/a?b=1"), "InvalidPath"),
+        ("Exact", None, "InvalidPath"),
+        ("Regex", Some("/a"), "InvalidPathType"),
+    ];
+    for (t, p, reason) in cases {
+        let mut path = json!({"pathType": t,
+            "backend": {"service": {"name": "web", "port": {"number": 80}}}});
+        if let Some(p) = p {
+            path["path"] = json!(p);
+        }
+        let (s, d) = World::web()
+            .ing(Ing::new("default", "a").raw_path("a.test", path).path(
+                "a.test",
+                "Prefix",
+                "/ok",
+                "web",
+                svc80(),
+            ))
+            .run();
+        only(&d, Severity::Error, reason);
+        assert_eq!(s.hosts.exact["a.test"].routes.len(), 1, "{t} {p:?}");
+        assert_eq!(hit(&s, "a.test", "/ok"), "default/web:80");
+    }
+}
+
+#[test]
+fn path_missing_for_implementation_specific_means_root() {
+    let (s, d) = World::web()
+        .ing(Ing::new("default", "a").raw_path(
+            "a.test",
+            json!({"pathType": "ImplementationSpecific",
+            "backend": {"service": {"name": "web", "port": {"number": 80}}}}),
+        ))
+        .run();
+    only(&d, Severity::Warning, "MissingPath");
+    assert_eq!(hit(&s, "a.test", "/anything"), "default/web:80");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Precedence and conflicts
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn precedence_longest_first_exact_before_prefix_across_ingresses_and_namespaces() {
+    let mut w = World::default();
+    for ns in ["ns-a", "ns-b", "ns-c", "ns-d"] {
+        w = w.web_in(ns);
+    }
+    let w = w
+        .ing(Ing::new("ns-a", "root").path("h.test", "Prefix", "/", "web", svc80()))
+        .ing(Ing::new("ns-b", "api").path("h.test", "Prefix", "/api", "web", svc80()))
+        .ing(Ing::new("ns-c", "api-exact").path("h.test", "Exact", "/api", "web", svc80()))
+        .ing(Ing::new("ns-d", "v1").path("h.test", "Prefix", "/api/v1", "web", svc80()));
+    let (s, d) = w.run();
+    assert!(d.is_empty(), "{d:?}");
+    let order: Vec<(PathKind, &str)> = s.hosts.exact["h.test"]
+        .routes
+        .iter()
+        .map(|r| (r.kind, r.path.as_str()))
+        .collect();
+    assert_eq!(
+        order,
+        vec![
+            (PathKind::Prefix, "/api/v1"),
+            (PathKind::Exact, "/api"),
+            (PathKind::Prefix, "/api"),
+            (PathKind::Prefix, "/"),
+        ]
+    );
+    let table = [
+        ("/api/v1/x", "ns-d/web:80"),
+        ("/api", "ns-c/web:80"),
+        ("/api/", "ns-b/web:80"),
+        ("/api/v2", "ns-b/web:80"),
+        ("/apiv1", "ns-a/web:80"),
+        ("/", "ns-a/web:80"),
+    ];
+    for (path, want) in table {
+        assert_eq!(hit(&s, "h.test", path), want, "{path}");
+    }
+}
+
+#[test]
+fn conflict_oldest_creation_timestamp_wins_with_diagnostic_naming_winner() {
+    let w = World::web()
+        .web_in("zz")
+        // `default/young` sorts first by name but is younger: the old one in `zz` wins.
+        .ing(
+            Ing::new("default", "young")
+                .created("2025-06-01T00:00:00Z")
+                .path("h.test", "Prefix", "/api", "web", svc80()),
+        )
+        .ing(Ing::new("zz", "old").created("2024-01-01T00:00:00Z").path(
+            "h.test",
+            "Prefix",
+            "/api/",
+            "web",
+            svc80(),
+        ));
+    let (s, d) = w.run();
+    assert_eq!(hit(&s, "h.test", "/api"), "zz/web:80");
+    let diag = only(&d, Severity::Error, "PathConflict");
+    assert_eq!(
+        (diag.namespace.as_str(), diag.name.as_str()),
+        ("default", "young")
+    );
+    assert!(diag.message.contains("zz/old"), "{}", diag.message);
+}
+
+#[test]
+fn conflict_tie_broken_by_namespace_then_name_and_missing_timestamp_sorts_last() {
+    let mut w = World::default();
+    for ns in ["a", "b"] {
+        w = w.web_in(ns);
+    }
+    let same =
+        |ns: &str, name: &str| Ing::new(ns, name).path("h.test", "Exact", "/x", "web", svc80());
+    // No timestamps: a/z beats b/a (namespace first), and a/y beats a/z (then name).
+    let (s, d) = w
+        .clone()
+        .ing(same("b", "a"))
+        .ing(same("a", "z"))
+        .ing(same("a", "y"))
+        .run();
+    assert_eq!(
+        route(&s, "h.test", "/x")
+            .expect("route")
+            .ingress
+            .name
+            .as_ref(),
+        "y"
+    );
+    assert_eq!(reasons(&d), vec![(Severity::Error, "PathConflict"); 2]);
+    // A present timestamp beats a missing one, whatever the names.
+    let (s, d) = w
+        .ing(same("a", "a"))
+        .ing(same("b", "b").created("2030-01-01T00:00:00Z"))
+        .run();
+    assert_eq!(hit(&s, "h.test", "/x"), "b/web:80");
+    assert_eq!(d[0].name, "a");
+}
+
+#[test]
+fn conflict_needs_same_kind_exact_and_prefix_coexist() {
+    let (s, d) = World::web()
+        .svc(svc("default", "other", &[("http", 80)]))
+        .ing(Ing::new("default", "a").path("h.test", "Exact", "/x", "web", svc80()))
+        .ing(Ing::new("default", "b").path("h.test", "Prefix", "/x", "other", svc80()))
+        .run();
+    assert!(d.is_empty(), "{d:?}");
+    assert_eq!(hit(&s, "h.test", "/x"), "default/web:80");
+    assert_eq!(hit(&s, "h.test", "/x/y"), "default/other:80");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Default backend
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn default_backend_serves_unmatched_paths_and_unknown_hosts() {
+    let (s, d) = World::web()
+        .svc(svc("default", "fallback", &[("http", 80)]))
+        .ing(
+            Ing::new("default", "a")
+                .default_backend("fallback", 80)
+                .path("h.test", "Prefix", "/api", "web", svc80()),
+        )
+        .run();
+    assert!(d.is_empty(), "{d:?}");
+    let m = s.route("h.test", "/api/x");
+    assert!(!m.is_default);
+    let m = s.route("h.test", "/other");
+    assert!(m.is_default);
+    let r = m.route.expect("default route");
+    assert_eq!((r.kind, r.path.as_str()), (PathKind::Prefix, "/"));
+    assert_eq!(hit(&s, "h.test", "/other"), "default/fallback:80");
+    assert_eq!(hit(&s, "unknown.test", "/"), "default/fallback:80");
+}
+
+#[test]
+fn default_backend_absent_means_404_when_no_path_matches() {
+    let (s, _) = World::web()
+        .ing(Ing::new("default", "a").path("h.test", "Prefix", "/api", "web", svc80()))
+        .run();
+    assert!(s.hosts.default_route.is_none());
+    assert_eq!(hit(&s, "h.test", "/other"), "404");
+}
+
+#[test]
+fn default_backend_oldest_wins_others_diagnosed() {
+    let (s, d) = World::web()
+        .svc(svc("default", "old", &[("http", 80)]))
+        .ing(
+            Ing::new("default", "a-new")
+                .created("2025-01-01T00:00:00Z")
+                .default_backend("web", 80),
+        )
+        .ing(
+            Ing::new("default", "z-old")
+                .created("2020-01-01T00:00:00Z")
+                .default_backend("old", 80),
+        )
+        .run();
+    assert_eq!(hit(&s, "x.test", "/"), "default/old:80");
+    let diag = only(&d, Severity::Error, "DefaultBackendConflict");
+    assert_eq!(diag.name, "a-new");
+    assert!(diag.message.contains("default/z-old"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backends and endpoints
+// ---------------------------------------------------------------------------------------------
+
+fn two_port_world() -> World {
+    World::default()
+        .svc(svc("default", "app", &[("http", 80), ("metrics", 9090)]))
+        .slice(slice(
+            "default",
+            "app-1",
+            "app",
+            "IPv4",
+            &[("metrics", 9091), ("http", 8080)],
+            vec![ready("10.0.0.2"), ready("10.0.0.1")],
+        ))
+}
+
+#[test]
+fn backend_port_by_number_selects_slice_port_by_service_port_name() {
+    let (s, d) = two_port_world()
+        .ing(Ing::new("default", "a").path("h.test", "Prefix", "/", "app", json!(9090)))
+        .run();
+    assert!(d.is_empty(), "{d:?}");
+    assert_eq!(
+        endpoints(&s, "h.test", "/"),
+        ["10.0.0.1:9091", "10.0.0.2:9091"]
+    );
+}
+
+#[test]
+fn backend_port_by_name() {
+    let (s, d) = two_port_world()
+        .ing(Ing::new("default", "a").path("h.test", "Prefix", "/", "app", json!("http")))
+        .run();
+    assert!(d.is_empty(), "{d:?}");
+    assert_eq!(hit(&s, "h.test", "/"), "default/app:http");
+    assert_eq!(
+        endpoints(&s, "h.test", "/"),
+        ["10.0.0.1:8080", "10.0.0.2:8080"]
+    );
+}
+
+#[test]
+fn backend_unnamed_service_port_matches_unnamed_slice_port() {
+    let w = World::default()
+        .svc(svc("default", "solo", &[("", 80)]))
+        .slice(slice(
+            "default",
+            "solo-1",
+            "solo",
+            "IPv4",
+            &[("", 3000)],
+            vec![ready("10.0.0.9")],
+        ))
+        .ing(Ing::new("default", "a").path("h.test", "Prefix", "/", "solo", svc80()));
+    let (s, _) = w.run();
+    assert_eq!(endpoints(&s, "h.test", "/"), ["10.0.0.9:3000"]);
+}
+
+#[test]
+fn endpoints_ready_true_or_nil_used_not_ready_excluded() {
+    let w = World::default()
+        .svc(svc("default", "web", &[("http", 80)]))
+        .slice(slice(
+            "default",
+            "w",
+            "web",
+            "IPv4",
+            &[("http", 8080)],
+            vec![
+                ep("10.0.0.1", Some(true), None, None),
+                ep("10.0.0.2", None, None, None),
+                json!({"addresses": ["10.0.0.3"]}),
+                ep("10.0.0.4", Some(false), Some(true), Some(true)),
+                ep("10.0.0.5", Some(false), None, None),
+            ],
+        ))
+        .ing(Ing::new("default", "a").path("h.test", "Prefix", "/", "web", svc80()));
+    let (s, _) = w.run();
+    assert_eq!(
+        endpoints(&s, "h.test", "/"),
+        ["10.0.0.1:8080", "10.0.0.2:8080", "10.0.0.3:8080"]
+    );
+    assert!(!s.backends.backends[0].draining_fallback);
+}
+
+#[test]
+fn endpoints_fall_back_to_serving_terminating_when_none_ready() {
+    let w = World::default()
+        .svc(svc("default", "web", &[("http", 80)]))
+        .slice(slice(
+            "default",
+            "w",
+            "web",
+            "IPv4",
+            &[("http", 8080)],
+            vec![
+                ep("10.0.0.4", Some(false), Some(true), Some(true)),
+                ep("10.0.0.5", Some(false), Some(false), Some(true)),
+                ep("10.0.0.6", Some(false), Some(true), Some(false)),
+            ],
+        ))
+        .ing(Ing::new("default", "a").path("h.test", "Prefix", "/", "web", svc80()));
+    let (s, d) = w.run();
+    assert!(d.is_empty());
+    assert_eq!(endpoints(&s, "h.test", "/"), ["10.0.0.4:8080"]);
+    assert!(s.backends.backends[0].draining_fallback);
+}
+
+#[test]
+fn endpoints_none_usable_is_not_a_diagnostic() {
+    let w = World::default()
+        .svc(svc("default", "web", &[("http", 80)]))
+        .ing(Ing::new("default", "a").path("h.test", "Prefix", "/", "web", svc80()));
+    let (s, d) = w.run();
+    assert!(d.is_empty(), "{d:?}");
+    assert!(endpoints(&s, "h.test", "/").is_empty());
+    assert!(!s.backends.backends[0].draining_fallback);
+}
+
+#[test]
+fn endpoints_deduped_across_slices_sorted_and_filtered() {
+    let w = World::default()
+        .svc(svc("default", "web", &[("http", 80)]))
+        .slice(slice(
+            "default",
+            "w2",
+            "web",
+            "IPv4",
+            &[("http", 8080)],
+            vec![ready("10.0.0.3"), ready("10.0.0.1")],
+        ))
+        .slice(slice(
+            "default",
+            "w1",
+            "web",
+            "IPv4",
+            &[("http", 8080)],
+            vec![ready("10.0.0.1"), ready("10.0.0.2")],
+        ))
+        .slice(slice(
+            "default",
+            "w6",
+            "web",
+            "IPv6",
+            &[("http", 8080)],
+            vec![ready("fd00::1")],
+        ))
+        .slice(slice(
+            "default",
+            "wf",
+            "web",
+            "FQDN",
+            &[("http", 8080)],
+            vec![ready("pod.example")],
+        ))
+        // Another namespace, another service, another port name: none of these count.
+        .slice(slice(
+            "other",
+            "w",
+            "web",
+            "IPv4",
+            &[("http", 8080)],
+            vec![ready("10.9.9.9")],
+        ))
+        .slice(slice(
+            "default",
+            "x",
+            "xweb",
+            "IPv4",
+            &[("http", 8080)],
+            vec![ready("10.8.8.8")],
+        ))
+        .slice(slice(
+            "default",
+            "p",
+            "web",
+            "IPv4",
+            &[("admin", 8080)],
+            vec![ready("10.7.7.7")],
+        ))
+        .ing(Ing::new("default", "a").path("h.test", "Prefix", "/", "web", svc80()));
+    let (s, d) = w.run();
+    assert!(d.is_empty(), "{d:?}");
+    assert_eq!(
+        endpoints(&s, "h.test", "/"),
+        [
+            "10.0.0.1:8080",
+            "10.0.0.2:8080",
+            "10.0.0.3:8080",
+            "[fd00::1]:8080"
+        ]
+    );
+}
+
+#[test]
+fn endpoint_invalid_address_is_a_warning() {
+    let w = World::default()
+        .svc(svc("default", "web", &[("http", 80)]))
+        .slice(slice(
+            "default",
+            "w",
+            "web",
+            "IPv4",
+            &[("http", 8080)],
+            vec![ready("fd00::1"), ready("10.0.0.1")],
+        ))
+        .ing(Ing::new("default", "a").path("h.test", "Prefix", "/", "web", svc80()));
+    let (s, d) = w.run();
+    only(&d, Severity::Warning, "InvalidEndpointAddress");
+    assert_eq!(endpoints(&s, "h.test", "/"), ["10.0.0.1:8080"]);
+}
+
+#[test]
+fn identical_backend_keys_share_one_backend_id() {
+    let (s, _) = World::web()
+        .ing(Ing::new("default", "a").path("a.test", "Prefix", "/", "web", svc80()))
+        .ing(
+            Ing::new("default", "b")
+                .path("b.test", "Exact", "/x", "web", svc80())
+                .path("c.test", "Prefix", "/", "web", json!("http")),
+        )
+        .run();
+    let id = |h: &str, p: &str| route(&s, h, p).expect("route").target.clone();
+    assert_eq!(id("a.test", "/"), id("b.test", "/x"));
+    // By name is a different key (the key is the port as written).
+    assert_ne!(id("a.test", "/"), id("c.test", "/"));
+    assert_eq!(s.backends.backends.len(), 2);
+}
+
+#[test]
+fn backend_failures_keep_route_unavailable_with_error() {
+    let resource_path = json!({"pathType": "Prefix", "path": "/",
+        "backend": {"resource": {"apiGroup": "k8s.example.com", "kind": "Bucket", "name": "b"}}});
+    let cases: Vec<(&str, World, &str)> = vec![
+        (
+            "missing service",
+            World::default().ing(Ing::new("default", "a").path(
+                "h.test",
+                "Prefix",
+                "/",
+                "nope",
+                svc80(),
+            )),
+            "ServiceNotFound",
+        ),
+        (
+            "service in another namespace",
+            World::default()
+                .web_in("other")
+                .ing(Ing::new("default", "a").path("h.test", "Prefix", "/", "web", svc80())),
+            "ServiceNotFound",
+        ),
+        (
+            "missing port number",
+            World::web().ing(Ing::new("default", "a").path(
+                "h.test",
+                "Prefix",
+                "/",
+                "web",
+                json!(81),
+            )),
+            "ServicePortNotFound",
+        ),
+        (
+            "missing port name",
+            World::web().ing(Ing::new("default", "a").path(
+                "h.test",
+                "Prefix",
+                "/",
+                "web",
+                json!("grpc"),
+            )),
+            "ServicePortNotFound",
+        ),
+        (
+            "external name",
+            World::default()
+                .svc(svc_external("default", "ext"))
+                .ing(Ing::new("default", "a").path("h.test", "Prefix", "/", "ext", svc80())),
+            "ExternalNameNotSupported",
+        ),
+        (
+            "resource backend",
+            World::default().ing(Ing::new("default", "a").raw_path("h.test", resource_path)),
+            "ResourceBackendNotSupported",
+        ),
+        (
+            "https backend protocol",
+            World::web().ing(
+                Ing::new("default", "a")
+                    .ann("nginx.ingress.kubernetes.io/backend-protocol", "HTTPS")
+                    .path("h.test", "Prefix", "/", "web", svc80()),
+            ),
+            "UnsupportedBackendProtocol",
+        ),
+        (
+            "grpcs backend protocol",
+            World::web().ing(
+                Ing::new("default", "a")
+                    .ann("portico.dev/backend-protocol", "grpcs")
+                    .path("h.test", "Prefix", "/", "web", svc80()),
+            ),
+            "UnsupportedBackendProtocol",
+        ),
+    ];
+    for (name, w, reason) in cases {
+        let (s, d) = w.run();
+        only(&d, Severity::Error, reason);
+        assert_eq!(hit(&s, "h.test", "/"), "503", "case {name}");
+        assert!(s.backends.backends.is_empty(), "case {name}");
+    }
+}
+
+#[test]
+fn backend_failure_does_not_affect_other_routes() {
+    let (s, d) = World::web()
+        .ing(Ing::new("default", "bad").path("h.test", "Prefix", "/bad", "nope", svc80()))
+        .ing(Ing::new("default", "good").path("h.test", "Prefix", "/", "web", svc80()))
+        .run();
+    only(&d, Severity::Error, "ServiceNotFound");
+    assert_eq!(hit(&s, "h.test", "/bad/x"), "503");
+    assert_eq!(hit(&s, "h.test", "/good"), "default/web:80");
+}
+
+#[test]
+fn upstream_protocol_from_app_protocol_and_annotation() {
+    let w = World::default()
+        .svc(svc_app_protocol(
+            "default",
+            "grpc",
+            50051,
+            "kubernetes.io/h2c",
+        ))
+        .svc(svc("default", "web", &[("http", 80)]))
+        .ing(Ing::new("default", "app").path("a.test", "Prefix", "/", "grpc", json!(50051)))
+        .ing(
+            Ing::new("default", "ann-grpc")
+                .ann("nginx.ingress.kubernetes.io/backend-protocol", "GRPC")
+                .path("b.test", "Prefix", "/", "web", svc80()),
+        )
+        .ing(
+            Ing::new("default", "ann-h2c")
+                .ann("portico.dev/backend-protocol", "h2c")
+                .path("c.test", "Prefix", "/", "web", svc80()),
+        )
+        .ing(
+            Ing::new("default", "ann-http")
+                .ann("portico.dev/backend-protocol", "HTTP")
+                .path("d.test", "Prefix", "/", "grpc", json!(50051)),
+        )
+        .ing(Ing::new("default", "plain").path("e.test", "Prefix", "/", "web", svc80()));
+    let (s, d) = w.run();
+    assert!(d.is_empty(), "{d:?}");
+    let proto = |h: &str| route(&s, h, "/").expect("route").policy.upstream_protocol;
+    assert_eq!(proto("a.test"), UpstreamProtocol::H2c);
+    assert_eq!(proto("b.test"), UpstreamProtocol::H2c);
+    assert_eq!(proto("c.test"), UpstreamProtocol::H2c);
+    assert_eq!(proto("d.test"), UpstreamProtocol::Http1);
+    assert_eq!(proto("e.test"), UpstreamProtocol::Http1);
+}
+
+#[test]
+fn endpoint_only_change_leaves_routes_untouched() {
+    let w =
+        World::web().ing(Ing::new("default", "a").path("h.test", "Prefix", "/", "web", svc80()));
+    let (r1, _) = derive_routes(&w.0, &Options::default());
+    let w2 = w.clone().slice(slice(
+        "default",
+        "web-2",
+        "web",
+        "IPv4",
+        &[("http", 8080)],
+        vec![ready("10.0.0.7")],
+    ));
+    let (r2, _) = derive_routes(&w2.0, &Options::default());
+    assert_eq!(r1, r2, "routes do not depend on slices");
+    let (bt, _) = resolve_endpoints(&r1.backends, &w2.0.endpoint_slices);
+    let snap = r1.snapshot(bt);
+    assert_eq!(
+        endpoints(&snap, "h.test", "/"),
+        ["10.0.0.1:8080", "10.0.0.7:8080"]
+    );
+    assert!(Arc::ptr_eq(&snap.hosts, &r1.hosts));
+    assert_eq!(snap, w2.run().0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// TLS
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn tls_exact_and_wildcard_hosts_and_ssl_redirect() {
+    let w = World::web()
+        .secret(tls_secret("default", "shop-tls", &["shop.test"]))
+        .secret(tls_secret("default", "wild-tls", &["*.apps.test"]))
+        .ing(
+            Ing::new("default", "a")
+                .tls(Some(&["Shop.test"]), "shop-tls")
+                .tls(Some(&["*.apps.test"]), "wild-tls")
+                .path("shop.test", "Prefix", "/", "web", svc80())
+                .path("*.apps.test", "Prefix", "/", "web", svc80())
+                .path("plain.test", "Prefix", "/", "web", svc80()),
+        );
+    let (s, d) = w.run();
+    assert!(d.is_empty(), "{d:?}");
+    let src = |sni: &str| s.tls.resolve(Some(sni)).map(|c| c.source.to_string());
+    assert_eq!(src("shop.test").as_deref(), Some("default/shop-tls"));
+    assert_eq!(src("x.apps.test").as_deref(), Some("default/wild-tls"));
+    assert_eq!(src("x.y.apps.test"), None);
+    assert_eq!(src("plain.test"), None);
+    let redirect = |h: &str| route(&s, h, "/").expect("route").policy.ssl_redirect;
+    assert!(redirect("shop.test"));
+    assert!(redirect("x.apps.test"));
+    assert!(!redirect("plain.test"), "no TLS, no redirect");
+    // The material is crt then key.
+    let c = &s.tls.exact["shop.test"];
+    assert!(c.material.starts_with(b"-----BEGIN CERTIFICATE-----"));
+    assert!(c.key.keys_match().is_ok());
+}
+
+#[test]
+fn tls_entry_without_hosts_applies_to_rule_hosts() {
+    let (s, d) = World::web()
+        .secret(tls_secret("default", "t", &["a.test", "b.test"]))
+        .ing(
+            Ing::new("default", "a")
+                .tls(None, "t")
+                .path("a.test", "Prefix", "/", "web", svc80())
+                .path("b.test", "Prefix", "/", "web", svc80())
+                .rule(None, &[("Prefix", "/", "web", svc80())]),
+        )
+        .run();
+    assert!(d.is_empty(), "{d:?}");
+    let mut names: Vec<_> = s.tls.exact.keys().cloned().collect();
+    names.sort();
+    assert_eq!(names, ["a.test", "b.test"]);
+    assert!(s.tls.wildcard.is_empty());
+}
+
+#[test]
+fn tls_default_certificate_from_flag() {
+    let w = World::web().secret(tls_secret("portico", "default-cert", &["fallback.test"]));
+    let opts = Options {
+        default_certificate: Some(("portico".into(), "default-cert".into())),
+        ..Options::default()
+    };
+    let (s, d) = w.run_with(&opts);
+    assert!(d.is_empty(), "{d:?}");
+    assert_eq!(
+        s.tls.resolve(Some("anything.test")).map(|c| &*c.source),
+        Some("portico/default-cert")
+    );
+    assert_eq!(
+        s.tls.resolve(None).map(|c| &*c.source),
+        Some("portico/default-cert")
+    );
+
+    let bad = Options {
+        default_certificate: Some(("portico".into(), "missing".into())),
+        ..Options::default()
+    };
+    let (s, d) = w.run_with(&bad);
+    let diag = only(&d, Severity::Error, "SecretNotFound");
+    assert_eq!(
+        (diag.kind.as_str(), diag.name.as_str()),
+        ("Secret", "missing")
+    );
+    assert!(s.tls.default.is_none());
+}
+
+#[test]
+fn tls_bad_secrets_reject_only_that_entry() {
+    let (crt_a, key_a) = cert(&["h.test"]);
+    let (_, key_b) = cert(&["h.test"]);
+    let tls = "kubernetes.io/tls";
+    let cases: Vec<(&str, Option<Secret>, &str)> = vec![
+        ("missing", None, "SecretNotFound"),
+        (
+            "wrong type",
+            Some(secret(
+                "default",
+                "s",
+                "Opaque",
+                &[("tls.crt", crt_a.as_bytes()), ("tls.key", key_a.as_bytes())],
+            )),
+            "SecretWrongType",
+        ),
+        (
+            "missing key",
+            Some(secret(
+                "default",
+                "s",
+                tls,
+                &[("tls.crt", crt_a.as_bytes())],
+            )),
+            "SecretMissingKey",
+        ),
+        (
+            "garbage crt",
+            Some(secret(
+                "default",
+                "s",
+                tls,
+                &[("tls.crt", b"not a pem"), ("tls.key", key_a.as_bytes())],
+            )),
+            "InvalidCertificate",
+        ),
+        (
+            "garbage key",
+            Some(secret(
+                "default",
+                "s",
+                tls,
+                &[
+                    ("tls.crt", crt_a.as_bytes()),
+                    ("tls.key", b"-----BEGIN nonsense"),
+                ],
+            )),
+            "InvalidPrivateKey",
+        ),
+        (
+            "key mismatch",
+            Some(secret(
+                "default",
+                "s",
+                tls,
+                &[("tls.crt", crt_a.as_bytes()), ("tls.key", key_b.as_bytes())],
+            )),
+            "CertificateKeyMismatch",
+        ),
+    ];
+    for (name, sec, reason) in cases {
+        let mut w = World::web()
+            .secret(tls_secret("default", "good", &["ok.test"]))
+            .ing(Ing::new("default", "a").tls(Some(&["h.test"]), "s").path(
+                "h.test",
+                "Prefix",
+                "/",
+                "web",
+                svc80(),
+            ))
+            .ing(
+                Ing::new("default", "b")
+                    .tls(Some(&["ok.test"]), "good")
+                    .path("ok.test", "Prefix", "/", "web", svc80()),
+            );
+        if let Some(sec) = sec {
+            w = w.secret(sec);
+        }
+        let (s, d) = w.run();
+        let diag = only(&d, Severity::Error, reason);
+        assert_eq!(
+            (diag.kind.as_str(), diag.name.as_str()),
+            ("Ingress", "a"),
+            "case {name}"
+        );
+        assert!(!s.tls.has_cert_for("h.test"), "case {name}");
+        assert!(s.tls.has_cert_for("ok.test"), "case {name}");
+        // The host still answers over HTTP, without a redirect.
+        let r = route(&s, "h.test", "/").expect("still routed");
+        assert!(!r.policy.ssl_redirect, "case {name}");
+        assert!(
+            route(&s, "ok.test", "/").expect("ok").policy.ssl_redirect,
+            "case {name}"
+        );
+    }
+}
+
+#[test]
+fn tls_conflicting_certificates_oldest_wins() {
+    let (s, d) = World::web()
+        .secret(tls_secret("default", "old-cert", &["h.test"]))
+        .secret(tls_secret("default", "new-cert", &["h.test"]))
+        .ing(
+            Ing::new("default", "new")
+                .created("2025-01-01T00:00:00Z")
+                .tls(Some(&["h.test"]), "new-cert"),
+        )
+        .ing(
+            Ing::new("default", "old")
+                .created("2020-01-01T00:00:00Z")
+                .tls(Some(&["h.test"]), "old-cert"),
+        )
+        // Sharing the winner's Secret is not a conflict.
+        .ing(
+            Ing::new("default", "same")
+                .created("2026-01-01T00:00:00Z")
+                .tls(Some(&["h.test"]), "old-cert"),
+        )
+        .run();
+    assert_eq!(
+        s.tls.resolve(Some("h.test")).map(|c| &*c.source),
+        Some("default/old-cert")
+    );
+    let diag = only(&d, Severity::Error, "TlsConflict");
+    assert_eq!(diag.name, "new");
+    assert!(diag.message.contains("default/old"), "{}", diag.message);
+}
+
+#[test]
+fn tls_entry_without_secret_name_warns() {
+    let mut ing = Ing::new("default", "a").path("h.test", "Prefix", "/", "web", svc80());
+    ing.spec["tls"] = json!([{"hosts": ["h.test"]}]);
+    let (s, d) = World::web().ing(ing).run();
+    only(&d, Severity::Warning, "MissingSecretName");
+    assert!(!route(&s, "h.test", "/").expect("route").policy.ssl_redirect);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Annotations
+// ---------------------------------------------------------------------------------------------
+
+/// Translate one Ingress on `h.test` (with valid TLS) carrying `annotations`; return the
+/// route's policy and the diagnostics.
+fn policy_with(annotations: &[(&str, &str)], opts: &Options) -> (RoutePolicy, Vec<Diagnostic>) {
+    let mut ing = Ing::new("default", "a").tls(Some(&["h.test"]), "t").path(
+        "h.test",
+        "Prefix",
+        "/",
+        "web",
+        svc80(),
+    );
+    for (k, v) in annotations {
+        ing = ing.ann(k, v);
+    }
+    let (s, d) = World::web()
+        .secret(tls_secret("default", "t", &["h.test"]))
+        .ing(ing)
+        .run_with(opts);
+    let p = (*route(&s, "h.test", "/").expect("route").policy).clone();
+    (p, d)
+}
+
+#[test]
+fn annotation_defaults_come_from_options() {
+    let mut opts = Options::default();
+    opts.defaults.connect_timeout = Duration::from_secs(2);
+    opts.defaults.body_limit = 42;
+    let (p, d) = policy_with(&[], &opts);
+    assert!(d.is_empty(), "{d:?}");
+    assert_eq!(p.connect_timeout, Duration::from_secs(2));
+    assert_eq!(p.read_timeout, model::DEFAULT_READ_TIMEOUT);
+    assert_eq!(p.body_limit, 42);
+    assert!(p.ssl_redirect);
+    assert_eq!(p.hsts, None);
+    assert_eq!(p.max_concurrent_requests, None);
+    opts.defaults.ssl_redirect = false;
+    assert!(!policy_with(&[], &opts).0.ssl_redirect);
+}
+
+#[test]
+fn annotation_ssl_redirect_opt_out_under_both_names() {
+    let o = Options::default();
+    for name in [
+        "portico.dev/ssl-redirect",
+        "nginx.ingress.kubernetes.io/ssl-redirect",
+    ] {
+        let (p, d) = policy_with(&[(name, "false")], &o);
+        assert!(!p.ssl_redirect, "{name}");
+        assert!(d.is_empty());
+    }
+    // portico.dev wins over the nginx name.
+    let (p, _) = policy_with(
+        &[
+            ("portico.dev/ssl-redirect", "true"),
+            ("nginx.ingress.kubernetes.io/ssl-redirect", "false"),
+        ],
+        &o,
+    );
+    assert!(p.ssl_redirect);
+}
+
+#[test]
+fn annotation_values_and_bad_values() {
+    let o = Options::default();
+    type Check = fn(&RoutePolicy) -> bool;
+    let cases: Vec<(&str, &str, Option<Check>)> = vec![
+        (
+            "nginx.ingress.kubernetes.io/proxy-body-size",
+            "8m",
+            Some(|p| p.body_limit == 8 << 20),
+        ),
+        (
+            "nginx.ingress.kubernetes.io/proxy-body-size",
+            "512k",
+            Some(|p| p.body_limit == 512 << 10),
+        ),
+        (
+            "portico.dev/proxy-body-size",
+            "1G",
+            Some(|p| p.body_limit == 1 << 30),
+        ),
+        (
+            "portico.dev/proxy-body-size",
+            "1000",
+            Some(|p| p.body_limit == 1000),
+        ),
+        (
+            "portico.dev/proxy-body-size",
+            "0",
+            Some(|p| p.body_limit == 0),
+        ),
+        ("portico.dev/proxy-body-size", "8x", None),
+        ("portico.dev/proxy-body-size", "-1", None),
+        ("portico.dev/proxy-body-size", "99999999999999999999g", None),
+        (
+            "nginx.ingress.kubernetes.io/proxy-connect-timeout",
+            "10",
+            Some(|p| p.connect_timeout == Duration::from_secs(10)),
+        ),
+        (
+            "portico.dev/proxy-connect-timeout",
+            "1500ms",
+            Some(|p| p.connect_timeout == Duration::from_millis(1500)),
+        ),
+        ("portico.dev/proxy-connect-timeout", "0", None),
+        ("portico.dev/proxy-connect-timeout", "soon", None),
+        (
+            "nginx.ingress.kubernetes.io/proxy-read-timeout",
+            "120",
+            Some(|p| p.read_timeout == Duration::from_secs(120)),
+        ),
+        (
+            "portico.dev/proxy-read-timeout",
+            "1m30s",
+            Some(|p| p.read_timeout == Duration::from_secs(90)),
+        ),
+        ("portico.dev/proxy-read-timeout", "5 s", None),
+        (
+            "portico.dev/hsts",
+            "true",
+            Some(|p| p.hsts.as_deref() == Some("max-age=31536000")),
+        ),
+        ("portico.dev/hsts", "false", Some(|p| p.hsts.is_none())),
+        ("portico.dev/hsts", "yes", None),
+        (
+            "portico.dev/max-concurrent-requests",
+            "5",
+            Some(|p| p.max_concurrent_requests == Some(5)),
+        ),
+        ("portico.dev/max-concurrent-requests", "0", None),
+        ("portico.dev/max-concurrent-requests", "many", None),
+        ("portico.dev/ssl-redirect", "nope", None),
+        ("portico.dev/backend-protocol", "SPDY", None),
+    ];
+    let default = policy_with(&[], &o).0;
+    for (name, value, check) in cases {
+        let (p, d) = policy_with(&[(name, value)], &o);
+        match check {
+            Some(check) => {
+                assert!(d.is_empty(), "{name}={value}: {d:?}");
+                assert!(check(&p), "{name}={value}: {p:?}");
+            }
+            None => {
+                let diag = only(&d, Severity::Warning, "InvalidAnnotation");
+                assert!(
+                    diag.message.contains(name) && diag.message.contains(value),
+                    "{}",
+                    diag.message
+                );
+                assert_eq!(p, default, "{name}={value}: default used");
+            }
+        }
+    }
+}
+
+#[test]
+fn annotation_hsts_uses_configured_max_age_and_hsts_has_no_nginx_name() {
+    let mut o = Options::default();
+    o.defaults.hsts_max_age = Duration::from_secs(600);
+    assert_eq!(
+        policy_with(&[("portico.dev/hsts", "true")], &o)
+            .0
+            .hsts
+            .as_deref(),
+        Some("max-age=600")
+    );
+    assert_eq!(
+        policy_with(&[("nginx.ingress.kubernetes.io/hsts", "true")], &o)
+            .0
+            .hsts,
+        None
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Determinism and robustness
+// ---------------------------------------------------------------------------------------------
+
+fn busy_world() -> World {
+    World::web()
+        .web_in("other")
+        .svc(svc("default", "api", &[("http", 80)]))
+        .slice(slice(
+            "default",
+            "api-b",
+            "api",
+            "IPv4",
+            &[("http", 9000)],
+            vec![ready("10.1.0.2")],
+        ))
+        .slice(slice(
+            "default",
+            "api-a",
+            "api",
+            "IPv4",
+            &[("http", 9000)],
+            vec![ready("10.1.0.1")],
+        ))
+        .secret(tls_secret("default", "t", &["shop.test"]))
+        .ing(
+            Ing::new("default", "shop")
+                .tls(Some(&["shop.test"]), "t")
+                .path("shop.test", "Prefix", "/", "web", svc80())
+                .path("shop.test", "Exact", "/api", "api", svc80()),
+        )
+        .ing(
+            Ing::new("other", "shop")
+                .path("shop.test", "Prefix", "/", "web", svc80())
+                .path("shop.test", "Prefix", "/o", "web", svc80()),
+        )
+        .ing(
+            Ing::new("default", "broken")
+                .path("BAD_HOST", "Prefix", "/", "web", svc80())
+                .path("x.test", "Prefix", "/", "missing", svc80()),
+        )
+        .ing(
+            Ing::new("default", "wild")
+                .path("*.shop.test", "Prefix", "/", "api", svc80())
+                .default_backend("web", 80),
+        )
+}
+
+#[test]
+fn determinism_shuffled_inputs_give_equal_snapshot_and_diagnostics() {
+    let base = busy_world();
+    let (s0, d0) = base.run();
+    assert!(!d0.is_empty());
+    let mut sorted = d0.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(d0, sorted, "diagnostics come sorted and deduplicated");
+    for rot in 0..4 {
+        let mut w = base.clone();
+        let i = &mut w.0;
+        i.ingresses.reverse();
+        let n = i.ingresses.len();
+        i.ingresses.rotate_left(rot % n);
+        i.services.reverse();
+        let n = i.endpoint_slices.len();
+        i.endpoint_slices.rotate_left(rot % n);
+        i.secrets.reverse();
+        let (s, d) = w.run();
+        assert_eq!(s, s0, "rotation {rot}");
+        assert_eq!(d, d0, "rotation {rot}");
+        assert_eq!(describe(&s), describe(&s0), "rotation {rot}");
+    }
+}
+
+#[test]
+fn duplicate_objects_are_resolved_deterministically() {
+    let a = Ing::new("default", "dup").path("a.test", "Prefix", "/", "web", svc80());
+    let b = Ing::new("default", "dup").path("b.test", "Prefix", "/", "web", svc80());
+    let (s1, d1) = World::web().ing(a.clone()).ing(b.clone()).run();
+    let (s2, d2) = World::web().ing(b).ing(a).run();
+    assert_eq!(s1, s2);
+    assert_eq!(d1, d2);
+    only(&d1, Severity::Warning, "DuplicateObject");
+}
+
+#[test]
+fn robustness_empty_and_odd_objects_do_not_panic() {
+    let mut w = World::web();
+    w.0.ingresses.push(Arc::new(Ingress::default()));
+    w.0.ingresses
+        .push(Arc::new(from(json!({"metadata": {"name": "nospec"}}))));
+    w.0.services.push(Arc::new(Service::default()));
+    w.0.endpoint_slices.push(Arc::new(EndpointSlice::default()));
+    w.0.secrets.push(Arc::new(Secret::default()));
+    w.0.ingress_classes.push(Arc::new(IngressClass::default()));
+    let w = w.ing(Ing::new("default", "empty-rule").raw_path("h.test", json!({})));
+    let (s, d) = w.run();
+    assert!(s.hosts.exact.contains_key("h.test"));
+    assert_eq!(hit(&s, "h.test", "/"), "503");
+    assert!(
+        d.iter()
+            .all(|d| d.severity == Severity::Warning || d.reason == "InvalidBackend"),
+        "{d:?}"
+    );
+}
+
+#[test]
+fn describe_lists_hosts_routes_backends_and_tls() {
+    let (s, _) = busy_world().run();
+    let text = describe(&s);
+    for needle in [
+        "  shop.test\n",
+        "    Exact /api [default/shop] -> backend default/api:80 {ssl-redirect=true}\n",
+        "  *.shop.test\n",
+        "default route:\n  Prefix / [default/wild] -> backend default/web:80\n",
+        "  default/api:80 -> 10.1.0.1:9000, 10.1.0.2:9000\n",
+        "unavailable (503): Service default/missing not found",
+        "  shop.test -> default/t\n",
+        "  (default) -> generated\n",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+    }
+}

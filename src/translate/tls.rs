@@ -1,0 +1,268 @@
+//! TLS: Ingress `spec.tls[]` entries and `--default-certificate` → the SNI [`TlsTable`]
+//! (brief §4.3, §4.4; Kubernetes `IngressTLS`, Secret type `kubernetes.io/tls`).
+//!
+//! Owns: Secret → [`CertKey`] parsing (PEM via rustls-pki-types, keys via the ring provider) and
+//! host → certificate assignment. Must not import tokio, hyper or the filesystem.
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::networking::v1::Ingress;
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::model::{CertKey, TlsTable};
+
+use super::hosts::{self, HostKey};
+use super::index::{self, Index};
+use super::{Diags, ObjRef, Options};
+
+/// Secret type for TLS material (Kubernetes API docs, "TLS Secrets").
+pub(super) const SECRET_TYPE_TLS: &str = "kubernetes.io/tls";
+pub(super) const TLS_CRT: &str = "tls.crt";
+pub(super) const TLS_KEY: &str = "tls.key";
+
+/// Why a TLS Secret cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(super) enum TlsError {
+    #[error("Secret {0} not found")]
+    SecretNotFound(String),
+    #[error("Secret {secret} has type {actual:?}, expected {SECRET_TYPE_TLS}")]
+    WrongType { secret: String, actual: String },
+    #[error("Secret {secret} has no {key}")]
+    MissingKey { secret: String, key: &'static str },
+    #[error("Secret {0}: tls.crt is not a PEM certificate chain")]
+    BadCertificate(String),
+    #[error("Secret {0}: tls.key is not a PEM private key (PKCS#8, PKCS#1 or SEC1)")]
+    BadKey(String),
+    #[error("Secret {0}: tls.key is of an unsupported key type")]
+    UnsupportedKey(String),
+    #[error("Secret {0}: tls.key does not match the leaf certificate of tls.crt")]
+    KeyMismatch(String),
+    #[error("Secret {secret}: invalid certificate: {detail}")]
+    InvalidCertificate { secret: String, detail: String },
+}
+
+impl TlsError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            TlsError::SecretNotFound(_) => "SecretNotFound",
+            TlsError::WrongType { .. } => "SecretWrongType",
+            TlsError::MissingKey { .. } => "SecretMissingKey",
+            TlsError::BadCertificate(_) | TlsError::InvalidCertificate { .. } => {
+                "InvalidCertificate"
+            }
+            TlsError::BadKey(_) | TlsError::UnsupportedKey(_) => "InvalidPrivateKey",
+            TlsError::KeyMismatch(_) => "CertificateKeyMismatch",
+        }
+    }
+}
+
+/// Parse a `kubernetes.io/tls` Secret into a certificate ready for handshakes, checking the key
+/// belongs to the leaf certificate.
+pub(super) fn load_secret(secret: &Secret) -> Result<CertKey, TlsError> {
+    let source = format!(
+        "{}/{}",
+        index::namespace(&secret.metadata),
+        index::name(&secret.metadata)
+    );
+    let actual = secret.type_.as_deref().unwrap_or_default();
+    if actual != SECRET_TYPE_TLS {
+        return Err(TlsError::WrongType {
+            secret: source,
+            actual: actual.to_string(),
+        });
+    }
+    let get = |key: &'static str| {
+        secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(key))
+            .map(|b| b.0.as_slice())
+            .filter(|b| !b.is_empty())
+            .ok_or_else(|| TlsError::MissingKey {
+                secret: source.clone(),
+                key,
+            })
+    };
+    let crt = get(TLS_CRT)?;
+    let key = get(TLS_KEY)?;
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(crt)
+        .collect::<Result<_, _>>()
+        .map_err(|_| TlsError::BadCertificate(source.clone()))?;
+    if chain.is_empty() {
+        return Err(TlsError::BadCertificate(source));
+    }
+    let key_der =
+        PrivateKeyDer::from_pem_slice(key).map_err(|_| TlsError::BadKey(source.clone()))?;
+    let signing = rustls::crypto::ring::sign::any_supported_type(&key_der)
+        .map_err(|_| TlsError::UnsupportedKey(source.clone()))?;
+    let certified = CertifiedKey::new(chain, signing);
+    match certified.keys_match() {
+        Ok(()) => {}
+        Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) => {
+            return Err(TlsError::KeyMismatch(source));
+        }
+        Err(e) => {
+            return Err(TlsError::InvalidCertificate {
+                secret: source,
+                detail: e.to_string(),
+            });
+        }
+    }
+    let mut material = Vec::with_capacity(crt.len() + key.len());
+    material.extend_from_slice(crt);
+    material.extend_from_slice(key);
+    Ok(CertKey {
+        key: Arc::new(certified),
+        source: Arc::from(source),
+        material: Arc::from(material),
+    })
+}
+
+/// Parses each Secret once per translation even when several Ingresses use it.
+#[derive(Default)]
+struct SecretCache(HashMap<(String, String), Result<CertKey, TlsError>>);
+
+impl SecretCache {
+    fn get(&mut self, index: &Index<'_>, namespace: &str, name: &str) -> Result<CertKey, TlsError> {
+        self.0
+            .entry((namespace.to_string(), name.to_string()))
+            .or_insert_with(|| match index.secrets.get(&(namespace, name)) {
+                Some(s) => load_secret(s),
+                None => Err(TlsError::SecretNotFound(format!("{namespace}/{name}"))),
+            })
+            .clone()
+    }
+}
+
+/// Build the SNI table from our Ingresses (already in precedence order) and the default
+/// certificate flag.
+pub(super) fn build(
+    ingresses: &[&Ingress],
+    index: &Index<'_>,
+    opts: &Options,
+    diags: &mut Diags,
+) -> TlsTable {
+    let mut cache = SecretCache::default();
+    let mut table = TlsTable::default();
+    // Which Ingress set each host's certificate, for conflict messages.
+    let mut owner: HashMap<HostKey, String> = HashMap::new();
+
+    for ing in ingresses {
+        let obj = index::obj_ref(&ing.metadata);
+        let Some(spec) = ing.spec.as_ref() else {
+            continue;
+        };
+        for entry in spec.tls.as_deref().unwrap_or_default() {
+            let Some(secret_name) = entry.secret_name.as_deref().filter(|s| !s.is_empty()) else {
+                diags.warn(
+                    "Ingress",
+                    &obj,
+                    "MissingSecretName",
+                    "tls entry without secretName is ignored; its hosts get the default certificate",
+                );
+                continue;
+            };
+            let cert = match cache.get(index, obj.namespace, secret_name) {
+                Ok(c) => c,
+                Err(e) => {
+                    diags.error("Ingress", &obj, e.reason(), format!("tls: {e}"));
+                    continue;
+                }
+            };
+            for host in entry_hosts(ing, entry.hosts.as_deref()) {
+                let key = match hosts::parse_host(Some(host)) {
+                    Ok(HostKey::CatchAll) => continue,
+                    Ok(k) => k,
+                    Err(e) => {
+                        diags.error("Ingress", &obj, "InvalidHost", format!("tls: {e}"));
+                        continue;
+                    }
+                };
+                assign(&mut table, &mut owner, key, &cert, &obj, diags);
+            }
+        }
+    }
+
+    if let Some((ns, name)) = &opts.default_certificate {
+        match cache.get(index, ns, name) {
+            Ok(c) => table.default = Some(c),
+            Err(e) => diags.error(
+                "Secret",
+                &ObjRef {
+                    namespace: ns,
+                    name,
+                },
+                e.reason(),
+                format!("default certificate: {e}; the generated fallback is served"),
+            ),
+        }
+    }
+    table
+}
+
+/// Hosts a TLS entry serves. The API leaves `hosts` optional ("defaults to the wildcard host
+/// setting for the loadbalancer controller"); portico reads an empty list as "every host of this
+/// Ingress's rules", which is what such manifests mean in practice.
+fn entry_hosts<'a>(ing: &'a Ingress, hosts: Option<&'a [String]>) -> Vec<&'a str> {
+    match hosts {
+        Some(h) if !h.is_empty() => h.iter().map(String::as_str).collect(),
+        _ => {
+            let mut v: Vec<&str> = ing
+                .spec
+                .as_ref()
+                .and_then(|s| s.rules.as_deref())
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|r| r.host.as_deref())
+                .filter(|h| !h.is_empty())
+                .collect();
+            v.sort_unstable();
+            v.dedup();
+            v
+        }
+    }
+}
+
+fn assign(
+    table: &mut TlsTable,
+    owner: &mut HashMap<HostKey, String>,
+    key: HostKey,
+    cert: &CertKey,
+    obj: &ObjRef<'_>,
+    diags: &mut Diags,
+) {
+    let slot = match &key {
+        HostKey::Exact(h) => table.exact.entry(h.clone()),
+        HostKey::Wildcard(s) => table.wildcard.entry(s.clone()),
+        HostKey::CatchAll => return,
+    };
+    let this = format!("{}/{}", obj.namespace, obj.name);
+    match slot {
+        Entry::Vacant(v) => {
+            v.insert(cert.clone());
+            owner.insert(key, this);
+        }
+        Entry::Occupied(o) => {
+            // Two Secrets with identical material are the same certificate: no conflict.
+            if o.get().material != cert.material {
+                let winner = owner.get(&key).cloned().unwrap_or_default();
+                diags.error(
+                    "Ingress",
+                    obj,
+                    "TlsConflict",
+                    format!(
+                        "tls: host {key} already has certificate {} from Ingress {winner} \
+                         (older, or first in namespace/name order); {} is not used for it",
+                        o.get().source,
+                        cert.source
+                    ),
+                );
+            }
+        }
+    }
+}
