@@ -50,9 +50,6 @@ pub struct TranslateArgs {
     /// certificate is generated at start when absent.
     #[arg(long, env = "PORTICO_DEFAULT_CERTIFICATE", value_parser = parse_ns_name)]
     pub default_certificate: Option<(String, String)>,
-    /// Allow `type: ExternalName` Services as backends.
-    #[arg(long, env = "PORTICO_ALLOW_EXTERNAL_NAME")]
-    pub allow_external_name: bool,
     /// Upstream connect timeout (annotation `proxy-connect-timeout` overrides).
     #[arg(long, env = "PORTICO_PROXY_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_dur)]
     pub proxy_connect_timeout: Duration,

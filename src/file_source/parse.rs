@@ -22,6 +22,9 @@ use crate::translate::Inputs;
 pub const DEFAULT_NAMESPACE: &str = "default";
 
 /// One object portico reads.
+// Values are short-lived (parsed, then moved into `Arc`s in Inputs), so boxing the large
+// variants would only add allocations.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum Object {
     Ingress(Ingress),
