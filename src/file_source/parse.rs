@@ -22,6 +22,9 @@ use crate::translate::Inputs;
 pub const DEFAULT_NAMESPACE: &str = "default";
 
 /// One object portico reads.
+// Values are short-lived (parsed, then moved straight into an `Arc` by `extend_objects`), so
+// boxing the big variants would only add allocations.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum Object {
     Ingress(Ingress),
@@ -109,7 +112,7 @@ fn parse_value(doc: Value, index: usize, out: &mut Vec<Object>) -> Result<(), Pa
         // Other kinds (Deployments, ConfigMaps, Namespaces...) are not portico's business.
         _ => return Ok(()),
     };
-    out.push(with_default_namespace(parsed));
+    out.push(with_default_namespace(parsed).map_err(err)?);
     Ok(())
 }
 
@@ -127,20 +130,25 @@ fn merge_string_data(mut secret: Secret) -> Secret {
     secret
 }
 
-fn with_default_namespace(mut obj: Object) -> Object {
-    let meta = match &mut obj {
-        Object::Ingress(o) => &mut o.metadata,
+/// Defaults the namespace and insists on a name, as the API server would (`kubectl apply`
+/// refuses an object without `metadata.name`; `generateName` needs a server to pick one).
+fn with_default_namespace(mut obj: Object) -> Result<Object, String> {
+    let (meta, namespaced) = match &mut obj {
+        Object::Ingress(o) => (&mut o.metadata, true),
         // IngressClass is cluster-scoped.
-        Object::IngressClass(_) => return obj,
-        Object::Service(o) => &mut o.metadata,
-        Object::EndpointSlice(o) => &mut o.metadata,
-        Object::Secret(o) => &mut o.metadata,
-        Object::RateLimitPolicy(o) => &mut o.metadata,
+        Object::IngressClass(o) => (&mut o.metadata, false),
+        Object::Service(o) => (&mut o.metadata, true),
+        Object::EndpointSlice(o) => (&mut o.metadata, true),
+        Object::Secret(o) => (&mut o.metadata, true),
+        Object::RateLimitPolicy(o) => (&mut o.metadata, true),
     };
-    if meta.namespace.as_deref().is_none_or(str::is_empty) {
+    if meta.name.as_deref().is_none_or(str::is_empty) {
+        return Err("missing `metadata.name`".into());
+    }
+    if namespaced && meta.namespace.as_deref().is_none_or(str::is_empty) {
         meta.namespace = Some(DEFAULT_NAMESPACE.to_string());
     }
-    obj
+    Ok(obj)
 }
 
 impl Inputs {
