@@ -37,6 +37,7 @@ pub mod parse;
 mod scan;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -115,6 +116,10 @@ pub struct FileSource {
     /// What `inputs()` hands out, recomputed after each rescan that changed something.
     current: Mutex<Arc<(Inputs, Vec<Diagnostic>)>>,
     watching: bool,
+    /// Rescans finished since start (the first scan included).
+    rescans: AtomicU64,
+    /// Rescans that found a change (and poked the trigger).
+    changes: AtomicU64,
 }
 
 impl Source for FileSource {
@@ -189,6 +194,8 @@ impl FileSource {
             dir: config.dir.clone(),
             current: Mutex::new(Arc::new(current)),
             watching: watcher.is_some(),
+            rescans: AtomicU64::new(1),
+            changes: AtomicU64::new(0),
         });
         // The rebuild loop may already be running: make sure it reads the first scan.
         trigger.poke();
@@ -213,6 +220,16 @@ impl FileSource {
     /// Whether the live `notify` watch is active (else only periodic rescans run).
     pub fn is_watching(&self) -> bool {
         self.watching
+    }
+
+    /// Rescans finished so far, the first scan included (for tests and debugging).
+    pub fn rescans(&self) -> u64 {
+        self.rescans.load(Ordering::Acquire)
+    }
+
+    /// Rescans after the first that found changed content and poked the rebuild trigger.
+    pub fn changes(&self) -> u64 {
+        self.changes.load(Ordering::Acquire)
     }
 }
 
@@ -263,9 +280,13 @@ async fn watch_loop<F>(
                     .current
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner) = Arc::new(current);
+                source.changes.fetch_add(1, Ordering::AcqRel);
+                source.rescans.fetch_add(1, Ordering::AcqRel);
                 trigger.poke();
             }
-            Ok(None) => {}
+            Ok(None) => {
+                source.rescans.fetch_add(1, Ordering::AcqRel);
+            }
             Err(e) => {
                 // A panic in the scan (a bug): keep serving what we have and try again later.
                 tracing::error!(dir = %config.dir.display(), error = %e, "manifest rescan failed");
