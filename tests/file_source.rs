@@ -497,6 +497,59 @@ async fn configmap_data_swap_is_picked_up() {
 }
 
 #[tokio::test]
+async fn edits_of_symlink_targets_outside_the_dir_apply_live() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let elsewhere = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().to_path_buf();
+    let e = elsewhere.path().to_path_buf();
+    write(&e.join("file/x.yaml"), &service("x", 80));
+    write(&e.join("tree/y.yaml"), &service("yy", 80));
+    symlink(e.join("file/x.yaml"), d.join("x.yaml")).expect("symlink");
+    let live = start_live(FileSourceConfig::new(&d)).await;
+    assert_eq!(services(&live.source.inputs().0), vec!["default/x:80"]);
+
+    replace_atomically(&e.join("file/x.yaml"), &service("x", 81));
+    live.until("edit of the link target", |i, _| {
+        services(i) == ["default/x:81"]
+    })
+    .await;
+
+    // A directory link made after start, then an edit inside its target.
+    symlink(e.join("tree"), d.join("tree")).expect("symlink");
+    live.until("new directory link", |i, _| {
+        services(i) == ["default/x:81", "default/yy:80"]
+    })
+    .await;
+    write(&e.join("tree/y.yaml"), &service("yy", 82));
+    live.until("edit inside the linked directory", |i, _| {
+        services(i) == ["default/x:81", "default/yy:82"]
+    })
+    .await;
+    live.stop().await;
+}
+
+#[tokio::test]
+async fn an_idle_directory_is_not_rescanned_by_its_own_reads() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().to_path_buf();
+    for i in 0..5 {
+        write(
+            &d.join(format!("sub{i}/f.yaml")),
+            &service(&format!("s{i}"), 80),
+        );
+    }
+    let mut config = FileSourceConfig::new(&d);
+    config.rescan_interval = Duration::from_secs(600);
+    let live = start_live(config).await;
+    // Our reads open files and directories (inotify IN_OPEN): if those counted as changes
+    // the task would rescan in a loop. Observe a window several settle periods long.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(live.source.rescans(), 1, "only the first scan");
+    assert_eq!(live.source.changes(), 0);
+    live.stop().await;
+}
+
+#[tokio::test]
 async fn touching_a_file_without_changing_it_is_not_a_change() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path().to_path_buf();

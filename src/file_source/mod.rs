@@ -29,13 +29,16 @@
 //! - Watch: `notify` on DIR, recursive, so edits, atomic rename-over, deletions and `..data`
 //!   swaps are seen; each burst of events (after a [`DEFAULT_SETTLE`] pause so a file being
 //!   written is read whole) triggers a rescan. A rescan every [`DEFAULT_RESCAN_INTERVAL`] is
-//!   the safety net for missed events, for edits of symlink targets outside DIR (not watched),
-//!   and for when the watch cannot be set up at all (then it is the only mechanism, with a
-//!   warning in the log).
+//!   the safety net for missed events and for when the watch cannot be set up at all (then it
+//!   is the only mechanism, with a warning in the log). Directories outside DIR that symlinks
+//!   lead to (a linked file's directory, a linked directory) get their own non-recursive
+//!   watches, kept in step with each rescan.
 
 pub mod parse;
 mod scan;
 
+use std::collections::BTreeSet;
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -168,13 +171,16 @@ impl FileSource {
         let first = {
             let state = state.clone();
             let dir = config.dir.clone();
+            // Events so far are covered by the scan about to start.
+            take_pending(&events);
             tokio::task::spawn_blocking(move || {
                 let mut st = state.lock().unwrap_or_else(PoisonError::into_inner);
-                st.rescan(&dir).map(|_| (st.inputs(), st.invalid_files()))
+                st.rescan(&dir)
+                    .map(|_| (st.inputs(), st.invalid_files(), st.external_dirs().clone()))
             })
             .await
         };
-        let (current, invalid) = match first {
+        let (current, invalid, external) = match first {
             Ok(Ok(v)) => v,
             Ok(Err(source)) => {
                 return Err(FileSourceError::ReadDir {
@@ -199,11 +205,16 @@ impl FileSource {
         });
         // The rebuild loop may already be running: make sure it reads the first scan.
         trigger.poke();
+        let mut watch = WatchState {
+            watcher,
+            external: BTreeSet::new(),
+        };
+        watch.sync_external(external);
         let task = tokio::spawn(watch_loop(
             source.clone(),
             state,
             events,
-            watcher,
+            watch,
             config,
             metrics,
             trigger,
@@ -238,8 +249,8 @@ async fn watch_loop<F>(
     source: Arc<FileSource>,
     state: Arc<Mutex<scan::DirState>>,
     events: Arc<Notify>,
-    // Held so the watch lives as long as the task.
-    _watcher: Option<notify::RecommendedWatcher>,
+    // Owned by the task, so the watch lives exactly as long as it.
+    mut watch: WatchState,
     config: FileSourceConfig,
     metrics: Metrics,
     trigger: Trigger,
@@ -259,6 +270,8 @@ async fn watch_loop<F>(
                     () = &mut shutdown => return,
                     () = tokio::time::sleep(config.settle) => {}
                 }
+                // Events of the burst so far are covered by the rescan about to start.
+                take_pending(&events);
             }
             () = tokio::time::sleep(config.rescan_interval) => {}
         }
@@ -266,13 +279,15 @@ async fn watch_loop<F>(
         let dir = config.dir.clone();
         let result = tokio::task::spawn_blocking(move || {
             let mut st = st.lock().unwrap_or_else(PoisonError::into_inner);
-            if st.refresh(&dir) {
-                Some((st.inputs(), st.invalid_files()))
-            } else {
-                None
-            }
+            let changed = st.refresh(&dir);
+            let update = changed.then(|| (st.inputs(), st.invalid_files()));
+            (update, st.external_dirs().clone())
         })
-        .await;
+        .await
+        .map(|(update, external)| {
+            watch.sync_external(external);
+            update
+        });
         match result {
             Ok(Some((current, invalid))) => {
                 set_invalid_gauge(&metrics, invalid);
@@ -292,6 +307,44 @@ async fn watch_loop<F>(
                 tracing::error!(dir = %config.dir.display(), error = %e, "manifest rescan failed");
             }
         }
+    }
+}
+
+/// Drop a stored wake-up, if any: polling a fresh `Notified` once consumes the permit.
+fn take_pending(events: &Notify) {
+    let notified = std::pin::pin!(events.notified());
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let _ = notified.poll(&mut cx);
+}
+
+/// The `notify` watcher plus the extra, non-recursive watches on directories outside DIR
+/// that symlinks lead to (the recursive watch on DIR sees the links, not their targets).
+struct WatchState {
+    watcher: Option<notify::RecommendedWatcher>,
+    external: BTreeSet<PathBuf>,
+}
+
+impl WatchState {
+    fn sync_external(&mut self, wanted: BTreeSet<PathBuf>) {
+        let Some(watcher) = self.watcher.as_mut() else {
+            return;
+        };
+        for gone in self.external.difference(&wanted) {
+            // Already gone with its directory, most likely; nothing to do either way.
+            let _ = watcher.unwatch(gone);
+        }
+        let mut watched = BTreeSet::new();
+        for dir in wanted {
+            if self.external.contains(&dir)
+                || watcher.watch(&dir, RecursiveMode::NonRecursive).is_ok()
+            {
+                watched.insert(dir);
+            } else {
+                // Retried after the next rescan; the periodic rescan covers it meanwhile.
+                tracing::debug!(dir = %dir.display(), "cannot watch symlink target directory");
+            }
+        }
+        self.external = watched;
     }
 }
 

@@ -5,7 +5,7 @@
 //! last good objects, and turning the whole directory into [`Inputs`] + the file source's own
 //! [`Diagnostic`]s. Must not import tokio, notify or the proxy.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs;
 use std::hash::{DefaultHasher, Hasher};
 use std::io::{self, Read};
@@ -65,6 +65,8 @@ pub struct DirState {
     walk_problems: Vec<Diagnostic>,
     /// Set while DIR itself cannot be listed (every file keeps its last state meanwhile).
     root_error: Option<String>,
+    /// See [`DirState::external_dirs`].
+    external_dirs: BTreeSet<PathBuf>,
 }
 
 struct Found {
@@ -79,6 +81,8 @@ struct Walk {
     /// previous state instead of being treated as deleted.
     unreadable_dirs: Vec<String>,
     problems: Vec<Diagnostic>,
+    /// Real directories outside DIR that hold files or directories we read through symlinks.
+    external_dirs: BTreeSet<PathBuf>,
 }
 
 impl DirState {
@@ -109,6 +113,7 @@ impl DirState {
         let walk = walk(root)?;
         let mut changed = walk.problems != self.walk_problems;
         self.walk_problems = walk.problems;
+        self.external_dirs = walk.external_dirs;
 
         let mut next: BTreeMap<String, FileEntry> = BTreeMap::new();
         for found in walk.files {
@@ -162,6 +167,12 @@ impl DirState {
         }
         self.files = next;
         Ok(changed)
+    }
+
+    /// Real directories outside DIR that symlinks lead to (a recursive watch of DIR does not
+    /// see changes there, so the watch task adds these).
+    pub fn external_dirs(&self) -> &BTreeSet<PathBuf> {
+        &self.external_dirs
     }
 
     /// Files whose current version is not used.
@@ -394,8 +405,12 @@ fn walk(root: &Path) -> io::Result<Walk> {
                     continue;
                 };
                 let link_or_below = via_link || is_link;
-                if (link_or_below && real.starts_with(&root_real)) || !visited.insert(real) {
+                if (link_or_below && real.starts_with(&root_real)) || !visited.insert(real.clone())
+                {
                     continue;
+                }
+                if link_or_below {
+                    out.external_dirs.insert(real);
                 }
                 subdirs.push(Pending {
                     dir: path,
@@ -405,6 +420,16 @@ fn walk(root: &Path) -> io::Result<Walk> {
                     listing: None,
                 });
             } else if meta.is_file() && is_manifest_name(&name) {
+                if is_link && !via_link {
+                    // Files below an external directory are covered by that directory.
+                    if let Some(parent) = fs::canonicalize(&path)
+                        .ok()
+                        .filter(|real| !real.starts_with(&root_real))
+                        .and_then(|real| real.parent().map(Path::to_path_buf))
+                    {
+                        out.external_dirs.insert(parent);
+                    }
+                }
                 push_file(&mut out, &mut limit_reported, child_rel, path);
             }
         }
