@@ -204,6 +204,22 @@ mod tests {
     }
 
     #[test]
+    fn an_object_needs_a_name_and_cluster_scoped_ones_get_no_namespace() {
+        let err = parse_manifests("apiVersion: v1\nkind: Service\nmetadata: {namespace: a}\n");
+        assert!(
+            matches!(&err, Err(ParseError::Document { index: 0, message }) if message.contains("metadata.name")),
+            "{err:?}"
+        );
+        let text =
+            "apiVersion: networking.k8s.io/v1\nkind: IngressClass\nmetadata: {name: portico}\n";
+        let objs = parse_manifests(text).expect("parses");
+        let Object::IngressClass(c) = &objs[0] else {
+            panic!("not an IngressClass")
+        };
+        assert_eq!(c.metadata.namespace, None);
+    }
+
+    #[test]
     fn list_is_flattened() {
         let text = "apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Service\n  metadata: {name: a}\n- apiVersion: v1\n  kind: Service\n  metadata: {name: b}\n";
         assert_eq!(parse_manifests(text).expect("parses").len(), 2);

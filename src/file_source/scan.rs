@@ -155,10 +155,7 @@ impl DirState {
         // What is left was not found this time: deleted, unless it sits under a directory we
         // could not list (then we do not know, and keep it).
         for (rel, entry) in std::mem::take(&mut self.files) {
-            let under_unreadable = walk.unreadable_dirs.iter().any(|d| {
-                rel.strip_prefix(d.as_str())
-                    .is_some_and(|r| r.starts_with('/'))
-            });
+            let under_unreadable = walk.unreadable_dirs.iter().any(|d| is_under(&rel, d));
             if under_unreadable {
                 next.insert(rel, entry);
             } else {
@@ -253,6 +250,11 @@ impl DirState {
         }
         (inputs, diagnostics)
     }
+}
+
+/// `rel` is a path below directory `dir` (both relative to DIR, `/`-separated).
+fn is_under(rel: &str, dir: &str) -> bool {
+    rel.strip_prefix(dir).is_some_and(|r| r.starts_with('/'))
 }
 
 fn extend<T>(out: &mut Vec<Arc<T>>, from: &[Arc<T>], mut keep: impl FnMut(&T) -> bool) {
@@ -460,5 +462,145 @@ fn push_file(out: &mut Walk, limit_reported: &mut bool, rel: String, path: PathB
             REASON_LIMIT_EXCEEDED,
             format!("more than {MAX_FILES} manifest files; this one and later ones are not read"),
         ));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service(name: &str) -> String {
+        format!("apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\n")
+    }
+
+    fn names(state: &DirState) -> Vec<String> {
+        state
+            .inputs()
+            .0
+            .services
+            .iter()
+            .filter_map(|s| s.metadata.name.clone())
+            .collect()
+    }
+
+    #[test]
+    fn is_under_matches_whole_segments() {
+        assert!(is_under("a/b.yaml", "a"));
+        assert!(is_under("a/b/c.yaml", "a/b"));
+        assert!(!is_under("ab/c.yaml", "a"));
+        assert!(!is_under("a", "a"));
+    }
+
+    #[test]
+    fn last_good_objects_survive_an_invalid_version() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("a.yaml");
+        let mut state = DirState::new();
+        fs::write(&file, service("one")).expect("write");
+        assert!(state.rescan(dir.path()).expect("scan"));
+        assert!(
+            !state.rescan(dir.path()).expect("scan"),
+            "same bytes: no change"
+        );
+
+        fs::write(&file, "kind: [").expect("write");
+        assert!(state.rescan(dir.path()).expect("scan"));
+        assert_eq!(names(&state), ["one"]);
+        assert_eq!(state.invalid_files(), 1);
+        assert!(
+            !state.rescan(dir.path()).expect("scan"),
+            "same bad bytes: no change"
+        );
+
+        // Another invalid version still keeps the *good* one, not the previous bad one.
+        fs::write(&file, "kind: [[").expect("write");
+        assert!(state.rescan(dir.path()).expect("scan"));
+        assert_eq!(names(&state), ["one"]);
+
+        fs::write(&file, service("two")).expect("write");
+        assert!(state.rescan(dir.path()).expect("scan"));
+        assert_eq!(names(&state), ["two"]);
+        assert_eq!(state.invalid_files(), 0);
+        assert!(state.inputs().1.is_empty());
+    }
+
+    #[test]
+    fn a_vanished_root_keeps_everything_and_is_reported_until_back() {
+        let parent = tempfile::tempdir().expect("tempdir");
+        let root = parent.path().join("manifests");
+        fs::create_dir(&root).expect("mkdir");
+        fs::write(root.join("a.yaml"), service("one")).expect("write");
+        let mut state = DirState::new();
+        assert!(state.refresh(&root));
+
+        fs::remove_dir_all(&root).expect("rm");
+        assert!(
+            state.refresh(&root),
+            "losing DIR is a change (a diagnostic)"
+        );
+        assert!(!state.refresh(&root), "still gone: no further change");
+        assert_eq!(names(&state), ["one"]);
+        let diags = state.inputs().1;
+        assert_eq!(diags.len(), 1, "{diags:?}");
+        assert_eq!(
+            (diags[0].name.as_str(), diags[0].reason.as_str()),
+            (".", REASON_DIR_UNREADABLE)
+        );
+
+        fs::create_dir(&root).expect("mkdir");
+        fs::write(root.join("b.yaml"), service("two")).expect("write");
+        assert!(state.refresh(&root));
+        assert_eq!(names(&state), ["two"]);
+        assert!(state.inputs().1.is_empty());
+    }
+
+    #[test]
+    fn nesting_deeper_than_the_cap_is_reported_not_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut path = dir.path().to_path_buf();
+        for i in 0..=MAX_DEPTH {
+            path.push(format!("d{i}"));
+        }
+        fs::create_dir_all(&path).expect("mkdir");
+        fs::write(path.join("deep.yaml"), service("deep")).expect("write");
+        fs::write(dir.path().join("d0/ok.yaml"), service("ok")).expect("write");
+        let mut state = DirState::new();
+        state.rescan(dir.path()).expect("scan");
+        assert_eq!(names(&state), ["ok"]);
+        let diags = state.inputs().1;
+        assert_eq!(diags.len(), 1, "{diags:?}");
+        assert_eq!(diags[0].reason, REASON_LIMIT_EXCEEDED);
+    }
+
+    #[test]
+    fn more_files_than_the_cap_are_reported_and_the_rest_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for i in 0..=MAX_FILES {
+            // Empty files are valid (no documents); names sort so the last one is the extra.
+            fs::write(dir.path().join(format!("f{i:05}.yaml")), "").expect("write");
+        }
+        let mut state = DirState::new();
+        state.rescan(dir.path()).expect("scan");
+        assert_eq!(state.files.len(), MAX_FILES);
+        let diags = state.inputs().1;
+        assert_eq!(diags.len(), 1, "{diags:?}");
+        assert_eq!(diags[0].reason, REASON_LIMIT_EXCEEDED);
+        assert_eq!(diags[0].name, format!("f{MAX_FILES:05}.yaml"));
+    }
+
+    #[test]
+    fn fifos_are_never_opened() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fifo = dir.path().join("pipe.yaml");
+        let status = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .expect("mkfifo runs");
+        assert!(status.success());
+        fs::write(dir.path().join("a.yaml"), service("one")).expect("write");
+        let mut state = DirState::new();
+        // Opening the FIFO would block this test forever.
+        state.rescan(dir.path()).expect("scan");
+        assert_eq!(names(&state), ["one"]);
     }
 }
