@@ -33,6 +33,40 @@
 //!   is the only mechanism, with a warning in the log). Directories outside DIR that symlinks
 //!   lead to (a linked file's directory, a linked directory) get their own non-recursive
 //!   watches, kept in step with each rescan.
+//!
+//! # Wiring (what `app` does for `portico run --manifests DIR`)
+//!
+//! ```no_run
+//! use portico::file_source::{FileSource, FileSourceConfig};
+//! use portico::metrics::Metrics;
+//! use portico::publish;
+//! use portico::rebuild::{RebuildConfig, Rebuilder, Trigger};
+//! use tokio::sync::watch;
+//!
+//! async fn serve(dir: std::path::PathBuf, stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+//!     let stopped = |mut rx: watch::Receiver<bool>| async move {
+//!         let _ = rx.wait_for(|s| *s).await;
+//!     };
+//!     let metrics = Metrics::new();
+//!     let trigger = Trigger::new();
+//!     let (source, watch_task) = FileSource::start(
+//!         FileSourceConfig::new(dir),
+//!         metrics.clone(),
+//!         trigger.clone(),
+//!         stopped(stop.clone()),
+//!     )
+//!     .await?;
+//!     let (publisher, _reader) = publish::channel(); // the reader goes to the proxy, /readyz
+//!     let rebuilder = Rebuilder::new(RebuildConfig::default(), publisher, metrics, trigger);
+//!     let _diagnostics = rebuilder.diagnostics(); // for anything that reports them
+//!     rebuilder.run(&*source, stopped(stop)).await;
+//!     watch_task.await?;
+//!     Ok(())
+//! }
+//! ```
+//!
+//! For `portico check DIR`: [`load_dir`], then `translate`, then
+//! [`crate::rebuild::merge_diagnostics`] for one sorted list.
 
 pub mod parse;
 mod scan;
