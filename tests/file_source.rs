@@ -577,6 +577,21 @@ async fn touching_a_file_without_changing_it_is_not_a_change() {
     }
     assert_eq!(live.source.changes(), changes, "same bytes are no change");
 
+    // Files that are not manifests (hidden, other extensions) are no change either.
+    let rescans = live.source.rescans();
+    write(&d.join(".a.yaml.swp"), "swap");
+    write(&d.join("notes.txt"), &service("txt", 80));
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while live.source.rescans() == rescans {
+        assert!(tokio::time::Instant::now() < deadline, "no rescan");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        live.source.changes(),
+        changes,
+        "ignored files are no change"
+    );
+
     // A real change is counted.
     write(&d.join("a.yaml"), &service("a", 81));
     live.until("edit", |i, _| services(i) == ["default/a:81"])

@@ -4,6 +4,9 @@
 //! not read are ignored, objects without a namespace land in `default`, and Secret `stringData`
 //! is merged into `data` as the API server would. Any document that fails to parse fails the
 //! whole file, so the caller can keep the file's last good objects.
+//!
+//! Owns: text → objects. Pure: must not import tokio, notify or the filesystem (the caller
+//! reads the bytes), nor the proxy.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
