@@ -1,7 +1,8 @@
 //! Parsing of manifest files: multi-document YAML → typed Kubernetes objects.
 //!
 //! Comment-only and empty documents are skipped, `kind: List` is flattened, kinds portico does
-//! not read are ignored, objects without a namespace land in `default`, and Secret `stringData`
+//! not read are ignored, objects without a namespace land in `default`, an object without
+//! `metadata.name` fails its document (as the API server refuses it), and Secret `stringData`
 //! is merged into `data` as the API server would. Any document that fails to parse fails the
 //! whole file, so the caller can keep the file's last good objects.
 //!
