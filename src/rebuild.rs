@@ -1,3 +1,315 @@
 //! The rebuild loop shared by every source: change notifications → debounce (about 100 ms
 //! holdoff, forced by 500 ms) → translate → publish, plus diagnostics reporting (log, gauge,
 //! and a hook for the controller's Events/status). May import: translate, publish, metrics, tokio.
+//! Must not import the proxy, kube clients or the filesystem: sources own their I/O.
+//!
+//! # How a source plugs in (brief §2)
+//!
+//! - A source implements [`Source`]: `inputs()` returns its current view of the world (cheap: the
+//!   source keeps it ready, this is a clone of `Arc`s) plus the source's *own* diagnostics (e.g.
+//!   a manifest file that does not parse). It must not block on I/O.
+//! - Whenever its view changes the source calls [`Trigger::poke`]. Pokes coalesce: a hundred
+//!   pokes during one holdoff are one build.
+//! - The app creates a [`Rebuilder`] and awaits [`Rebuilder::run`] with the source and a
+//!   shutdown future. The first build happens at once (so `/readyz` turns 200 as soon as
+//!   possible); after that a build starts [`DEFAULT_HOLDOFF`] after the last poke, and never
+//!   later than [`DEFAULT_MAX_DELAY`] after the first pending poke, so a source that changes
+//!   continuously still gets a build at least every 500 ms.
+//! - Each build: `translate` → [`Publisher::publish`] (equal snapshots are not swapped) →
+//!   metrics (`snapshot_builds{result}`, `snapshot_build_duration`,
+//!   `config_diagnostics{kind,reason}` and `backend_ready_endpoints{namespace,service,port}`,
+//!   both reset then set so fixed problems and removed backends disappear) → a `warn!` per
+//!   diagnostic that is new since the previous build → the full, sorted diagnostics list on a
+//!   `watch` channel ([`Rebuilder::diagnostics`]) for Events/status in cluster mode.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
+
+use crate::metrics::Metrics;
+use crate::model::{ServicePortRef, Snapshot};
+use crate::publish::{Published, Publisher};
+use crate::translate::{self, Diagnostic, Inputs, Options, Severity};
+
+/// Quiet period after the last change before a build starts (brief §2: "about 100 ms holdoff").
+pub const DEFAULT_HOLDOFF: Duration = Duration::from_millis(100);
+/// Longest a pending change waits for a build, however busy the source is ("forced by 500 ms").
+pub const DEFAULT_MAX_DELAY: Duration = Duration::from_millis(500);
+
+/// What a source gives the rebuild loop.
+pub trait Source: Send + Sync {
+    /// The source's current inputs and its own diagnostics (not translate's). Called on the
+    /// rebuild task for every build, so it must be cheap and must not block on I/O.
+    fn inputs(&self) -> (Inputs, Vec<Diagnostic>);
+}
+
+/// The change signal sources poke; cheap to clone. Pokes made while no build is pending, while
+/// one is pending or while one runs are all remembered (as at most one pending change), so no
+/// change is ever lost between a poke and the next build.
+#[derive(Debug, Clone, Default)]
+pub struct Trigger {
+    notify: Arc<Notify>,
+}
+
+impl Trigger {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Tell the rebuild loop that the source's inputs changed.
+    pub fn poke(&self) {
+        // `notify_one` stores a permit when the loop is not waiting, which is what makes a
+        // poke during a build cause one more build instead of being dropped.
+        self.notify.notify_one();
+    }
+
+    async fn changed(&self) {
+        self.notify.notified().await;
+    }
+}
+
+/// The translate function the loop calls; [`translate::translate`] in production. A seam so the
+/// loop's own behaviour (swap/unchanged, endpoint gauges) can be tested independently of the
+/// Ingress semantics.
+pub type TranslateFn = fn(&Inputs, &Options) -> (Snapshot, Vec<Diagnostic>);
+
+/// Settings of the rebuild loop.
+#[derive(Debug, Clone)]
+pub struct RebuildConfig {
+    pub options: Options,
+    pub holdoff: Duration,
+    pub max_delay: Duration,
+    pub translate: TranslateFn,
+}
+
+impl RebuildConfig {
+    /// Defaults for everything but the translate options.
+    pub fn new(options: Options) -> Self {
+        RebuildConfig {
+            options,
+            holdoff: DEFAULT_HOLDOFF,
+            max_delay: DEFAULT_MAX_DELAY,
+            translate: translate::translate,
+        }
+    }
+}
+
+impl Default for RebuildConfig {
+    fn default() -> Self {
+        Self::new(Options::default())
+    }
+}
+
+/// Diagnostics as published after every build: sorted, deduplicated, sources' first.
+pub type Diagnostics = Arc<Vec<Diagnostic>>;
+
+/// Owns the publisher and runs builds; see the module doc.
+#[derive(Debug)]
+pub struct Rebuilder {
+    config: RebuildConfig,
+    publisher: Publisher,
+    metrics: Metrics,
+    trigger: Trigger,
+    diagnostics: watch::Sender<Diagnostics>,
+    /// Diagnostics of the previous build, to log only new ones.
+    previous: BTreeSet<Diagnostic>,
+}
+
+/// What one build did (returned by [`Rebuilder::build`], mostly for tests and `check`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BuildReport {
+    pub published: Published,
+    pub diagnostics: Diagnostics,
+    /// Diagnostics not present in the previous build (those that were logged).
+    pub new_diagnostics: usize,
+}
+
+impl Rebuilder {
+    /// `trigger` is the one the source pokes.
+    pub fn new(
+        config: RebuildConfig,
+        publisher: Publisher,
+        metrics: Metrics,
+        trigger: Trigger,
+    ) -> Self {
+        let (diagnostics, _) = watch::channel(Arc::new(Vec::new()));
+        Rebuilder {
+            config,
+            publisher,
+            metrics,
+            trigger,
+            diagnostics,
+            previous: BTreeSet::new(),
+        }
+    }
+
+    /// The current diagnostics, updated after each build whose diagnostics differ.
+    pub fn diagnostics(&self) -> watch::Receiver<Diagnostics> {
+        self.diagnostics.subscribe()
+    }
+
+    /// Build at once, then on every (debounced) change, until `shutdown` completes.
+    pub async fn run<S, F>(mut self, source: &S, shutdown: F)
+    where
+        S: Source + ?Sized,
+        F: Future<Output = ()>,
+    {
+        let mut shutdown = std::pin::pin!(shutdown);
+        // A poke that raced with start-up is covered by the first build: drop its permit so it
+        // does not cause a second, identical build. (Polling a fresh `Notified` once consumes
+        // a stored permit if there is one.)
+        self.consume_pending_poke();
+        self.build(source);
+        loop {
+            tokio::select! {
+                biased;
+                () = &mut shutdown => return,
+                () = self.trigger.changed() => {}
+            }
+            let first = Instant::now();
+            let forced = first + self.config.max_delay;
+            let mut quiet = first + self.config.holdoff;
+            // Bounded: each pass either builds (break), returns, or moves `quiet` forward,
+            // and `forced` caps the deadline, so the inner loop ends within `max_delay`.
+            loop {
+                let deadline = quiet.min(forced);
+                tokio::select! {
+                    biased;
+                    () = &mut shutdown => return,
+                    () = tokio::time::sleep_until(deadline) => break,
+                    () = self.trigger.changed() => quiet = Instant::now() + self.config.holdoff,
+                }
+            }
+            self.build(source);
+        }
+    }
+
+    fn consume_pending_poke(&self) {
+        let notified = self.trigger.notify.notified();
+        let mut notified = std::pin::pin!(notified);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let _ = notified.as_mut().poll(&mut cx);
+    }
+
+    /// One build: inputs → translate → publish → metrics, logs, diagnostics channel.
+    pub fn build<S: Source + ?Sized>(&mut self, source: &S) -> BuildReport {
+        let started = std::time::Instant::now();
+        let (inputs, source_diagnostics) = source.inputs();
+        let (snapshot, translate_diagnostics) =
+            (self.config.translate)(&inputs, &self.config.options);
+        let diagnostics = merge_diagnostics(source_diagnostics, translate_diagnostics);
+
+        set_backend_gauges(&self.metrics, &snapshot);
+        let published = self.publisher.publish(snapshot);
+        let result = match published {
+            Published::Swapped => "swapped",
+            Published::Unchanged => "unchanged",
+        };
+        self.metrics
+            .snapshot_builds
+            .with_label_values(&[result])
+            .inc();
+        self.metrics
+            .snapshot_build_duration
+            .with_label_values(&[] as &[&str])
+            .observe(started.elapsed().as_secs_f64());
+
+        set_diagnostic_gauges(&self.metrics, &diagnostics);
+        let current: BTreeSet<Diagnostic> = diagnostics.iter().cloned().collect();
+        let mut new_diagnostics = 0;
+        for d in current.difference(&self.previous) {
+            new_diagnostics += 1;
+            log_diagnostic(d);
+        }
+        self.previous = current;
+
+        let diagnostics = Arc::new(diagnostics);
+        self.diagnostics.send_if_modified(|cur| {
+            if **cur == *diagnostics {
+                false
+            } else {
+                *cur = diagnostics.clone();
+                true
+            }
+        });
+        tracing::debug!(
+            result,
+            diagnostics = diagnostics.len(),
+            "routing snapshot built"
+        );
+        BuildReport {
+            published,
+            diagnostics,
+            new_diagnostics,
+        }
+    }
+}
+
+/// Sources' diagnostics and translate's, sorted (by the `Ord` of [`Diagnostic`]) and without
+/// duplicates, so the list (and what is logged and exported) does not depend on input order.
+pub fn merge_diagnostics(
+    mut source: Vec<Diagnostic>,
+    translate: Vec<Diagnostic>,
+) -> Vec<Diagnostic> {
+    source.extend(translate);
+    source.sort();
+    source.dedup();
+    source
+}
+
+/// `warn!` with the fields the brief names (§4.4 "Reporting").
+fn log_diagnostic(d: &Diagnostic) {
+    let severity = match d.severity {
+        Severity::Error => "error",
+        Severity::Warning => "warning",
+    };
+    tracing::warn!(
+        kind = %d.kind,
+        namespace = %d.namespace,
+        name = %d.name,
+        reason = %d.reason,
+        severity,
+        message = %d.message,
+    );
+}
+
+fn set_diagnostic_gauges(metrics: &Metrics, diagnostics: &[Diagnostic]) {
+    let mut counts: BTreeMap<(&str, &str), i64> = BTreeMap::new();
+    for d in diagnostics {
+        *counts.entry((&d.kind, &d.reason)).or_default() += 1;
+    }
+    // Reset first so a (kind, reason) that no longer occurs disappears rather than sticking at
+    // its last value.
+    metrics.config_diagnostics.reset();
+    for ((kind, reason), n) in counts {
+        metrics
+            .config_diagnostics
+            .with_label_values(&[kind, reason])
+            .set(n);
+    }
+}
+
+fn set_backend_gauges(metrics: &Metrics, snapshot: &Snapshot) {
+    metrics.backend_ready_endpoints.reset();
+    for backend in &snapshot.backends.backends {
+        let port = match &backend.key.port {
+            ServicePortRef::Number(n) => n.to_string(),
+            ServicePortRef::Name(n) => n.clone(),
+        };
+        // The serving+terminating fallback keeps traffic flowing during a drain, but those
+        // endpoints are not ready (EndpointSlice `conditions.ready`), so they count as zero.
+        let ready = if backend.draining_fallback {
+            0
+        } else {
+            i64::try_from(backend.endpoints.len()).unwrap_or(i64::MAX)
+        };
+        metrics
+            .backend_ready_endpoints
+            .with_label_values(&[&*backend.key.namespace, &*backend.key.service, &port])
+            .set(ready);
+    }
+}

@@ -1,9 +1,13 @@
 //! Parsing of manifest files: multi-document YAML → typed Kubernetes objects.
 //!
 //! Comment-only and empty documents are skipped, `kind: List` is flattened, kinds portico does
-//! not read are ignored, objects without a namespace land in `default`, and Secret `stringData`
+//! not read are ignored, objects without a namespace land in `default`, an object without
+//! `metadata.name` fails its document (as the API server refuses it), and Secret `stringData`
 //! is merged into `data` as the API server would. Any document that fails to parse fails the
 //! whole file, so the caller can keep the file's last good objects.
+//!
+//! Owns: text → objects. Pure: must not import tokio, notify or the filesystem (the caller
+//! reads the bytes), nor the proxy.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -22,8 +26,8 @@ use crate::translate::Inputs;
 pub const DEFAULT_NAMESPACE: &str = "default";
 
 /// One object portico reads.
-// Values are short-lived (parsed, then moved into `Arc`s in Inputs), so boxing the large
-// variants would only add allocations.
+// Values are short-lived (parsed, then moved straight into an `Arc` by `extend_objects`), so
+// boxing the big variants would only add allocations.
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum Object {
@@ -112,7 +116,7 @@ fn parse_value(doc: Value, index: usize, out: &mut Vec<Object>) -> Result<(), Pa
         // Other kinds (Deployments, ConfigMaps, Namespaces...) are not portico's business.
         _ => return Ok(()),
     };
-    out.push(with_default_namespace(parsed));
+    out.push(with_default_namespace(parsed).map_err(err)?);
     Ok(())
 }
 
@@ -130,20 +134,25 @@ fn merge_string_data(mut secret: Secret) -> Secret {
     secret
 }
 
-fn with_default_namespace(mut obj: Object) -> Object {
-    let meta = match &mut obj {
-        Object::Ingress(o) => &mut o.metadata,
+/// Defaults the namespace and insists on a name, as the API server would (`kubectl apply`
+/// refuses an object without `metadata.name`; `generateName` needs a server to pick one).
+fn with_default_namespace(mut obj: Object) -> Result<Object, String> {
+    let (meta, namespaced) = match &mut obj {
+        Object::Ingress(o) => (&mut o.metadata, true),
         // IngressClass is cluster-scoped.
-        Object::IngressClass(_) => return obj,
-        Object::Service(o) => &mut o.metadata,
-        Object::EndpointSlice(o) => &mut o.metadata,
-        Object::Secret(o) => &mut o.metadata,
-        Object::RateLimitPolicy(o) => &mut o.metadata,
+        Object::IngressClass(o) => (&mut o.metadata, false),
+        Object::Service(o) => (&mut o.metadata, true),
+        Object::EndpointSlice(o) => (&mut o.metadata, true),
+        Object::Secret(o) => (&mut o.metadata, true),
+        Object::RateLimitPolicy(o) => (&mut o.metadata, true),
     };
-    if meta.namespace.as_deref().is_none_or(str::is_empty) {
+    if meta.name.as_deref().is_none_or(str::is_empty) {
+        return Err("missing `metadata.name`".into());
+    }
+    if namespaced && meta.namespace.as_deref().is_none_or(str::is_empty) {
         meta.namespace = Some(DEFAULT_NAMESPACE.to_string());
     }
-    obj
+    Ok(obj)
 }
 
 impl Inputs {
@@ -196,6 +205,22 @@ mod tests {
         let text = "apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {name: x}\nspec:\n  rules: 5\n";
         assert!(parse_manifests(text).is_err());
         assert!(parse_manifests("key: [unclosed").is_err());
+    }
+
+    #[test]
+    fn an_object_needs_a_name_and_cluster_scoped_ones_get_no_namespace() {
+        let err = parse_manifests("apiVersion: v1\nkind: Service\nmetadata: {namespace: a}\n");
+        assert!(
+            matches!(&err, Err(ParseError::Document { index: 0, message }) if message.contains("metadata.name")),
+            "{err:?}"
+        );
+        let text =
+            "apiVersion: networking.k8s.io/v1\nkind: IngressClass\nmetadata: {name: portico}\n";
+        let objs = parse_manifests(text).expect("parses");
+        let Object::IngressClass(c) = &objs[0] else {
+            panic!("not an IngressClass")
+        };
+        assert_eq!(c.metadata.namespace, None);
     }
 
     #[test]

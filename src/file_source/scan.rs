@@ -1,0 +1,606 @@
+//! Directory scanning and per-file last-good state of the manifests dir (blocking I/O; the
+//! watch task runs it on the blocking pool).
+//!
+//! Owns: which files are manifests (walk rules, caps), reading them, remembering each file's
+//! last good objects, and turning the whole directory into [`Inputs`] + the file source's own
+//! [`Diagnostic`]s. Must not import tokio, notify or the proxy.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::fs;
+use std::hash::{DefaultHasher, Hasher};
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+use super::parse::parse_manifests;
+use crate::translate::{Diagnostic, Inputs, Severity};
+
+/// Largest manifest file read; a bigger one is reported as invalid (its last good objects keep
+/// serving). Kubernetes caps a ConfigMap at 1 MiB and an object at about 1.5 MiB, so 8 MiB is
+/// far above any honest manifest while still bounding memory.
+pub const MAX_FILE_SIZE: u64 = 8 * 1024 * 1024;
+/// Most manifest files read from one directory tree; the rest are reported and ignored.
+pub const MAX_FILES: usize = 4096;
+/// Deepest directory nesting walked below DIR.
+pub const MAX_DEPTH: usize = 16;
+
+/// Diagnostic kind for problems with files rather than objects.
+pub const KIND_FILE: &str = "File";
+/// A manifest file that cannot be read or parsed.
+pub const REASON_INVALID_MANIFEST: &str = "InvalidManifest";
+/// A directory (DIR itself or a subdirectory) that cannot be listed.
+pub const REASON_DIR_UNREADABLE: &str = "ManifestDirUnreadable";
+/// More than [`MAX_FILES`] manifests, or nesting deeper than [`MAX_DEPTH`].
+pub const REASON_LIMIT_EXCEEDED: &str = "ManifestLimitExceeded";
+/// Two files define the same kind/namespace/name; the first file (in path order) wins.
+pub const REASON_DUPLICATE_OBJECT: &str = "DuplicateObject";
+
+/// What a file held at the last scan, to tell a real change from a touch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Content {
+    /// Length and 64-bit hash of the bytes.
+    Bytes { len: usize, hash: u64 },
+    /// The file could not be read, with why.
+    Unreadable(String),
+}
+
+#[derive(Debug, Clone)]
+struct FileEntry {
+    content: Content,
+    /// Objects of the last version that parsed (empty if none ever did).
+    good: Inputs,
+    /// Why the current version is not used, if it is not.
+    error: Option<String>,
+}
+
+/// The manifests directory as last scanned.
+#[derive(Debug, Default)]
+pub struct DirState {
+    /// Keyed by path relative to DIR with `/` separators; `BTreeMap` so inputs come out in a
+    /// stable order and duplicate resolution does not depend on directory listing order.
+    files: BTreeMap<String, FileEntry>,
+    /// Problems with directories and limits found by the last walk.
+    walk_problems: Vec<Diagnostic>,
+    /// Set while DIR itself cannot be listed (every file keeps its last state meanwhile).
+    root_error: Option<String>,
+    /// See [`DirState::external_dirs`].
+    external_dirs: BTreeSet<PathBuf>,
+}
+
+struct Found {
+    rel: String,
+    path: PathBuf,
+}
+
+#[derive(Default)]
+struct Walk {
+    files: Vec<Found>,
+    /// Relative paths of subdirectories that could not be listed: their files keep their
+    /// previous state instead of being treated as deleted.
+    unreadable_dirs: Vec<String>,
+    problems: Vec<Diagnostic>,
+    /// Real directories outside DIR that hold files or directories we read through symlinks.
+    external_dirs: BTreeSet<PathBuf>,
+}
+
+impl DirState {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Rescan `root`, recording a DIR-level diagnostic (and keeping every file as it was) when
+    /// DIR itself cannot be listed. Returns whether inputs or diagnostics changed.
+    pub fn refresh(&mut self, root: &Path) -> bool {
+        match self.rescan(root) {
+            Ok(changed) => {
+                let cleared = self.root_error.take().is_some();
+                changed || cleared
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                let changed = self.root_error.as_deref() != Some(msg.as_str());
+                self.root_error = Some(msg);
+                changed
+            }
+        }
+    }
+
+    /// Rescan `root`. Fails only when `root` itself cannot be listed, leaving the state as it
+    /// was. Returns whether inputs or diagnostics changed.
+    pub fn rescan(&mut self, root: &Path) -> io::Result<bool> {
+        let walk = walk(root)?;
+        let mut changed = walk.problems != self.walk_problems;
+        self.walk_problems = walk.problems;
+        self.external_dirs = walk.external_dirs;
+
+        let mut next: BTreeMap<String, FileEntry> = BTreeMap::new();
+        for found in walk.files {
+            let content = match read_capped(&found.path) {
+                Ok(bytes) => Ok(bytes),
+                // Deleted between listing and reading, or a dangling symlink (a ConfigMap
+                // update removes the file link after swapping `..data`): the file is gone.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => Err(e.to_string()),
+            };
+            let summary = match &content {
+                Ok(bytes) => Content::Bytes {
+                    len: bytes.len(),
+                    hash: hash(bytes),
+                },
+                Err(msg) => Content::Unreadable(msg.clone()),
+            };
+            let previous = self.files.remove(&found.rel);
+            if let Some(prev) = previous.as_ref().filter(|p| p.content == summary) {
+                next.insert(found.rel, prev.clone());
+                continue;
+            }
+            changed = true;
+            let last_good = previous.map(|p| p.good).unwrap_or_default();
+            let entry = match content.and_then(|bytes| parse_file(&bytes)) {
+                Ok(good) => FileEntry {
+                    content: summary,
+                    good,
+                    error: None,
+                },
+                Err(error) => FileEntry {
+                    content: summary,
+                    good: last_good,
+                    error: Some(error),
+                },
+            };
+            next.insert(found.rel, entry);
+        }
+        // What is left was not found this time: deleted, unless it sits under a directory we
+        // could not list (then we do not know, and keep it).
+        for (rel, entry) in std::mem::take(&mut self.files) {
+            let under_unreadable = walk.unreadable_dirs.iter().any(|d| is_under(&rel, d));
+            if under_unreadable {
+                next.insert(rel, entry);
+            } else {
+                changed = true;
+            }
+        }
+        self.files = next;
+        Ok(changed)
+    }
+
+    /// Real directories outside DIR that symlinks lead to (a recursive watch of DIR does not
+    /// see changes there, so the watch task adds these).
+    pub fn external_dirs(&self) -> &BTreeSet<PathBuf> {
+        &self.external_dirs
+    }
+
+    /// Files whose current version is not used.
+    pub fn invalid_files(&self) -> usize {
+        self.files.values().filter(|f| f.error.is_some()).count()
+    }
+
+    /// All files' objects (last good versions) and the file source's diagnostics.
+    pub fn inputs(&self) -> (Inputs, Vec<Diagnostic>) {
+        let mut inputs = Inputs::default();
+        let mut diagnostics = Vec::new();
+        if let Some(e) = &self.root_error {
+            diagnostics.push(file_diagnostic(
+                ".",
+                REASON_DIR_UNREADABLE,
+                format!("cannot list the manifests directory (keeping what was loaded): {e}"),
+            ));
+        }
+        diagnostics.extend(self.walk_problems.iter().cloned());
+        let mut owners: HashMap<(&'static str, String, String), &str> = HashMap::new();
+        for (rel, entry) in &self.files {
+            if let Some(e) = &entry.error {
+                let kept = if is_empty(&entry.good) {
+                    String::new()
+                } else {
+                    " (its last good version keeps serving)".to_string()
+                };
+                diagnostics.push(file_diagnostic(
+                    rel,
+                    REASON_INVALID_MANIFEST,
+                    format!("{e}{kept}"),
+                ));
+            }
+            let mut add = |kind, meta: &ObjectMeta| -> bool {
+                let ns = meta.namespace.clone().unwrap_or_default();
+                let name = meta.name.clone().unwrap_or_default();
+                match owners.get(&(kind, ns.clone(), name.clone())) {
+                    Some(first) => {
+                        diagnostics.push(Diagnostic {
+                            severity: Severity::Error,
+                            kind: kind.to_string(),
+                            namespace: ns,
+                            name,
+                            reason: REASON_DUPLICATE_OBJECT.to_string(),
+                            message: format!(
+                                "defined in {first} and again in {rel}; the copy in {rel} is ignored"
+                            ),
+                        });
+                        false
+                    }
+                    None => {
+                        owners.insert((kind, ns, name), rel.as_str());
+                        true
+                    }
+                }
+            };
+            let g = &entry.good;
+            extend(&mut inputs.ingresses, &g.ingresses, |o| {
+                add("Ingress", &o.metadata)
+            });
+            extend(&mut inputs.ingress_classes, &g.ingress_classes, |o| {
+                add("IngressClass", &o.metadata)
+            });
+            extend(&mut inputs.services, &g.services, |o| {
+                add("Service", &o.metadata)
+            });
+            extend(&mut inputs.endpoint_slices, &g.endpoint_slices, |o| {
+                add("EndpointSlice", &o.metadata)
+            });
+            extend(&mut inputs.secrets, &g.secrets, |o| {
+                add("Secret", &o.metadata)
+            });
+            extend(
+                &mut inputs.rate_limit_policies,
+                &g.rate_limit_policies,
+                |o| add("RateLimitPolicy", &o.metadata),
+            );
+        }
+        (inputs, diagnostics)
+    }
+}
+
+/// `rel` is a path below directory `dir` (both relative to DIR, `/`-separated).
+fn is_under(rel: &str, dir: &str) -> bool {
+    rel.strip_prefix(dir).is_some_and(|r| r.starts_with('/'))
+}
+
+fn extend<T>(out: &mut Vec<Arc<T>>, from: &[Arc<T>], mut keep: impl FnMut(&T) -> bool) {
+    out.extend(from.iter().filter(|o| keep(o)).cloned());
+}
+
+fn is_empty(i: &Inputs) -> bool {
+    i.ingresses.is_empty()
+        && i.ingress_classes.is_empty()
+        && i.services.is_empty()
+        && i.endpoint_slices.is_empty()
+        && i.secrets.is_empty()
+        && i.rate_limit_policies.is_empty()
+}
+
+fn file_diagnostic(rel: &str, reason: &str, message: String) -> Diagnostic {
+    Diagnostic {
+        severity: Severity::Error,
+        kind: KIND_FILE.to_string(),
+        namespace: String::new(),
+        name: rel.to_string(),
+        reason: reason.to_string(),
+        message,
+    }
+}
+
+fn hash(bytes: &[u8]) -> u64 {
+    // SipHash with fixed keys: stable for the life of the process, which is all a
+    // changed-or-not comparison needs.
+    let mut h = DefaultHasher::new();
+    h.write(bytes);
+    h.finish()
+}
+
+fn parse_file(bytes: &[u8]) -> Result<Inputs, String> {
+    let text = std::str::from_utf8(bytes).map_err(|e| format!("not UTF-8: {e}"))?;
+    let objects = parse_manifests(text).map_err(|e| e.to_string())?;
+    let mut inputs = Inputs::default();
+    inputs.extend_objects(objects);
+    Ok(inputs)
+}
+
+/// Read at most [`MAX_FILE_SIZE`] bytes; more is an error (checked on the bytes read, not on
+/// the metadata, so a file growing between stat and read is still caught).
+fn read_capped(path: &Path) -> io::Result<Vec<u8>> {
+    let file = fs::File::open(path)?;
+    let mut bytes = Vec::new();
+    file.take(MAX_FILE_SIZE + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_FILE_SIZE {
+        return Err(io::Error::other(format!(
+            "file is larger than {} MiB",
+            MAX_FILE_SIZE / (1024 * 1024)
+        )));
+    }
+    Ok(bytes)
+}
+
+fn is_manifest_name(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    lower.ends_with(".yaml") || lower.ends_with(".yml")
+}
+
+/// Walk `root` for manifest files.
+///
+/// Rules (brief §4.2): names starting with `.` (files and directories) are skipped, which also
+/// skips a ConfigMap volume's `..data` and `..<timestamp>` directories; symlinked files are
+/// followed (so the ConfigMap's `foo.yaml → ..data/foo.yaml` links are read, and always through
+/// the current `..data`); symlinked directories are followed only when their target lies
+/// outside DIR, each target at most once: a link to somewhere inside DIR is an alias of files
+/// read anyway, and the visited set rules out cycles. Only regular files are read (never a
+/// FIFO or device, which could block). Entries are visited in name order.
+fn walk(root: &Path) -> io::Result<Walk> {
+    let root_real = fs::canonicalize(root)?;
+    // Listing DIR must work: that is the one failure that is not per-file.
+    let first = fs::read_dir(root)?;
+    let mut out = Walk::default();
+    let mut visited: HashSet<PathBuf> = HashSet::from([root_real.clone()]);
+    let mut limit_reported = false;
+    // Depth-first with an explicit stack; every directory is pushed at most once (visited set
+    // or, for real subdirectories, the tree itself), so this terminates.
+    let mut stack: Vec<Pending> = vec![Pending {
+        dir: root.to_path_buf(),
+        rel: String::new(),
+        depth: 0,
+        via_link: false,
+        listing: Some(first),
+    }];
+    while let Some(Pending {
+        dir,
+        rel,
+        depth,
+        via_link,
+        listing,
+    }) = stack.pop()
+    {
+        let listing = match listing.map_or_else(|| fs::read_dir(&dir), Ok) {
+            Ok(l) => l,
+            Err(e) => {
+                out.problems.push(file_diagnostic(
+                    &rel,
+                    REASON_DIR_UNREADABLE,
+                    format!("cannot list directory (keeping what was loaded from it): {e}"),
+                ));
+                out.unreadable_dirs.push(rel);
+                continue;
+            }
+        };
+        let mut entries: Vec<(String, PathBuf, bool)> = Vec::new();
+        for entry in listing {
+            let Ok(entry) = entry else {
+                continue;
+            };
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let is_link = entry.file_type().is_ok_and(|t| t.is_symlink());
+            entries.push((name, entry.path(), is_link));
+        }
+        entries.sort();
+        let mut subdirs = Vec::new();
+        for (name, path, is_link) in entries {
+            if name.starts_with('.') {
+                continue;
+            }
+            let child_rel = if rel.is_empty() {
+                name.clone()
+            } else {
+                format!("{rel}/{name}")
+            };
+            // `metadata` follows symlinks.
+            let meta = match fs::metadata(&path) {
+                Ok(m) => m,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(_) => {
+                    // Cannot even stat it: if it looks like a manifest, let the read report why.
+                    if is_manifest_name(&name) {
+                        push_file(&mut out, &mut limit_reported, child_rel, path);
+                    }
+                    continue;
+                }
+            };
+            if meta.is_dir() {
+                if depth + 1 > MAX_DEPTH {
+                    out.problems.push(file_diagnostic(
+                        &child_rel,
+                        REASON_LIMIT_EXCEEDED,
+                        format!("nested deeper than {MAX_DEPTH} directories; not read"),
+                    ));
+                    continue;
+                }
+                let Ok(real) = fs::canonicalize(&path) else {
+                    continue;
+                };
+                let link_or_below = via_link || is_link;
+                if (link_or_below && real.starts_with(&root_real)) || !visited.insert(real.clone())
+                {
+                    continue;
+                }
+                if link_or_below {
+                    out.external_dirs.insert(real);
+                }
+                subdirs.push(Pending {
+                    dir: path,
+                    rel: child_rel,
+                    depth: depth + 1,
+                    via_link: link_or_below,
+                    listing: None,
+                });
+            } else if meta.is_file() && is_manifest_name(&name) {
+                if is_link && !via_link {
+                    // Files below an external directory are covered by that directory.
+                    if let Some(parent) = fs::canonicalize(&path)
+                        .ok()
+                        .filter(|real| !real.starts_with(&root_real))
+                        .and_then(|real| real.parent().map(Path::to_path_buf))
+                    {
+                        out.external_dirs.insert(parent);
+                    }
+                }
+                push_file(&mut out, &mut limit_reported, child_rel, path);
+            }
+        }
+        // Reverse so the stack pops them in name order.
+        stack.extend(subdirs.into_iter().rev());
+    }
+    Ok(out)
+}
+
+/// A directory waiting to be listed.
+struct Pending {
+    dir: PathBuf,
+    rel: String,
+    depth: usize,
+    /// Reached through a symlinked directory: paths that lead back into DIR are aliases.
+    via_link: bool,
+    /// DIR's own listing, opened up front so its failure is the caller's error.
+    listing: Option<fs::ReadDir>,
+}
+
+fn push_file(out: &mut Walk, limit_reported: &mut bool, rel: String, path: PathBuf) {
+    if out.files.len() < MAX_FILES {
+        out.files.push(Found { rel, path });
+    } else if !*limit_reported {
+        *limit_reported = true;
+        out.problems.push(file_diagnostic(
+            &rel,
+            REASON_LIMIT_EXCEEDED,
+            format!("more than {MAX_FILES} manifest files; this one and later ones are not read"),
+        ));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service(name: &str) -> String {
+        format!("apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\n")
+    }
+
+    fn names(state: &DirState) -> Vec<String> {
+        state
+            .inputs()
+            .0
+            .services
+            .iter()
+            .filter_map(|s| s.metadata.name.clone())
+            .collect()
+    }
+
+    #[test]
+    fn is_under_matches_whole_segments() {
+        assert!(is_under("a/b.yaml", "a"));
+        assert!(is_under("a/b/c.yaml", "a/b"));
+        assert!(!is_under("ab/c.yaml", "a"));
+        assert!(!is_under("a", "a"));
+    }
+
+    #[test]
+    fn last_good_objects_survive_an_invalid_version() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("a.yaml");
+        let mut state = DirState::new();
+        fs::write(&file, service("one")).expect("write");
+        assert!(state.rescan(dir.path()).expect("scan"));
+        assert!(
+            !state.rescan(dir.path()).expect("scan"),
+            "same bytes: no change"
+        );
+
+        fs::write(&file, "kind: [").expect("write");
+        assert!(state.rescan(dir.path()).expect("scan"));
+        assert_eq!(names(&state), ["one"]);
+        assert_eq!(state.invalid_files(), 1);
+        assert!(
+            !state.rescan(dir.path()).expect("scan"),
+            "same bad bytes: no change"
+        );
+
+        // Another invalid version still keeps the *good* one, not the previous bad one.
+        fs::write(&file, "kind: [[").expect("write");
+        assert!(state.rescan(dir.path()).expect("scan"));
+        assert_eq!(names(&state), ["one"]);
+
+        fs::write(&file, service("two")).expect("write");
+        assert!(state.rescan(dir.path()).expect("scan"));
+        assert_eq!(names(&state), ["two"]);
+        assert_eq!(state.invalid_files(), 0);
+        assert!(state.inputs().1.is_empty());
+    }
+
+    #[test]
+    fn a_vanished_root_keeps_everything_and_is_reported_until_back() {
+        let parent = tempfile::tempdir().expect("tempdir");
+        let root = parent.path().join("manifests");
+        fs::create_dir(&root).expect("mkdir");
+        fs::write(root.join("a.yaml"), service("one")).expect("write");
+        let mut state = DirState::new();
+        assert!(state.refresh(&root));
+
+        fs::remove_dir_all(&root).expect("rm");
+        assert!(
+            state.refresh(&root),
+            "losing DIR is a change (a diagnostic)"
+        );
+        assert!(!state.refresh(&root), "still gone: no further change");
+        assert_eq!(names(&state), ["one"]);
+        let diags = state.inputs().1;
+        assert_eq!(diags.len(), 1, "{diags:?}");
+        assert_eq!(
+            (diags[0].name.as_str(), diags[0].reason.as_str()),
+            (".", REASON_DIR_UNREADABLE)
+        );
+
+        fs::create_dir(&root).expect("mkdir");
+        fs::write(root.join("b.yaml"), service("two")).expect("write");
+        assert!(state.refresh(&root));
+        assert_eq!(names(&state), ["two"]);
+        assert!(state.inputs().1.is_empty());
+    }
+
+    #[test]
+    fn nesting_deeper_than_the_cap_is_reported_not_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut path = dir.path().to_path_buf();
+        for i in 0..=MAX_DEPTH {
+            path.push(format!("d{i}"));
+        }
+        fs::create_dir_all(&path).expect("mkdir");
+        fs::write(path.join("deep.yaml"), service("deep")).expect("write");
+        fs::write(dir.path().join("d0/ok.yaml"), service("ok")).expect("write");
+        let mut state = DirState::new();
+        state.rescan(dir.path()).expect("scan");
+        assert_eq!(names(&state), ["ok"]);
+        let diags = state.inputs().1;
+        assert_eq!(diags.len(), 1, "{diags:?}");
+        assert_eq!(diags[0].reason, REASON_LIMIT_EXCEEDED);
+    }
+
+    #[test]
+    fn more_files_than_the_cap_are_reported_and_the_rest_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for i in 0..=MAX_FILES {
+            // Empty files are valid (no documents); names sort so the last one is the extra.
+            fs::write(dir.path().join(format!("f{i:05}.yaml")), "").expect("write");
+        }
+        let mut state = DirState::new();
+        state.rescan(dir.path()).expect("scan");
+        assert_eq!(state.files.len(), MAX_FILES);
+        let diags = state.inputs().1;
+        assert_eq!(diags.len(), 1, "{diags:?}");
+        assert_eq!(diags[0].reason, REASON_LIMIT_EXCEEDED);
+        assert_eq!(diags[0].name, format!("f{MAX_FILES:05}.yaml"));
+    }
+
+    #[test]
+    fn fifos_are_never_opened() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fifo = dir.path().join("pipe.yaml");
+        let status = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .expect("mkfifo runs");
+        assert!(status.success());
+        fs::write(dir.path().join("a.yaml"), service("one")).expect("write");
+        let mut state = DirState::new();
+        // Opening the FIFO would block this test forever.
+        state.rescan(dir.path()).expect("scan");
+        assert_eq!(names(&state), ["one"]);
+    }
+}

@@ -1,0 +1,548 @@
+//! The shared rebuild loop: debounce timing (paused tokio time), publish/unchanged, metrics,
+//! diagnostics channel and logging of new diagnostics.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use portico::metrics::Metrics;
+use portico::model::{Backend, BackendKey, BackendTable, Endpoint, ServicePortRef, Snapshot};
+use portico::publish::{self, Published, Reader};
+use portico::rebuild::{
+    DEFAULT_HOLDOFF, DEFAULT_MAX_DELAY, RebuildConfig, Rebuilder, Source, Trigger,
+};
+use portico::translate::{Diagnostic, Inputs, Options, Severity};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+/// A source whose inputs the test sets, reporting the (tokio) time of every read, i.e. of
+/// every build.
+struct TestSource {
+    state: Mutex<(Inputs, Vec<Diagnostic>)>,
+    builds: mpsc::UnboundedSender<Instant>,
+    /// Poke this trigger from inside the next `inputs()` call (a change racing a build).
+    poke_during_next_build: Mutex<Option<Trigger>>,
+}
+
+impl TestSource {
+    fn new() -> (Arc<Self>, mpsc::UnboundedReceiver<Instant>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let s = TestSource {
+            state: Mutex::new((Inputs::default(), Vec::new())),
+            builds: tx,
+            poke_during_next_build: Mutex::new(None),
+        };
+        (Arc::new(s), rx)
+    }
+
+    fn set(&self, inputs: Inputs, diagnostics: Vec<Diagnostic>) {
+        *self.state.lock().expect("lock") = (inputs, diagnostics);
+    }
+}
+
+impl Source for TestSource {
+    fn inputs(&self) -> (Inputs, Vec<Diagnostic>) {
+        let _ = self.builds.send(Instant::now());
+        if let Some(t) = self.poke_during_next_build.lock().expect("lock").take() {
+            t.poke();
+        }
+        self.state.lock().expect("lock").clone()
+    }
+}
+
+struct Running {
+    trigger: Trigger,
+    reader: Reader,
+    metrics: Metrics,
+    diagnostics: tokio::sync::watch::Receiver<Arc<Vec<Diagnostic>>>,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+fn start(source: Arc<TestSource>, config: RebuildConfig, trigger: Trigger) -> Running {
+    let (publisher, reader) = publish::channel();
+    let metrics = Metrics::new();
+    let rebuilder = Rebuilder::new(config, publisher, metrics.clone(), trigger.clone());
+    let diagnostics = rebuilder.diagnostics();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        rebuilder
+            .run(&*source, async {
+                let _ = stopped.await;
+            })
+            .await;
+    });
+    Running {
+        trigger,
+        reader,
+        metrics,
+        diagnostics,
+        stop: Some(stop),
+        task,
+    }
+}
+
+impl Running {
+    async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        tokio::time::timeout(Duration::from_secs(1), self.task)
+            .await
+            .expect("loop stops on shutdown")
+            .expect("loop task did not panic");
+    }
+}
+
+async fn next_build(rx: &mut mpsc::UnboundedReceiver<Instant>) -> Instant {
+    tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("a build happens")
+        .expect("source alive")
+}
+
+/// No build within `window` (paused time: this advances the clock, it does not sleep).
+async fn assert_no_build(rx: &mut mpsc::UnboundedReceiver<Instant>, window: Duration) {
+    if let Ok(Some(t)) = tokio::time::timeout(window, rx.recv()).await {
+        panic!("unexpected build at {t:?}");
+    }
+}
+
+fn diag(kind: &str, name: &str, reason: &str) -> Diagnostic {
+    Diagnostic {
+        severity: Severity::Error,
+        kind: kind.into(),
+        namespace: String::new(),
+        name: name.into(),
+        reason: reason.into(),
+        message: format!("{name} is broken"),
+    }
+}
+
+fn metric_lines(metrics: &Metrics, family: &str) -> Vec<String> {
+    metrics
+        .render()
+        .lines()
+        .filter(|l| l.starts_with(family) && !l.starts_with('#'))
+        .map(str::to_string)
+        .collect()
+}
+
+const MS: Duration = Duration::from_millis(1);
+
+#[tokio::test(start_paused = true)]
+async fn first_build_is_immediate_then_a_burst_is_one_build() {
+    let (source, mut builds) = TestSource::new();
+    let started = Instant::now();
+    let run = start(source, RebuildConfig::default(), Trigger::new());
+    let first = next_build(&mut builds).await;
+    assert_eq!(first, started, "first build must not wait for any debounce");
+    assert!(run.reader.is_ready());
+
+    let mut last_poke = first;
+    for _ in 0..10 {
+        run.trigger.poke();
+        last_poke = Instant::now();
+        tokio::time::sleep(10 * MS).await;
+    }
+    let built = next_build(&mut builds).await;
+    let quiet = built - last_poke;
+    assert!(
+        quiet >= DEFAULT_HOLDOFF && quiet <= DEFAULT_HOLDOFF + 2 * MS,
+        "build {quiet:?} after the last poke, want the holdoff"
+    );
+    assert_no_build(&mut builds, Duration::from_secs(5)).await;
+    run.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn continuous_changes_force_a_build_every_max_delay() {
+    let (source, mut builds) = TestSource::new();
+    let run = start(source, RebuildConfig::default(), Trigger::new());
+    let _ = next_build(&mut builds).await;
+
+    // Poke every 50 ms for 3 s: the holdoff never elapses, so only the 500 ms cap builds.
+    // (Build times are recorded by the source, so they can be read afterwards.)
+    let mut pokes = Vec::new();
+    for _ in 0..60 {
+        run.trigger.poke();
+        pokes.push(Instant::now());
+        tokio::time::sleep(50 * MS).await;
+    }
+    let last_poke = *pokes.last().expect("pokes");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut times = Vec::new();
+    while let Ok(t) = builds.try_recv() {
+        times.push(t);
+    }
+
+    // Every poke was built within max_delay, and builds during the storm were forced (never
+    // more often than max_delay apart).
+    for p in &pokes {
+        let built = times.iter().find(|t| *t >= p).expect("every poke is built");
+        assert!(
+            *built - *p <= DEFAULT_MAX_DELAY + 2 * MS,
+            "poke at {p:?} built only after {:?}",
+            *built - *p
+        );
+    }
+    let storm: Vec<_> = times.iter().filter(|t| **t <= last_poke).collect();
+    assert!(
+        (5..=6).contains(&storm.len()),
+        "3 s of changes → 5 or 6 forced builds, got {}",
+        storm.len()
+    );
+    for w in storm.windows(2) {
+        assert!(
+            *w[1] - *w[0] >= DEFAULT_MAX_DELAY,
+            "builds too close: {w:?}"
+        );
+    }
+    let after = *times.last().expect("final build") - last_poke;
+    // The last change is built by the cap or by the holdoff, whichever comes first.
+    assert!(
+        after <= DEFAULT_HOLDOFF + 2 * MS,
+        "last poke built after {after:?}"
+    );
+    run.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_poke_during_a_build_is_not_lost() {
+    let (source, mut builds) = TestSource::new();
+    let trigger = Trigger::new();
+    *source.poke_during_next_build.lock().expect("lock") = Some(trigger.clone());
+    let run = start(source, RebuildConfig::default(), trigger);
+    let first = next_build(&mut builds).await;
+    let second = next_build(&mut builds).await;
+    assert!(second - first >= DEFAULT_HOLDOFF && second - first <= DEFAULT_HOLDOFF + 2 * MS);
+    assert_no_build(&mut builds, Duration::from_secs(2)).await;
+    run.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_poke_before_start_is_covered_by_the_first_build() {
+    let (source, mut builds) = TestSource::new();
+    let trigger = Trigger::new();
+    trigger.poke();
+    let run = start(source, RebuildConfig::default(), trigger);
+    let _ = next_build(&mut builds).await;
+    assert_no_build(&mut builds, Duration::from_secs(2)).await;
+    run.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_during_a_pending_change_stops_without_building() {
+    let (source, mut builds) = TestSource::new();
+    let run = start(source, RebuildConfig::default(), Trigger::new());
+    let _ = next_build(&mut builds).await;
+    run.trigger.poke();
+    tokio::time::sleep(10 * MS).await;
+    run.shutdown().await;
+    assert!(builds.try_recv().is_err(), "no build after shutdown");
+}
+
+#[tokio::test(start_paused = true)]
+async fn equal_inputs_are_unchanged_and_keep_the_snapshot_pointer() {
+    let (source, mut builds) = TestSource::new();
+    let run = start(source, RebuildConfig::default(), Trigger::new());
+    let _ = next_build(&mut builds).await;
+    let before = run.reader.load().expect("first snapshot serves");
+    run.trigger.poke();
+    let _ = next_build(&mut builds).await;
+    tokio::task::yield_now().await;
+    let after = run.reader.load().expect("still serving");
+    assert!(
+        Arc::ptr_eq(&before, &after),
+        "unchanged snapshot was swapped"
+    );
+    let builds_metric = metric_lines(&run.metrics, "portico_snapshot_builds_total");
+    assert!(
+        builds_metric.contains(&r#"portico_snapshot_builds_total{result="swapped"} 1"#.into()),
+        "{builds_metric:?}"
+    );
+    assert!(
+        builds_metric.contains(&r#"portico_snapshot_builds_total{result="unchanged"} 1"#.into()),
+        "{builds_metric:?}"
+    );
+    assert!(
+        run.metrics
+            .render()
+            .contains("portico_snapshot_build_duration_seconds_count 2")
+    );
+    run.shutdown().await;
+}
+
+/// Fake translate: one backend per Service (port 80) with as many endpoints as the Service has
+/// ports; Services named `bad-*` also produce a diagnostic.
+fn fake_translate(inputs: &Inputs, _: &Options) -> (Snapshot, Vec<Diagnostic>) {
+    let mut backends = Vec::new();
+    let mut diagnostics = Vec::new();
+    for svc in &inputs.services {
+        let ns = svc.metadata.namespace.clone().unwrap_or_default();
+        let name = svc.metadata.name.clone().unwrap_or_default();
+        let ports = svc
+            .spec
+            .as_ref()
+            .and_then(|s| s.ports.as_ref())
+            .map_or(0, Vec::len);
+        let endpoints: Vec<Endpoint> = (0..ports)
+            .map(|i| Endpoint {
+                addr: SocketAddr::from(([10, 0, 0, i as u8], 8080)),
+            })
+            .collect();
+        backends.push(Backend {
+            key: BackendKey {
+                namespace: ns.clone().into(),
+                service: name.clone().into(),
+                port: ServicePortRef::Number(80),
+            },
+            endpoints: endpoints.into(),
+            draining_fallback: false,
+        });
+        if name.starts_with("bad-") {
+            diagnostics.push(Diagnostic {
+                severity: Severity::Warning,
+                kind: "Service".into(),
+                namespace: ns,
+                name,
+                reason: "FakeProblem".into(),
+                message: "fake".into(),
+            });
+        }
+    }
+    let snapshot = Snapshot {
+        backends: Arc::new(BackendTable { backends }),
+        ..Snapshot::default()
+    };
+    (snapshot, diagnostics)
+}
+
+fn service(name: &str, ports: usize) -> Arc<Service> {
+    Arc::new(Service {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some("shop".into()),
+            ..ObjectMeta::default()
+        },
+        spec: Some(ServiceSpec {
+            ports: Some(
+                (0..ports)
+                    .map(|i| ServicePort {
+                        port: 80 + i as i32,
+                        ..ServicePort::default()
+                    })
+                    .collect(),
+            ),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    })
+}
+
+#[test]
+fn changed_snapshot_is_swapped_and_endpoint_gauges_follow_it() {
+    let (source, _builds) = TestSource::new();
+    let config = RebuildConfig {
+        translate: fake_translate,
+        ..RebuildConfig::default()
+    };
+    let (publisher, reader) = publish::channel();
+    let metrics = Metrics::new();
+    let mut rebuilder = Rebuilder::new(config, publisher, metrics.clone(), Trigger::new());
+
+    source.set(
+        Inputs {
+            services: vec![service("web", 3), service("api", 1)],
+            ..Inputs::default()
+        },
+        Vec::new(),
+    );
+    assert_eq!(rebuilder.build(&*source).published, Published::Swapped);
+    let first = reader.load().expect("serving");
+    let gauges = metric_lines(&metrics, "portico_backend_ready_endpoints");
+    assert!(gauges.contains(
+        &r#"portico_backend_ready_endpoints{namespace="shop",port="80",service="web"} 3"#.into()
+    ));
+    assert!(gauges.contains(
+        &r#"portico_backend_ready_endpoints{namespace="shop",port="80",service="api"} 1"#.into()
+    ));
+
+    source.set(
+        Inputs {
+            services: vec![service("web", 2)],
+            ..Inputs::default()
+        },
+        Vec::new(),
+    );
+    assert_eq!(rebuilder.build(&*source).published, Published::Swapped);
+    let second = reader.load().expect("serving");
+    assert!(!Arc::ptr_eq(&first, &second));
+    let gauges = metric_lines(&metrics, "portico_backend_ready_endpoints");
+    assert_eq!(
+        gauges,
+        vec![r#"portico_backend_ready_endpoints{namespace="shop",port="80",service="web"} 2"#]
+    );
+    assert_eq!(rebuilder.build(&*source).published, Published::Unchanged);
+    assert!(Arc::ptr_eq(&second, &reader.load().expect("serving")));
+}
+
+#[test]
+fn diagnostics_gauge_and_channel_are_set_and_cleared() {
+    let (source, _builds) = TestSource::new();
+    let config = RebuildConfig {
+        translate: fake_translate,
+        ..RebuildConfig::default()
+    };
+    let (publisher, _reader) = publish::channel();
+    let metrics = Metrics::new();
+    let mut rebuilder = Rebuilder::new(config, publisher, metrics.clone(), Trigger::new());
+    let mut channel = rebuilder.diagnostics();
+
+    source.set(
+        Inputs {
+            services: vec![service("bad-one", 1)],
+            ..Inputs::default()
+        },
+        vec![
+            diag("File", "b.yaml", "InvalidManifest"),
+            diag("File", "a.yaml", "InvalidManifest"),
+        ],
+    );
+    let report = rebuilder.build(&*source);
+    assert_eq!(report.diagnostics.len(), 3);
+    assert!(channel.has_changed().expect("sender alive"));
+    let seen = channel.borrow_and_update().clone();
+    // Sorted: sources' and translate's merged in one deterministic order.
+    let names: Vec<_> = seen
+        .iter()
+        .map(|d| (d.kind.as_str(), d.name.as_str()))
+        .collect();
+    assert_eq!(
+        names,
+        vec![
+            ("Service", "bad-one"),
+            ("File", "a.yaml"),
+            ("File", "b.yaml")
+        ]
+    );
+    let gauges = metric_lines(&metrics, "portico_config_diagnostics");
+    assert!(
+        gauges.contains(
+            &r#"portico_config_diagnostics{kind="File",reason="InvalidManifest"} 2"#.into()
+        )
+    );
+    assert!(
+        gauges.contains(
+            &r#"portico_config_diagnostics{kind="Service",reason="FakeProblem"} 1"#.into()
+        )
+    );
+
+    // Same diagnostics again: the channel does not fire.
+    rebuilder.build(&*source);
+    assert!(!channel.has_changed().expect("sender alive"));
+
+    // Problems fixed: the gauge series disappear, the channel shows none.
+    source.set(Inputs::default(), Vec::new());
+    let report = rebuilder.build(&*source);
+    assert!(report.diagnostics.is_empty());
+    assert!(channel.has_changed().expect("sender alive"));
+    assert!(channel.borrow_and_update().is_empty());
+    assert!(metric_lines(&metrics, "portico_config_diagnostics").is_empty());
+}
+
+/// A `MakeWriter` into a shared buffer, to see what the loop logs.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("lock").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+    type Writer = Captured;
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+impl Captured {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().expect("lock")).into_owned()
+    }
+}
+
+#[test]
+fn a_new_diagnostic_is_logged_once_with_its_fields() {
+    let logs = Captured::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(logs.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::WARN)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let (source, _builds) = TestSource::new();
+    let (publisher, _reader) = publish::channel();
+    let mut rebuilder = Rebuilder::new(
+        RebuildConfig::default(),
+        publisher,
+        Metrics::new(),
+        Trigger::new(),
+    );
+    let broken = diag("File", "team/a.yaml", "InvalidManifest");
+    source.set(Inputs::default(), vec![broken.clone()]);
+    assert_eq!(rebuilder.build(&*source).new_diagnostics, 1);
+    for _ in 0..3 {
+        assert_eq!(rebuilder.build(&*source).new_diagnostics, 0);
+    }
+    let text = logs.text();
+    assert_eq!(text.matches("team/a.yaml is broken").count(), 1, "{text}");
+    let line = text
+        .lines()
+        .find(|l| l.contains("team/a.yaml is broken"))
+        .expect("logged");
+    assert!(line.contains("WARN"), "{line}");
+    for field in [
+        "kind=File",
+        "namespace=",
+        "name=team/a.yaml",
+        "reason=InvalidManifest",
+    ] {
+        assert!(line.contains(field), "missing {field} in {line}");
+    }
+
+    // Fixed, then broken again: logged again (it is new relative to the previous build).
+    source.set(Inputs::default(), Vec::new());
+    rebuilder.build(&*source);
+    source.set(Inputs::default(), vec![broken]);
+    assert_eq!(rebuilder.build(&*source).new_diagnostics, 1);
+    assert_eq!(logs.text().matches("team/a.yaml is broken").count(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn diagnostics_flow_from_the_source_to_the_channel_through_the_loop() {
+    let (source, mut builds) = TestSource::new();
+    let mut run = start(source.clone(), RebuildConfig::default(), Trigger::new());
+    let _ = next_build(&mut builds).await;
+    source.set(
+        Inputs::default(),
+        vec![diag("File", "x.yaml", "InvalidManifest")],
+    );
+    run.trigger.poke();
+    tokio::time::timeout(Duration::from_secs(1), run.diagnostics.changed())
+        .await
+        .expect("diagnostics published within 1 s")
+        .expect("sender alive");
+    assert_eq!(run.diagnostics.borrow()[0].name, "x.yaml");
+    run.shutdown().await;
+}
