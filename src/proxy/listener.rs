@@ -416,7 +416,11 @@ pub struct Proxy {
 impl Proxy {
     /// Bind the HTTP and HTTPS listeners, serving every request through [`Handler`]. Generates
     /// the fallback certificate for handshakes no snapshot certificate answers.
-    pub async fn bind(cfg: ProxyConfig, reader: Reader, metrics: Arc<Metrics>) -> io::Result<Proxy> {
+    pub async fn bind(
+        cfg: ProxyConfig,
+        reader: Reader,
+        metrics: Arc<Metrics>,
+    ) -> io::Result<Proxy> {
         let handler = Handler::new(Arc::new(cfg.clone()), reader.clone(), metrics.clone());
         Self::bind_with(cfg, reader, metrics, Arc::new(handler)).await
     }
@@ -487,26 +491,24 @@ impl Proxy {
         let permits = shared.cfg.max_connections.clamp(1, u32::MAX as usize);
         let sem = Arc::new(Semaphore::new(permits));
         let (cut_tx, cut_rx) = watch::channel(false);
-        let mut loops = Vec::with_capacity(2);
-        for (listener, kind) in [(http, ListenerKind::Http), (https, ListenerKind::Https)] {
-            let gauge = metrics.open_connections.with_label_values(&[kind.label()]);
-            loops.push(tokio::spawn(accept_loop(
-                listener,
-                kind,
-                shared.clone(),
-                sem.clone(),
-                gauge,
-                shutdown.clone(),
-                cut_rx.clone(),
-            )));
-        }
-        for l in loops {
-            // An accept loop only ends on shutdown (its listener is dropped, i.e. closed, as it
-            // returns); a panic there is a bug but must not stop the drain.
-            if let Err(e) = l.await {
-                warn!(error = %e, "accept loop ended abnormally");
-            }
-        }
+        let gauges = Gauges {
+            http: metrics
+                .open_connections
+                .with_label_values(&[ListenerKind::Http.label()]),
+            https: metrics
+                .open_connections
+                .with_label_values(&[ListenerKind::Https.label()]),
+        };
+        // Returns on shutdown, dropping (closing) both listeners.
+        accept_loop(
+            [(http, ListenerKind::Http), (https, ListenerKind::Https)],
+            shared.clone(),
+            sem.clone(),
+            gauges,
+            shutdown,
+            cut_rx,
+        )
+        .await;
         let grace = shared.cfg.shutdown_grace;
         let open = permits - sem.available_permits();
         info!(open, ?grace, "listeners closed; draining connections");
@@ -520,7 +522,10 @@ impl Proxy {
             return;
         }
         let open = permits - sem.available_permits();
-        warn!(open, "shutdown grace elapsed; cutting remaining connections");
+        warn!(
+            open,
+            "shutdown grace elapsed; cutting remaining connections"
+        );
         cut_tx.send_replace(true);
         if tokio::time::timeout(CUT_WAIT, sem.acquire_many(all))
             .await
@@ -608,15 +613,32 @@ impl Drop for ConnSlot {
     }
 }
 
+/// The open-connections gauge of each listener.
+struct Gauges {
+    http: IntGauge,
+    https: IntGauge,
+}
+
+impl Gauges {
+    fn get(&self, kind: ListenerKind) -> &IntGauge {
+        match kind {
+            ListenerKind::Http => &self.http,
+            ListenerKind::Https => &self.https,
+        }
+    }
+}
+
+/// Accept on both listeners until shutdown. One loop for both, so exactly one permit is held
+/// while waiting: two loops would each hold one and shrink the cap.
 async fn accept_loop(
-    listener: TcpListener,
-    kind: ListenerKind,
+    listeners: [(TcpListener, ListenerKind); 2],
     shared: Arc<Shared>,
     sem: Arc<Semaphore>,
-    gauge: IntGauge,
+    gauges: Gauges,
     mut shutdown: Shutdown,
     cut: watch::Receiver<bool>,
 ) {
+    let [(l0, k0), (l1, k1)] = listeners;
     let mut backoff = ACCEPT_BACKOFF_MIN;
     // Runs until shutdown; each turn accepts one connection or backs off after an error.
     loop {
@@ -629,8 +651,9 @@ async fn accept_loop(
             },
             _ = shutdown.fired() => return,
         };
-        let accepted = tokio::select! {
-            r = listener.accept() => r,
+        let (accepted, kind) = tokio::select! {
+            r = l0.accept() => (r, k0),
+            r = l1.accept() => (r, k1),
             _ = shutdown.fired() => return,
         };
         let (stream, peer) = match accepted {
@@ -653,6 +676,7 @@ async fn accept_loop(
                 continue;
             }
         };
+        let gauge = gauges.get(kind);
         gauge.inc();
         let slot = ConnSlot {
             _permit: permit,
@@ -705,16 +729,22 @@ async fn serve_conn(
             });
             let svc = make_service(shared.service.clone(), info, activity.clone());
             let conn = shared.auto.serve_connection_with_upgrades(io, svc);
-            drive(conn, |c| c.graceful_shutdown(), &activity, cfg, shutdown, peer).await;
+            drive(
+                conn,
+                |c| c.graceful_shutdown(),
+                &activity,
+                cfg,
+                shutdown,
+                peer,
+            )
+            .await;
         }
         ListenerKind::Https => {
             // The handshake shares the header timeout: a client that opens a socket and
             // stalls the handshake is the TLS flavour of slowloris.
-            let handshake = tokio::time::timeout(
-                cfg.client_header_timeout,
-                shared.acceptor.accept(stream),
-            )
-            .await;
+            let handshake =
+                tokio::time::timeout(cfg.client_header_timeout, shared.acceptor.accept(stream))
+                    .await;
             let tls = match handshake {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
@@ -745,10 +775,26 @@ async fn serve_conn(
             let svc = make_service(shared.service.clone(), info, activity.clone());
             if h2 {
                 let conn = shared.h2.serve_connection(io, svc);
-                drive(conn, |c| c.graceful_shutdown(), &activity, cfg, shutdown, peer).await;
+                drive(
+                    conn,
+                    |c| c.graceful_shutdown(),
+                    &activity,
+                    cfg,
+                    shutdown,
+                    peer,
+                )
+                .await;
             } else {
                 let conn = shared.h1.serve_connection(io, svc).with_upgrades();
-                drive(conn, |c| c.graceful_shutdown(), &activity, cfg, shutdown, peer).await;
+                drive(
+                    conn,
+                    |c| c.graceful_shutdown(),
+                    &activity,
+                    cfg,
+                    shutdown,
+                    peer,
+                )
+                .await;
             }
         }
     }

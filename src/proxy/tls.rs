@@ -136,7 +136,10 @@ mod tests {
         let fallback = generate_fallback().expect("fallback");
         let (_p, reader) = crate::publish::channel();
         let cfg = server_config(Arc::new(SniResolver::new(reader, fallback))).expect("config");
-        assert_eq!(cfg.alpn_protocols, vec![b"h2".to_vec(), b"http/1.1".to_vec()]);
+        assert_eq!(
+            cfg.alpn_protocols,
+            vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+        );
         assert_eq!(cfg.max_early_data_size, 0);
     }
 }
