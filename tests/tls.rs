@@ -64,9 +64,12 @@ struct Server {
 }
 
 async fn start_with(service: Option<Arc<dyn ServeRequest>>) -> Server {
+    start_cfg(service, ProxyConfig::default()).await
+}
+
+async fn start_cfg(service: Option<Arc<dyn ServeRequest>>, cfg: ProxyConfig) -> Server {
     let (publisher, reader) = portico::publish::channel();
     let metrics = Arc::new(Metrics::new());
-    let cfg = ProxyConfig::default();
     let proxy = match service {
         Some(s) => Proxy::bind_with(cfg, reader, metrics, s).await,
         None => Proxy::bind(cfg, reader, metrics).await,
@@ -525,4 +528,31 @@ async fn garbage_on_the_tls_port_does_not_hurt_other_clients() {
         assert!(closed.is_ok(), "server closed the garbage connection");
         assert_eq!(Client::sni("a.example.com").leaf(srv.https).await, a_der);
     }
+}
+
+#[tokio::test]
+async fn a_stalled_handshake_is_closed_after_the_header_timeout() {
+    let srv = start_cfg(
+        Some(Arc::new(Echo)),
+        ProxyConfig {
+            client_header_timeout: Duration::from_millis(300),
+            ..ProxyConfig::default()
+        },
+    )
+    .await;
+    let mut stalled = TcpStream::connect(srv.https).await.expect("connect");
+    let from = tokio::time::Instant::now();
+    let mut sink = Vec::new();
+    let read = timeout(DEADLINE, stalled.read_to_end(&mut sink))
+        .await
+        .expect("closed before the deadline");
+    assert!(from.elapsed() >= Duration::from_millis(250));
+    if read.is_ok() {
+        assert!(
+            sink.is_empty(),
+            "nothing sent to a client that sent nothing"
+        );
+    }
+    // Others still get served.
+    assert!(Client::default().connect(srv.https).await.is_ok());
 }
