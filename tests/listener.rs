@@ -36,15 +36,32 @@ impl ServeRequest for TestService {
             self.seen.lock().expect("lock").push(conn.clone());
             let path = req.uri().path().to_string();
             let _ = self.started.send(path.clone());
-            if path == "/upgrade" {
-                // Answer 101 and echo what the client writes on the upgraded stream.
+            if path == "/upgrade" || path == "/upgrade-hold" {
+                // Answer 101 and echo what the client writes on the upgraded stream; with
+                // `-hold`, keep echoing until the stream ends and report how it ended.
                 let upgrade = hyper::upgrade::on(req);
+                let report = self.started.clone();
+                let hold = path == "/upgrade-hold";
                 tokio::spawn(async move {
-                    if let Ok(upgraded) = upgrade.await {
-                        let mut io = TokioIo::new(upgraded);
-                        let mut buf = [0u8; 64];
-                        if let Ok(n) = io.read(&mut buf).await {
-                            let _ = io.write_all(&buf[..n]).await;
+                    let Ok(upgraded) = upgrade.await else { return };
+                    let mut io = TokioIo::new(upgraded);
+                    let mut buf = [0u8; 64];
+                    for _ in 0..1000 {
+                        match io.read(&mut buf).await {
+                            Ok(0) => {
+                                let _ = report.send("upgrade ended: eof".into());
+                                return;
+                            }
+                            Ok(n) => {
+                                let _ = io.write_all(&buf[..n]).await;
+                            }
+                            Err(e) => {
+                                let _ = report.send(format!("upgrade ended: {:?}", e.kind()));
+                                return;
+                            }
+                        }
+                        if !hold {
+                            return;
                         }
                     }
                 });
@@ -232,6 +249,52 @@ async fn http11_upgrade_is_handed_to_the_service() {
         .expect("in time")
         .expect("echo");
     assert_eq!(&buf, b"ping");
+}
+
+#[tokio::test]
+async fn upgraded_connection_keeps_its_slot_and_is_cut_after_the_grace() {
+    let mut run = start(ProxyConfig {
+        shutdown_grace: Duration::from_millis(300),
+        ..cfg()
+    })
+    .await;
+    let tcp = TcpStream::connect(run.http).await.expect("connect");
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .expect("h1 handshake");
+    tokio::spawn(conn.with_upgrades());
+    let req = Request::builder()
+        .uri("/upgrade-hold")
+        .header(http::header::HOST, "example.com")
+        .header(http::header::CONNECTION, "upgrade")
+        .header(http::header::UPGRADE, "echo")
+        .body(Empty::<Bytes>::new())
+        .expect("request");
+    let resp = send.send_request(req).await.expect("response");
+    assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+    assert_eq!(run.started.recv().await.as_deref(), Some("/upgrade-hold"));
+    let mut io = TokioIo::new(hyper::upgrade::on(resp).await.expect("upgraded"));
+    // A round trip proves the upgraded stream is live (and hyper is done with it).
+    io.write_all(b"ping").await.expect("write");
+    let mut buf = [0u8; 4];
+    timeout(DEADLINE, io.read_exact(&mut buf))
+        .await
+        .expect("in time")
+        .expect("echo");
+    assert_eq!(open_connections(&run.metrics, "http"), 1, "still counted");
+
+    let from = Instant::now();
+    run.trigger.fire();
+    finishes(run.serve).await;
+    assert!(
+        from.elapsed() >= Duration::from_millis(250),
+        "the upgraded stream got the grace"
+    );
+    let ended = timeout(DEADLINE, run.started.recv())
+        .await
+        .expect("in time");
+    assert_eq!(ended.as_deref(), Some("upgrade ended: ConnectionAborted"));
+    assert_eq!(open_connections(&run.metrics, "http"), 0);
 }
 
 #[tokio::test]

@@ -317,10 +317,53 @@ impl Body for TrackedBody {
     }
 }
 
-/// Client IO that reports what it reads to the connection's [`Activity`].
+/// Resolves when the shutdown grace ran out.
+type CutFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Client IO that reports what it reads to the connection's [`Activity`], owns the
+/// connection's [`ConnSlot`] and fails once the shutdown grace is over.
+///
+/// Living in the IO rather than in the connection task matters for upgrades: an upgraded
+/// connection (WebSocket) leaves hyper with this IO inside, so it keeps its slot under
+/// `--max-connections` and in `open_connections` until the handler drops it, and it is
+/// still cut when the grace runs out.
 struct ActivityIo<T> {
     inner: T,
     activity: Arc<Activity>,
+    _slot: ConnSlot,
+    cut: CutFuture,
+    is_cut: bool,
+}
+
+impl<T> ActivityIo<T> {
+    fn new(inner: T, activity: Arc<Activity>, slot: ConnSlot, cut: watch::Receiver<bool>) -> Self {
+        let mut cut = cut;
+        ActivityIo {
+            inner,
+            activity,
+            _slot: slot,
+            cut: Box::pin(async move {
+                // Err: the proxy is gone altogether, which is a cut too.
+                let _ = cut.wait_for(|c| *c).await;
+            }),
+            is_cut: false,
+        }
+    }
+
+    /// Polls the cut signal with the caller's waker, so a pending read or write is woken
+    /// (and fails) when the grace runs out.
+    fn check_cut(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        if !self.is_cut && self.cut.as_mut().poll(cx).is_ready() {
+            self.is_cut = true;
+        }
+        if self.is_cut {
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "connection cut at the end of the shutdown grace",
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for ActivityIo<T> {
@@ -330,6 +373,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for ActivityIo<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        this.check_cut(cx)?;
         let before = buf.filled().len();
         let res = Pin::new(&mut this.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = res {
@@ -345,11 +389,15 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+        let this = self.get_mut();
+        this.check_cut(cx)?;
+        Pin::new(&mut this.inner).poll_write(cx, buf)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        let this = self.get_mut();
+        this.check_cut(cx)?;
+        Pin::new(&mut this.inner).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -361,7 +409,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        this.check_cut(cx)?;
+        Pin::new(&mut this.inner).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -477,8 +527,10 @@ impl Proxy {
     /// connections close, h2 gets GOAWAY, in-flight requests complete), wait up to
     /// `shutdown_grace`, cut whatever is still open, and return.
     ///
-    /// Upgraded connections (WebSockets) leave hyper once upgraded and belong to the handler
-    /// from then on; they are neither counted nor drained here.
+    /// Upgraded connections (WebSockets) belong to the handler once upgraded: they keep their
+    /// connection slot while open, get the grace like everything else, and their IO fails
+    /// when it runs out (there is no protocol-level way for the listener to close them
+    /// gracefully).
     pub async fn serve(self, shutdown: Shutdown) {
         let Proxy {
             http,
@@ -692,27 +744,50 @@ async fn accept_loop(
                 continue;
             }
         };
+        let accepted = Accepted {
+            stream,
+            kind,
+            peer,
+            local,
+            slot,
+        };
         let shared = shared.clone();
         let shutdown = shutdown.clone();
-        let mut cut = cut.clone();
+        let cut = cut.clone();
         tokio::spawn(async move {
-            let _slot = slot;
+            let mut task_cut = cut.clone();
+            // The IO fails on cut too, but a request stuck in the handler does no IO: the
+            // select drops it (and with it the connection) at the cut.
             tokio::select! {
-                _ = serve_conn(&shared, stream, kind, peer, local, shutdown) => {}
-                _ = cut.wait_for(|c| *c) => debug!(%peer, "connection cut at end of shutdown grace"),
+                _ = serve_conn(&shared, accepted, shutdown, cut) => {}
+                _ = task_cut.wait_for(|c| *c) => debug!(%peer, "connection cut at end of shutdown grace"),
             }
         });
     }
 }
 
-async fn serve_conn(
-    shared: &Shared,
+/// One accepted connection, before any protocol.
+struct Accepted {
     stream: TcpStream,
     kind: ListenerKind,
     peer: SocketAddr,
     local: SocketAddr,
+    slot: ConnSlot,
+}
+
+async fn serve_conn(
+    shared: &Shared,
+    accepted: Accepted,
     shutdown: Shutdown,
+    cut: watch::Receiver<bool>,
 ) {
+    let Accepted {
+        stream,
+        kind,
+        peer,
+        local,
+        slot,
+    } = accepted;
     let cfg = &shared.cfg;
     match kind {
         ListenerKind::Http => {
@@ -723,10 +798,7 @@ async fn serve_conn(
                 tls: false,
                 sni: None,
             };
-            let io = TokioIo::new(ActivityIo {
-                inner: stream,
-                activity: activity.clone(),
-            });
+            let io = TokioIo::new(ActivityIo::new(stream, activity.clone(), slot, cut));
             let svc = make_service(shared.service.clone(), info, activity.clone());
             let conn = shared.auto.serve_connection_with_upgrades(io, svc);
             drive(
@@ -768,10 +840,7 @@ async fn serve_conn(
                 sni,
             };
             let activity = Activity::new(if h2 { Protocol::H2 } else { Protocol::H1 });
-            let io = TokioIo::new(ActivityIo {
-                inner: tls,
-                activity: activity.clone(),
-            });
+            let io = TokioIo::new(ActivityIo::new(tls, activity.clone(), slot, cut));
             let svc = make_service(shared.service.clone(), info, activity.clone());
             if h2 {
                 let conn = shared.h2.serve_connection(io, svc);
