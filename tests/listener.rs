@@ -522,3 +522,61 @@ async fn shutdown_cuts_connections_still_open_after_the_grace() {
     let _ = finishes(busy_conn).await;
     assert_eq!(open_connections(&run.metrics, "http"), 0);
 }
+
+/// Send `head` raw and return the response status line.
+async fn raw_status_line(addr: SocketAddr, head: &[u8]) -> String {
+    let mut tcp = TcpStream::connect(addr).await.expect("connect");
+    tcp.write_all(head).await.expect("write");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    // Bounded: at most 64 reads, each within the deadline.
+    for _ in 0..64 {
+        let n = timeout(DEADLINE, tcp.read(&mut buf))
+            .await
+            .expect("in time")
+            .expect("read");
+        got.extend_from_slice(&buf[..n]);
+        if n == 0 || got.windows(2).any(|w| w == b"\r\n") {
+            break;
+        }
+    }
+    let text = String::from_utf8_lossy(&got);
+    text.lines().next().unwrap_or_default().to_string()
+}
+
+#[tokio::test]
+async fn oversize_request_line_and_header_block_reach_the_handler() {
+    // The handler answers 414/431 itself (brief §4.4), so hyper's buffer must let a request
+    // line over 8 KiB and a header block near 64 KiB through.
+    let run = start(cfg()).await;
+    let mut head = format!(
+        "GET /{} HTTP/1.1\r\nHost: example.com\r\n",
+        "a".repeat(9000)
+    );
+    for i in 0..50 {
+        head.push_str(&format!("X-Pad-{i}: {}\r\n", "v".repeat(1200)));
+    }
+    head.push_str("Connection: close\r\n\r\n");
+    assert!(head.len() > 64 * 1024 - 4096);
+    assert_eq!(
+        raw_status_line(run.http, head.as_bytes()).await,
+        "HTTP/1.1 200 OK"
+    );
+    assert_eq!(run.service.seen.lock().expect("lock").len(), 1);
+}
+
+#[tokio::test]
+async fn more_headers_than_the_limit_get_431() {
+    let run = start(cfg()).await;
+    let mut head = String::from("GET / HTTP/1.1\r\nHost: example.com\r\n");
+    for i in 0..100 {
+        head.push_str(&format!("X-H-{i}: v\r\n"));
+    }
+    head.push_str("\r\n");
+    // 101 header fields with Host, over the default limit of 100 (RFC 6585 §5).
+    assert_eq!(
+        raw_status_line(run.http, head.as_bytes()).await,
+        "HTTP/1.1 431 Request Header Fields Too Large"
+    );
+    assert!(run.service.seen.lock().expect("lock").is_empty());
+}
