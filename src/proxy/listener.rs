@@ -941,3 +941,86 @@ async fn drive<C, E>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const IDLE: Duration = Duration::from_secs(60);
+    const HEADER: Duration = Duration::from_secs(10);
+
+    async fn expiry_after(a: &Activity, idle_enabled: bool) -> (Expiry, Duration) {
+        let from = Instant::now();
+        let e = a.expired(IDLE, HEADER, idle_enabled).await;
+        (e, from.elapsed())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn h1_first_head_must_arrive_within_the_header_timeout() {
+        let a = Activity::new(Protocol::Sniff);
+        a.on_read(b"GET / HT");
+        assert_eq!(expiry_after(&a, true).await, (Expiry::Header, HEADER));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn h1_keep_alive_idles_then_header_timer_starts_on_first_byte() {
+        let a = Activity::new(Protocol::H1);
+        drop(a.begin_request());
+        assert_eq!(expiry_after(&a, true).await, (Expiry::Idle, IDLE));
+        drop(a.begin_request());
+        tokio::time::advance(Duration::from_secs(30)).await;
+        a.on_read(b"G");
+        assert_eq!(expiry_after(&a, true).await, (Expiry::Header, HEADER));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn busy_connection_has_no_timer_until_its_last_request_ends() {
+        let a = Activity::new(Protocol::H2);
+        let one = a.begin_request();
+        let two = a.begin_request();
+        let waiter = {
+            let a = a.clone();
+            tokio::spawn(async move { expiry_after(&a, true).await })
+        };
+        tokio::time::advance(IDLE * 3).await;
+        assert!(!waiter.is_finished());
+        drop(one);
+        tokio::time::advance(IDLE * 3).await;
+        assert!(!waiter.is_finished(), "one stream still open");
+        drop(two);
+        let (e, _) = waiter.await.expect("join");
+        assert_eq!(e, Expiry::Idle);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn h2_preface_on_the_plain_port_switches_to_the_idle_timer() {
+        let a = Activity::new(Protocol::Sniff);
+        a.on_read(&H2_PREFACE[..10]);
+        a.on_read(&H2_PREFACE[10..]);
+        assert_eq!(a.lock().protocol, Protocol::H2);
+        // Later frames are not request heads.
+        a.on_read(b"\x00\x00\x00\x04\x00\x00\x00\x00\x00");
+        assert_eq!(expiry_after(&a, true).await, (Expiry::Idle, IDLE));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_timer_is_off_while_draining() {
+        let a = Activity::new(Protocol::H2);
+        let waiter = {
+            let a = a.clone();
+            tokio::spawn(async move { expiry_after(&a, false).await })
+        };
+        tokio::time::advance(IDLE * 3).await;
+        assert!(!waiter.is_finished());
+        waiter.abort();
+    }
+
+    #[test]
+    fn per_connection_accept_errors_are_retried_at_once() {
+        assert!(is_per_connection(&io::Error::from(
+            io::ErrorKind::ConnectionAborted
+        )));
+        // EMFILE and friends surface as other kinds: backed off.
+        assert!(!is_per_connection(&io::Error::from_raw_os_error(24)));
+    }
+}
