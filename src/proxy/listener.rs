@@ -589,13 +589,18 @@ impl Proxy {
 }
 
 fn h1_buf_size(cfg: &ProxyConfig) -> usize {
-    (cfg.max_request_line + cfg.max_header_bytes + H1_BUF_SLACK).max(H1_MIN_BUF)
+    cfg.max_request_line
+        .saturating_add(cfg.max_header_bytes)
+        .saturating_add(H1_BUF_SLACK)
+        .max(H1_MIN_BUF)
 }
 
 /// HPACK counts 32 bytes of overhead per field (RFC 7541 §4.1); allow that on top of the
 /// header byte limit so the handler, not h2, judges header size.
 fn h2_header_list_size(cfg: &ProxyConfig) -> u32 {
-    let size = cfg.max_header_bytes + 32 * cfg.max_headers;
+    let size = cfg
+        .max_header_bytes
+        .saturating_add(cfg.max_headers.saturating_mul(32));
     u32::try_from(size).unwrap_or(u32::MAX)
 }
 
