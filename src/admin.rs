@@ -1,1 +1,225 @@
-//! Admin listener: /healthz, /readyz, /metrics. Exposes nothing that changes state.
+//! Admin listener: `GET /healthz`, `GET /readyz`, `GET /metrics` (brief §4.1), and the
+//! [`Health`] draining flag the shutdown sequence flips.
+//!
+//! Owns: the admin address and its three read-only endpoints; nothing here changes state.
+//! May import: publish (readiness), metrics, proxy::listener (the shutdown signal), hyper.
+//! Must not import kube, k8s-openapi, translate or the request pipeline.
+
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tracing::{debug, info, warn};
+
+use crate::metrics::Metrics;
+use crate::proxy::listener::Shutdown;
+use crate::publish::Reader;
+
+/// Concurrent admin connections (probes and scrapers are few); more wait in the backlog.
+pub const ADMIN_MAX_CONNECTIONS: usize = 64;
+/// An admin client must send its request head within this.
+pub const ADMIN_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// After shutdown, open admin connections get this long to finish.
+pub const ADMIN_SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+/// Pause after an accept error that is not about one connection (EMFILE...).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// Content type of the Prometheus text exposition format 0.0.4.
+pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Process health shared by the app (which flips it) and the admin server (which reports it).
+#[derive(Debug, Default)]
+pub struct Health {
+    draining: AtomicBool,
+}
+
+impl Health {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Set at the start of shutdown: `/readyz` answers 503 from then on so endpoints are
+    /// removed before the listeners close (brief §4.4).
+    pub fn set_draining(&self, draining: bool) {
+        self.draining.store(draining, Ordering::SeqCst);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+}
+
+/// What the admin endpoints read.
+#[derive(Clone)]
+struct State {
+    reader: Reader,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+}
+
+/// The bound admin listener.
+pub struct Admin {
+    /// Bound address (the real port when asked for 0).
+    pub addr: SocketAddr,
+    listener: TcpListener,
+    state: State,
+}
+
+impl Admin {
+    pub async fn bind(
+        addr: SocketAddr,
+        reader: Reader,
+        metrics: Arc<Metrics>,
+        health: Arc<Health>,
+    ) -> io::Result<Admin> {
+        let listener = TcpListener::bind(addr).await?;
+        Ok(Admin {
+            addr: listener.local_addr()?,
+            listener,
+            state: State {
+                reader,
+                metrics,
+                health,
+            },
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Serve until `shutdown` fires; then close the listener, let open connections finish
+    /// for up to [`ADMIN_SHUTDOWN_GRACE`] and return.
+    pub async fn serve(self, mut shutdown: Shutdown) {
+        let Admin {
+            listener, state, ..
+        } = self;
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(ADMIN_HEADER_TIMEOUT);
+        let builder = Arc::new(builder);
+        let sem = Arc::new(Semaphore::new(ADMIN_MAX_CONNECTIONS));
+        // Runs until shutdown; each turn accepts one connection or backs off after an error.
+        loop {
+            let permit = tokio::select! {
+                p = sem.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+                _ = shutdown.fired() => break,
+            };
+            let (stream, peer) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(pair) => pair,
+                    Err(e) => {
+                        warn!(error = %e, "admin accept failed");
+                        drop(permit);
+                        tokio::select! {
+                            _ = tokio::time::sleep(ACCEPT_BACKOFF) => {}
+                            _ = shutdown.fired() => break,
+                        }
+                        continue;
+                    }
+                },
+                _ = shutdown.fired() => break,
+            };
+            let state = state.clone();
+            let svc = service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(respond(&state, &req)) }
+            });
+            let builder = builder.clone();
+            let mut conn_shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                let conn = builder.serve_connection(TokioIo::new(stream), svc);
+                let mut conn = std::pin::pin!(conn);
+                let res = tokio::select! {
+                    res = conn.as_mut() => res,
+                    _ = conn_shutdown.fired() => {
+                        // Idle keep-alives close at once; a request being answered finishes.
+                        conn.as_mut().graceful_shutdown();
+                        match tokio::time::timeout(ADMIN_SHUTDOWN_GRACE, conn.as_mut()).await {
+                            Ok(res) => res,
+                            Err(_) => Ok(()),
+                        }
+                    }
+                };
+                if let Err(e) = res {
+                    debug!(%peer, error = %e, "admin connection error");
+                }
+            });
+        }
+        drop(listener);
+        // Each connection task holds a permit until it ends; they end within the grace.
+        let all = ADMIN_MAX_CONNECTIONS as u32;
+        if tokio::time::timeout(ADMIN_SHUTDOWN_GRACE * 2, sem.acquire_many(all))
+            .await
+            .is_err()
+        {
+            debug!("admin connections still open after the grace");
+        }
+        info!("admin server stopped");
+    }
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+/// The whole admin API. Read-only by construction: it only loads the snapshot pointer, the
+/// draining flag and the metrics registry.
+fn respond(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = req.uri().path();
+    let known = matches!(path, "/healthz" | "/readyz" | "/metrics");
+    if !known {
+        return text(StatusCode::NOT_FOUND, "not found\n");
+    }
+    // HEAD is GET without a body (RFC 9110 §9.3.2); hyper drops the body for HEAD.
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        let mut resp = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+        // RFC 9110 §15.5.6: a 405 carries Allow.
+        resp.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return resp;
+    }
+    match path {
+        "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/readyz" => {
+            if state.health.is_draining() {
+                text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+            } else if !state.reader.is_ready() {
+                text(StatusCode::SERVICE_UNAVAILABLE, "no snapshot yet\n")
+            } else {
+                text(StatusCode::OK, "ready\n")
+            }
+        }
+        _ => {
+            let mut resp = Response::new(Full::new(Bytes::from(state.metrics.render())));
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(METRICS_CONTENT_TYPE),
+            );
+            resp
+        }
+    }
+}

@@ -1,39 +1,1031 @@
-//! Listeners: accept loops for HTTP and HTTPS, connection cap, shutdown sequence.
+//! Listeners: the HTTP and HTTPS accept loops, the connection cap, per-connection protocol
+//! serving (h1, h2 over TLS by ALPN, h2c prior knowledge on the plain port), the client header
+//! and idle keep-alive timers, and the shutdown sequence of brief §4.4.
+//!
+//! Owns: sockets, connection lifetimes and the order of shutdown. Every request is handed to a
+//! [`ServeRequest`] (the real one is [`Handler`]) with its [`ConnInfo`]; this module never looks
+//! inside requests. Must not import kube, k8s-openapi, translate or the controller.
 
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::pin::{Pin, pin};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::time::Duration;
 
+use bytes::Bytes;
+use http::{Request, Response};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use prometheus::IntGauge;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
+use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, warn};
+
+use super::handler::Handler;
+use super::tls::{self, SniResolver};
+use super::{BoxError, ConnInfo, ProxyBody, ProxyConfig};
 use crate::metrics::Metrics;
 use crate::publish::Reader;
 
-use super::ProxyConfig;
+/// First pause after an accept error that is not about one connection (EMFILE, ENFILE,
+/// ENOBUFS...): the process is out of something, spinning would only burn the CPU.
+pub const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
+/// Longest pause between accept attempts while errors persist.
+pub const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// Interval of HTTP/2 keep-alive PINGs to clients (RFC 9113 §6.7).
+pub const H2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
+/// A client that does not answer a PING within this is gone.
+pub const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// After the grace period connections are cut; this bounds the wait for their tasks to notice.
+const CUT_WAIT: Duration = Duration::from_secs(2);
+/// Room above request line + header block in hyper's h1 read buffer (CRLFs, a first body
+/// chunk), so oversize requests reach the handler and get 414/431 from it.
+const H1_BUF_SLACK: usize = 4096;
+/// hyper's minimum for `max_buf_size`.
+const H1_MIN_BUF: usize = 8192;
+/// The HTTP/2 connection preface (RFC 9113 §3.4), used to tell h2c from h1 on the plain port.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// Bound proxy listeners, ready to serve.
-pub struct Proxy {
-    pub http_addr: SocketAddr,
-    pub https_addr: SocketAddr,
-    _cfg: ProxyConfig,
-    _reader: Reader,
-    _metrics: Arc<Metrics>,
+// ---------------------------------------------------------------------------------------------
+// Shutdown trigger
+
+/// Fires the shutdown of every [`Proxy`] and admin server that holds one of its [`Shutdown`]s.
+///
+/// The app fires it after readiness went to 503 and `--shutdown-delay` passed; `serve` then
+/// closes its listeners, drains connections for up to `shutdown_grace`, cuts the rest and
+/// returns. Dropping every trigger counts as firing, so a lost trigger never leaves a server
+/// that cannot stop.
+#[derive(Debug, Clone)]
+pub struct ShutdownTrigger(pub watch::Sender<bool>);
+
+impl ShutdownTrigger {
+    pub fn new() -> Self {
+        ShutdownTrigger(watch::channel(false).0)
+    }
+
+    /// A signal to hand to `serve`.
+    pub fn signal(&self) -> Shutdown {
+        Shutdown(self.0.subscribe())
+    }
+
+    /// Start the shutdown. Idempotent.
+    pub fn fire(&self) {
+        self.0.send_replace(true);
+    }
+
+    pub fn is_fired(&self) -> bool {
+        *self.0.borrow()
+    }
 }
 
-/// Tells a serving [`Proxy`] to close its listeners and drain.
+impl Default for ShutdownTrigger {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The receiving side of a [`ShutdownTrigger`].
 #[derive(Debug, Clone)]
-pub struct ShutdownTrigger(pub tokio::sync::watch::Sender<bool>);
+pub struct Shutdown(watch::Receiver<bool>);
+
+impl Shutdown {
+    /// Resolves once the trigger fired (at once if it already has, or if it was dropped).
+    pub async fn fired(&mut self) {
+        // Err means every sender is gone: treated as fired (see ShutdownTrigger).
+        let _ = self.0.wait_for(|fired| *fired).await;
+    }
+
+    pub fn is_fired(&self) -> bool {
+        *self.0.borrow() || self.0.has_changed().is_err()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The request seam
+
+/// Future of one served request.
+pub type ServeFuture<'a> = Pin<Box<dyn Future<Output = Response<ProxyBody>> + Send + 'a>>;
+
+/// What the listener calls for every request. [`Handler`] is the product's implementation;
+/// [`Proxy::bind_with`] takes any other, which keeps the listener testable on its own (e.g.
+/// with a request that stays in flight until the test lets it go).
+pub trait ServeRequest: Send + Sync + 'static {
+    fn serve<'a>(&'a self, req: Request<Incoming>, conn: &'a ConnInfo) -> ServeFuture<'a>;
+}
+
+impl ServeRequest for Handler {
+    fn serve<'a>(&'a self, req: Request<Incoming>, conn: &'a ConnInfo) -> ServeFuture<'a> {
+        Box::pin(self.handle(req, conn))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-connection activity: header timer and idle keep-alive timer
+
+/// What a connection is doing, for its timers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// No request in flight and no bytes of a next one since this instant.
+    Idle(Instant),
+    /// Bytes of a request head arrived (or the connection opened) at this instant and the
+    /// head is not complete yet.
+    Head(Instant),
+    /// At least one request in flight (handler running or response body streaming).
+    Busy,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    /// Plain port: h1 unless the first bytes are the h2 preface.
+    Sniff,
+    H1,
+    H2,
+}
+
+#[derive(Debug)]
+struct ActState {
+    in_flight: usize,
+    phase: Phase,
+    protocol: Protocol,
+    /// Bytes of the h2 preface matched so far while sniffing.
+    sniffed: usize,
+}
+
+/// Which timer ran out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expiry {
+    Idle,
+    Header,
+}
+
+/// Shared between the IO wrapper (reads), the service (request start/end) and the connection
+/// task (timers).
+#[derive(Debug)]
+struct Activity {
+    state: Mutex<ActState>,
+    changed: Notify,
+}
+
+impl Activity {
+    fn new(protocol: Protocol) -> Arc<Self> {
+        let now = Instant::now();
+        // HTTP/1.1: the first request head must arrive within the header timeout of the
+        // connection opening (a connection that never sends anything is a slowloris too).
+        // HTTP/2 has no head phase at the connection level: it idles until its first stream.
+        let phase = match protocol {
+            Protocol::H2 => Phase::Idle(now),
+            Protocol::Sniff | Protocol::H1 => Phase::Head(now),
+        };
+        Arc::new(Activity {
+            state: Mutex::new(ActState {
+                in_flight: 0,
+                phase,
+                protocol,
+                sniffed: 0,
+            }),
+            changed: Notify::new(),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, ActState> {
+        // The state is a few plain fields updated atomically under the lock, so a panic
+        // elsewhere cannot leave it inconsistent: take it back instead of propagating.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Called with every chunk of bytes read from the client.
+    fn on_read(&self, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        let mut s = self.lock();
+        if s.protocol == Protocol::Sniff {
+            let want = &H2_PREFACE[s.sniffed..];
+            let n = want.len().min(bytes.len());
+            if bytes[..n] == want[..n] {
+                s.sniffed += n;
+                if s.sniffed == H2_PREFACE.len() {
+                    s.protocol = Protocol::H2;
+                    if let Phase::Head(t) = s.phase {
+                        s.phase = Phase::Idle(t);
+                    }
+                    self.changed.notify_one();
+                }
+                return;
+            }
+            s.protocol = Protocol::H1;
+        }
+        if s.protocol == Protocol::H1 && s.in_flight == 0 && matches!(s.phase, Phase::Idle(_)) {
+            // First byte of the next request on a keep-alive connection: from now on the
+            // header timer runs, not the idle timer.
+            s.phase = Phase::Head(Instant::now());
+            self.changed.notify_one();
+        }
+    }
+
+    fn begin_request(self: &Arc<Self>) -> RequestGuard {
+        let mut s = self.lock();
+        s.in_flight += 1;
+        s.phase = Phase::Busy;
+        self.changed.notify_one();
+        RequestGuard(self.clone())
+    }
+
+    fn end_request(&self) {
+        let mut s = self.lock();
+        s.in_flight = s.in_flight.saturating_sub(1);
+        if s.in_flight == 0 {
+            s.phase = Phase::Idle(Instant::now());
+            self.changed.notify_one();
+        }
+    }
+
+    /// Resolves when a timer runs out: the header timer in [`Phase::Head`], the idle timer in
+    /// [`Phase::Idle`] (only when `idle_enabled`). Re-arms on every phase change; the loop
+    /// runs once per change and ends when the connection task drops this future.
+    async fn expired(&self, idle: Duration, header: Duration, idle_enabled: bool) -> Expiry {
+        loop {
+            let notified = self.changed.notified();
+            let mut notified = pin!(notified);
+            // Register before reading the state so a change in between is not missed.
+            notified.as_mut().enable();
+            let phase = self.lock().phase;
+            let deadline = match phase {
+                Phase::Idle(t) if idle_enabled => Some((t + idle, Expiry::Idle)),
+                Phase::Head(t) => Some((t + header, Expiry::Header)),
+                Phase::Idle(_) | Phase::Busy => None,
+            };
+            match deadline {
+                Some((at, kind)) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(at) => {
+                            if self.lock().phase == phase {
+                                return kind;
+                            }
+                        }
+                        _ = notified => {}
+                    }
+                }
+                None => notified.await,
+            }
+        }
+    }
+}
+
+/// Marks one request in flight until dropped (with the response body, or with the handler
+/// future if the client went away first).
+struct RequestGuard(Arc<Activity>);
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        self.0.end_request();
+    }
+}
+
+/// The response body, carrying the request's [`RequestGuard`] so a streaming response keeps
+/// the connection busy until its last byte.
+struct TrackedBody {
+    inner: ProxyBody,
+    _guard: RequestGuard,
+}
+
+impl Body for TrackedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Resolves when the shutdown grace ran out.
+type CutFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Client IO that reports what it reads to the connection's [`Activity`], owns the
+/// connection's [`ConnSlot`] and fails once the shutdown grace is over.
+///
+/// Living in the IO rather than in the connection task matters for upgrades: an upgraded
+/// connection (WebSocket) leaves hyper with this IO inside, so it keeps its slot under
+/// `--max-connections` and in `open_connections` until the handler drops it, and it is
+/// still cut when the grace runs out.
+struct ActivityIo<T> {
+    inner: T,
+    activity: Arc<Activity>,
+    _slot: ConnSlot,
+    cut: CutFuture,
+    is_cut: bool,
+}
+
+impl<T> ActivityIo<T> {
+    fn new(inner: T, activity: Arc<Activity>, slot: ConnSlot, cut: watch::Receiver<bool>) -> Self {
+        let mut cut = cut;
+        ActivityIo {
+            inner,
+            activity,
+            _slot: slot,
+            cut: Box::pin(async move {
+                // Err: the proxy is gone altogether, which is a cut too.
+                let _ = cut.wait_for(|c| *c).await;
+            }),
+            is_cut: false,
+        }
+    }
+
+    /// Polls the cut signal with the caller's waker, so a pending read or write is woken
+    /// (and fails) when the grace runs out.
+    fn check_cut(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        if !self.is_cut && self.cut.as_mut().poll(cx).is_ready() {
+            self.is_cut = true;
+        }
+        if self.is_cut {
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "connection cut at the end of the shutdown grace",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for ActivityIo<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        this.check_cut(cx)?;
+        let before = buf.filled().len();
+        let res = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = res {
+            this.activity.on_read(&buf.filled()[before..]);
+        }
+        res
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        this.check_cut(cx)?;
+        Pin::new(&mut this.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        this.check_cut(cx)?;
+        Pin::new(&mut this.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        this.check_cut(cx)?;
+        Pin::new(&mut this.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The proxy
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ListenerKind {
+    Http,
+    Https,
+}
+
+impl ListenerKind {
+    fn label(self) -> &'static str {
+        match self {
+            ListenerKind::Http => "http",
+            ListenerKind::Https => "https",
+        }
+    }
+}
+
+/// Everything a connection task needs, shared by all of them.
+struct Shared {
+    cfg: Arc<ProxyConfig>,
+    service: Arc<dyn ServeRequest>,
+    /// Plain port: h1, or h2c when the client starts with the preface (prior knowledge,
+    /// RFC 9113 §3.3).
+    auto: auto::Builder<TokioExecutor>,
+    /// TLS with ALPN `http/1.1` or no ALPN (RFC 9113 §3.2: h2 over TLS needs ALPN).
+    h1: hyper::server::conn::http1::Builder,
+    /// TLS with ALPN `h2`.
+    h2: hyper::server::conn::http2::Builder<TokioExecutor>,
+    acceptor: TlsAcceptor,
+}
+
+/// Bound proxy listeners, ready to [`serve`](Proxy::serve).
+pub struct Proxy {
+    /// Address the plain HTTP listener is bound to (the real port when the flag said 0).
+    pub http_addr: SocketAddr,
+    /// Address the HTTPS listener is bound to.
+    pub https_addr: SocketAddr,
+    http: TcpListener,
+    https: TcpListener,
+    shared: Arc<Shared>,
+    metrics: Arc<Metrics>,
+}
 
 impl Proxy {
-    /// Bind the HTTP and HTTPS listeners.
+    /// Bind the HTTP and HTTPS listeners, serving every request through [`Handler`]. Generates
+    /// the fallback certificate for handshakes no snapshot certificate answers.
     pub async fn bind(
         cfg: ProxyConfig,
         reader: Reader,
         metrics: Arc<Metrics>,
-    ) -> std::io::Result<Proxy> {
+    ) -> io::Result<Proxy> {
+        let handler = Handler::new(Arc::new(cfg.clone()), reader.clone(), metrics.clone());
+        Self::bind_with(cfg, reader, metrics, Arc::new(handler)).await
+    }
+
+    /// Like [`bind`](Proxy::bind) with another request service (tests, embedding).
+    pub async fn bind_with(
+        cfg: ProxyConfig,
+        reader: Reader,
+        metrics: Arc<Metrics>,
+        service: Arc<dyn ServeRequest>,
+    ) -> io::Result<Proxy> {
+        let fallback = tls::generate_fallback().map_err(io::Error::other)?;
+        let tls_cfg = tls::server_config(Arc::new(SniResolver::new(reader, fallback)))
+            .map_err(io::Error::other)?;
+        let http = TcpListener::bind(cfg.http_addr).await?;
+        let https = TcpListener::bind(cfg.https_addr).await?;
+        let http_addr = http.local_addr()?;
+        let https_addr = https.local_addr()?;
+        // Present both series from the start, so dashboards see 0 rather than nothing.
+        for kind in [ListenerKind::Http, ListenerKind::Https] {
+            metrics
+                .open_connections
+                .with_label_values(&[kind.label()])
+                .add(0);
+        }
+        let shared = Shared {
+            auto: auto_builder(&cfg),
+            h1: h1_builder(&cfg),
+            h2: h2_builder(&cfg),
+            acceptor: TlsAcceptor::from(tls_cfg),
+            service,
+            cfg: Arc::new(cfg),
+        };
         Ok(Proxy {
-            http_addr: cfg.http_addr,
-            https_addr: cfg.https_addr,
-            _cfg: cfg,
-            _reader: reader,
-            _metrics: metrics,
+            http_addr,
+            https_addr,
+            http,
+            https,
+            shared: Arc::new(shared),
+            metrics,
         })
+    }
+
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    pub fn https_addr(&self) -> SocketAddr {
+        self.https_addr
+    }
+
+    /// Serve both listeners until `shutdown` fires, then run the shutdown sequence (brief
+    /// §4.4): close the listeners, ask every connection to finish gracefully (idle keep-alive
+    /// connections close, h2 gets GOAWAY, in-flight requests complete), wait up to
+    /// `shutdown_grace`, cut whatever is still open, and return.
+    ///
+    /// Upgraded connections (WebSockets) belong to the handler once upgraded: they keep their
+    /// connection slot while open, get the grace like everything else, and their IO fails
+    /// when it runs out (there is no protocol-level way for the listener to close them
+    /// gracefully).
+    pub async fn serve(self, shutdown: Shutdown) {
+        let Proxy {
+            http,
+            https,
+            shared,
+            metrics,
+            ..
+        } = self;
+        // One cap across both listeners: `--max-connections` is about the process' sockets.
+        let permits = shared.cfg.max_connections.clamp(1, u32::MAX as usize);
+        let sem = Arc::new(Semaphore::new(permits));
+        let (cut_tx, cut_rx) = watch::channel(false);
+        let gauges = Gauges {
+            http: metrics
+                .open_connections
+                .with_label_values(&[ListenerKind::Http.label()]),
+            https: metrics
+                .open_connections
+                .with_label_values(&[ListenerKind::Https.label()]),
+        };
+        // Returns on shutdown, dropping (closing) both listeners.
+        accept_loop(
+            [(http, ListenerKind::Http), (https, ListenerKind::Https)],
+            shared.clone(),
+            sem.clone(),
+            gauges,
+            shutdown,
+            cut_rx,
+        )
+        .await;
+        let grace = shared.cfg.shutdown_grace;
+        let open = permits - sem.available_permits();
+        info!(open, ?grace, "listeners closed; draining connections");
+        // Every connection holds one permit until its task ends: all permits back = drained.
+        let all = permits as u32;
+        if tokio::time::timeout(grace, sem.acquire_many(all))
+            .await
+            .is_ok()
+        {
+            info!("all connections drained");
+            return;
+        }
+        let open = permits - sem.available_permits();
+        warn!(
+            open,
+            "shutdown grace elapsed; cutting remaining connections"
+        );
+        cut_tx.send_replace(true);
+        if tokio::time::timeout(CUT_WAIT, sem.acquire_many(all))
+            .await
+            .is_err()
+        {
+            warn!("some connection tasks did not stop after the cut");
+        }
+    }
+}
+
+fn h1_buf_size(cfg: &ProxyConfig) -> usize {
+    cfg.max_request_line
+        .saturating_add(cfg.max_header_bytes)
+        .saturating_add(H1_BUF_SLACK)
+        .max(H1_MIN_BUF)
+}
+
+/// HPACK counts 32 bytes of overhead per field (RFC 7541 §4.1); allow that on top of the
+/// header byte limit so the handler, not h2, judges header size.
+fn h2_header_list_size(cfg: &ProxyConfig) -> u32 {
+    let size = cfg
+        .max_header_bytes
+        .saturating_add(cfg.max_headers.saturating_mul(32));
+    u32::try_from(size).unwrap_or(u32::MAX)
+}
+
+// hyper's own `header_read_timeout` is deliberately left off: hyper 1.x restarts it whenever a
+// keep-alive connection waits for its next request, which would cap idle keep-alive at the
+// header timeout (10 s) instead of §4.4's 60 s. The header and idle timers live in
+// [`Activity`] instead.
+
+fn auto_builder(cfg: &ProxyConfig) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(None)
+        .keep_alive(true)
+        .max_buf_size(h1_buf_size(cfg))
+        .max_headers(cfg.max_headers);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(cfg.h2_max_concurrent_streams)
+        .max_header_list_size(h2_header_list_size(cfg))
+        .keep_alive_interval(H2_KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT);
+    b
+}
+
+fn h1_builder(cfg: &ProxyConfig) -> hyper::server::conn::http1::Builder {
+    let mut b = hyper::server::conn::http1::Builder::new();
+    b.timer(TokioTimer::new())
+        .header_read_timeout(None)
+        .keep_alive(true)
+        .max_buf_size(h1_buf_size(cfg))
+        .max_headers(cfg.max_headers);
+    b
+}
+
+fn h2_builder(cfg: &ProxyConfig) -> hyper::server::conn::http2::Builder<TokioExecutor> {
+    let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    b.timer(TokioTimer::new())
+        .max_concurrent_streams(cfg.h2_max_concurrent_streams)
+        .max_header_list_size(h2_header_list_size(cfg))
+        .keep_alive_interval(H2_KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT);
+    b
+}
+
+/// Accept errors that concern one connection only (it died before we took it): retry at once.
+/// Anything else (EMFILE, ENFILE, ENOBUFS, ENOMEM) is backed off.
+fn is_per_connection(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::Interrupted
+            | io::ErrorKind::WouldBlock
+    )
+}
+
+/// One accepted connection's share of the cap and of the gauge; released on drop.
+struct ConnSlot {
+    _permit: OwnedSemaphorePermit,
+    gauge: IntGauge,
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
+
+/// The open-connections gauge of each listener.
+struct Gauges {
+    http: IntGauge,
+    https: IntGauge,
+}
+
+impl Gauges {
+    fn get(&self, kind: ListenerKind) -> &IntGauge {
+        match kind {
+            ListenerKind::Http => &self.http,
+            ListenerKind::Https => &self.https,
+        }
+    }
+}
+
+/// Accept on both listeners until shutdown. One loop for both, so exactly one permit is held
+/// while waiting: two loops would each hold one and shrink the cap.
+async fn accept_loop(
+    listeners: [(TcpListener, ListenerKind); 2],
+    shared: Arc<Shared>,
+    sem: Arc<Semaphore>,
+    gauges: Gauges,
+    mut shutdown: Shutdown,
+    cut: watch::Receiver<bool>,
+) {
+    let [(l0, k0), (l1, k1)] = listeners;
+    let mut backoff = ACCEPT_BACKOFF_MIN;
+    // Runs until shutdown; each turn accepts one connection or backs off after an error.
+    loop {
+        // The permit comes first: at the cap we stop calling accept(), so new clients wait in
+        // the kernel backlog (backpressure) instead of being accepted and refused.
+        let permit = tokio::select! {
+            p = sem.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+            _ = shutdown.fired() => return,
+        };
+        let (accepted, kind) = tokio::select! {
+            r = l0.accept() => (r, k0),
+            r = l1.accept() => (r, k1),
+            _ = shutdown.fired() => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(pair) => {
+                backoff = ACCEPT_BACKOFF_MIN;
+                pair
+            }
+            Err(e) if is_per_connection(&e) => {
+                debug!(listener = kind.label(), error = %e, "accept: connection lost before accept");
+                continue;
+            }
+            Err(e) => {
+                warn!(listener = kind.label(), error = %e, ?backoff, "accept failed; backing off");
+                drop(permit);
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.fired() => return,
+                }
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                continue;
+            }
+        };
+        let gauge = gauges.get(kind);
+        gauge.inc();
+        let slot = ConnSlot {
+            _permit: permit,
+            gauge: gauge.clone(),
+        };
+        if let Err(e) = stream.set_nodelay(true) {
+            debug!(error = %e, "set TCP_NODELAY failed");
+        }
+        let local = match stream.local_addr() {
+            Ok(a) => a,
+            Err(e) => {
+                debug!(error = %e, "accepted socket has no local address; dropping it");
+                continue;
+            }
+        };
+        let accepted = Accepted {
+            stream,
+            kind,
+            peer,
+            local,
+            slot,
+        };
+        let shared = shared.clone();
+        let shutdown = shutdown.clone();
+        let cut = cut.clone();
+        tokio::spawn(async move {
+            let mut task_cut = cut.clone();
+            // The IO fails on cut too, but a request stuck in the handler does no IO: the
+            // select drops it (and with it the connection) at the cut.
+            tokio::select! {
+                _ = serve_conn(&shared, accepted, shutdown, cut) => {}
+                _ = task_cut.wait_for(|c| *c) => debug!(%peer, "connection cut at end of shutdown grace"),
+            }
+        });
+    }
+}
+
+/// One accepted connection, before any protocol.
+struct Accepted {
+    stream: TcpStream,
+    kind: ListenerKind,
+    peer: SocketAddr,
+    local: SocketAddr,
+    slot: ConnSlot,
+}
+
+async fn serve_conn(
+    shared: &Shared,
+    accepted: Accepted,
+    shutdown: Shutdown,
+    cut: watch::Receiver<bool>,
+) {
+    let Accepted {
+        stream,
+        kind,
+        peer,
+        local,
+        slot,
+    } = accepted;
+    let cfg = &shared.cfg;
+    match kind {
+        ListenerKind::Http => {
+            let activity = Activity::new(Protocol::Sniff);
+            let info = ConnInfo {
+                peer,
+                local,
+                tls: false,
+                sni: None,
+            };
+            let io = TokioIo::new(ActivityIo::new(stream, activity.clone(), slot, cut));
+            let svc = make_service(shared.service.clone(), info, activity.clone());
+            let conn = shared.auto.serve_connection_with_upgrades(io, svc);
+            drive(
+                conn,
+                |c| c.graceful_shutdown(),
+                &activity,
+                cfg,
+                shutdown,
+                peer,
+            )
+            .await;
+        }
+        ListenerKind::Https => {
+            // The handshake shares the header timeout: a client that opens a socket and
+            // stalls the handshake is the TLS flavour of slowloris.
+            let handshake =
+                tokio::time::timeout(cfg.client_header_timeout, shared.acceptor.accept(stream))
+                    .await;
+            let tls = match handshake {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    debug!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let (_, session) = tls.get_ref();
+            let sni = session
+                .server_name()
+                .map(|s| Arc::<str>::from(s.to_ascii_lowercase()));
+            let h2 = session.alpn_protocol() == Some(tls::ALPN_H2);
+            let info = ConnInfo {
+                peer,
+                local,
+                tls: true,
+                sni,
+            };
+            let activity = Activity::new(if h2 { Protocol::H2 } else { Protocol::H1 });
+            let io = TokioIo::new(ActivityIo::new(tls, activity.clone(), slot, cut));
+            let svc = make_service(shared.service.clone(), info, activity.clone());
+            if h2 {
+                let conn = shared.h2.serve_connection(io, svc);
+                drive(
+                    conn,
+                    |c| c.graceful_shutdown(),
+                    &activity,
+                    cfg,
+                    shutdown,
+                    peer,
+                )
+                .await;
+            } else {
+                let conn = shared.h1.serve_connection(io, svc).with_upgrades();
+                drive(
+                    conn,
+                    |c| c.graceful_shutdown(),
+                    &activity,
+                    cfg,
+                    shutdown,
+                    peer,
+                )
+                .await;
+            }
+        }
+    }
+}
+
+/// The hyper service of one connection: marks the request in flight and calls the seam.
+fn make_service(
+    service: Arc<dyn ServeRequest>,
+    info: ConnInfo,
+    activity: Arc<Activity>,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = Response<TrackedBody>,
+    Error = Infallible,
+    Future = impl Future<Output = Result<Response<TrackedBody>, Infallible>> + Send + 'static,
+> + Clone {
+    let info = Arc::new(info);
+    service_fn(move |req: Request<Incoming>| {
+        let guard = activity.begin_request();
+        let service = service.clone();
+        let info = info.clone();
+        async move {
+            let resp = service.serve(req, &info).await;
+            Ok::<_, Infallible>(resp.map(|inner| TrackedBody {
+                inner,
+                _guard: guard,
+            }))
+        }
+    })
+}
+
+/// Poll one connection to its end, applying the timers and the graceful shutdown.
+async fn drive<C, E>(
+    conn: C,
+    graceful: impl Fn(Pin<&mut C>),
+    activity: &Activity,
+    cfg: &ProxyConfig,
+    mut shutdown: Shutdown,
+    peer: SocketAddr,
+) where
+    C: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    let mut conn = pin!(conn);
+    let mut draining = false;
+    // At most three turns: graceful start (once), then the end or a header timeout.
+    loop {
+        tokio::select! {
+            res = conn.as_mut() => {
+                if let Err(e) = res {
+                    debug!(%peer, error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            _ = shutdown.fired(), if !draining => {
+                graceful(conn.as_mut());
+                draining = true;
+            }
+            expiry = activity.expired(cfg.client_idle_timeout, cfg.client_header_timeout, !draining) => {
+                match expiry {
+                    Expiry::Idle => {
+                        debug!(%peer, "idle keep-alive timeout");
+                        // Closes an idle h1 connection at once; h2 gets GOAWAY (RFC 9113 §6.8).
+                        graceful(conn.as_mut());
+                        draining = true;
+                    }
+                    Expiry::Header => {
+                        // RFC 9112 §9.5 lets a server close a connection whose request does not
+                        // arrive in time; §4.4 allows "408 or close": we close.
+                        debug!(%peer, "client header timeout; closing");
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const IDLE: Duration = Duration::from_secs(60);
+    const HEADER: Duration = Duration::from_secs(10);
+
+    async fn expiry_after(a: &Activity, idle_enabled: bool) -> (Expiry, Duration) {
+        let from = Instant::now();
+        let e = a.expired(IDLE, HEADER, idle_enabled).await;
+        (e, from.elapsed())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn h1_first_head_must_arrive_within_the_header_timeout() {
+        let a = Activity::new(Protocol::Sniff);
+        a.on_read(b"GET / HT");
+        assert_eq!(expiry_after(&a, true).await, (Expiry::Header, HEADER));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn h1_keep_alive_idles_then_header_timer_starts_on_first_byte() {
+        let a = Activity::new(Protocol::H1);
+        drop(a.begin_request());
+        assert_eq!(expiry_after(&a, true).await, (Expiry::Idle, IDLE));
+        drop(a.begin_request());
+        tokio::time::advance(Duration::from_secs(30)).await;
+        a.on_read(b"G");
+        assert_eq!(expiry_after(&a, true).await, (Expiry::Header, HEADER));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn busy_connection_has_no_timer_until_its_last_request_ends() {
+        let a = Activity::new(Protocol::H2);
+        let one = a.begin_request();
+        let two = a.begin_request();
+        let waiter = {
+            let a = a.clone();
+            tokio::spawn(async move { expiry_after(&a, true).await })
+        };
+        tokio::time::advance(IDLE * 3).await;
+        assert!(!waiter.is_finished());
+        drop(one);
+        tokio::time::advance(IDLE * 3).await;
+        assert!(!waiter.is_finished(), "one stream still open");
+        drop(two);
+        let (e, _) = waiter.await.expect("join");
+        assert_eq!(e, Expiry::Idle);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn h2_preface_on_the_plain_port_switches_to_the_idle_timer() {
+        let a = Activity::new(Protocol::Sniff);
+        a.on_read(&H2_PREFACE[..10]);
+        a.on_read(&H2_PREFACE[10..]);
+        assert_eq!(a.lock().protocol, Protocol::H2);
+        // Later frames are not request heads.
+        a.on_read(b"\x00\x00\x00\x04\x00\x00\x00\x00\x00");
+        assert_eq!(expiry_after(&a, true).await, (Expiry::Idle, IDLE));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_timer_is_off_while_draining() {
+        let a = Activity::new(Protocol::H2);
+        let waiter = {
+            let a = a.clone();
+            tokio::spawn(async move { expiry_after(&a, false).await })
+        };
+        tokio::time::advance(IDLE * 3).await;
+        assert!(!waiter.is_finished());
+        waiter.abort();
+    }
+
+    #[test]
+    fn per_connection_accept_errors_are_retried_at_once() {
+        assert!(is_per_connection(&io::Error::from(
+            io::ErrorKind::ConnectionAborted
+        )));
+        // EMFILE and friends surface as other kinds: backed off.
+        assert!(!is_per_connection(&io::Error::from_raw_os_error(24)));
     }
 }

@@ -1,1 +1,145 @@
-//! placeholder
+//! TLS termination for the HTTPS listener: the rustls `ServerConfig`, the SNI certificate
+//! resolver over the published snapshot, and the self-signed fallback certificate.
+//!
+//! Owns: protocol versions (TLS 1.2 and 1.3 only), ALPN (`h2`, `http/1.1`), no 0-RTT, and the
+//! choice of certificate per handshake. Must not import kube, k8s-openapi, hyper or the
+//! listener; certificates arrive already parsed in [`crate::model::tls::TlsTable`].
+
+use std::fmt;
+use std::sync::Arc;
+
+use rustls::crypto::CryptoProvider;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::{ServerConfig, SupportedProtocolVersion};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+use crate::publish::Reader;
+
+/// Subject alternative name of the generated fallback certificate.
+pub const FALLBACK_CERT_NAME: &str = "portico-default";
+
+/// ALPN identifiers we offer, in server preference order (RFC 7301; `h2` per RFC 9113 §3.2).
+pub const ALPN_H2: &[u8] = b"h2";
+/// ALPN identifier of HTTP/1.1.
+pub const ALPN_HTTP11: &[u8] = b"http/1.1";
+
+/// The only protocol versions served: TLS 1.3 and 1.2 (brief §4.4, "TLS 1.2 minimum").
+pub static PROTOCOL_VERSIONS: &[&SupportedProtocolVersion] =
+    &[&rustls::version::TLS13, &rustls::version::TLS12];
+
+/// Errors building TLS material.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("generating the fallback certificate: {0}")]
+    Generate(#[from] rcgen::Error),
+    #[error("rustls: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+/// Result alias of this module.
+pub type Result<T> = std::result::Result<T, TlsError>;
+
+/// The one crypto provider portico uses: ring, passed explicitly so no process-wide default
+/// has to be installed.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Build a rustls certified key from a DER chain and private key with the ring provider.
+pub fn certified_key(
+    chain: Vec<CertificateDer<'static>>,
+    key: &PrivateKeyDer<'_>,
+) -> Result<Arc<CertifiedKey>> {
+    let signer = rustls::crypto::ring::sign::any_supported_type(key)?;
+    Ok(Arc::new(CertifiedKey::new(chain, signer)))
+}
+
+/// Generate the self-signed fallback certificate (SAN [`FALLBACK_CERT_NAME`]) served when
+/// neither the SNI table nor `--default-certificate` has one. Generated once at start.
+pub fn generate_fallback() -> Result<Arc<CertifiedKey>> {
+    let rcgen::CertifiedKey { cert, signing_key } =
+        rcgen::generate_simple_self_signed(vec![FALLBACK_CERT_NAME.to_string()])?;
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(signing_key.serialize_der()));
+    certified_key(vec![cert.der().clone()], &key)
+}
+
+/// Picks the certificate for each handshake from the snapshot serving at that moment, so a
+/// rotated Secret reaches the next handshake without a restart.
+pub struct SniResolver {
+    reader: Reader,
+    fallback: Arc<CertifiedKey>,
+}
+
+impl SniResolver {
+    pub fn new(reader: Reader, fallback: Arc<CertifiedKey>) -> Self {
+        SniResolver { reader, fallback }
+    }
+
+    /// The certificate for `sni`: exact, then one-label wildcard, then the default certificate
+    /// from the snapshot (all in [`crate::model::tls::TlsTable::resolve`]), else the fallback.
+    pub fn pick(&self, sni: Option<&str>) -> Arc<CertifiedKey> {
+        // One load per handshake: the whole choice is made against a single snapshot.
+        match self.reader.load() {
+            Some(snapshot) => match snapshot.tls.resolve(sni) {
+                Some(cert) => cert.key.clone(),
+                None => self.fallback.clone(),
+            },
+            None => self.fallback.clone(),
+        }
+    }
+}
+
+impl fmt::Debug for SniResolver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SniResolver").finish_non_exhaustive()
+    }
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        // rustls hands us the SNI already validated as a DNS name (RFC 6066 §3 forbids IP
+        // literals there); the table lower-cases it.
+        Some(self.pick(client_hello.server_name()))
+    }
+}
+
+/// The HTTPS listener's server configuration.
+pub fn server_config(resolver: Arc<dyn ResolvesServerCert>) -> Result<Arc<ServerConfig>> {
+    let mut cfg = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(PROTOCOL_VERSIONS)?
+        .with_no_client_auth()
+        .with_cert_resolver(resolver);
+    // h2 first: clients offering both get HTTP/2 (RFC 7301 §3.2, server picks).
+    cfg.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec()];
+    // No 0-RTT: early data is replayable (RFC 8446 §8) and a proxy cannot know which
+    // requests are safe to replay.
+    cfg.max_early_data_size = 0;
+    Ok(Arc::new(cfg))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fallback_is_generated_and_served_without_snapshot() {
+        let fallback = generate_fallback().expect("fallback");
+        let (_p, reader) = crate::publish::channel();
+        let r = SniResolver::new(reader, fallback.clone());
+        assert!(Arc::ptr_eq(&r.pick(Some("example.com")), &fallback));
+        assert!(Arc::ptr_eq(&r.pick(None), &fallback));
+    }
+
+    #[test]
+    fn config_offers_h2_then_http11_and_no_early_data() {
+        let fallback = generate_fallback().expect("fallback");
+        let (_p, reader) = crate::publish::channel();
+        let cfg = server_config(Arc::new(SniResolver::new(reader, fallback))).expect("config");
+        assert_eq!(
+            cfg.alpn_protocols,
+            vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+        );
+        assert_eq!(cfg.max_early_data_size, 0);
+    }
+}
