@@ -1,10 +1,20 @@
-//! Wiring: turns the parsed command line into running parts (metrics, publisher, source,
-//! rebuild loop, proxy, admin) and runs the shutdown sequence. The only place besides `main`
-//! that uses `anyhow`.
+//! Wiring: turns the parsed command line into running parts (metrics, publisher, file source,
+//! rebuild loop, proxy, admin) and runs the shutdown sequence of brief §4.4. The only place
+//! besides `main` that uses `anyhow`.
 
 use std::process::ExitCode;
+use std::sync::Arc;
 
-use crate::config::{Cli, Command};
+use anyhow::Context;
+
+use crate::admin::{Admin, Health};
+use crate::config::{CheckArgs, Cli, Command, RunArgs};
+use crate::file_source::{FileSource, FileSourceConfig};
+use crate::metrics::Metrics;
+use crate::proxy::{Proxy, ProxyConfig, ShutdownTrigger};
+use crate::publish;
+use crate::rebuild::{RebuildConfig, Rebuilder, Trigger};
+use crate::translate::{self, Severity};
 
 /// Entry point behind `main`.
 pub fn main(cli: Cli) -> ExitCode {
@@ -16,7 +26,179 @@ pub fn main(cli: Cli) -> ExitCode {
             print!("{}", crate::crd::crd_yaml());
             ExitCode::SUCCESS
         }
-        Command::Check(_args) => ExitCode::SUCCESS,
-        Command::Run(_args) => ExitCode::SUCCESS,
+        Command::Check(args) => check(&args),
+        Command::Run(args) => {
+            let workers = args.worker_threads.unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1)
+            });
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(workers.max(1))
+                .thread_name("portico-worker")
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("portico: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(run(*args)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = format!("{e:#}"), "portico failed");
+                    eprintln!("portico: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
+}
+
+/// `portico check DIR`: the file source's and translate's diagnostics, one per line; exit 1 when
+/// any is an error (or DIR cannot be read), 0 otherwise.
+fn check(args: &CheckArgs) -> ExitCode {
+    let (inputs, mut diagnostics) = match crate::file_source::load_dir(&args.dir) {
+        Ok(v) => v,
+        Err(e) => {
+            println!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let (_snapshot, translated) = translate::translate(&inputs, &args.translate.options());
+    diagnostics.extend(translated);
+    diagnostics.sort();
+    diagnostics.dedup();
+    let errors = diagnostics
+        .iter()
+        .filter(|d| d.severity == Severity::Error)
+        .count();
+    for d in &diagnostics {
+        println!("{d}");
+    }
+    println!(
+        "{}: {} Ingresses, {} errors, {} warnings",
+        args.dir.display(),
+        inputs.ingresses.len(),
+        errors,
+        diagnostics.len() - errors
+    );
+    if errors > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn proxy_config(args: &RunArgs) -> ProxyConfig {
+    ProxyConfig {
+        http_addr: args.http_addr,
+        https_addr: args.https_addr,
+        max_connections: args.max_connections.max(1),
+        max_concurrent_requests: (args.max_concurrent_requests > 0)
+            .then_some(args.max_concurrent_requests),
+        client_header_timeout: args.client_header_timeout,
+        client_idle_timeout: args.client_idle_timeout,
+        stream_idle_timeout: args.stream_idle_timeout,
+        h2_max_concurrent_streams: args.h2_max_concurrent_streams.max(1),
+        max_retries: args.max_retries,
+        trusted_proxies: args.trusted_proxies.clone(),
+        shutdown_grace: args.shutdown_grace,
+        access_log: !args.no_access_log,
+        ..ProxyConfig::default()
+    }
+}
+
+/// `portico run`.
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    crate::telemetry::init(args.log_format, !args.no_access_log);
+    let Some(dir) = args.manifests.clone() else {
+        anyhow::bail!(
+            "no source: pass --manifests DIR (the Kubernetes API source is not built yet)"
+        );
+    };
+    let metrics = Metrics::new();
+    let shared_metrics = Arc::new(metrics.clone());
+    let (publisher, reader) = publish::channel();
+    let health = Arc::new(Health::new());
+
+    // Stop signals: `sources` ends the file watch and rebuild loop; `proxy_stop` closes the
+    // proxy listeners; `admin_stop` is fired last so /readyz keeps answering 503 while draining.
+    let sources = ShutdownTrigger::new();
+    let proxy_stop = ShutdownTrigger::new();
+    let admin_stop = ShutdownTrigger::new();
+
+    let trigger = Trigger::new();
+    let (source, watch_task) = FileSource::start(
+        FileSourceConfig::new(&dir),
+        metrics.clone(),
+        trigger.clone(),
+        fired(sources.signal()),
+    )
+    .await
+    .with_context(|| format!("cannot load manifests from {}", dir.display()))?;
+    let rebuilder = Rebuilder::new(
+        RebuildConfig::new(args.translate.options()),
+        publisher,
+        metrics.clone(),
+        trigger,
+    );
+    let rebuild_task = {
+        let stop = fired(sources.signal());
+        tokio::spawn(async move { rebuilder.run(&*source, stop).await })
+    };
+
+    let admin = Admin::bind(
+        args.admin_addr,
+        reader.clone(),
+        shared_metrics.clone(),
+        health.clone(),
+    )
+    .await
+    .with_context(|| format!("cannot listen on admin address {}", args.admin_addr))?;
+    let proxy = Proxy::bind(proxy_config(&args), reader, shared_metrics)
+        .await
+        .with_context(|| format!("cannot listen on {} / {}", args.http_addr, args.https_addr))?;
+    tracing::info!(
+        http_addr = %proxy.http_addr(),
+        https_addr = %proxy.https_addr(),
+        admin_addr = %admin.addr(),
+        manifests = %dir.display(),
+        "listening"
+    );
+    let admin_task = tokio::spawn(admin.serve(admin_stop.signal()));
+    let proxy_task = tokio::spawn(proxy.serve(proxy_stop.signal()));
+
+    let signal = wait_for_signal().await?;
+    // Shutdown sequence (brief §4.4): readiness 503 at once; keep serving for the delay so
+    // endpoint removal propagates; then close listeners and drain within the grace period.
+    tracing::info!(signal, delay = ?args.shutdown_delay, grace = ?args.shutdown_grace, "shutting down");
+    health.set_draining(true);
+    tokio::time::sleep(args.shutdown_delay).await;
+    proxy_stop.fire();
+    let _ = proxy_task.await;
+    sources.fire();
+    let _ = rebuild_task.await;
+    let _ = watch_task.await;
+    admin_stop.fire();
+    let _ = admin_task.await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn fired(mut s: crate::proxy::listener::Shutdown) {
+    s.fired().await;
+}
+
+/// Wait for SIGTERM or SIGINT (Ctrl-C).
+async fn wait_for_signal() -> anyhow::Result<&'static str> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot install SIGINT handler")?;
+    Ok(tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    })
 }

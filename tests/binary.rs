@@ -62,19 +62,34 @@ impl Portico {
         let deadline = Instant::now() + DEADLINE;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let line = rx.recv_timeout(left).expect("portico logged `listening` in time");
-            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
+            let line = rx
+                .recv_timeout(left)
+                .expect("portico logged `listening` in time");
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
             if v["message"] == "listening" {
                 let addr = |k: &str| {
-                    v[k].as_str().and_then(|s| s.parse().ok()).expect("address field")
+                    v[k].as_str()
+                        .and_then(|s| s.parse().ok())
+                        .expect("address field")
                 };
-                return Portico { http: addr("http_addr"), admin: addr("admin_addr"), child, lines };
+                return Portico {
+                    http: addr("http_addr"),
+                    admin: addr("admin_addr"),
+                    child,
+                    lines,
+                };
             }
         }
     }
 
     fn log_contains(&self, needle: &str) -> bool {
-        self.lines.lock().expect("lock").iter().any(|l| l.contains(needle))
+        self.lines
+            .lock()
+            .expect("lock")
+            .iter()
+            .any(|l| l.contains(needle))
     }
 }
 
@@ -84,14 +99,24 @@ fn client() -> HttpClient {
     Client::builder(TokioExecutor::new()).build_http()
 }
 
-async fn get(c: &HttpClient, addr: SocketAddr, host: &str, path: &str) -> Result<(u16, String), String> {
+async fn get(
+    c: &HttpClient,
+    addr: SocketAddr,
+    host: &str,
+    path: &str,
+) -> Result<(u16, String), String> {
     let req = http::Request::get(format!("http://{addr}{path}"))
         .header("host", host)
         .body(Empty::new())
         .map_err(|e| e.to_string())?;
     let resp = c.request(req).await.map_err(|e| e.to_string())?;
     let status = resp.status().as_u16();
-    let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
@@ -118,13 +143,17 @@ struct Backend {
 }
 
 async fn backend(name: &'static str) -> Backend {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind backend");
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind backend");
     let addr = listener.local_addr().expect("addr");
     let hits = Arc::new(AtomicUsize::new(0));
     let h = hits.clone();
     tokio::spawn(async move {
         loop {
-            let Ok((s, _)) = listener.accept().await else { continue };
+            let Ok((s, _)) = listener.accept().await else {
+                continue;
+            };
             let h = h.clone();
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |_req| {
@@ -148,7 +177,10 @@ fn service_yaml(ns: &str, name: &str, endpoints: &[SocketAddr]) -> String {
     let port = endpoints.first().map(|a| a.port()).unwrap_or(1);
     let mut eps = String::new();
     for e in endpoints {
-        eps.push_str(&format!("  - addresses: [\"{}\"]\n    conditions: {{ready: true}}\n", e.ip()));
+        eps.push_str(&format!(
+            "  - addresses: [\"{}\"]\n    conditions: {{ready: true}}\n",
+            e.ip()
+        ));
     }
     // All endpoints of one slice share the port; tests give one slice per port.
     format!(
@@ -172,18 +204,31 @@ fn write_atomic(dir: &Path, name: &str, text: &str) {
 const GARBAGE_SECRET: &str = "apiVersion: v1\nkind: Secret\nmetadata: {name: broken-tls, namespace: shop}\ntype: kubernetes.io/tls\nstringData:\n  tls.crt: \"-----BEGIN CERTIFICATE-----\\nnot base64 at all\\n-----END CERTIFICATE-----\\n\"\n  tls.key: garbage\n";
 
 fn bad_objects(dir: &Path) {
-    std::fs::write(dir.join("broken.yaml"), "apiVersion: v1\nkind: Service\nmetadata: [unclosed\n")
-        .expect("write");
-    std::fs::write(dir.join("orphan.yaml"), ingress_yaml("shop", "orphan", "orphan.test", "/", "missing"))
-        .expect("write");
+    std::fs::write(
+        dir.join("broken.yaml"),
+        "apiVersion: v1\nkind: Service\nmetadata: [unclosed\n",
+    )
+    .expect("write");
+    std::fs::write(
+        dir.join("orphan.yaml"),
+        ingress_yaml("shop", "orphan", "orphan.test", "/", "missing"),
+    )
+    .expect("write");
     let tls_ingress = "apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {name: tls-broken, namespace: shop}\nspec:\n  ingressClassName: portico\n  tls: [{hosts: [secure.test], secretName: broken-tls}]\n  rules:\n  - host: secure.test\n    http:\n      paths:\n      - {path: /, pathType: Prefix, backend: {service: {name: web, port: {name: http}}}}\n";
-    std::fs::write(dir.join("tls.yaml"), format!("{GARBAGE_SECRET}---\n{tls_ingress}")).expect("write");
+    std::fs::write(
+        dir.join("tls.yaml"),
+        format!("{GARBAGE_SECRET}---\n{tls_ingress}"),
+    )
+    .expect("write");
 }
 
 #[test]
 fn quickstart_example_checks_clean() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/quickstart");
-    let out = Command::new(BIN).args(["check", dir]).output().expect("run check");
+    let out = Command::new(BIN)
+        .args(["check", dir])
+        .output()
+        .expect("run check");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "check failed:\n{text}");
 }
@@ -192,42 +237,81 @@ fn quickstart_example_checks_clean() {
 fn check_reports_every_problem_and_exits_nonzero() {
     let dir = tempfile::tempdir().expect("tempdir");
     bad_objects(dir.path());
-    let out = Command::new(BIN).arg("check").arg(dir.path()).output().expect("run check");
+    let out = Command::new(BIN)
+        .arg("check")
+        .arg(dir.path())
+        .output()
+        .expect("run check");
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "check must fail:\n{text}");
-    assert!(text.contains("broken.yaml"), "malformed file reported:\n{text}");
-    assert!(text.contains("Ingress shop/orphan"), "missing Service reported:\n{text}");
+    assert!(
+        text.contains("broken.yaml"),
+        "malformed file reported:\n{text}"
+    );
+    assert!(
+        text.contains("Ingress shop/orphan"),
+        "missing Service reported:\n{text}"
+    );
     assert!(text.contains("ServiceNotFound"), "{text}");
-    assert!(text.contains("shop/tls-broken"), "garbage PEM reported:\n{text}");
+    assert!(
+        text.contains("shop/tls-broken"),
+        "garbage PEM reported:\n{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_objects_never_break_other_routes() {
     let web = backend("web").await;
     let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(dir.path().join("web.yaml"), format!(
-        "{}---\n{}",
-        service_yaml("shop", "web", &[web.addr]),
-        ingress_yaml("shop", "web", "shop.test", "/", "web")
-    )).expect("write");
+    std::fs::write(
+        dir.path().join("web.yaml"),
+        format!(
+            "{}---\n{}",
+            service_yaml("shop", "web", &[web.addr]),
+            ingress_yaml("shop", "web", "shop.test", "/", "web")
+        ),
+    )
+    .expect("write");
     bad_objects(dir.path());
     let p = Portico::start(dir.path(), &[]);
     let c = client();
     eventually("good route serves", || async {
         matches!(get(&c, p.http, "shop.test", "/").await, Ok((200, ref b)) if b == "web")
-    }).await;
+    })
+    .await;
     // The TLS host with a garbage Secret still answers over plain HTTP (no redirect).
-    assert_eq!(get(&c, p.http, "secure.test", "/").await.map(|r| r.0), Ok(200));
+    assert_eq!(
+        get(&c, p.http, "secure.test", "/").await.map(|r| r.0),
+        Ok(200)
+    );
     // The Ingress whose Service is missing answers 503, not the whole proxy.
-    assert_eq!(get(&c, p.http, "orphan.test", "/").await.map(|r| r.0), Ok(503));
-    let (status, metrics) = get(&c, p.admin, "admin", "/metrics").await.expect("metrics");
+    assert_eq!(
+        get(&c, p.http, "orphan.test", "/").await.map(|r| r.0),
+        Ok(503)
+    );
+    let (status, metrics) = get(&c, p.admin, "admin", "/metrics")
+        .await
+        .expect("metrics");
     assert_eq!(status, 200);
-    assert!(metrics.contains("portico_config_diagnostics{kind=\"Ingress\",reason=\"ServiceNotFound\"} 1"), "{metrics}");
-    assert!(metrics.contains("portico_manifest_files_invalid 1"), "{metrics}");
-    assert_eq!(get(&c, p.admin, "admin", "/readyz").await.map(|r| r.0), Ok(200));
+    assert!(
+        metrics
+            .contains("portico_config_diagnostics{kind=\"Ingress\",reason=\"ServiceNotFound\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("portico_manifest_files_invalid 1"),
+        "{metrics}"
+    );
+    assert_eq!(
+        get(&c, p.admin, "admin", "/readyz").await.map(|r| r.0),
+        Ok(200)
+    );
     eventually("diagnostics logged", || async {
-        p.log_contains("ServiceNotFound") && p.log_contains("broken.yaml") && p.log_contains("tls-broken")
-    }).await;
+        p.log_contains("ServiceNotFound")
+            && p.log_contains("broken.yaml")
+            && p.log_contains("tls-broken")
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -244,10 +328,17 @@ async fn live_updates_under_load_drop_nothing() {
         format!("{s0}---\n{slice1}")
     };
     write_atomic(&d, "app.yaml", &svc(&a));
-    write_atomic(&d, "ingress.yaml", &ingress_yaml("live", "app", "live.test", "/", "app"));
+    write_atomic(
+        &d,
+        "ingress.yaml",
+        &ingress_yaml("live", "app", "live.test", "/", "app"),
+    );
     let p = Portico::start(&d, &[]);
     let c = client();
-    eventually("route serves", || async { matches!(get(&c, p.http, "live.test", "/").await, Ok((200, _))) }).await;
+    eventually("route serves", || async {
+        matches!(get(&c, p.http, "live.test", "/").await, Ok((200, _)))
+    })
+    .await;
 
     let failures = Arc::new(Mutex::new(Vec::<String>::new()));
     let done = Arc::new(Notify::new());
@@ -277,7 +368,11 @@ async fn live_updates_under_load_drop_nothing() {
                     if other.exists() {
                         let _ = std::fs::remove_file(&other);
                     } else {
-                        write_atomic(&d, "other.yaml", &ingress_yaml("live", "other", "other.test", "/", "app"));
+                        write_atomic(
+                            &d,
+                            "other.yaml",
+                            &ingress_yaml("live", "other", "other.test", "/", "app"),
+                        );
                     }
                 }
                 tokio::select! {
@@ -291,7 +386,12 @@ async fn live_updates_under_load_drop_nothing() {
     done.notify_one();
     let _ = writer.await;
     let f = failures.lock().expect("lock");
-    assert!(f.is_empty(), "{} failed requests, first: {:?}", f.len(), f.first());
+    assert!(
+        f.is_empty(),
+        "{} failed requests, first: {:?}",
+        f.len(),
+        f.first()
+    );
     let b_hits: usize = b.iter().map(|x| x.hits.load(Ordering::Relaxed)).sum();
     assert!(b_hits > 0, "the new endpoints received no traffic");
     let a_hits: usize = a.iter().map(|x| x.hits.load(Ordering::Relaxed)).sum();
@@ -308,7 +408,9 @@ async fn sigterm_lets_in_flight_request_finish_then_exits_zero() {
     {
         let gate = gate.clone();
         tokio::spawn(async move {
-            let Ok((s, _)) = listener.accept().await else { return };
+            let Ok((s, _)) = listener.accept().await else {
+                return;
+            };
             let svc = hyper::service::service_fn(move |_req| {
                 let (gate, arrived) = (gate.clone(), arrived_tx.clone());
                 async move {
@@ -319,30 +421,49 @@ async fn sigterm_lets_in_flight_request_finish_then_exits_zero() {
                     ))
                 }
             });
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(s), svc).await;
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(s), svc)
+                .await;
         });
     }
     let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(dir.path().join("app.yaml"), format!(
-        "{}---\n{}",
-        service_yaml("slow", "app", &[addr]),
-        ingress_yaml("slow", "app", "slow.test", "/", "app")
-    )).expect("write");
-    let mut p = Portico::start(dir.path(), &["--shutdown-delay", "200ms", "--shutdown-grace", "20s"]);
+    std::fs::write(
+        dir.path().join("app.yaml"),
+        format!(
+            "{}---\n{}",
+            service_yaml("slow", "app", &[addr]),
+            ingress_yaml("slow", "app", "slow.test", "/", "app")
+        ),
+    )
+    .expect("write");
+    let mut p = Portico::start(
+        dir.path(),
+        &["--shutdown-delay", "200ms", "--shutdown-grace", "20s"],
+    );
     let c = client();
-    eventually("ready", || async { matches!(get(&c, p.admin, "a", "/readyz").await, Ok((200, _))) }).await;
+    eventually("ready", || async {
+        matches!(get(&c, p.admin, "a", "/readyz").await, Ok((200, _)))
+    })
+    .await;
     let in_flight = {
         let (c, http) = (c.clone(), p.http);
         tokio::spawn(async move { get(&c, http, "slow.test", "/").await })
     };
-    arrived_rx.recv().await.expect("request reached the backend");
+    arrived_rx
+        .recv()
+        .await
+        .expect("request reached the backend");
     let pid = p.child.id().to_string();
-    let st = Command::new("kill").args(["-TERM", &pid]).status().expect("kill");
+    let st = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
     assert!(st.success());
     // Readiness flips at once, while the request is still in flight.
     eventually("readyz 503 while draining", || async {
         matches!(get(&client(), p.admin, "a", "/readyz").await, Ok((503, _)))
-    }).await;
+    })
+    .await;
     gate.notify_one();
     let res = in_flight.await.expect("join");
     assert_eq!(res, Ok((200, "slow".to_string())));
@@ -351,7 +472,10 @@ async fn sigterm_lets_in_flight_request_finish_then_exits_zero() {
         if let Some(s) = p.child.try_wait().expect("try_wait") {
             break s.code();
         }
-        assert!(Instant::now() < deadline, "portico did not exit after SIGTERM");
+        assert!(
+            Instant::now() < deadline,
+            "portico did not exit after SIGTERM"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert_eq!(code, Some(0));
