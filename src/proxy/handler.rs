@@ -160,6 +160,11 @@ impl Handler {
         &self.upstreams
     }
 
+    /// Requests in flight now (counted only when a global cap is configured).
+    pub fn in_flight(&self) -> usize {
+        self.inflight.load(Ordering::Acquire)
+    }
+
     /// Serve one request. The listener serves connections with upgrades enabled so WebSocket
     /// upgrades can be taken from `req`.
     pub async fn handle(

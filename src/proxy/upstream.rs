@@ -235,13 +235,15 @@ impl Upstreams {
 
     /// Round robin over the backend's endpoints, skipping ones already tried for this request
     /// and, when possible, ejected ones.
-    fn pick(&self, backend: &Backend, tried: &[SocketAddr]) -> Option<SocketAddr> {
+    ///
+    /// The cursor advances once per request (`start`), not per attempt: a retry walks on from
+    /// the request's own position, so a failing endpoint does not shift the rotation.
+    fn pick(&self, backend: &Backend, start: usize, tried: &[SocketAddr]) -> Option<SocketAddr> {
         let eps = &backend.endpoints;
         let n = eps.len();
         if n == 0 {
             return None;
         }
-        let start = self.cursor(&backend.key).fetch_add(1, Ordering::Relaxed);
         let now = Instant::now();
         let health = lock(&self.health);
         let candidates = (0..n).map(|i| eps[(start.wrapping_add(i)) % n].addr);
@@ -413,11 +415,12 @@ impl Upstreams {
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut last_err = ProxyError::NoEndpoints;
         let mut attempt: u32 = 0;
+        let start = self.cursor(&backend.key).fetch_add(1, Ordering::Relaxed);
         loop {
             if attempt > max_retries {
                 return Err(last_err);
             }
-            let Some(addr) = self.pick(backend, &tried) else {
+            let Some(addr) = self.pick(backend, start, &tried) else {
                 return Err(last_err);
             };
             tried.push(addr);
@@ -620,7 +623,11 @@ mod tests {
     fn round_robin_cycles_and_survives_new_backend_values() {
         let u = Upstreams::new(Arc::new(Metrics::new()));
         let b = backend(3);
-        let picks: Vec<_> = (0..6).map(|_| u.pick(&b, &[]).expect("pick")).collect();
+        let next = |u: &Upstreams, b: &Backend| {
+            let start = u.cursor(&b.key).fetch_add(1, Ordering::Relaxed);
+            u.pick(b, start, &[]).expect("pick")
+        };
+        let picks: Vec<_> = (0..6).map(|_| next(&u, &b)).collect();
         assert_eq!(picks[0..3], picks[3..6]);
         let mut distinct = picks[0..3].to_vec();
         distinct.sort();
@@ -628,17 +635,17 @@ mod tests {
         assert_eq!(distinct.len(), 3);
         // A new Backend value with the same key (a snapshot swap) continues the cursor.
         let b2 = backend(3);
-        assert_eq!(u.pick(&b2, &[]), Some(picks[0]));
+        assert_eq!(next(&u, &b2), picks[0]);
     }
 
     #[test]
     fn pick_skips_tried() {
         let u = Upstreams::new(Arc::new(Metrics::new()));
         let b = backend(2);
-        let first = u.pick(&b, &[]).expect("pick");
-        let second = u.pick(&b, &[first]).expect("pick");
+        let first = u.pick(&b, 0, &[]).expect("pick");
+        let second = u.pick(&b, 0, &[first]).expect("pick");
         assert_ne!(first, second);
-        assert_eq!(u.pick(&b, &[first, second]), None);
+        assert_eq!(u.pick(&b, 0, &[first, second]), None);
     }
 
     #[tokio::test(start_paused = true)]
@@ -654,8 +661,8 @@ mod tests {
         u.record_failure(&b, a0);
         assert!(u.is_ejected(a0));
         // Ejected endpoints are skipped.
-        for _ in 0..4 {
-            assert_eq!(u.pick(&b, &[]), Some(a1));
+        for start in 0..4 {
+            assert_eq!(u.pick(&b, start, &[]), Some(a1));
         }
         // Never more than half: a1 cannot be ejected while a0 is.
         for _ in 0..10 {
