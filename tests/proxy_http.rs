@@ -307,10 +307,14 @@ async fn content_length_with_transfer_encoding_is_not_smuggled() {
           3\r\nabc\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nhost: x\r\n\r\n",
     )
     .await;
-    let status = raw_status(&reply);
-    assert!(status == 200 || status == 400, "{reply}");
+    // Recorded behaviour of hyper 1.12: chunked wins, Content-Length is dropped, the
+    // connection closes after the response; the trailing request is never read.
+    assert_eq!(raw_status(&reply), 200, "{reply}");
+    assert!(reply.contains("\"body_len\":3"), "{reply}");
+    assert!(reply.contains("connection: close"), "{reply}");
+    assert!(!reply.contains("content-length\":"), "{reply}");
     assert!(!reply.contains("/smuggled"), "{reply}");
-    assert!(b.requests.load(Ordering::SeqCst) <= 1);
+    assert_eq!(b.requests.load(Ordering::SeqCst), 1);
 }
 
 // ---------------------------------------------------------------- redirects and HSTS
@@ -850,4 +854,171 @@ async fn requests_are_counted_with_route_labels() {
                 == 1
     })
     .await;
+}
+
+// ---------------------------------------------------------------- h2 clients, CONNECT, logs
+
+async fn h2_client(
+    addr: std::net::SocketAddr,
+) -> hyper::client::conn::http2::SendRequest<
+    http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>,
+> {
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let (tx, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+        .await
+        .expect("h2c prior knowledge");
+    tokio::spawn(conn);
+    tx
+}
+
+#[tokio::test]
+async fn h2_client_authority_becomes_host_for_an_h1_upstream() {
+    let b = echo_backend("b").await;
+    let p = proxy_with(&[RouteSpec::prefix(Some("api.example"), "/", &[b.addr])]).await;
+    let mut tx = h2_client(p.addr).await;
+    let req = Request::get("http://api.example:8080/v1/../v2?x=1")
+        .body(http_body_util::Empty::new().boxed())
+        .expect("req");
+    let resp = tx.send_request(req).await.expect("response");
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    let e: Echo = serde_json::from_slice(&body).expect("echo");
+    assert_eq!(e.version, "HTTP/1.1");
+    assert_eq!(e.uri, "/v2?x=1");
+    assert_eq!(e.header("host"), Some("api.example:8080"));
+}
+
+#[tokio::test]
+async fn h2_client_stream_is_reset_when_upstream_dies_mid_body() {
+    let b = mid_body_close_backend().await;
+    let p = proxy_with(&[RouteSpec::prefix(None, "/", &[b.addr])]).await;
+    let mut tx = h2_client(p.addr).await;
+    let req = Request::get("http://x/")
+        .body(http_body_util::Empty::new().boxed())
+        .expect("req");
+    let resp = tx.send_request(req).await.expect("response head");
+    assert_eq!(resp.status(), 200);
+    let res = tokio::time::timeout(DEADLINE, resp.into_body().collect())
+        .await
+        .expect("in time");
+    assert!(res.is_err(), "h2 body must end in a reset, not complete");
+}
+
+#[tokio::test]
+async fn connect_method_is_501() {
+    let b = echo_backend("b").await;
+    let p = proxy_with(&[RouteSpec::prefix(None, "/", &[b.addr])]).await;
+    let reply = raw(
+        p.addr,
+        b"CONNECT b.example:443 HTTP/1.1\r\nhost: b.example:443\r\n\r\n",
+    )
+    .await;
+    assert_eq!(raw_status(&reply), 501, "{reply}");
+    assert_eq!(b.requests.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn websocket_is_cut_after_idle_timeout() {
+    let ws = websocket_backend().await;
+    let p = start_proxy(
+        ProxyConfig {
+            stream_idle_timeout: Duration::from_millis(300),
+            ..cfg()
+        },
+        false,
+    )
+    .await;
+    p.publisher
+        .publish(snapshot(&[RouteSpec::prefix(None, "/", &[ws.addr])]));
+    let mut s = TcpStream::connect(p.addr).await.expect("connect");
+    s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n")
+        .await
+        .expect("write");
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with(b"HTTP/1.1 101"));
+    s.write_all(b"ping").await.expect("write");
+    let mut buf = [0u8; 4];
+    s.read_exact(&mut buf).await.expect("echo");
+    // Then silence: the proxy closes the tunnel on its own.
+    let started = tokio::time::Instant::now();
+    let mut rest = [0u8; 16];
+    let n = tokio::time::timeout(DEADLINE, s.read(&mut rest))
+        .await
+        .expect("closed before the test deadline")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    assert!(started.elapsed() >= Duration::from_millis(200));
+}
+
+/// Collects formatted log output in memory.
+#[derive(Clone, Default)]
+struct LogBuf(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuf {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn one_access_log_line_per_request() {
+    let logs = LogBuf::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .json()
+        .with_writer(move || writer.clone())
+        .with_max_level(tracing::Level::INFO)
+        .finish();
+    // current-thread runtime: every task of this test logs through this default.
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let b = echo_backend("b").await;
+    let p = start_proxy(ProxyConfig::default(), false).await;
+    p.publisher.publish(snapshot(&[
+        RouteSpec::prefix(Some("a"), "/", &[b.addr]).ingress("shop")
+    ]));
+    let got = send(
+        p.addr,
+        request(
+            "POST",
+            "/x/../y",
+            &[("host", "a"), ("x-request-id", "rid-7")],
+            "hello",
+        ),
+    )
+    .await
+    .expect("response");
+    assert_eq!(got.status, 200);
+    let _ = get(p.addr, "unknown", "/").await;
+    let access_lines = || {
+        let raw = logs.0.lock().map(|v| v.clone()).unwrap_or_default();
+        String::from_utf8_lossy(&raw)
+            .lines()
+            .filter(|l| l.contains("portico::access"))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    wait_until(|| access_lines().len() == 2).await;
+    let lines = access_lines();
+    let first: serde_json::Value = serde_json::from_str(&lines[0]).expect("json line");
+    let f = &first["fields"];
+    assert_eq!(f["method"], "POST");
+    assert_eq!(f["host"], "a");
+    assert_eq!(f["path"], "/y");
+    assert_eq!(f["status"], 200);
+    assert_eq!(f["bytes_in"], 5);
+    assert_eq!(f["bytes_out"], got.body.len() as u64);
+    assert_eq!(f["route"], "default/shop");
+    assert_eq!(f["request_id"], "rid-7");
+    assert_eq!(f["upstream_addr"], b.addr.to_string());
+    let second: serde_json::Value = serde_json::from_str(&lines[1]).expect("json line");
+    assert_eq!(second["fields"]["status"], 404);
+    assert_eq!(second["fields"]["route"], "");
 }

@@ -34,6 +34,9 @@ pub enum ProxyError {
     /// A transfer coding other than `chunked` → 501 (RFC 9112 §6.1).
     #[error("unsupported transfer coding")]
     UnsupportedTransferCoding,
+    /// CONNECT (tunnelling) is not offered → 501 (RFC 9110 §15.6.2).
+    #[error("unsupported method")]
+    UnsupportedMethod,
     /// Body over the route's limit → 413 (RFC 9110 §15.5.14).
     #[error("request body too large")]
     BodyTooLarge,
@@ -76,6 +79,7 @@ impl ProxyError {
             | HeadersTooLarge
             | BadRequest(_)
             | UnsupportedTransferCoding
+            | UnsupportedMethod
             | BodyTooLarge => Origin::Downstream,
             UpstreamConnect | UpstreamReset | UpstreamTimeout => Origin::Upstream,
             NotReady | NoRoute | NoEndpoints | Overloaded(_) => Origin::Internal,
@@ -89,7 +93,7 @@ impl ProxyError {
             UriTooLong => StatusCode::URI_TOO_LONG,
             HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             BadRequest(_) => StatusCode::BAD_REQUEST,
-            UnsupportedTransferCoding => StatusCode::NOT_IMPLEMENTED,
+            UnsupportedTransferCoding | UnsupportedMethod => StatusCode::NOT_IMPLEMENTED,
             BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             NoRoute => StatusCode::NOT_FOUND,
             NotReady | NoEndpoints | Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -107,6 +111,7 @@ impl ProxyError {
             HeadersTooLarge => Some("headers_too_large"),
             BadRequest(r) => Some(r),
             UnsupportedTransferCoding => Some("transfer_coding"),
+            UnsupportedMethod => Some("method"),
             BodyTooLarge => Some("body_too_large"),
             NotReady => Some("not_ready"),
             Overloaded(r) => Some(r),
@@ -133,6 +138,7 @@ impl ProxyError {
             self,
             ProxyError::BadRequest(_)
                 | ProxyError::UnsupportedTransferCoding
+                | ProxyError::UnsupportedMethod
                 | ProxyError::BodyTooLarge
                 | ProxyError::HeadersTooLarge
                 | ProxyError::UriTooLong
@@ -171,6 +177,7 @@ mod tests {
                 501,
                 Origin::Downstream,
             ),
+            (ProxyError::UnsupportedMethod, 501, Origin::Downstream),
             (ProxyError::BodyTooLarge, 413, Origin::Downstream),
             (ProxyError::NotReady, 503, Origin::Internal),
             (ProxyError::NoRoute, 404, Origin::Internal),

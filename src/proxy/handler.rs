@@ -421,6 +421,10 @@ fn redirect(head: &Head) -> Response<ProxyBody> {
 /// All the checks of the request head that need no route (brief §4.4 "Status codes",
 /// "Framing", "Paths", "Host").
 fn validate_head<B>(req: &Request<B>, cfg: &ProxyConfig) -> Result<Head, ProxyError> {
+    // portico is a reverse proxy: it does not open CONNECT tunnels (nor h2 extended CONNECT).
+    if req.method() == Method::CONNECT {
+        return Err(ProxyError::UnsupportedMethod);
+    }
     let uri = req.uri();
     let target_len = uri.path_and_query().map_or(1, |p| p.as_str().len())
         + uri.authority().map_or(0, |a| a.as_str().len())
@@ -948,6 +952,20 @@ mod tests {
         assert_eq!(
             validate_head(&both, &c).err(),
             Some(ProxyError::BadRequest("cl_and_te"))
+        );
+    }
+
+    #[test]
+    fn connect_is_not_offered() {
+        let r = Request::builder()
+            .method(Method::CONNECT)
+            .uri("x.example:443")
+            .header("host", "x.example:443")
+            .body(())
+            .expect("request");
+        assert_eq!(
+            validate_head(&r, &cfg()).err(),
+            Some(ProxyError::UnsupportedMethod)
         );
     }
 

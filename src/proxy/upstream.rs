@@ -78,8 +78,11 @@ impl PoolReturn {
             return;
         }
         // hyper's dispatcher flips to ready right after the message ends; wait for it off the
-        // request path.
-        tokio::spawn(async move {
+        // request path. Outside a runtime (shutdown) the connection is simply dropped.
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        rt.spawn(async move {
             let ready = tokio::time::timeout(Duration::from_secs(5), self.tx.ready()).await;
             if matches!(ready, Ok(Ok(()))) {
                 self.pool.put(self.addr, self.tx);
