@@ -409,8 +409,23 @@ async fn dead_endpoint_beside_live_one_never_fails_a_request() {
         assert_eq!(got.status, 200, "POST {i}");
         assert_eq!(got.echo().body_len, format!("payload-{i}").len());
     }
-    // Passive health ejected the dead endpoint after 5 consecutive connect failures.
+    // Passive health ejected the dead endpoint after 5 consecutive connect failures, so it
+    // was tried exactly 5 times (each followed by a retry on the live one).
     assert!(p.handler.upstreams().is_ejected(dead));
+    // RouteSpec names the service after its first endpoint.
+    let service = format!("svc-{}", dead.port());
+    let labels = ["default", service.as_str()];
+    assert_eq!(
+        p.metrics
+            .upstream_connect_errors
+            .with_label_values(&labels)
+            .get(),
+        5
+    );
+    assert_eq!(
+        p.metrics.upstream_retries.with_label_values(&labels).get(),
+        5
+    );
 }
 
 #[tokio::test]
@@ -1021,4 +1036,33 @@ async fn one_access_log_line_per_request() {
     let second: serde_json::Value = serde_json::from_str(&lines[1]).expect("json line");
     assert_eq!(second["fields"]["status"], 404);
     assert_eq!(second["fields"]["route"], "");
+}
+
+#[tokio::test]
+async fn client_aborting_its_upload_does_not_count_against_the_upstream() {
+    let a = echo_backend("a").await;
+    let b = echo_backend("b").await;
+    let p = proxy_with(&[RouteSpec::prefix(None, "/", &[a.addr, b.addr])]).await;
+    for _ in 0..12 {
+        let mut s = TcpStream::connect(p.addr).await.expect("connect");
+        s.write_all(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n0123456789")
+            .await
+            .expect("write");
+        // Wait until the request reached a backend, then vanish mid-body.
+        let before = a.requests.load(Ordering::SeqCst) + b.requests.load(Ordering::SeqCst);
+        let (ra, rb) = (a.requests.clone(), b.requests.clone());
+        wait_until(|| ra.load(Ordering::SeqCst) + rb.load(Ordering::SeqCst) > before).await;
+        drop(s);
+    }
+    let m = p.metrics.clone();
+    wait_until(|| {
+        m.rejected_requests
+            .with_label_values(&["client_body"])
+            .get()
+            == 12
+    })
+    .await;
+    assert!(!p.handler.upstreams().is_ejected(a.addr));
+    assert!(!p.handler.upstreams().is_ejected(b.addr));
+    assert_eq!(get(p.addr, "x", "/").await.status, 200);
 }

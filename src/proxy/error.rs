@@ -37,6 +37,10 @@ pub enum ProxyError {
     /// CONNECT (tunnelling) is not offered → 501 (RFC 9110 §15.6.2).
     #[error("unsupported method")]
     UnsupportedMethod,
+    /// The client's body failed mid-upload (it went away or broke framing) → 400; the client
+    /// rarely sees it, but logs and metrics do, and the upstream is not blamed.
+    #[error("client request body failed")]
+    ClientBody,
     /// Body over the route's limit → 413 (RFC 9110 §15.5.14).
     #[error("request body too large")]
     BodyTooLarge,
@@ -80,6 +84,7 @@ impl ProxyError {
             | BadRequest(_)
             | UnsupportedTransferCoding
             | UnsupportedMethod
+            | ClientBody
             | BodyTooLarge => Origin::Downstream,
             UpstreamConnect | UpstreamReset | UpstreamTimeout => Origin::Upstream,
             NotReady | NoRoute | NoEndpoints | Overloaded(_) => Origin::Internal,
@@ -92,7 +97,7 @@ impl ProxyError {
         match self {
             UriTooLong => StatusCode::URI_TOO_LONG,
             HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            BadRequest(_) => StatusCode::BAD_REQUEST,
+            BadRequest(_) | ClientBody => StatusCode::BAD_REQUEST,
             UnsupportedTransferCoding | UnsupportedMethod => StatusCode::NOT_IMPLEMENTED,
             BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             NoRoute => StatusCode::NOT_FOUND,
@@ -112,6 +117,7 @@ impl ProxyError {
             BadRequest(r) => Some(r),
             UnsupportedTransferCoding => Some("transfer_coding"),
             UnsupportedMethod => Some("method"),
+            ClientBody => Some("client_body"),
             BodyTooLarge => Some("body_too_large"),
             NotReady => Some("not_ready"),
             Overloaded(r) => Some(r),
@@ -139,6 +145,7 @@ impl ProxyError {
             ProxyError::BadRequest(_)
                 | ProxyError::UnsupportedTransferCoding
                 | ProxyError::UnsupportedMethod
+                | ProxyError::ClientBody
                 | ProxyError::BodyTooLarge
                 | ProxyError::HeadersTooLarge
                 | ProxyError::UriTooLong
@@ -178,6 +185,7 @@ mod tests {
                 Origin::Downstream,
             ),
             (ProxyError::UnsupportedMethod, 501, Origin::Downstream),
+            (ProxyError::ClientBody, 400, Origin::Downstream),
             (ProxyError::BodyTooLarge, 413, Origin::Downstream),
             (ProxyError::NotReady, 503, Origin::Internal),
             (ProxyError::NoRoute, 404, Origin::Internal),

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -32,7 +32,7 @@ use crate::publish::Reader;
 
 use super::error::{ProxyError, empty_body, full_body};
 use super::normalize::normalize_path;
-use super::upstream::{OutboundRequest, PoolReturn, Upstreams};
+use super::upstream::{BodyFlags, OutboundRequest, PoolReturn, Upstreams};
 use super::{BoxError, ConnInfo, ProxyBody, ProxyConfig};
 
 /// ACME HTTP-01 challenges must stay reachable over plain HTTP (RFC 8555 §8.3).
@@ -321,7 +321,7 @@ impl Handler {
         };
         rec.request_id = request_id;
 
-        let limit_hit = Arc::new(AtomicBool::new(false));
+        let body_flags = Arc::new(BodyFlags::default());
         let body = if body.is_end_stream() {
             None
         } else {
@@ -330,7 +330,7 @@ impl Handler {
                     inner: body,
                     limit: policy.body_limit,
                     seen: 0,
-                    hit: limit_hit.clone(),
+                    flags: body_flags.clone(),
                     counter: rec.bytes_in.clone(),
                 }
                 .boxed(),
@@ -346,7 +346,7 @@ impl Handler {
             authority: head.authority.clone(),
             headers,
             body,
-            body_limit_hit: limit_hit,
+            body_flags,
         };
 
         let forwarded = self
@@ -678,7 +678,7 @@ struct LimitedBody {
     inner: Incoming,
     limit: u64,
     seen: u64,
-    hit: Arc<AtomicBool>,
+    flags: Arc<BodyFlags>,
     counter: Arc<AtomicU64>,
 }
 
@@ -698,13 +698,16 @@ impl Body for LimitedBody {
                     this.seen = this.seen.saturating_add(n);
                     this.counter.fetch_add(n, Ordering::Relaxed);
                     if this.limit > 0 && this.seen > this.limit {
-                        this.hit.store(true, Ordering::Release);
+                        this.flags.limit_hit.store(true, Ordering::Release);
                         return Poll::Ready(Some(Err(Box::new(BodyLimitExceeded))));
                     }
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
+            Poll::Ready(Some(Err(e))) => {
+                this.flags.client_failed.store(true, Ordering::Release);
+                Poll::Ready(Some(Err(Box::new(e))))
+            }
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => Poll::Pending,
         }

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -30,12 +30,17 @@ pub const MAX_IDLE_PER_ENDPOINT: usize = 32;
 /// Idle pooled connections older than this are dropped (below common upstream keep-alive
 /// timeouts would be ideal; 90 s matches the brief).
 pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Pooled connections found closed at send time that may be skipped per request without
+/// counting as a retry or an endpoint failure.
+pub const STALE_CONNECTION_ALLOWANCE: u32 = 2;
 /// Consecutive failures that eject an endpoint (brief §4.6).
 pub const EJECT_AFTER_FAILURES: u32 = 5;
 /// First ejection period; doubles on each ejection up to [`EJECT_MAX`].
 pub const EJECT_BASE: Duration = Duration::from_secs(10);
 /// Longest ejection.
 pub const EJECT_MAX: Duration = Duration::from_secs(300);
+/// Health entries beyond this trigger a sweep of entries that carry no state.
+const HEALTH_SWEEP_THRESHOLD: usize = 4096;
 /// Retries may add at most this fraction of requests (brief §4.6).
 pub const RETRY_BUDGET_RATIO: f64 = 0.2;
 /// ...but at least this many retries per second per backend are always allowed.
@@ -116,6 +121,7 @@ impl Pool {
                 return Some(tx);
             }
         }
+        idle.remove(&addr);
         None
     }
 
@@ -187,8 +193,31 @@ pub struct OutboundRequest {
     pub headers: HeaderMap,
     /// `None`: the request has no body (it may be re-sent on another endpoint).
     pub body: Option<ProxyBody>,
-    /// Set by the body wrapper when the client's body crossed the limit.
-    pub body_limit_hit: Arc<std::sync::atomic::AtomicBool>,
+    /// Set by the client-body wrapper; lets a send failure be blamed on the right side.
+    pub body_flags: Arc<BodyFlags>,
+}
+
+/// What happened to the client's request body while it streamed upstream.
+#[derive(Debug, Default)]
+pub struct BodyFlags {
+    /// The body crossed the route's limit (→ 413).
+    pub limit_hit: AtomicBool,
+    /// Reading the client's body failed (client went away mid-upload): not the upstream's
+    /// fault, so no passive-health penalty.
+    pub client_failed: AtomicBool,
+}
+
+impl BodyFlags {
+    /// The error to answer with when a send failed because of the client's body.
+    fn client_error(&self) -> Option<ProxyError> {
+        if self.limit_hit.load(Ordering::Acquire) {
+            Some(ProxyError::BodyTooLarge)
+        } else if self.client_failed.load(Ordering::Acquire) {
+            Some(ProxyError::ClientBody)
+        } else {
+            None
+        }
+    }
 }
 
 /// Upstream state shared by every connection and worker thread; survives snapshot swaps.
@@ -270,10 +299,13 @@ impl Upstreams {
 
     fn record_success(&self, addr: SocketAddr) {
         let mut health = lock(&self.health);
-        if let Some(h) = health.get_mut(&addr)
-            && !h.is_ejected(Instant::now())
+        // A healthy endpoint needs no entry: the map only holds endpoints with recent trouble,
+        // so pod-IP churn cannot grow it without bound.
+        if health
+            .get(&addr)
+            .is_some_and(|h| !h.is_ejected(Instant::now()))
         {
-            *h = Health::default();
+            health.remove(&addr);
         }
     }
 
@@ -282,6 +314,9 @@ impl Upstreams {
     fn record_failure(&self, backend: &Backend, addr: SocketAddr) {
         let now = Instant::now();
         let mut health = lock(&self.health);
+        if health.len() > HEALTH_SWEEP_THRESHOLD {
+            health.retain(|_, h| h.is_ejected(now) || h.consecutive_failures > 0);
+        }
         let ejected_now = backend
             .endpoints
             .iter()
@@ -349,16 +384,16 @@ impl Upstreams {
         addr: SocketAddr,
         proto: UpstreamProtocol,
         connect_timeout: Duration,
-    ) -> Result<Sender, ConnectError> {
+    ) -> Result<(Sender, bool), ConnectError> {
         match proto {
             UpstreamProtocol::Http1 => {
                 if let Some(tx) = self.pool.take_h1(addr) {
-                    return Ok(Sender::H1(tx));
+                    return Ok((Sender::H1(tx), true));
                 }
             }
             UpstreamProtocol::H2c => {
                 if let Some(tx) = self.pool.take_h2(addr) {
-                    return Ok(Sender::H2(tx));
+                    return Ok((Sender::H2(tx), true));
                 }
             }
         }
@@ -379,7 +414,7 @@ impl Upstreams {
                         tracing::debug!(error = %e, "upstream h1 connection ended");
                     }
                 });
-                Ok(Sender::H1(tx))
+                Ok((Sender::H1(tx), false))
             }
             UpstreamProtocol::H2c => {
                 let (tx, conn) = tokio::time::timeout(
@@ -394,7 +429,7 @@ impl Upstreams {
                     }
                 });
                 self.pool.put_h2(addr, &tx);
-                Ok(Sender::H2(tx))
+                Ok((Sender::H2(tx), false))
             }
         }
     }
@@ -418,6 +453,7 @@ impl Upstreams {
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut last_err = ProxyError::NoEndpoints;
         let mut attempt: u32 = 0;
+        let mut stale_allowance: u32 = STALE_CONNECTION_ALLOWANCE;
         let start = self.cursor(&backend.key).fetch_add(1, Ordering::Relaxed);
         loop {
             if attempt > max_retries {
@@ -435,7 +471,7 @@ impl Upstreams {
             }
             attempt += 1;
 
-            let sender = match self
+            let (sender, reused) = match self
                 .connect(addr, policy.upstream_protocol, policy.connect_timeout)
                 .await
             {
@@ -464,17 +500,26 @@ impl Upstreams {
                 }
                 Ok(Err(SendFailure::NotSent(back))) => {
                     // Never written: as safe as a connect failure, body included.
-                    if req.body_limit_hit.load(Ordering::Acquire) {
-                        return Err(ProxyError::BodyTooLarge);
+                    if let Some(e) = req.body_flags.client_error() {
+                        return Err(e);
                     }
                     req.body = Some(back.into_body());
+                    if reused && stale_allowance > 0 {
+                        // A pooled keep-alive connection the upstream closed while idle is
+                        // routine, not an endpoint failure: try the same endpoint again on
+                        // another connection without spending a retry (bounded).
+                        stale_allowance -= 1;
+                        tried.pop();
+                        attempt -= 1;
+                        continue;
+                    }
                     self.record_failure(backend, addr);
                     last_err = ProxyError::UpstreamConnect;
                     continue;
                 }
                 Ok(Err(SendFailure::Failed(e))) => {
-                    if req.body_limit_hit.load(Ordering::Acquire) {
-                        return Err(ProxyError::BodyTooLarge);
+                    if let Some(e) = req.body_flags.client_error() {
+                        return Err(e);
                     }
                     tracing::debug!(endpoint = %addr, error = %e, "upstream failed before response headers");
                     self.record_failure(backend, addr);
