@@ -39,6 +39,8 @@ pub const EJECT_AFTER_FAILURES: u32 = 5;
 pub const EJECT_BASE: Duration = Duration::from_secs(10);
 /// Longest ejection.
 pub const EJECT_MAX: Duration = Duration::from_secs(300);
+/// Pool map entries beyond this trigger a sweep of endpoints without idle connections.
+const POOL_SWEEP_THRESHOLD: usize = 4096;
 /// Health entries beyond this trigger a sweep of entries that carry no state.
 const HEALTH_SWEEP_THRESHOLD: usize = 4096;
 /// Retries may add at most this fraction of requests (brief §4.6).
@@ -101,7 +103,8 @@ type IdleList = Vec<(http1::SendRequest<ProxyBody>, Instant)>;
 
 #[derive(Default)]
 struct Pool {
-    idle: Mutex<HashMap<SocketAddr, IdleList>>,
+    /// One lock per endpoint so requests to different endpoints never contend.
+    idle: RwLock<HashMap<SocketAddr, Arc<Mutex<IdleList>>>>,
     h2: Mutex<HashMap<SocketAddr, http2::SendRequest<ProxyBody>>>,
 }
 
@@ -111,23 +114,52 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+fn read<T>(m: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    m.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn write<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    m.write().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Read-mostly map of shared per-key state: the common case takes only the read lock.
+fn shared<K, V>(map: &RwLock<HashMap<K, Arc<V>>>, key: &K, init: impl FnOnce() -> V) -> Arc<V>
+where
+    K: Eq + std::hash::Hash + Clone,
+{
+    if let Some(v) = read(map).get(key) {
+        return v.clone();
+    }
+    write(map)
+        .entry(key.clone())
+        .or_insert_with(|| Arc::new(init()))
+        .clone()
+}
+
 impl Pool {
     fn take_h1(&self, addr: SocketAddr) -> Option<http1::SendRequest<ProxyBody>> {
-        let mut idle = lock(&self.idle);
-        let list = idle.get_mut(&addr)?;
+        let list = read(&self.idle).get(&addr)?.clone();
+        let mut list = lock(&list);
         // Newest first (LIFO) keeps few connections warm; stale or closed ones are dropped.
         while let Some((tx, since)) = list.pop() {
             if since.elapsed() < POOL_IDLE_TIMEOUT && tx.is_ready() && !tx.is_closed() {
                 return Some(tx);
             }
         }
-        idle.remove(&addr);
         None
     }
 
     fn put(&self, addr: SocketAddr, tx: http1::SendRequest<ProxyBody>) {
-        let mut idle = lock(&self.idle);
-        let list = idle.entry(addr).or_default();
+        {
+            let idle = read(&self.idle);
+            if idle.len() > POOL_SWEEP_THRESHOLD {
+                drop(idle);
+                // Pod IPs churn: forget endpoints that have no idle connection left.
+                write(&self.idle).retain(|_, l| !lock(l).is_empty());
+            }
+        }
+        let list = shared(&self.idle, &addr, Mutex::default);
+        let mut list = lock(&list);
         list.retain(|(t, since)| !t.is_closed() && since.elapsed() < POOL_IDLE_TIMEOUT);
         if list.len() < MAX_IDLE_PER_ENDPOINT {
             list.push((tx, Instant::now()));
@@ -224,8 +256,9 @@ impl BodyFlags {
 pub struct Upstreams {
     cursors: RwLock<HashMap<BackendKey, Arc<AtomicUsize>>>,
     pool: Arc<Pool>,
-    health: Mutex<HashMap<SocketAddr, Health>>,
-    budgets: Mutex<HashMap<BackendKey, Budget>>,
+    /// Read on every pick, written only on failures (and the success after one).
+    health: RwLock<HashMap<SocketAddr, Health>>,
+    budgets: RwLock<HashMap<BackendKey, Arc<Mutex<Budget>>>>,
     metrics: Arc<Metrics>,
 }
 
@@ -242,27 +275,14 @@ impl Upstreams {
         Upstreams {
             cursors: RwLock::new(HashMap::new()),
             pool: Arc::new(Pool::default()),
-            health: Mutex::new(HashMap::new()),
-            budgets: Mutex::new(HashMap::new()),
+            health: RwLock::new(HashMap::new()),
+            budgets: RwLock::new(HashMap::new()),
             metrics,
         }
     }
 
     fn cursor(&self, key: &BackendKey) -> Arc<AtomicUsize> {
-        if let Some(c) = self
-            .cursors
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(key)
-        {
-            return c.clone();
-        }
-        self.cursors
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .entry(key.clone())
-            .or_default()
-            .clone()
+        shared(&self.cursors, key, AtomicUsize::default)
     }
 
     /// Round robin over the backend's endpoints, skipping ones already tried for this request
@@ -277,7 +297,7 @@ impl Upstreams {
             return None;
         }
         let now = Instant::now();
-        let health = lock(&self.health);
+        let health = read(&self.health);
         let candidates = (0..n).map(|i| eps[(start.wrapping_add(i)) % n].addr);
         let mut fallback = None;
         for addr in candidates {
@@ -298,13 +318,17 @@ impl Upstreams {
     }
 
     fn record_success(&self, addr: SocketAddr) {
-        let mut health = lock(&self.health);
         // A healthy endpoint needs no entry: the map only holds endpoints with recent trouble,
-        // so pod-IP churn cannot grow it without bound.
-        if health
+        // so pod-IP churn cannot grow it without bound. The common case is a read lock.
+        let now = Instant::now();
+        if !read(&self.health)
             .get(&addr)
-            .is_some_and(|h| !h.is_ejected(Instant::now()))
+            .is_some_and(|h| !h.is_ejected(now))
         {
+            return;
+        }
+        let mut health = write(&self.health);
+        if health.get(&addr).is_some_and(|h| !h.is_ejected(now)) {
             health.remove(&addr);
         }
     }
@@ -313,7 +337,7 @@ impl Upstreams {
     /// never more than half of the backend's endpoints at once.
     fn record_failure(&self, backend: &Backend, addr: SocketAddr) {
         let now = Instant::now();
-        let mut health = lock(&self.health);
+        let mut health = write(&self.health);
         if health.len() > HEALTH_SWEEP_THRESHOLD {
             health.retain(|_, h| h.is_ejected(now) || h.consecutive_failures > 0);
         }
@@ -341,29 +365,32 @@ impl Upstreams {
 
     /// True when `addr` is ejected now (tests, admin).
     pub fn is_ejected(&self, addr: SocketAddr) -> bool {
-        lock(&self.health)
+        read(&self.health)
             .get(&addr)
             .is_some_and(|h| h.is_ejected(Instant::now()))
     }
 
+    fn budget(&self, key: &BackendKey) -> Arc<Mutex<Budget>> {
+        shared(&self.budgets, key, || {
+            Mutex::new(Budget {
+                ratio_tokens: 0.0,
+                floor_tokens: RETRY_BUDGET_FLOOR_PER_SEC,
+                last: Instant::now(),
+            })
+        })
+    }
+
     fn budget_deposit(&self, key: &BackendKey) {
-        let now = Instant::now();
-        let mut b = lock(&self.budgets);
-        let e = b.entry(key.clone()).or_insert(Budget {
-            ratio_tokens: 0.0,
-            floor_tokens: RETRY_BUDGET_FLOOR_PER_SEC,
-            last: now,
-        });
+        let b = self.budget(key);
+        let mut e = lock(&b);
         // Cap what idle periods can bank so a burst of retries stays bounded.
         e.ratio_tokens = (e.ratio_tokens + RETRY_BUDGET_RATIO).min(100.0);
     }
 
     fn budget_withdraw(&self, key: &BackendKey) -> bool {
         let now = Instant::now();
-        let mut b = lock(&self.budgets);
-        let Some(e) = b.get_mut(key) else {
-            return false;
-        };
+        let b = self.budget(key);
+        let mut e = lock(&b);
         let elapsed = now.saturating_duration_since(e.last).as_secs_f64();
         e.last = now;
         e.floor_tokens =
