@@ -321,9 +321,9 @@ impl Upstreams {
         // A healthy endpoint needs no entry: the map only holds endpoints with recent trouble,
         // so pod-IP churn cannot grow it without bound. The common case is a read lock.
         let now = Instant::now();
-        if !read(&self.health)
+        if read(&self.health)
             .get(&addr)
-            .is_some_and(|h| !h.is_ejected(now))
+            .is_none_or(|h| h.is_ejected(now))
         {
             return;
         }
