@@ -1066,3 +1066,43 @@ async fn client_aborting_its_upload_does_not_count_against_the_upstream() {
     assert!(!p.handler.upstreams().is_ejected(b.addr));
     assert_eq!(get(p.addr, "x", "/").await.status, 200);
 }
+
+/// A listener whose accept queue is full: further SYNs are dropped, so connects hang.
+async fn blackhole_addr() -> (std::net::SocketAddr, Vec<TcpStream>, socket2::Socket) {
+    let sock =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    sock.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .expect("bind");
+    sock.listen(0).expect("listen");
+    let addr = sock.local_addr().expect("addr").as_socket().expect("inet");
+    let mut fillers = Vec::new();
+    // Fill the queue until a connect no longer completes promptly (bounded).
+    for _ in 0..16 {
+        match tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => fillers.push(s),
+            _ => break,
+        }
+    }
+    (addr, fillers, sock)
+}
+
+#[tokio::test]
+async fn connect_timeout_counts_as_connect_failure() {
+    let (hole, _fillers, _sock) = blackhole_addr().await;
+    let live = echo_backend("live").await;
+    let p = proxy_with(&[
+        RouteSpec::prefix(Some("only-hole"), "/", &[hole])
+            .policy(|p| p.connect_timeout = Duration::from_millis(100)),
+        RouteSpec::prefix(Some("mixed"), "/", &[hole, live.addr])
+            .service("mixed")
+            .policy(|p| p.connect_timeout = Duration::from_millis(100)),
+    ])
+    .await;
+    assert_eq!(get(p.addr, "only-hole", "/").await.status, 502);
+    for _ in 0..4 {
+        let got = send(p.addr, request("POST", "/", &[("host", "mixed")], "x"))
+            .await
+            .expect("response");
+        assert_eq!(got.status, 200);
+    }
+}
