@@ -749,10 +749,18 @@ async fn h2c_upstream_carries_trailers_to_an_h2_client() {
             .await
             .expect("h2c prior knowledge");
     tokio::spawn(conn);
+    // Request body with trailers (client streaming).
+    let mut req_trailers = http::HeaderMap::new();
+    req_trailers.insert("x-req-trailer", "sent".parse().expect("hv"));
+    let frames: Vec<Result<http_body::Frame<Bytes>, std::convert::Infallible>> = vec![
+        Ok(http_body::Frame::data(Bytes::from_static(b"\0\0\0\0\0"))),
+        Ok(http_body::Frame::trailers(req_trailers)),
+    ];
+    let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
     let req = Request::post("http://grpc.example/pkg.Svc/Method")
         .header("te", "trailers")
         .header("content-type", "application/grpc")
-        .body(http_body_util::Full::new(Bytes::from_static(b"\0\0\0\0\0")).boxed())
+        .body(BodyExt::boxed(body))
         .expect("req");
     let resp = tx.send_request(req).await.expect("response");
     assert_eq!(resp.status(), 200);
@@ -761,7 +769,7 @@ async fn h2c_upstream_carries_trailers_to_an_h2_client() {
     assert_eq!(trailers["grpc-status"], "0");
     assert_eq!(trailers["grpc-message"], "fine");
     let body = collected.to_bytes();
-    assert_eq!(&body[..], b"version=HTTP/2.0 te=trailers");
+    assert_eq!(&body[..], b"version=HTTP/2.0 te=trailers trailer=sent");
     // One multiplexed upstream connection for sequential streams.
     for _ in 0..3 {
         let req = Request::get("http://grpc.example/x")

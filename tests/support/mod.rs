@@ -554,11 +554,20 @@ pub async fn h2c_trailers_backend() -> TestBackend {
             .get("te")
             .map(|v| v.to_str().unwrap_or("").to_string())
             .unwrap_or_default();
+        // Request trailers, if the client sent any, are reported back in the body.
+        let req_trailer = match req.into_body().collect().await {
+            Ok(c) => c
+                .trailers()
+                .and_then(|t| t.get("x-req-trailer"))
+                .map(|v| v.to_str().unwrap_or("").to_string())
+                .unwrap_or_default(),
+            Err(_) => "body-error".to_string(),
+        };
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<http_body::Frame<Bytes>, Infallible>>(4);
         tokio::spawn(async move {
             let _ = tx
                 .send(Ok(http_body::Frame::data(Bytes::from(format!(
-                    "version={version} te={te}"
+                    "version={version} te={te} trailer={req_trailer}"
                 )))))
                 .await;
             let mut trailers = HeaderMap::new();
