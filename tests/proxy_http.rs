@@ -507,8 +507,10 @@ async fn round_robin_spreads_across_endpoints() {
 async fn keep_alive_connections_are_reused_across_requests_and_swaps() {
     let b = echo_backend("b").await;
     let p = proxy_with(&[RouteSpec::prefix(None, "/", &[b.addr])]).await;
+    let h = p.handler.clone();
     for _ in 0..5 {
         assert_eq!(get(p.addr, "x", "/").await.status, 200);
+        wait_until(|| h.upstreams().idle_connections(b.addr) == 1).await;
     }
     // A new snapshot with the same endpoint keeps the pool (keyed by address).
     p.publisher.publish(snapshot(&[
@@ -517,11 +519,12 @@ async fn keep_alive_connections_are_reused_across_requests_and_swaps() {
     ]));
     for _ in 0..5 {
         assert_eq!(get(p.addr, "new.example", "/").await.status, 200);
+        wait_until(|| h.upstreams().idle_connections(b.addr) == 1).await;
     }
-    let accepted = b.accepted.load(Ordering::SeqCst);
-    assert!(
-        accepted <= 2,
-        "10 sequential requests used {accepted} connections"
+    assert_eq!(
+        b.accepted.load(Ordering::SeqCst),
+        1,
+        "one connection for 10 requests"
     );
 }
 
@@ -1113,4 +1116,24 @@ async fn connect_timeout_counts_as_connect_failure() {
             .expect("response");
         assert_eq!(got.status, 200);
     }
+}
+
+#[tokio::test]
+async fn idle_pooled_connections_expire() {
+    let b = echo_backend("b").await;
+    let p = proxy_with(&[RouteSpec::prefix(None, "/", &[b.addr])]).await;
+    let h = p.handler.clone();
+    for _ in 0..2 {
+        assert_eq!(get(p.addr, "x", "/").await.status, 200);
+        // The connection goes back to the pool just after the response body ends.
+        wait_until(|| h.upstreams().idle_connections(b.addr) == 1).await;
+    }
+    assert_eq!(b.accepted.load(Ordering::SeqCst), 1);
+    // Jump past the idle timeout (the reaper also runs on the way).
+    tokio::time::pause();
+    tokio::time::advance(portico::proxy::upstream::POOL_IDLE_TIMEOUT + Duration::from_secs(1))
+        .await;
+    tokio::time::resume();
+    assert_eq!(get(p.addr, "x", "/").await.status, 200);
+    assert_eq!(b.accepted.load(Ordering::SeqCst), 2);
 }

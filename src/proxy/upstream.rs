@@ -33,6 +33,8 @@ pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Pooled connections found closed at send time that may be skipped per request without
 /// counting as a retry or an endpoint failure.
 pub const STALE_CONNECTION_ALLOWANCE: u32 = 2;
+/// How often the pool reaper runs.
+pub const POOL_REAP_INTERVAL: Duration = Duration::from_secs(30);
 /// Consecutive failures that eject an endpoint (brief §4.6).
 pub const EJECT_AFTER_FAILURES: u32 = 5;
 /// First ejection period; doubles on each ejection up to [`EJECT_MAX`].
@@ -166,6 +168,17 @@ impl Pool {
         }
     }
 
+    /// Drop idle connections past [`POOL_IDLE_TIMEOUT`] or closed by the upstream, and forget
+    /// endpoints left without any.
+    fn reap(&self) {
+        write(&self.idle).retain(|_, list| {
+            let mut list = lock(list);
+            list.retain(|(tx, since)| !tx.is_closed() && since.elapsed() < POOL_IDLE_TIMEOUT);
+            !list.is_empty()
+        });
+        lock(&self.h2).retain(|_, tx| !tx.is_closed());
+    }
+
     fn take_h2(&self, addr: SocketAddr) -> Option<http2::SendRequest<ProxyBody>> {
         let mut h2 = lock(&self.h2);
         match h2.get(&addr) {
@@ -271,10 +284,28 @@ fn is_idempotent(m: &Method) -> bool {
 }
 
 impl Upstreams {
+    /// Inside a tokio runtime this also starts the pool reaper, which ends when the
+    /// `Upstreams` is dropped; outside one, idle connections are only expired lazily.
     pub fn new(metrics: Arc<Metrics>) -> Upstreams {
+        let pool = Arc::new(Pool::default());
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let weak = Arc::downgrade(&pool);
+            rt.spawn(async move {
+                let mut tick = tokio::time::interval(POOL_REAP_INTERVAL);
+                tick.tick().await;
+                // Bounded by the pool's lifetime.
+                loop {
+                    tick.tick().await;
+                    let Some(pool) = weak.upgrade() else {
+                        break;
+                    };
+                    pool.reap();
+                }
+            });
+        }
         Upstreams {
             cursors: RwLock::new(HashMap::new()),
-            pool: Arc::new(Pool::default()),
+            pool,
             health: RwLock::new(HashMap::new()),
             budgets: RwLock::new(HashMap::new()),
             metrics,
@@ -361,6 +392,13 @@ impl Upstreams {
             h.consecutive_failures = 0;
             tracing::warn!(endpoint = %addr, backend = %backend.key, secs = period.as_secs(), "endpoint ejected");
         }
+    }
+
+    /// Idle keep-alive HTTP/1.1 connections pooled for `addr` (tests, admin).
+    pub fn idle_connections(&self, addr: SocketAddr) -> usize {
+        read(&self.pool.idle)
+            .get(&addr)
+            .map_or(0, |l| lock(l).len())
     }
 
     /// True when `addr` is ejected now (tests, admin).
