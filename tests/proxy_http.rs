@@ -1137,3 +1137,20 @@ async fn idle_pooled_connections_expire() {
     assert_eq!(get(p.addr, "x", "/").await.status, 200);
     assert_eq!(b.accepted.load(Ordering::SeqCst), 2);
 }
+
+#[tokio::test]
+async fn h2_header_block_limit_matches_h1() {
+    let b = echo_backend("b").await;
+    let p = proxy_with(&[RouteSpec::prefix(None, "/", &[b.addr])]).await;
+    let big = "v".repeat(2048);
+    let mut tx = h2_client(p.addr).await;
+    for (count, want) in [(30, 200), (40, 431)] {
+        let mut req = Request::get("http://x/");
+        for i in 0..count {
+            req = req.header(format!("x-h{i}"), big.as_str());
+        }
+        let req = req.body(http_body_util::Empty::new().boxed()).expect("req");
+        let resp = tx.send_request(req).await.expect("response");
+        assert_eq!(resp.status(), want, "{count} headers of 2 KiB");
+    }
+}

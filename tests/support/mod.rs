@@ -57,13 +57,20 @@ pub fn h1_buf_size(cfg: &ProxyConfig) -> usize {
     cfg.max_request_line + cfg.max_header_bytes + 16 * 1024
 }
 
+/// h2's SETTINGS_MAX_HEADER_LIST_SIZE counts name + value + 32 per field (RFC 9113 §6.5.2);
+/// hyper's default is 16 KiB. Sized so the handler's 64 KiB (name + value + 4) rule decides.
+pub fn h2_header_list_size(cfg: &ProxyConfig) -> u32 {
+    u32::try_from(cfg.max_header_bytes + 32 * cfg.max_headers).unwrap_or(u32::MAX)
+}
+
 fn builder(cfg: &ProxyConfig) -> hyper_util::server::conn::auto::Builder<TokioExecutor> {
     let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     b.http1()
         .max_buf_size(h1_buf_size(cfg))
         .max_headers(cfg.max_headers);
     b.http2()
-        .max_concurrent_streams(cfg.h2_max_concurrent_streams);
+        .max_concurrent_streams(cfg.h2_max_concurrent_streams)
+        .max_header_list_size(h2_header_list_size(cfg));
     b
 }
 
