@@ -27,7 +27,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
 use crate::metrics::Metrics;
-use crate::model::{IngressRef, RouteTarget, normalize_host};
+use crate::model::{IngressRef, RouteTarget, UpstreamProtocol, normalize_host};
 use crate::publish::Reader;
 
 use super::error::{ProxyError, empty_body, full_body};
@@ -293,7 +293,10 @@ impl Handler {
             return Err(ProxyError::BodyTooLarge);
         }
 
-        let upgrade = websocket_upgrade(&req);
+        // HTTP/2 has no Upgrade (RFC 9113 §8.6): towards an h2c upstream the header is ignored,
+        // as RFC 9110 §7.8 allows, and the request goes as a plain one.
+        let upgrade =
+            websocket_upgrade(&req) && policy.upstream_protocol == UpstreamProtocol::Http1;
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
         let trusted = self
