@@ -1,30 +1,168 @@
 //! The per-request pipeline: validate, normalise, route, forward, answer. Every request from
 //! every listener goes through [`Handler::handle`].
+//!
+//! Owns: the request rules of brief §4.3/§4.4 that apply after a connection is accepted
+//! (validation, Host/authority, path normalisation, routing, redirects, concurrency caps,
+//! body limit, header rewriting, WebSocket tunnels, metrics and the access log). Must not
+//! import kube, k8s-openapi, translate or the listener: it sees one snapshot per request
+//! through [`Reader::load`].
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hasher};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
 
-use http::{Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
+use bytes::Bytes;
+use http::header::{self, HeaderName, HeaderValue};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
 
 use crate::metrics::Metrics;
+use crate::model::{IngressRef, RouteTarget, UpstreamProtocol, normalize_host};
 use crate::publish::Reader;
 
-use super::{ConnInfo, ProxyBody, ProxyConfig};
+use super::error::{ProxyError, empty_body, full_body};
+use super::normalize::normalize_path;
+use super::upstream::{BodyFlags, OutboundRequest, PoolReturn, Upstreams};
+use super::{BoxError, ConnInfo, ProxyBody, ProxyConfig};
+
+/// ACME HTTP-01 challenges must stay reachable over plain HTTP (RFC 8555 §8.3).
+const ACME_PREFIX: &str = "/.well-known/acme-challenge/";
+/// Longest client `X-Request-ID` kept as is.
+const MAX_REQUEST_ID_LEN: usize = 128;
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
+static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// Shared by all connections and worker threads.
 pub struct Handler {
-    _cfg: Arc<ProxyConfig>,
-    _reader: Reader,
-    _metrics: Arc<Metrics>,
+    cfg: Arc<ProxyConfig>,
+    reader: Reader,
+    metrics: Arc<Metrics>,
+    upstreams: Upstreams,
+    inflight: Arc<AtomicUsize>,
+    /// Per-Ingress in-flight counts; outside the snapshot so a swap does not reset them.
+    route_inflight: RwLock<HashMap<IngressRef, Arc<AtomicUsize>>>,
+    request_ids: RequestIds,
+}
+
+/// Decrements an in-flight counter when the request (including its response body) ends.
+struct InflightGuard(Arc<AtomicUsize>);
+
+impl InflightGuard {
+    fn acquire(counter: &Arc<AtomicUsize>, cap: u32) -> Option<InflightGuard> {
+        let prev = counter.fetch_add(1, Ordering::AcqRel);
+        if prev >= cap as usize {
+            counter.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(InflightGuard(counter.clone()))
+    }
+}
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Process-unique request ids: a random prefix and a counter (no extra crate needed).
+struct RequestIds {
+    prefix: String,
+    next: AtomicU64,
+}
+
+impl RequestIds {
+    fn new() -> RequestIds {
+        // `RandomState` is seeded from the OS per process: good enough to tell processes
+        // apart, which is all an id prefix needs.
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        RequestIds {
+            prefix: format!("{:016x}", h.finish()),
+            next: AtomicU64::new(1),
+        }
+    }
+
+    fn generate(&self) -> String {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        format!("{}-{n:x}", self.prefix)
+    }
+}
+
+/// Kept from the client only if it is short and made of token-like characters, so it is
+/// safe in logs and upstream headers.
+fn sane_request_id(v: &HeaderValue) -> bool {
+    let b = v.as_bytes();
+    !b.is_empty()
+        && b.len() <= MAX_REQUEST_ID_LEN
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || b"-_.:+/=".contains(c))
+}
+
+/// What the access log and metrics need about one request, filled in as it progresses.
+#[derive(Default)]
+struct Record {
+    method: Method,
+    host: String,
+    path: String,
+    request_id: String,
+    namespace: String,
+    ingress: String,
+    service: String,
+    upstream_addr: Option<SocketAddr>,
+    upstream_ms: Option<u128>,
+    bytes_in: Arc<AtomicU64>,
+}
+
+/// The validated request head.
+struct Head {
+    /// Authority the client addressed (Host or `:authority`/absolute-form), as sent.
+    authority: String,
+    /// Normalised host for lookup.
+    host: String,
+    /// RFC 3986-normalised path.
+    path: String,
+    query: Option<String>,
 }
 
 impl Handler {
     pub fn new(cfg: Arc<ProxyConfig>, reader: Reader, metrics: Arc<Metrics>) -> Handler {
         Handler {
-            _cfg: cfg,
-            _reader: reader,
-            _metrics: metrics,
+            upstreams: Upstreams::new(metrics.clone()),
+            cfg,
+            reader,
+            metrics,
+            inflight: Arc::new(AtomicUsize::new(0)),
+            route_inflight: RwLock::new(HashMap::new()),
+            request_ids: RequestIds::new(),
         }
+    }
+
+    /// The upstream side (pools, health): exposed for tests and admin.
+    pub fn upstreams(&self) -> &Upstreams {
+        &self.upstreams
+    }
+
+    /// Requests in flight now (counted only when a global cap is configured).
+    pub fn in_flight(&self) -> usize {
+        self.inflight.load(Ordering::Acquire)
     }
 
     /// Serve one request. The listener serves connections with upgrades enabled so WebSocket
@@ -34,12 +172,910 @@ impl Handler {
         req: Request<hyper::body::Incoming>,
         conn: &ConnInfo,
     ) -> Response<ProxyBody> {
-        let _ = (req, conn);
-        let body = Full::new(bytes::Bytes::from_static(b"no route\n"))
-            .map_err(|never| match never {})
-            .boxed();
-        let mut resp = Response::new(body);
-        *resp.status_mut() = StatusCode::NOT_FOUND;
-        resp
+        let start = Instant::now();
+        let mut rec = Record {
+            method: req.method().clone(),
+            path: req.uri().path().to_string(),
+            ..Record::default()
+        };
+        let mut guards = Vec::new();
+        let mut pool_return = None;
+        let result = self
+            .serve(req, conn, &mut rec, &mut guards, &mut pool_return)
+            .await;
+        let resp = match result {
+            Ok(resp) => resp,
+            Err(e) => {
+                if let Some(reason) = e.reject_reason() {
+                    self.metrics
+                        .rejected_requests
+                        .with_label_values(&[reason])
+                        .inc();
+                }
+                tracing::debug!(error = %e, origin = ?e.origin(), "request answered with error");
+                e.to_response()
+            }
+        };
+        let (parts, body) = resp.into_parts();
+        let status = parts.status;
+        let body = TrackedBody {
+            inner: body,
+            bytes_out: 0,
+            errored: false,
+            pool_return,
+            finish: Some(Finish {
+                rec,
+                status,
+                start,
+                guards,
+                metrics: self.metrics.clone(),
+                access_log: self.cfg.access_log,
+            }),
+        };
+        Response::from_parts(parts, body.boxed())
+    }
+
+    fn route_counter(&self, ing: &IngressRef) -> Arc<AtomicUsize> {
+        if let Some(c) = self
+            .route_inflight
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(ing)
+        {
+            return c.clone();
+        }
+        self.route_inflight
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(ing.clone())
+            .or_default()
+            .clone()
+    }
+
+    async fn serve(
+        &self,
+        mut req: Request<Incoming>,
+        conn: &ConnInfo,
+        rec: &mut Record,
+        guards: &mut Vec<InflightGuard>,
+        pool_return: &mut Option<PoolReturn>,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        // Load once: the whole request uses this one snapshot (brief §2).
+        let snapshot = self.reader.load().ok_or(ProxyError::NotReady)?;
+        if let Some(cap) = self.cfg.max_concurrent_requests {
+            guards.push(
+                InflightGuard::acquire(&self.inflight, cap)
+                    .ok_or(ProxyError::Overloaded("global_concurrency"))?,
+            );
+        }
+
+        let head = validate_head(&req, &self.cfg)?;
+        rec.host = head.host.clone();
+        rec.path = head.path.clone();
+
+        let matched = snapshot.route(&head.host, &head.path);
+        let route = matched.route.ok_or(ProxyError::NoRoute)?;
+        rec.namespace = route.ingress.namespace.to_string();
+        rec.ingress = route.ingress.name.to_string();
+        let policy = route.policy.clone();
+
+        // Plain HTTP on a TLS host → 308 keeps method and body (RFC 9110 §15.4.9).
+        if !conn.tls && policy.ssl_redirect && !head.path.starts_with(ACME_PREFIX) {
+            return Ok(redirect(&head));
+        }
+
+        let backend = match &route.target {
+            RouteTarget::Backend(id) => snapshot.backends.get(*id),
+            RouteTarget::Unavailable { reason } => {
+                tracing::debug!(%reason, ingress = %rec.ingress, "route unavailable");
+                None
+            }
+        };
+        let backend = backend.ok_or(ProxyError::NoEndpoints)?;
+        rec.service = backend.key.service.to_string();
+        if backend.endpoints.is_empty() {
+            return Err(ProxyError::NoEndpoints);
+        }
+
+        if let Some(cap) = policy.max_concurrent_requests {
+            let counter = self.route_counter(&route.ingress);
+            guards.push(
+                InflightGuard::acquire(&counter, cap)
+                    .ok_or(ProxyError::Overloaded("route_concurrency"))?,
+            );
+        }
+
+        // Content-Length over the limit: refuse before contacting any upstream.
+        if policy.body_limit > 0
+            && let Some(len) = content_length(req.headers())?
+            && len > policy.body_limit
+        {
+            return Err(ProxyError::BodyTooLarge);
+        }
+
+        // HTTP/2 has no Upgrade (RFC 9113 §8.6): towards an h2c upstream the header is ignored,
+        // as RFC 9110 §7.8 allows, and the request goes as a plain one.
+        let upgrade =
+            websocket_upgrade(&req) && policy.upstream_protocol == UpstreamProtocol::Http1;
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+
+        let trusted = self
+            .cfg
+            .trusted_proxies
+            .iter()
+            .any(|net| net.contains(&conn.peer.ip()));
+        let (parts, body) = req.into_parts();
+        let mut headers = parts.headers;
+        strip_hop_by_hop(&mut headers, upgrade);
+        if upgrade {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        }
+        set_forwarding_headers(&mut headers, conn, trusted, &head.authority);
+        let request_id = match headers.get(&X_REQUEST_ID) {
+            Some(v) if sane_request_id(v) => v.to_str().unwrap_or_default().to_string(),
+            _ => {
+                let id = self.request_ids.generate();
+                if let Ok(v) = HeaderValue::from_str(&id) {
+                    headers.insert(X_REQUEST_ID.clone(), v);
+                }
+                id
+            }
+        };
+        rec.request_id = request_id;
+
+        let body_flags = Arc::new(BodyFlags::default());
+        let body = if body.is_end_stream() {
+            None
+        } else {
+            Some(
+                LimitedBody {
+                    inner: body,
+                    limit: policy.body_limit,
+                    seen: 0,
+                    flags: body_flags.clone(),
+                    counter: rec.bytes_in.clone(),
+                }
+                .boxed(),
+            )
+        };
+        let path_and_query = match &head.query {
+            Some(q) => format!("{}?{q}", head.path),
+            None => head.path.clone(),
+        };
+        let out = OutboundRequest {
+            method: parts.method,
+            path_and_query,
+            authority: head.authority.clone(),
+            headers,
+            body,
+            body_flags,
+        };
+
+        let forwarded = self
+            .upstreams
+            .forward(backend, &policy, out, self.cfg.max_retries)
+            .await?;
+        rec.upstream_addr = Some(forwarded.addr);
+        rec.upstream_ms = Some(forwarded.upstream_time.as_millis());
+        self.metrics
+            .upstream_duration
+            .with_label_values(&[&rec.namespace, &rec.ingress, &rec.service])
+            .observe(forwarded.upstream_time.as_secs_f64());
+
+        let mut resp = forwarded.response;
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let Some(client_upgrade) = client_upgrade else {
+                // A 101 the client did not ask for cannot be relayed (RFC 9110 §15.2.2).
+                return Err(ProxyError::UpstreamReset);
+            };
+            let upstream_upgrade = hyper::upgrade::on(&mut resp);
+            let idle = self.cfg.stream_idle_timeout;
+            tokio::spawn(async move {
+                match tokio::try_join!(client_upgrade, upstream_upgrade) {
+                    Ok((c, u)) => tunnel(TokioIo::new(c), TokioIo::new(u), idle).await,
+                    Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+                }
+            });
+            let (mut parts, _) = resp.into_parts();
+            strip_hop_by_hop(&mut parts.headers, true);
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            return Ok(Response::from_parts(parts, empty_body()));
+        }
+
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers, false);
+        if conn.tls
+            && let Some(hsts) = &policy.hsts
+            && let Ok(v) = HeaderValue::from_str(hsts)
+        {
+            parts.headers.insert(header::STRICT_TRANSPORT_SECURITY, v);
+        }
+        *pool_return = forwarded.pool_return;
+        // Upstream body errors propagate so hyper aborts the client response instead of
+        // finishing it as if complete (brief §4.4).
+        Ok(Response::from_parts(
+            parts,
+            body.map_err(|e| -> BoxError { Box::new(e) }).boxed(),
+        ))
+    }
+}
+
+fn redirect(head: &Head) -> Response<ProxyBody> {
+    let mut location = format!("https://{}{}", head.host, head.path);
+    if let Some(q) = &head.query {
+        location.push('?');
+        location.push_str(q);
+    }
+    let mut resp = Response::new(full_body(Bytes::from_static(b"Permanent Redirect\n")));
+    *resp.status_mut() = StatusCode::PERMANENT_REDIRECT;
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+/// All the checks of the request head that need no route (brief §4.4 "Status codes",
+/// "Framing", "Paths", "Host").
+fn validate_head<B>(req: &Request<B>, cfg: &ProxyConfig) -> Result<Head, ProxyError> {
+    // portico is a reverse proxy: it does not open CONNECT tunnels (nor h2 extended CONNECT).
+    if req.method() == Method::CONNECT {
+        return Err(ProxyError::UnsupportedMethod);
+    }
+    let uri = req.uri();
+    let target_len = uri.path_and_query().map_or(1, |p| p.as_str().len())
+        + uri.authority().map_or(0, |a| a.as_str().len())
+        + uri.scheme_str().map_or(0, |s| s.len() + 3);
+    if target_len > cfg.max_request_line {
+        return Err(ProxyError::UriTooLong);
+    }
+    let header_bytes: usize = req
+        .headers()
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + 4)
+        .sum();
+    if header_bytes > cfg.max_header_bytes {
+        return Err(ProxyError::HeadersTooLarge);
+    }
+
+    check_transfer_encoding(req)?;
+    // Differing duplicate Content-Length is ambiguous framing (RFC 9112 §6.3 item 5).
+    content_length(req.headers())?;
+
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let host_header = hosts.next();
+    if hosts.next().is_some() {
+        return Err(ProxyError::BadRequest("duplicate_host"));
+    }
+    let host_header = match host_header {
+        Some(v) => {
+            let s = v
+                .to_str()
+                .map_err(|_| ProxyError::BadRequest("invalid_host"))?;
+            if !valid_authority(s) {
+                return Err(ProxyError::BadRequest("invalid_host"));
+            }
+            Some(s)
+        }
+        None => None,
+    };
+    // RFC 9112 §3.2: an HTTP/1.1 request without Host is refused.
+    if req.version() == Version::HTTP_11 && host_header.is_none() {
+        return Err(ProxyError::BadRequest("missing_host"));
+    }
+    // Absolute-form (RFC 9112 §3.2.2) and h2 `:authority` (RFC 9113 §8.3.1) win over Host.
+    let authority = match uri.authority() {
+        Some(a) => {
+            if !valid_authority(a.as_str()) {
+                return Err(ProxyError::BadRequest("invalid_host"));
+            }
+            a.as_str().to_string()
+        }
+        None => host_header.unwrap_or_default().to_string(),
+    };
+    let host = normalize_host(&authority).unwrap_or_default();
+
+    let raw_path = if uri.path().is_empty() {
+        "/"
+    } else {
+        uri.path()
+    };
+    let path = normalize_path(raw_path).map_err(|_| ProxyError::BadRequest("path"))?;
+    let query = uri.query().map(str::to_string);
+    if let Some(q) = &query
+        && q.bytes().any(|b| b == b'\\' || b.is_ascii_control())
+    {
+        return Err(ProxyError::BadRequest("path"));
+    }
+    Ok(Head {
+        authority,
+        host,
+        path,
+        query,
+    })
+}
+
+/// Host or authority: no userinfo (RFC 9110 §4.2.4 forbids it in http URIs), no whitespace or
+/// control bytes, nothing that belongs to a path.
+fn valid_authority(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_graphic() && !matches!(b, b'@' | b'/' | b'\\' | b'?' | b'#' | b'"'))
+}
+
+/// RFC 9112 §6.1: on HTTP/1.x only `chunked` is supported, and it must be last. HTTP/2
+/// forbids the header (RFC 9113 §8.2.2), so any Transfer-Encoding there is malformed.
+fn check_transfer_encoding<B>(req: &Request<B>) -> Result<(), ProxyError> {
+    let values = req.headers().get_all(header::TRANSFER_ENCODING);
+    let mut codings = Vec::new();
+    for v in values {
+        let s = v
+            .to_str()
+            .map_err(|_| ProxyError::BadRequest("transfer_encoding"))?;
+        codings.extend(s.split(',').map(|c| c.trim().to_ascii_lowercase()));
+    }
+    if codings.is_empty() {
+        return Ok(());
+    }
+    if req.version() >= Version::HTTP_2 {
+        return Err(ProxyError::BadRequest("transfer_encoding"));
+    }
+    if codings.iter().any(|c| c != "chunked") {
+        return Err(ProxyError::UnsupportedTransferCoding);
+    }
+    if codings.len() > 1 {
+        // `chunked, chunked` is chunked applied twice: refuse rather than guess.
+        return Err(ProxyError::BadRequest("transfer_encoding"));
+    }
+    if req.headers().contains_key(header::CONTENT_LENGTH) {
+        return Err(ProxyError::BadRequest("cl_and_te"));
+    }
+    Ok(())
+}
+
+/// The request's Content-Length, refusing invalid or differing values (RFC 9110 §8.6).
+fn content_length(headers: &HeaderMap) -> Result<Option<u64>, ProxyError> {
+    let mut found: Option<u64> = None;
+    for v in headers.get_all(header::CONTENT_LENGTH) {
+        let s = v
+            .to_str()
+            .map_err(|_| ProxyError::BadRequest("content_length"))?;
+        for part in s.split(',') {
+            let part = part.trim();
+            if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(ProxyError::BadRequest("content_length"));
+            }
+            let n: u64 = part
+                .parse()
+                .map_err(|_| ProxyError::BadRequest("content_length"))?;
+            if found.is_some_and(|f| f != n) {
+                return Err(ProxyError::BadRequest("content_length"));
+            }
+            found = Some(n);
+        }
+    }
+    Ok(found)
+}
+
+fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// An HTTP/1.1 WebSocket handshake (RFC 6455 §4.1): `Connection: upgrade` + `Upgrade:
+/// websocket`. Other upgrade protocols (h2c...) are not relayed.
+fn websocket_upgrade<B>(req: &Request<B>) -> bool {
+    req.version() == Version::HTTP_11
+        && connection_has(req.headers(), "upgrade")
+        && req
+            .headers()
+            .get(header::UPGRADE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| {
+                v.split(',')
+                    .any(|p| p.trim().eq_ignore_ascii_case("websocket"))
+            })
+}
+
+/// RFC 9110 §7.6.1: remove Connection and every header it names, plus the well-known
+/// hop-by-hop fields. `TE: trailers` survives (gRPC needs it, RFC 9113 §8.2.2); Upgrade
+/// survives only on upgrades.
+fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    headers.remove(header::CONNECTION);
+    for name in named {
+        if keep_upgrade && name == header::UPGRADE {
+            continue;
+        }
+        headers.remove(&name);
+    }
+    headers.remove(&KEEP_ALIVE);
+    headers.remove(&PROXY_CONNECTION);
+    headers.remove(header::TRANSFER_ENCODING);
+    let te_trailers = headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
+    headers.remove(header::TE);
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    if !keep_upgrade {
+        headers.remove(header::UPGRADE);
+    }
+}
+
+/// X-Forwarded-* and X-Real-IP. Client-sent values survive only from trusted proxies;
+/// otherwise they are replaced (and `Forwarded` dropped) so clients cannot spoof them.
+fn set_forwarding_headers(
+    headers: &mut HeaderMap,
+    conn: &ConnInfo,
+    trusted: bool,
+    authority: &str,
+) {
+    let peer_ip = conn.peer.ip().to_string();
+    let xff = if trusted {
+        let prior: Vec<&str> = headers
+            .get_all(&X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        if prior.is_empty() {
+            peer_ip.clone()
+        } else {
+            format!("{}, {peer_ip}", prior.join(", "))
+        }
+    } else {
+        peer_ip.clone()
+    };
+    let set = |headers: &mut HeaderMap, name: &HeaderName, value: &str| {
+        if trusted && headers.contains_key(name) {
+            return;
+        }
+        if let Ok(v) = HeaderValue::from_str(value) {
+            headers.insert(name.clone(), v);
+        }
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert(X_FORWARDED_FOR.clone(), v);
+    }
+    set(
+        headers,
+        &X_FORWARDED_PROTO,
+        if conn.tls { "https" } else { "http" },
+    );
+    set(headers, &X_FORWARDED_HOST, authority);
+    set(headers, &X_FORWARDED_PORT, &conn.local.port().to_string());
+    set(headers, &X_REAL_IP, &peer_ip);
+    if !trusted {
+        headers.remove(&FORWARDED);
+    }
+}
+
+/// Error raised into the upstream request body when the client's body crosses the limit.
+#[derive(Debug, thiserror::Error)]
+#[error("request body over the limit")]
+pub struct BodyLimitExceeded;
+
+/// The client's request body on its way upstream: counts bytes and fails the stream the
+/// moment it crosses the route's limit, so nothing is buffered (brief §4.4 "Body limit").
+struct LimitedBody {
+    inner: Incoming,
+    limit: u64,
+    seen: u64,
+    flags: Arc<BodyFlags>,
+    counter: Arc<AtomicU64>,
+}
+
+impl Body for LimitedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    let n = data.len() as u64;
+                    this.seen = this.seen.saturating_add(n);
+                    this.counter.fetch_add(n, Ordering::Relaxed);
+                    if this.limit > 0 && this.seen > this.limit {
+                        this.flags.limit_hit.store(true, Ordering::Release);
+                        return Poll::Ready(Some(Err(Box::new(BodyLimitExceeded))));
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.flags.client_failed.store(true, Ordering::Release);
+                Poll::Ready(Some(Err(Box::new(e))))
+            }
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Emitted once per request when the response body is done (or dropped).
+struct Finish {
+    rec: Record,
+    status: StatusCode,
+    start: Instant,
+    guards: Vec<InflightGuard>,
+    metrics: Arc<Metrics>,
+    access_log: bool,
+}
+
+/// The response body to the client: counts bytes, returns the upstream connection to the
+/// pool on a clean end, releases concurrency slots, and writes metrics + access log.
+struct TrackedBody {
+    inner: ProxyBody,
+    bytes_out: u64,
+    errored: bool,
+    pool_return: Option<PoolReturn>,
+    finish: Option<Finish>,
+}
+
+impl TrackedBody {
+    fn complete(&mut self) {
+        if let Some(p) = self.pool_return.take() {
+            p.give_back();
+        }
+    }
+}
+
+impl Body for TrackedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref() {
+                    this.bytes_out += d.len() as u64;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.errored = true;
+                // The upstream connection is broken: never pool it.
+                this.pool_return = None;
+                Poll::Ready(Some(Err(e)))
+            }
+            Poll::Ready(None) => {
+                this.complete();
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for TrackedBody {
+    fn drop(&mut self) {
+        if !self.errored && self.inner.is_end_stream() {
+            self.complete();
+        }
+        let Some(f) = self.finish.take() else {
+            return;
+        };
+        let rec = &f.rec;
+        let status = f.status.as_u16().to_string();
+        let method = method_label(&rec.method);
+        f.metrics
+            .requests
+            .with_label_values(&[&rec.namespace, &rec.ingress, &rec.service, &status, method])
+            .inc();
+        let elapsed = f.start.elapsed();
+        f.metrics
+            .request_duration
+            .with_label_values(&[&rec.namespace, &rec.ingress, &rec.service])
+            .observe(elapsed.as_secs_f64());
+        if f.access_log {
+            let route = if rec.ingress.is_empty() {
+                String::new()
+            } else {
+                format!("{}/{}", rec.namespace, rec.ingress)
+            };
+            let upstream_addr = rec.upstream_addr.map(|a| a.to_string()).unwrap_or_default();
+            tracing::info!(
+                target: "portico::access",
+                method = %rec.method,
+                host = %rec.host,
+                path = %rec.path,
+                status = f.status.as_u16(),
+                bytes_in = rec.bytes_in.load(Ordering::Relaxed),
+                bytes_out = self.bytes_out,
+                duration_ms = elapsed.as_millis() as u64,
+                upstream_addr = %upstream_addr,
+                upstream_ms = rec.upstream_ms.map(|m| m as u64),
+                route = %route,
+                request_id = %rec.request_id,
+                aborted = self.errored,
+            );
+        }
+        drop(f.guards);
+    }
+}
+
+/// Bounded label set: unknown methods collapse into one label value.
+fn method_label(m: &Method) -> &'static str {
+    match *m {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::OPTIONS => "OPTIONS",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "OTHER",
+    }
+}
+
+/// Copy both directions of an upgraded connection until both ends close, an error occurs,
+/// or nothing moved in either direction for `idle`.
+async fn tunnel<A, B>(a: A, b: B, idle: Duration)
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let base = Instant::now();
+    let last = AtomicU64::new(0);
+    let (mut ar, mut aw) = tokio::io::split(a);
+    let (mut br, mut bw) = tokio::io::split(b);
+    let copy = async {
+        tokio::join!(
+            copy_one(&mut ar, &mut bw, &last, base),
+            copy_one(&mut br, &mut aw, &last, base)
+        )
+    };
+    let watchdog = async {
+        loop {
+            let deadline = base + Duration::from_millis(last.load(Ordering::Relaxed)) + idle;
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    };
+    tokio::select! {
+        _ = copy => {}
+        _ = watchdog => tracing::debug!("upgraded stream idle, closing"),
+    }
+}
+
+async fn copy_one<R, W>(r: &mut R, w: &mut W, last: &AtomicU64, base: Instant)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match r.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if w.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+        last.store(base.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+    let _ = w.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(version: Version, uri: &str, headers: &[(&str, &str)]) -> Request<()> {
+        let mut b = Request::builder().uri(uri).version(version);
+        for (n, v) in headers {
+            b = b.header(*n, *v);
+        }
+        b.body(()).expect("request")
+    }
+
+    fn cfg() -> ProxyConfig {
+        ProxyConfig::default()
+    }
+
+    #[test]
+    fn transfer_codings() {
+        let c = cfg();
+        let te = |v: &str| {
+            validate_head(
+                &req(
+                    Version::HTTP_11,
+                    "/",
+                    &[("host", "a"), ("transfer-encoding", v)],
+                ),
+                &c,
+            )
+            .err()
+        };
+        assert_eq!(te("chunked"), None);
+        assert_eq!(te("gzip"), Some(ProxyError::UnsupportedTransferCoding));
+        assert_eq!(
+            te("gzip, chunked"),
+            Some(ProxyError::UnsupportedTransferCoding)
+        );
+        assert_eq!(
+            te("chunked, chunked"),
+            Some(ProxyError::BadRequest("transfer_encoding"))
+        );
+        let both = req(
+            Version::HTTP_11,
+            "/",
+            &[
+                ("host", "a"),
+                ("transfer-encoding", "chunked"),
+                ("content-length", "3"),
+            ],
+        );
+        assert_eq!(
+            validate_head(&both, &c).err(),
+            Some(ProxyError::BadRequest("cl_and_te"))
+        );
+    }
+
+    #[test]
+    fn connect_is_not_offered() {
+        let r = Request::builder()
+            .method(Method::CONNECT)
+            .uri("x.example:443")
+            .header("host", "x.example:443")
+            .body(())
+            .expect("request");
+        assert_eq!(
+            validate_head(&r, &cfg()).err(),
+            Some(ProxyError::UnsupportedMethod)
+        );
+    }
+
+    #[test]
+    fn content_length_rules() {
+        let mut h = HeaderMap::new();
+        h.append(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
+        h.append(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
+        assert_eq!(content_length(&h), Ok(Some(5)));
+        h.append(header::CONTENT_LENGTH, HeaderValue::from_static("6"));
+        assert!(content_length(&h).is_err());
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("+5"));
+        assert!(content_length(&h).is_err());
+    }
+
+    #[test]
+    fn host_rules() {
+        let c = cfg();
+        let v = |r: Request<()>| validate_head(&r, &c);
+        assert_eq!(
+            v(req(Version::HTTP_11, "/", &[])).err(),
+            Some(ProxyError::BadRequest("missing_host"))
+        );
+        assert!(v(req(Version::HTTP_10, "/", &[])).is_ok());
+        assert_eq!(
+            v(req(Version::HTTP_11, "/", &[("host", "u@a")])).err(),
+            Some(ProxyError::BadRequest("invalid_host"))
+        );
+        assert_eq!(
+            v(req(Version::HTTP_11, "/", &[("host", "a b")])).err(),
+            Some(ProxyError::BadRequest("invalid_host"))
+        );
+        assert_eq!(
+            v(req(Version::HTTP_11, "/", &[("host", "a"), ("host", "b")])).err(),
+            Some(ProxyError::BadRequest("duplicate_host"))
+        );
+        let head = v(req(
+            Version::HTTP_11,
+            "http://Abs.Example:81/x",
+            &[("host", "other")],
+        ))
+        .expect("ok");
+        assert_eq!(head.authority, "Abs.Example:81");
+        assert_eq!(head.host, "abs.example");
+        assert_eq!(
+            v(req(Version::HTTP_11, "http://u@abs/x", &[("host", "abs")])).err(),
+            Some(ProxyError::BadRequest("invalid_host"))
+        );
+    }
+
+    #[test]
+    fn sizes() {
+        let mut c = cfg();
+        c.max_request_line = 10;
+        assert_eq!(
+            validate_head(&req(Version::HTTP_11, "/0123456789", &[("host", "a")]), &c).err(),
+            Some(ProxyError::UriTooLong)
+        );
+        let mut c = cfg();
+        c.max_header_bytes = 20;
+        assert_eq!(
+            validate_head(
+                &req(
+                    Version::HTTP_11,
+                    "/",
+                    &[("host", "a"), ("x-long", "0123456789")]
+                ),
+                &c
+            )
+            .err(),
+            Some(ProxyError::HeadersTooLarge)
+        );
+    }
+
+    #[test]
+    fn hop_by_hop_is_stripped() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
+        h.insert(header::TE, HeaderValue::from_static("gzip, trailers"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 2, "{h:?}");
+        assert_eq!(h[header::TE], "trailers");
+        assert_eq!(h["x-keep"], "1");
+    }
+
+    #[test]
+    fn request_ids_are_unique_and_sane() {
+        let ids = RequestIds::new();
+        let a = ids.generate();
+        let b = ids.generate();
+        assert_ne!(a, b);
+        assert!(sane_request_id(&HeaderValue::from_str(&a).expect("v")));
+        assert!(!sane_request_id(&HeaderValue::from_static("a b")));
+        assert!(!sane_request_id(&HeaderValue::from_static("")));
+        let long = "a".repeat(MAX_REQUEST_ID_LEN + 1);
+        assert!(!sane_request_id(&HeaderValue::from_str(&long).expect("v")));
     }
 }

@@ -1,1 +1,844 @@
-//! placeholder
+//! Talking to upstream endpoints: endpoint choice (round robin), connection pools (HTTP/1.1
+//! keep-alive and h2c), passive health (ejection), retry budget and the retry loop.
+//!
+//! Owns: all state that outlives a snapshot swap on the upstream side, keyed by stable
+//! identities ([`BackendKey`], endpoint address + protocol), never by snapshot indices. Must
+//! not import kube, k8s-openapi, `publish` or the handler: it receives a [`Backend`] and a
+//! [`RoutePolicy`] from the caller's one snapshot load.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::Duration;
+
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::metrics::Metrics;
+use crate::model::{Backend, BackendKey, RoutePolicy, UpstreamProtocol};
+
+use super::ProxyBody;
+use super::error::ProxyError;
+
+/// Idle keep-alive connections kept per endpoint.
+pub const MAX_IDLE_PER_ENDPOINT: usize = 32;
+/// Idle pooled connections older than this are dropped (below common upstream keep-alive
+/// timeouts would be ideal; 90 s matches the brief).
+pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Pooled connections found closed at send time that may be skipped per request without
+/// counting as a retry or an endpoint failure.
+pub const STALE_CONNECTION_ALLOWANCE: u32 = 2;
+/// How often the pool reaper runs.
+pub const POOL_REAP_INTERVAL: Duration = Duration::from_secs(30);
+/// Consecutive failures that eject an endpoint (brief §4.6).
+pub const EJECT_AFTER_FAILURES: u32 = 5;
+/// First ejection period; doubles on each ejection up to [`EJECT_MAX`].
+pub const EJECT_BASE: Duration = Duration::from_secs(10);
+/// Longest ejection.
+pub const EJECT_MAX: Duration = Duration::from_secs(300);
+/// Pool map entries beyond this trigger a sweep of endpoints without idle connections.
+const POOL_SWEEP_THRESHOLD: usize = 4096;
+/// Health entries beyond this trigger a sweep of entries that carry no state.
+const HEALTH_SWEEP_THRESHOLD: usize = 4096;
+/// Retries may add at most this fraction of requests (brief §4.6).
+pub const RETRY_BUDGET_RATIO: f64 = 0.2;
+/// ...but at least this many retries per second per backend are always allowed.
+pub const RETRY_BUDGET_FLOOR_PER_SEC: f64 = 3.0;
+
+/// Why a connection could not be obtained. Nothing was sent: always safe to retry.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("connect timed out")]
+    Timeout,
+    #[error("connect failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("handshake failed: {0}")]
+    Handshake(#[from] hyper::Error),
+}
+
+/// A connection ready for one request.
+enum Sender {
+    H1(http1::SendRequest<ProxyBody>),
+    H2(http2::SendRequest<ProxyBody>),
+}
+
+/// Returns a keep-alive HTTP/1.1 connection to the pool once its response body is done. Held
+/// by the response body; dropping it without [`PoolReturn::give_back`] closes the connection
+/// (the right thing after an aborted body).
+pub struct PoolReturn {
+    pool: Arc<Pool>,
+    addr: SocketAddr,
+    tx: http1::SendRequest<ProxyBody>,
+}
+
+impl PoolReturn {
+    /// The response finished cleanly: park the connection for reuse.
+    pub fn give_back(mut self) {
+        if self.tx.is_ready() {
+            self.pool.put(self.addr, self.tx);
+            return;
+        }
+        if self.tx.is_closed() {
+            return;
+        }
+        // hyper's dispatcher flips to ready right after the message ends; wait for it off the
+        // request path. Outside a runtime (shutdown) the connection is simply dropped.
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        rt.spawn(async move {
+            let ready = tokio::time::timeout(Duration::from_secs(5), self.tx.ready()).await;
+            if matches!(ready, Ok(Ok(()))) {
+                self.pool.put(self.addr, self.tx);
+            }
+        });
+    }
+}
+
+/// Idle keep-alive connections of one endpoint, with the time each was parked.
+type IdleList = Vec<(http1::SendRequest<ProxyBody>, Instant)>;
+
+#[derive(Default)]
+struct Pool {
+    /// One lock per endpoint so requests to different endpoints never contend.
+    idle: RwLock<HashMap<SocketAddr, Arc<Mutex<IdleList>>>>,
+    h2: Mutex<HashMap<SocketAddr, http2::SendRequest<ProxyBody>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding one of these short critical sections leaves plain data behind;
+    // keep serving rather than poisoning every later request.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn read<T>(m: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    m.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn write<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    m.write().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Read-mostly map of shared per-key state: the common case takes only the read lock.
+fn shared<K, V>(map: &RwLock<HashMap<K, Arc<V>>>, key: &K, init: impl FnOnce() -> V) -> Arc<V>
+where
+    K: Eq + std::hash::Hash + Clone,
+{
+    if let Some(v) = read(map).get(key) {
+        return v.clone();
+    }
+    write(map)
+        .entry(key.clone())
+        .or_insert_with(|| Arc::new(init()))
+        .clone()
+}
+
+impl Pool {
+    fn take_h1(&self, addr: SocketAddr) -> Option<http1::SendRequest<ProxyBody>> {
+        let list = read(&self.idle).get(&addr)?.clone();
+        let mut list = lock(&list);
+        // Newest first (LIFO) keeps few connections warm; stale or closed ones are dropped.
+        while let Some((tx, since)) = list.pop() {
+            if since.elapsed() < POOL_IDLE_TIMEOUT && tx.is_ready() && !tx.is_closed() {
+                return Some(tx);
+            }
+        }
+        None
+    }
+
+    fn put(&self, addr: SocketAddr, tx: http1::SendRequest<ProxyBody>) {
+        {
+            let idle = read(&self.idle);
+            if idle.len() > POOL_SWEEP_THRESHOLD {
+                drop(idle);
+                // Pod IPs churn: forget endpoints that have no idle connection left.
+                write(&self.idle).retain(|_, l| !lock(l).is_empty());
+            }
+        }
+        let list = shared(&self.idle, &addr, Mutex::default);
+        let mut list = lock(&list);
+        list.retain(|(t, since)| !t.is_closed() && since.elapsed() < POOL_IDLE_TIMEOUT);
+        if list.len() < MAX_IDLE_PER_ENDPOINT {
+            list.push((tx, Instant::now()));
+        }
+    }
+
+    /// Drop idle connections past [`POOL_IDLE_TIMEOUT`] or closed by the upstream, and forget
+    /// endpoints left without any.
+    fn reap(&self) {
+        write(&self.idle).retain(|_, list| {
+            let mut list = lock(list);
+            list.retain(|(tx, since)| !tx.is_closed() && since.elapsed() < POOL_IDLE_TIMEOUT);
+            !list.is_empty()
+        });
+        lock(&self.h2).retain(|_, tx| !tx.is_closed());
+    }
+
+    fn take_h2(&self, addr: SocketAddr) -> Option<http2::SendRequest<ProxyBody>> {
+        let mut h2 = lock(&self.h2);
+        match h2.get(&addr) {
+            Some(tx) if !tx.is_closed() => Some(tx.clone()),
+            Some(_) => {
+                h2.remove(&addr);
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn put_h2(&self, addr: SocketAddr, tx: &http2::SendRequest<ProxyBody>) {
+        lock(&self.h2).insert(addr, tx.clone());
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Health {
+    consecutive_failures: u32,
+    ejected_until: Option<Instant>,
+    ejections: u32,
+}
+
+impl Health {
+    fn is_ejected(&self, now: Instant) -> bool {
+        self.ejected_until.is_some_and(|t| t > now)
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Budget {
+    /// Earned by requests (RETRY_BUDGET_RATIO each).
+    ratio_tokens: f64,
+    /// Refilled over time (RETRY_BUDGET_FLOOR_PER_SEC), capped at one second's worth.
+    floor_tokens: f64,
+    last: Instant,
+}
+
+/// The outcome of forwarding: response headers from one endpoint.
+pub struct Forwarded {
+    pub response: Response<Incoming>,
+    /// Endpoint that answered (access log).
+    pub addr: SocketAddr,
+    /// Time to response headers of the answering attempt.
+    pub upstream_time: Duration,
+    /// Keep-alive connection to return when the body completes (HTTP/1.1 only).
+    pub pool_return: Option<PoolReturn>,
+}
+
+/// What the caller hands over for one forwarded request. The URI is origin-form (path and
+/// query, already normalised); `authority` is the Host the upstream should see.
+pub struct OutboundRequest {
+    pub method: Method,
+    pub path_and_query: String,
+    pub authority: String,
+    pub headers: HeaderMap,
+    /// `None`: the request has no body (it may be re-sent on another endpoint).
+    pub body: Option<ProxyBody>,
+    /// Set by the client-body wrapper; lets a send failure be blamed on the right side.
+    pub body_flags: Arc<BodyFlags>,
+}
+
+/// What happened to the client's request body while it streamed upstream.
+#[derive(Debug, Default)]
+pub struct BodyFlags {
+    /// The body crossed the route's limit (→ 413).
+    pub limit_hit: AtomicBool,
+    /// Reading the client's body failed (client went away mid-upload): not the upstream's
+    /// fault, so no passive-health penalty.
+    pub client_failed: AtomicBool,
+}
+
+impl BodyFlags {
+    /// The error to answer with when a send failed because of the client's body.
+    fn client_error(&self) -> Option<ProxyError> {
+        if self.limit_hit.load(Ordering::Acquire) {
+            Some(ProxyError::BodyTooLarge)
+        } else if self.client_failed.load(Ordering::Acquire) {
+            Some(ProxyError::ClientBody)
+        } else {
+            None
+        }
+    }
+}
+
+/// Upstream state shared by every connection and worker thread; survives snapshot swaps.
+pub struct Upstreams {
+    cursors: RwLock<HashMap<BackendKey, Arc<AtomicUsize>>>,
+    pool: Arc<Pool>,
+    /// Read on every pick, written only on failures (and the success after one).
+    health: RwLock<HashMap<SocketAddr, Health>>,
+    budgets: RwLock<HashMap<BackendKey, Arc<Mutex<Budget>>>>,
+    metrics: Arc<Metrics>,
+}
+
+/// RFC 9110 §9.2.2 idempotent methods (CONNECT/POST/PATCH are not).
+fn is_idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+impl Upstreams {
+    /// Inside a tokio runtime this also starts the pool reaper, which ends when the
+    /// `Upstreams` is dropped; outside one, idle connections are only expired lazily.
+    pub fn new(metrics: Arc<Metrics>) -> Upstreams {
+        let pool = Arc::new(Pool::default());
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let weak = Arc::downgrade(&pool);
+            rt.spawn(async move {
+                let mut tick = tokio::time::interval(POOL_REAP_INTERVAL);
+                tick.tick().await;
+                // Bounded by the pool's lifetime.
+                loop {
+                    tick.tick().await;
+                    let Some(pool) = weak.upgrade() else {
+                        break;
+                    };
+                    pool.reap();
+                }
+            });
+        }
+        Upstreams {
+            cursors: RwLock::new(HashMap::new()),
+            pool,
+            health: RwLock::new(HashMap::new()),
+            budgets: RwLock::new(HashMap::new()),
+            metrics,
+        }
+    }
+
+    fn cursor(&self, key: &BackendKey) -> Arc<AtomicUsize> {
+        shared(&self.cursors, key, AtomicUsize::default)
+    }
+
+    /// Round robin over the backend's endpoints, skipping ones already tried for this request
+    /// and, when possible, ejected ones.
+    ///
+    /// The cursor advances once per request (`start`), not per attempt: a retry walks on from
+    /// the request's own position, so a failing endpoint does not shift the rotation.
+    fn pick(&self, backend: &Backend, start: usize, tried: &[SocketAddr]) -> Option<SocketAddr> {
+        let eps = &backend.endpoints;
+        let n = eps.len();
+        if n == 0 {
+            return None;
+        }
+        let now = Instant::now();
+        let health = read(&self.health);
+        let candidates = (0..n).map(|i| eps[(start.wrapping_add(i)) % n].addr);
+        let mut fallback = None;
+        for addr in candidates {
+            if tried.contains(&addr) {
+                continue;
+            }
+            if health.get(&addr).is_some_and(|h| h.is_ejected(now)) {
+                fallback.get_or_insert(addr);
+                continue;
+            }
+            return Some(addr);
+        }
+        fallback
+    }
+
+    fn has_untried(backend: &Backend, tried: &[SocketAddr]) -> bool {
+        backend.endpoints.iter().any(|e| !tried.contains(&e.addr))
+    }
+
+    fn record_success(&self, addr: SocketAddr) {
+        // A healthy endpoint needs no entry: the map only holds endpoints with recent trouble,
+        // so pod-IP churn cannot grow it without bound. The common case is a read lock.
+        let now = Instant::now();
+        if read(&self.health)
+            .get(&addr)
+            .is_none_or(|h| h.is_ejected(now))
+        {
+            return;
+        }
+        let mut health = write(&self.health);
+        if health.get(&addr).is_some_and(|h| !h.is_ejected(now)) {
+            health.remove(&addr);
+        }
+    }
+
+    /// Passive health (brief §4.6): eject after consecutive failures, doubling the period,
+    /// never more than half of the backend's endpoints at once.
+    fn record_failure(&self, backend: &Backend, addr: SocketAddr) {
+        let now = Instant::now();
+        let mut health = write(&self.health);
+        if health.len() > HEALTH_SWEEP_THRESHOLD {
+            health.retain(|_, h| h.is_ejected(now) || h.consecutive_failures > 0);
+        }
+        let ejected_now = backend
+            .endpoints
+            .iter()
+            .filter(|e| health.get(&e.addr).is_some_and(|h| h.is_ejected(now)))
+            .count();
+        let h = health.entry(addr).or_default();
+        if h.is_ejected(now) {
+            return;
+        }
+        h.consecutive_failures += 1;
+        if h.consecutive_failures >= EJECT_AFTER_FAILURES
+            && (ejected_now + 1) * 2 <= backend.endpoints.len()
+        {
+            let factor = 1u32.checked_shl(h.ejections).unwrap_or(u32::MAX);
+            let period = EJECT_BASE.saturating_mul(factor).min(EJECT_MAX);
+            h.ejected_until = Some(now + period);
+            h.ejections = h.ejections.saturating_add(1);
+            h.consecutive_failures = 0;
+            tracing::warn!(endpoint = %addr, backend = %backend.key, secs = period.as_secs(), "endpoint ejected");
+        }
+    }
+
+    /// Idle keep-alive HTTP/1.1 connections pooled for `addr` (tests, admin).
+    pub fn idle_connections(&self, addr: SocketAddr) -> usize {
+        read(&self.pool.idle)
+            .get(&addr)
+            .map_or(0, |l| lock(l).len())
+    }
+
+    /// True when `addr` is ejected now (tests, admin).
+    pub fn is_ejected(&self, addr: SocketAddr) -> bool {
+        read(&self.health)
+            .get(&addr)
+            .is_some_and(|h| h.is_ejected(Instant::now()))
+    }
+
+    fn budget(&self, key: &BackendKey) -> Arc<Mutex<Budget>> {
+        shared(&self.budgets, key, || {
+            Mutex::new(Budget {
+                ratio_tokens: 0.0,
+                floor_tokens: RETRY_BUDGET_FLOOR_PER_SEC,
+                last: Instant::now(),
+            })
+        })
+    }
+
+    fn budget_deposit(&self, key: &BackendKey) {
+        let b = self.budget(key);
+        let mut e = lock(&b);
+        // Cap what idle periods can bank so a burst of retries stays bounded.
+        e.ratio_tokens = (e.ratio_tokens + RETRY_BUDGET_RATIO).min(100.0);
+    }
+
+    fn budget_withdraw(&self, key: &BackendKey) -> bool {
+        let now = Instant::now();
+        let b = self.budget(key);
+        let mut e = lock(&b);
+        let elapsed = now.saturating_duration_since(e.last).as_secs_f64();
+        e.last = now;
+        e.floor_tokens =
+            (e.floor_tokens + elapsed * RETRY_BUDGET_FLOOR_PER_SEC).min(RETRY_BUDGET_FLOOR_PER_SEC);
+        if e.floor_tokens >= 1.0 {
+            e.floor_tokens -= 1.0;
+            true
+        } else if e.ratio_tokens >= 1.0 {
+            e.ratio_tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    async fn connect(
+        &self,
+        addr: SocketAddr,
+        proto: UpstreamProtocol,
+        connect_timeout: Duration,
+    ) -> Result<(Sender, bool), ConnectError> {
+        match proto {
+            UpstreamProtocol::Http1 => {
+                if let Some(tx) = self.pool.take_h1(addr) {
+                    return Ok((Sender::H1(tx), true));
+                }
+            }
+            UpstreamProtocol::H2c => {
+                if let Some(tx) = self.pool.take_h2(addr) {
+                    return Ok((Sender::H2(tx), true));
+                }
+            }
+        }
+        let stream = tokio::time::timeout(connect_timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| ConnectError::Timeout)??;
+        // Small request/response writes must not wait for Nagle.
+        stream.set_nodelay(true)?;
+        let io = TokioIo::new(stream);
+        match proto {
+            UpstreamProtocol::Http1 => {
+                let (tx, conn) = tokio::time::timeout(connect_timeout, http1::handshake(io))
+                    .await
+                    .map_err(|_| ConnectError::Timeout)??;
+                tokio::spawn(async move {
+                    // Upgrades enabled so WebSocket 101s can take the connection over.
+                    if let Err(e) = conn.with_upgrades().await {
+                        tracing::debug!(error = %e, "upstream h1 connection ended");
+                    }
+                });
+                Ok((Sender::H1(tx), false))
+            }
+            UpstreamProtocol::H2c => {
+                let (tx, conn) = tokio::time::timeout(
+                    connect_timeout,
+                    http2::handshake(TokioExecutor::new(), io),
+                )
+                .await
+                .map_err(|_| ConnectError::Timeout)??;
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "upstream h2c connection ended");
+                    }
+                });
+                self.pool.put_h2(addr, &tx);
+                Ok((Sender::H2(tx), false))
+            }
+        }
+    }
+
+    /// Forward one request to `backend` with retries (brief §4.4 "Retries"):
+    /// - a failed connect (or a pooled connection that closed before the request was
+    ///   written) moves to another endpoint for every method: nothing reached the upstream;
+    /// - an idempotent request without a body is also retried after a reset before response
+    ///   headers and on a 502/503/504 response, within the retry budget;
+    /// - at most `max_retries` retries; the last upstream response passes through unchanged.
+    pub async fn forward(
+        &self,
+        backend: &Backend,
+        policy: &RoutePolicy,
+        mut req: OutboundRequest,
+        max_retries: u32,
+    ) -> Result<Forwarded, ProxyError> {
+        let labels = [&*backend.key.namespace, &*backend.key.service];
+        let replayable = req.body.is_none() && is_idempotent(&req.method);
+        self.budget_deposit(&backend.key);
+        let mut tried: Vec<SocketAddr> = Vec::new();
+        let mut last_err = ProxyError::NoEndpoints;
+        let mut attempt: u32 = 0;
+        let mut stale_allowance: u32 = STALE_CONNECTION_ALLOWANCE;
+        let start = self.cursor(&backend.key).fetch_add(1, Ordering::Relaxed);
+        loop {
+            if attempt > max_retries {
+                return Err(last_err);
+            }
+            let Some(addr) = self.pick(backend, start, &tried) else {
+                return Err(last_err);
+            };
+            tried.push(addr);
+            if attempt > 0 {
+                self.metrics
+                    .upstream_retries
+                    .with_label_values(&labels)
+                    .inc();
+            }
+            attempt += 1;
+
+            let (sender, reused) = match self
+                .connect(addr, policy.upstream_protocol, policy.connect_timeout)
+                .await
+            {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(endpoint = %addr, error = %e, "upstream connect failed");
+                    self.metrics
+                        .upstream_connect_errors
+                        .with_label_values(&labels)
+                        .inc();
+                    self.record_failure(backend, addr);
+                    last_err = ProxyError::UpstreamConnect;
+                    continue;
+                }
+            };
+
+            let body = req.body.take().unwrap_or_else(super::error::empty_body);
+            let built = build_request(&req, &sender, addr, body);
+            let started = Instant::now();
+            let sent = tokio::time::timeout(policy.read_timeout, send(sender, built)).await;
+            let upstream_time = started.elapsed();
+            match sent {
+                Err(_elapsed) => {
+                    self.record_failure(backend, addr);
+                    return Err(ProxyError::UpstreamTimeout);
+                }
+                Ok(Err(SendFailure::NotSent(back))) => {
+                    // Never written: as safe as a connect failure, body included.
+                    if let Some(e) = req.body_flags.client_error() {
+                        return Err(e);
+                    }
+                    req.body = Some(back.into_body());
+                    if reused && stale_allowance > 0 {
+                        // A pooled keep-alive connection the upstream closed while idle is
+                        // routine, not an endpoint failure: try the same endpoint again on
+                        // another connection without spending a retry (bounded).
+                        stale_allowance -= 1;
+                        tried.pop();
+                        attempt -= 1;
+                        continue;
+                    }
+                    self.record_failure(backend, addr);
+                    last_err = ProxyError::UpstreamConnect;
+                    continue;
+                }
+                Ok(Err(SendFailure::Failed(e))) => {
+                    if let Some(e) = req.body_flags.client_error() {
+                        return Err(e);
+                    }
+                    tracing::debug!(endpoint = %addr, error = %e, "upstream failed before response headers");
+                    self.record_failure(backend, addr);
+                    last_err = ProxyError::UpstreamReset;
+                    if replayable
+                        && attempt <= max_retries
+                        && Self::has_untried(backend, &tried)
+                        && self.budget_withdraw(&backend.key)
+                    {
+                        continue;
+                    }
+                    return Err(last_err);
+                }
+                Ok(Ok((response, pool_return))) => {
+                    let status = response.status();
+                    if matches!(
+                        status,
+                        StatusCode::BAD_GATEWAY
+                            | StatusCode::SERVICE_UNAVAILABLE
+                            | StatusCode::GATEWAY_TIMEOUT
+                    ) {
+                        self.record_failure(backend, addr);
+                        if replayable
+                            && attempt <= max_retries
+                            && Self::has_untried(backend, &tried)
+                            && self.budget_withdraw(&backend.key)
+                        {
+                            // The response is dropped unread, so its connection closes.
+                            continue;
+                        }
+                    } else {
+                        self.record_success(addr);
+                    }
+                    return Ok(Forwarded {
+                        response,
+                        addr,
+                        upstream_time,
+                        pool_return: pool_return.map(|tx| PoolReturn {
+                            pool: self.pool.clone(),
+                            addr,
+                            tx,
+                        }),
+                    });
+                }
+            }
+        }
+    }
+}
+
+fn build_request(
+    req: &OutboundRequest,
+    sender: &Sender,
+    addr: SocketAddr,
+    body: ProxyBody,
+) -> Request<ProxyBody> {
+    let mut out = Request::new(body);
+    *out.method_mut() = req.method.clone();
+    *out.headers_mut() = req.headers.clone();
+    match sender {
+        Sender::H1(_) => {
+            *out.version_mut() = Version::HTTP_11;
+            *out.uri_mut() = req
+                .path_and_query
+                .parse()
+                .unwrap_or_else(|_| Uri::default());
+            if let Ok(v) = http::HeaderValue::from_str(&req.authority) {
+                out.headers_mut().insert(http::header::HOST, v);
+            }
+        }
+        Sender::H2(_) => {
+            // h2 carries the authority in `:authority` (RFC 9113 §8.3.1); no Host header.
+            *out.version_mut() = Version::HTTP_2;
+            out.headers_mut().remove(http::header::HOST);
+            let authority = if req.authority.is_empty() {
+                addr.to_string()
+            } else {
+                req.authority.clone()
+            };
+            let uri = format!("http://{authority}{}", req.path_and_query);
+            *out.uri_mut() = uri.parse().unwrap_or_else(|_| Uri::default());
+        }
+    }
+    out
+}
+
+enum SendFailure {
+    /// The request was never written; it comes back for another attempt.
+    NotSent(Box<Request<ProxyBody>>),
+    Failed(hyper::Error),
+}
+
+type SendOk = (Response<Incoming>, Option<http1::SendRequest<ProxyBody>>);
+
+async fn send(sender: Sender, req: Request<ProxyBody>) -> Result<SendOk, SendFailure> {
+    match sender {
+        Sender::H1(mut tx) => {
+            if tx.ready().await.is_err() {
+                return Err(SendFailure::NotSent(Box::new(req)));
+            }
+            match tx.try_send_request(req).await {
+                Ok(resp) => {
+                    // A 101 hands the connection to the upgrade; it never returns to the pool.
+                    let keep = resp.status() != StatusCode::SWITCHING_PROTOCOLS;
+                    Ok((resp, keep.then_some(tx)))
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(req) => Err(SendFailure::NotSent(Box::new(req))),
+                    None => Err(SendFailure::Failed(e.into_error())),
+                },
+            }
+        }
+        Sender::H2(mut tx) => {
+            if tx.ready().await.is_err() {
+                return Err(SendFailure::NotSent(Box::new(req)));
+            }
+            match tx.try_send_request(req).await {
+                Ok(resp) => Ok((resp, None)),
+                Err(mut e) => match e.take_message() {
+                    Some(req) => Err(SendFailure::NotSent(Box::new(req))),
+                    None => Err(SendFailure::Failed(e.into_error())),
+                },
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Endpoint, ServicePortRef};
+
+    fn backend(n: u16) -> Backend {
+        Backend {
+            key: BackendKey {
+                namespace: "ns".into(),
+                service: "svc".into(),
+                port: ServicePortRef::Number(80),
+            },
+            endpoints: (0..n)
+                .map(|i| Endpoint {
+                    addr: SocketAddr::from(([10, 0, 0, 1], 8000 + i)),
+                })
+                .collect(),
+            draining_fallback: false,
+        }
+    }
+
+    #[test]
+    fn round_robin_cycles_and_survives_new_backend_values() {
+        let u = Upstreams::new(Arc::new(Metrics::new()));
+        let b = backend(3);
+        let next = |u: &Upstreams, b: &Backend| {
+            let start = u.cursor(&b.key).fetch_add(1, Ordering::Relaxed);
+            u.pick(b, start, &[]).expect("pick")
+        };
+        let picks: Vec<_> = (0..6).map(|_| next(&u, &b)).collect();
+        assert_eq!(picks[0..3], picks[3..6]);
+        let mut distinct = picks[0..3].to_vec();
+        distinct.sort();
+        distinct.dedup();
+        assert_eq!(distinct.len(), 3);
+        // A new Backend value with the same key (a snapshot swap) continues the cursor.
+        let b2 = backend(3);
+        assert_eq!(next(&u, &b2), picks[0]);
+    }
+
+    #[test]
+    fn pick_skips_tried() {
+        let u = Upstreams::new(Arc::new(Metrics::new()));
+        let b = backend(2);
+        let first = u.pick(&b, 0, &[]).expect("pick");
+        let second = u.pick(&b, 0, &[first]).expect("pick");
+        assert_ne!(first, second);
+        assert_eq!(u.pick(&b, 0, &[first, second]), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ejection_after_five_failures_doubles_and_caps_at_half() {
+        let u = Upstreams::new(Arc::new(Metrics::new()));
+        let b = backend(2);
+        let a0 = b.endpoints[0].addr;
+        let a1 = b.endpoints[1].addr;
+        for _ in 0..4 {
+            u.record_failure(&b, a0);
+        }
+        assert!(!u.is_ejected(a0));
+        u.record_failure(&b, a0);
+        assert!(u.is_ejected(a0));
+        // Ejected endpoints are skipped.
+        for start in 0..4 {
+            assert_eq!(u.pick(&b, start, &[]), Some(a1));
+        }
+        // Never more than half: a1 cannot be ejected while a0 is.
+        for _ in 0..10 {
+            u.record_failure(&b, a1);
+        }
+        assert!(!u.is_ejected(a1));
+        tokio::time::advance(EJECT_BASE + Duration::from_millis(1)).await;
+        assert!(!u.is_ejected(a0));
+        for _ in 0..5 {
+            u.record_failure(&b, a0);
+        }
+        assert!(u.is_ejected(a0));
+        // Second ejection lasts 20 s.
+        tokio::time::advance(EJECT_BASE + Duration::from_secs(1)).await;
+        assert!(u.is_ejected(a0));
+        tokio::time::advance(EJECT_BASE).await;
+        assert!(!u.is_ejected(a0));
+    }
+
+    #[test]
+    fn single_endpoint_is_never_ejected() {
+        let u = Upstreams::new(Arc::new(Metrics::new()));
+        let b = backend(1);
+        for _ in 0..20 {
+            u.record_failure(&b, b.endpoints[0].addr);
+        }
+        assert!(!u.is_ejected(b.endpoints[0].addr));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_budget_has_floor_and_ratio() {
+        let u = Upstreams::new(Arc::new(Metrics::new()));
+        let k = backend(1).key;
+        u.budget_deposit(&k);
+        // Floor: 3 per second.
+        assert!(u.budget_withdraw(&k));
+        assert!(u.budget_withdraw(&k));
+        assert!(u.budget_withdraw(&k));
+        assert!(!u.budget_withdraw(&k));
+        // Ratio: 10 requests earn 2 retries.
+        for _ in 0..10 {
+            u.budget_deposit(&k);
+        }
+        assert!(u.budget_withdraw(&k));
+        assert!(u.budget_withdraw(&k));
+        assert!(!u.budget_withdraw(&k));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(u.budget_withdraw(&k));
+    }
+
+    #[test]
+    fn idempotent_methods() {
+        for m in [
+            Method::GET,
+            Method::HEAD,
+            Method::OPTIONS,
+            Method::TRACE,
+            Method::PUT,
+            Method::DELETE,
+        ] {
+            assert!(is_idempotent(&m));
+        }
+        assert!(!is_idempotent(&Method::POST));
+        assert!(!is_idempotent(&Method::PATCH));
+    }
+}
