@@ -12,10 +12,8 @@ pub const ACCESS_TARGET: &str = "portico::access";
 /// Install the global subscriber. Safe to call once; a second call is ignored (tests).
 pub fn init(format: LogFormat, access_log: bool) {
     let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    if !access_log {
-        if let Ok(directive) = format!("{ACCESS_TARGET}=off").parse() {
-            filter = filter.add_directive(directive);
-        }
+    if !access_log && let Ok(directive) = format!("{ACCESS_TARGET}=off").parse() {
+        filter = filter.add_directive(directive);
     }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -345,8 +345,9 @@ async fn rotated_certificate_reaches_new_handshakes_without_restart() {
 
 #[tokio::test]
 async fn alpn_h2_is_negotiated_and_http2_is_served_over_tls() {
-    // The real handler (the pipeline stub at this stage), through Proxy::bind.
+    // The real handler through Proxy::bind: a snapshot without routes answers 404.
     let srv = start_with(None).await;
+    srv.publisher.publish(snapshot(&[], &[], None));
     let tls = Client::sni("a.example.com")
         .connect(srv.https)
         .await
@@ -371,7 +372,7 @@ async fn alpn_h2_is_negotiated_and_http2_is_served_over_tls() {
     assert_eq!(
         resp.status(),
         StatusCode::NOT_FOUND,
-        "stub pipeline: no route"
+        "no route in the snapshot"
     );
 }
 

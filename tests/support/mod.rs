@@ -1,8 +1,8 @@
-//! Test harness for the request pipeline: serves [`Handler`] on real sockets (plain and TLS
-//! with rcgen certificates), builds snapshots directly from model types, and provides real
+//! Test harness for the request pipeline: serves [`Handler`] through the real listeners (plain
+//! and TLS with an rcgen certificate), builds snapshots directly from model types, and provides real
 //! hyper backends that misbehave on purpose. Only 127.0.0.1:0 is ever bound.
 //!
-//! Must not import the listener: the lead runs these same tests through it later.
+//! The proxy under test is the product's own listener ([`Proxy`]) around the real handler.
 
 #![allow(dead_code)] // Each test binary uses a different subset of the helpers.
 
@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -28,8 +28,9 @@ use portico::model::{
     Backend, BackendId, BackendKey, BackendTable, Endpoint, HostRoutes, HostTable, IngressRef,
     PathKind, Route, RoutePolicy, RouteTarget, ServicePortRef, Snapshot,
 };
+use portico::model::{CertKey, TlsTable};
 use portico::proxy::handler::Handler;
-use portico::proxy::{ConnInfo, ProxyConfig};
+use portico::proxy::{Proxy, ProxyConfig, ShutdownTrigger};
 use portico::publish::{self, Publisher};
 
 /// Upper bound for any wait in these tests.
@@ -39,141 +40,69 @@ pub const DEADLINE: Duration = Duration::from_secs(10);
 // Proxy under test
 // ------------------------------------------------------------------------------------------
 
-/// A running handler behind a plain (and optionally TLS) listener.
+/// The product's real listeners ([`Proxy`]) serving the real [`Handler`], on 127.0.0.1:0.
+/// Stops (shutdown trigger fired) when dropped.
 pub struct TestProxy {
     pub addr: SocketAddr,
     pub tls_addr: Option<SocketAddr>,
-    /// Root certificate clients must trust for `tls_addr` (SAN `localhost`).
+    /// Root certificate clients must trust for `tls_addr` (SAN `localhost`): every snapshot
+    /// built by [`snapshot`] carries it as the default certificate.
     pub tls_root: Option<rustls_pki_types::CertificateDer<'static>>,
     pub publisher: Publisher,
     pub handler: Arc<Handler>,
     pub metrics: Arc<Metrics>,
     pub cfg: Arc<ProxyConfig>,
+    _stop: ShutdownTrigger,
 }
 
-/// hyper's h1 read buffer: room for the request line and header limits the handler enforces
-/// itself, so that oversize requests get the handler's 414/431 rather than hyper's blanket 431.
-pub fn h1_buf_size(cfg: &ProxyConfig) -> usize {
-    cfg.max_request_line + cfg.max_header_bytes + 16 * 1024
-}
-
-/// h2's SETTINGS_MAX_HEADER_LIST_SIZE counts name + value + 32 per field (RFC 9113 §6.5.2);
-/// hyper's default is 16 KiB. Sized so the handler's 64 KiB (name + value + 4) rule decides.
-pub fn h2_header_list_size(cfg: &ProxyConfig) -> u32 {
-    u32::try_from(cfg.max_header_bytes + 32 * cfg.max_headers).unwrap_or(u32::MAX)
-}
-
-fn builder(cfg: &ProxyConfig) -> hyper_util::server::conn::auto::Builder<TokioExecutor> {
-    let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    b.http1()
-        .max_buf_size(h1_buf_size(cfg))
-        .max_headers(cfg.max_headers);
-    b.http2()
-        .max_concurrent_streams(cfg.h2_max_concurrent_streams)
-        .max_header_list_size(h2_header_list_size(cfg));
-    b
-}
-
-fn serve_conn<I>(handler: Arc<Handler>, cfg: Arc<ProxyConfig>, io: I, info: ConnInfo)
-where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    tokio::spawn(async move {
-        let info = Arc::new(info);
-        let svc = service_fn(move |req: Request<Incoming>| {
-            let handler = handler.clone();
-            let info = info.clone();
-            async move { Ok::<_, Infallible>(handler.handle(req, &info).await) }
-        });
-        let _ = builder(&cfg)
-            .serve_connection_with_upgrades(TokioIo::new(io), svc)
-            .await;
-    });
-}
-
-/// Start the handler on 127.0.0.1:0 (plain) and, with `tls`, a second TLS listener.
+/// Start the real listeners with `cfg` (addresses forced to 127.0.0.1:0). The HTTPS listener
+/// always runs; `tls` only says whether the test wants its address and root.
 pub async fn start_proxy(cfg: ProxyConfig, tls: bool) -> TestProxy {
-    let cfg = Arc::new(cfg);
+    let cfg = ProxyConfig {
+        http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+        https_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+        ..cfg
+    };
     let metrics = Arc::new(Metrics::new());
     let (publisher, reader) = publish::channel();
-    let handler = Arc::new(Handler::new(cfg.clone(), reader, metrics.clone()));
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
-    let addr = listener.local_addr().expect("addr");
-    {
-        let handler = handler.clone();
-        let cfg = cfg.clone();
-        tokio::spawn(async move {
-            while let Ok((stream, peer)) = listener.accept().await {
-                let _ = stream.set_nodelay(true);
-                let local = stream.local_addr().unwrap_or(addr);
-                let info = ConnInfo {
-                    peer,
-                    local,
-                    tls: false,
-                    sni: None,
-                };
-                serve_conn(handler.clone(), cfg.clone(), stream, info);
-            }
-        });
-    }
-    let (tls_addr, tls_root) = if tls {
-        let (a, root) = start_tls_listener(handler.clone(), cfg.clone()).await;
-        (Some(a), Some(root))
-    } else {
-        (None, None)
-    };
+    let handler = Arc::new(Handler::new(
+        Arc::new(cfg.clone()),
+        reader.clone(),
+        metrics.clone(),
+    ));
+    let proxy = Proxy::bind_with(cfg.clone(), reader, metrics.clone(), handler.clone())
+        .await
+        .expect("bind proxy");
+    let (addr, https) = (proxy.http_addr(), proxy.https_addr());
+    let stop = ShutdownTrigger::new();
+    tokio::spawn(proxy.serve(stop.signal()));
     TestProxy {
         addr,
-        tls_addr,
-        tls_root,
+        tls_addr: tls.then_some(https),
+        tls_root: tls.then(|| test_cert().1.clone()),
         publisher,
         handler,
         metrics,
-        cfg,
+        cfg: Arc::new(cfg),
+        _stop: stop,
     }
 }
 
-async fn start_tls_listener(
-    handler: Arc<Handler>,
-    cfg: Arc<ProxyConfig>,
-) -> (SocketAddr, rustls_pki_types::CertificateDer<'static>) {
-    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("cert");
-    let cert = ck.cert.der().clone();
-    let key = rustls_pki_types::PrivateKeyDer::Pkcs8(ck.signing_key.serialize_der().into());
-    let mut sc = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("versions")
-    .with_no_client_auth()
-    .with_single_cert(vec![cert.clone()], key)
-    .expect("server config");
-    sc.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(sc));
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind tls");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((stream, peer)) = listener.accept().await {
-            let acceptor = acceptor.clone();
-            let handler = handler.clone();
-            let cfg = cfg.clone();
-            tokio::spawn(async move {
-                let local = stream.local_addr().unwrap_or(addr);
-                let Ok(tls) = acceptor.accept(stream).await else {
-                    return;
-                };
-                let sni = tls.get_ref().1.server_name().map(Arc::from);
-                let info = ConnInfo {
-                    peer,
-                    local,
-                    tls: true,
-                    sni,
-                };
-                serve_conn(handler, cfg, tls, info);
-            });
-        }
-    });
-    (addr, cert)
+/// One self-signed `localhost` certificate per test binary.
+fn test_cert() -> &'static (CertKey, rustls_pki_types::CertificateDer<'static>) {
+    static CERT: OnceLock<(CertKey, rustls_pki_types::CertificateDer<'static>)> = OnceLock::new();
+    CERT.get_or_init(|| {
+        let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("cert");
+        let der = ck.cert.der().clone();
+        let key = rustls_pki_types::PrivateKeyDer::Pkcs8(ck.signing_key.serialize_der().into());
+        let certified = portico::proxy::tls::certified_key(vec![der.clone()], &key).expect("key");
+        let cert_key = CertKey {
+            key: certified,
+            source: Arc::from("test/localhost"),
+            material: Arc::from(der.as_ref()),
+        };
+        (cert_key, der)
+    })
 }
 
 // ------------------------------------------------------------------------------------------
@@ -311,7 +240,10 @@ pub fn snapshot(routes: &[RouteSpec]) -> Snapshot {
     Snapshot {
         hosts: Arc::new(hosts),
         backends: Arc::new(BackendTable { backends }),
-        tls: Default::default(),
+        tls: Arc::new(TlsTable {
+            default: Some(test_cert().0.clone()),
+            ..TlsTable::default()
+        }),
     }
 }
 
