@@ -15,8 +15,11 @@ pub fn init(format: LogFormat, access_log: bool) {
     if !access_log && let Ok(directive) = format!("{ACCESS_TARGET}=off").parse() {
         filter = filter.add_directive(directive);
     }
+    // Colours only on a terminal: log files and collectors get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stdout);
     let result = match format {
         LogFormat::Json => builder
