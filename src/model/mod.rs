@@ -7,6 +7,7 @@
 mod describe;
 pub mod duration;
 mod lookup;
+pub mod path;
 mod tls;
 
 use std::collections::HashMap;

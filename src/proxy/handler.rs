@@ -31,9 +31,9 @@ use crate::model::{IngressRef, RouteTarget, UpstreamProtocol, normalize_host};
 use crate::publish::Reader;
 
 use super::error::{ProxyError, empty_body, full_body};
-use super::normalize::normalize_path;
 use super::upstream::{BodyFlags, OutboundRequest, PoolReturn, Upstreams};
 use super::{BoxError, ConnInfo, ProxyBody, ProxyConfig};
+use crate::model::path::normalize_path;
 
 /// ACME HTTP-01 challenges must stay reachable over plain HTTP (RFC 8555 §8.3).
 const ACME_PREFIX: &str = "/.well-known/acme-challenge/";

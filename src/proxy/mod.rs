@@ -11,7 +11,6 @@
 pub mod error;
 pub mod handler;
 pub mod listener;
-pub mod normalize;
 pub mod tls;
 pub mod upstream;
 

@@ -5,6 +5,7 @@
 //! tokio, hyper or the filesystem.
 
 use crate::model::PathKind;
+use crate::model::path::{PathError as SharedPathError, normalize_path};
 
 /// Why a path rule is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -78,48 +79,31 @@ pub(super) fn parse_path(path: Option<&str>, path_type: &str) -> Result<PathRule
     })
 }
 
-/// Normalise a rule path the way request paths are normalised (brief §4.4): percent-escapes of
-/// unreserved characters decoded and other escapes upper-cased (RFC 3986 §6.2.2.1–2), non-ASCII
-/// characters percent-encoded as UTF-8 (a request target is ASCII), repeated slashes merged, and
-/// dot-segments removed (RFC 3986 §5.2.4). `%2F` and `%5C` stay encoded: they are never
-/// separators.
+/// Normalise a rule path exactly as request paths are normalised (brief §4.4), through the one
+/// shared algorithm ([`crate::model::path::normalize_path`]): unreserved escapes decoded, other
+/// escapes upper-cased, repeated slashes merged, dot-segments removed, `%2F`/`%5C` kept encoded.
+/// Before that, a rule may be written more loosely than a request target: non-ASCII characters
+/// are percent-encoded as UTF-8 (a request target is ASCII), and anything that is not a `pchar`
+/// or `/` (RFC 3986 §3.3) is refused.
 pub(super) fn normalize_rule_path(raw: &str) -> Result<String, PathError> {
     if !raw.starts_with('/') {
         return Err(PathError::NotAbsolute(raw.to_string()));
     }
-    let bytes = raw.as_bytes();
-    let mut decoded = String::with_capacity(raw.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let b = bytes[i];
-        if b == b'%' {
-            let hex = bytes
-                .get(i + 1..i + 3)
-                // `from_str_radix` would accept a sign (`%+1`): insist on two hex digits.
-                .filter(|h| h.iter().all(u8::is_ascii_hexdigit))
-                .and_then(|h| std::str::from_utf8(h).ok())
-                .and_then(|h| u8::from_str_radix(h, 16).ok());
-            let Some(v) = hex else {
-                return Err(PathError::BadEscape(raw.to_string()));
-            };
-            if is_unreserved(v) {
-                decoded.push(char::from(v));
-            } else {
-                decoded.push_str(&format!("%{v:02X}"));
-            }
-            i += 3;
-        } else if b >= 0x80 {
-            decoded.push_str(&format!("%{b:02X}"));
-            i += 1;
-        } else if is_pchar_or_slash(b) {
-            decoded.push(char::from(b));
-            i += 1;
+    let mut ascii = String::with_capacity(raw.len());
+    for b in raw.bytes() {
+        if b >= 0x80 {
+            ascii.push_str(&format!("%{b:02X}"));
+        } else if is_pchar_or_slash(b) || b == b'%' {
+            ascii.push(char::from(b));
         } else {
             // Space, controls, `\`, `?`, `#`, `"`, `<`, `>`, `^`, `` ` ``, `{`, `|`, `}`...
             return Err(PathError::InvalidChar(raw.to_string()));
         }
     }
-    Ok(remove_dot_segments(&decoded))
+    normalize_path(&ascii).map_err(|e| match e {
+        SharedPathError::BadEscape => PathError::BadEscape(raw.to_string()),
+        _ => PathError::InvalidChar(raw.to_string()),
+    })
 }
 
 /// RFC 3986 §2.3.
@@ -146,37 +130,6 @@ fn is_pchar_or_slash(b: u8) -> bool {
                 | b'@'
         )
         || b == b'/'
-}
-
-/// Merge repeated slashes and resolve `.`/`..` segments over a path that starts with `/`.
-/// `..` never climbs above the root (RFC 3986 §5.2.4). A trailing `.`, `..` or `/` leaves a
-/// trailing slash, as in the RFC's algorithm.
-fn remove_dot_segments(path: &str) -> String {
-    let mut out: Vec<&str> = Vec::new();
-    let mut trailing_slash = false;
-    for seg in path.split('/').skip(1) {
-        match seg {
-            "" => trailing_slash = true,
-            "." => trailing_slash = true,
-            ".." => {
-                out.pop();
-                trailing_slash = true;
-            }
-            s => {
-                out.push(s);
-                trailing_slash = false;
-            }
-        }
-    }
-    let mut s = String::with_capacity(path.len());
-    for seg in &out {
-        s.push('/');
-        s.push_str(seg);
-    }
-    if trailing_slash || s.is_empty() {
-        s.push('/');
-    }
-    s
 }
 
 #[cfg(test)]

@@ -1,8 +1,9 @@
-//! Request-target path normalisation (RFC 3986 §6.2.2) and the climb-out check of brief §4.4.
+//! Path normalisation (RFC 3986 §6.2.2) and the climb-out check of brief §4.4: the one
+//! algorithm both request paths (proxy) and Ingress rule paths (translate) go through, so a
+//! rule and a request that mean the same path always compare equal.
 //!
-//! Owns: turning the raw path of a request target into the one path that is both matched
-//! against routes and sent upstream. Pure: must not import tokio, hyper, model or anything
-//! with I/O; it is a function of its input string only.
+//! Owns: turning a raw path into the one path that is both matched against routes and sent
+//! upstream. Pure: a function of its input string only; no I/O.
 
 /// Why a path was refused (each maps to 400 in `proxy::error`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
