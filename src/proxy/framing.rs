@@ -496,10 +496,6 @@ impl<T> FramingIo<T> {
         }
     }
 
-    pub fn get_ref(&self) -> &T {
-        &self.inner
-    }
-
     /// Copy released bytes into `buf`; true if any were pending.
     fn drain_out(&mut self, buf: &mut ReadBuf<'_>) -> bool {
         if self.out_pos >= self.out.len() {
