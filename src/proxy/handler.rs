@@ -31,6 +31,7 @@ use crate::model::{IngressRef, RouteTarget, UpstreamProtocol, normalize_host};
 use crate::publish::Reader;
 
 use super::error::{ProxyError, empty_body, full_body};
+use super::framing::CL_TE_MARKER;
 use super::upstream::{BodyFlags, OutboundRequest, PoolReturn, Upstreams};
 use super::{BoxError, ConnInfo, ProxyBody, ProxyConfig};
 use crate::model::path::normalize_path;
@@ -424,6 +425,12 @@ fn redirect(head: &Head) -> Response<ProxyBody> {
 /// All the checks of the request head that need no route (brief §4.4 "Status codes",
 /// "Framing", "Paths", "Host").
 fn validate_head<B>(req: &Request<B>, cfg: &ProxyConfig) -> Result<Head, ProxyError> {
+    // The h1 framing guard renamed the Content-Length of a head that also carried
+    // Transfer-Encoding (RFC 9112 §6.3 item 3: ambiguous framing, 400 and close). A client
+    // sending the marker name itself gets the same answer.
+    if req.headers().contains_key(CL_TE_MARKER) {
+        return Err(ProxyError::BadRequest("cl_and_te"));
+    }
     // portico is a reverse proxy: it does not open CONNECT tunnels (nor h2 extended CONNECT).
     if req.method() == Method::CONNECT {
         return Err(ProxyError::UnsupportedMethod);

@@ -29,6 +29,7 @@ use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
+use super::framing::FramingIo;
 use super::handler::Handler;
 use super::tls::{self, SniResolver};
 use super::{BoxError, ConnInfo, ProxyBody, ProxyConfig};
@@ -588,6 +589,12 @@ impl Proxy {
     }
 }
 
+/// The h1 framing guard (brief §4.4 "Framing is strict"), holding at most the head hyper
+/// itself would buffer: beyond that hyper answers 431 on its own.
+fn framing_io<T>(io: T, cfg: &ProxyConfig) -> FramingIo<T> {
+    FramingIo::new(io, h1_buf_size(cfg), cfg.max_headers)
+}
+
 fn h1_buf_size(cfg: &ProxyConfig) -> usize {
     cfg.max_request_line
         .saturating_add(cfg.max_header_bytes)
@@ -803,7 +810,10 @@ async fn serve_conn(
                 tls: false,
                 sni: None,
             };
-            let io = TokioIo::new(ActivityIo::new(stream, activity.clone(), slot, cut));
+            let io = ActivityIo::new(stream, activity.clone(), slot, cut);
+            // h1 and h2c share this port: the framing guard follows h1 and passes the h2
+            // preface through untouched (it is not an h1 head).
+            let io = TokioIo::new(framing_io(io, cfg));
             let svc = make_service(shared.service.clone(), info, activity.clone());
             let conn = shared.auto.serve_connection_with_upgrades(io, svc);
             drive(
@@ -845,10 +855,12 @@ async fn serve_conn(
                 sni,
             };
             let activity = Activity::new(if h2 { Protocol::H2 } else { Protocol::H1 });
-            let io = TokioIo::new(ActivityIo::new(tls, activity.clone(), slot, cut));
+            let io = ActivityIo::new(tls, activity.clone(), slot, cut);
             let svc = make_service(shared.service.clone(), info, activity.clone());
             if h2 {
-                let conn = shared.h2.serve_connection(io, svc);
+                // HTTP/2 framing is hyper's h2 codec's business (RFC 9113 §8.2.2 forbids
+                // Transfer-Encoding there; the handler refuses it): no h1 guard.
+                let conn = shared.h2.serve_connection(TokioIo::new(io), svc);
                 drive(
                     conn,
                     |c| c.graceful_shutdown(),
@@ -859,6 +871,7 @@ async fn serve_conn(
                 )
                 .await;
             } else {
+                let io = TokioIo::new(framing_io(io, cfg));
                 let conn = shared.h1.serve_connection(io, svc).with_upgrades();
                 drive(
                     conn,

@@ -9,6 +9,7 @@
 //! and forwards through [`upstream`].
 
 pub mod error;
+pub mod framing;
 pub mod handler;
 pub mod listener;
 pub mod tls;
