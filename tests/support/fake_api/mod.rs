@@ -144,6 +144,7 @@ impl FakeApi {
             state: Mutex::new(State::new(opts.types)),
             token: TOKEN.to_string(),
             refusing: Default::default(),
+            refused: Default::default(),
             kill,
             bookmark_interval: opts.bookmark_interval,
             default_watch_timeout: opts.default_watch_timeout,
@@ -382,6 +383,11 @@ users:
         self.shared.refusing.store(true, Ordering::SeqCst);
         self.shared.lock().drop_watches();
         self.shared.kill.send_modify(|g| *g += 1);
+    }
+
+    /// Connections closed by the refuse fault so far.
+    pub fn refused_connections(&self) -> usize {
+        self.shared.refused.load(Ordering::SeqCst)
     }
 
     pub fn accept_connections(&self) {

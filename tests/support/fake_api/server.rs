@@ -16,7 +16,7 @@ use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -31,6 +31,8 @@ pub struct Shared {
     pub token: String,
     /// Fault: while set, accepted sockets are closed at once.
     pub refusing: AtomicBool,
+    /// How many connections the refuse fault has closed.
+    pub refused: AtomicUsize,
     /// Bumped to cut every open connection (and so every watch stream) at once.
     pub kill: tokio::sync::watch::Sender<u64>,
     pub bookmark_interval: Duration,
@@ -57,6 +59,7 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             // The client sees its connection closed before any response, like a restarting
             // apiserver behind a load balancer.
             drop(sock);
+            shared.refused.fetch_add(1, Ordering::SeqCst);
             continue;
         }
         let mut kill = shared.kill.subscribe();
