@@ -1262,3 +1262,141 @@ async fn events_and_leases_for_the_controller() {
         2
     );
 }
+
+mod selector_units {
+    use super::fake_api::selector::*;
+    use serde_json::{Value, json};
+
+    fn obj(labels: Value) -> Value {
+        json!({"metadata": {"name": "a", "namespace": "ns1", "labels": labels}, "type": "kubernetes.io/tls"})
+    }
+
+    #[test]
+    fn label_operators() {
+        let o = obj(json!({"app": "web", "tier": "front"}));
+        let cases = [
+            ("", true),
+            ("app=web", true),
+            ("app==web", true),
+            ("app!=web", false),
+            ("app!=db", true),
+            ("missing!=x", true),
+            ("app in (web, db)", true),
+            ("app in (db)", false),
+            ("app notin (db)", true),
+            ("app notin (web,db)", false),
+            ("missing notin (x)", true),
+            ("app", true),
+            ("missing", false),
+            ("!missing", true),
+            ("!app", false),
+            ("app=web,tier=front", true),
+            ("app=web,tier=back", false),
+            ("app in (web,db),!missing", true),
+        ];
+        for (sel, want) in cases {
+            let s = LabelSelector::parse(sel).expect(sel);
+            assert_eq!(s.matches(&o), want, "selector {sel:?}");
+        }
+    }
+
+    #[test]
+    fn label_parse_errors() {
+        for bad in ["app in web", "=x", "app in (a", "a b c", "!"] {
+            assert!(LabelSelector::parse(bad).is_err(), "{bad:?} should fail");
+        }
+    }
+
+    #[test]
+    fn field_operators() {
+        let o = obj(json!({}));
+        let cases = [
+            ("metadata.name=a", true),
+            ("metadata.name==b", false),
+            ("metadata.name!=b", true),
+            ("metadata.namespace=ns1,metadata.name=a", true),
+            ("type=kubernetes.io/tls", true),
+            ("spec.missing!=x", true),
+            ("spec.missing=", true),
+        ];
+        for (sel, want) in cases {
+            let s = FieldSelector::parse(sel).expect(sel);
+            assert_eq!(s.matches(&o), want, "selector {sel:?}");
+        }
+        assert!(FieldSelector::parse("metadata.name").is_err());
+    }
+}
+
+mod patch_units {
+    use super::fake_api::patch::*;
+    use serde_json::json;
+
+    #[test]
+    fn merge_patch_rfc7386_examples() {
+        // RFC 7386 appendix A, a selection.
+        let cases = [
+            (json!({"a": "b"}), json!({"a": "c"}), json!({"a": "c"})),
+            (
+                json!({"a": "b"}),
+                json!({"b": "c"}),
+                json!({"a": "b", "b": "c"}),
+            ),
+            (json!({"a": "b"}), json!({"a": null}), json!({})),
+            (json!({"a": ["b"]}), json!({"a": "c"}), json!({"a": "c"})),
+            (
+                json!({"a": {"b": "c"}}),
+                json!({"a": {"b": "d", "c": null}}),
+                json!({"a": {"b": "d"}}),
+            ),
+            (json!(["a", "b"]), json!(["c", "d"]), json!(["c", "d"])),
+            (json!({"a": "foo"}), json!(null), json!(null)),
+            (
+                json!({}),
+                json!({"a": {"bb": {"ccc": null}}}),
+                json!({"a": {"bb": {}}}),
+            ),
+        ];
+        for (mut t, p, want) in cases {
+            merge_patch(&mut t, &p);
+            assert_eq!(t, want, "patch {p}");
+        }
+    }
+
+    #[test]
+    fn fields_v1_round_trip() {
+        let obj = json!({"spec": {"a": 1, "b": {"c": [1]}}, "metadata": {"labels": {"x": "y"}, "name": "n"}});
+        let set = applied_fields(&obj, false, false);
+        assert_eq!(from_fields_v1(&to_fields_v1(&set)), set);
+        assert!(!set.contains(&vec!["metadata".to_string(), "name".to_string()]));
+    }
+
+    fn ap<'a>(manager: &'a str, force: bool) -> Apply<'a> {
+        Apply {
+            manager,
+            force,
+            status_only: false,
+            drop_status: false,
+            api_version: "v1",
+            now: "2026-01-01T00:00:00Z",
+        }
+    }
+
+    #[test]
+    fn apply_conflicts_force_and_prune() {
+        let live = json!({"metadata": {"name": "n"}});
+        let a1 =
+            apply(&live, &json!({"spec": {"x": 1, "y": 2}}), &ap("one", false)).expect("first");
+        let err = apply(&a1, &json!({"spec": {"x": 5}}), &ap("two", false)).expect_err("conflict");
+        assert_eq!(
+            err,
+            PatchError::Conflicts(vec!["conflict with \"one\": .spec.x".into()])
+        );
+        // Same value is shared ownership, not a conflict.
+        let shared = apply(&a1, &json!({"spec": {"x": 1}}), &ap("two", false)).expect("shared");
+        // Manager one drops x: still owned by two, so it stays; y is pruned.
+        let pruned = apply(&shared, &json!({"spec": {}}), &ap("one", false)).expect("prune");
+        assert_eq!(pruned["spec"], json!({"x": 1}));
+        let forced = apply(&a1, &json!({"spec": {"x": 5}}), &ap("two", true)).expect("force");
+        assert_eq!(forced["spec"], json!({"x": 5, "y": 2}));
+    }
+}

@@ -414,6 +414,12 @@ users:
         self.shared.lock().requests().to_vec()
     }
 
+    /// Distinct field managers that wrote `<resource>/status` ("" for writes without one):
+    /// "exactly one status writer" assertions.
+    pub fn status_writers(&self, resource: &str) -> std::collections::BTreeSet<String> {
+        self.shared.lock().status_writers(resource)
+    }
+
     /// Requests by Kubernetes verb and resource (`"ingresses"`, or `"ingresses/status"`).
     pub fn count(&self, verb: &str, resource: &str) -> usize {
         self.shared

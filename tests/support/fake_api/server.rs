@@ -227,6 +227,12 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         field_manager: q.get("fieldManager").cloned(),
         content_type: content_type.clone(),
     });
+    if q.get("dryRun").is_some_and(|d| !d.is_empty()) && !matches!(verb, "get" | "list" | "watch") {
+        // Loud rather than silently persisting a dry run.
+        return Err(ApiError::BadRequest(
+            "dryRun is not supported by the fake API server".into(),
+        ));
+    }
     let ns = target.namespace.clone().unwrap_or_default();
     let name = target.name.clone().unwrap_or_default();
     let json_body = || -> Result<Value, ApiError> {

@@ -774,6 +774,16 @@ impl State {
         if merged == old {
             return old;
         }
+        let finalized = merged.pointer("/metadata/deletionTimestamp").is_some()
+            && merged
+                .pointer("/metadata/finalizers")
+                .and_then(Value::as_array)
+                .is_none_or(Vec::is_empty);
+        if finalized {
+            // The update that removes the last finalizer of a deleting object deletes it:
+            // watchers see one DELETED, as with the apiserver's delete-during-update.
+            return self.remove(ty, merged);
+        }
         let spec_of = |v: &Value| {
             let mut v = v.clone();
             if let Some(m) = v.as_object_mut() {
@@ -961,6 +971,11 @@ impl State {
                 if status && !t.status_subresource {
                     return Err(ApiError::NoRoute);
                 }
+                if let Some(rv) = rv_of(applied)
+                    && Some(rv) != rv_of(&old)
+                {
+                    return Err(self.conflict(ty, name));
+                }
                 let new = patch::apply(&old, applied, &a).map_err(to_err)?;
                 Ok(self.commit_update(ty, old, new))
             }
@@ -984,13 +999,38 @@ impl State {
         {
             return Err(self.conflict(ty, name));
         }
-        let key = self.key(ty, ns, name);
+        let has_finalizers = old
+            .pointer("/metadata/finalizers")
+            .and_then(Value::as_array)
+            .is_some_and(|f| !f.is_empty());
+        if has_finalizers {
+            // Graceful deletion (API concepts, "Finalizers"): mark with deletionTimestamp and
+            // keep the object until the last finalizer is removed by an update.
+            if old.pointer("/metadata/deletionTimestamp").is_some() {
+                return Ok(old);
+            }
+            let mut marked = old.clone();
+            let meta = meta_mut(&mut marked);
+            meta.insert("deletionTimestamp".into(), json!(now_rfc3339()));
+            meta.insert("deletionGracePeriodSeconds".into(), json!(0));
+            self.rv += 1;
+            meta_mut(&mut marked).insert("resourceVersion".into(), json!(self.rv.to_string()));
+            let key = self.key(ty, ns, name);
+            self.objects[ty].insert(key, marked.clone());
+            self.emit(ty, EventType::Modified, marked.clone(), Some(old));
+            return Ok(marked);
+        }
+        Ok(self.remove(ty, old))
+    }
+
+    fn remove(&mut self, ty: usize, old: Value) -> Value {
+        let key = self.key(ty, namespace_of(&old), name_of(&old));
         self.objects[ty].remove(&key);
         self.rv += 1;
         let mut last = old.clone();
         meta_mut(&mut last).insert("resourceVersion".into(), json!(self.rv.to_string()));
         self.emit(ty, EventType::Deleted, last.clone(), Some(old));
-        Ok(last)
+        last
     }
 
     /// All objects of a type, in key order.
@@ -1000,6 +1040,16 @@ impl State {
 
     pub fn requests(&self) -> &[RequestRecord] {
         &self.requests
+    }
+
+    /// Distinct field managers (or "" when none was given) of writes to `<resource>/status`.
+    pub fn status_writers(&self, resource: &str) -> std::collections::BTreeSet<String> {
+        self.requests
+            .iter()
+            .filter(|r| r.resource == resource && r.subresource.as_deref() == Some("status"))
+            .filter(|r| matches!(r.verb.as_str(), "update" | "patch"))
+            .map(|r| r.field_manager.clone().unwrap_or_default())
+            .collect()
     }
 
     pub fn request_counts(&self) -> HashMap<(String, String), usize> {
@@ -1040,16 +1090,4 @@ fn convert(ev: &HistEvent, filter: &Filter) -> Option<Value> {
         }
     };
     Some(json!({"type": ty, "object": obj}))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn continue_token_round_trip() {
-        let t = encode_continue(42, "ns", "a-b");
-        assert_eq!(decode_continue(&t), Some((42, "ns".into(), "a-b".into())));
-        assert_eq!(decode_continue("zz"), None);
-    }
 }
