@@ -1207,7 +1207,7 @@ async fn reflector_converges_after_a_mix_of_writes_and_streaming_lists_work() {
         .find(|i| i.name_any() == "i1" && i.namespace().as_deref() == Some("a"))
         .expect("a/i1");
     assert_eq!(i1.metadata.generation, Some(2));
-    fake.wait_for("eight ingresses", DEADLINE, |s| {
+    fake.wait_for("six ingresses", DEADLINE, |s| {
         s.find_type("networking.k8s.io", "v1", "ingresses")
             .is_some_and(|t| s.all(t).len() == 6)
     })
@@ -1261,6 +1261,173 @@ async fn events_and_leases_for_the_controller() {
             .count(),
         2
     );
+}
+
+#[tokio::test]
+async fn finalizers_defer_deletion_until_the_last_one_is_removed() {
+    let fake = FakeApi::start().await;
+    let api: Api<Service> = Api::namespaced(fake.client().await, "default");
+    let mut s = svc("f", json!({}));
+    s.metadata.finalizers = Some(vec!["portico.dev/cleanup".into()]);
+    api.create(&PostParams::default(), &s)
+        .await
+        .expect("create");
+    let rv = fake.resource_version().to_string();
+    let mut w = api
+        .watch(&WatchParams::default().disable_bookmarks(), &rv)
+        .await
+        .expect("watch")
+        .boxed();
+    let marked = api
+        .delete("f", &DeleteParams::default())
+        .await
+        .expect("delete")
+        .left()
+        .expect("object returned");
+    assert!(marked.metadata.deletion_timestamp.is_some());
+    assert_eq!(api.get("f").await.expect("still there").name_any(), "f");
+    assert_eq!(
+        name_and_type(&next(&mut w).await),
+        ("MODIFIED".into(), "f".into())
+    );
+    api.patch(
+        "f",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+    )
+    .await
+    .expect("remove finalizer");
+    assert_eq!(
+        name_and_type(&next(&mut w).await),
+        ("DELETED".into(), "f".into())
+    );
+    let err = api.get("f").await.expect_err("gone");
+    assert_eq!(api_err(err), (404, "NotFound".into()));
+}
+
+#[tokio::test]
+async fn refusal_window_ends_by_itself_on_the_same_port() {
+    let fake = FakeApi::start().await;
+    let api: Api<Service> = Api::namespaced(fake.client().await, "default");
+    api.list(&ListParams::default()).await.expect("list before");
+    fake.refuse_connections_for(Duration::from_millis(300));
+    let err = api.list(&ListParams::default()).await.expect_err("refused");
+    assert!(!matches!(err, kube::Error::Api(_)), "{err:?}");
+    let end = tokio::time::Instant::now() + DEADLINE;
+    let mut recovered = false;
+    while tokio::time::Instant::now() < end {
+        if api.list(&ListParams::default()).await.is_ok() {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(recovered, "serving again after the window");
+    assert!(fake.refused_connections() >= 1);
+}
+
+#[tokio::test]
+async fn request_validation_and_write_accounting() {
+    let fake = FakeApi::start().await;
+    let client = fake.client().await;
+    let body = json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "x", "namespace": "other"}});
+    let (code, st) = raw(
+        &client,
+        "POST",
+        "/api/v1/namespaces/default/services",
+        Some("application/json"),
+        body,
+    )
+    .await;
+    assert_eq!(
+        (code, st["reason"].as_str()),
+        (400, Some("BadRequest")),
+        "namespace mismatch"
+    );
+    let body = json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "x"}});
+    let (code, _) = raw(
+        &client,
+        "POST",
+        "/api/v1/services",
+        Some("application/json"),
+        body.clone(),
+    )
+    .await;
+    assert_eq!(code, 405, "namespaced kinds are created in a namespace");
+    let (code, _) = raw(
+        &client,
+        "POST",
+        "/api/v1/namespaces/default/services?dryRun=All",
+        Some("application/json"),
+        body.clone(),
+    )
+    .await;
+    assert_eq!(code, 400, "dry run is refused, not persisted");
+    let (code, st) = raw(
+        &client,
+        "POST",
+        "/api/v1/namespaces/default/services",
+        Some("application/json"),
+        json!({"kind": "Service"}),
+    )
+    .await;
+    assert_eq!(
+        (code, st["reason"].as_str()),
+        (422, Some("Invalid")),
+        "no name"
+    );
+    let wrong = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "x"}});
+    let (code, _) = raw(
+        &client,
+        "POST",
+        "/api/v1/namespaces/default/services",
+        Some("application/json"),
+        wrong,
+    )
+    .await;
+    assert_eq!(code, 400, "kind must match the URL");
+    assert!(fake.list("v1", "Service").is_empty());
+
+    // Apply with a stale resourceVersion is a precondition failure.
+    let api: Api<Ingress> = Api::namespaced(client.clone(), "default");
+    let created = api
+        .create(&PostParams::default(), &ingress("web", "a.example"))
+        .await
+        .expect("create");
+    api.patch(
+        "web",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"labels": {"a": "b"}}})),
+    )
+    .await
+    .expect("bump");
+    let stale = json!({"apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
+        "metadata": {"name": "web", "resourceVersion": created.resource_version()}});
+    let err = api
+        .patch("web", &PatchParams::apply("x"), &Patch::Apply(&stale))
+        .await
+        .expect_err("stale");
+    assert_eq!(api_err(err), (409, "Conflict".into()));
+
+    // One status writer, counted by verb and field manager.
+    for ip in ["1.1.1.1", "2.2.2.2"] {
+        let st = json!({"apiVersion": "networking.k8s.io/v1", "kind": "Ingress", "metadata": {"name": "web"},
+            "status": {"loadBalancer": {"ingress": [{"ip": ip}]}}});
+        api.patch_status(
+            "web",
+            &PatchParams::apply("portico-controller").force(),
+            &Patch::Apply(&st),
+        )
+        .await
+        .expect("status");
+    }
+    assert_eq!(
+        fake.status_writers("ingresses"),
+        ["portico-controller".to_string()].into()
+    );
+    assert_eq!(fake.count("patch", "ingresses/status"), 2);
+    assert_eq!(fake.count("patch", "ingresses"), 2);
+    assert_eq!(fake.count("create", "ingresses"), 1);
 }
 
 mod selector_units {
