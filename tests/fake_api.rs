@@ -914,15 +914,43 @@ async fn create_get_replace_and_delete_follow_the_conventions() {
         p.labels().clone(),
         BTreeMap::from([("w".to_string(), "2".to_string())])
     );
-    let (code, _) = raw(
+    // JSON patch (RFC 6902) with `test` guards, as kube-runtime's finalizer helper sends.
+    let ops = json_patch::Patch(
+        serde_json::from_value(json!([
+            {"op": "test", "path": "/metadata/labels/w", "value": "2"},
+            {"op": "add", "path": "/metadata/labels/j", "value": "p"},
+        ]))
+        .expect("ops"),
+    );
+    let p = api
+        .patch("a", &PatchParams::default(), &Patch::<()>::Json(ops))
+        .await
+        .expect("json patch");
+    assert_eq!(p.labels().get("j").map(String::as_str), Some("p"));
+    let failing = json!([{"op": "test", "path": "/metadata/labels/w", "value": "nope"},
+        {"op": "remove", "path": "/metadata/labels"}]);
+    let path = "/api/v1/namespaces/default/services/a";
+    let (code, st) = raw(
         &client,
         "PATCH",
-        "/api/v1/namespaces/default/services/a",
+        path,
         Some("application/json-patch+json"),
-        json!([]),
+        failing,
     )
     .await;
-    assert_eq!(code, 415);
+    assert_eq!((code, st["reason"].as_str()), (422, Some("Invalid")));
+    let (code, st) = raw(&client, "PATCH", path, Some("application/xml"), json!({})).await;
+    assert_eq!(
+        (code, st["reason"].as_str()),
+        (415, Some("UnsupportedMediaType"))
+    );
+    api.patch(
+        "a",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"labels": {"j": null}}})),
+    )
+    .await
+    .expect("drop j");
 
     // Delete: DELETED carries the last state at a new RV.
     let rv = fake.resource_version().to_string();

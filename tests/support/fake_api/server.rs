@@ -334,6 +334,10 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
                 let p = json_body()?;
                 Ok(full(200, &state.merge_patch(target.ty, &ns, &name, &p, target.status)?))
             }
+            "application/json-patch+json" => {
+                let ops = json_body()?;
+                Ok(full(200, &state.json_patch(target.ty, &ns, &name, &ops, target.status)?))
+            }
             "application/apply-patch+yaml" => {
                 // JSON is YAML; kube sends JSON, kubectl sends YAML.
                 let applied: Value = serde_json::from_slice(&body).or_else(|_| {
@@ -356,7 +360,7 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
                 Ok(full(if existed { 200 } else { 201 }, &out))
             }
             _ => Err(ApiError::UnsupportedMediaType(
-                "application/merge-patch+json, application/strategic-merge-patch+json, application/apply-patch+yaml".into(),
+                "application/json-patch+json, application/merge-patch+json, application/strategic-merge-patch+json, application/apply-patch+yaml".into(),
             )),
         },
         "delete" => {

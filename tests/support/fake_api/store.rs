@@ -902,6 +902,34 @@ impl State {
         Ok(self.commit_update(ty, old, merged))
     }
 
+    /// JSON patch (RFC 6902), e.g. kube-runtime's finalizer helper with its `test` guards. A
+    /// failed `test` or a bad path is 422 Invalid; changing `metadata.resourceVersion` acts as
+    /// a precondition, as on merge patch.
+    pub fn json_patch(
+        &mut self,
+        ty: usize,
+        ns: &str,
+        name: &str,
+        ops: &Value,
+        status: bool,
+    ) -> Result<Value> {
+        let old = self.get(ty, ns, name)?;
+        let ops: json_patch::Patch = serde_json::from_value(ops.clone())
+            .map_err(|e| ApiError::BadRequest(format!("invalid JSON patch: {e}")))?;
+        let mut new = old.clone();
+        json_patch::patch(&mut new, &ops.0).map_err(|e| {
+            ApiError::Invalid(format!(
+                "the server rejected our request due to an error in our request: {e}"
+            ))
+        })?;
+        if rv_of(&new) != rv_of(&old) {
+            return Err(self.conflict(ty, name));
+        }
+        self.check_type_meta(ty, &new)?;
+        let merged = self.combine(ty, &old, new, status)?;
+        Ok(self.commit_update(ty, old, merged))
+    }
+
     /// Server-side apply. On the main resource it creates or updates; on `/status` only
     /// `.status` changes. `fieldManager` is required.
     pub fn apply(
