@@ -496,7 +496,12 @@ async fn bookmarks_periodic_and_on_request_and_timeout_ends_the_stream() {
     }
 
     // With bookmarks disabled: the hook sends none, so the next event is the real one.
-    let slow = FakeApi::start().await;
+    // No periodic bookmarks here, so only the hook (and the timeout) can act.
+    let slow = FakeApi::start_with(Options {
+        bookmark_interval: Duration::from_secs(3600),
+        ..Options::default()
+    })
+    .await;
     let api: Api<Service> = Api::namespaced(slow.client().await, "default");
     let rv = slow.resource_version().to_string();
     let mut quiet = api

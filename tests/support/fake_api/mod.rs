@@ -11,9 +11,11 @@
 //! `http://` server URL works and a token user is sent as `Authorization: Bearer`. The client
 //! speaks HTTP/1.1 only (it calls `enable_http1()`), so watch streams are chunked bodies.
 //!
-//! Retries: kube's default client retries 429, 503 and 504 responses with exponential backoff,
-//! so a fault test that wants the client to *see* an error must use something else (the fake's
-//! refused connections, 410, 409, …), and a 504 from a too-large list resourceVersion is retried.
+//! Retries: kube's default client (`RetryPolicy::server_retry`) retries 429, 503 and 504
+//! responses up to 15 times with exponential backoff from 5 ms, honouring `Retry-After`;
+//! transport errors are not retried. So a fault test that wants the client to *see* an error
+//! must use something else (the fake's refused connections, 410, 409, …), and the 504 this fake
+//! answers for a list at a resourceVersion it has not reached is retried for a long time.
 //!
 //! Watcher defaults this fake serves (kube-runtime 5 `watcher::Config::default()`): the
 //! `ListWatch` initial strategy (paged list with `limit=500`, then
