@@ -1420,6 +1420,32 @@ async fn request_validation_and_write_accounting() {
     .await;
     assert_eq!(code, 400, "kind must match the URL");
     assert!(fake.list("v1", "Service").is_empty());
+    fake.create(json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "x", "namespace": "default"}}))
+        .expect("x");
+    let x = "/api/v1/namespaces/default/services/x";
+    let (code, _) = raw(&client, "PUT", x, Some("application/json"), json!([1])).await;
+    assert_eq!(code, 400, "a non-object body is a bad request, not a crash");
+    let root = json!([{"op": "replace", "path": "", "value": 7}]);
+    let (code, _) = raw(
+        &client,
+        "PATCH",
+        x,
+        Some("application/json-patch+json"),
+        root,
+    )
+    .await;
+    assert_eq!(code, 400);
+    let (code, _) = raw(
+        &client,
+        "PATCH",
+        x,
+        Some("application/merge-patch+json"),
+        json!("s"),
+    )
+    .await;
+    assert_eq!(code, 400);
+    let (code, _) = raw(&client, "GET", x, None, Value::Null).await;
+    assert_eq!(code, 200, "still serving");
 
     // Apply with a stale resourceVersion is a precondition failure.
     let api: Api<Ingress> = Api::namespaced(client.clone(), "default");

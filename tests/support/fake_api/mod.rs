@@ -23,6 +23,23 @@
 //! `sendInitialEvents=true` (streaming lists) is also served: synthetic ADDED events, then a
 //! BOOKMARK annotated `k8s.io/initial-events-end: "true"`.
 
+//!
+//! Encoding, as the real server does it: lists are `kind: <Kind>List` with `apiVersion` and
+//! `metadata.resourceVersion` = the server's global resourceVersion; items of built-in types
+//! omit apiVersion/kind (typed JSON encoder), items of custom types (`ResourceType::custom`)
+//! keep them (unstructured); get, write responses and watch event objects always carry them.
+//!
+//! Known differences from a real apiserver (deliberate, small):
+//! - strategic merge patch is served as JSON merge patch (only list merge keys differ);
+//! - server-side apply is a field-set model (see `patch.rs`): maps merge, lists are atomic,
+//!   conflicts only against other *Apply* managers; updates record no managedFields;
+//! - no admission: namespaces need not exist, no defaulting or validation of specs;
+//! - field selectors accept any dotted path (the real server allows a per-type set);
+//! - a watch from a resourceVersion newer than the server's just waits for it; a list at such
+//!   a version is 504 (which kube retries);
+//! - JSON only (no protobuf/CBOR, no `Table`), no discovery documents, no deletecollection,
+//!   `dryRun` is refused with 400 rather than silently persisted.
+
 #![allow(dead_code)] // Each test binary that includes this module uses a different part of it.
 
 pub mod patch;
