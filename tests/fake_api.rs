@@ -369,7 +369,19 @@ async fn list_rv_is_global_and_type_meta_follows_the_real_encoders() {
         (obj["apiVersion"].as_str(), obj["kind"].as_str()),
         (Some("v1"), Some("Secret"))
     );
-    assert_eq!(obj["metadata"]["generation"], 1);
+    assert!(
+        obj["metadata"].get("generation").is_none(),
+        "Secrets carry no generation"
+    );
+    let (_, class) = raw(
+        &client,
+        "GET",
+        "/apis/networking.k8s.io/v1/ingressclasses/portico",
+        None,
+        Value::Null,
+    )
+    .await;
+    assert_eq!(class["metadata"]["generation"], 1);
     assert!(
         obj["metadata"]["uid"]
             .as_str()
@@ -1487,6 +1499,63 @@ async fn request_validation_and_write_accounting() {
     assert_eq!(fake.count("patch", "ingresses/status"), 2);
     assert_eq!(fake.count("patch", "ingresses"), 2);
     assert_eq!(fake.count("create", "ingresses"), 1);
+}
+
+#[tokio::test]
+async fn version_delete_collection_and_streaming_list_parameters() {
+    let fake = FakeApi::start().await;
+    let client = fake.client().await;
+    let v = client.apiserver_version().await.expect("/version");
+    assert_eq!(v.major, "1");
+
+    let api: Api<Service> = Api::namespaced(client.clone(), "default");
+    for (n, app) in [("a", "x"), ("b", "x"), ("c", "y")] {
+        api.create(&PostParams::default(), &svc(n, json!({"app": app})))
+            .await
+            .expect("create");
+    }
+    let rv = fake.resource_version().to_string();
+    let mut w = api
+        .watch(&WatchParams::default().disable_bookmarks(), &rv)
+        .await
+        .expect("watch")
+        .boxed();
+    let gone = api
+        .delete_collection(
+            &DeleteParams::default(),
+            &ListParams::default().labels("app=x"),
+        )
+        .await
+        .expect("delete collection")
+        .left()
+        .expect("the deleted objects");
+    let names: Vec<String> = gone.items.iter().map(|s| s.name_any()).collect();
+    assert_eq!(names, ["a", "b"]);
+    assert_eq!(
+        name_and_type(&next(&mut w).await),
+        ("DELETED".into(), "a".into())
+    );
+    assert_eq!(
+        name_and_type(&next(&mut w).await),
+        ("DELETED".into(), "b".into())
+    );
+    let left: Vec<String> = fake
+        .list("v1", "Service")
+        .iter()
+        .map(|o| o["metadata"]["name"].to_string())
+        .collect();
+    assert_eq!(left, ["\"c\""]);
+
+    // Streaming lists need resourceVersionMatch=NotOlderThan and bookmarks (422 otherwise).
+    let base = "/api/v1/namespaces/default/services?watch=true&timeoutSeconds=1";
+    for q in [
+        "&sendInitialEvents=true&allowWatchBookmarks=true",
+        "&sendInitialEvents=true&resourceVersionMatch=NotOlderThan",
+        "&resourceVersionMatch=NotOlderThan",
+    ] {
+        let (code, st) = raw(&client, "GET", &format!("{base}{q}"), None, Value::Null).await;
+        assert_eq!((code, st["reason"].as_str()), (422, Some("Invalid")), "{q}");
+    }
 }
 
 mod selector_units {

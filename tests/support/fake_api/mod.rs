@@ -37,8 +37,8 @@
 //! - field selectors accept any dotted path (the real server allows a per-type set);
 //! - a watch from a resourceVersion newer than the server's just waits for it; a list at such
 //!   a version is 504 (which kube retries);
-//! - JSON only (no protobuf/CBOR, no `Table`), no discovery documents, no deletecollection,
-//!   `dryRun` is refused with 400 rather than silently persisted.
+//! - JSON only (no protobuf/CBOR, no `Table`), no discovery documents (only `/version` and
+//!   the health checks), `dryRun` is refused with 400 rather than silently persisted.
 
 #![allow(dead_code)] // Each test binary that includes this module uses a different part of it.
 
@@ -72,9 +72,13 @@ pub enum FakeApiError {
 /// The types portico's controller reads and writes.
 pub fn portico_types() -> Vec<ResourceType> {
     vec![
-        ResourceType::new("", "v1", "Service", "services", true).with_status(),
-        ResourceType::new("", "v1", "Secret", "secrets", true),
-        ResourceType::new("", "v1", "Namespace", "namespaces", false).with_status(),
+        ResourceType::new("", "v1", "Service", "services", true)
+            .with_status()
+            .without_generation(),
+        ResourceType::new("", "v1", "Secret", "secrets", true).without_generation(),
+        ResourceType::new("", "v1", "Namespace", "namespaces", false)
+            .with_status()
+            .without_generation(),
         ResourceType::new("networking.k8s.io", "v1", "Ingress", "ingresses", true).with_status(),
         ResourceType::new(
             "networking.k8s.io",
@@ -99,8 +103,9 @@ pub fn portico_types() -> Vec<ResourceType> {
         )
         .with_status()
         .custom(),
-        ResourceType::new("coordination.k8s.io", "v1", "Lease", "leases", true),
-        ResourceType::new("events.k8s.io", "v1", "Event", "events", true),
+        ResourceType::new("coordination.k8s.io", "v1", "Lease", "leases", true)
+            .without_generation(),
+        ResourceType::new("events.k8s.io", "v1", "Event", "events", true).without_generation(),
     ]
 }
 

@@ -23,6 +23,10 @@ pub struct ResourceType {
     /// Served like a CustomResourceDefinition: list items carry apiVersion/kind (unstructured
     /// encoding); built-in types' list items omit them, as the real server's typed encoder does.
     pub custom: bool,
+    /// Sets `metadata.generation` (1 on create, +1 per spec change). The apiserver's registry
+    /// strategies do this per type: Ingress, IngressClass, EndpointSlice and every custom
+    /// resource do; Service, Secret, Namespace, Lease and Event leave it unset.
+    pub generation: bool,
 }
 
 impl ResourceType {
@@ -35,6 +39,7 @@ impl ResourceType {
             namespaced,
             status_subresource: false,
             custom: false,
+            generation: true,
         }
     }
 
@@ -45,6 +50,11 @@ impl ResourceType {
 
     pub fn custom(mut self) -> Self {
         self.custom = true;
+        self
+    }
+
+    pub fn without_generation(mut self) -> Self {
+        self.generation = false;
         self
     }
 
@@ -721,7 +731,11 @@ impl State {
             meta.insert("uid".into(), json!(uid));
             meta.insert("creationTimestamp".into(), json!(now_rfc3339()));
             meta.insert("resourceVersion".into(), json!(rv));
-            meta.insert("generation".into(), json!(1));
+            if t.generation {
+                meta.insert("generation".into(), json!(1));
+            } else {
+                meta.remove("generation");
+            }
         });
         self.objects[ty].insert(key, obj.clone());
         self.emit(ty, EventType::Added, obj.clone(), None);
@@ -806,7 +820,7 @@ impl State {
             }
             v
         };
-        if spec_of(&merged) != spec_of(&old) {
+        if t.generation && spec_of(&merged) != spec_of(&old) {
             let generation = old
                 .pointer("/metadata/generation")
                 .and_then(Value::as_i64)
