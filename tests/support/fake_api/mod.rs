@@ -24,6 +24,10 @@
 //! BOOKMARK annotated `k8s.io/initial-events-end: "true"`.
 
 //!
+//! Time: the watch timeout and bookmark period run on tokio time. Use the fake with real time
+//! (it serves real sockets); under `start_paused = true` auto-advance would fire watch
+//! timeouts at once and make clients re-watch in a loop.
+//!
 //! Encoding, as the real server does it: lists are `kind: <Kind>List` with `apiVersion` and
 //! `metadata.resourceVersion` = the server's global resourceVersion; items of built-in types
 //! omit apiVersion/kind (typed JSON encoder), items of custom types (`ResourceType::custom`)

@@ -54,7 +54,11 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     loop {
         let sock = match listener.accept().await {
             Ok((sock, _)) => sock,
-            Err(_) => continue,
+            Err(_) => {
+                // Transient (e.g. ECONNABORTED); let other tasks run before accepting again.
+                tokio::task::yield_now().await;
+                continue;
+            }
         };
         if shared.refusing.load(Ordering::SeqCst) {
             // The client sees its connection closed before any response, like a restarting
@@ -487,7 +491,12 @@ fn watch_response(
     bookmarks: bool,
 ) -> Response<Body> {
     let period = shared.bookmark_interval;
-    let tick = bookmarks.then(|| tokio::time::interval_at(Instant::now() + period, period));
+    let tick = bookmarks.then(|| {
+        let mut i = tokio::time::interval_at(Instant::now() + period, period);
+        // One bookmark per missed period is noise; a late one is enough.
+        i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        i
+    });
     let ws = WatchState {
         shared,
         id,
