@@ -1558,6 +1558,48 @@ async fn version_delete_collection_and_streaming_list_parameters() {
     }
 }
 
+#[tokio::test]
+async fn kube_event_recorder_creates_then_patches_a_series() {
+    use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+    let fake = FakeApi::start().await;
+    let recorder = Recorder::new(
+        fake.client().await,
+        Reporter {
+            controller: "portico.dev/controller".into(),
+            instance: Some("pod-a".into()),
+        },
+    );
+    let regarding = k8s_openapi::api::core::v1::ObjectReference {
+        api_version: Some("networking.k8s.io/v1".into()),
+        kind: Some("Ingress".into()),
+        namespace: Some("shop".into()),
+        name: Some("web".into()),
+        ..Default::default()
+    };
+    let ev = Event {
+        type_: EventType::Warning,
+        reason: "BackendNotFound".into(),
+        note: Some("service shop/api not found".into()),
+        action: "Translate".into(),
+        secondary: None,
+    };
+    recorder
+        .publish(&ev, &regarding)
+        .await
+        .expect("first publish creates");
+    recorder
+        .publish(&ev, &regarding)
+        .await
+        .expect("second publish patches the series");
+    let events = fake.list("events.k8s.io/v1", "Event");
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["metadata"]["namespace"], "shop");
+    assert_eq!(events[0]["regarding"]["name"], "web");
+    assert_eq!(events[0]["series"]["count"], 2);
+    assert_eq!(fake.count("create", "events"), 1);
+    assert_eq!(fake.count("patch", "events"), 1);
+}
+
 mod selector_units {
     use super::fake_api::selector::*;
     use serde_json::{Value, json};
