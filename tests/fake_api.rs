@@ -212,6 +212,17 @@ async fn kubeconfig_file_and_bearer_token_are_required() {
     s.read_to_string(&mut out).await.expect("read");
     assert!(out.starts_with("HTTP/1.1 401"), "{out}");
     assert!(out.contains("\"reason\":\"Unauthorized\""), "{out}");
+
+    // Public info (/version, health) needs no credentials.
+    let mut s = tokio::net::TcpStream::connect(fake.addr())
+        .await
+        .expect("connect");
+    s.write_all(b"GET /version HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.expect("read");
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
 }
 
 #[tokio::test]

@@ -253,7 +253,8 @@ users:
         f(&mut s, ty)
     }
 
-    /// Creates `obj` (namespace from its metadata), as a POST would.
+    /// Creates `obj` (namespace from its metadata), as a POST would: for kinds with a status
+    /// subresource the status is dropped, so seed it with [`Self::update_status`] after.
     pub fn create(&self, obj: Value) -> Result<Value, ApiError> {
         self.with_type(&obj.clone(), |s, ty| {
             let ns = store::namespace_of(&obj).to_string();

@@ -187,6 +187,10 @@ fn truthy(q: &HashMap<String, String>, k: &str) -> bool {
 }
 
 async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    // Readable without credentials, like the apiserver's system:public-info-viewer role.
+    if let Some(resp) = non_resource(req.uri().path()) {
+        return Ok(resp);
+    }
     let want = format!("Bearer {}", shared.token);
     let auth = req
         .headers()
@@ -194,9 +198,6 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         .and_then(|h| h.to_str().ok());
     if auth != Some(want.as_str()) {
         return Err(ApiError::Unauthorized);
-    }
-    if let Some(resp) = non_resource(req.uri().path()) {
-        return Ok(resp);
     }
     let q = parse_query(req.uri().query());
     let method = req.method().clone();
