@@ -1325,9 +1325,10 @@ async fn finalizers_defer_deletion_until_the_last_one_is_removed() {
     let api: Api<Service> = Api::namespaced(fake.client().await, "default");
     let mut s = svc("f", json!({}));
     s.metadata.finalizers = Some(vec!["portico.dev/cleanup".into()]);
-    api.create(&PostParams::default(), &s)
-        .await
-        .expect("create");
+    s.metadata.namespace = Some("default".into());
+    let seeded = fake.create_typed(&s).expect("typed test-side create");
+    assert_eq!(seeded.metadata.finalizers, s.metadata.finalizers);
+    assert!(seeded.metadata.uid.is_some());
     let rv = fake.resource_version().to_string();
     let mut w = api
         .watch(&WatchParams::default().disable_bookmarks(), &rv)

@@ -71,6 +71,8 @@ pub enum FakeApiError {
     Timeout(Duration, String),
     #[error(transparent)]
     Api(#[from] ApiError),
+    #[error("(de)serialising a typed object: {0}")]
+    Serde(#[from] serde_json::Error),
 }
 
 /// The types portico's controller reads and writes.
@@ -260,6 +262,16 @@ users:
             let ns = store::namespace_of(&obj).to_string();
             s.create(ty, &ns, obj)
         })
+    }
+
+    /// [`Self::create`] for k8s-openapi (or kube `CustomResource`) values, which serialise
+    /// with apiVersion and kind.
+    pub fn create_typed<K: serde::Serialize + serde::de::DeserializeOwned>(
+        &self,
+        obj: &K,
+    ) -> Result<K, FakeApiError> {
+        let created = self.create(serde_json::to_value(obj)?)?;
+        Ok(serde_json::from_value(created)?)
     }
 
     /// Replaces `obj` (PUT semantics, including the resourceVersion precondition).
