@@ -128,6 +128,14 @@ pub struct RunArgs {
     /// HTTP/2 max concurrent streams per client connection.
     #[arg(long, env = "PORTICO_H2_MAX_CONCURRENT_STREAMS", default_value_t = 100)]
     pub h2_max_concurrent_streams: u32,
+    /// Kubeconfig for the cluster source (default: in-cluster service account, else
+    /// KUBECONFIG / ~/.kube/config). Ignored with --manifests.
+    #[arg(long, env = "PORTICO_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Namespaces to watch (comma-separated or repeated); all namespaces when absent.
+    /// IngressClasses are cluster-scoped and always watched.
+    #[arg(long, env = "PORTICO_WATCH_NAMESPACE", value_delimiter = ',')]
+    pub watch_namespace: Vec<String>,
 }
 
 fn parse_dur(s: &str) -> Result<Duration, String> {
