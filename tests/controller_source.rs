@@ -192,7 +192,10 @@ struct Running {
 
 impl Running {
     async fn start(api: &FakeApi, config: SourceConfig) -> Running {
-        let client = api.client().await;
+        Self::start_with_client(api.client().await, config)
+    }
+
+    fn start_with_client(client: kube::Client, config: SourceConfig) -> Running {
         let trigger = Trigger::new();
         let (stop, rx) = watch::channel(false);
         let (source, task) =
@@ -253,6 +256,117 @@ async fn sample_until(deadline: Duration, mut f: impl FnMut() -> bool) -> bool {
 fn has(v: &View, kind: &str, name: &str) -> bool {
     v.get(kind)
         .is_some_and(|s| s.iter().any(|k| k.split('@').next() == Some(name)))
+}
+
+/// A recording HTTP/1.1 proxy in front of the fake: the fake's request log has no query
+/// strings, and "the Secret list and watch carry the field selector" is about the query.
+/// Forwards every request unchanged (bodies streamed, so watches work) and keeps the
+/// request targets.
+struct RecordingProxy {
+    addr: std::net::SocketAddr,
+    targets: Arc<std::sync::Mutex<Vec<String>>>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for RecordingProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl RecordingProxy {
+    async fn start(upstream: std::net::SocketAddr) -> RecordingProxy {
+        use http_body_util::BodyExt;
+        use http_body_util::combinators::BoxBody;
+        use hyper_util::client::legacy::Client as HttpClient;
+        use hyper_util::rt::{TokioExecutor, TokioIo};
+
+        type Body = BoxBody<bytes::Bytes, hyper::Error>;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let targets: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+        let client: HttpClient<_, hyper::body::Incoming> =
+            HttpClient::builder(TokioExecutor::new()).build_http();
+        let recorded = targets.clone();
+        let task = tokio::spawn(async move {
+            // Ends when the test drops the proxy (abort).
+            while let Ok((sock, _)) = listener.accept().await {
+                let client = client.clone();
+                let recorded = recorded.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(
+                        move |mut req: http::Request<hyper::body::Incoming>| {
+                            let client = client.clone();
+                            let recorded = recorded.clone();
+                            async move {
+                                let target = req
+                                    .uri()
+                                    .path_and_query()
+                                    .map(|p| p.as_str().to_string())
+                                    .unwrap_or_default();
+                                recorded.lock().expect("lock").push(target.clone());
+                                *req.uri_mut() =
+                                    format!("http://{upstream}{target}").parse().expect("uri");
+                                let resp: http::Response<Body> = match client.request(req).await {
+                                    Ok(r) => r.map(BodyExt::boxed),
+                                    Err(_) => {
+                                        let mut r = http::Response::new(
+                                            http_body_util::Empty::new()
+                                                .map_err(|never| match never {})
+                                                .boxed(),
+                                        );
+                                        *r.status_mut() = http::StatusCode::BAD_GATEWAY;
+                                        r
+                                    }
+                                };
+                                Ok::<_, std::convert::Infallible>(resp)
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(sock), svc)
+                        .await;
+                });
+            }
+        });
+        RecordingProxy {
+            addr,
+            targets,
+            task,
+        }
+    }
+
+    /// A kube client for the fake, through this proxy.
+    async fn client(&self, api: &FakeApi) -> kube::Client {
+        let yaml = api
+            .kubeconfig_yaml()
+            .replace(&api.url(), &format!("http://{}", self.addr));
+        let kc = kube::config::Kubeconfig::from_yaml(&yaml).expect("kubeconfig");
+        let config =
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .expect("config");
+        kube::Client::try_from(config).expect("client")
+    }
+
+    fn targets(&self) -> Vec<String> {
+        self.targets.lock().expect("lock").clone()
+    }
+}
+
+/// The decoded value of query parameter `name` in a request target.
+fn query_param(target: &str, name: &str) -> Option<String> {
+    let (_, q) = target.split_once('?')?;
+    q.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == name).then(|| {
+            percent_encoding::percent_decode_str(&v.replace('+', " "))
+                .decode_utf8_lossy()
+                .into_owned()
+        })
+    })
 }
 
 // ------------------------------------------------------------------------------------------
@@ -518,12 +632,51 @@ async fn secrets_are_tls_only_and_stripped_to_tls_keys_without_managed_fields() 
         );
     }
 
-    let run = Running::start(&api, SourceConfig::default()).await;
+    let proxy = RecordingProxy::start(api.addr()).await;
+    let run = Running::start_with_client(proxy.client(&api).await, SourceConfig::default());
     run.synced().await;
     let (inputs, _) = run.source.inputs();
-    // Only TLS Secrets: the client never filters by type itself, so the absence of the others
-    // shows the list and watch carried `fieldSelector=type=kubernetes.io/tls` (the fake
-    // evaluates field selectors like the API server).
+    // Only TLS Secrets, filtered by the server: the list and the watch both carried the
+    // field selector (and no other kind did).
+    let secret_requests = || -> Vec<String> {
+        proxy
+            .targets()
+            .into_iter()
+            .filter(|t| t.starts_with("/api/v1/secrets"))
+            .collect()
+    };
+    // The watch starts right after the list completed; wait for it to be sent.
+    assert!(
+        poll_until(DEADLINE, || secret_requests().iter().any(|t| query_param(
+            t, "watch"
+        )
+        .as_deref()
+            == Some("true")))
+        .await,
+        "the Secret watch was opened"
+    );
+    let secret_requests = secret_requests();
+    assert!(
+        secret_requests
+            .iter()
+            .any(|t| query_param(t, "watch").is_none())
+            && secret_requests
+                .iter()
+                .any(|t| query_param(t, "watch").as_deref() == Some("true")),
+        "a list and a watch: {secret_requests:?}"
+    );
+    for t in &secret_requests {
+        assert_eq!(
+            query_param(t, "fieldSelector").as_deref(),
+            Some("type=kubernetes.io/tls"),
+            "{t}"
+        );
+    }
+    for t in proxy.targets() {
+        if !t.starts_with("/api/v1/secrets") {
+            assert_eq!(query_param(&t, "fieldSelector"), None, "{t}");
+        }
+    }
     assert_eq!(
         names(&inputs.secrets),
         BTreeSet::from(["shop/tls".to_string(), "shop/tls-extra".to_string()])
