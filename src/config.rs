@@ -179,6 +179,32 @@ mod tests {
     }
 
     #[test]
+    fn watch_namespace_is_comma_separated_and_repeatable() {
+        let cli = Cli::try_parse_from([
+            "portico",
+            "run",
+            "--watch-namespace",
+            "a,b",
+            "--watch-namespace",
+            "c",
+            "--kubeconfig",
+            "/tmp/kc",
+        ])
+        .expect("parses");
+        let Command::Run(args) = cli.command else {
+            panic!("run subcommand");
+        };
+        assert_eq!(args.watch_namespace, ["a", "b", "c"]);
+        assert_eq!(args.kubeconfig, Some(PathBuf::from("/tmp/kc")));
+        let cli = Cli::try_parse_from(["portico", "run"]).expect("parses");
+        let Command::Run(args) = cli.command else {
+            panic!("run subcommand");
+        };
+        assert!(args.watch_namespace.is_empty(), "all namespaces by default");
+        assert_eq!(args.kubeconfig, None);
+    }
+
+    #[test]
     fn every_run_flag_has_help_and_env() {
         let cmd = Cli::command();
         for sub in cmd.get_subcommands() {

@@ -50,8 +50,8 @@ pub struct ApiNeed {
 
 /// Everything the controller calls. Reflected kinds need exactly `list` + `watch` (kube's
 /// watcher lists, then watches from the list's resourceVersion; it never `get`s single
-/// objects). The status writer, Events and the leader lease are listed with the verbs their
-/// engineers named; they adjust these entries as their code lands.
+/// objects). The status writer, Events and the leader lease are listed with the verbs issue 3
+/// names for them; whoever writes those parts adjusts their entries to what the code calls.
 pub const API_NEEDS: &[ApiNeed] = &[
     ApiNeed {
         group: "networking.k8s.io",
