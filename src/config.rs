@@ -128,6 +128,14 @@ pub struct RunArgs {
     /// HTTP/2 max concurrent streams per client connection.
     #[arg(long, env = "PORTICO_H2_MAX_CONCURRENT_STREAMS", default_value_t = 100)]
     pub h2_max_concurrent_streams: u32,
+    /// Kubeconfig for the cluster source (default: in-cluster service account, else
+    /// KUBECONFIG / ~/.kube/config). Ignored with --manifests.
+    #[arg(long, env = "PORTICO_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Namespaces to watch (comma-separated or repeated); all namespaces when absent.
+    /// IngressClasses are cluster-scoped and always watched.
+    #[arg(long, env = "PORTICO_WATCH_NAMESPACE", value_delimiter = ',')]
+    pub watch_namespace: Vec<String>,
 }
 
 fn parse_dur(s: &str) -> Result<Duration, String> {
@@ -168,6 +176,32 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn watch_namespace_is_comma_separated_and_repeatable() {
+        let cli = Cli::try_parse_from([
+            "portico",
+            "run",
+            "--watch-namespace",
+            "a,b",
+            "--watch-namespace",
+            "c",
+            "--kubeconfig",
+            "/tmp/kc",
+        ])
+        .expect("parses");
+        let Command::Run(args) = cli.command else {
+            panic!("run subcommand");
+        };
+        assert_eq!(args.watch_namespace, ["a", "b", "c"]);
+        assert_eq!(args.kubeconfig, Some(PathBuf::from("/tmp/kc")));
+        let cli = Cli::try_parse_from(["portico", "run"]).expect("parses");
+        let Command::Run(args) = cli.command else {
+            panic!("run subcommand");
+        };
+        assert!(args.watch_namespace.is_empty(), "all namespaces by default");
+        assert_eq!(args.kubeconfig, None);
     }
 
     #[test]

@@ -1,0 +1,553 @@
+//! The cluster as a rebuild [`Source`]: kube-runtime reflectors on Ingress, IngressClass,
+//! Service, EndpointSlice, Secret (TLS only) and RateLimitPolicy, whose stores become
+//! [`Inputs`].
+//!
+//! Owns: the watchers, their stores, the "all stores synced" signal and change pokes. May
+//! import translate (Inputs), rebuild (Source, Trigger), crd, kube, k8s-openapi, tokio. Must not
+//! import the proxy.
+//!
+//! # Never a partial view
+//!
+//! kube-runtime's `reflector::store::Writer` (kube-runtime 5.0 `reflector/store.rs`,
+//! `apply_watcher_event`) buffers a (re)list: `Init` clears a side buffer, `InitApply` fills
+//! the buffer, and only `InitDone` swaps it into the readable store. So from its first
+//! `InitDone` on, a store always holds one complete list: the previous one while a relist after
+//! a 410 Gone (in-stream `ERROR` or an expired continue token; `watcher.rs` returns to
+//! `State::Empty` on code 410) is in flight, and the last one while the API server cannot be
+//! reached (a dropped watch resumes from its last resourceVersion, `State::InitListed`, with
+//! no relist at all). What [`ClusterSource`] adds is the cross-kind rule: [`Source::inputs`]
+//! is empty until *every* store has had its first `InitDone` ([`ClusterSource::is_synced`]),
+//! and from then on it reads all stores. The app must await [`ClusterSource::synced`] before
+//! the first build, so the first published snapshot (and `/readyz` 200) is a whole cluster.
+//!
+//! # Watches
+//!
+//! - Namespaced kinds: one watcher over all namespaces when [`SourceConfig::namespaces`] is
+//!   empty, else one watcher per listed namespace per kind (each with its own store: a kube
+//!   store must not be shared by two reflectors). IngressClass is cluster-scoped: one watcher.
+//! - Secrets: `fieldSelector=type=kubernetes.io/tls` on the list and the watch, so other
+//!   Secrets never leave the API server (a Secret's `type` is immutable, so a listed Secret
+//!   cannot turn into another type). Only the `tls.crt` and `tls.key` data keys are kept.
+//! - Every kind: `metadata.managedFields` and the `kubectl.kubernetes.io/last-applied-
+//!   configuration` annotation are dropped before the store (memory; and for Secrets the
+//!   annotation can hold a copy of the whole Secret, keys included).
+//! - kube's default backoff (`WatchStreamExt::default_backoff`, exponential from 800 ms to
+//!   30 s) sits on every watcher: an error is logged and retried, it never ends the stream.
+//! - Each applied event (`Apply`, `Delete`, `InitDone`) pokes the rebuild [`Trigger`] and bumps
+//!   [`ClusterSource::changes`]; `Init`/`InitApply` change nothing readable and do not.
+//! - `--publish-service`: when its namespace is not watched, one extra watcher on exactly that
+//!   Service (field selector `metadata.name`) feeds [`ClusterSource::service`]; it is not part
+//!   of [`Inputs`] and does not gate [`ClusterSource::is_synced`].
+
+use std::collections::BTreeSet;
+use std::fmt::Debug;
+use std::future::Future;
+use std::hash::Hash;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, Resource};
+use serde::de::DeserializeOwned;
+use tokio::sync::watch;
+use tokio::task::{JoinHandle, JoinSet};
+
+use crate::crd::RateLimitPolicy;
+use crate::rebuild::{Source, Trigger};
+use crate::translate::{Diagnostic, Inputs};
+
+/// The field selector that limits the Secret watch to TLS Secrets (Kubernetes API docs,
+/// "Field Selectors": Secrets support `type`).
+pub const TLS_SECRET_SELECTOR: &str = "type=kubernetes.io/tls";
+/// The only Secret data keys kept in memory (`kubernetes.io/tls` Secrets: "tls.crt", "tls.key").
+pub const TLS_SECRET_KEYS: [&str; 2] = ["tls.crt", "tls.key"];
+/// Annotation `kubectl apply` writes with the whole last-applied object; dropped on every kind.
+pub const LAST_APPLIED_ANNOTATION: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// What the source watches.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SourceConfig {
+    /// `--watch-namespace`: empty means all namespaces. Empty names are ignored, duplicates
+    /// collapse.
+    pub namespaces: Vec<String>,
+    /// `--publish-service ns/name`, so [`ClusterSource::service`] can answer for it even when
+    /// its namespace is not watched.
+    pub publish_service: Option<(String, String)>,
+    /// List page size (kube's default, 500, when `None`). Tests use small pages so a relist
+    /// takes several requests.
+    pub page_size: Option<u32>,
+}
+
+impl SourceConfig {
+    /// The watched namespaces, sorted and deduplicated; `None` for all namespaces.
+    pub fn watched_namespaces(&self) -> Option<Vec<String>> {
+        let set: BTreeSet<String> = self
+            .namespaces
+            .iter()
+            .map(|n| n.trim())
+            .filter(|n| !n.is_empty())
+            .map(str::to_string)
+            .collect();
+        (!set.is_empty()).then(|| set.into_iter().collect())
+    }
+}
+
+/// `(group, plural)` of every kind the source reflects, from the same types the watchers use
+/// (for the RBAC check in tests and docs).
+pub fn watched_resources() -> Vec<(String, String)> {
+    fn id<K: Resource<DynamicType = ()>>() -> (String, String) {
+        (K::group(&()).into_owned(), K::plural(&()).into_owned())
+    }
+    vec![
+        id::<Ingress>(),
+        id::<IngressClass>(),
+        id::<Service>(),
+        id::<EndpointSlice>(),
+        id::<Secret>(),
+        id::<RateLimitPolicy>(),
+    ]
+}
+
+/// State the reflector tasks share with the source.
+#[derive(Debug)]
+struct Shared {
+    /// Stores that have not completed their first list yet.
+    unsynced: AtomicUsize,
+    synced: watch::Sender<bool>,
+    changes: watch::Sender<u64>,
+    watch_errors: AtomicU64,
+    trigger: Trigger,
+}
+
+impl Shared {
+    fn changed(&self) {
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+        self.trigger.poke();
+    }
+
+    fn first_sync(&self) {
+        // `fetch_sub` returns the previous value: 1 means this was the last store.
+        if self.unsynced.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.synced.send_replace(true);
+        }
+    }
+}
+
+/// The cluster source; see the module doc. Cheap to share (`Arc`), all reads are lock-light
+/// store reads.
+#[derive(Debug)]
+pub struct ClusterSource {
+    namespaces: Option<Vec<String>>,
+    ingresses: Vec<Store<Ingress>>,
+    ingress_classes: Store<IngressClass>,
+    services: Vec<Store<Service>>,
+    endpoint_slices: Vec<Store<EndpointSlice>>,
+    secrets: Vec<Store<Secret>>,
+    policies: Vec<Store<RateLimitPolicy>>,
+    /// The extra watcher on `--publish-service` when its namespace is not watched.
+    publish_service: Option<Store<Service>>,
+    shared: Arc<Shared>,
+    synced: watch::Receiver<bool>,
+}
+
+impl Source for ClusterSource {
+    fn inputs(&self) -> (Inputs, Vec<Diagnostic>) {
+        // Before every store listed once there is no complete view to give; after that each
+        // store always holds a complete list (module doc), so reading them all is one.
+        if !self.is_synced() {
+            return (Inputs::default(), Vec::new());
+        }
+        let inputs = Inputs {
+            ingresses: all(&self.ingresses),
+            ingress_classes: self.ingress_classes.state(),
+            services: all(&self.services),
+            endpoint_slices: all(&self.endpoint_slices),
+            secrets: all(&self.secrets),
+            rate_limit_policies: all(&self.policies),
+        };
+        (inputs, Vec::new())
+    }
+}
+
+fn all<K>(stores: &[Store<K>]) -> Vec<Arc<K>>
+where
+    K: Resource + Clone + 'static,
+    K::DynamicType: Eq + Hash + Clone,
+{
+    let mut out = Vec::new();
+    for s in stores {
+        out.extend(s.state());
+    }
+    out
+}
+
+/// Per-watcher settings handed to [`spawn_reflector`].
+struct Watch<K> {
+    api: Api<K>,
+    config: watcher::Config,
+    strip: fn(&mut K),
+    kind: &'static str,
+    namespace: Option<String>,
+    /// Counts towards [`ClusterSource::is_synced`].
+    gates_sync: bool,
+}
+
+impl ClusterSource {
+    /// Start every watcher and return the source plus a task that runs them until `shutdown`
+    /// completes (then the watchers are aborted). Must be called inside a tokio runtime. Never
+    /// fails: an unreachable or refusing API server shows up as logged watch errors, retried
+    /// with backoff, and as [`Self::is_synced`] staying false.
+    pub fn start<F>(
+        client: Client,
+        config: SourceConfig,
+        trigger: Trigger,
+        shutdown: F,
+    ) -> (Arc<ClusterSource>, JoinHandle<()>)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let namespaces = config.watched_namespaces();
+        let (synced_tx, synced_rx) = watch::channel(false);
+        let (changes, _) = watch::channel(0u64);
+        let shared = Arc::new(Shared {
+            // One guard count, released below once every watcher is registered, so a store
+            // that lists before the others are even spawned cannot flip `synced` early.
+            unsynced: AtomicUsize::new(1),
+            synced: synced_tx,
+            changes,
+            watch_errors: AtomicU64::new(0),
+            trigger,
+        });
+        let base = || {
+            let c = watcher::Config::default();
+            match config.page_size {
+                Some(n) => c.page_size(n),
+                None => c,
+            }
+        };
+        let mut set = JoinSet::new();
+        let scopes: Vec<Option<String>> = match &namespaces {
+            None => vec![None],
+            Some(list) => list.iter().cloned().map(Some).collect(),
+        };
+        let mut ingresses = Vec::new();
+        let mut services = Vec::new();
+        let mut endpoint_slices = Vec::new();
+        let mut secrets = Vec::new();
+        let mut policies = Vec::new();
+        for ns in &scopes {
+            ingresses.push(spawn_reflector(
+                &mut set,
+                &shared,
+                Watch {
+                    api: scoped_api(&client, ns.as_deref()),
+                    config: base(),
+                    strip: strip_common::<Ingress>,
+                    kind: "Ingress",
+                    namespace: ns.clone(),
+                    gates_sync: true,
+                },
+            ));
+            services.push(spawn_reflector(
+                &mut set,
+                &shared,
+                Watch {
+                    api: scoped_api(&client, ns.as_deref()),
+                    config: base(),
+                    strip: strip_common::<Service>,
+                    kind: "Service",
+                    namespace: ns.clone(),
+                    gates_sync: true,
+                },
+            ));
+            endpoint_slices.push(spawn_reflector(
+                &mut set,
+                &shared,
+                Watch {
+                    api: scoped_api(&client, ns.as_deref()),
+                    config: base(),
+                    strip: strip_common::<EndpointSlice>,
+                    kind: "EndpointSlice",
+                    namespace: ns.clone(),
+                    gates_sync: true,
+                },
+            ));
+            secrets.push(spawn_reflector(
+                &mut set,
+                &shared,
+                Watch {
+                    api: scoped_api(&client, ns.as_deref()),
+                    config: base().fields(TLS_SECRET_SELECTOR),
+                    strip: strip_secret,
+                    kind: "Secret",
+                    namespace: ns.clone(),
+                    gates_sync: true,
+                },
+            ));
+            policies.push(spawn_reflector(
+                &mut set,
+                &shared,
+                Watch {
+                    api: scoped_api(&client, ns.as_deref()),
+                    config: base(),
+                    strip: strip_common::<RateLimitPolicy>,
+                    kind: "RateLimitPolicy",
+                    namespace: ns.clone(),
+                    gates_sync: true,
+                },
+            ));
+        }
+        let ingress_classes = spawn_reflector(
+            &mut set,
+            &shared,
+            Watch {
+                api: Api::all(client.clone()),
+                config: base(),
+                strip: strip_common::<IngressClass>,
+                kind: "IngressClass",
+                namespace: None,
+                gates_sync: true,
+            },
+        );
+        let publish_service = match (&config.publish_service, &namespaces) {
+            (Some((ns, name)), Some(list)) if !list.contains(ns) => Some(spawn_reflector(
+                &mut set,
+                &shared,
+                Watch {
+                    api: Api::namespaced(client.clone(), ns),
+                    config: base().fields(&format!("metadata.name={name}")),
+                    strip: strip_common::<Service>,
+                    kind: "Service",
+                    namespace: Some(ns.clone()),
+                    gates_sync: false,
+                },
+            )),
+            _ => None,
+        };
+        shared.first_sync();
+        let source = Arc::new(ClusterSource {
+            namespaces,
+            ingresses,
+            ingress_classes,
+            services,
+            endpoint_slices,
+            secrets,
+            policies,
+            publish_service,
+            shared,
+            synced: synced_rx,
+        });
+        let task = tokio::spawn(supervise(set, shutdown));
+        (source, task)
+    }
+
+    /// True once every store (each kind, each watched namespace) completed its first list.
+    /// Stays true: later relists keep the previous list readable until they complete.
+    pub fn is_synced(&self) -> bool {
+        *self.synced.borrow()
+    }
+
+    /// Completes once [`Self::is_synced`] is true (at once if it already is).
+    pub async fn synced(&self) {
+        let mut rx = self.synced.clone();
+        // `wait_for` only fails when the sender is dropped, and `self.shared` owns it.
+        let _ = rx.wait_for(|s| *s).await;
+    }
+
+    /// The watched namespaces; `None` when all are.
+    pub fn namespaces(&self) -> Option<&[String]> {
+        self.namespaces.as_deref()
+    }
+
+    /// Whether objects in `namespace` are watched.
+    pub fn watches_namespace(&self, namespace: &str) -> bool {
+        self.namespaces
+            .as_ref()
+            .is_none_or(|l| l.iter().any(|n| n == namespace))
+    }
+
+    /// A Service from the stores (watched namespaces, plus the `--publish-service` watcher),
+    /// for the status writer. `None` when not (yet) seen.
+    pub fn service(&self, namespace: &str, name: &str) -> Option<Arc<Service>> {
+        let key = ObjectRef::<Service>::new(name).within(namespace);
+        self.publish_service
+            .iter()
+            .chain(self.services.iter())
+            .find_map(|s| s.get(&key))
+    }
+
+    /// A counter bumped on every applied change in any store (the publish-service watcher
+    /// included): subscribe to learn that something changed without rebuilding.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.shared.changes.subscribe()
+    }
+
+    /// Watch errors seen so far (each was logged and retried).
+    pub fn watch_errors(&self) -> u64 {
+        self.shared.watch_errors.load(Ordering::Relaxed)
+    }
+}
+
+fn scoped_api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Runs until `shutdown`, then aborts the watchers. A watcher task never ends by itself
+/// (errors are retried); if one does anyway (a panic), that is logged and the rest go on.
+async fn supervise<F: Future<Output = ()>>(mut set: JoinSet<()>, shutdown: F) {
+    let mut shutdown = std::pin::pin!(shutdown);
+    // Bounded: each `join_next` that returns `Some` removes one of a fixed number of tasks;
+    // when none are left only shutdown remains.
+    loop {
+        tokio::select! {
+            biased;
+            () = &mut shutdown => break,
+            next = set.join_next(), if !set.is_empty() => {
+                if let Some(Err(e)) = next {
+                    tracing::error!(error = %e, "a Kubernetes watcher task ended unexpectedly");
+                }
+            }
+        }
+    }
+    set.shutdown().await;
+}
+
+fn spawn_reflector<K>(set: &mut JoinSet<()>, shared: &Arc<Shared>, w: Watch<K>) -> Store<K>
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
+{
+    let (reader, writer) = reflector::store::<K>();
+    if w.gates_sync {
+        shared.unsynced.fetch_add(1, Ordering::AcqRel);
+    }
+    let shared = shared.clone();
+    set.spawn(async move {
+        let Watch {
+            api,
+            config,
+            strip,
+            kind,
+            namespace,
+            gates_sync,
+        } = w;
+        let namespace = namespace.unwrap_or_default();
+        // `modify` runs before `reflector`, so the store only ever holds stripped objects.
+        let stream = watcher(api, config).default_backoff().modify(strip);
+        let stream = reflector::reflector(writer, stream);
+        let mut stream = std::pin::pin!(stream);
+        let mut listed = false;
+        // The watcher stream is endless by design (backoff, never a terminal error); this task
+        // ends when `supervise` aborts it at shutdown.
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => shared.changed(),
+                Ok(watcher::Event::InitDone) => {
+                    if !listed {
+                        listed = true;
+                        tracing::debug!(kind, namespace = %namespace, "initial list complete");
+                        if gates_sync {
+                            shared.first_sync();
+                        }
+                    }
+                    shared.changed();
+                }
+                Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
+                Err(e) => {
+                    shared.watch_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        kind,
+                        namespace = %namespace,
+                        error = %e,
+                        "Kubernetes watch failed; retrying with backoff (serving the last complete list)"
+                    );
+                }
+            }
+        }
+        tracing::error!(kind, namespace = %namespace, "Kubernetes watch stream ended");
+    });
+    reader
+}
+
+/// Drop what no consumer reads: managedFields (often the largest part of an object) and the
+/// last-applied annotation.
+pub fn strip_common<K: Resource>(obj: &mut K) {
+    let meta = obj.meta_mut();
+    meta.managed_fields = None;
+    if let Some(a) = meta.annotations.as_mut() {
+        a.remove(LAST_APPLIED_ANNOTATION);
+    }
+}
+
+/// [`strip_common`], and keep only the TLS data keys: other keys (a CA bundle, anything a user
+/// put there) are never held by the proxy process.
+pub fn strip_secret(secret: &mut Secret) {
+    strip_common(secret);
+    if let Some(data) = secret.data.as_mut() {
+        data.retain(|k, _| TLS_SECRET_KEYS.contains(&k.as_str()));
+    }
+    // Write-only on the API; never returned by reads, but make sure nothing rides along.
+    secret.string_data = None;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::ByteString;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ManagedFieldsEntry;
+
+    #[test]
+    fn namespaces_are_trimmed_sorted_and_deduplicated() {
+        let c = SourceConfig {
+            namespaces: vec!["b".into(), " a ".into(), "".into(), "b".into()],
+            ..Default::default()
+        };
+        assert_eq!(c.watched_namespaces(), Some(vec!["a".into(), "b".into()]));
+        let all = SourceConfig {
+            namespaces: vec!["".into()],
+            ..Default::default()
+        };
+        assert_eq!(all.watched_namespaces(), None);
+    }
+
+    #[test]
+    fn secret_keeps_only_tls_keys_and_no_managed_fields() {
+        let mut s = Secret::default();
+        s.metadata.managed_fields = Some(vec![ManagedFieldsEntry::default()]);
+        s.metadata.annotations = Some(
+            [
+                (LAST_APPLIED_ANNOTATION.to_string(), "{}".to_string()),
+                ("keep".to_string(), "me".to_string()),
+            ]
+            .into(),
+        );
+        s.data = Some(
+            ["tls.crt", "tls.key", "ca.crt", "password"]
+                .into_iter()
+                .map(|k| (k.to_string(), ByteString(k.as_bytes().to_vec())))
+                .collect(),
+        );
+        strip_secret(&mut s);
+        assert_eq!(s.metadata.managed_fields, None);
+        let keys: Vec<_> = s
+            .data
+            .as_ref()
+            .map_or(Vec::new(), |d| d.keys().cloned().collect());
+        assert_eq!(keys, vec!["tls.crt".to_string(), "tls.key".to_string()]);
+        let ann = s.metadata.annotations.unwrap_or_default();
+        assert_eq!(ann.len(), 1);
+        assert_eq!(ann.get("keep").map(String::as_str), Some("me"));
+    }
+}
