@@ -1,5 +1,5 @@
-//! Wiring: turns the parsed command line into running parts (metrics, publisher, file source,
-//! rebuild loop, proxy, admin) and runs the shutdown sequence of brief §4.4. The only place
+//! Wiring: turns the parsed command line into running parts (metrics, publisher, source —
+//! manifests directory or Kubernetes API —, rebuild loop, proxy, admin) and runs the shutdown sequence of brief §4.4. The only place
 //! besides `main` that uses `anyhow`.
 
 use std::process::ExitCode;
@@ -9,11 +9,12 @@ use anyhow::Context;
 
 use crate::admin::{Admin, Health};
 use crate::config::{CheckArgs, Cli, Command, RunArgs};
+use crate::controller::{ClusterSource, SourceConfig, build_client};
 use crate::file_source::{FileSource, FileSourceConfig};
 use crate::metrics::Metrics;
 use crate::proxy::{Proxy, ProxyConfig, ShutdownTrigger};
 use crate::publish;
-use crate::rebuild::{RebuildConfig, Rebuilder, Trigger};
+use crate::rebuild::{RebuildConfig, Rebuilder, Source, Trigger};
 use crate::translate::{self, Severity};
 
 /// Entry point behind `main`.
@@ -114,31 +115,49 @@ fn proxy_config(args: &RunArgs) -> ProxyConfig {
 /// `portico run`.
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     crate::telemetry::init(args.log_format, !args.no_access_log);
-    let Some(dir) = args.manifests.clone() else {
-        anyhow::bail!(
-            "no source: pass --manifests DIR (the Kubernetes API source is not built yet)"
-        );
-    };
     let metrics = Metrics::new();
     let shared_metrics = Arc::new(metrics.clone());
     let (publisher, reader) = publish::channel();
     let health = Arc::new(Health::new());
 
-    // Stop signals: `sources` ends the file watch and rebuild loop; `proxy_stop` closes the
+    // Stop signals: `sources` ends the source and the rebuild loop; `proxy_stop` closes the
     // proxy listeners; `admin_stop` is fired last so /readyz keeps answering 503 while draining.
     let sources = ShutdownTrigger::new();
     let proxy_stop = ShutdownTrigger::new();
     let admin_stop = ShutdownTrigger::new();
 
+    // One source feeds the one rebuild loop: the manifests directory, or the Kubernetes API.
     let trigger = Trigger::new();
-    let (source, watch_task) = FileSource::start(
-        FileSourceConfig::new(&dir),
-        metrics.clone(),
-        trigger.clone(),
-        fired(sources.signal()),
-    )
-    .await
-    .with_context(|| format!("cannot load manifests from {}", dir.display()))?;
+    let (source, source_task, cluster, origin): (Arc<dyn Source>, _, _, String) =
+        match &args.manifests {
+            Some(dir) => {
+                let (source, task) = FileSource::start(
+                    FileSourceConfig::new(dir),
+                    metrics.clone(),
+                    trigger.clone(),
+                    fired(sources.signal()),
+                )
+                .await
+                .with_context(|| format!("cannot load manifests from {}", dir.display()))?;
+                (source, task, None, format!("manifests {}", dir.display()))
+            }
+            None => {
+                let client = build_client(args.kubeconfig.as_deref())
+                    .await
+                    .context("cannot build the Kubernetes client")?;
+                let config = SourceConfig {
+                    namespaces: args.watch_namespace.clone(),
+                    ..SourceConfig::default()
+                };
+                let (source, task) =
+                    ClusterSource::start(client, config, trigger.clone(), fired(sources.signal()));
+                let origin = match config_namespaces(&args.watch_namespace) {
+                    Some(ns) => format!("kubernetes namespaces {ns}"),
+                    None => "kubernetes (all namespaces)".to_string(),
+                };
+                (source.clone(), task, Some(source), origin)
+            }
+        };
     let rebuilder = Rebuilder::new(
         RebuildConfig::new(args.translate.options()),
         publisher,
@@ -147,7 +166,17 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     );
     let rebuild_task = {
         let stop = fired(sources.signal());
-        tokio::spawn(async move { rebuilder.run(&*source, stop).await })
+        let mut stop_early = sources.signal();
+        tokio::spawn(async move {
+            // Never publish (so /readyz stays 503) before every API store has listed once.
+            if let Some(cluster) = cluster {
+                tokio::select! {
+                    () = cluster.synced() => tracing::info!("every Kubernetes store synced"),
+                    () = stop_early.fired() => return,
+                }
+            }
+            rebuilder.run(&*source, stop).await
+        })
     };
 
     let admin = Admin::bind(
@@ -165,7 +194,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         http_addr = %proxy.http_addr(),
         https_addr = %proxy.https_addr(),
         admin_addr = %admin.addr(),
-        manifests = %dir.display(),
+        source = %origin,
         "listening"
     );
     let admin_task = tokio::spawn(admin.serve(admin_stop.signal()));
@@ -181,11 +210,20 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let _ = proxy_task.await;
     sources.fire();
     let _ = rebuild_task.await;
-    let _ = watch_task.await;
+    let _ = source_task.await;
     admin_stop.fire();
     let _ = admin_task.await;
     tracing::info!("stopped");
     Ok(())
+}
+
+fn config_namespaces(namespaces: &[String]) -> Option<String> {
+    let list: Vec<&str> = namespaces
+        .iter()
+        .map(String::as_str)
+        .filter(|n| !n.is_empty())
+        .collect();
+    (!list.is_empty()).then(|| list.join(","))
 }
 
 async fn fired(mut s: crate::proxy::listener::Shutdown) {

@@ -22,7 +22,8 @@ pub struct Cli {
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the proxy, fed from a manifests directory (`--manifests DIR`).
+    /// Run the controller and proxy: fed from the Kubernetes API (in-cluster config or
+    /// `--kubeconfig`), or from a manifests directory with `--manifests DIR`.
     Run(Box<RunArgs>),
     /// Parse and translate a manifests directory offline; print diagnostics; exit 1 on errors.
     Check(CheckArgs),
@@ -73,8 +74,8 @@ pub struct CheckArgs {
 /// `portico run`.
 #[derive(Debug, Clone, Args)]
 pub struct RunArgs {
-    /// Directory of Kubernetes YAML to serve (recursively; watched live). Required until the
-    /// cluster source lands.
+    /// Serve this directory of Kubernetes YAML (recursively; watched live) instead of the
+    /// Kubernetes API.
     #[arg(long, env = "PORTICO_MANIFESTS")]
     pub manifests: Option<PathBuf>,
     /// Plain HTTP listener (h1 and h2c prior knowledge).

@@ -2,183 +2,23 @@
 //! next to good ones, live updates under load, and the SIGTERM drain sequence. Everything on
 //! 127.0.0.1, ports chosen by the OS and read back from the binary's `listening` log line.
 
-use std::io::{BufRead, BufReader};
+#[path = "support/process.rs"]
+mod process;
+
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, mpsc};
 
-const BIN: &str = env!("CARGO_BIN_EXE_portico");
-const DEADLINE: Duration = Duration::from_secs(20);
-
-/// A running portico process; killed (by PID, via Child) when dropped.
-struct Portico {
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-    http: SocketAddr,
-    https: SocketAddr,
-    admin: SocketAddr,
-}
-
-impl Drop for Portico {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Portico {
-    fn start(dir: &Path, extra: &[&str]) -> Portico {
-        let child = Command::new(BIN)
-            .args(["run", "--manifests"])
-            .arg(dir)
-            .args(["--http-addr", "127.0.0.1:0", "--https-addr", "127.0.0.1:0"])
-            .args(["--admin-addr", "127.0.0.1:0", "--log-format", "json"])
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn portico");
-        // Owned by `Portico` at once, so its Drop kills and reaps the child on every path.
-        let unknown = SocketAddr::from(([127, 0, 0, 1], 0));
-        let mut p = Portico {
-            child,
-            lines: Arc::new(Mutex::new(Vec::new())),
-            http: unknown,
-            https: unknown,
-            admin: unknown,
-        };
-        let stdout = p.child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel::<String>();
-        let sink = p.lines.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                sink.lock().expect("lock").push(line.clone());
-                let _ = tx.send(line);
-            }
-        });
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = rx
-                .recv_timeout(left)
-                .expect("portico logged `listening` in time");
-            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
-                continue;
-            };
-            if v["message"] == "listening" {
-                let addr = |k: &str| {
-                    v[k].as_str()
-                        .and_then(|s| s.parse().ok())
-                        .expect("address field")
-                };
-                p.http = addr("http_addr");
-                p.https = addr("https_addr");
-                p.admin = addr("admin_addr");
-                return p;
-            }
-        }
-    }
-
-    fn log_contains(&self, needle: &str) -> bool {
-        self.lines
-            .lock()
-            .expect("lock")
-            .iter()
-            .any(|l| l.contains(needle))
-    }
-}
-
-type HttpClient = Client<HttpConnector, Empty<Bytes>>;
-
-fn client() -> HttpClient {
-    Client::builder(TokioExecutor::new()).build_http()
-}
-
-async fn get(
-    c: &HttpClient,
-    addr: SocketAddr,
-    host: &str,
-    path: &str,
-) -> Result<(u16, String), String> {
-    let req = http::Request::get(format!("http://{addr}{path}"))
-        .header("host", host)
-        .body(Empty::new())
-        .map_err(|e| e.to_string())?;
-    let resp = c.request(req).await.map_err(|e| e.to_string())?;
-    let status = resp.status().as_u16();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?
-        .to_bytes();
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
-}
-
-/// Poll `f` until it returns true or the deadline passes.
-async fn eventually<F, Fut>(what: &str, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + DEADLINE;
-    while Instant::now() < deadline {
-        if f().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("timed out waiting for: {what}");
-}
-
-/// A backend that answers `name` and counts requests per listener address.
-struct Backend {
-    addr: SocketAddr,
-    hits: Arc<AtomicUsize>,
-}
-
-async fn backend(name: &'static str) -> Backend {
-    let listener = TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind backend");
-    let addr = listener.local_addr().expect("addr");
-    let hits = Arc::new(AtomicUsize::new(0));
-    let h = hits.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((s, _)) = listener.accept().await else {
-                continue;
-            };
-            let h = h.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |_req| {
-                    h.fetch_add(1, Ordering::Relaxed);
-                    async move {
-                        Ok::<_, std::convert::Infallible>(http::Response::new(
-                            http_body_util::Full::new(Bytes::from(name)),
-                        ))
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(s), svc)
-                    .await;
-            });
-        }
-    });
-    Backend { addr, hits }
-}
+use process::{BIN, Backend, DEADLINE, Portico, backend, client, eventually, get};
 
 fn service_yaml(ns: &str, name: &str, endpoints: &[SocketAddr]) -> String {
     let port = endpoints.first().map(|a| a.port()).unwrap_or(1);
