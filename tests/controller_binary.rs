@@ -136,3 +136,230 @@ async fn not_ready_while_the_api_is_unreachable_then_serves() {
         Ok((200, "web".to_string()))
     );
 }
+
+/// Start portico against `api` and wait until it is ready.
+async fn ready_portico(api: &FakeApi, dir: &std::path::Path) -> Portico {
+    let kubeconfig = api.write_kubeconfig(dir).expect("kubeconfig");
+    let args: Vec<OsString> = vec!["--kubeconfig".into(), kubeconfig.into()];
+    let p = Portico::run(&args);
+    let c = client();
+    eventually("ready", || async {
+        matches!(get(&c, p.admin, "a", "/readyz").await, Ok((200, _)))
+    })
+    .await;
+    p
+}
+
+fn slice_of(ns: &str, service: &str, name: &str, addrs: &[SocketAddr]) -> Value {
+    let port = addrs.first().map(|a| a.port()).unwrap_or(1);
+    let endpoints: Vec<Value> = addrs
+        .iter()
+        .map(|a| json!({"addresses": [a.ip().to_string()], "conditions": {"ready": true}}))
+        .collect();
+    json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": name, "namespace": ns, "labels": {"kubernetes.io/service-name": service}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": port}],
+        "endpoints": endpoints
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoint_slices_scaled_and_replaced_under_load_drop_nothing() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    // Endpoints share one port per slice (a slice has one port list), on distinct loopback IPs
+    // is not portable, so each slice holds one endpoint and scaling adds slices.
+    let backends = [backend("1").await, backend("2").await, backend("3").await];
+    let api = FakeApi::start().await;
+    api.create(service("live", "app")).expect("svc");
+    api.create(slice_of("live", "app", "app-a", &[backends[0].addr]))
+        .expect("slice");
+    api.create(ingress("live", "app", "live.test", "/", "app"))
+        .expect("ingress");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = ready_portico(&api, dir.path()).await;
+    let c = client();
+
+    let failures = Arc::new(Mutex::new(Vec::<String>::new()));
+    let served = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for _ in 0..3 {
+        let (c, f, served, stop, http) = (
+            c.clone(),
+            failures.clone(),
+            served.clone(),
+            stop.clone(),
+            p.http,
+        );
+        workers.push(tokio::spawn(async move {
+            for sent in 0..5_000 {
+                if sent >= 300 && stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                match get(&c, http, "live.test", "/").await {
+                    Ok((200, _)) => {
+                        served.fetch_add(1, Ordering::Relaxed);
+                    }
+                    other => f.lock().expect("lock").push(format!("{other:?}")),
+                }
+            }
+        }));
+    }
+    let hits = |i: usize| backends[i].hits.load(Ordering::Relaxed);
+    let wait_traffic = |i: usize, what: &'static str| {
+        let before = hits(i);
+        async move {
+            eventually(what, || async { hits(i) > before + 10 }).await;
+        }
+    };
+    // Scale up: a second slice with endpoint 2.
+    api.create(slice_of("live", "app", "app-b", &[backends[1].addr]))
+        .expect("scale up");
+    wait_traffic(1, "scaled-up endpoint gets traffic").await;
+    // Replace: endpoint 3 in a new slice, then the old slices go away.
+    api.create(slice_of("live", "app", "app-c", &[backends[2].addr]))
+        .expect("replacement");
+    wait_traffic(2, "replacement endpoint gets traffic").await;
+    api.delete("discovery.k8s.io/v1", "EndpointSlice", "live", "app-a")
+        .expect("delete a");
+    api.delete("discovery.k8s.io/v1", "EndpointSlice", "live", "app-b")
+        .expect("delete b");
+    let (h0, h1) = (hits(0), hits(1));
+    wait_traffic(2, "only the replacement serves").await;
+    wait_traffic(2, "only the replacement serves, still").await;
+    // After the deletes reached the snapshot, the old endpoints see (almost) nothing new: at
+    // most the requests already in flight when the snapshot swapped.
+    let late = (hits(0) - h0) + (hits(1) - h1);
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.await.expect("worker");
+    }
+    let f = failures.lock().expect("lock");
+    assert!(
+        f.is_empty(),
+        "{} failed requests, first: {:?}",
+        f.len(),
+        f.first()
+    );
+    assert!(served.load(Ordering::Relaxed) >= 900);
+    assert!(late < 1_000, "old endpoints kept receiving traffic: {late}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_secret_rotated_in_the_api_reaches_new_handshakes() {
+    let api = FakeApi::start().await;
+    let web = backend("web").await;
+    let (c1, k1, d1) = process::cert_for("secure.test");
+    let (c2, k2, d2) = process::cert_for("secure.test");
+    let secret = |cert: &str, key: &str| {
+        json!({
+            "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+            "metadata": {"name": "secure-tls", "namespace": "shop"},
+            "data": {
+                "tls.crt": base64(cert.as_bytes()),
+                "tls.key": base64(key.as_bytes()),
+            }
+        })
+    };
+    let mut ing = ingress("shop", "secure", "secure.test", "/", "web");
+    ing["spec"]["tls"] = json!([{"hosts": ["secure.test"], "secretName": "secure-tls"}]);
+    for obj in [
+        service("shop", "web"),
+        slice("shop", "web", web.addr),
+        ing,
+        secret(&c1, &k1),
+    ] {
+        api.create(obj).expect("create");
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = ready_portico(&api, dir.path()).await;
+    let roots = [d1.clone(), d2.clone()];
+    eventually("first certificate", || async {
+        process::handshake(p.https, "secure.test", &roots)
+            .await
+            .map(|h| h.1)
+            == Some(d1.clone())
+    })
+    .await;
+    let mut rotated = api.get("v1", "Secret", "shop", "secure-tls").expect("get");
+    rotated["data"] = secret(&c2, &k2)["data"].clone();
+    api.update(rotated).expect("rotate");
+    eventually("rotated certificate", || async {
+        process::handshake(p.https, "secure.test", &roots)
+            .await
+            .map(|h| h.1)
+            == Some(d2.clone())
+    })
+    .await;
+}
+
+/// Base64 as the API encodes Secret data: through k8s-openapi's `ByteString`.
+fn base64(bytes: &[u8]) -> Value {
+    serde_json::to_value(k8s_openapi::ByteString(bytes.to_vec())).expect("encode")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_faults_keep_serving_and_converge() {
+    let api = FakeApi::start().await;
+    let blue = backend("blue").await;
+    let green = backend("green").await;
+    for obj in [
+        service("shop", "blue"),
+        slice("shop", "blue", blue.addr),
+        service("shop", "green"),
+        slice("shop", "green", green.addr),
+        ingress("shop", "web", "shop.test", "/", "blue"),
+    ] {
+        api.create(obj).expect("create");
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = ready_portico(&api, dir.path()).await;
+    let c = client();
+    let switch_to = |name: &str| {
+        let mut ing = api
+            .get("networking.k8s.io/v1", "Ingress", "shop", "web")
+            .expect("get");
+        ing["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]["name"] = json!(name);
+        api.update(ing).expect("update");
+    };
+    let serves = |name: &'static str| {
+        let c = c.clone();
+        let http = p.http;
+        async move { get(&c, http, "shop.test", "/").await == Ok((200, name.to_string())) }
+    };
+    assert!(serves("blue").await);
+
+    // 1. Watches dropped, and a change made while they are down.
+    api.atomically(|s| s.drop_watches());
+    switch_to("green");
+    eventually("converges after dropped watches", || serves("green")).await;
+
+    // 2. History compacted under the watchers (in-stream 410 → relist).
+    api.atomically(|s| {
+        s.drop_watches();
+        s.compact();
+    });
+    switch_to("blue");
+    eventually("converges after 410 relist", || serves("blue")).await;
+
+    // 3. API down for 10 s: the last snapshot keeps serving the whole time; a change made
+    //    during the outage arrives after it.
+    api.refuse_connections_for(std::time::Duration::from_secs(10));
+    switch_to("green");
+    let outage_end = std::time::Instant::now() + std::time::Duration::from_secs(9);
+    let mut samples = 0;
+    while std::time::Instant::now() < outage_end {
+        assert!(
+            serves("blue").await,
+            "the last good snapshot stopped serving"
+        );
+        assert_eq!(get(&c, p.admin, "a", "/readyz").await.map(|r| r.0), Ok(200));
+        samples += 1;
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(samples > 10);
+    eventually("converges after the outage", || serves("green")).await;
+}

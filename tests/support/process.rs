@@ -187,3 +187,106 @@ pub async fn backend(name: &'static str) -> Backend {
     });
     Backend { addr, hits }
 }
+
+/// A self-signed certificate for `host` as (PEM cert, PEM key, DER cert).
+pub fn cert_for(host: &str) -> (String, String, Vec<u8>) {
+    let ck = rcgen::generate_simple_self_signed(vec![host.to_string()]).expect("rcgen");
+    (
+        ck.cert.pem(),
+        ck.signing_key.serialize_pem(),
+        ck.cert.der().to_vec(),
+    )
+}
+
+pub fn tls_secret_yaml(ns: &str, name: &str, cert: &str, key: &str) -> String {
+    let indent = |pem: &str| {
+        pem.lines()
+            .map(|l| format!("    {l}\n"))
+            .collect::<String>()
+    };
+    format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: {name}, namespace: {ns}}}\ntype: kubernetes.io/tls\nstringData:\n  tls.crt: |\n{}  tls.key: |\n{}",
+        indent(cert),
+        indent(key)
+    )
+}
+
+/// TLS handshake with `sni`, trusting `roots`; the negotiated ALPN and the leaf DER, or `None`
+/// when the handshake fails (e.g. an untrusted certificate before the Secret is loaded).
+pub async fn handshake(
+    addr: SocketAddr,
+    sni: &str,
+    roots: &[Vec<u8>],
+) -> Option<(Option<Vec<u8>>, Vec<u8>)> {
+    let mut store = rustls::RootCertStore::empty();
+    for r in roots {
+        store
+            .add(rustls_pki_types::CertificateDer::from(r.clone()))
+            .expect("root");
+    }
+    let mut cc = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(store)
+    .with_no_client_auth();
+    cc.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let name = rustls_pki_types::ServerName::try_from(sni.to_string()).expect("name");
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cc))
+        .connect(name, tcp)
+        .await
+        .ok()?;
+    let conn = tls.get_ref().1;
+    let leaf = conn.peer_certificates()?.first()?.to_vec();
+    Some((conn.alpn_protocol().map(<[u8]>::to_vec), leaf))
+}
+
+/// Accepts any server certificate: only for looking at which certificate the server sent.
+#[derive(Debug)]
+pub struct AcceptAny;
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAny {
+    fn verify_server_cert(
+        &self,
+        _: &rustls_pki_types::CertificateDer<'_>,
+        _: &[rustls_pki_types::CertificateDer<'_>],
+        _: &rustls_pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &rustls_pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            m,
+            c,
+            d,
+            &rustls::crypto::ring::default_provider().signature_verification_algorithms,
+        )
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &rustls_pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            m,
+            c,
+            d,
+            &rustls::crypto::ring::default_provider().signature_verification_algorithms,
+        )
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        rustls::crypto::ring::default_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
