@@ -128,6 +128,30 @@ pub struct RunArgs {
     /// HTTP/2 max concurrent streams per client connection.
     #[arg(long, env = "PORTICO_H2_MAX_CONCURRENT_STREAMS", default_value_t = 100)]
     pub h2_max_concurrent_streams: u32,
+    /// Service (namespace/name) whose load-balancer address, else external IPs, else cluster
+    /// IP, is written into the status of served Ingresses (cluster mode).
+    #[arg(long, env = "PORTICO_PUBLISH_SERVICE", value_parser = parse_ns_name)]
+    pub publish_service: Option<(String, String)>,
+    /// Addresses (IPs or DNS names, comma-separated) written into the status of served
+    /// Ingresses; takes precedence over --publish-service.
+    #[arg(long, env = "PORTICO_PUBLISH_STATUS_ADDRESS", value_delimiter = ',')]
+    pub publish_status_address: Vec<String>,
+    /// Name of the coordination.k8s.io/v1 Lease used for leader election.
+    #[arg(long, env = "PORTICO_LEASE_NAME", default_value = "portico-leader")]
+    pub lease_name: String,
+    /// Namespace of the leader Lease (default: POD_NAMESPACE, else the service-account
+    /// namespace file, else `default`).
+    #[arg(long, env = "PORTICO_LEASE_NAMESPACE")]
+    pub lease_namespace: Option<String>,
+    /// How long a Lease is valid after its last renewal; other replicas take over after it.
+    #[arg(long, env = "PORTICO_LEASE_DURATION", default_value = "15s", value_parser = parse_dur)]
+    pub lease_duration: Duration,
+    /// A leader that could not renew for this long steps down (must be < --lease-duration).
+    #[arg(long, env = "PORTICO_RENEW_DEADLINE", default_value = "10s", value_parser = parse_dur)]
+    pub renew_deadline: Duration,
+    /// Interval between acquire/renew attempts.
+    #[arg(long, env = "PORTICO_RETRY_PERIOD", default_value = "2s", value_parser = parse_dur)]
+    pub retry_period: Duration,
 }
 
 fn parse_dur(s: &str) -> Result<Duration, String> {

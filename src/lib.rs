@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod app;
 pub mod config;
+pub mod controller;
 pub mod crd;
 pub mod file_source;
 pub mod metrics;
