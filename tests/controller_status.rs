@@ -7,7 +7,6 @@
 #[path = "support/fake_api/mod.rs"]
 mod fake_api;
 
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -620,7 +619,7 @@ async fn an_event_per_new_diagnostic_none_for_a_repeat() {
     assert_eq!(s.emitted, 1);
     assert_eq!(events_of(&fake).len(), 3);
     // Fixed, then broken again: reported again.
-    reporter.report(&[d1.clone()]).await;
+    reporter.report(std::slice::from_ref(&d1)).await;
     let s = reporter.report(&[d1, d2]).await;
     assert_eq!(s.emitted, 1);
     assert_eq!(fake.count("create", "events"), 4);
@@ -657,10 +656,8 @@ struct Replica {
     stop: watch::Sender<bool>,
 }
 
-fn stopped(mut rx: watch::Receiver<bool>) -> impl Future<Output = ()> {
-    async move {
-        let _ = rx.wait_for(|s| *s).await;
-    }
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
 }
 
 async fn start_replica(
