@@ -31,7 +31,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::rebuild::Diagnostics;
-use crate::translate::{Diagnostic, Severity};
+use crate::translate::Diagnostic;
 
 /// `action` of every Event we emit: what we were doing when we found the problem.
 pub const ACTION_TRANSLATE: &str = "Translate";
@@ -238,10 +238,6 @@ impl EventReporter {
         } else {
             d.namespace.clone()
         };
-        let severity = match d.severity {
-            Severity::Error => "error",
-            Severity::Warning => "warning",
-        };
         Event {
             metadata: ObjectMeta {
                 name: Some(event_name(&d.name, now)),
@@ -252,10 +248,7 @@ impl EventReporter {
             type_: Some("Warning".to_string()),
             reason: Some(truncate(&d.reason, 128)),
             action: Some(ACTION_TRANSLATE.to_string()),
-            note: Some(truncate(
-                &format!("{severity}: {}", d.message),
-                MAX_NOTE_BYTES,
-            )),
+            note: Some(truncate(&d.message, MAX_NOTE_BYTES)),
             reporting_controller: Some(self.config.controller.clone()),
             reporting_instance: Some(truncate(&self.config.instance, 128)),
             regarding: Some(ObjectReference {

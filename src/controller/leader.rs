@@ -240,9 +240,12 @@ impl LeaderElector {
         self.set_leader(false);
     }
 
-    fn holding(&mut self, lease: Lease) -> bool {
+    /// `started`: when the attempt that wrote `lease` began. The renew-deadline window counts
+    /// from there (not from the response), so a slow round trip cannot stretch it past the
+    /// `renewTime` others see.
+    fn holding(&mut self, lease: Lease, started: Instant) -> bool {
         self.held = Some(lease);
-        self.last_renew = Some(Instant::now());
+        self.last_renew = Some(started);
         self.set_leader(true);
         true
     }
@@ -251,6 +254,7 @@ impl LeaderElector {
     /// expired. Returns whether we hold it afterwards. Errors (transport, 5xx) leave the
     /// leadership flag alone: [`Self::run`] steps down once the renew deadline passes.
     pub async fn try_acquire_or_renew(&mut self) -> Result<bool> {
+        let started = Instant::now();
         let now = Timestamp::now();
         if let Some(mut lease) = self.held.take() {
             let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
@@ -261,7 +265,7 @@ impl LeaderElector {
                 .replace(&self.config.lease_name, &PostParams::default(), &lease)
                 .await
             {
-                Ok(written) => return Ok(self.holding(written)),
+                Ok(written) => return Ok(self.holding(written, started)),
                 // Someone else wrote the Lease since our last renewal (or deleted it): re-read
                 // and decide from what is there, without writing this round.
                 Err(e) if is_conflict(&e) || is_not_found(&e) => {
@@ -313,7 +317,7 @@ impl LeaderElector {
                 }),
             };
             return match self.api.create(&PostParams::default(), &lease).await {
-                Ok(written) => Ok(self.holding(written)),
+                Ok(written) => Ok(self.holding(written, started)),
                 // AlreadyExists: another replica created it first.
                 Err(e) if is_conflict(&e) => {
                     self.step_down();
@@ -343,7 +347,7 @@ impl LeaderElector {
             .replace(&self.config.lease_name, &PostParams::default(), &lease)
             .await
         {
-            Ok(written) => Ok(self.holding(written)),
+            Ok(written) => Ok(self.holding(written, started)),
             Err(e) if is_conflict(&e) || is_not_found(&e) => {
                 // Someone else won the race; no write, re-read on the next attempt.
                 self.step_down();
@@ -413,9 +417,18 @@ impl LeaderElector {
                     self.step_down_if_overdue();
                 }
             }
+            // A leader wakes up no later than its renew deadline, so it steps down on time even
+            // when the deadline falls between two retry periods.
+            let pause = match self.last_renew {
+                Some(at) if self.is_leader() => self
+                    .config
+                    .retry_period
+                    .min(self.config.renew_deadline.saturating_sub(at.elapsed())),
+                _ => self.config.retry_period,
+            };
             tokio::select! {
                 () = &mut shutdown => break,
-                () = tokio::time::sleep(self.config.retry_period) => {}
+                () = tokio::time::sleep(pause) => {}
             }
         }
         self.release().await
