@@ -212,6 +212,17 @@ async fn kubeconfig_file_and_bearer_token_are_required() {
     s.read_to_string(&mut out).await.expect("read");
     assert!(out.starts_with("HTTP/1.1 401"), "{out}");
     assert!(out.contains("\"reason\":\"Unauthorized\""), "{out}");
+
+    // Public info (/version, health) needs no credentials.
+    let mut s = tokio::net::TcpStream::connect(fake.addr())
+        .await
+        .expect("connect");
+    s.write_all(b"GET /version HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.expect("read");
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
 }
 
 #[tokio::test]
@@ -369,7 +380,19 @@ async fn list_rv_is_global_and_type_meta_follows_the_real_encoders() {
         (obj["apiVersion"].as_str(), obj["kind"].as_str()),
         (Some("v1"), Some("Secret"))
     );
-    assert_eq!(obj["metadata"]["generation"], 1);
+    assert!(
+        obj["metadata"].get("generation").is_none(),
+        "Secrets carry no generation"
+    );
+    let (_, class) = raw(
+        &client,
+        "GET",
+        "/apis/networking.k8s.io/v1/ingressclasses/portico",
+        None,
+        Value::Null,
+    )
+    .await;
+    assert_eq!(class["metadata"]["generation"], 1);
     assert!(
         obj["metadata"]["uid"]
             .as_str()
@@ -1302,9 +1325,10 @@ async fn finalizers_defer_deletion_until_the_last_one_is_removed() {
     let api: Api<Service> = Api::namespaced(fake.client().await, "default");
     let mut s = svc("f", json!({}));
     s.metadata.finalizers = Some(vec!["portico.dev/cleanup".into()]);
-    api.create(&PostParams::default(), &s)
-        .await
-        .expect("create");
+    s.metadata.namespace = Some("default".into());
+    let seeded = fake.create_typed(&s).expect("typed test-side create");
+    assert_eq!(seeded.metadata.finalizers, s.metadata.finalizers);
+    assert!(seeded.metadata.uid.is_some());
     let rv = fake.resource_version().to_string();
     let mut w = api
         .watch(&WatchParams::default().disable_bookmarks(), &rv)
@@ -1420,6 +1444,32 @@ async fn request_validation_and_write_accounting() {
     .await;
     assert_eq!(code, 400, "kind must match the URL");
     assert!(fake.list("v1", "Service").is_empty());
+    fake.create(json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "x", "namespace": "default"}}))
+        .expect("x");
+    let x = "/api/v1/namespaces/default/services/x";
+    let (code, _) = raw(&client, "PUT", x, Some("application/json"), json!([1])).await;
+    assert_eq!(code, 400, "a non-object body is a bad request, not a crash");
+    let root = json!([{"op": "replace", "path": "", "value": 7}]);
+    let (code, _) = raw(
+        &client,
+        "PATCH",
+        x,
+        Some("application/json-patch+json"),
+        root,
+    )
+    .await;
+    assert_eq!(code, 400);
+    let (code, _) = raw(
+        &client,
+        "PATCH",
+        x,
+        Some("application/merge-patch+json"),
+        json!("s"),
+    )
+    .await;
+    assert_eq!(code, 400);
+    let (code, _) = raw(&client, "GET", x, None, Value::Null).await;
+    assert_eq!(code, 200, "still serving");
 
     // Apply with a stale resourceVersion is a precondition failure.
     let api: Api<Ingress> = Api::namespaced(client.clone(), "default");
@@ -1461,6 +1511,105 @@ async fn request_validation_and_write_accounting() {
     assert_eq!(fake.count("patch", "ingresses/status"), 2);
     assert_eq!(fake.count("patch", "ingresses"), 2);
     assert_eq!(fake.count("create", "ingresses"), 1);
+}
+
+#[tokio::test]
+async fn version_delete_collection_and_streaming_list_parameters() {
+    let fake = FakeApi::start().await;
+    let client = fake.client().await;
+    let v = client.apiserver_version().await.expect("/version");
+    assert_eq!(v.major, "1");
+
+    let api: Api<Service> = Api::namespaced(client.clone(), "default");
+    for (n, app) in [("a", "x"), ("b", "x"), ("c", "y")] {
+        api.create(&PostParams::default(), &svc(n, json!({"app": app})))
+            .await
+            .expect("create");
+    }
+    let rv = fake.resource_version().to_string();
+    let mut w = api
+        .watch(&WatchParams::default().disable_bookmarks(), &rv)
+        .await
+        .expect("watch")
+        .boxed();
+    let gone = api
+        .delete_collection(
+            &DeleteParams::default(),
+            &ListParams::default().labels("app=x"),
+        )
+        .await
+        .expect("delete collection")
+        .left()
+        .expect("the deleted objects");
+    let names: Vec<String> = gone.items.iter().map(|s| s.name_any()).collect();
+    assert_eq!(names, ["a", "b"]);
+    assert_eq!(
+        name_and_type(&next(&mut w).await),
+        ("DELETED".into(), "a".into())
+    );
+    assert_eq!(
+        name_and_type(&next(&mut w).await),
+        ("DELETED".into(), "b".into())
+    );
+    let left: Vec<String> = fake
+        .list("v1", "Service")
+        .iter()
+        .map(|o| o["metadata"]["name"].to_string())
+        .collect();
+    assert_eq!(left, ["\"c\""]);
+
+    // Streaming lists need resourceVersionMatch=NotOlderThan and bookmarks (422 otherwise).
+    let base = "/api/v1/namespaces/default/services?watch=true&timeoutSeconds=1";
+    for q in [
+        "&sendInitialEvents=true&allowWatchBookmarks=true",
+        "&sendInitialEvents=true&resourceVersionMatch=NotOlderThan",
+        "&resourceVersionMatch=NotOlderThan",
+    ] {
+        let (code, st) = raw(&client, "GET", &format!("{base}{q}"), None, Value::Null).await;
+        assert_eq!((code, st["reason"].as_str()), (422, Some("Invalid")), "{q}");
+    }
+}
+
+#[tokio::test]
+async fn kube_event_recorder_creates_then_patches_a_series() {
+    use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+    let fake = FakeApi::start().await;
+    let recorder = Recorder::new(
+        fake.client().await,
+        Reporter {
+            controller: "portico.dev/controller".into(),
+            instance: Some("pod-a".into()),
+        },
+    );
+    let regarding = k8s_openapi::api::core::v1::ObjectReference {
+        api_version: Some("networking.k8s.io/v1".into()),
+        kind: Some("Ingress".into()),
+        namespace: Some("shop".into()),
+        name: Some("web".into()),
+        ..Default::default()
+    };
+    let ev = Event {
+        type_: EventType::Warning,
+        reason: "BackendNotFound".into(),
+        note: Some("service shop/api not found".into()),
+        action: "Translate".into(),
+        secondary: None,
+    };
+    recorder
+        .publish(&ev, &regarding)
+        .await
+        .expect("first publish creates");
+    recorder
+        .publish(&ev, &regarding)
+        .await
+        .expect("second publish patches the series");
+    let events = fake.list("events.k8s.io/v1", "Event");
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["metadata"]["namespace"], "shop");
+    assert_eq!(events[0]["regarding"]["name"], "web");
+    assert_eq!(events[0]["series"]["count"], 2);
+    assert_eq!(fake.count("create", "events"), 1);
+    assert_eq!(fake.count("patch", "events"), 1);
 }
 
 mod selector_units {

@@ -23,6 +23,27 @@
 //! `sendInitialEvents=true` (streaming lists) is also served: synthetic ADDED events, then a
 //! BOOKMARK annotated `k8s.io/initial-events-end: "true"`.
 
+//!
+//! Time: the watch timeout and bookmark period run on tokio time. Use the fake with real time
+//! (it serves real sockets); under `start_paused = true` auto-advance would fire watch
+//! timeouts at once and make clients re-watch in a loop.
+//!
+//! Encoding, as the real server does it: lists are `kind: <Kind>List` with `apiVersion` and
+//! `metadata.resourceVersion` = the server's global resourceVersion; items of built-in types
+//! omit apiVersion/kind (typed JSON encoder), items of custom types (`ResourceType::custom`)
+//! keep them (unstructured); get, write responses and watch event objects always carry them.
+//!
+//! Known differences from a real apiserver (deliberate, small):
+//! - strategic merge patch is served as JSON merge patch (only list merge keys differ);
+//! - server-side apply is a field-set model (see `patch.rs`): maps merge, lists are atomic,
+//!   conflicts only against other *Apply* managers; updates record no managedFields;
+//! - no admission: namespaces need not exist, no defaulting or validation of specs;
+//! - field selectors accept any dotted path (the real server allows a per-type set);
+//! - a watch from a resourceVersion newer than the server's just waits for it; a list at such
+//!   a version is 504 (which kube retries);
+//! - JSON only (no protobuf/CBOR, no `Table`), no discovery documents (only `/version` and
+//!   the health checks), `dryRun` is refused with 400 rather than silently persisted.
+
 #![allow(dead_code)] // Each test binary that includes this module uses a different part of it.
 
 pub mod patch;
@@ -50,14 +71,20 @@ pub enum FakeApiError {
     Timeout(Duration, String),
     #[error(transparent)]
     Api(#[from] ApiError),
+    #[error("(de)serialising a typed object: {0}")]
+    Serde(#[from] serde_json::Error),
 }
 
 /// The types portico's controller reads and writes.
 pub fn portico_types() -> Vec<ResourceType> {
     vec![
-        ResourceType::new("", "v1", "Service", "services", true).with_status(),
-        ResourceType::new("", "v1", "Secret", "secrets", true),
-        ResourceType::new("", "v1", "Namespace", "namespaces", false).with_status(),
+        ResourceType::new("", "v1", "Service", "services", true)
+            .with_status()
+            .without_generation(),
+        ResourceType::new("", "v1", "Secret", "secrets", true).without_generation(),
+        ResourceType::new("", "v1", "Namespace", "namespaces", false)
+            .with_status()
+            .without_generation(),
         ResourceType::new("networking.k8s.io", "v1", "Ingress", "ingresses", true).with_status(),
         ResourceType::new(
             "networking.k8s.io",
@@ -82,8 +109,9 @@ pub fn portico_types() -> Vec<ResourceType> {
         )
         .with_status()
         .custom(),
-        ResourceType::new("coordination.k8s.io", "v1", "Lease", "leases", true),
-        ResourceType::new("events.k8s.io", "v1", "Event", "events", true),
+        ResourceType::new("coordination.k8s.io", "v1", "Lease", "leases", true)
+            .without_generation(),
+        ResourceType::new("events.k8s.io", "v1", "Event", "events", true).without_generation(),
     ]
 }
 
@@ -227,12 +255,23 @@ users:
         f(&mut s, ty)
     }
 
-    /// Creates `obj` (namespace from its metadata), as a POST would.
+    /// Creates `obj` (namespace from its metadata), as a POST would: for kinds with a status
+    /// subresource the status is dropped, so seed it with [`Self::update_status`] after.
     pub fn create(&self, obj: Value) -> Result<Value, ApiError> {
         self.with_type(&obj.clone(), |s, ty| {
             let ns = store::namespace_of(&obj).to_string();
             s.create(ty, &ns, obj)
         })
+    }
+
+    /// [`Self::create`] for k8s-openapi (or kube `CustomResource`) values, which serialise
+    /// with apiVersion and kind.
+    pub fn create_typed<K: serde::Serialize + serde::de::DeserializeOwned>(
+        &self,
+        obj: &K,
+    ) -> Result<K, FakeApiError> {
+        let created = self.create(serde_json::to_value(obj)?)?;
+        Ok(serde_json::from_value(created)?)
     }
 
     /// Replaces `obj` (PUT semantics, including the resourceVersion precondition).

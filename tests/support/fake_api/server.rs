@@ -6,6 +6,7 @@
 use super::selector::{FieldSelector, LabelSelector};
 use super::store::{
     ApiError, ApplyOptions, Filter, ListPage, RequestRecord, State, WatchRequest, WatchStart,
+    name_of, namespace_of,
 };
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -53,7 +54,11 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     loop {
         let sock = match listener.accept().await {
             Ok((sock, _)) => sock,
-            Err(_) => continue,
+            Err(_) => {
+                // Transient (e.g. ECONNABORTED); let other tasks run before accepting again.
+                tokio::task::yield_now().await;
+                continue;
+            }
         };
         if shared.refusing.load(Ordering::SeqCst) {
             // The client sees its connection closed before any response, like a restarting
@@ -182,6 +187,10 @@ fn truthy(q: &HashMap<String, String>, k: &str) -> bool {
 }
 
 async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    // Readable without credentials, like the apiserver's system:public-info-viewer role.
+    if let Some(resp) = non_resource(req.uri().path()) {
+        return Ok(resp);
+    }
     let want = format!("Bearer {}", shared.token);
     let auth = req
         .headers()
@@ -253,6 +262,24 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
             }
             let rv = q.get("resourceVersion").map(String::as_str).unwrap_or("");
             let send_initial_events = truthy(&q, "sendInitialEvents");
+            let bookmarks = truthy(&q, "allowWatchBookmarks");
+            // Streaming-list parameter rules (API concepts, "Streaming lists").
+            let rv_match = q.get("resourceVersionMatch").map(String::as_str).unwrap_or("");
+            if send_initial_events && rv_match != "NotOlderThan" {
+                return Err(ApiError::Invalid(
+                    "sendInitialEvents is forbidden unless resourceVersionMatch is NotOlderThan".into(),
+                ));
+            }
+            if send_initial_events && !bookmarks {
+                return Err(ApiError::Invalid(
+                    "sendInitialEvents requires allowWatchBookmarks=true".into(),
+                ));
+            }
+            if !send_initial_events && !rv_match.is_empty() {
+                return Err(ApiError::Invalid(
+                    "resourceVersionMatch is forbidden for watch unless sendInitialEvents is provided".into(),
+                ));
+            }
             let start = match rv {
                 "" | "0" => WatchStart::Current,
                 _ if send_initial_events => WatchStart::Current,
@@ -265,7 +292,6 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
                 ),
                 None => shared.default_watch_timeout,
             };
-            let bookmarks = truthy(&q, "allowWatchBookmarks");
             let (id, rx) = state.watch(WatchRequest {
                 ty: target.ty,
                 filter,
@@ -363,6 +389,22 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
                 "application/json-patch+json, application/merge-patch+json, application/strategic-merge-patch+json, application/apply-patch+yaml".into(),
             )),
         },
+        "deletecollection" => {
+            let filter = filter_from(&q, target.namespace.clone())?;
+            let page = state.list(target.ty, &filter, None, None, None)?;
+            let mut deleted = Vec::new();
+            for obj in &page.items {
+                let (ons, oname) = (namespace_of(obj).to_string(), name_of(obj).to_string());
+                deleted.push(state.delete(target.ty, &ons, &oname, None, None)?);
+            }
+            let page = ListPage {
+                items: deleted,
+                resource_version: state.resource_version(),
+                continue_token: None,
+                remaining: None,
+            };
+            Ok(full(200, &list_body(&state, target.ty, page)))
+        }
         "delete" => {
             let opts: Value = if body.is_empty() {
                 Value::Null
@@ -374,6 +416,25 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
             Ok(full(200, &state.delete(target.ty, &ns, &name, pre_rv, pre_uid)?))
         }
         _ => Err(ApiError::MethodNotAllowed),
+    }
+}
+
+/// Non-resource endpoints a client may probe: `/version` and the health checks.
+fn non_resource(path: &str) -> Option<Response<Body>> {
+    match path {
+        "/version" => Some(full(
+            200,
+            &json!({"major": "1", "minor": "34", "gitVersion": "v1.34.0-fake", "platform": "linux/amd64"}),
+        )),
+        "/healthz" | "/livez" | "/readyz" => {
+            let mut resp = Response::new(Full::new(Bytes::from_static(b"ok")).boxed_unsync());
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("text/plain; charset=utf-8"),
+            );
+            Some(resp)
+        }
+        _ => None,
     }
 }
 
@@ -431,7 +492,12 @@ fn watch_response(
     bookmarks: bool,
 ) -> Response<Body> {
     let period = shared.bookmark_interval;
-    let tick = bookmarks.then(|| tokio::time::interval_at(Instant::now() + period, period));
+    let tick = bookmarks.then(|| {
+        let mut i = tokio::time::interval_at(Instant::now() + period, period);
+        // One bookmark per missed period is noise; a late one is enough.
+        i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        i
+    });
     let ws = WatchState {
         shared,
         id,

@@ -23,6 +23,10 @@ pub struct ResourceType {
     /// Served like a CustomResourceDefinition: list items carry apiVersion/kind (unstructured
     /// encoding); built-in types' list items omit them, as the real server's typed encoder does.
     pub custom: bool,
+    /// Sets `metadata.generation` (1 on create, +1 per spec change). The apiserver's registry
+    /// strategies do this per type: Ingress, IngressClass, EndpointSlice and every custom
+    /// resource do; Service, Secret, Namespace, Lease and Event leave it unset.
+    pub generation: bool,
 }
 
 impl ResourceType {
@@ -35,6 +39,7 @@ impl ResourceType {
             namespaced,
             status_subresource: false,
             custom: false,
+            generation: true,
         }
     }
 
@@ -45,6 +50,11 @@ impl ResourceType {
 
     pub fn custom(mut self) -> Self {
         self.custom = true;
+        self
+    }
+
+    pub fn without_generation(mut self) -> Self {
+        self.generation = false;
         self
     }
 
@@ -283,14 +293,16 @@ fn now_rfc3339() -> String {
         .to_string()
 }
 
-fn meta_mut(obj: &mut Value) -> &mut Map<String, Value> {
-    if !obj.get("metadata").is_some_and(Value::is_object) {
-        obj["metadata"] = json!({});
+/// Runs `f` on `obj.metadata`, creating it when missing; a non-object `obj` is left alone
+/// (callers validate shape first), so this never panics.
+fn with_meta(obj: &mut Value, f: impl FnOnce(&mut Map<String, Value>)) {
+    let Value::Object(root) = obj else { return };
+    let meta = root.entry("metadata").or_insert_with(|| json!({}));
+    if !meta.is_object() {
+        *meta = json!({});
     }
-    match obj.get_mut("metadata") {
-        Some(Value::Object(m)) => m,
-        // Unreachable: ensured just above; returning a fresh map keeps this panic-free.
-        _ => unreachable!("metadata was just made an object"),
+    if let Value::Object(m) = meta {
+        f(m);
     }
 }
 
@@ -637,10 +649,10 @@ impl State {
     /// Create (POST). `ns` is the namespace from the URL ("" for cluster-scoped).
     pub fn create(&mut self, ty: usize, ns: &str, mut obj: Value) -> Result<Value> {
         let t = self.types[ty].clone();
-        self.check_type_meta(ty, &obj)?;
         if !obj.is_object() {
             return Err(ApiError::BadRequest("object must be a JSON object".into()));
         }
+        self.check_type_meta(ty, &obj)?;
         let body_ns = namespace_of(&obj).to_string();
         let ns = if t.namespaced {
             if ns.is_empty() {
@@ -708,17 +720,23 @@ impl State {
         self.rv += 1;
         obj["apiVersion"] = json!(t.api_version());
         obj["kind"] = json!(t.kind);
-        let meta = meta_mut(&mut obj);
-        meta.insert("name".into(), json!(name));
-        if t.namespaced {
-            meta.insert("namespace".into(), json!(ns));
-        } else {
-            meta.remove("namespace");
-        }
-        meta.insert("uid".into(), json!(uid));
-        meta.insert("creationTimestamp".into(), json!(now_rfc3339()));
-        meta.insert("resourceVersion".into(), json!(self.rv.to_string()));
-        meta.insert("generation".into(), json!(1));
+        let rv = self.rv.to_string();
+        with_meta(&mut obj, |meta| {
+            meta.insert("name".into(), json!(name));
+            if t.namespaced {
+                meta.insert("namespace".into(), json!(ns));
+            } else {
+                meta.remove("namespace");
+            }
+            meta.insert("uid".into(), json!(uid));
+            meta.insert("creationTimestamp".into(), json!(now_rfc3339()));
+            meta.insert("resourceVersion".into(), json!(rv));
+            if t.generation {
+                meta.insert("generation".into(), json!(1));
+            } else {
+                meta.remove("generation");
+            }
+        });
         self.objects[ty].insert(key, obj.clone());
         self.emit(ty, EventType::Added, obj.clone(), None);
         Ok(obj)
@@ -745,8 +763,10 @@ impl State {
     /// metadata (and status, for status-subresource kinds) changed.
     fn commit_update(&mut self, ty: usize, old: Value, mut merged: Value) -> Value {
         let t = self.types[ty].clone();
-        merged["apiVersion"] = json!(t.api_version());
-        merged["kind"] = json!(t.kind);
+        if let Some(m) = merged.as_object_mut() {
+            m.insert("apiVersion".into(), json!(t.api_version()));
+            m.insert("kind".into(), json!(t.kind));
+        }
         // Server-owned metadata always comes from the stored object.
         for k in [
             "name",
@@ -759,17 +779,23 @@ impl State {
         ] {
             match old.get("metadata").and_then(|m| m.get(k)) {
                 Some(v) => {
-                    meta_mut(&mut merged).insert(k.into(), v.clone());
+                    with_meta(&mut merged, |m| {
+                        m.insert(k.into(), v.clone());
+                    });
                 }
                 None => {
-                    meta_mut(&mut merged).remove(k);
+                    with_meta(&mut merged, |m| {
+                        m.remove(k);
+                    });
                 }
             }
         }
         if merged.pointer("/metadata/managedFields").is_none()
             && let Some(mf) = old.pointer("/metadata/managedFields")
         {
-            meta_mut(&mut merged).insert("managedFields".into(), mf.clone());
+            with_meta(&mut merged, |m| {
+                m.insert("managedFields".into(), mf.clone());
+            });
         }
         if merged == old {
             return old;
@@ -794,15 +820,19 @@ impl State {
             }
             v
         };
-        if spec_of(&merged) != spec_of(&old) {
+        if t.generation && spec_of(&merged) != spec_of(&old) {
             let generation = old
                 .pointer("/metadata/generation")
                 .and_then(Value::as_i64)
                 .unwrap_or(0);
-            meta_mut(&mut merged).insert("generation".into(), json!(generation + 1));
+            with_meta(&mut merged, |m| {
+                m.insert("generation".into(), json!(generation + 1));
+            });
         }
         self.rv += 1;
-        meta_mut(&mut merged).insert("resourceVersion".into(), json!(self.rv.to_string()));
+        with_meta(&mut merged, |m| {
+            m.insert("resourceVersion".into(), json!(self.rv.to_string()));
+        });
         let key = self.key(ty, namespace_of(&old), name_of(&old));
         self.objects[ty].insert(key, merged.clone());
         self.emit(ty, EventType::Modified, merged.clone(), Some(old));
@@ -830,7 +860,9 @@ impl State {
             _ => {}
         }
         if status && let Some(mf) = new.pointer("/metadata/managedFields") {
-            meta_mut(&mut merged).insert("managedFields".into(), mf.clone());
+            with_meta(&mut merged, |m| {
+                m.insert("managedFields".into(), mf.clone());
+            });
         }
         Ok(merged)
     }
@@ -846,6 +878,9 @@ impl State {
         new: Value,
         status: bool,
     ) -> Result<Value> {
+        if !new.is_object() {
+            return Err(ApiError::BadRequest("object must be a JSON object".into()));
+        }
         self.check_type_meta(ty, &new)?;
         let body_name = name_of(&new);
         if !name.is_empty() && !body_name.is_empty() && body_name != name {
@@ -922,6 +957,9 @@ impl State {
                 "the server rejected our request due to an error in our request: {e}"
             ))
         })?;
+        if !new.is_object() {
+            return Err(ApiError::BadRequest("patch must produce an object".into()));
+        }
         if rv_of(&new) != rv_of(&old) {
             return Err(self.conflict(ty, name));
         }
@@ -990,7 +1028,9 @@ impl State {
                 let skeleton = json!({"metadata": {"name": name}});
                 let mut obj = patch::apply(&skeleton, applied, &a).map_err(to_err)?;
                 if t.namespaced {
-                    obj["metadata"]["namespace"] = json!(ns);
+                    with_meta(&mut obj, |m| {
+                        m.insert("namespace".into(), json!(ns));
+                    });
                 }
                 self.create(ty, ns, obj)
             }
@@ -1038,11 +1078,14 @@ impl State {
                 return Ok(old);
             }
             let mut marked = old.clone();
-            let meta = meta_mut(&mut marked);
-            meta.insert("deletionTimestamp".into(), json!(now_rfc3339()));
-            meta.insert("deletionGracePeriodSeconds".into(), json!(0));
+            with_meta(&mut marked, |meta| {
+                meta.insert("deletionTimestamp".into(), json!(now_rfc3339()));
+                meta.insert("deletionGracePeriodSeconds".into(), json!(0));
+            });
             self.rv += 1;
-            meta_mut(&mut marked).insert("resourceVersion".into(), json!(self.rv.to_string()));
+            with_meta(&mut marked, |m| {
+                m.insert("resourceVersion".into(), json!(self.rv.to_string()));
+            });
             let key = self.key(ty, ns, name);
             self.objects[ty].insert(key, marked.clone());
             self.emit(ty, EventType::Modified, marked.clone(), Some(old));
@@ -1056,7 +1099,9 @@ impl State {
         self.objects[ty].remove(&key);
         self.rv += 1;
         let mut last = old.clone();
-        meta_mut(&mut last).insert("resourceVersion".into(), json!(self.rv.to_string()));
+        with_meta(&mut last, |m| {
+            m.insert("resourceVersion".into(), json!(self.rv.to_string()));
+        });
         self.emit(ty, EventType::Deleted, last.clone(), Some(old));
         last
     }
@@ -1109,7 +1154,9 @@ fn convert(ev: &HistEvent, filter: &Filter) -> Option<Value> {
                 (true, false) => {
                     let mut o = ev.prev.clone().unwrap_or(Value::Null);
                     if o.is_object() {
-                        meta_mut(&mut o).insert("resourceVersion".into(), json!(ev.rv.to_string()));
+                        with_meta(&mut o, |m| {
+                            m.insert("resourceVersion".into(), json!(ev.rv.to_string()));
+                        });
                     }
                     ("DELETED", o)
                 }
