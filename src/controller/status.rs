@@ -542,3 +542,185 @@ pub async fn run<F>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::RateLimitPolicyStatus;
+
+    fn service(v: Value) -> Service {
+        serde_json::from_value(v).expect("service parses")
+    }
+
+    fn addrs(list: &[IngressLoadBalancerIngress]) -> Vec<Addr> {
+        list.iter()
+            .map(|a| (a.ip.clone(), a.hostname.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn service_address_preference() {
+        let full = service(json!({
+            "metadata": {"name": "edge"},
+            "spec": {"clusterIP": "10.96.0.1", "externalIPs": ["192.0.2.1"]},
+            "status": {"loadBalancer": {"ingress": [{"hostname": "lb.example"}]}}
+        }));
+        assert_eq!(
+            addrs(&service_addresses(&full)),
+            vec![(None, Some("lb.example".into()))]
+        );
+        let external = service(json!({
+            "metadata": {"name": "edge"},
+            "spec": {"clusterIP": "10.96.0.1", "externalIPs": ["192.0.2.2", "192.0.2.1"]}
+        }));
+        assert_eq!(
+            addrs(&service_addresses(&external)),
+            vec![
+                (Some("192.0.2.1".into()), None),
+                (Some("192.0.2.2".into()), None)
+            ]
+        );
+        let cluster =
+            service(json!({"metadata": {"name": "edge"}, "spec": {"clusterIP": "10.96.0.1"}}));
+        assert_eq!(
+            addrs(&service_addresses(&cluster)),
+            vec![(Some("10.96.0.1".into()), None)]
+        );
+        let headless =
+            service(json!({"metadata": {"name": "edge"}, "spec": {"clusterIP": "None"}}));
+        assert!(service_addresses(&headless).is_empty());
+    }
+
+    #[test]
+    fn publish_flags() {
+        let svc = ("ns".to_string(), "edge".to_string());
+        assert_eq!(
+            PublishAddress::from_flags(&[" 10.0.0.1 ".into()], Some(&svc)),
+            PublishAddress::Static(vec!["10.0.0.1".into()])
+        );
+        assert_eq!(
+            PublishAddress::from_flags(&[], Some(&svc)),
+            PublishAddress::Service {
+                namespace: "ns".into(),
+                name: "edge".into()
+            }
+        );
+        assert_eq!(PublishAddress::from_flags(&[], None), PublishAddress::None);
+        assert_eq!(
+            addr_of_text("::1"),
+            (Some("::1".into()), None),
+            "IPv6 is an ip"
+        );
+        assert_eq!(addr_of_text("a.example"), (None, Some("a.example".into())));
+    }
+
+    fn policy(generation: i64, status: Option<Condition>) -> RateLimitPolicy {
+        let mut p: RateLimitPolicy = serde_json::from_value(json!({
+            "apiVersion": "portico.dev/v1alpha1", "kind": "RateLimitPolicy",
+            "metadata": {"name": "p", "namespace": "ns", "generation": generation},
+            "spec": {"targetRef": {"kind": "Ingress", "name": "shop"}, "maxInFlight": 5}
+        }))
+        .expect("policy parses");
+        p.status = status.map(|c| RateLimitPolicyStatus {
+            conditions: vec![c],
+        });
+        p
+    }
+
+    fn error(reason: &str, message: &str) -> Diagnostic {
+        Diagnostic {
+            severity: Severity::Error,
+            kind: "RateLimitPolicy".into(),
+            namespace: "ns".into(),
+            name: "p".into(),
+            reason: reason.into(),
+            message: message.into(),
+        }
+    }
+
+    #[test]
+    fn accepted_condition_follows_errors_and_keeps_transition_time() {
+        let now = Timestamp::from_second(1_700_000_000).expect("ts");
+        let c = accepted_condition(&policy(3, None), &[], now);
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("True", REASON_ACCEPTED)
+        );
+        assert_eq!(c.observed_generation, Some(3));
+        assert_eq!(
+            c.last_transition_time.as_deref(),
+            Some("2023-11-14T22:13:20Z")
+        );
+
+        // Errors on other objects do not count; two errors on ours: first reason, both messages.
+        let other = Diagnostic {
+            name: "q".into(),
+            ..error("TargetNotFound", "x")
+        };
+        let diags = [
+            error("InvalidPeriod", "bad period"),
+            error("TargetNotFound", "no target"),
+            other,
+        ];
+        let earlier = Condition {
+            last_transition_time: Some("2020-01-01T00:00:00Z".into()),
+            ..c.clone()
+        };
+        let f = accepted_condition(&policy(4, Some(earlier.clone())), &diags, now);
+        assert_eq!(
+            (f.status.as_str(), f.reason.as_str()),
+            ("False", "InvalidPeriod")
+        );
+        assert_eq!(f.message, "bad period; no target");
+        assert_eq!(
+            f.last_transition_time.as_deref(),
+            Some("2023-11-14T22:13:20Z")
+        );
+
+        // Same status as before: the transition time is kept.
+        let t = accepted_condition(&policy(4, Some(earlier)), &[], now);
+        assert_eq!(
+            t.last_transition_time.as_deref(),
+            Some("2020-01-01T00:00:00Z")
+        );
+    }
+
+    #[test]
+    fn served_ingresses_include_the_default_route() {
+        use crate::model::{HostRoutes, PathKind, Route, RouteTarget};
+        let route = |name: &str| {
+            Arc::new(Route {
+                kind: PathKind::Prefix,
+                path: "/".into(),
+                ingress: IngressRef {
+                    namespace: "ns".into(),
+                    name: name.into(),
+                },
+                target: RouteTarget::Unavailable {
+                    reason: "test".into(),
+                },
+                policy: Arc::default(),
+            })
+        };
+        let mut hosts = crate::model::HostTable::default();
+        hosts.exact.insert(
+            "a.example".into(),
+            HostRoutes {
+                routes: vec![route("a")],
+            },
+        );
+        hosts.catch_all = Some(HostRoutes {
+            routes: vec![route("b")],
+        });
+        hosts.default_route = Some(route("c"));
+        let snap = Snapshot {
+            hosts: Arc::new(hosts),
+            ..Snapshot::default()
+        };
+        let names: Vec<String> = served_ingresses(&snap)
+            .into_iter()
+            .map(|r| r.name.to_string())
+            .collect();
+        assert_eq!(names, ["a", "b", "c"]);
+    }
+}
