@@ -215,4 +215,44 @@ mod tests {
             }
         }
     }
+
+    fn run_args(extra: &[&str]) -> RunArgs {
+        let mut argv = vec!["portico", "run"];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv).expect("parses").command {
+            Command::Run(args) => *args,
+            other => panic!("expected run, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn leader_and_publish_flags() {
+        let d = run_args(&[]);
+        assert_eq!(d.lease_name, "portico-leader");
+        assert_eq!(d.lease_namespace, None);
+        assert_eq!(d.lease_duration, Duration::from_secs(15));
+        assert_eq!(d.renew_deadline, Duration::from_secs(10));
+        assert_eq!(d.retry_period, Duration::from_secs(2));
+        assert_eq!(d.publish_service, None);
+        assert!(d.publish_status_address.is_empty());
+
+        let a = run_args(&[
+            "--publish-service",
+            "ingress/edge",
+            "--publish-status-address",
+            "203.0.113.7,lb.example.com",
+            "--lease-namespace",
+            "ops",
+            "--lease-duration",
+            "30s",
+        ]);
+        assert_eq!(
+            a.publish_service,
+            Some(("ingress".to_string(), "edge".to_string()))
+        );
+        assert_eq!(a.publish_status_address, ["203.0.113.7", "lb.example.com"]);
+        assert_eq!(a.lease_namespace.as_deref(), Some("ops"));
+        assert_eq!(a.lease_duration, Duration::from_secs(30));
+        assert!(Cli::try_parse_from(["portico", "run", "--publish-service", "edge"]).is_err());
+    }
 }

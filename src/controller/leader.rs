@@ -522,6 +522,33 @@ mod tests {
     }
 
     #[test]
+    fn config_from_flags() {
+        use clap::Parser;
+        let cli = crate::config::Cli::try_parse_from([
+            "portico",
+            "run",
+            "--lease-namespace",
+            "ops",
+            "--lease-name",
+            "edge",
+            "--retry-period",
+            "1s",
+        ])
+        .expect("parses");
+        let crate::config::Command::Run(args) = cli.command else {
+            panic!("expected run");
+        };
+        let c = LeaderConfig::from_run_args(&args);
+        assert_eq!(
+            (c.lease_namespace.as_str(), c.lease_name.as_str()),
+            ("ops", "edge")
+        );
+        assert_eq!(c.retry_period, Duration::from_secs(1));
+        assert!(!c.identity.is_empty());
+        assert!(c.validate().is_ok());
+    }
+
+    #[test]
     fn lease_seconds_round_up() {
         let mut c = LeaderConfig::new("ns", "me");
         c.lease_duration = Duration::from_millis(1200);
