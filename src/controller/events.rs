@@ -158,12 +158,62 @@ impl Bucket {
     }
 }
 
+/// The dedupe cache: key → when its Event was created; bounded in size and age.
+#[derive(Debug)]
+struct Seen {
+    at: HashMap<Key, Instant>,
+    capacity: usize,
+    ttl: Duration,
+}
+
+impl Seen {
+    fn new(capacity: usize, ttl: Duration) -> Self {
+        Seen {
+            at: HashMap::new(),
+            capacity: capacity.max(1),
+            ttl,
+        }
+    }
+
+    /// Keeps only keys still in `current` and younger than the TTL.
+    fn prune(&mut self, current: &BTreeSet<Key>) {
+        let ttl = self.ttl;
+        self.at
+            .retain(|k, at| current.contains(k) && at.elapsed() < ttl);
+    }
+
+    fn contains(&self, key: &Key) -> bool {
+        self.at.contains_key(key)
+    }
+
+    fn insert(&mut self, key: Key) {
+        if self.at.len() >= self.capacity
+            && !self.at.contains_key(&key)
+            && let Some(oldest) = self
+                .at
+                .iter()
+                .min_by_key(|(_, at)| **at)
+                .map(|(k, _)| k.clone())
+        {
+            self.at.remove(&oldest);
+        }
+        self.at.insert(key, Instant::now());
+    }
+
+    fn len(&self) -> usize {
+        self.at.len()
+    }
+
+    fn clear(&mut self) {
+        self.at.clear();
+    }
+}
+
 /// Turns diagnostics lists into Events; see the module doc.
 pub struct EventReporter {
     client: Client,
     config: EventsConfig,
-    /// Key → when its Event was created.
-    seen: HashMap<Key, Instant>,
+    seen: Seen,
     bucket: Bucket,
 }
 
@@ -219,10 +269,11 @@ fn truncate(s: &str, max: usize) -> String {
 impl EventReporter {
     pub fn new(client: Client, config: EventsConfig) -> Self {
         let bucket = Bucket::new(config.burst, config.per_minute);
+        let seen = Seen::new(config.cache_capacity, config.cache_ttl);
         EventReporter {
             client,
             config,
-            seen: HashMap::new(),
+            seen,
             bucket,
         }
     }
@@ -267,16 +318,14 @@ impl EventReporter {
     pub async fn report(&mut self, diagnostics: &[Diagnostic]) -> ReportSummary {
         let mut summary = ReportSummary::default();
         let current: BTreeSet<Key> = diagnostics.iter().map(Key::from).collect();
-        let ttl = self.config.cache_ttl;
-        self.seen
-            .retain(|k, at| current.contains(k) && at.elapsed() < ttl);
+        self.seen.prune(&current);
         // Sorted and deduplicated: a stable order, so under the cap the same ones go first.
         let mut done = BTreeSet::new();
         let mut sorted: Vec<&Diagnostic> = diagnostics.iter().collect();
         sorted.sort();
         for d in sorted {
             let key = Key::from(d);
-            if self.seen.contains_key(&key) || !done.insert(key.clone()) {
+            if self.seen.contains(&key) || !done.insert(key.clone()) {
                 summary.duplicates += 1;
                 continue;
             }
@@ -287,7 +336,7 @@ impl EventReporter {
             match self.create(d).await {
                 Ok(()) => {
                     summary.emitted += 1;
-                    self.remember(key);
+                    self.seen.insert(key);
                 }
                 Err(e) => {
                     summary.failed += 1;
@@ -302,19 +351,6 @@ impl EventReporter {
             );
         }
         summary
-    }
-
-    fn remember(&mut self, key: Key) {
-        if self.seen.len() >= self.config.cache_capacity.max(1)
-            && let Some(oldest) = self
-                .seen
-                .iter()
-                .min_by_key(|(_, at)| **at)
-                .map(|(k, _)| k.clone())
-        {
-            self.seen.remove(&oldest);
-        }
-        self.seen.insert(key, Instant::now());
     }
 
     async fn create(&self, d: &Diagnostic) -> Result<()> {
@@ -403,6 +439,41 @@ mod tests {
     fn truncate_respects_char_boundaries() {
         assert_eq!(truncate("héllo", 2), "h");
         assert_eq!(truncate("abc", 10), "abc");
+    }
+
+    fn key(name: &str) -> Key {
+        Key {
+            kind: "Ingress".into(),
+            namespace: "ns".into(),
+            name: name.into(),
+            reason: "R".into(),
+            message: "m".into(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn dedupe_cache_is_bounded_and_ages_out() {
+        let mut seen = Seen::new(2, Duration::from_secs(60));
+        seen.insert(key("a"));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        seen.insert(key("b"));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        // Full: the oldest ("a") goes.
+        seen.insert(key("c"));
+        assert_eq!(seen.len(), 2);
+        assert!(!seen.contains(&key("a")));
+        assert!(seen.contains(&key("b")) && seen.contains(&key("c")));
+
+        // Keys no longer present are forgotten.
+        let current: BTreeSet<Key> = [key("c")].into();
+        seen.prune(&current);
+        assert!(!seen.contains(&key("b")));
+        assert!(seen.contains(&key("c")));
+
+        // Past the TTL a still-present key is forgotten too (its Event re-emits).
+        tokio::time::advance(Duration::from_secs(60)).await;
+        seen.prune(&current);
+        assert_eq!(seen.len(), 0);
     }
 
     #[tokio::test(start_paused = true)]
