@@ -9,6 +9,9 @@ use anyhow::Context;
 
 use crate::admin::{Admin, Health};
 use crate::config::{CheckArgs, Cli, Command, RunArgs};
+use crate::controller::events::{self, EventReporter, EventsConfig};
+use crate::controller::leader::{LeaderConfig, LeaderElector};
+use crate::controller::status::{self, PublishAddress, StatusWriter};
 use crate::controller::{ClusterSource, SourceConfig, build_client};
 use crate::file_source::{FileSource, FileSourceConfig};
 use crate::metrics::Metrics;
@@ -16,6 +19,7 @@ use crate::proxy::{Proxy, ProxyConfig, ShutdownTrigger};
 use crate::publish;
 use crate::rebuild::{RebuildConfig, Rebuilder, Source, Trigger};
 use crate::translate::{self, Severity};
+use tokio::sync::watch;
 
 /// Entry point behind `main`.
 pub fn main(cli: Cli) -> ExitCode {
@@ -128,7 +132,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     // One source feeds the one rebuild loop: the manifests directory, or the Kubernetes API.
     let trigger = Trigger::new();
-    let (source, source_task, cluster, origin): (Arc<dyn Source>, _, _, String) =
+    let (source, source_task, cluster, origin): (Arc<dyn Source>, _, Option<ClusterParts>, String) =
         match &args.manifests {
             Some(dir) => {
                 let (source, task) = FileSource::start(
@@ -147,15 +151,24 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                     .context("cannot build the Kubernetes client")?;
                 let config = SourceConfig {
                     namespaces: args.watch_namespace.clone(),
+                    publish_service: args.publish_service.clone(),
                     ..SourceConfig::default()
                 };
-                let (source, task) =
-                    ClusterSource::start(client, config, trigger.clone(), fired(sources.signal()));
+                let (source, task) = ClusterSource::start(
+                    client.clone(),
+                    config,
+                    trigger.clone(),
+                    fired(sources.signal()),
+                );
                 let origin = match config_namespaces(&args.watch_namespace) {
                     Some(ns) => format!("kubernetes namespaces {ns}"),
                     None => "kubernetes (all namespaces)".to_string(),
                 };
-                (source.clone(), task, Some(source), origin)
+                let parts = ClusterParts {
+                    client,
+                    source: source.clone(),
+                };
+                (source.clone(), task, Some(parts), origin)
             }
         };
     let rebuilder = Rebuilder::new(
@@ -164,9 +177,16 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         metrics.clone(),
         trigger,
     );
+    // Cluster mode: leader election, and the leader's status writes and Events.
+    let controller_stop = ShutdownTrigger::new();
+    let controller_tasks = match &cluster {
+        Some(parts) => start_controller(&args, parts, &rebuilder, &controller_stop)?,
+        None => Vec::new(),
+    };
     let rebuild_task = {
         let stop = fired(sources.signal());
         let mut stop_early = sources.signal();
+        let cluster = cluster.map(|p| p.source);
         tokio::spawn(async move {
             // Never publish (so /readyz stays 503) before every API store has listed once.
             if let Some(cluster) = cluster {
@@ -208,6 +228,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     tokio::time::sleep(args.shutdown_delay).await;
     proxy_stop.fire();
     let _ = proxy_task.await;
+    // Release the Lease (so a successor takes over at once) before the sources stop.
+    controller_stop.fire();
+    for task in controller_tasks {
+        let _ = task.await;
+    }
     sources.fire();
     let _ = rebuild_task.await;
     let _ = source_task.await;
@@ -216,6 +241,91 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     tracing::info!("stopped");
     Ok(())
 }
+
+/// What cluster mode shares between the source and the controller parts.
+struct ClusterParts {
+    client: kube::Client,
+    source: Arc<ClusterSource>,
+}
+
+/// Start the leader elector and, gated on leadership, the status writer and the Event
+/// reporter. They end when `stop` fires; the elector then releases the Lease.
+fn start_controller(
+    args: &RunArgs,
+    parts: &ClusterParts,
+    rebuilder: &Rebuilder,
+    stop: &ShutdownTrigger,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    let leader_config = LeaderConfig::from_run_args(args);
+    let identity = leader_config.identity.clone();
+    tracing::info!(
+        identity,
+        lease = format!(
+            "{}/{}",
+            leader_config.lease_namespace, leader_config.lease_name
+        ),
+        "leader election"
+    );
+    let elector = LeaderElector::new(parts.client.clone(), leader_config)
+        .context("invalid leader election settings")?;
+    let is_leader = elector.subscribe();
+    let mut tasks = Vec::new();
+    let stopped = fired(stop.signal());
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = elector.run(stopped).await {
+            tracing::error!(error = %e, "leader election stopped");
+        }
+    }));
+
+    let writer = StatusWriter::new(
+        parts.client.clone(),
+        PublishAddress::from_flags(&args.publish_status_address, args.publish_service.as_ref()),
+    );
+    let mut built = rebuilder.built();
+    let (leader_rx, stopped, mut stop_wait) =
+        (is_leader.clone(), fired(stop.signal()), stop.signal());
+    tasks.push(tokio::spawn(async move {
+        // Status is written only from a real build: never from an empty view (that would
+        // clear the status of every Ingress).
+        let first = loop {
+            if let Some(b) = built.borrow_and_update().clone() {
+                break b;
+            }
+            tokio::select! {
+                r = built.changed() => if r.is_err() { return },
+                () = stop_wait.fired() => return,
+            }
+        };
+        let (views, views_rx) = watch::channel(first);
+        let forward = async move {
+            while built.changed().await.is_ok() {
+                if let Some(b) = built.borrow_and_update().clone() {
+                    let _ = views.send(b);
+                }
+            }
+        };
+        tokio::select! {
+            () = status::run(writer, leader_rx, views_rx, status::DEFAULT_RESYNC, stopped) => {}
+            () = forward => {}
+        }
+    }));
+
+    let reporter = EventReporter::new(
+        parts.client.clone(),
+        EventsConfig::new(args.translate.controller_name.clone(), identity),
+    );
+    tasks.push(tokio::spawn(events::run(
+        reporter,
+        is_leader,
+        rebuilder.diagnostics(),
+        EVENT_RETRY,
+        fired(stop.signal()),
+    )));
+    Ok(tasks)
+}
+
+/// How soon Events held back (rate cap, API errors) are tried again.
+const EVENT_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn config_namespaces(namespaces: &[String]) -> Option<String> {
     let list: Vec<&str> = namespaces

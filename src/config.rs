@@ -137,6 +137,30 @@ pub struct RunArgs {
     /// IngressClasses are cluster-scoped and always watched.
     #[arg(long, env = "PORTICO_WATCH_NAMESPACE", value_delimiter = ',')]
     pub watch_namespace: Vec<String>,
+    /// Service (namespace/name) whose load-balancer address, else external IPs, else cluster
+    /// IP, is written into the status of served Ingresses (cluster mode).
+    #[arg(long, env = "PORTICO_PUBLISH_SERVICE", value_parser = parse_ns_name)]
+    pub publish_service: Option<(String, String)>,
+    /// Addresses (IPs or DNS names, comma-separated) written into the status of served
+    /// Ingresses; takes precedence over --publish-service.
+    #[arg(long, env = "PORTICO_PUBLISH_STATUS_ADDRESS", value_delimiter = ',')]
+    pub publish_status_address: Vec<String>,
+    /// Name of the coordination.k8s.io/v1 Lease used for leader election.
+    #[arg(long, env = "PORTICO_LEASE_NAME", default_value = "portico-leader")]
+    pub lease_name: String,
+    /// Namespace of the leader Lease (default: POD_NAMESPACE, else the service-account
+    /// namespace file, else `default`).
+    #[arg(long, env = "PORTICO_LEASE_NAMESPACE")]
+    pub lease_namespace: Option<String>,
+    /// How long a Lease is valid after its last renewal; other replicas take over after it.
+    #[arg(long, env = "PORTICO_LEASE_DURATION", default_value = "15s", value_parser = parse_dur)]
+    pub lease_duration: Duration,
+    /// A leader that could not renew for this long steps down (must be < --lease-duration).
+    #[arg(long, env = "PORTICO_RENEW_DEADLINE", default_value = "10s", value_parser = parse_dur)]
+    pub renew_deadline: Duration,
+    /// Interval between acquire/renew attempts.
+    #[arg(long, env = "PORTICO_RETRY_PERIOD", default_value = "2s", value_parser = parse_dur)]
+    pub retry_period: Duration,
 }
 
 fn parse_dur(s: &str) -> Result<Duration, String> {
@@ -225,5 +249,45 @@ mod tests {
                 );
             }
         }
+    }
+
+    fn run_args(extra: &[&str]) -> RunArgs {
+        let mut argv = vec!["portico", "run"];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv).expect("parses").command {
+            Command::Run(args) => *args,
+            other => panic!("expected run, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn leader_and_publish_flags() {
+        let d = run_args(&[]);
+        assert_eq!(d.lease_name, "portico-leader");
+        assert_eq!(d.lease_namespace, None);
+        assert_eq!(d.lease_duration, Duration::from_secs(15));
+        assert_eq!(d.renew_deadline, Duration::from_secs(10));
+        assert_eq!(d.retry_period, Duration::from_secs(2));
+        assert_eq!(d.publish_service, None);
+        assert!(d.publish_status_address.is_empty());
+
+        let a = run_args(&[
+            "--publish-service",
+            "ingress/edge",
+            "--publish-status-address",
+            "203.0.113.7,lb.example.com",
+            "--lease-namespace",
+            "ops",
+            "--lease-duration",
+            "30s",
+        ]);
+        assert_eq!(
+            a.publish_service,
+            Some(("ingress".to_string(), "edge".to_string()))
+        );
+        assert_eq!(a.publish_status_address, ["203.0.113.7", "lb.example.com"]);
+        assert_eq!(a.lease_namespace.as_deref(), Some("ops"));
+        assert_eq!(a.lease_duration, Duration::from_secs(30));
+        assert!(Cli::try_parse_from(["portico", "run", "--publish-service", "edge"]).is_err());
     }
 }

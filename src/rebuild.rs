@@ -107,6 +107,16 @@ impl Default for RebuildConfig {
 /// Diagnostics as published after every build: sorted, deduplicated, sources' first.
 pub type Diagnostics = Arc<Vec<Diagnostic>>;
 
+/// What one build read and produced, for parts that act after every build (the controller's
+/// status writer needs the objects, the served snapshot and the diagnostics together).
+#[derive(Debug, Clone)]
+pub struct Built {
+    pub inputs: Inputs,
+    /// The snapshot serving after this build (equal to what it built).
+    pub snapshot: Arc<Snapshot>,
+    pub diagnostics: Diagnostics,
+}
+
 /// Owns the publisher and runs builds; see the module doc.
 #[derive(Debug)]
 pub struct Rebuilder {
@@ -115,6 +125,8 @@ pub struct Rebuilder {
     metrics: Metrics,
     trigger: Trigger,
     diagnostics: watch::Sender<Diagnostics>,
+    /// Every build's [`Built`]; `None` until the first build.
+    built: watch::Sender<Option<Arc<Built>>>,
     /// Diagnostics of the previous build, to log only new ones.
     previous: BTreeSet<Diagnostic>,
 }
@@ -137,14 +149,21 @@ impl Rebuilder {
         trigger: Trigger,
     ) -> Self {
         let (diagnostics, _) = watch::channel(Arc::new(Vec::new()));
+        let (built, _) = watch::channel(None);
         Rebuilder {
             config,
             publisher,
             metrics,
             trigger,
             diagnostics,
+            built,
             previous: BTreeSet::new(),
         }
+    }
+
+    /// Every build's inputs, serving snapshot and diagnostics (`None` before the first build).
+    pub fn built(&self) -> watch::Receiver<Option<Arc<Built>>> {
+        self.built.subscribe()
     }
 
     /// The current diagnostics, updated after each build whose diagnostics differ.
@@ -204,7 +223,10 @@ impl Rebuilder {
         let diagnostics = merge_diagnostics(source_diagnostics, translate_diagnostics);
 
         set_backend_gauges(&self.metrics, &snapshot);
+        let built_snapshot = Arc::new(snapshot.clone());
         let published = self.publisher.publish(snapshot);
+        // The serving snapshot is the published one (equal to what we built either way).
+        let serving = self.publisher.current().unwrap_or(built_snapshot);
         let result = match published {
             Published::Swapped => "swapped",
             Published::Unchanged => "unchanged",
@@ -236,6 +258,11 @@ impl Rebuilder {
                 true
             }
         });
+        self.built.send_replace(Some(Arc::new(Built {
+            inputs,
+            snapshot: serving,
+            diagnostics: diagnostics.clone(),
+        })));
         tracing::debug!(
             result,
             diagnostics = diagnostics.len(),

@@ -363,3 +363,204 @@ async fn api_faults_keep_serving_and_converge() {
     assert!(samples > 10);
     eventually("converges after the outage", || serves("green")).await;
 }
+
+fn rate_limit_policy(ns: &str, name: &str, target: &str) -> Value {
+    json!({
+        "apiVersion": "portico.dev/v1alpha1", "kind": "RateLimitPolicy",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {
+            "targetRef": {"kind": "Ingress", "name": target},
+            "limit": {"requests": 100, "period": "1m"}
+        }
+    })
+}
+
+fn lease_holder(api: &FakeApi) -> Option<String> {
+    api.get(
+        "coordination.k8s.io/v1",
+        "Lease",
+        "default",
+        "portico-leader",
+    )
+    .ok()
+    .and_then(|l| l["spec"]["holderIdentity"].as_str().map(str::to_string))
+    .filter(|h| !h.is_empty())
+}
+
+fn status_ip(api: &FakeApi, name: &str) -> Option<String> {
+    api.get("networking.k8s.io/v1", "Ingress", "shop", name)
+        .ok()
+        .and_then(|i| {
+            i["status"]["loadBalancer"]["ingress"][0]["ip"]
+                .as_str()
+                .map(str::to_string)
+        })
+}
+
+fn events_for(api: &FakeApi, name: &str, reason: &str) -> usize {
+    api.list("events.k8s.io/v1", "Event")
+        .iter()
+        .filter(|e| e["regarding"]["name"] == name && e["reason"] == reason)
+        .count()
+}
+
+fn condition(api: &FakeApi, name: &str) -> Option<(String, String, i64)> {
+    let p = api
+        .get("portico.dev/v1alpha1", "RateLimitPolicy", "shop", name)
+        .ok()?;
+    let c = p["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == "Accepted")?
+        .clone();
+    Some((
+        c["status"].as_str()?.to_string(),
+        c["reason"].as_str()?.to_string(),
+        c["observedGeneration"].as_i64()?,
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_leader_writes_status_and_events_then_hands_over() {
+    let api = FakeApi::start().await;
+    let web = backend("web").await;
+    for obj in [
+        service("shop", "web"),
+        slice("shop", "web", web.addr),
+        ingress("shop", "web", "shop.test", "/", "web"),
+        // A bad Ingress: its Service does not exist.
+        ingress("shop", "bad", "bad.test", "/", "missing"),
+        rate_limit_policy("shop", "good", "web"),
+        rate_limit_policy("shop", "orphan", "nope"),
+    ] {
+        api.create(obj).expect("create");
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = api.write_kubeconfig(dir.path()).expect("kubeconfig");
+    let replica = |addr: &str| -> Vec<OsString> {
+        [
+            "--kubeconfig",
+            kubeconfig.to_str().expect("utf-8 path"),
+            "--publish-status-address",
+            addr,
+            "--lease-namespace",
+            "default",
+            "--lease-duration",
+            "2s",
+            "--renew-deadline",
+            "1500ms",
+            "--retry-period",
+            "200ms",
+        ]
+        .iter()
+        .map(Into::into)
+        .collect()
+    };
+    let mut a = Portico::run(&replica("10.0.0.1"));
+    let mut b = Portico::run(&replica("10.0.0.2"));
+    let c = client();
+    eventually("a leader", || async { lease_holder(&api).is_some() }).await;
+    let holder = lease_holder(&api).expect("holder");
+    let (leader_ip, other_ip) = if holder.ends_with(&format!("-{}", a.child.id())) {
+        ("10.0.0.1", "10.0.0.2")
+    } else {
+        assert!(holder.ends_with(&format!("-{}", b.child.id())), "{holder}");
+        ("10.0.0.2", "10.0.0.1")
+    };
+    eventually("leader wrote Ingress status", || async {
+        status_ip(&api, "web").as_deref() == Some(leader_ip)
+    })
+    .await;
+    eventually("policy conditions written", || async {
+        condition(&api, "good").is_some() && condition(&api, "orphan").is_some()
+    })
+    .await;
+    assert_eq!(
+        condition(&api, "good"),
+        Some(("True".into(), "Accepted".into(), 1))
+    );
+    assert_eq!(
+        condition(&api, "orphan"),
+        Some(("False".into(), "TargetNotFound".into(), 1))
+    );
+    eventually("an Event on the bad Ingress", || async {
+        events_for(&api, "bad", "ServiceNotFound") == 1
+    })
+    .await;
+    // Both replicas serve traffic; the bad Ingress never affects the good route.
+    for p in [&a, &b] {
+        eventually("replica ready", || async {
+            matches!(get(&c, p.admin, "a", "/readyz").await, Ok((200, _)))
+        })
+        .await;
+        assert_eq!(
+            get(&c, p.http, "shop.test", "/").await,
+            Ok((200, "web".to_string()))
+        );
+        assert_eq!(get(&c, p.http, "bad.test", "/").await.map(|r| r.0), Ok(503));
+    }
+
+    // Repeated rebuilds (unrelated edits) write no new status and no new Event.
+    let patches = api.count("patch", "ingresses/status");
+    for i in 0..5 {
+        let mut s = api.get("v1", "Service", "shop", "web").expect("svc");
+        s["metadata"]["labels"] = json!({"rev": i.to_string()});
+        api.update(s).expect("touch");
+    }
+    // Give the (debounced) rebuilds a chance to happen: wait for both replicas' snapshots to
+    // have been rebuilt by observing one more Ingress appear and serve.
+    api.create(ingress("shop", "probe", "probe.test", "/", "web"))
+        .expect("probe");
+    eventually("probe route on both replicas", || async {
+        get(&c, a.http, "probe.test", "/").await == Ok((200, "web".to_string()))
+            && get(&c, b.http, "probe.test", "/").await == Ok((200, "web".to_string()))
+    })
+    .await;
+    eventually("probe Ingress got status", || async {
+        status_ip(&api, "probe").as_deref() == Some(leader_ip)
+    })
+    .await;
+    assert_eq!(events_for(&api, "bad", "ServiceNotFound"), 1, "event storm");
+    assert_eq!(status_ip(&api, "web").as_deref(), Some(leader_ip));
+    // Only the probe Ingress's status was new.
+    assert!(
+        api.count("patch", "ingresses/status") <= patches + 1,
+        "status rewritten without a change"
+    );
+
+    // Kill the leader without a chance to release: the other takes over after the lease.
+    let (leader, survivor) = if leader_ip == "10.0.0.1" {
+        (&mut a, &mut b)
+    } else {
+        (&mut b, &mut a)
+    };
+    leader.child.kill().expect("kill leader");
+    let _ = leader.child.wait();
+    eventually("the other replica took over and wrote status", || async {
+        status_ip(&api, "web").as_deref() == Some(other_ip)
+    })
+    .await;
+    let holder = lease_holder(&api).expect("holder");
+    assert!(holder.ends_with(&format!("-{}", survivor.child.id())));
+
+    // Graceful shutdown releases the Lease at once.
+    let pid = survivor.child.id().to_string();
+    let st = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(st.success());
+    let deadline = std::time::Instant::now() + process::DEADLINE;
+    let code = loop {
+        if let Some(s) = survivor.child.try_wait().expect("try_wait") {
+            break s.code();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no exit after SIGTERM"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(code, Some(0));
+    assert_eq!(lease_holder(&api), None, "lease not released");
+}

@@ -19,6 +19,7 @@ mod class;
 mod hosts;
 mod index;
 mod paths;
+mod policies;
 mod routes;
 mod tls;
 
@@ -238,5 +239,6 @@ pub fn translate(inputs: &Inputs, opts: &Options) -> (Snapshot, Vec<Diagnostic>)
     let routes = routes::derive(inputs, opts, &mut diags);
     let (backends, endpoint_diags) = resolve_endpoints(&routes.backends, &inputs.endpoint_slices);
     diags.0.extend(endpoint_diags);
+    policies::validate(inputs, &mut diags);
     (routes.snapshot(backends), diags.finish())
 }

@@ -1,0 +1,722 @@
+//! Status writes of the elected controller (brief §1, §4.1, §4.5): Ingress
+//! `status.loadBalancer.ingress` on the Ingresses we serve (cleared on those we stopped serving)
+//! and the RateLimitPolicy `Accepted` condition. Owns: deciding the desired status from a
+//! snapshot + inputs + diagnostics, and writing only what differs. May import model, translate,
+//! crd, kube, k8s-openapi, tokio; must not import `crate::proxy`.
+//!
+//! Writes are server-side apply on the `/status` subresource
+//! (<https://kubernetes.io/docs/reference/using-api/server-side-apply/>) with field manager
+//! [`FIELD_MANAGER`] and `force`, since the controller is the authority on these fields. A write
+//! is skipped when the object already carries exactly the desired status, and also when we
+//! already wrote that status over the very resourceVersion we are shown again (a reflector
+//! that has not caught up with our own write yet), so rebuilds never cause write storms.
+//!
+//! Addresses (ingress-nginx's `--publish-status-address` / `--publish-service` semantics):
+//! `--publish-status-address` entries (IPs → `ip`, anything else → `hostname`), else the
+//! `--publish-service` Service's `status.loadBalancer.ingress`, else its `spec.externalIPs`,
+//! else its `spec.clusterIP`. With no address at all, Ingress status is left alone (we would
+//! have nothing to publish, and no way to tell our old address from someone else's).
+
+use std::collections::{BTreeSet, HashMap};
+use std::future::Future;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::networking::v1::{Ingress, IngressLoadBalancerIngress};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, Patch, PatchParams};
+use kube::{Client, ResourceExt};
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+use crate::crd::{Condition, RateLimitPolicy};
+use crate::model::{IngressRef, Snapshot};
+use crate::translate::{Diagnostic, Inputs, Severity};
+
+/// Field manager of every status write.
+pub const FIELD_MANAGER: &str = "portico";
+/// Condition type on RateLimitPolicy status.
+pub const CONDITION_ACCEPTED: &str = "Accepted";
+/// Reason of `Accepted=True`.
+pub const REASON_ACCEPTED: &str = "Accepted";
+/// Interval at which [`run`] re-syncs (retrying failed writes) while leading.
+pub const DEFAULT_RESYNC: Duration = Duration::from_secs(60);
+
+/// Errors of status writing.
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    #[error("reading publish Service {namespace}/{name}: {source}")]
+    PublishService {
+        namespace: String,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("writing status of {kind} {namespace}/{name}: {source}")]
+    Write {
+        kind: &'static str,
+        namespace: String,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+}
+
+pub type Result<T, E = StatusError> = std::result::Result<T, E>;
+
+/// Where the address written into Ingress status comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PublishAddress {
+    /// No address configured: Ingress status is not managed.
+    None,
+    /// `--publish-status-address`.
+    Static(Vec<String>),
+    /// `--publish-service ns/name`.
+    Service { namespace: String, name: String },
+}
+
+impl PublishAddress {
+    /// From the flags; `--publish-status-address` wins when both are given.
+    pub fn from_flags(addresses: &[String], service: Option<&(String, String)>) -> Self {
+        let addresses: Vec<String> = addresses
+            .iter()
+            .map(|a| a.trim().to_string())
+            .filter(|a| !a.is_empty())
+            .collect();
+        if !addresses.is_empty() {
+            PublishAddress::Static(addresses)
+        } else if let Some((namespace, name)) = service {
+            PublishAddress::Service {
+                namespace: namespace.clone(),
+                name: name.clone(),
+            }
+        } else {
+            PublishAddress::None
+        }
+    }
+}
+
+/// An address of Ingress status: `(ip, hostname)`, exactly one set.
+type Addr = (Option<String>, Option<String>);
+
+fn addr_of_text(a: &str) -> Addr {
+    match a.parse::<IpAddr>() {
+        Ok(ip) => (Some(ip.to_string()), None),
+        Err(_) => (None, Some(a.to_string())),
+    }
+}
+
+/// The addresses a Service offers, in the documented order of preference.
+pub fn service_addresses(svc: &Service) -> Vec<IngressLoadBalancerIngress> {
+    let from_lb: Vec<Addr> = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref())
+        .map(|list| {
+            list.iter()
+                .filter(|i| i.ip.is_some() || i.hostname.is_some())
+                .map(|i| (i.ip.clone(), i.hostname.clone()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let spec = svc.spec.as_ref();
+    let from_external: Vec<Addr> = spec
+        .and_then(|s| s.external_ips.as_ref())
+        .map(|ips| ips.iter().map(|ip| addr_of_text(ip)).collect())
+        .unwrap_or_default();
+    let from_cluster: Vec<Addr> = spec
+        .and_then(|s| s.cluster_ip.as_deref())
+        // Headless Services have clusterIP "None": no address.
+        .filter(|ip| !ip.is_empty() && *ip != "None")
+        .map(|ip| vec![addr_of_text(ip)])
+        .unwrap_or_default();
+    let chosen = [from_lb, from_external, from_cluster]
+        .into_iter()
+        .find(|l| !l.is_empty())
+        .unwrap_or_default();
+    to_lb(chosen)
+}
+
+/// Sorted and deduplicated, so the desired status does not depend on list order.
+fn to_lb(mut addrs: Vec<Addr>) -> Vec<IngressLoadBalancerIngress> {
+    addrs.sort();
+    addrs.dedup();
+    addrs
+        .into_iter()
+        .map(|(ip, hostname)| IngressLoadBalancerIngress {
+            ip,
+            hostname,
+            ports: None,
+        })
+        .collect()
+}
+
+/// The Ingresses a snapshot serves: those named by any of its routes or its default route.
+pub fn served_ingresses(snapshot: &Snapshot) -> BTreeSet<IngressRef> {
+    let hosts = &snapshot.hosts;
+    hosts
+        .exact
+        .values()
+        .chain(hosts.wildcard.values())
+        .chain(hosts.catch_all.iter())
+        .flat_map(|h| h.routes.iter())
+        .chain(hosts.default_route.iter())
+        .map(|r| r.ingress.clone())
+        .collect()
+}
+
+/// The `Accepted` condition a policy should carry, given all diagnostics: `False` with the
+/// (first, in sorted order) Error's reason when translate refused the policy, else `True`.
+/// `lastTransitionTime` is kept from `existing` when the status value does not change.
+pub fn accepted_condition(
+    policy: &RateLimitPolicy,
+    diagnostics: &[Diagnostic],
+    now: Timestamp,
+) -> Condition {
+    let ns = policy.namespace().unwrap_or_default();
+    let name = policy.name_any();
+    let mut errors: Vec<&Diagnostic> = diagnostics
+        .iter()
+        .filter(|d| {
+            d.severity == Severity::Error
+                && d.kind == "RateLimitPolicy"
+                && d.namespace == ns
+                && d.name == name
+        })
+        .collect();
+    errors.sort();
+    let (status, reason, message) = match errors.first() {
+        Some(first) => (
+            "False",
+            first.reason.clone(),
+            errors
+                .iter()
+                .map(|d| d.message.as_str())
+                .collect::<Vec<_>>()
+                .join("; "),
+        ),
+        None => (
+            "True",
+            REASON_ACCEPTED.to_string(),
+            "the policy is applied to its target".to_string(),
+        ),
+    };
+    let existing = policy
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == CONDITION_ACCEPTED));
+    // metav1.Condition: lastTransitionTime changes only when `status` changes.
+    let last_transition_time = match existing {
+        Some(c) if c.status == status && c.last_transition_time.is_some() => {
+            c.last_transition_time.clone()
+        }
+        _ => Some(rfc3339_seconds(now)),
+    };
+    Condition {
+        type_: CONDITION_ACCEPTED.to_string(),
+        status: status.to_string(),
+        reason,
+        message,
+        observed_generation: policy.metadata.generation,
+        last_transition_time,
+    }
+}
+
+/// metav1.Time is RFC 3339 with second precision.
+fn rfc3339_seconds(t: Timestamp) -> String {
+    Timestamp::from_second(t.as_second())
+        .map(|t| t.to_string())
+        .unwrap_or_else(|_| t.to_string())
+}
+
+/// What one [`StatusWriter::sync`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    /// Ingresses whose address we wrote.
+    pub ingresses_written: usize,
+    /// Ingresses no longer served whose address we removed.
+    pub ingresses_cleared: usize,
+    /// RateLimitPolicies whose condition we wrote.
+    pub policies_written: usize,
+    /// Objects already carrying the desired status.
+    pub unchanged: usize,
+    /// Writes that failed (logged; retried on the next sync).
+    pub failed: usize,
+}
+
+/// Key of the write cache: kind, namespace, name.
+type ObjKey = (&'static str, String, String);
+
+/// Writes status; see the module doc. Call [`Self::sync`] only while leading ([`run`] does).
+pub struct StatusWriter {
+    client: Client,
+    publish: PublishAddress,
+    /// Last write per object: the resourceVersion we were shown and the status we applied.
+    written: HashMap<ObjKey, (Option<String>, Value)>,
+}
+
+impl std::fmt::Debug for StatusWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // `kube::Client` is not Debug.
+        f.debug_struct("StatusWriter")
+            .field("publish", &self.publish)
+            .field("written", &self.written.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn current_addrs(ing: &Ingress) -> Vec<Addr> {
+    ing.status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref())
+        .map(|l| {
+            l.iter()
+                .map(|i| (i.ip.clone(), i.hostname.clone()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+impl StatusWriter {
+    pub fn new(client: Client, publish: PublishAddress) -> Self {
+        StatusWriter {
+            client,
+            publish,
+            written: HashMap::new(),
+        }
+    }
+
+    /// Forgets previous writes (on losing leadership: someone else may write meanwhile).
+    pub fn reset(&mut self) {
+        self.written.clear();
+    }
+
+    /// The addresses to publish now. A `--publish-service` is looked up in `services` (the
+    /// reflector's view) and read from the API when it is not there (e.g. outside a
+    /// `--watch-namespace`); a missing Service gives no address.
+    pub async fn addresses(
+        &self,
+        services: &[Arc<Service>],
+    ) -> Result<Vec<IngressLoadBalancerIngress>> {
+        match &self.publish {
+            PublishAddress::None => Ok(Vec::new()),
+            PublishAddress::Static(list) => {
+                Ok(to_lb(list.iter().map(|a| addr_of_text(a)).collect()))
+            }
+            PublishAddress::Service { namespace, name } => {
+                let found = services.iter().find(|s| {
+                    s.metadata.namespace.as_deref() == Some(namespace.as_str())
+                        && s.metadata.name.as_deref() == Some(name.as_str())
+                });
+                if let Some(svc) = found {
+                    return Ok(service_addresses(svc));
+                }
+                let api: Api<Service> = Api::namespaced(self.client.clone(), namespace);
+                match api.get_opt(name).await {
+                    Ok(Some(svc)) => Ok(service_addresses(&svc)),
+                    Ok(None) => {
+                        tracing::warn!(%namespace, %name, "publish Service not found; no address for Ingress status");
+                        Ok(Vec::new())
+                    }
+                    Err(source) => Err(StatusError::PublishService {
+                        namespace: namespace.clone(),
+                        name: name.clone(),
+                        source,
+                    }),
+                }
+            }
+        }
+    }
+
+    /// Brings the status of every Ingress and RateLimitPolicy in `inputs` to what `snapshot`
+    /// and `diagnostics` say. Per-object failures are counted and logged, not fatal.
+    pub async fn sync(
+        &mut self,
+        inputs: &Inputs,
+        snapshot: &Snapshot,
+        diagnostics: &[Diagnostic],
+    ) -> Result<SyncReport> {
+        let mut report = SyncReport::default();
+        let addresses = self.addresses(&inputs.services).await?;
+        if !addresses.is_empty() {
+            let ours: Vec<Addr> = addresses
+                .iter()
+                .map(|a| (a.ip.clone(), a.hostname.clone()))
+                .collect();
+            let served = served_ingresses(snapshot);
+            for ing in &inputs.ingresses {
+                let key = IngressRef {
+                    namespace: ing.namespace().unwrap_or_default().into(),
+                    name: ing.name_any().into(),
+                };
+                let current = current_addrs(ing);
+                let desired: Vec<IngressLoadBalancerIngress> = if served.contains(&key) {
+                    addresses.clone()
+                } else if current.iter().any(|a| ours.contains(a)) {
+                    Vec::new()
+                } else {
+                    // Not ours, not carrying our address: someone else's business.
+                    continue;
+                };
+                let desired_addrs: Vec<Addr> = desired
+                    .iter()
+                    .map(|a| (a.ip.clone(), a.hostname.clone()))
+                    .collect();
+                if current == desired_addrs {
+                    report.unchanged += 1;
+                    continue;
+                }
+                let status = json!({"loadBalancer": {"ingress": desired}});
+                match self.apply_ingress(ing, status).await {
+                    Ok(false) => report.unchanged += 1,
+                    Ok(true) if desired.is_empty() => report.ingresses_cleared += 1,
+                    Ok(true) => report.ingresses_written += 1,
+                    Err(e) => {
+                        report.failed += 1;
+                        tracing::warn!(error = %e, "Ingress status write failed");
+                    }
+                }
+            }
+        }
+        let now = Timestamp::now();
+        for policy in &inputs.rate_limit_policies {
+            let desired = accepted_condition(policy, diagnostics, now);
+            let current = policy
+                .status
+                .as_ref()
+                .map(|s| s.conditions.as_slice())
+                .unwrap_or_default();
+            if current == std::slice::from_ref(&desired) {
+                report.unchanged += 1;
+                continue;
+            }
+            let status = json!({"conditions": [desired]});
+            match self.apply_policy(policy, status).await {
+                Ok(false) => report.unchanged += 1,
+                Ok(true) => report.policies_written += 1,
+                Err(e) => {
+                    report.failed += 1;
+                    tracing::warn!(error = %e, "RateLimitPolicy status write failed");
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    /// Whether a write of `status` over `rv` is a repeat of our last one.
+    fn repeat(&self, key: &ObjKey, rv: &Option<String>, status: &Value) -> bool {
+        self.written
+            .get(key)
+            .is_some_and(|(seen_rv, written)| seen_rv == rv && written == status)
+    }
+
+    async fn apply_ingress(&mut self, ing: &Ingress, status: Value) -> Result<bool> {
+        let ns = ing.namespace().unwrap_or_default();
+        let name = ing.name_any();
+        let key: ObjKey = ("Ingress", ns.clone(), name.clone());
+        let rv = ing.resource_version();
+        if self.repeat(&key, &rv, &status) {
+            return Ok(false);
+        }
+        let patch = json!({
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "Ingress",
+            "metadata": {"name": name, "namespace": ns},
+            "status": status,
+        });
+        let api: Api<Ingress> = Api::namespaced(self.client.clone(), &ns);
+        self.apply(&api, key, rv, status, patch).await
+    }
+
+    async fn apply_policy(&mut self, policy: &RateLimitPolicy, status: Value) -> Result<bool> {
+        let ns = policy.namespace().unwrap_or_default();
+        let name = policy.name_any();
+        let key: ObjKey = ("RateLimitPolicy", ns.clone(), name.clone());
+        let rv = policy.resource_version();
+        if self.repeat(&key, &rv, &status) {
+            return Ok(false);
+        }
+        let patch = json!({
+            "apiVersion": "portico.dev/v1alpha1",
+            "kind": "RateLimitPolicy",
+            "metadata": {"name": name, "namespace": ns},
+            "status": status,
+        });
+        let api: Api<RateLimitPolicy> = Api::namespaced(self.client.clone(), &ns);
+        self.apply(&api, key, rv, status, patch).await
+    }
+
+    async fn apply<K>(
+        &mut self,
+        api: &Api<K>,
+        key: ObjKey,
+        rv: Option<String>,
+        status: Value,
+        patch: Value,
+    ) -> Result<bool>
+    where
+        K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    {
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        match api
+            .patch_status(&key.2, &params, &Patch::Apply(&patch))
+            .await
+        {
+            Ok(_) => {
+                self.written.insert(key, (rv, status));
+                Ok(true)
+            }
+            // Deleted since we saw it: nothing to write.
+            Err(kube::Error::Api(s)) if s.code == 404 => {
+                self.written.remove(&key);
+                Ok(false)
+            }
+            Err(source) => Err(StatusError::Write {
+                kind: key.0,
+                namespace: key.1,
+                name: key.2,
+                source,
+            }),
+        }
+    }
+}
+
+/// What [`run`] syncs: the inputs of a build and its results, exactly what the rebuild loop
+/// hands out after every build ([`crate::rebuild::Rebuilder::built`]).
+pub type StatusView = crate::rebuild::Built;
+
+/// Syncs status on every new [`StatusView`], at once on becoming leader, and every `resync`
+/// while `leader` is true, until `shutdown`.
+pub async fn run<F>(
+    mut writer: StatusWriter,
+    mut leader: watch::Receiver<bool>,
+    mut views: watch::Receiver<Arc<StatusView>>,
+    resync: Duration,
+    shutdown: F,
+) where
+    F: Future<Output = ()>,
+{
+    tokio::pin!(shutdown);
+    loop {
+        // Every wake-up below (new view, leadership change, resync tick) is a reason to sync.
+        if *leader.borrow_and_update() {
+            let view = views.borrow_and_update().clone();
+            match writer
+                .sync(&view.inputs, &view.snapshot, &view.diagnostics)
+                .await
+            {
+                Ok(r) if r.failed > 0 => {
+                    tracing::warn!(
+                        failed = r.failed,
+                        "some status writes failed; retrying at the next resync"
+                    );
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "status sync failed"),
+            }
+        }
+        tokio::select! {
+            () = &mut shutdown => return,
+            r = leader.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                if !*leader.borrow() {
+                    writer.reset();
+                }
+            }
+            r = views.changed() => {
+                if r.is_err() {
+                    return;
+                }
+            }
+            () = tokio::time::sleep(resync) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::RateLimitPolicyStatus;
+
+    fn service(v: Value) -> Service {
+        serde_json::from_value(v).expect("service parses")
+    }
+
+    fn addrs(list: &[IngressLoadBalancerIngress]) -> Vec<Addr> {
+        list.iter()
+            .map(|a| (a.ip.clone(), a.hostname.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn service_address_preference() {
+        let full = service(json!({
+            "metadata": {"name": "edge"},
+            "spec": {"clusterIP": "10.96.0.1", "externalIPs": ["192.0.2.1"]},
+            "status": {"loadBalancer": {"ingress": [{"hostname": "lb.example"}]}}
+        }));
+        assert_eq!(
+            addrs(&service_addresses(&full)),
+            vec![(None, Some("lb.example".into()))]
+        );
+        let external = service(json!({
+            "metadata": {"name": "edge"},
+            "spec": {"clusterIP": "10.96.0.1", "externalIPs": ["192.0.2.2", "192.0.2.1"]}
+        }));
+        assert_eq!(
+            addrs(&service_addresses(&external)),
+            vec![
+                (Some("192.0.2.1".into()), None),
+                (Some("192.0.2.2".into()), None)
+            ]
+        );
+        let cluster =
+            service(json!({"metadata": {"name": "edge"}, "spec": {"clusterIP": "10.96.0.1"}}));
+        assert_eq!(
+            addrs(&service_addresses(&cluster)),
+            vec![(Some("10.96.0.1".into()), None)]
+        );
+        let headless =
+            service(json!({"metadata": {"name": "edge"}, "spec": {"clusterIP": "None"}}));
+        assert!(service_addresses(&headless).is_empty());
+    }
+
+    #[test]
+    fn publish_flags() {
+        let svc = ("ns".to_string(), "edge".to_string());
+        assert_eq!(
+            PublishAddress::from_flags(&[" 10.0.0.1 ".into()], Some(&svc)),
+            PublishAddress::Static(vec!["10.0.0.1".into()])
+        );
+        assert_eq!(
+            PublishAddress::from_flags(&[], Some(&svc)),
+            PublishAddress::Service {
+                namespace: "ns".into(),
+                name: "edge".into()
+            }
+        );
+        assert_eq!(PublishAddress::from_flags(&[], None), PublishAddress::None);
+        assert_eq!(
+            addr_of_text("::1"),
+            (Some("::1".into()), None),
+            "IPv6 is an ip"
+        );
+        assert_eq!(addr_of_text("a.example"), (None, Some("a.example".into())));
+    }
+
+    fn policy(generation: i64, status: Option<Condition>) -> RateLimitPolicy {
+        let mut p: RateLimitPolicy = serde_json::from_value(json!({
+            "apiVersion": "portico.dev/v1alpha1", "kind": "RateLimitPolicy",
+            "metadata": {"name": "p", "namespace": "ns", "generation": generation},
+            "spec": {"targetRef": {"kind": "Ingress", "name": "shop"}, "maxInFlight": 5}
+        }))
+        .expect("policy parses");
+        p.status = status.map(|c| RateLimitPolicyStatus {
+            conditions: vec![c],
+        });
+        p
+    }
+
+    fn error(reason: &str, message: &str) -> Diagnostic {
+        Diagnostic {
+            severity: Severity::Error,
+            kind: "RateLimitPolicy".into(),
+            namespace: "ns".into(),
+            name: "p".into(),
+            reason: reason.into(),
+            message: message.into(),
+        }
+    }
+
+    #[test]
+    fn accepted_condition_follows_errors_and_keeps_transition_time() {
+        let now = Timestamp::from_second(1_700_000_000).expect("ts");
+        let c = accepted_condition(&policy(3, None), &[], now);
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("True", REASON_ACCEPTED)
+        );
+        assert_eq!(c.observed_generation, Some(3));
+        assert_eq!(
+            c.last_transition_time.as_deref(),
+            Some("2023-11-14T22:13:20Z")
+        );
+
+        // Errors on other objects do not count; two errors on ours: first reason, both messages.
+        let other = Diagnostic {
+            name: "q".into(),
+            ..error("TargetNotFound", "x")
+        };
+        let diags = [
+            error("InvalidPeriod", "bad period"),
+            error("TargetNotFound", "no target"),
+            other,
+        ];
+        let earlier = Condition {
+            last_transition_time: Some("2020-01-01T00:00:00Z".into()),
+            ..c.clone()
+        };
+        let f = accepted_condition(&policy(4, Some(earlier.clone())), &diags, now);
+        assert_eq!(
+            (f.status.as_str(), f.reason.as_str()),
+            ("False", "InvalidPeriod")
+        );
+        assert_eq!(f.message, "bad period; no target");
+        assert_eq!(
+            f.last_transition_time.as_deref(),
+            Some("2023-11-14T22:13:20Z")
+        );
+
+        // Same status as before: the transition time is kept.
+        let t = accepted_condition(&policy(4, Some(earlier)), &[], now);
+        assert_eq!(
+            t.last_transition_time.as_deref(),
+            Some("2020-01-01T00:00:00Z")
+        );
+    }
+
+    #[test]
+    fn served_ingresses_include_the_default_route() {
+        use crate::model::{HostRoutes, PathKind, Route, RouteTarget};
+        let route = |name: &str| {
+            Arc::new(Route {
+                kind: PathKind::Prefix,
+                path: "/".into(),
+                ingress: IngressRef {
+                    namespace: "ns".into(),
+                    name: name.into(),
+                },
+                target: RouteTarget::Unavailable {
+                    reason: "test".into(),
+                },
+                policy: Arc::default(),
+            })
+        };
+        let mut hosts = crate::model::HostTable::default();
+        hosts.exact.insert(
+            "a.example".into(),
+            HostRoutes {
+                routes: vec![route("a")],
+            },
+        );
+        hosts.catch_all = Some(HostRoutes {
+            routes: vec![route("b")],
+        });
+        hosts.default_route = Some(route("c"));
+        let snap = Snapshot {
+            hosts: Arc::new(hosts),
+            ..Snapshot::default()
+        };
+        let names: Vec<String> = served_ingresses(&snap)
+            .into_iter()
+            .map(|r| r.name.to_string())
+            .collect();
+        assert_eq!(names, ["a", "b", "c"]);
+    }
+}

@@ -1,0 +1,180 @@
+//! RateLimitPolicy validation (brief §4.5): a policy whose target is missing or of the wrong
+//! kind, or whose values make no sense, becomes an Error diagnostic (so its status is
+//! Accepted=False and `portico check` fails) and is not applied. Enforcement is the proxy's.
+//!
+//! Owns: the validity rules only. Must not import tokio, hyper or the filesystem.
+
+use std::collections::BTreeSet;
+
+use crate::model::duration::parse_duration;
+
+use super::{Diags, Inputs, ObjRef};
+
+const KIND: &str = "RateLimitPolicy";
+
+/// Check every policy; diagnostics go to `diags`.
+pub(super) fn validate(inputs: &Inputs, diags: &mut Diags) {
+    let ingresses: BTreeSet<(&str, &str)> = inputs
+        .ingresses
+        .iter()
+        .map(|i| {
+            (
+                i.metadata.namespace.as_deref().unwrap_or_default(),
+                i.metadata.name.as_deref().unwrap_or_default(),
+            )
+        })
+        .collect();
+    for policy in &inputs.rate_limit_policies {
+        let namespace = policy.metadata.namespace.as_deref().unwrap_or_default();
+        let name = policy.metadata.name.as_deref().unwrap_or_default();
+        let obj = ObjRef { namespace, name };
+        let spec = &policy.spec;
+        let target = &spec.target_ref;
+        if target.kind != "Ingress" {
+            diags.error(
+                KIND,
+                &obj,
+                "InvalidTargetKind",
+                format!(
+                    "targetRef.kind {:?} is not supported; use Ingress",
+                    target.kind
+                ),
+            );
+        } else if !ingresses.contains(&(namespace, target.name.as_str())) {
+            diags.error(
+                KIND,
+                &obj,
+                "TargetNotFound",
+                format!("Ingress {namespace}/{} does not exist", target.name),
+            );
+        }
+        for problem in value_problems(spec) {
+            diags.error(KIND, &obj, "InvalidPolicy", problem);
+        }
+    }
+}
+
+/// Nonsensical values, each as a message.
+fn value_problems(spec: &crate::crd::RateLimitPolicySpec) -> Vec<String> {
+    let mut out = Vec::new();
+    if spec.limit.is_none() && spec.max_in_flight.is_none() {
+        out.push("at least one of limit and maxInFlight is required".to_string());
+    }
+    if let Some(limit) = &spec.limit {
+        if limit.requests < 1 {
+            out.push("limit.requests must be at least 1".to_string());
+        }
+        match parse_duration(&limit.period) {
+            Some(d) if !d.is_zero() => {}
+            _ => out.push(format!(
+                "limit.period {:?} is not a positive duration such as 1m, 30s or 1h30m",
+                limit.period
+            )),
+        }
+        if limit.burst == Some(0) {
+            out.push("limit.burst must be at least 1".to_string());
+        }
+    }
+    if spec.max_in_flight == Some(0) {
+        out.push("maxInFlight must be at least 1".to_string());
+    }
+    if let Some(key) = &spec.key {
+        let named = key
+            .name
+            .as_deref()
+            .is_some_and(|n| !n.is_empty() && http_token(n));
+        if key.key_type == crate::crd::KeyType::Header && !named {
+            out.push("key.type Header needs a valid header name in key.name".to_string());
+        }
+    }
+    out
+}
+
+/// RFC 9110 §5.1 field-name: a token.
+fn http_token(s: &str) -> bool {
+    s.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+#[cfg(test)]
+mod unit {
+    use super::*;
+    use crate::crd::{Key, KeyType, Limit, RateLimitPolicy, RateLimitPolicySpec, TargetRef};
+    use k8s_openapi::api::networking::v1::Ingress;
+    use std::sync::Arc;
+
+    fn policy(
+        name: &str,
+        kind: &str,
+        target: &str,
+        limit: Option<Limit>,
+        key: Option<Key>,
+    ) -> Arc<RateLimitPolicy> {
+        let mut p = RateLimitPolicy::new(
+            name,
+            RateLimitPolicySpec {
+                target_ref: TargetRef {
+                    kind: kind.into(),
+                    name: target.into(),
+                },
+                limit,
+                key,
+                max_in_flight: None,
+            },
+        );
+        p.metadata.namespace = Some("shop".into());
+        Arc::new(p)
+    }
+
+    fn limit(requests: u32, period: &str, burst: Option<u32>) -> Option<Limit> {
+        Some(Limit {
+            requests,
+            period: period.into(),
+            burst,
+        })
+    }
+
+    fn reasons(inputs: &Inputs) -> Vec<(String, String)> {
+        let mut d = Diags::default();
+        validate(inputs, &mut d);
+        d.finish().into_iter().map(|d| (d.name, d.reason)).collect()
+    }
+
+    #[test]
+    fn valid_invalid_and_missing_targets() {
+        let mut ing = Ingress::default();
+        ing.metadata.name = Some("web".into());
+        ing.metadata.namespace = Some("shop".into());
+        let inputs = Inputs {
+            ingresses: vec![Arc::new(ing)],
+            rate_limit_policies: vec![
+                policy("ok", "Ingress", "web", limit(100, "1m", Some(20)), None),
+                policy("gone", "Ingress", "missing", limit(1, "1s", None), None),
+                policy("svc", "Service", "web", limit(1, "1s", None), None),
+                policy("zero", "Ingress", "web", limit(0, "1m", Some(0)), None),
+                policy("period", "Ingress", "web", limit(1, "soon", None), None),
+                policy("empty", "Ingress", "web", None, None),
+                policy(
+                    "header",
+                    "Ingress",
+                    "web",
+                    limit(1, "1s", None),
+                    Some(Key {
+                        key_type: KeyType::Header,
+                        name: None,
+                    }),
+                ),
+            ],
+            ..Inputs::default()
+        };
+        let got = reasons(&inputs);
+        let has = |n: &str, r: &str| got.iter().any(|(a, b)| a == n && b == r);
+        assert!(!got.iter().any(|(n, _)| n == "ok"), "{got:?}");
+        assert!(has("gone", "TargetNotFound"));
+        assert!(has("svc", "InvalidTargetKind"));
+        assert!(has("zero", "InvalidPolicy"));
+        assert!(has("period", "InvalidPolicy"));
+        assert!(has("empty", "InvalidPolicy"));
+        assert!(has("header", "InvalidPolicy"));
+    }
+}
