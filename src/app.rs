@@ -152,6 +152,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 let config = SourceConfig {
                     namespaces: args.watch_namespace.clone(),
                     publish_service: args.publish_service.clone(),
+                    default_certificate: args.translate.default_certificate.clone(),
                     ..SourceConfig::default()
                 };
                 let (source, task) = ClusterSource::start(

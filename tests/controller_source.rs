@@ -607,6 +607,17 @@ async fn secrets_are_tls_only_and_stripped_to_tls_keys_without_managed_fields() 
         "kubectl",
     )
     .expect("tls with extras");
+    // Key material is only held for referenced Secrets: reference every TLS Secret here.
+    api.apply(
+        tls_ingress(
+            "shop",
+            "refs",
+            "refs.example.com",
+            &["tls", "tls-extra", "later-tls", "db"],
+        ),
+        "kubectl",
+    )
+    .expect("referencing ingress");
     api.apply(secret("shop", "db", "Opaque", &["password"]), "kubectl")
         .expect("opaque");
     api.apply(
@@ -710,6 +721,11 @@ async fn secrets_are_tls_only_and_stripped_to_tls_keys_without_managed_fields() 
     .expect("tls later");
     run.until("later-tls", |v| has(v, "Secret", "shop/later-tls"))
         .await;
+    let source = run.source.clone();
+    assert!(
+        poll_until(DEADLINE, || held(&source).contains("shop/later-tls")).await,
+        "later-tls data fetched"
+    );
     let (inputs, _) = run.source.inputs();
     assert!(!names(&inputs.secrets).contains("shop/later"));
     for s in &inputs.secrets {
@@ -1221,4 +1237,299 @@ fn controller_never_imports_the_proxy() {
         checked += 1;
     }
     assert!(checked >= 3);
+}
+
+// ------------------------------------------------------------------------------------------
+// Secret key material: only for referenced Secrets
+
+/// A TLS Secret with a real certificate for `host` (so translate accepts it); returns the
+/// object and the certificate PEM.
+fn tls_secret(ns: &str, name: &str, host: &str) -> (Value, String) {
+    let rcgen::CertifiedKey { cert, signing_key } =
+        rcgen::generate_simple_self_signed(vec![host.to_string()]).expect("rcgen");
+    let crt = cert.pem();
+    let key = signing_key.serialize_pem();
+    let b64 = |b: &str| serde_json::to_value(k8s_openapi::ByteString(b.as_bytes().to_vec()));
+    let obj = json!({
+        "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+        "metadata": {"name": name, "namespace": ns},
+        "data": {
+            "tls.crt": b64(&crt).expect("b64"),
+            "tls.key": b64(&key).expect("b64"),
+            "ca.crt": b64("not kept").expect("b64"),
+        }
+    });
+    (obj, crt)
+}
+
+/// An Ingress for `host` whose `spec.tls` names `secrets`.
+fn tls_ingress(ns: &str, name: &str, host: &str, secrets: &[&str]) -> Value {
+    let mut ing = ingress(ns, name, host, "web");
+    ing["spec"]["tls"] = secrets
+        .iter()
+        .map(|s| json!({"hosts": [host], "secretName": s}))
+        .collect();
+    ing
+}
+
+/// `tls.crt` of `ns/name` in the source's inputs; `None` when listed without data; panics
+/// when not listed at all (every TLS Secret is listed, metadata only or with data).
+fn crt_of(source: &ClusterSource, ns: &str, name: &str) -> Option<String> {
+    let (inputs, _) = source.inputs();
+    let s = inputs
+        .secrets
+        .iter()
+        .find(|s| {
+            s.metadata.namespace.as_deref() == Some(ns) && s.metadata.name.as_deref() == Some(name)
+        })
+        .unwrap_or_else(|| panic!("{ns}/{name} listed"));
+    let data = s.data.as_ref()?;
+    let keys: Vec<&str> = data.keys().map(String::as_str).collect();
+    assert_eq!(keys, ["tls.crt", "tls.key"], "only the TLS keys are held");
+    data.get("tls.crt")
+        .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+}
+
+fn held(source: &ClusterSource) -> BTreeSet<String> {
+    source
+        .secrets_with_data()
+        .into_iter()
+        .map(|(ns, n)| format!("{ns}/{n}"))
+        .collect()
+}
+
+#[tokio::test]
+async fn secret_data_follows_what_ingresses_reference() {
+    let api = FakeApi::start().await;
+    api.apply(ingress_class("portico"), "kubectl")
+        .expect("class");
+    seed(&api, "shop");
+    let (secure, crt) = tls_secret("shop", "secure-tls", "secure.example.com");
+    api.create(secure).expect("secret");
+    // Same name, other namespace: a reference from shop must not pull it in.
+    let (elsewhere, _) = tls_secret("other", "secure-tls", "secure.example.com");
+    api.create(elsewhere).expect("secret elsewhere");
+    let run = Running::start(&api, SourceConfig::default()).await;
+    run.synced().await;
+    // Nothing references a Secret yet: all are listed, none with data, none fetched.
+    assert_eq!(crt_of(&run.source, "shop", "secure-tls"), None);
+    assert_eq!(crt_of(&run.source, "shop", "tls"), None);
+    assert_eq!(crt_of(&run.source, "other", "secure-tls"), None);
+    assert!(held(&run.source).is_empty());
+    assert_eq!(api.count("get", "secrets"), 0);
+
+    // Through the real rebuild loop: only a poke makes it build again, so the certificate
+    // reaching the snapshot proves the fetched data poked the trigger.
+    let (publisher, reader) = publish::channel();
+    let rebuilder = Rebuilder::new(
+        RebuildConfig::default(),
+        publisher,
+        Metrics::new(),
+        run.trigger.clone(),
+    );
+    let (stop_rb, rb_rx) = watch::channel(false);
+    let source = run.source.clone();
+    let rb = tokio::spawn(async move { rebuilder.run(&*source, stopped(rb_rx)).await });
+    assert!(
+        poll_until(DEADLINE, || reader.load().is_some()).await,
+        "first build"
+    );
+    assert!(
+        reader
+            .load()
+            .is_some_and(|s| !s.tls.has_cert_for("secure.example.com"))
+    );
+
+    // An Ingress starts referencing it: data appears (only the TLS keys), and the snapshot
+    // gets the certificate.
+    api.apply(
+        tls_ingress("shop", "secure", "secure.example.com", &["secure-tls"]),
+        "kubectl",
+    )
+    .expect("tls ingress");
+    let source = run.source.clone();
+    assert!(
+        poll_until(DEADLINE, || crt_of(&source, "shop", "secure-tls").is_some()).await,
+        "referenced Secret's data fetched"
+    );
+    assert_eq!(crt_of(&run.source, "shop", "secure-tls"), Some(crt.clone()));
+    assert_eq!(
+        held(&run.source),
+        BTreeSet::from(["shop/secure-tls".to_string()])
+    );
+    assert!(
+        poll_until(DEADLINE, || reader
+            .load()
+            .is_some_and(|s| s.tls.has_cert_for("secure.example.com")))
+        .await,
+        "the fetched certificate reached the snapshot"
+    );
+    assert!(api.count("get", "secrets") >= 1);
+
+    // The Ingress stops referencing it: the data is dropped.
+    api.apply(
+        ingress("shop", "secure", "secure.example.com", "web"),
+        "kubectl",
+    )
+    .expect("tls removed");
+    assert!(
+        poll_until(DEADLINE, || held(&source).is_empty()).await,
+        "unreferenced data dropped; held {:?}",
+        held(&run.source)
+    );
+    assert_eq!(crt_of(&run.source, "shop", "secure-tls"), None);
+    assert!(
+        poll_until(DEADLINE, || reader
+            .load()
+            .is_some_and(|s| !s.tls.has_cert_for("secure.example.com")))
+        .await,
+        "the certificate left the snapshot"
+    );
+
+    // Referenced again, then the Secret is deleted: the data goes with it.
+    api.apply(
+        tls_ingress("shop", "secure", "secure.example.com", &["secure-tls"]),
+        "kubectl",
+    )
+    .expect("tls again");
+    assert!(
+        poll_until(DEADLINE, || crt_of(&source, "shop", "secure-tls").is_some()).await,
+        "fetched again"
+    );
+    api.delete("v1", "Secret", "shop", "secure-tls")
+        .expect("delete secret");
+    assert!(
+        poll_until(DEADLINE, || held(&source).is_empty()).await,
+        "deleted Secret's data dropped"
+    );
+    assert_eq!(crt_of(&run.source, "other", "secure-tls"), None);
+
+    let _ = stop_rb.send(true);
+    tokio::time::timeout(DEADLINE, rb)
+        .await
+        .expect("rebuilder stops")
+        .expect("no panic");
+    run.stop().await;
+}
+
+#[tokio::test]
+async fn first_sync_waits_for_referenced_data_and_keeps_the_default_certificate() {
+    let api = FakeApi::start().await;
+    api.apply(ingress_class("portico"), "kubectl")
+        .expect("class");
+    seed(&api, "shop");
+    let (secure, crt) = tls_secret("shop", "secure-tls", "secure.example.com");
+    api.create(secure).expect("secret");
+    let (default, default_crt) = tls_secret("infra", "default-cert", "fallback.example.com");
+    api.create(default).expect("default secret");
+    api.apply(
+        tls_ingress("shop", "secure", "secure.example.com", &["secure-tls"]),
+        "kubectl",
+    )
+    .expect("tls ingress");
+    let run = Running::start(
+        &api,
+        SourceConfig {
+            default_certificate: Some(("infra".into(), "default-cert".into())),
+            ..Default::default()
+        },
+    )
+    .await;
+    run.synced().await;
+    // No polling: the inputs at sync time already carry the referenced data.
+    assert_eq!(crt_of(&run.source, "shop", "secure-tls"), Some(crt));
+    assert_eq!(
+        crt_of(&run.source, "infra", "default-cert"),
+        Some(default_crt.clone())
+    );
+    assert_eq!(crt_of(&run.source, "shop", "tls"), None);
+    assert_eq!(
+        held(&run.source),
+        BTreeSet::from([
+            "infra/default-cert".to_string(),
+            "shop/secure-tls".to_string()
+        ])
+    );
+    // And translate turns them into certificates.
+    let (snapshot, _) = translate::translate(
+        &run.source.inputs().0,
+        &Options {
+            default_certificate: Some(("infra".into(), "default-cert".into())),
+            ..Options::default()
+        },
+    );
+    assert!(snapshot.tls.has_cert_for("secure.example.com"));
+    assert!(snapshot.tls.default.is_some());
+
+    // No Ingress references the default certificate; deleting the only Ingress keeps it.
+    api.delete("networking.k8s.io/v1", "Ingress", "shop", "secure")
+        .expect("delete ingress");
+    let source = run.source.clone();
+    assert!(
+        poll_until(DEADLINE, || crt_of(&source, "shop", "secure-tls").is_none()).await,
+        "secure-tls dropped"
+    );
+    assert_eq!(
+        crt_of(&run.source, "infra", "default-cert"),
+        Some(default_crt)
+    );
+    run.stop().await;
+}
+
+#[tokio::test]
+async fn rotated_referenced_secret_is_fetched_again() {
+    let api = FakeApi::start().await;
+    api.apply(ingress_class("portico"), "kubectl")
+        .expect("class");
+    seed(&api, "shop");
+    let (secure, crt1) = tls_secret("shop", "secure-tls", "secure.example.com");
+    api.create(secure).expect("secret");
+    api.apply(
+        tls_ingress("shop", "secure", "secure.example.com", &["secure-tls"]),
+        "kubectl",
+    )
+    .expect("tls ingress");
+    let run = Running::start(&api, SourceConfig::default()).await;
+    run.synced().await;
+    assert_eq!(
+        crt_of(&run.source, "shop", "secure-tls"),
+        Some(crt1.clone())
+    );
+    let gets = api.count("get", "secrets");
+
+    let (rotated, crt2) = tls_secret("shop", "secure-tls", "secure.example.com");
+    assert_ne!(crt1, crt2);
+    let mut live = api.get("v1", "Secret", "shop", "secure-tls").expect("get");
+    live["data"] = rotated["data"].clone();
+    api.update(live).expect("rotate");
+    let source = run.source.clone();
+    assert!(
+        poll_until(DEADLINE, || crt_of(&source, "shop", "secure-tls")
+            == Some(crt2.clone()))
+        .await,
+        "rotated data fetched"
+    );
+    assert!(api.count("get", "secrets") > gets);
+    // Unrelated changes (a new Service) do not fetch the unchanged Secret again: after them,
+    // a newly referenced Secret is the only GET (the keeper's rounds run in order, so once
+    // "second" is held every earlier change was reconciled).
+    let gets = api.count("get", "secrets");
+    api.apply(service("shop", "another"), "kubectl")
+        .expect("service");
+    run.until("another", |v| has(v, "Service", "shop/another"))
+        .await;
+    let (second, _) = tls_secret("shop", "second", "second.example.com");
+    api.create(second).expect("second secret");
+    api.apply(
+        tls_ingress("shop", "second", "second.example.com", &["second"]),
+        "kubectl",
+    )
+    .expect("second ingress");
+    assert!(
+        poll_until(DEADLINE, || held(&source).contains("shop/second")).await,
+        "second fetched"
+    );
+    assert_eq!(api.count("get", "secrets"), gets + 1);
+    assert_eq!(crt_of(&run.source, "shop", "secure-tls"), Some(crt2));
+    run.stop().await;
 }

@@ -2,7 +2,7 @@
 //! elected leader writes back (Ingress status, RateLimitPolicy conditions, Events).
 //!
 //! Owns: the kube client ([`client`]), the reflectors ([`source`]), the API-needs table
-//! ([`rbac`]), leader election on a Lease ([`leader`]), status writes ([`status`]) and
+//! ([`rbac`]), referenced Secrets' key material ([`secret_data`]), leader election on a Lease ([`leader`]), status writes ([`status`]) and
 //! Diagnostics → Events ([`events`]). May import translate, publish, rebuild, metrics, crd,
 //! config, model, kube, k8s-openapi, tokio. Must never import `crate::proxy` (brief §3).
 //!
@@ -16,6 +16,7 @@ pub mod client;
 pub mod events;
 pub mod leader;
 pub mod rbac;
+pub mod secret_data;
 pub mod source;
 pub mod status;
 

@@ -48,9 +48,9 @@ pub struct ApiNeed {
     pub why: &'static str,
 }
 
-/// Everything the controller calls. Reflected kinds need exactly `list` + `watch` (kube's
-/// watcher lists, then watches from the list's resourceVersion; it never `get`s single
-/// objects). The status writer, Events and the leader lease are listed with the verbs issue 3
+/// Everything the controller calls. Reflected kinds need `list` + `watch` (kube's watcher
+/// lists, then watches from the list's resourceVersion; it never `get`s single objects);
+/// Secrets also need `get` (referenced Secrets' data is fetched one by one). The status writer, Events and the leader lease are listed with the verbs issue 3
 /// names for them; whoever writes those parts adjusts their entries to what the code calls.
 pub const API_NEEDS: &[ApiNeed] = &[
     ApiNeed {
@@ -84,10 +84,11 @@ pub const API_NEEDS: &[ApiNeed] = &[
     ApiNeed {
         group: "",
         resource: "secrets",
-        verbs: &["list", "watch"],
+        verbs: &["get", "list", "watch"],
         scope: Scope::WatchedNamespaces,
-        why: "source: reflector on Secret with fieldSelector type=kubernetes.io/tls (RBAC cannot \
-              narrow by type; only tls.crt/tls.key are kept in memory)",
+        why: "source: reflector on Secret with fieldSelector type=kubernetes.io/tls, metadata \
+              only (RBAC cannot narrow by type); get fetches tls.crt/tls.key of the Secrets an \
+              Ingress or --default-certificate references, the only key material kept in memory",
     },
     ApiNeed {
         group: "portico.dev",

@@ -27,7 +27,13 @@
 //!   store must not be shared by two reflectors). IngressClass is cluster-scoped: one watcher.
 //! - Secrets: `fieldSelector=type=kubernetes.io/tls` on the list and the watch, so other
 //!   Secrets never leave the API server (a Secret's `type` is immutable, so a listed Secret
-//!   cannot turn into another type). Only the `tls.crt` and `tls.key` data keys are kept.
+//!   cannot turn into another type). The reflector keeps *metadata only* (`data` and
+//!   `stringData` are stripped); `tls.crt`/`tls.key` are held, in a separate map, only for
+//!   Secrets something references (an Ingress `spec.tls[].secretName` in its namespace, or
+//!   [`SourceConfig::default_certificate`]), fetched with `GET` by a background task and
+//!   dropped as soon as nothing references them ([`super::secret_data`]). [`Source::inputs`]
+//!   lists every TLS Secret, with data re-attached for the referenced ones. The first sync
+//!   also waits until every Secret referenced at that point was fetched (or failed).
 //! - Every kind: `metadata.managedFields` and the `kubectl.kubernetes.io/last-applied-
 //!   configuration` annotation are dropped before the store (memory; and for Secrets the
 //!   annotation can hold a copy of the whole Secret, keys included).
@@ -57,6 +63,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 
+use super::secret_data::{Keeper, SecretData};
 use crate::crd::RateLimitPolicy;
 use crate::rebuild::{Source, Trigger};
 use crate::translate::{Diagnostic, Inputs};
@@ -81,6 +88,9 @@ pub struct SourceConfig {
     /// List page size (kube's default, 500, when `None`). Tests use small pages so a relist
     /// takes several requests.
     pub page_size: Option<u32>,
+    /// `--default-certificate ns/name`: its Secret's data is held even when no Ingress names
+    /// it.
+    pub default_certificate: Option<(String, String)>,
 }
 
 impl SourceConfig {
@@ -148,6 +158,8 @@ pub struct ClusterSource {
     services: Vec<Store<Service>>,
     endpoint_slices: Vec<Store<EndpointSlice>>,
     secrets: Vec<Store<Secret>>,
+    /// Key material of referenced Secrets (the `secrets` stores hold metadata only).
+    secret_data: Arc<SecretData>,
     policies: Vec<Store<RateLimitPolicy>>,
     /// The extra watcher on `--publish-service` when its namespace is not watched.
     publish_service: Option<Store<Service>>,
@@ -167,7 +179,7 @@ impl Source for ClusterSource {
             ingress_classes: self.ingress_classes.state(),
             services: all(&self.services),
             endpoint_slices: all(&self.endpoint_slices),
-            secrets: all(&self.secrets),
+            secrets: self.secret_data.attach(all(&self.secrets)),
             rate_limit_policies: all(&self.policies),
         };
         (inputs, Vec::new())
@@ -283,7 +295,7 @@ impl ClusterSource {
                 Watch {
                     api: scoped_api(&client, ns.as_deref()),
                     config: base().fields(TLS_SECRET_SELECTOR),
-                    strip: strip_secret,
+                    strip: strip_secret_data,
                     kind: "Secret",
                     namespace: ns.clone(),
                     gates_sync: true,
@@ -329,6 +341,28 @@ impl ClusterSource {
             )),
             _ => None,
         };
+        let secret_data = Arc::new(SecretData::default());
+        // The keeper gates the first sync too: inputs at sync time already carry the data of
+        // every Secret referenced then.
+        shared.unsynced.fetch_add(1, Ordering::AcqRel);
+        let keeper = Keeper {
+            client: client.clone(),
+            ingresses: ingresses.clone(),
+            secrets: secrets.clone(),
+            default_certificate: config.default_certificate.clone(),
+            data: secret_data.clone(),
+            on_change: Box::new({
+                let shared = shared.clone();
+                move || shared.changed()
+            }),
+        };
+        let keeper_changes = shared.changes.subscribe();
+        let keeper_shared = shared.clone();
+        set.spawn(async move {
+            keeper
+                .run(keeper_changes, move || keeper_shared.first_sync())
+                .await;
+        });
         shared.first_sync();
         let source = Arc::new(ClusterSource {
             namespaces,
@@ -337,6 +371,7 @@ impl ClusterSource {
             services,
             endpoint_slices,
             secrets,
+            secret_data,
             policies,
             publish_service,
             shared,
@@ -382,7 +417,7 @@ impl ClusterSource {
     }
 
     /// A counter bumped on every applied change in any store (the publish-service watcher
-    /// included): subscribe to learn that something changed without rebuilding.
+    /// included) and whenever held Secret data changes: subscribe to learn that something changed without rebuilding.
     pub fn changes(&self) -> watch::Receiver<u64> {
         self.shared.changes.subscribe()
     }
@@ -390,6 +425,11 @@ impl ClusterSource {
     /// Watch errors seen so far (each was logged and retried).
     pub fn watch_errors(&self) -> u64 {
         self.shared.watch_errors.load(Ordering::Relaxed)
+    }
+
+    /// `(namespace, name)` of the Secrets whose key material is held in memory right now.
+    pub fn secrets_with_data(&self) -> BTreeSet<(String, String)> {
+        self.secret_data.held()
     }
 }
 
@@ -491,6 +531,14 @@ pub fn strip_common<K: Resource>(obj: &mut K) {
     }
 }
 
+/// [`strip_common`], and drop all key material: what the Secret reflector stores (metadata
+/// only; data of referenced Secrets is fetched separately).
+pub fn strip_secret_data(secret: &mut Secret) {
+    strip_common(secret);
+    secret.data = None;
+    secret.string_data = None;
+}
+
 /// [`strip_common`], and keep only the TLS data keys: other keys (a CA bundle, anything a user
 /// put there) are never held by the proxy process.
 pub fn strip_secret(secret: &mut Secret) {
@@ -549,5 +597,19 @@ mod tests {
         let ann = s.metadata.annotations.unwrap_or_default();
         assert_eq!(ann.len(), 1);
         assert_eq!(ann.get("keep").map(String::as_str), Some("me"));
+    }
+
+    #[test]
+    fn reflected_secret_keeps_metadata_only() {
+        let mut s = Secret::default();
+        s.metadata.name = Some("tls".into());
+        s.metadata.managed_fields = Some(vec![ManagedFieldsEntry::default()]);
+        s.data = Some([("tls.key".to_string(), ByteString(b"k".to_vec()))].into());
+        s.string_data = Some([("tls.key".to_string(), "k".to_string())].into());
+        strip_secret_data(&mut s);
+        assert_eq!(s.data, None);
+        assert_eq!(s.string_data, None);
+        assert_eq!(s.metadata.managed_fields, None);
+        assert_eq!(s.metadata.name.as_deref(), Some("tls"));
     }
 }
