@@ -261,10 +261,12 @@ fn has(v: &View, kind: &str, name: &str) -> bool {
 /// A recording HTTP/1.1 proxy in front of the fake: the fake's request log has no query
 /// strings, and "the Secret list and watch carry the field selector" is about the query.
 /// Forwards every request unchanged (bodies streamed, so watches work) and keeps the
-/// request targets.
+/// request targets. It can also answer single-Secret `GET`s itself with queued error statuses
+/// ([`RecordingProxy::fail_secret_gets`]), which the fake has no fault for.
 struct RecordingProxy {
     addr: std::net::SocketAddr,
     targets: Arc<std::sync::Mutex<Vec<String>>>,
+    secret_get_faults: Arc<std::sync::Mutex<std::collections::VecDeque<u16>>>,
     task: JoinHandle<()>,
 }
 
@@ -290,16 +292,21 @@ impl RecordingProxy {
         let client: HttpClient<_, hyper::body::Incoming> =
             HttpClient::builder(TokioExecutor::new()).build_http();
         let recorded = targets.clone();
+        let secret_get_faults: Arc<std::sync::Mutex<std::collections::VecDeque<u16>>> =
+            Arc::default();
+        let faults = secret_get_faults.clone();
         let task = tokio::spawn(async move {
             // Ends when the test drops the proxy (abort).
             while let Ok((sock, _)) = listener.accept().await {
                 let client = client.clone();
                 let recorded = recorded.clone();
+                let faults = faults.clone();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(
                         move |mut req: http::Request<hyper::body::Incoming>| {
                             let client = client.clone();
                             let recorded = recorded.clone();
+                            let faults = faults.clone();
                             async move {
                                 let target = req
                                     .uri()
@@ -307,6 +314,43 @@ impl RecordingProxy {
                                     .map(|p| p.as_str().to_string())
                                     .unwrap_or_default();
                                 recorded.lock().expect("lock").push(target.clone());
+                                // `/api/v1/namespaces/{ns}/secrets/{name}`: a single-Secret GET.
+                                let segs: Vec<&str> =
+                                    target.split('?').next().unwrap_or("").split('/').collect();
+                                let secret_get = req.method() == http::Method::GET
+                                    && segs.len() == 7
+                                    && segs[5] == "secrets";
+                                let fault = if secret_get {
+                                    faults.lock().expect("lock").pop_front()
+                                } else {
+                                    None
+                                };
+                                if let Some(code) = fault {
+                                    let reason = if code == 404 {
+                                        "NotFound"
+                                    } else {
+                                        "InternalError"
+                                    };
+                                    let status = json!({
+                                        "kind": "Status", "apiVersion": "v1", "metadata": {},
+                                        "status": "Failure", "message": "injected by the test proxy",
+                                        "reason": reason, "code": code
+                                    });
+                                    let mut r = http::Response::new(
+                                        http_body_util::Full::new(bytes::Bytes::from(
+                                            status.to_string(),
+                                        ))
+                                        .map_err(|never| match never {})
+                                        .boxed(),
+                                    );
+                                    *r.status_mut() =
+                                        http::StatusCode::from_u16(code).expect("status code");
+                                    r.headers_mut().insert(
+                                        http::header::CONTENT_TYPE,
+                                        http::HeaderValue::from_static("application/json"),
+                                    );
+                                    return Ok::<_, std::convert::Infallible>(r);
+                                }
                                 *req.uri_mut() =
                                     format!("http://{upstream}{target}").parse().expect("uri");
                                 let resp: http::Response<Body> = match client.request(req).await {
@@ -334,6 +378,7 @@ impl RecordingProxy {
         RecordingProxy {
             addr,
             targets,
+            secret_get_faults,
             task,
         }
     }
@@ -349,6 +394,25 @@ impl RecordingProxy {
                 .await
                 .expect("config");
         kube::Client::try_from(config).expect("client")
+    }
+
+    /// The next single-Secret GETs are answered with these statuses, one each, in order.
+    fn fail_secret_gets(&self, codes: &[u16]) {
+        self.secret_get_faults
+            .lock()
+            .expect("lock")
+            .extend(codes.iter().copied());
+    }
+
+    /// Single-Secret GETs sent so far (answered by the fake or by an injected fault).
+    fn secret_gets(&self) -> usize {
+        self.targets()
+            .iter()
+            .filter(|t| {
+                let segs: Vec<&str> = t.split('?').next().unwrap_or("").split('/').collect();
+                segs.len() == 7 && segs[5] == "secrets"
+            })
+            .count()
     }
 
     fn targets(&self) -> Vec<String> {
@@ -1531,5 +1595,65 @@ async fn rotated_referenced_secret_is_fetched_again() {
     );
     assert_eq!(api.count("get", "secrets"), gets + 1);
     assert_eq!(crt_of(&run.source, "shop", "secure-tls"), Some(crt2));
+    run.stop().await;
+}
+
+#[tokio::test]
+async fn failed_secret_fetches_are_retried_and_404_waits_for_a_new_version() {
+    let api = FakeApi::start().await;
+    api.apply(ingress_class("portico"), "kubectl")
+        .expect("class");
+    seed(&api, "shop");
+    let (secure, crt) = tls_secret("shop", "secure-tls", "secure.example.com");
+    api.create(secure).expect("secret");
+    api.apply(
+        tls_ingress("shop", "secure", "secure.example.com", &["secure-tls"]),
+        "kubectl",
+    )
+    .expect("tls ingress");
+    let proxy = RecordingProxy::start(api.addr()).await;
+    // Two server errors (not retried by kube's client: only 429/503/504 are): the keeper
+    // retries with its own backoff (0.8 s, then 1.6 s).
+    proxy.fail_secret_gets(&[500, 500]);
+    let run = Running::start_with_client(proxy.client(&api).await, SourceConfig::default());
+    // A failed fetch does not hold the first sync back (the rest of the cluster is served).
+    run.synced().await;
+    let source = run.source.clone();
+    assert!(
+        poll_until(DEADLINE, || crt_of(&source, "shop", "secure-tls").is_some()).await,
+        "fetched after the retries"
+    );
+    assert_eq!(crt_of(&run.source, "shop", "secure-tls"), Some(crt));
+    assert_eq!(proxy.secret_gets(), 3, "two failures, one success");
+
+    // A 404 (the Secret is gone as far as the server knows) is not retried for the same
+    // resourceVersion; a new version is fetched.
+    let (rotated, crt2) = tls_secret("shop", "secure-tls", "secure.example.com");
+    proxy.fail_secret_gets(&[404]);
+    let mut live = api.get("v1", "Secret", "shop", "secure-tls").expect("get");
+    live["data"] = rotated["data"].clone();
+    api.update(live.clone()).expect("rotate");
+    assert!(
+        poll_until(DEADLINE, || proxy.secret_gets() == 4).await,
+        "the rotation was fetched (and answered 404)"
+    );
+    assert!(
+        poll_until(DEADLINE, || crt_of(&source, "shop", "secure-tls").is_none()).await,
+        "a 404 drops the data"
+    );
+    // Retries would come after 0.8 s; give them well over that to show there are none.
+    assert!(
+        !poll_until(Duration::from_secs(2), || proxy.secret_gets() > 4).await,
+        "no retry after a 404"
+    );
+    let mut live = api.get("v1", "Secret", "shop", "secure-tls").expect("get");
+    live["metadata"]["labels"] = json!({"touched": "yes"});
+    api.update(live).expect("touch");
+    assert!(
+        poll_until(DEADLINE, || crt_of(&source, "shop", "secure-tls")
+            == Some(crt2.clone()))
+        .await,
+        "a new resourceVersion is fetched again"
+    );
     run.stop().await;
 }

@@ -137,7 +137,7 @@ pub fn retry_delay(failures: u32) -> Duration {
 }
 
 /// The background task's state; see the module doc.
-pub struct Keeper {
+pub(crate) struct Keeper {
     pub client: Client,
     pub ingresses: Vec<Store<Ingress>>,
     pub secrets: Vec<Store<Secret>>,
