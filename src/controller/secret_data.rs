@@ -156,17 +156,19 @@ enum Fetched {
 }
 
 impl Keeper {
-    /// Waits for the Ingress and Secret stores' first list, does one full round (every
-    /// referenced Secret fetched or failed), calls `first_round`, then does a round on every
+    /// Waits until `stores_synced` is true (every store of the source listed once), does one
+    /// full round (every referenced Secret fetched or failed), calls `first_round`, then does a round on every
     /// `changes` bump and whenever a failed fetch is due again. Ends when `changes`' sender is
     /// dropped (in practice the source aborts it at shutdown).
-    pub async fn run(self, mut changes: watch::Receiver<u64>, first_round: impl FnOnce()) {
-        for s in &self.ingresses {
-            // Err only when the writer is dropped, i.e. at shutdown.
-            let _ = s.wait_until_ready().await;
-        }
-        for s in &self.secrets {
-            let _ = s.wait_until_ready().await;
+    pub async fn run(
+        self,
+        mut changes: watch::Receiver<u64>,
+        mut stores_synced: watch::Receiver<bool>,
+        first_round: impl FnOnce(),
+    ) {
+        // Err only when the sender is dropped, i.e. the source is gone.
+        if stores_synced.wait_for(|s| *s).await.is_err() {
+            return;
         }
         changes.borrow_and_update();
         self.round().await;

@@ -128,6 +128,9 @@ pub fn watched_resources() -> Vec<(String, String)> {
 struct Shared {
     /// Stores that have not completed their first list yet.
     unsynced: AtomicUsize,
+    /// Every store listed once; the Secret-data keeper then does its first round and flips
+    /// `synced`.
+    stores_synced: watch::Sender<bool>,
     synced: watch::Sender<bool>,
     changes: watch::Sender<u64>,
     watch_errors: AtomicU64,
@@ -143,7 +146,7 @@ impl Shared {
     fn first_sync(&self) {
         // `fetch_sub` returns the previous value: 1 means this was the last store.
         if self.unsynced.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.synced.send_replace(true);
+            self.stores_synced.send_replace(true);
         }
     }
 }
@@ -230,6 +233,7 @@ impl ClusterSource {
             // One guard count, released below once every watcher is registered, so a store
             // that lists before the others are even spawned cannot flip `synced` early.
             unsynced: AtomicUsize::new(1),
+            stores_synced: watch::channel(false).0,
             synced: synced_tx,
             changes,
             watch_errors: AtomicU64::new(0),
@@ -342,9 +346,9 @@ impl ClusterSource {
             _ => None,
         };
         let secret_data = Arc::new(SecretData::default());
-        // The keeper gates the first sync too: inputs at sync time already carry the data of
-        // every Secret referenced then.
-        shared.unsynced.fetch_add(1, Ordering::AcqRel);
+        // The keeper gates the first sync too: once every store listed it fetches the data of
+        // every Secret referenced then, and only then flips `synced`, so the inputs at sync
+        // time already carry it.
         let keeper = Keeper {
             client: client.clone(),
             ingresses: ingresses.clone(),
@@ -357,10 +361,13 @@ impl ClusterSource {
             }),
         };
         let keeper_changes = shared.changes.subscribe();
+        let keeper_stores = shared.stores_synced.subscribe();
         let keeper_shared = shared.clone();
         set.spawn(async move {
             keeper
-                .run(keeper_changes, move || keeper_shared.first_sync())
+                .run(keeper_changes, keeper_stores, move || {
+                    keeper_shared.synced.send_replace(true);
+                })
                 .await;
         });
         shared.first_sync();
@@ -381,8 +388,8 @@ impl ClusterSource {
         (source, task)
     }
 
-    /// True once every store (each kind, each watched namespace) completed its first list.
-    /// Stays true: later relists keep the previous list readable until they complete.
+    /// True once every store (each kind, each watched namespace) completed its first list and
+    /// the Secrets referenced then had their data fetched (or failed). Stays true: later relists keep the previous list readable until they complete.
     pub fn is_synced(&self) -> bool {
         *self.synced.borrow()
     }
