@@ -73,9 +73,12 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             let svc = hyper::service::service_fn(move |req| handle(shared.clone(), req));
             let conn = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(sock), svc);
+            // Kill first: a connection whose task first runs after a refusal must not serve
+            // a request it already has buffered.
             tokio::select! {
-                _ = conn => {}
+                biased;
                 _ = kill.changed() => {}
+                _ = conn => {}
             }
         });
     }
