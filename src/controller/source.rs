@@ -133,6 +133,9 @@ struct Shared {
     stores_synced: watch::Sender<bool>,
     synced: watch::Sender<bool>,
     changes: watch::Sender<u64>,
+    /// Bumped only by the kinds that decide which Secret data is held (Ingress, Secret), so
+    /// EndpointSlice churn never wakes the Secret-data keeper.
+    secret_refs: watch::Sender<u64>,
     watch_errors: AtomicU64,
     trigger: Trigger,
 }
@@ -141,6 +144,15 @@ impl Shared {
     fn changed(&self) {
         self.changes.send_modify(|n| *n = n.wrapping_add(1));
         self.trigger.poke();
+    }
+
+    /// A change of `kind`: [`Self::changed`], and a wake-up for the Secret-data keeper when the
+    /// kind can change which Secrets are referenced or their versions.
+    fn changed_kind(&self, kind: &str) {
+        if matches!(kind, "Ingress" | "Secret") {
+            self.secret_refs.send_modify(|n| *n = n.wrapping_add(1));
+        }
+        self.changed();
     }
 
     fn first_sync(&self) {
@@ -229,6 +241,7 @@ impl ClusterSource {
         let namespaces = config.watched_namespaces();
         let (synced_tx, synced_rx) = watch::channel(false);
         let (changes, _) = watch::channel(0u64);
+        let (secret_refs, _) = watch::channel(0u64);
         let shared = Arc::new(Shared {
             // One guard count, released below once every watcher is registered, so a store
             // that lists before the others are even spawned cannot flip `synced` early.
@@ -236,6 +249,7 @@ impl ClusterSource {
             stores_synced: watch::channel(false).0,
             synced: synced_tx,
             changes,
+            secret_refs,
             watch_errors: AtomicU64::new(0),
             trigger,
         });
@@ -360,7 +374,7 @@ impl ClusterSource {
                 move || shared.changed()
             }),
         };
-        let keeper_changes = shared.changes.subscribe();
+        let keeper_changes = shared.secret_refs.subscribe();
         let keeper_stores = shared.stores_synced.subscribe();
         let keeper_shared = shared.clone();
         set.spawn(async move {
@@ -500,7 +514,9 @@ where
         // ends when `supervise` aborts it at shutdown.
         while let Some(event) = stream.next().await {
             match event {
-                Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => shared.changed(),
+                Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => {
+                    shared.changed_kind(kind)
+                }
                 Ok(watcher::Event::InitDone) => {
                     if !listed {
                         listed = true;
@@ -509,7 +525,7 @@ where
                             shared.first_sync();
                         }
                     }
-                    shared.changed();
+                    shared.changed_kind(kind);
                 }
                 Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
                 Err(e) => {
