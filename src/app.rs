@@ -112,6 +112,8 @@ fn proxy_config(args: &RunArgs) -> ProxyConfig {
         trusted_proxies: args.trusted_proxies.clone(),
         shutdown_grace: args.shutdown_grace,
         access_log: !args.no_access_log,
+        rate_limit_max_keys: args.rate_limit_max_keys.max(1),
+        max_ejection_percent: args.max_ejection_percent,
         ..ProxyConfig::default()
     }
 }

@@ -129,6 +129,13 @@ pub struct RunArgs {
     /// HTTP/2 max concurrent streams per client connection.
     #[arg(long, env = "PORTICO_H2_MAX_CONCURRENT_STREAMS", default_value_t = 100)]
     pub h2_max_concurrent_streams: u32,
+    /// Most rate-limit token buckets held at once (all RateLimitPolicies together); beyond it
+    /// idle buckets are dropped first, so memory stays bounded under a flood of client keys.
+    #[arg(long, env = "PORTICO_RATE_LIMIT_MAX_KEYS", default_value_t = crate::proxy::DEFAULT_RATE_LIMIT_MAX_KEYS)]
+    pub rate_limit_max_keys: usize,
+    /// Largest share of a backend's endpoints (percent) passive health checking may eject.
+    #[arg(long, env = "PORTICO_MAX_EJECTION_PERCENT", default_value_t = crate::proxy::DEFAULT_MAX_EJECTION_PERCENT, value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub max_ejection_percent: u8,
     /// Kubeconfig for the cluster source (default: in-cluster service account, else
     /// KUBECONFIG / ~/.kube/config). Ignored with --manifests.
     #[arg(long, env = "PORTICO_KUBECONFIG")]

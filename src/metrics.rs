@@ -4,8 +4,8 @@
 //! ingress-nginx where one exists, with the `portico_` prefix.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// Latency buckets in seconds, from 1 ms to 60 s.
@@ -43,6 +43,30 @@ pub struct Metrics {
     /// `portico_rejected_requests_total{reason}`: requests refused before routing (framing,
     /// path, host...).
     pub rejected_requests: IntCounterVec,
+    /// `portico_ratelimit_rejected_total{namespace,ingress,policy}`: 429s by RateLimitPolicy
+    /// (`policy` is the policy's name, in the Ingress's namespace).
+    pub ratelimit_rejected: IntCounterVec,
+    /// `portico_concurrency_rejected_total{scope,namespace,ingress,policy}`: 503s over a
+    /// concurrency cap; scope = global (`--max-concurrent-requests`) | ingress (annotation) |
+    /// policy (`maxInFlight`); labels that do not apply are empty.
+    pub concurrency_rejected: IntCounterVec,
+    /// `portico_ratelimit_tracked_keys`: token buckets held now (bounded by
+    /// `--rate-limit-max-keys`).
+    pub ratelimit_tracked_keys: IntGauge,
+    /// `portico_ratelimit_evicted_keys_total`: buckets dropped to stay under the key cap while
+    /// still holding state (their clients start over with a full bucket).
+    pub ratelimit_evicted_keys: IntCounter,
+    /// `portico_upstream_in_flight{namespace,service}`: requests on their way to or from a
+    /// backend's endpoints now.
+    pub upstream_in_flight: IntGaugeVec,
+    /// `portico_upstream_ejections_total{namespace,service,endpoint}`: passive-health ejections.
+    pub upstream_ejections: IntCounterVec,
+    /// `portico_health_checks_total{namespace,service,endpoint,result}` (result = success |
+    /// failure): active health-check probes.
+    pub health_checks: IntCounterVec,
+    /// `portico_upstream_endpoint_healthy{namespace,service,endpoint}`: 1 when the active
+    /// health check counts the endpoint up, 0 when down (only for checked backends).
+    pub endpoint_healthy: IntGaugeVec,
 }
 
 impl Metrics {
@@ -131,6 +155,50 @@ impl Metrics {
                     "portico_rejected_requests_total",
                     "Requests refused before routing, by reason",
                     &["reason"],
+                )?,
+                ratelimit_rejected: counter(
+                    "portico_ratelimit_rejected_total",
+                    "Requests refused with 429 by a RateLimitPolicy",
+                    &["namespace", "ingress", "policy"],
+                )?,
+                concurrency_rejected: counter(
+                    "portico_concurrency_rejected_total",
+                    "Requests refused with 503 over a concurrency cap, by scope",
+                    &["scope", "namespace", "ingress", "policy"],
+                )?,
+                ratelimit_tracked_keys: {
+                    let g = IntGauge::new(
+                        "portico_ratelimit_tracked_keys",
+                        "Rate-limit token buckets held now",
+                    )?;
+                    reg(&registry, g)
+                },
+                ratelimit_evicted_keys: {
+                    let c = IntCounter::new(
+                        "portico_ratelimit_evicted_keys_total",
+                        "Rate-limit buckets with state dropped to stay under the key cap",
+                    )?;
+                    reg(&registry, c)
+                },
+                upstream_in_flight: gauge(
+                    "portico_upstream_in_flight",
+                    "Requests in flight to a backend now",
+                    &["namespace", "service"],
+                )?,
+                upstream_ejections: counter(
+                    "portico_upstream_ejections_total",
+                    "Endpoints ejected by passive health checking",
+                    &["namespace", "service", "endpoint"],
+                )?,
+                health_checks: counter(
+                    "portico_health_checks_total",
+                    "Active health-check probes, by result",
+                    &["namespace", "service", "endpoint", "result"],
+                )?,
+                endpoint_healthy: gauge(
+                    "portico_upstream_endpoint_healthy",
+                    "Active health state of an endpoint (1 up, 0 down)",
+                    &["namespace", "service", "endpoint"],
                 )?,
                 registry: registry.clone(),
             })

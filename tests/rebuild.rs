@@ -302,6 +302,7 @@ fn fake_translate(inputs: &Inputs, _: &Options) -> (Snapshot, Vec<Diagnostic>) {
             },
             endpoints: endpoints.into(),
             draining_fallback: false,
+            health_check: None,
         });
         if name.starts_with("bad-") {
             diagnostics.push(Diagnostic {

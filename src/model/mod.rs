@@ -9,6 +9,7 @@ pub mod duration;
 mod lookup;
 pub mod path;
 mod tls;
+mod traffic;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -18,6 +19,7 @@ use std::time::Duration;
 pub use describe::describe;
 pub use lookup::{HostMatch, RouteMatch, normalize_host};
 pub use tls::{CertKey, TlsTable};
+pub use traffic::*;
 
 /// Default upstream connect timeout (brief §4.4; annotation `proxy-connect-timeout`).
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -117,8 +119,13 @@ pub struct RoutePolicy {
     pub hsts: Option<String>,
     /// Protocol to speak to the upstream.
     pub upstream_protocol: UpstreamProtocol,
-    /// Per-Ingress cap on concurrent requests (issue: traffic policy), `None` = no cap.
+    /// Per-Ingress cap on concurrent requests (`portico.dev/max-concurrent-requests`),
+    /// `None` = no cap.
     pub max_concurrent_requests: Option<u32>,
+    /// Endpoint choice (`portico.dev/load-balance`, `portico.dev/hash-key`).
+    pub load_balance: LoadBalance,
+    /// Valid RateLimitPolicies targeting this route's Ingress, in policy name order; all apply.
+    pub rate_limits: Arc<[RateLimit]>,
 }
 
 impl Default for RoutePolicy {
@@ -131,6 +138,8 @@ impl Default for RoutePolicy {
             hsts: None,
             upstream_protocol: UpstreamProtocol::Http1,
             max_concurrent_requests: None,
+            load_balance: LoadBalance::RoundRobin,
+            rate_limits: Arc::from(Vec::new()),
         }
     }
 }
@@ -196,6 +205,8 @@ pub struct Backend {
     pub endpoints: Arc<[Endpoint]>,
     /// True when `endpoints` holds the serving+terminating fallback.
     pub draining_fallback: bool,
+    /// Active health check of the endpoints, when an Ingress routing here asks for one.
+    pub health_check: Option<Arc<HealthCheck>>,
 }
 
 /// One pod address.

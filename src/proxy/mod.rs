@@ -8,6 +8,7 @@
 //! hands every request with its [`ConnInfo`] to [`handler::Handler`], which validates, routes
 //! and forwards through [`upstream`].
 
+pub mod client_ip;
 pub mod error;
 pub mod framing;
 pub mod handler;
@@ -45,6 +46,11 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 pub const DEFAULT_MAX_RETRIES: u32 = 2;
 /// HTTP/2 streams per connection.
 pub const DEFAULT_H2_MAX_CONCURRENT_STREAMS: u32 = 100;
+/// Token buckets tracked at most (all policies together); memory stays bounded under a flood
+/// of distinct client keys.
+pub const DEFAULT_RATE_LIMIT_MAX_KEYS: usize = 100_000;
+/// Passive health never ejects more than this share (percent) of a backend's endpoints.
+pub const DEFAULT_MAX_EJECTION_PERCENT: u8 = 50;
 
 /// Proxy settings, from flags.
 #[derive(Debug, Clone)]
@@ -68,6 +74,10 @@ pub struct ProxyConfig {
     pub shutdown_grace: Duration,
     /// Emit one access-log line per request.
     pub access_log: bool,
+    /// Cap on rate-limit buckets held at once.
+    pub rate_limit_max_keys: usize,
+    /// Largest share (percent, 0-100) of a backend's endpoints passive health may eject.
+    pub max_ejection_percent: u8,
 }
 
 impl Default for ProxyConfig {
@@ -88,6 +98,8 @@ impl Default for ProxyConfig {
             trusted_proxies: Vec::new(),
             shutdown_grace: Duration::from_secs(30),
             access_log: true,
+            rate_limit_max_keys: DEFAULT_RATE_LIMIT_MAX_KEYS,
+            max_ejection_percent: DEFAULT_MAX_EJECTION_PERCENT,
         }
     }
 }

@@ -729,6 +729,7 @@ mod tests {
                 })
                 .collect(),
             draining_fallback: false,
+            health_check: None,
         }
     }
 

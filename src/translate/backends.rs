@@ -121,6 +121,7 @@ pub(super) fn resolve_service(
         BackendSpec {
             key,
             port_name: port.name.clone().filter(|n| !n.is_empty()),
+            health_check: None,
         },
         upstream,
     ))
@@ -175,6 +176,7 @@ pub fn resolve_endpoints(
                 .map(|addr| Endpoint { addr })
                 .collect(),
             draining_fallback,
+            health_check: spec.health_check.clone(),
         });
     }
     (table, diags.finish())

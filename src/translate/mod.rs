@@ -201,6 +201,8 @@ pub struct BackendSpec {
     pub key: BackendKey,
     /// `ServicePort.name`; `None` (or empty) matches an unnamed EndpointSlice port.
     pub port_name: Option<String>,
+    /// Active health check requested by the Ingress annotations routing here.
+    pub health_check: Option<Arc<model::HealthCheck>>,
 }
 
 /// The endpoint-independent part of a snapshot: hosts and routes (targets already refer to

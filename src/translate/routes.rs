@@ -294,6 +294,7 @@ impl RouteBuilder<'_> {
                         hsts: a.hsts.clone(),
                         upstream_protocol: c.protocol,
                         max_concurrent_requests: a.max_concurrent_requests,
+                        ..RoutePolicy::default()
                     },
                     None => RoutePolicy::default(),
                 })

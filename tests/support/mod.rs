@@ -192,6 +192,7 @@ pub fn snapshot(routes: &[RouteSpec]) -> Snapshot {
                     },
                     endpoints: eps.into(),
                     draining_fallback: false,
+                    health_check: None,
                 });
                 BackendId(backends.len() as u32 - 1)
             });
