@@ -963,3 +963,48 @@ fn every_value_is_documented_in_the_chart_readme() {
         "values not in charts/portico/README.md: {missing:?}"
     );
 }
+
+#[test]
+fn other_value_combinations_render_valid_objects() {
+    let cases: &[&[&str]] = &[
+        &["controller.metrics.service.enabled=true"],
+        &["controller.ingressClassResource.enabled=false"],
+        &["controller.service.enabled=false"],
+        &["image.digest=sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"],
+        &["controller.publishService.pathOverride=edge/lb"],
+        &["controller.topologySpreadConstraints=null"],
+        &[
+            "controller.kind=DaemonSet",
+            "controller.hostPort.enabled=true",
+        ],
+        &["fullnameOverride=edge", "serviceAccount.name=edge-sa"],
+        &["rbac.create=false", "serviceAccount.create=false"],
+    ];
+    for sets in cases {
+        let mut args = Vec::new();
+        for s in *sets {
+            args.extend(["--set", s]);
+        }
+        let docs =
+            documents(&template(&args).unwrap_or_else(|e| panic!("helm template {sets:?}: {e}")));
+        let case = format!("{sets:?}");
+        validate_all(&case, &docs);
+        let run = run_args(&controller_container(&pod_spec(&docs)));
+        if sets.iter().any(|s| s.starts_with("rbac.create=false")) {
+            assert!(
+                !kinds(&docs).iter().any(|k| k.contains("Role")),
+                "{case}: no RBAC objects"
+            );
+        } else {
+            check_rbac(&case, &docs);
+        }
+        match sets[0] {
+            "controller.service.enabled=false" => assert_eq!(run.publish_service, None),
+            "controller.publishService.pathOverride=edge/lb" => {
+                assert_eq!(run.publish_service, Some(("edge".into(), "lb".into())))
+            }
+            "fullnameOverride=edge" => assert_eq!(run.lease_name, "edge-leader"),
+            _ => {}
+        }
+    }
+}
