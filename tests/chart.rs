@@ -415,6 +415,138 @@ fn check_rbac(case: &str, docs: &[Value]) {
     );
 }
 
+/// Pod template labels of the one workload.
+fn pod_labels(docs: &[Value]) -> BTreeMap<String, String> {
+    let mut labels: Vec<BTreeMap<String, String>> = objects::<Deployment>(docs, "Deployment")
+        .into_iter()
+        .filter_map(|d| d.spec.template.metadata?.labels)
+        .collect();
+    labels.extend(
+        objects::<DaemonSet>(docs, "DaemonSet")
+            .into_iter()
+            .filter_map(|d| d.spec.template.metadata?.labels),
+    );
+    assert_eq!(labels.len(), 1, "one workload with pod labels");
+    labels.remove(0)
+}
+
+fn subset(want: &BTreeMap<String, String>, have: &BTreeMap<String, String>) -> bool {
+    !want.is_empty() && want.iter().all(|(k, v)| have.get(k) == Some(v))
+}
+
+fn match_labels(sel: &LabelSelector) -> BTreeMap<String, String> {
+    assert!(
+        sel.match_expressions.is_none(),
+        "selectors are matchLabels only"
+    );
+    sel.match_labels.clone().unwrap_or_default()
+}
+
+/// Every selector in the render selects what it is meant to: Services, the PDB, the
+/// NetworkPolicy and topology spread select the pods; the HPA scales the Deployment; the
+/// ServiceMonitor selects the metrics Service and names one of its ports; named target ports
+/// and probe ports exist on the container. A wrong label would otherwise fail silently.
+fn check_wiring(case: &str, docs: &[Value]) {
+    let pods = pod_labels(docs);
+    let spec = pod_spec(docs);
+    let c = controller_container(&spec);
+    let container_ports: BTreeSet<String> = c
+        .ports
+        .iter()
+        .flatten()
+        .filter_map(|p| p.name.clone())
+        .collect();
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    for probe in [&c.liveness_probe, &c.readiness_probe] {
+        let port = probe.clone().and_then(|p| p.http_get).map(|g| g.port);
+        if let Some(IntOrString::String(name)) = port {
+            assert!(container_ports.contains(&name), "{case}: probe port {name}");
+        }
+    }
+    let services = objects::<Service>(docs, "Service");
+    for svc in &services {
+        let spec = svc.spec.clone().expect("Service spec");
+        let sel = spec.selector.clone().unwrap_or_default();
+        assert!(
+            subset(&sel, &pods),
+            "{case}: Service selector {sel:?} vs pods {pods:?}"
+        );
+        for p in spec.ports.iter().flatten() {
+            if let Some(IntOrString::String(name)) = &p.target_port {
+                assert!(container_ports.contains(name), "{case}: targetPort {name}");
+            }
+        }
+    }
+    for pdb in objects::<PodDisruptionBudget>(docs, "PodDisruptionBudget") {
+        let sel = pdb.spec.and_then(|s| s.selector).expect("PDB selector");
+        assert!(subset(&match_labels(&sel), &pods), "{case}: PDB selector");
+    }
+    for np in objects::<NetworkPolicy>(docs, "NetworkPolicy") {
+        let spec = np.spec.expect("NetworkPolicy spec");
+        assert!(
+            subset(
+                &match_labels(spec.pod_selector.as_ref().expect("podSelector")),
+                &pods
+            ),
+            "{case}: NetworkPolicy"
+        );
+        for rule in spec.ingress.iter().flatten() {
+            for port in rule.ports.iter().flatten() {
+                if let Some(IntOrString::String(name)) = &port.port {
+                    assert!(
+                        container_ports.contains(name),
+                        "{case}: NetworkPolicy port {name}"
+                    );
+                }
+            }
+        }
+    }
+    for tsc in spec.topology_spread_constraints.iter().flatten() {
+        let sel = tsc.label_selector.clone().expect("labelSelector");
+        assert!(
+            subset(&match_labels(&sel), &pods),
+            "{case}: topology spread"
+        );
+    }
+    let deployments: Vec<String> = objects::<Deployment>(docs, "Deployment")
+        .into_iter()
+        .filter_map(|d| d.metadata.name)
+        .collect();
+    for hpa in objects::<HorizontalPodAutoscaler>(docs, "HorizontalPodAutoscaler") {
+        let target = hpa.spec.scale_target_ref;
+        assert_eq!(target.kind, "Deployment");
+        assert_eq!(deployments, [target.name.clone()], "{case}: HPA target");
+    }
+    for sm in docs.iter().filter(|d| d["kind"] == "ServiceMonitor") {
+        let sm: ServiceMonitor = strict(sm).expect("ServiceMonitor");
+        let want = match_labels(&sm.spec.selector);
+        let selected: Vec<&Service> = services
+            .iter()
+            .filter(|s| {
+                subset(
+                    &want,
+                    s.metadata.labels.as_ref().unwrap_or(&BTreeMap::new()),
+                )
+            })
+            .collect();
+        assert_eq!(
+            selected.len(),
+            1,
+            "{case}: the ServiceMonitor selects the metrics Service"
+        );
+        let ports: BTreeSet<String> = selected[0]
+            .spec
+            .iter()
+            .flat_map(|s| s.ports.iter().flatten())
+            .filter_map(|p| p.name.clone())
+            .collect();
+        for e in &sm.spec.endpoints {
+            let port = e.port.clone().expect("endpoint port");
+            assert!(ports.contains(&port), "{case}: ServiceMonitor port {port}");
+        }
+    }
+}
+
 #[test]
 fn helm_lint_passes_for_every_value_set() {
     let chart = chart();
@@ -434,6 +566,7 @@ fn every_render_of_the_matrix_matches_the_api_types_flags_and_rbac() {
         assert!(!docs.is_empty(), "{case}: nothing rendered");
         validate_all(case, &docs);
         check_rbac(case, &docs);
+        check_wiring(case, &docs);
         let k = kinds(&docs);
         let has = |kind: &str| k.iter().any(|x| x == kind);
         match case {
@@ -989,6 +1122,7 @@ fn other_value_combinations_render_valid_objects() {
             documents(&template(&args).unwrap_or_else(|e| panic!("helm template {sets:?}: {e}")));
         let case = format!("{sets:?}");
         validate_all(&case, &docs);
+        check_wiring(&case, &docs);
         let run = run_args(&controller_container(&pod_spec(&docs)));
         if sets.iter().any(|s| s.starts_with("rbac.create=false")) {
             assert!(
@@ -1007,4 +1141,44 @@ fn other_value_combinations_render_valid_objects() {
             _ => {}
         }
     }
+}
+
+#[test]
+fn notes_tell_how_to_reach_portico_and_create_an_ingress() {
+    let chart = chart();
+    let chart = chart.to_str().expect("UTF-8 path");
+    let install = |extra: &[&str]| {
+        let mut args = vec![
+            "install",
+            RELEASE,
+            chart,
+            "--namespace",
+            NAMESPACE,
+            "--dry-run=client",
+        ];
+        args.extend_from_slice(extra);
+        let out = run_helm(&args).unwrap_or_else(|e| panic!("helm install --dry-run: {e}"));
+        let notes = out
+            .split("NOTES:")
+            .nth(1)
+            .expect("NOTES printed")
+            .to_string();
+        notes
+    };
+    let notes = install(&[]);
+    for want in [
+        "rollout status deployment/portico",
+        "get service portico",
+        "kubectl create ingress web --class=portico",
+        "/healthz",
+    ] {
+        assert!(notes.contains(want), "NOTES lack {want:?}:\n{notes}");
+    }
+    let notes = install(&["-f", &values_file("kind-values.yaml")]);
+    assert!(notes.contains("ports 80 and 443"), "{notes}");
+    let notes = install(&["-f", &values_file("daemonset-values.yaml")]);
+    assert!(
+        notes.contains("rollout status daemonset/portico"),
+        "{notes}"
+    );
 }
