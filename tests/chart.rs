@@ -515,7 +515,7 @@ fn check_wiring(case: &str, docs: &[Value]) {
     for hpa in objects::<HorizontalPodAutoscaler>(docs, "HorizontalPodAutoscaler") {
         let target = hpa.spec.scale_target_ref;
         assert_eq!(target.kind, "Deployment");
-        assert_eq!(deployments, [target.name.clone()], "{case}: HPA target");
+        assert_eq!(deployments, [target.name], "{case}: HPA target");
     }
     for sm in docs.iter().filter(|d| d["kind"] == "ServiceMonitor") {
         let sm: ServiceMonitor = strict(sm).expect("ServiceMonitor");
@@ -1158,12 +1158,10 @@ fn notes_tell_how_to_reach_portico_and_create_an_ingress() {
         ];
         args.extend_from_slice(extra);
         let out = run_helm(&args).unwrap_or_else(|e| panic!("helm install --dry-run: {e}"));
-        let notes = out
-            .split("NOTES:")
+        out.split("NOTES:")
             .nth(1)
             .expect("NOTES printed")
-            .to_string();
-        notes
+            .to_string()
     };
     let notes = install(&[]);
     for want in [
