@@ -680,6 +680,18 @@ fn defaults_render_a_hardened_pod_behind_a_load_balancer() {
         u64::try_from(tgps).expect("positive") > drain.as_secs(),
         "terminationGracePeriodSeconds {tgps} must exceed {drain:?}"
     );
+    let strategy = objects::<Deployment>(&docs, "Deployment")[0]
+        .spec
+        .strategy
+        .clone()
+        .and_then(|s| s.rolling_update)
+        .expect("rollingUpdate");
+    assert_eq!(strategy.max_surge, Some(IntOrString::Int(1)));
+    assert_eq!(
+        strategy.max_unavailable,
+        Some(IntOrString::Int(0)),
+        "a rollout never drops below the replica count"
+    );
     let tsc = spec
         .topology_spread_constraints
         .clone()
@@ -832,6 +844,16 @@ fn kind_values_bind_host_ports_on_the_ingress_ready_node() {
     assert_eq!(mapped, BTreeSet::from([(80, 80), (443, 443)]));
     let run = run_args(&c);
     assert_eq!(run.publish_status_address, ["127.0.0.1"]);
+    // One hostPort holder per node: the rollout replaces instead of surging.
+    let strategy = objects::<Deployment>(&docs, "Deployment")[0]
+        .spec
+        .strategy
+        .clone()
+        .and_then(|s| s.rolling_update)
+        .expect("rollingUpdate");
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    assert_eq!(strategy.max_surge, Some(IntOrString::Int(0)));
+    assert_eq!(strategy.max_unavailable, Some(IntOrString::Int(1)));
 }
 
 /// kind's `kind.x-k8s.io/v1alpha4` Cluster config, the fields kind-config.yaml uses, strictly.
