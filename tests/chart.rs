@@ -1202,3 +1202,13 @@ fn notes_tell_how_to_reach_portico_and_create_an_ingress() {
         "{notes}"
     );
 }
+
+#[test]
+fn helm_is_version_3_or_4() {
+    // `make tools` pins Helm 4; PORTICO_HELM may point at a Helm 3 to check the chart there.
+    let version = run_helm(&["version", "--short"]).expect("helm version");
+    assert!(
+        version.starts_with("v4.") || version.starts_with("v3."),
+        "unexpected helm {version}"
+    );
+}
