@@ -1165,42 +1165,67 @@ fn other_value_combinations_render_valid_objects() {
     }
 }
 
+/// NOTES.txt as rendered for these `helm template` arguments. Helm prints NOTES only on
+/// install, and Helm 3's `install --dry-run` needs a cluster, so a copy of the chart gets one
+/// extra template holding `portico.notes` (what NOTES.txt includes) as a YAML string.
+fn notes(extra: &[&str]) -> String {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let copy = dir.path().join("portico");
+    copy_dir(&chart(), &copy);
+    fs::write(
+        copy.join("templates/notes-check.yaml"),
+        "notes: {{ include \"portico.notes\" . | toJson }}\n",
+    )
+    .expect("write notes-check.yaml");
+    let copy_str = copy.to_str().expect("UTF-8 path");
+    let mut args = vec![
+        "template",
+        RELEASE,
+        copy_str,
+        "--namespace",
+        NAMESPACE,
+        "--show-only",
+        "templates/notes-check.yaml",
+    ];
+    args.extend_from_slice(extra);
+    let out = run_helm(&args).unwrap_or_else(|e| panic!("render NOTES: {e}"));
+    let doc = documents(&out).pop().expect("one document");
+    doc["notes"].as_str().expect("notes string").to_string()
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    fs::create_dir_all(to).expect("mkdir");
+    for entry in fs::read_dir(from).expect("read chart dir") {
+        let entry = entry.expect("entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("file type").is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            fs::copy(entry.path(), &target).expect("copy");
+        }
+    }
+}
+
 #[test]
 fn notes_tell_how_to_reach_portico_and_create_an_ingress() {
-    let chart = chart();
-    let chart = chart.to_str().expect("UTF-8 path");
-    let install = |extra: &[&str]| {
-        let mut args = vec![
-            "install",
-            RELEASE,
-            chart,
-            "--namespace",
-            NAMESPACE,
-            "--dry-run=client",
-        ];
-        args.extend_from_slice(extra);
-        let out = run_helm(&args).unwrap_or_else(|e| panic!("helm install --dry-run: {e}"));
-        out.split("NOTES:")
-            .nth(1)
-            .expect("NOTES printed")
-            .to_string()
-    };
-    let notes = install(&[]);
+    // NOTES.txt is exactly the named template the check renders.
+    assert_eq!(
+        read(&chart().join("templates/NOTES.txt")).trim(),
+        "{{ include \"portico.notes\" . }}"
+    );
+    let text = notes(&[]);
     for want in [
         "rollout status deployment/portico",
         "get service portico",
         "kubectl create ingress web --class=portico",
         "/healthz",
     ] {
-        assert!(notes.contains(want), "NOTES lack {want:?}:\n{notes}");
+        assert!(text.contains(want), "NOTES lack {want:?}:\n{text}");
     }
-    let notes = install(&["-f", &values_file("kind-values.yaml")]);
-    assert!(notes.contains("ports 80 and 443"), "{notes}");
-    let notes = install(&["-f", &values_file("daemonset-values.yaml")]);
-    assert!(
-        notes.contains("rollout status daemonset/portico"),
-        "{notes}"
-    );
+    let text = notes(&["-f", &values_file("kind-values.yaml")]);
+    assert!(text.contains("ports 80 and 443"), "{text}");
+    let text = notes(&["-f", &values_file("daemonset-values.yaml")]);
+    assert!(text.contains("rollout status daemonset/portico"), "{text}");
 }
 
 #[test]
