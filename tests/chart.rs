@@ -1237,3 +1237,122 @@ fn helm_is_version_3_or_4() {
         "unexpected helm {version}"
     );
 }
+
+#[test]
+fn dockerfile_builds_locked_with_the_pinned_toolchain_and_runs_only_the_binary_as_non_root() {
+    let dockerfile = read(&root().join("Dockerfile"));
+    let instructions: Vec<&str> = dockerfile
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect();
+    let froms: Vec<&str> = instructions
+        .iter()
+        .copied()
+        .filter(|l| l.starts_with("FROM "))
+        .collect();
+    // The builder uses the toolchain Cargo.toml declares.
+    let manifest = read(&root().join("Cargo.toml"));
+    let rust_version = manifest
+        .lines()
+        .find_map(|l| l.strip_prefix("rust-version = "))
+        .expect("rust-version in Cargo.toml")
+        .trim_matches('"');
+    assert_eq!(
+        froms,
+        [
+            format!("FROM rust:{rust_version}-bookworm AS build").as_str(),
+            "FROM gcr.io/distroless/cc-debian12:nonroot"
+        ]
+    );
+    let final_stage: Vec<&str> = instructions
+        .iter()
+        .copied()
+        .skip_while(|l| !l.starts_with("FROM gcr.io"))
+        .collect();
+    assert!(instructions.contains(&"RUN cargo build --release --locked --bin portico"));
+    let copies: Vec<&&str> = final_stage
+        .iter()
+        .filter(|l| l.starts_with("COPY"))
+        .collect();
+    assert_eq!(
+        copies,
+        [&"COPY --from=build /src/target/release/portico /portico"],
+        "only the binary"
+    );
+    assert!(final_stage.contains(&"USER 65532:65532"));
+    assert!(final_stage.contains(&"ENTRYPOINT [\"/portico\"]"));
+    // The build context is Cargo.toml, Cargo.lock and src/ only: nothing in src/ may pull in a
+    // file from elsewhere, and there is no build script.
+    let ignore = read(&root().join(".dockerignore"));
+    for keep in ["!Cargo.toml", "!Cargo.lock", "!src/"] {
+        assert!(
+            ignore.lines().any(|l| l == keep),
+            ".dockerignore keeps {keep}"
+        );
+    }
+    assert!(!root().join("build.rs").exists());
+    let mut stack = vec![root().join("src")];
+    while let Some(dir) = stack.pop() {
+        for entry in fs::read_dir(&dir).expect("read src") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                let text = read(&path);
+                for (n, line) in text.lines().enumerate() {
+                    if line.contains("include_str!(\"..") || line.contains("include_bytes!(\"..") {
+                        panic!("{}:{}: includes a file outside src/", path.display(), n + 1);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn github_workflow_runs_make_test_and_the_kind_e2e() {
+    let wf: Value =
+        serde_saphyr::from_str(&read(&root().join(".github/workflows/ci.yml"))).expect("ci.yml");
+    let runs = |job: &str| -> Vec<String> {
+        wf["jobs"][job]["steps"]
+            .as_array()
+            .unwrap_or_else(|| panic!("job {job} has steps"))
+            .iter()
+            .filter_map(|s| s["run"].as_str().map(str::to_string))
+            .collect()
+    };
+    assert!(runs("test").iter().any(|r| r == "make test"));
+    assert!(
+        runs("kind")
+            .iter()
+            .any(|r| r == "make kind-up kind-load deploy e2e")
+    );
+    // Every make target the workflow and README name exists in the Makefile.
+    let makefile = read(&root().join("Makefile"));
+    for target in [
+        "test:",
+        "tools:",
+        "manifests:",
+        "image:",
+        "kind-up:",
+        "kind-load:",
+        "deploy:",
+        "e2e:",
+        "kind-down:",
+    ] {
+        assert!(
+            makefile.lines().any(|l| l.starts_with(target)),
+            "Makefile target {target}"
+        );
+    }
+    // `make test` (what `.ci/run` runs) fetches helm first, so a fresh machine has it.
+    let test_line = makefile
+        .lines()
+        .find(|l| l.starts_with("test:"))
+        .expect("test target");
+    assert!(
+        test_line.split_whitespace().any(|w| w == "tools"),
+        "{test_line}"
+    );
+}
