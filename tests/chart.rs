@@ -147,7 +147,7 @@ struct ServiceMonitor {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-#[allow(dead_code)]
+#[allow(dead_code)] // Validated, not read.
 struct ServiceMonitorSpec {
     selector: LabelSelector,
     #[serde(default)]
@@ -159,7 +159,7 @@ struct ServiceMonitorSpec {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-#[allow(dead_code)]
+#[allow(dead_code)] // Validated, not read.
 struct NamespaceSelector {
     #[serde(default)]
     any: Option<bool>,
@@ -169,7 +169,7 @@ struct NamespaceSelector {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-#[allow(dead_code)]
+#[allow(dead_code)] // Validated, not read.
 struct Endpoint {
     #[serde(default)]
     port: Option<String>,
@@ -863,7 +863,7 @@ struct KindCluster {
     kind: String,
     api_version: String,
     #[serde(default)]
-    #[allow(dead_code)]
+    #[allow(dead_code)] // Validated, not read.
     name: Option<String>,
     nodes: Vec<KindNode>,
 }
@@ -884,7 +884,7 @@ struct KindPortMapping {
     container_port: u16,
     host_port: u16,
     #[serde(default)]
-    #[allow(dead_code)]
+    #[allow(dead_code)] // Validated, not read.
     protocol: Option<String>,
 }
 
