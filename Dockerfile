@@ -1,0 +1,17 @@
+# portico container image (`make image`): build with the pinned toolchain, run only the binary
+# on distroless as non-root. The binary links glibc and libgcc only (TLS is rustls + ring), which
+# the distroless cc image provides.
+FROM rust:1.95-bookworm AS build
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+COPY src ./src
+RUN cargo build --release --locked --bin portico
+
+FROM gcr.io/distroless/cc-debian12:nonroot
+COPY --from=build /src/target/release/portico /portico
+# 65532 is distroless's `nonroot`; the chart runs the pod as the same user.
+USER 65532:65532
+# HTTP, HTTPS, admin (/healthz, /readyz, /metrics); all unprivileged.
+EXPOSE 8080 8443 9090
+ENTRYPOINT ["/portico"]
+CMD ["run"]
