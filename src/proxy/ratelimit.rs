@@ -246,10 +246,13 @@ impl RateHeaders {
     }
 }
 
+/// In-flight counters of the policies hashing to one shard.
+type InFlightMap = HashMap<PolicyRef, Arc<AtomicUsize>>;
+
 /// Token buckets and in-flight counters of every policy, shared by all connections.
 pub struct Limiter {
     shards: Box<[Mutex<Shard>]>,
-    inflight: Box<[Mutex<HashMap<PolicyRef, Arc<AtomicUsize>>>]>,
+    inflight: Box<[Mutex<InFlightMap>]>,
     per_shard_cap: usize,
     hasher: std::collections::hash_map::RandomState,
     digest_keys: (
@@ -289,10 +292,8 @@ impl Limiter {
     }
 
     fn shard_of<K: Hash>(&self, key: &K, n: usize) -> usize {
-        let mut h = self.hasher.build_hasher();
-        key.hash(&mut h);
         // `n` ≤ 64, so the cast cannot truncate anything that matters.
-        (h.finish() % n as u64) as usize
+        (self.hasher.hash_one(key) % n as u64) as usize
     }
 
     /// The key value of `limit` for this request.
@@ -809,7 +810,10 @@ mod tests {
         assert_eq!(l.key_value(&key, IP, &empty), KeyValue::MissingHeader);
         let mut h = HeaderMap::new();
         h.insert("x-api-key", HeaderValue::from_static("abc"));
-        assert_eq!(l.key_value(&key, IP, &h), KeyValue::Header((*b"abc").into()));
+        assert_eq!(
+            l.key_value(&key, IP, &h),
+            KeyValue::Header((*b"abc").into())
+        );
         let long = "k".repeat(10_000);
         h.insert("x-api-key", HeaderValue::from_str(&long).expect("v"));
         let a = l.key_value(&key, IP, &h);
@@ -820,10 +824,7 @@ mod tests {
             HeaderValue::from_str(&format!("{long}x")).expect("v"),
         );
         assert_ne!(a, l.key_value(&key, IP, &h));
-        assert_eq!(
-            l.key_value(&RateLimitKey::Global, IP, &h),
-            KeyValue::Global
-        );
+        assert_eq!(l.key_value(&RateLimitKey::Global, IP, &h), KeyValue::Global);
     }
 
     #[tokio::test(start_paused = true)]
@@ -894,7 +895,12 @@ mod tests {
         };
         let counter = l.in_flight(&p.policy);
         counter.fetch_add(2, std::sync::atomic::Ordering::AcqRel);
-        let c = l.check(std::slice::from_ref(&p), IP, &HeaderMap::new(), Instant::now());
+        let c = l.check(
+            std::slice::from_ref(&p),
+            IP,
+            &HeaderMap::new(),
+            Instant::now(),
+        );
         assert_eq!(c.verdict, Verdict::Admitted);
         let h = c.headers.expect("headers");
         assert_eq!(h.policy, "\"cap\";q=5;qu=\"concurrency\"");
