@@ -18,24 +18,14 @@ use serde::{Deserialize, Serialize};
     status = "RateLimitPolicyStatus",
     shortname = "rlp",
     doc = "RateLimitPolicy: a token-bucket rate limit and/or a concurrency cap on the routes of one Ingress",
-    printcolumn(name = "Target", type_ = "string", json_path = ".spec.targetRef.name"),
-    printcolumn(
-        name = "Requests",
-        type_ = "integer",
-        json_path = ".spec.limit.requests"
-    ),
-    printcolumn(name = "Period", type_ = "string", json_path = ".spec.limit.period"),
-    printcolumn(name = "Key", type_ = "string", json_path = ".spec.key.type"),
-    printcolumn(
-        name = "Accepted",
-        type_ = "string",
-        json_path = ".status.conditions[?(@.type==\"Accepted\")].status"
-    ),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
+    // Raw JSON form: clippy's `duplicated_attributes` misreads the repeated `type_ = "string"`
+    // of the structured form as duplicate attributes.
+    printcolumn = r#"{"name":"Target","type":"string","jsonPath":".spec.targetRef.name"}"#,
+    printcolumn = r#"{"name":"Requests","type":"integer","jsonPath":".spec.limit.requests"}"#,
+    printcolumn = r#"{"name":"Period","type":"string","jsonPath":".spec.limit.period"}"#,
+    printcolumn = r#"{"name":"Key","type":"string","jsonPath":".spec.key.type"}"#,
+    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
 // Server-side CEL (Kubernetes ≥ 1.25) for the cross-field rule of brief §4.5; translate checks
