@@ -885,6 +885,41 @@ mod tests {
     }
 
     #[test]
+    fn concurrent_requests_get_exactly_the_burst_and_refunds_are_exact() {
+        // Real threads on real locks: no token is lost or double-spent, and refusals by the
+        // tighter policy give the wider one back exactly what they took.
+        let l = Arc::new(limiter(100));
+        let global = |name: &str, burst: u32| RateLimit {
+            key: RateLimitKey::Global,
+            // One token an hour: nothing refills while the test runs.
+            ..limit(name, 1, Duration::from_secs(3600), burst)
+        };
+        let limits: Arc<[RateLimit]> = vec![global("a-wide", 1000), global("b-tight", 600)].into();
+        let admitted = Arc::new(AtomicUsize::new(0));
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let (l, limits, admitted) = (l.clone(), limits.clone(), admitted.clone());
+                std::thread::spawn(move || {
+                    for _ in 0..500 {
+                        let c = l.check(&limits, IP, &HeaderMap::new(), Instant::now());
+                        if c.verdict == Verdict::Admitted {
+                            admitted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("thread");
+        }
+        assert_eq!(admitted.load(std::sync::atomic::Ordering::Relaxed), 600);
+        let h = l.peek(&limits, IP, &HeaderMap::new()).headers.expect("h");
+        let state = h.limit.to_str().expect("ascii").to_string();
+        assert!(state.starts_with("\"a-wide\";r=400;"), "{state}");
+        assert!(state.contains("\"b-tight\";r=0;"), "{state}");
+    }
+
+    #[test]
     fn concurrency_only_policies_render_free_slots() {
         let l = limiter(100);
         let p = RateLimit {
