@@ -138,6 +138,9 @@ fn policy_deltas(p: &RoutePolicy) -> Vec<String> {
     if p.hsts != d.hsts {
         v.push(format!("hsts={:?}", p.hsts.as_deref().unwrap_or("off")));
     }
+    for rl in p.rate_limits.iter() {
+        v.push(format!("ratelimit={}", describe_rate_limit(rl)));
+    }
     if p.upstream_protocol != d.upstream_protocol {
         let proto = match p.upstream_protocol {
             UpstreamProtocol::Http1 => "http1",
@@ -152,6 +155,33 @@ fn policy_deltas(p: &RoutePolicy) -> Vec<String> {
         }
     }
     v
+}
+
+/// `name(10/1m burst=20 key=client-ip max-in-flight=5)`.
+fn describe_rate_limit(rl: &crate::model::RateLimit) -> String {
+    let mut parts = Vec::new();
+    if let Some(b) = &rl.bucket {
+        parts.push(format!(
+            "{}/{} burst={}",
+            b.requests,
+            dur(b.period),
+            b.burst
+        ));
+    }
+    parts.push(match &rl.key {
+        crate::model::RateLimitKey::ClientIp => "key=client-ip".to_string(),
+        crate::model::RateLimitKey::Header(h) => format!("key=header:{h}"),
+        crate::model::RateLimitKey::Global => "key=global".to_string(),
+    });
+    if let Some(n) = rl.max_in_flight {
+        parts.push(format!("max-in-flight={n}"));
+    }
+    let uid = if rl.policy.uid.is_empty() {
+        String::new()
+    } else {
+        format!(" uid={}", rl.policy.uid)
+    };
+    format!("{}({}{uid})", rl.policy.name, parts.join(" "))
 }
 
 fn dur(d: Duration) -> String {

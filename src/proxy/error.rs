@@ -55,9 +55,13 @@ pub enum ProxyError {
     /// Route whose backend is missing or has no usable endpoint → 503.
     #[error("no usable endpoint")]
     NoEndpoints,
-    /// Over the global or per-Ingress concurrency cap → 503.
+    /// Over the global, per-Ingress or per-policy (`maxInFlight`) concurrency cap → 503.
     #[error("over concurrency cap ({0})")]
     Overloaded(&'static str),
+    /// A RateLimitPolicy's bucket is empty → 429 with `Retry-After` (RFC 6585 §4; brief §4.5:
+    /// whole seconds, rounded up, at least 1).
+    #[error("rate limited (retry after {retry_after_secs} s)")]
+    RateLimited { retry_after_secs: u64 },
 
     // ---- upstream ----
     /// Connect refused/reset/timed out on every attempt, or reset before response headers → 502.
@@ -87,7 +91,9 @@ impl ProxyError {
             | ClientBody
             | BodyTooLarge => Origin::Downstream,
             UpstreamConnect | UpstreamReset | UpstreamTimeout => Origin::Upstream,
-            NotReady | NoRoute | NoEndpoints | Overloaded(_) => Origin::Internal,
+            NotReady | NoRoute | NoEndpoints | Overloaded(_) | RateLimited { .. } => {
+                Origin::Internal
+            }
         }
     }
 
@@ -101,6 +107,7 @@ impl ProxyError {
             UnsupportedTransferCoding | UnsupportedMethod => StatusCode::NOT_IMPLEMENTED,
             BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             NoRoute => StatusCode::NOT_FOUND,
+            RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             NotReady | NoEndpoints | Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
             UpstreamConnect | UpstreamReset => StatusCode::BAD_GATEWAY,
             UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
@@ -121,6 +128,7 @@ impl ProxyError {
             BodyTooLarge => Some("body_too_large"),
             NotReady => Some("not_ready"),
             Overloaded(r) => Some(r),
+            RateLimited { .. } => Some("rate_limited"),
             NoRoute | NoEndpoints | UpstreamConnect | UpstreamReset | UpstreamTimeout => None,
         }
     }
@@ -138,6 +146,12 @@ impl ProxyError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
+        if let ProxyError::RateLimited { retry_after_secs } = self {
+            resp.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(*retry_after_secs.max(&1)),
+            );
+        }
         // After a framing or size error the rest of the connection cannot be trusted
         // (RFC 9112 §9.6: a server that is not going to read the rest should close).
         if matches!(
@@ -191,6 +205,13 @@ mod tests {
             (ProxyError::NoRoute, 404, Origin::Internal),
             (ProxyError::NoEndpoints, 503, Origin::Internal),
             (ProxyError::Overloaded("global"), 503, Origin::Internal),
+            (
+                ProxyError::RateLimited {
+                    retry_after_secs: 3,
+                },
+                429,
+                Origin::Internal,
+            ),
             (ProxyError::UpstreamConnect, 502, Origin::Upstream),
             (ProxyError::UpstreamReset, 502, Origin::Upstream),
             (ProxyError::UpstreamTimeout, 504, Origin::Upstream),
@@ -199,6 +220,21 @@ mod tests {
             assert_eq!(err.status().as_u16(), code, "{err}");
             assert_eq!(err.origin(), origin, "{err}");
         }
+    }
+
+    #[test]
+    fn rate_limited_carries_retry_after_of_at_least_one_second() {
+        let resp = ProxyError::RateLimited {
+            retry_after_secs: 7,
+        }
+        .to_response();
+        assert_eq!(resp.status(), 429);
+        assert_eq!(resp.headers()[header::RETRY_AFTER], "7");
+        let resp = ProxyError::RateLimited {
+            retry_after_secs: 0,
+        }
+        .to_response();
+        assert_eq!(resp.headers()[header::RETRY_AFTER], "1");
     }
 
     #[tokio::test]

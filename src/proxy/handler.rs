@@ -27,11 +27,13 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
 use crate::metrics::Metrics;
-use crate::model::{IngressRef, RouteTarget, UpstreamProtocol, normalize_host};
+use crate::model::{IngressRef, RateLimit, RouteTarget, UpstreamProtocol, normalize_host};
 use crate::publish::Reader;
 
+use super::client_ip::client_ip;
 use super::error::{ProxyError, empty_body, full_body};
 use super::framing::CL_TE_MARKER;
+use super::ratelimit::{Limiter, RateHeaders, Verdict};
 use super::upstream::{BodyFlags, OutboundRequest, PoolReturn, Upstreams};
 use super::{BoxError, ConnInfo, ProxyBody, ProxyConfig};
 use crate::model::path::normalize_path;
@@ -61,6 +63,8 @@ pub struct Handler {
     /// Per-Ingress in-flight counts; outside the snapshot so a swap does not reset them.
     route_inflight: RwLock<HashMap<IngressRef, Arc<AtomicUsize>>>,
     request_ids: RequestIds,
+    /// RateLimitPolicy buckets and `maxInFlight` counters, outside the snapshot (brief §4.5).
+    limiter: Limiter,
 }
 
 /// Decrements an in-flight counter when the request (including its response body) ends.
@@ -130,6 +134,8 @@ struct Record {
     upstream_addr: Option<SocketAddr>,
     upstream_ms: Option<u128>,
     bytes_in: Arc<AtomicU64>,
+    /// `RateLimit-Policy` / `RateLimit` for the response, once the route's policies ran.
+    rate_headers: Option<RateHeaders>,
 }
 
 /// The validated request head.
@@ -145,6 +151,11 @@ struct Head {
 
 impl Handler {
     pub fn new(cfg: Arc<ProxyConfig>, reader: Reader, metrics: Arc<Metrics>) -> Handler {
+        let limiter = Limiter::new(
+            cfg.rate_limit_max_keys,
+            metrics.ratelimit_tracked_keys.clone(),
+            metrics.ratelimit_evicted_keys.clone(),
+        );
         Handler {
             upstreams: Upstreams::new(metrics.clone()),
             cfg,
@@ -153,7 +164,13 @@ impl Handler {
             inflight: Arc::new(AtomicUsize::new(0)),
             route_inflight: RwLock::new(HashMap::new()),
             request_ids: RequestIds::new(),
+            limiter,
         }
+    }
+
+    /// Rate-limit state (buckets, `maxInFlight` counters): exposed for tests and admin.
+    pub fn limiter(&self) -> &Limiter {
+        &self.limiter
     }
 
     /// The upstream side (pools, health): exposed for tests and admin.
@@ -184,7 +201,7 @@ impl Handler {
         let result = self
             .serve(req, conn, &mut rec, &mut guards, &mut pool_return)
             .await;
-        let resp = match result {
+        let mut resp = match result {
             Ok(resp) => resp,
             Err(e) => {
                 if let Some(reason) = e.reject_reason() {
@@ -197,6 +214,10 @@ impl Handler {
                 e.to_response()
             }
         };
+        // Every response on a limited route carries the limits, 429 included (brief §4.5).
+        if let Some(h) = rec.rate_headers.take() {
+            h.apply(resp.headers_mut());
+        }
         let (parts, body) = resp.into_parts();
         let status = parts.status;
         let body = TrackedBody {
@@ -233,6 +254,60 @@ impl Handler {
             .clone()
     }
 
+    fn count_overload(&self, labels: [&str; 4]) {
+        self.metrics
+            .concurrency_rejected
+            .with_label_values(&labels)
+            .inc();
+    }
+
+    /// The route's RateLimitPolicies (brief §4.5), all of which must admit: `maxInFlight`
+    /// slots first (503, no token spent), then one token from every bucket (429, and a
+    /// refusal by one policy spends nothing from the others). The resulting headers go on
+    /// whatever response follows.
+    fn enforce_limits(
+        &self,
+        limits: &[RateLimit],
+        headers: &HeaderMap,
+        conn: &ConnInfo,
+        rec: &mut Record,
+        guards: &mut Vec<InflightGuard>,
+    ) -> Result<(), ProxyError> {
+        if limits.is_empty() {
+            return Ok(());
+        }
+        let client = client_ip(conn.peer.ip(), headers, &self.cfg.trusted_proxies);
+        for limit in limits {
+            let Some(cap) = limit.max_in_flight else {
+                continue;
+            };
+            match InflightGuard::acquire(&self.limiter.in_flight(&limit.policy), cap) {
+                Some(g) => guards.push(g),
+                None => {
+                    let name = &limit.policy.name;
+                    self.count_overload(["policy", &rec.namespace, &rec.ingress, name]);
+                    rec.rate_headers = self.limiter.peek(limits, client, headers).headers;
+                    return Err(ProxyError::Overloaded("policy_concurrency"));
+                }
+            }
+        }
+        let checked = self.limiter.check(limits, client, headers, Instant::now());
+        rec.rate_headers = checked.headers;
+        if let Verdict::Limited {
+            policy,
+            retry_after_secs,
+        } = checked.verdict
+        {
+            let name = limits.get(policy).map_or("", |l| &*l.policy.name);
+            self.metrics
+                .ratelimit_rejected
+                .with_label_values(&[&rec.namespace, &rec.ingress, name])
+                .inc();
+            return Err(ProxyError::RateLimited { retry_after_secs });
+        }
+        Ok(())
+    }
+
     async fn serve(
         &self,
         mut req: Request<Incoming>,
@@ -244,10 +319,13 @@ impl Handler {
         // Load once: the whole request uses this one snapshot (brief §2).
         let snapshot = self.reader.load().ok_or(ProxyError::NotReady)?;
         if let Some(cap) = self.cfg.max_concurrent_requests {
-            guards.push(
-                InflightGuard::acquire(&self.inflight, cap)
-                    .ok_or(ProxyError::Overloaded("global_concurrency"))?,
-            );
+            match InflightGuard::acquire(&self.inflight, cap) {
+                Some(g) => guards.push(g),
+                None => {
+                    self.count_overload(["global", "", "", ""]);
+                    return Err(ProxyError::Overloaded("global_concurrency"));
+                }
+            }
         }
 
         let head = validate_head(&req, &self.cfg)?;
@@ -280,11 +358,15 @@ impl Handler {
 
         if let Some(cap) = policy.max_concurrent_requests {
             let counter = self.route_counter(&route.ingress);
-            guards.push(
-                InflightGuard::acquire(&counter, cap)
-                    .ok_or(ProxyError::Overloaded("route_concurrency"))?,
-            );
+            match InflightGuard::acquire(&counter, cap) {
+                Some(g) => guards.push(g),
+                None => {
+                    self.count_overload(["ingress", &rec.namespace, &rec.ingress, ""]);
+                    return Err(ProxyError::Overloaded("route_concurrency"));
+                }
+            }
         }
+        self.enforce_limits(&policy.rate_limits, req.headers(), conn, rec, guards)?;
 
         // Content-Length over the limit: refuse before contacting any upstream.
         if policy.body_limit > 0

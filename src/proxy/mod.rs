@@ -13,6 +13,7 @@ pub mod error;
 pub mod framing;
 pub mod handler;
 pub mod listener;
+pub mod ratelimit;
 pub mod tls;
 pub mod upstream;
 

@@ -227,7 +227,8 @@ impl Routes {
     }
 }
 
-/// Derive hosts, routes and TLS from Ingresses, IngressClasses, Services and Secrets.
+/// Derive hosts, routes and TLS from Ingresses, IngressClasses, Services, Secrets and
+/// RateLimitPolicies (validated here; valid ones attach to their Ingress's routes).
 /// EndpointSlices are not read here.
 pub fn derive_routes(inputs: &Inputs, opts: &Options) -> (Routes, Vec<Diagnostic>) {
     let mut diags = Diags::default();
@@ -241,6 +242,5 @@ pub fn translate(inputs: &Inputs, opts: &Options) -> (Snapshot, Vec<Diagnostic>)
     let routes = routes::derive(inputs, opts, &mut diags);
     let (backends, endpoint_diags) = resolve_endpoints(&routes.backends, &inputs.endpoint_slices);
     diags.0.extend(endpoint_diags);
-    policies::validate(inputs, &mut diags);
     (routes.snapshot(backends), diags.finish())
 }

@@ -1,57 +1,147 @@
-//! RateLimitPolicy validation (brief §4.5): a policy whose target is missing or of the wrong
-//! kind, or whose values make no sense, becomes an Error diagnostic (so its status is
-//! Accepted=False and `portico check` fails) and is not applied. Enforcement is the proxy's.
+//! RateLimitPolicy validation and assembly (brief §4.5): a policy whose target is missing or of
+//! the wrong kind, or whose values make no sense, becomes an Error diagnostic (so its status is
+//! Accepted=False and `portico check` fails) and is not applied; every valid one becomes a
+//! [`RateLimit`] on the routes of its target Ingress. Enforcement is the proxy's.
 //!
-//! Owns: the validity rules only. Must not import tokio, hyper or the filesystem.
+//! Owns: the validity rules and the policy → `model::RateLimit` mapping. Must not import
+//! tokio, hyper or the filesystem.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
+use crate::crd::{KeyType, RateLimitPolicy};
 use crate::model::duration::parse_duration;
+use crate::model::{IngressRef, PolicyRef, RateLimit, RateLimitKey, TokenBucketSpec};
 
+use super::index;
 use super::{Diags, Inputs, ObjRef};
 
 const KIND: &str = "RateLimitPolicy";
 
-/// Check every policy; diagnostics go to `diags`.
-pub(super) fn validate(inputs: &Inputs, diags: &mut Diags) {
+/// Valid policies per target Ingress, each list in policy name order (all apply).
+pub(super) type Limits = HashMap<IngressRef, Arc<[RateLimit]>>;
+
+/// Check every policy (diagnostics go to `diags`) and map the valid ones to their target
+/// Ingress. Policies with the same namespace/name (two manifest files) are reduced to one,
+/// chosen by content so the result does not depend on input order.
+pub(super) fn build(inputs: &Inputs, diags: &mut Diags) -> Limits {
     let ingresses: BTreeSet<(&str, &str)> = inputs
         .ingresses
         .iter()
-        .map(|i| {
-            (
-                i.metadata.namespace.as_deref().unwrap_or_default(),
-                i.metadata.name.as_deref().unwrap_or_default(),
-            )
-        })
+        .map(|i| (index::namespace(&i.metadata), index::name(&i.metadata)))
         .collect();
+    let mut unique: BTreeMap<(&str, &str), (&RateLimitPolicy, String)> = BTreeMap::new();
     for policy in &inputs.rate_limit_policies {
-        let namespace = policy.metadata.namespace.as_deref().unwrap_or_default();
-        let name = policy.metadata.name.as_deref().unwrap_or_default();
-        let obj = ObjRef { namespace, name };
-        let spec = &policy.spec;
-        let target = &spec.target_ref;
-        if target.kind != "Ingress" {
-            diags.error(
-                KIND,
-                &obj,
-                "InvalidTargetKind",
-                format!(
-                    "targetRef.kind {:?} is not supported; use Ingress",
-                    target.kind
-                ),
-            );
-        } else if !ingresses.contains(&(namespace, target.name.as_str())) {
-            diags.error(
-                KIND,
-                &obj,
-                "TargetNotFound",
-                format!("Ingress {namespace}/{} does not exist", target.name),
-            );
-        }
-        for problem in value_problems(spec) {
-            diags.error(KIND, &obj, "InvalidPolicy", problem);
+        let id = (
+            index::namespace(&policy.metadata),
+            index::name(&policy.metadata),
+        );
+        let print = serde_json::to_string(&**policy).unwrap_or_default();
+        match unique.get(&id) {
+            Some((_, kept)) if *kept <= print => {
+                if *kept != print {
+                    duplicate(diags, id);
+                }
+            }
+            Some(_) => {
+                duplicate(diags, id);
+                unique.insert(id, (policy, print));
+            }
+            None => {
+                unique.insert(id, (policy, print));
+            }
         }
     }
+    // BTreeMap order is (namespace, name): each target's list comes out in name order.
+    let mut out: BTreeMap<IngressRef, Vec<RateLimit>> = BTreeMap::new();
+    for ((namespace, name), (policy, _)) in unique {
+        let obj = ObjRef { namespace, name };
+        if !check(policy, &obj, &ingresses, diags) {
+            continue;
+        }
+        let target = IngressRef {
+            namespace: Arc::from(namespace),
+            name: Arc::from(policy.spec.target_ref.name.as_str()),
+        };
+        out.entry(target)
+            .or_default()
+            .push(rate_limit(policy, namespace, name));
+    }
+    out.into_iter().map(|(k, v)| (k, Arc::from(v))).collect()
+}
+
+fn duplicate(diags: &mut Diags, (namespace, name): (&str, &str)) {
+    diags.warn(
+        KIND,
+        &ObjRef { namespace, name },
+        "DuplicateObject",
+        "several different RateLimitPolicy objects share this name; one is used",
+    );
+}
+
+/// The proxy's view of a valid policy.
+fn rate_limit(policy: &RateLimitPolicy, namespace: &str, name: &str) -> RateLimit {
+    let spec = &policy.spec;
+    RateLimit {
+        policy: PolicyRef {
+            namespace: Arc::from(namespace),
+            name: Arc::from(name),
+            uid: Arc::from(policy.metadata.uid.as_deref().unwrap_or_default()),
+        },
+        bucket: spec.limit.as_ref().map(|l| TokenBucketSpec {
+            requests: l.requests,
+            period: parse_duration(&l.period).unwrap_or_default(),
+            burst: l.burst.unwrap_or(l.requests),
+        }),
+        key: match &spec.key {
+            None => RateLimitKey::ClientIp,
+            Some(k) => match k.key_type {
+                KeyType::ClientIP => RateLimitKey::ClientIp,
+                KeyType::Global => RateLimitKey::Global,
+                // Header names are case-insensitive (RFC 9110 §5.1); `http` looks up lower case.
+                KeyType::Header => {
+                    RateLimitKey::Header(k.name.as_deref().unwrap_or_default().to_ascii_lowercase())
+                }
+            },
+        },
+        max_in_flight: spec.max_in_flight,
+    }
+}
+
+/// Diagnostics for one policy; true when it has no errors and so is applied.
+fn check(
+    policy: &RateLimitPolicy,
+    obj: &ObjRef<'_>,
+    ingresses: &BTreeSet<(&str, &str)>,
+    diags: &mut Diags,
+) -> bool {
+    let before = diags.0.len();
+    let namespace = obj.namespace;
+    let spec = &policy.spec;
+    let target = &spec.target_ref;
+    if target.kind != "Ingress" {
+        diags.error(
+            KIND,
+            obj,
+            "InvalidTargetKind",
+            format!(
+                "targetRef.kind {:?} is not supported; use Ingress",
+                target.kind
+            ),
+        );
+    } else if !ingresses.contains(&(namespace, target.name.as_str())) {
+        diags.error(
+            KIND,
+            obj,
+            "TargetNotFound",
+            format!("Ingress {namespace}/{} does not exist", target.name),
+        );
+    }
+    for problem in value_problems(spec) {
+        diags.error(KIND, obj, "InvalidPolicy", problem);
+    }
+    // Only errors are pushed above.
+    diags.0.len() == before
 }
 
 /// Nonsensical values, each as a message.
@@ -136,7 +226,7 @@ mod unit {
 
     fn reasons(inputs: &Inputs) -> Vec<(String, String)> {
         let mut d = Diags::default();
-        validate(inputs, &mut d);
+        build(inputs, &mut d);
         d.finish().into_iter().map(|d| (d.name, d.reason)).collect()
     }
 

@@ -22,6 +22,7 @@ use super::backends::resolve_service;
 use super::hosts::{HostKey, parse_host};
 use super::index::{self, Index};
 use super::paths::parse_path;
+use super::policies::{self, Limits};
 use super::{BackendSpec, Diags, Inputs, ObjRef, Options, Routes, class, tls};
 
 /// What a route will point at, before backend ids are assigned.
@@ -58,6 +59,7 @@ pub(super) fn derive(inputs: &Inputs, opts: &Options, diags: &mut Diags) -> Rout
         .filter(|i| class::is_ours(i, &index, opts))
         .collect();
     let tls = tls::build(&ours, &index, opts, diags);
+    let limits = policies::build(inputs, diags);
 
     let mut specs: BTreeMap<BackendKey, BackendSpec> = BTreeMap::new();
     let mut resolve = |ns: &str,
@@ -226,6 +228,7 @@ pub(super) fn derive(inputs: &Inputs, opts: &Options, diags: &mut Diags) -> Rout
         anns: &anns,
         ids: &ids,
         tls: &tls,
+        limits: &limits,
         policies: HashMap::new(),
     };
     let mut per_host: BTreeMap<HostKey, Vec<Arc<Route>>> = BTreeMap::new();
@@ -266,6 +269,8 @@ struct RouteBuilder<'a> {
     anns: &'a [Annotations],
     ids: &'a HashMap<&'a BackendKey, BackendId>,
     tls: &'a TlsTable,
+    /// Valid RateLimitPolicies by target Ingress (brief §4.5).
+    limits: &'a Limits,
     /// Routes with the same parameters share one policy allocation.
     policies: HashMap<(usize, bool, UpstreamProtocol), Arc<RoutePolicy>>,
 }
@@ -280,6 +285,9 @@ impl RouteBuilder<'_> {
             HostKey::CatchAll => false,
         };
         let anns = self.anns;
+        // The cache key holds the Ingress (through `c.ann`), so its limits are the same for
+        // every route sharing the entry.
+        let rate_limits = self.limits.get(&c.ingress).cloned().unwrap_or_default();
         let policy = self
             .policies
             .entry((c.ann, has_tls, c.protocol))
@@ -287,6 +295,7 @@ impl RouteBuilder<'_> {
                 let a = anns.get(c.ann);
                 Arc::new(match a {
                     Some(a) => RoutePolicy {
+                        rate_limits,
                         connect_timeout: a.connect_timeout,
                         read_timeout: a.read_timeout,
                         body_limit: a.body_limit,
@@ -296,7 +305,10 @@ impl RouteBuilder<'_> {
                         max_concurrent_requests: a.max_concurrent_requests,
                         ..RoutePolicy::default()
                     },
-                    None => RoutePolicy::default(),
+                    None => RoutePolicy {
+                        rate_limits,
+                        ..RoutePolicy::default()
+                    },
                 })
             })
             .clone();

@@ -1711,3 +1711,205 @@ fn describe_lists_hosts_routes_backends_and_tls() {
         assert!(text.contains(needle), "missing {needle:?} in\n{text}");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// RateLimitPolicy → model::RateLimit (brief §4.5)
+// ---------------------------------------------------------------------------------------------
+
+fn rlp(ns: &str, name: &str, uid: Option<&str>, spec: Value) -> Arc<crate::crd::RateLimitPolicy> {
+    let mut meta = json!({"namespace": ns, "name": name});
+    if let Some(u) = uid {
+        meta["uid"] = json!(u);
+    }
+    Arc::new(from(
+        json!({"apiVersion": "portico.dev/v1alpha1", "kind": "RateLimitPolicy",
+                         "metadata": meta, "spec": spec}),
+    ))
+}
+
+fn limits_of(snap: &Snapshot, host: &str, path: &str) -> Vec<crate::model::RateLimit> {
+    route(snap, host, path)
+        .expect("routed")
+        .policy
+        .rate_limits
+        .to_vec()
+}
+
+/// A world with Ingress `shop` (two paths and a default backend) and Ingress `free`.
+fn limited_world(policies: Vec<Arc<crate::crd::RateLimitPolicy>>) -> World {
+    let mut w = World::web()
+        .ing(
+            Ing::new("default", "shop")
+                .path("shop.test", "Prefix", "/", "web", svc80())
+                .path("shop.test", "Exact", "/login", "web", svc80())
+                .default_backend("web", 80),
+        )
+        .ing(Ing::new("default", "free").path("free.test", "Prefix", "/", "web", svc80()));
+    w.0.rate_limit_policies = policies;
+    w
+}
+
+#[test]
+fn ratelimit_valid_policy_applies_to_every_route_of_its_ingress_only() {
+    use crate::model::{PolicyRef, RateLimit, RateLimitKey, TokenBucketSpec};
+    let (s, d) = limited_world(vec![rlp(
+        "default",
+        "shop-limit",
+        Some("uid-1"),
+        json!({"targetRef": {"kind": "Ingress", "name": "shop"},
+               "limit": {"requests": 100, "period": "1m", "burst": 20},
+               "maxInFlight": 50}),
+    )])
+    .run();
+    assert!(d.is_empty(), "{d:?}");
+    let want = vec![RateLimit {
+        policy: PolicyRef {
+            namespace: "default".into(),
+            name: "shop-limit".into(),
+            uid: "uid-1".into(),
+        },
+        bucket: Some(TokenBucketSpec {
+            requests: 100,
+            period: Duration::from_secs(60),
+            burst: 20,
+        }),
+        // Default key: ClientIP.
+        key: RateLimitKey::ClientIp,
+        max_in_flight: Some(50),
+    }];
+    assert_eq!(limits_of(&s, "shop.test", "/"), want);
+    assert_eq!(limits_of(&s, "shop.test", "/login"), want);
+    // The default backend is a route of `shop` too (host-less, unknown host).
+    assert_eq!(limits_of(&s, "other.test", "/x"), want);
+    assert!(limits_of(&s, "free.test", "/").is_empty());
+}
+
+#[test]
+fn ratelimit_several_policies_all_apply_in_name_order_with_keys_and_defaults() {
+    use crate::model::RateLimitKey;
+    let (s, d) = limited_world(vec![
+        rlp(
+            "default",
+            "zz-global",
+            None,
+            json!({"targetRef": {"kind": "Ingress", "name": "shop"},
+                   "limit": {"requests": 5, "period": "1s"}, "key": {"type": "Global"}}),
+        ),
+        rlp(
+            "default",
+            "aa-header",
+            None,
+            json!({"targetRef": {"kind": "Ingress", "name": "shop"},
+                   "limit": {"requests": 2, "period": "1h30m"},
+                   "key": {"type": "Header", "name": "X-Api-Key"}}),
+        ),
+        rlp(
+            "default",
+            "mm-cap",
+            None,
+            json!({"targetRef": {"kind": "Ingress", "name": "shop"}, "maxInFlight": 3}),
+        ),
+    ])
+    .run();
+    assert!(d.is_empty(), "{d:?}");
+    let got = limits_of(&s, "shop.test", "/");
+    let names: Vec<&str> = got.iter().map(|l| &*l.policy.name).collect();
+    assert_eq!(names, ["aa-header", "mm-cap", "zz-global"]);
+    // No uid (file provider): empty, so the identity is namespace/name.
+    assert!(got.iter().all(|l| l.policy.uid.is_empty()));
+    // Header names are stored lower-case; burst defaults to requests.
+    assert_eq!(got[0].key, RateLimitKey::Header("x-api-key".into()));
+    let b = got[0].bucket.expect("bucket");
+    assert_eq!((b.requests, b.burst), (2, 2));
+    assert_eq!(b.period, Duration::from_secs(5400));
+    assert_eq!((got[1].bucket, got[1].max_in_flight), (None, Some(3)));
+    assert_eq!(got[2].key, RateLimitKey::Global);
+}
+
+#[test]
+fn ratelimit_invalid_policies_are_diagnosed_and_not_applied() {
+    let cases: &[(&str, Value, &str)] = &[
+        (
+            "wrong-kind",
+            json!({"targetRef": {"kind": "Service", "name": "shop"},
+                   "limit": {"requests": 1, "period": "1s"}}),
+            "InvalidTargetKind",
+        ),
+        (
+            "missing-target",
+            json!({"targetRef": {"kind": "Ingress", "name": "gone"},
+                   "limit": {"requests": 1, "period": "1s"}}),
+            "TargetNotFound",
+        ),
+        (
+            "zero-requests",
+            json!({"targetRef": {"kind": "Ingress", "name": "shop"},
+                   "limit": {"requests": 0, "period": "1s"}}),
+            "InvalidPolicy",
+        ),
+        (
+            "bad-period",
+            json!({"targetRef": {"kind": "Ingress", "name": "shop"},
+                   "limit": {"requests": 1, "period": "1 minute"}}),
+            "InvalidPolicy",
+        ),
+        (
+            "zero-burst",
+            json!({"targetRef": {"kind": "Ingress", "name": "shop"},
+                   "limit": {"requests": 1, "period": "1s", "burst": 0}}),
+            "InvalidPolicy",
+        ),
+        (
+            "nothing",
+            json!({"targetRef": {"kind": "Ingress", "name": "shop"}}),
+            "InvalidPolicy",
+        ),
+        (
+            "header-without-name",
+            json!({"targetRef": {"kind": "Ingress", "name": "shop"},
+                   "limit": {"requests": 1, "period": "1s"}, "key": {"type": "Header"}}),
+            "InvalidPolicy",
+        ),
+    ];
+    for (name, spec, reason) in cases {
+        let (s, d) = limited_world(vec![rlp("default", name, None, spec.clone())]).run();
+        let diag = only(&d, Severity::Error, reason);
+        assert_eq!(
+            (diag.kind.as_str(), diag.name.as_str()),
+            ("RateLimitPolicy", *name)
+        );
+        // Not applied at all: the target is served unlimited (brief §4.5).
+        assert!(limits_of(&s, "shop.test", "/").is_empty(), "{name}");
+    }
+}
+
+#[test]
+fn ratelimit_policy_in_another_namespace_does_not_reach_the_ingress() {
+    let mut w = limited_world(vec![rlp(
+        "other",
+        "cross",
+        None,
+        json!({"targetRef": {"kind": "Ingress", "name": "shop"},
+               "limit": {"requests": 1, "period": "1s"}}),
+    )]);
+    w = w.web_in("other");
+    let (s, d) = w.run();
+    only(&d, Severity::Error, "TargetNotFound");
+    assert!(limits_of(&s, "shop.test", "/").is_empty());
+}
+
+#[test]
+fn ratelimit_edit_changes_only_the_numbers_identity_is_stable() {
+    let spec = |n: u32| {
+        json!({"targetRef": {"kind": "Ingress", "name": "shop"},
+               "limit": {"requests": n, "period": "1m"}})
+    };
+    let (a, _) = limited_world(vec![rlp("default", "p", Some("u"), spec(10))]).run();
+    let (b, _) = limited_world(vec![rlp("default", "p", Some("u"), spec(20))]).run();
+    let (la, lb) = (
+        limits_of(&a, "shop.test", "/"),
+        limits_of(&b, "shop.test", "/"),
+    );
+    assert_eq!(la[0].policy, lb[0].policy);
+    assert_ne!(la[0].bucket, lb[0].bucket);
+}
