@@ -30,8 +30,10 @@ use crate::metrics::Metrics;
 use crate::model::{IngressRef, RouteTarget, UpstreamProtocol, normalize_host};
 use crate::publish::Reader;
 
+use super::balance::Affinity;
 use super::error::{ProxyError, empty_body, full_body};
 use super::framing::CL_TE_MARKER;
+use super::health::HealthChecker;
 use super::upstream::{BodyFlags, OutboundRequest, PoolReturn, Upstreams};
 use super::{BoxError, ConnInfo, ProxyBody, ProxyConfig};
 use crate::model::path::normalize_path;
@@ -146,7 +148,7 @@ struct Head {
 impl Handler {
     pub fn new(cfg: Arc<ProxyConfig>, reader: Reader, metrics: Arc<Metrics>) -> Handler {
         Handler {
-            upstreams: Upstreams::new(metrics.clone()),
+            upstreams: Upstreams::new(metrics.clone(), cfg.max_ejection_percent),
             cfg,
             reader,
             metrics,
@@ -159,6 +161,16 @@ impl Handler {
     /// The upstream side (pools, health): exposed for tests and admin.
     pub fn upstreams(&self) -> &Upstreams {
         &self.upstreams
+    }
+
+    /// The active health checker over this handler's snapshots and endpoint marks; the
+    /// listener runs it (once) beside the accept loops.
+    pub fn health_checker(&self) -> HealthChecker {
+        HealthChecker::new(
+            self.upstreams.active_health(),
+            self.reader.clone(),
+            self.metrics.clone(),
+        )
     }
 
     /// Requests in flight now (counted only when a global cap is configured).
@@ -307,6 +319,14 @@ impl Handler {
             .any(|net| net.contains(&conn.peer.ip()));
         let (parts, body) = req.into_parts();
         let mut headers = parts.headers;
+        // Hash input from the request as the client sent it (brief §4.6), before rewriting.
+        let affinity = Affinity::of(
+            &policy.load_balance,
+            conn.peer.ip(),
+            &headers,
+            &self.cfg.trusted_proxies,
+            conn.tls,
+        );
         strip_hop_by_hop(&mut headers, upgrade);
         if upgrade {
             headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -355,7 +375,7 @@ impl Handler {
 
         let forwarded = self
             .upstreams
-            .forward(backend, &policy, out, self.cfg.max_retries)
+            .forward(backend, &policy, out, self.cfg.max_retries, &affinity)
             .await?;
         rec.upstream_addr = Some(forwarded.addr);
         rec.upstream_ms = Some(forwarded.upstream_time.as_millis());
@@ -388,6 +408,7 @@ impl Handler {
 
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers, false);
+        affinity.apply(&mut parts.headers);
         if conn.tls
             && let Some(hsts) = &policy.hsts
             && let Ok(v) = HeaderValue::from_str(hsts)
