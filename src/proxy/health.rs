@@ -273,12 +273,13 @@ pub async fn probe(addr: SocketAddr, check: &HealthCheck) -> bool {
             .header(header::CONNECTION, "close")
             .body(Empty::<Bytes>::new())
             .ok()?;
-        let mut conn = std::pin::pin!(conn);
-        let resp = tokio::select! {
-            r = tx.send_request(req) => r.ok()?,
-            _ = &mut conn => return None,
-        };
-        let s = resp.status();
+        // The connection task ends when the exchange does (`Connection: close`) and at the
+        // latest after the check's timeout, so a probe never leaves a task behind.
+        let timeout = check.timeout;
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(timeout, conn).await;
+        });
+        let s = tx.send_request(req).await.ok()?.status();
         Some(s.is_success() || s.is_redirection())
     };
     matches!(

@@ -1603,7 +1603,8 @@ fn annotation_load_balance_values_and_bad_values() {
         })
     };
     // (annotations, expected strategy, expected warning-free)
-    let cases: Vec<(Vec<(&str, &str)>, LoadBalance, bool)> = vec![
+    type Case<'a> = (Vec<(&'a str, &'a str)>, LoadBalance, bool);
+    let cases: Vec<Case> = vec![
         (vec![], LoadBalance::RoundRobin, true),
         (
             vec![("portico.dev/load-balance", "round-robin")],
