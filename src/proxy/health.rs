@@ -211,8 +211,7 @@ impl Probe {
         };
         let (ok_count, fail_count) = (result("success"), result("failure"));
         gauge.set(1);
-        let mut up = true;
-        let mut streak: u32 = 0;
+        let mut verdict = Verdict::default();
         // The first probe comes after a jitter only, so a new endpoint is vetted quickly.
         let mut wait = jitter(self.check.interval);
         // Bounded by shutdown (and by abort when the endpoint leaves).
@@ -227,20 +226,7 @@ impl Probe {
             } else {
                 fail_count.inc();
             }
-            // `streak` counts consecutive results that argue for flipping the state.
-            if ok != up {
-                streak = streak.saturating_add(1);
-            } else {
-                streak = 0;
-            }
-            let threshold = if up {
-                self.check.unhealthy_threshold
-            } else {
-                self.check.healthy_threshold
-            };
-            if streak >= threshold.max(1) {
-                up = ok;
-                streak = 0;
+            if let Some(up) = verdict.observe(ok, &self.check) {
                 self.state.set(self.addr, &self.check, !up);
                 gauge.set(i64::from(up));
                 if up {
@@ -251,6 +237,47 @@ impl Probe {
             }
             wait = self.check.interval + jitter(self.check.interval);
         }
+    }
+}
+
+/// The up/down state of one (endpoint, check) and the streak of results arguing to flip it.
+#[derive(Debug, Clone, Copy)]
+struct Verdict {
+    up: bool,
+    streak: u32,
+}
+
+impl Default for Verdict {
+    /// Up: Kubernetes readiness already vouched for the endpoint.
+    fn default() -> Self {
+        Verdict {
+            up: true,
+            streak: 0,
+        }
+    }
+}
+
+impl Verdict {
+    /// Count one probe result; `Some(new state)` when it flips: down after
+    /// `unhealthy_threshold` consecutive failures, up after `healthy_threshold` consecutive
+    /// successes. A result agreeing with the current state resets the streak.
+    fn observe(&mut self, ok: bool, check: &HealthCheck) -> Option<bool> {
+        if ok == self.up {
+            self.streak = 0;
+            return None;
+        }
+        self.streak = self.streak.saturating_add(1);
+        let threshold = if self.up {
+            check.unhealthy_threshold
+        } else {
+            check.healthy_threshold
+        };
+        if self.streak < threshold.max(1) {
+            return None;
+        }
+        self.up = ok;
+        self.streak = 0;
+        Some(self.up)
     }
 }
 
@@ -319,6 +346,94 @@ mod tests {
         s.set(a, &c, false);
         assert!(!s.is_down(a, &c));
         assert!(s.down.read().expect("lock").is_empty(), "no state left");
+    }
+
+    /// A one-shot raw HTTP server answering every connection with `reply` (or nothing).
+    async fn raw_server(reply: Option<&'static str>) -> SocketAddr {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("addr");
+        tokio::spawn(async move {
+            // Bounded: the listener lives as long as the test's runtime.
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    let mut head = Vec::new();
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut buf).await {
+                            Ok(n) if n > 0 => head.extend_from_slice(&buf[..n]),
+                            _ => return,
+                        }
+                    }
+                    let text = String::from_utf8_lossy(&head).to_string();
+                    assert!(text.starts_with("GET /healthz HTTP/1.1\r\n"), "{text}");
+                    assert!(text.to_ascii_lowercase().contains(&format!("host: {addr}")));
+                    match reply {
+                        Some(r) => {
+                            let _ = s.write_all(r.as_bytes()).await;
+                        }
+                        // Never answer: hold the socket until the peer gives up.
+                        None => {
+                            let _ = s.read(&mut buf).await;
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn probe_results_by_status_class_timeout_and_refusal() {
+        let c = HealthCheck {
+            timeout: Duration::from_millis(300),
+            ..(*check()).clone()
+        };
+        let answer = |status: &'static str| {
+            raw_server(Some(match status {
+                "200" => "HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                "302" => "HTTP/1.1 302 Found\r\nlocation: /\r\ncontent-length: 0\r\n\r\n",
+                "404" => "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n",
+                _ => "HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n",
+            }))
+        };
+        assert!(probe(answer("200").await, &c).await);
+        assert!(probe(answer("302").await, &c).await);
+        assert!(!probe(answer("404").await, &c).await);
+        assert!(!probe(answer("503").await, &c).await);
+        // Not HTTP at all.
+        assert!(!probe(raw_server(Some("garbage\r\n\r\n")).await, &c).await);
+        // No answer within the timeout.
+        assert!(!probe(raw_server(None).await, &c).await);
+        // Refused.
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let dead = l.local_addr().expect("addr");
+        drop(l);
+        assert!(!probe(dead, &c).await);
+    }
+
+    #[test]
+    fn thresholds_flip_the_state_only_on_consecutive_results() {
+        let c = check(); // healthy 2, unhealthy 3
+        let mut v = Verdict::default();
+        let run = |v: &mut Verdict, results: &[bool]| -> Vec<Option<bool>> {
+            results.iter().map(|ok| v.observe(*ok, &c)).collect()
+        };
+        // Two failures, a success (streak reset), then three failures: down on the third.
+        assert_eq!(
+            run(&mut v, &[false, false, true, false, false, false]),
+            [None, None, None, None, None, Some(false)]
+        );
+        // One success, a failure (reset), then two successes: up on the second.
+        assert_eq!(
+            run(&mut v, &[true, false, true, true]),
+            [None, None, None, Some(true)]
+        );
+        assert_eq!(run(&mut v, &[true, true]), [None, None]);
     }
 
     #[test]
