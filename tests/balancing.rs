@@ -255,6 +255,47 @@ async fn cookie_stickiness_survives_rebuilds_and_a_missing_cookie_is_issued() {
     assert!(full.ends_with("; Max-Age=3600"), "{full}");
 }
 
+#[tokio::test]
+async fn the_sticky_cookie_issued_over_https_is_secure() {
+    let b = echo_backend("b").await;
+    let p = start_proxy(cfg(), true).await;
+    p.publisher.publish(snapshot(&[
+        RouteSpec::prefix(None, "/", &[b.addr]).policy(lb(sticky(None)))
+    ]));
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(p.tls_root.clone().expect("tls root"))
+        .expect("add root");
+    let cc = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cc));
+    let tcp = tokio::net::TcpStream::connect(p.tls_addr.expect("tls addr"))
+        .await
+        .expect("connect");
+    let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
+    let tls = connector.connect(name, tcp).await.expect("handshake");
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+        .await
+        .expect("h1");
+    tokio::spawn(conn);
+    let resp = tx
+        .send_request(request("GET", "/", &[("host", "localhost")], ""))
+        .await
+        .expect("response");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let sc = resp.headers()["set-cookie"].to_str().expect("ascii");
+    assert!(sc.starts_with("sid="), "{sc}");
+    assert!(
+        sc.ends_with("; Path=/; HttpOnly; SameSite=Lax; Secure"),
+        "{sc}"
+    );
+}
+
 // ---------------------------------------------------------------- passive health
 
 #[tokio::test]
