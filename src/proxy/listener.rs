@@ -555,8 +555,8 @@ impl Proxy {
             health,
             ..
         } = self;
-        // Probes stop with the listeners (the same signal): a draining proxy accepts no new
-        // requests to pick endpoints for. The task ends by itself; its handle is not needed.
+        // Probes stop with the listeners (the same signal): requests still draining finish
+        // with the health marks as they stand. The task ends by itself on that signal.
         if let Some(h) = health {
             tokio::spawn(h.run(shutdown.clone()));
         }

@@ -668,6 +668,10 @@ impl Upstreams {
     /// - an idempotent request without a body is also retried after a reset before response
     ///   headers and on a 502/503/504 response, within the retry budget;
     /// - at most `max_retries` retries; the last upstream response passes through unchanged.
+    ///
+    /// Endpoints are chosen by the route's `load_balance`, with `affinity` (from the handler)
+    /// as the consistent-hash key; the returned [`PoolReturn`] holds the request's in-flight
+    /// slot until the response body ends.
     pub async fn forward(
         &self,
         backend: &Backend,
