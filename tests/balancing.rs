@@ -209,12 +209,23 @@ async fn cookie_stickiness_survives_rebuilds_and_a_missing_cookie_is_issued() {
     // Rebuilds: endpoints listed in another order, an unrelated route added, then an
     // endpoint other than the home one removed.
     let other = echo_backend("other").await;
-    let mut reversed = addrs.clone();
-    reversed.reverse();
-    p.publisher.publish(snapshot(&[
-        route(&reversed),
+    let mut rebuilt = snapshot(&[
+        route(&addrs),
         RouteSpec::prefix(Some("other.example"), "/", &[other.addr]),
-    ]));
+    ]);
+    // `snapshot` sorts endpoints like translate does; reverse them by hand so the new
+    // snapshot really lists them in another order.
+    let mut table = (*rebuilt.backends).clone();
+    for b in &mut table.backends {
+        let mut eps = b.endpoints.to_vec();
+        eps.reverse();
+        b.endpoints = eps.into();
+    }
+    rebuilt.backends = std::sync::Arc::new(table);
+    assert_eq!(
+        p.publisher.publish(rebuilt),
+        portico::publish::Published::Swapped
+    );
     for _ in 0..10 {
         assert_eq!(shop(Some(&pair)).await.echo().name, home);
     }
