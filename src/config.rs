@@ -211,6 +211,29 @@ mod tests {
     }
 
     #[test]
+    fn max_ejection_percent_is_a_percentage() {
+        let parse = |v: &str| Cli::try_parse_from(["portico", "run", "--max-ejection-percent", v]);
+        for (v, want) in [("0", 0u8), ("35", 35), ("100", 100)] {
+            let Command::Run(args) = parse(v).expect("parses").command else {
+                panic!("run subcommand");
+            };
+            assert_eq!(args.max_ejection_percent, want);
+        }
+        assert!(parse("101").is_err());
+        assert!(parse("-1").is_err());
+        let Command::Run(d) = Cli::try_parse_from(["portico", "run"])
+            .expect("parses")
+            .command
+        else {
+            panic!("run subcommand");
+        };
+        assert_eq!(
+            d.max_ejection_percent,
+            crate::proxy::DEFAULT_MAX_EJECTION_PERCENT
+        );
+    }
+
+    #[test]
     fn watch_namespace_is_comma_separated_and_repeatable() {
         let cli = Cli::try_parse_from([
             "portico",

@@ -531,6 +531,29 @@ async fn upstream_dying_mid_body_aborts_the_client_response() {
     assert!(err.contains("body error"), "{err}");
 }
 
+/// An HTTP/1.0 upstream does not downgrade the client's HTTP/1.1 keep-alive connection: the
+/// version is per hop (RFC 9110 §6.2).
+#[tokio::test]
+async fn http10_upstream_answers_as_http11_on_a_kept_alive_connection() {
+    let b = raw_backend(|mut s| async move {
+        let _ = read_head(&mut s).await;
+        let _ = s
+            .write_all(b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            .await;
+    })
+    .await;
+    let p = proxy_with(&[RouteSpec::prefix(None, "/", &[b.addr])]).await;
+    let mut s = TcpStream::connect(p.addr).await.expect("connect");
+    for _ in 0..2 {
+        s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .expect("write");
+        let reply = read_one_response(&mut s).await;
+        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+        assert!(reply.ends_with("ok"), "{reply}");
+    }
+}
+
 #[tokio::test]
 async fn dead_endpoint_beside_live_one_never_fails_a_request() {
     let live = echo_backend("live").await;

@@ -7,7 +7,9 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use super::{HostRoutes, Route, RoutePolicy, RouteTarget, Snapshot, UpstreamProtocol};
+use super::{
+    HashKey, HostRoutes, LoadBalance, Route, RoutePolicy, RouteTarget, Snapshot, UpstreamProtocol,
+};
 
 /// Render a snapshot as text. Equal snapshots render identically (every map is sorted).
 pub fn describe(snap: &Snapshot) -> String {
@@ -56,7 +58,18 @@ pub fn describe(snap: &Snapshot) -> String {
         } else {
             ""
         };
-        let _ = writeln!(out, "  {} -> {eps}{drain}", b.key);
+        let check = match &b.health_check {
+            Some(h) => format!(
+                " (health check GET {} every {} timeout {} up {} down {})",
+                h.path,
+                dur(h.interval),
+                dur(h.timeout),
+                h.healthy_threshold,
+                h.unhealthy_threshold
+            ),
+            None => String::new(),
+        };
+        let _ = writeln!(out, "  {} -> {eps}{drain}{check}", b.key);
     }
 
     out.push_str("tls:\n");
@@ -153,6 +166,22 @@ fn policy_deltas(p: &RoutePolicy) -> Vec<String> {
             Some(n) => v.push(format!("max-concurrent-requests={n}")),
             None => v.push("max-concurrent-requests=none".to_string()),
         }
+    }
+    if p.load_balance != d.load_balance {
+        let lb = match &p.load_balance {
+            LoadBalance::RoundRobin => "round-robin".to_string(),
+            LoadBalance::LeastRequest => "least-request".to_string(),
+            LoadBalance::Random => "random".to_string(),
+            LoadBalance::ConsistentHash(HashKey::ClientIp) => "consistent-hash(client-ip)".into(),
+            LoadBalance::ConsistentHash(HashKey::Header(h)) => {
+                format!("consistent-hash(header:{h})")
+            }
+            LoadBalance::ConsistentHash(HashKey::Cookie { name, ttl }) => match ttl {
+                Some(t) => format!("consistent-hash(cookie:{name}, ttl={})", dur(*t)),
+                None => format!("consistent-hash(cookie:{name}, session)"),
+            },
+        };
+        v.push(format!("load-balance={lb}"));
     }
     v
 }

@@ -30,9 +30,11 @@ use crate::metrics::Metrics;
 use crate::model::{IngressRef, RateLimit, RouteTarget, UpstreamProtocol, normalize_host};
 use crate::publish::Reader;
 
+use super::balance::Affinity;
 use super::client_ip::client_ip;
 use super::error::{ProxyError, empty_body, full_body};
 use super::framing::CL_TE_MARKER;
+use super::health::HealthChecker;
 use super::ratelimit::{Limiter, RateHeaders, Verdict};
 use super::upstream::{BodyFlags, OutboundRequest, PoolReturn, Upstreams};
 use super::{BoxError, ConnInfo, ProxyBody, ProxyConfig};
@@ -157,7 +159,7 @@ impl Handler {
             metrics.ratelimit_evicted_keys.clone(),
         );
         Handler {
-            upstreams: Upstreams::new(metrics.clone()),
+            upstreams: Upstreams::new(metrics.clone(), cfg.max_ejection_percent),
             cfg,
             reader,
             metrics,
@@ -176,6 +178,16 @@ impl Handler {
     /// The upstream side (pools, health): exposed for tests and admin.
     pub fn upstreams(&self) -> &Upstreams {
         &self.upstreams
+    }
+
+    /// The active health checker over this handler's snapshots and endpoint marks; the
+    /// listener runs it (once) beside the accept loops.
+    pub fn health_checker(&self) -> HealthChecker {
+        HealthChecker::new(
+            self.upstreams.active_health(),
+            self.reader.clone(),
+            self.metrics.clone(),
+        )
     }
 
     /// Requests in flight now (counted only when a global cap is configured).
@@ -389,6 +401,14 @@ impl Handler {
             .any(|net| net.contains(&conn.peer.ip()));
         let (parts, body) = req.into_parts();
         let mut headers = parts.headers;
+        // Hash input from the request as the client sent it (brief §4.6), before rewriting.
+        let affinity = Affinity::of(
+            &policy.load_balance,
+            conn.peer.ip(),
+            &headers,
+            &self.cfg.trusted_proxies,
+            conn.tls,
+        );
         strip_hop_by_hop(&mut headers, upgrade);
         if upgrade {
             headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -437,7 +457,7 @@ impl Handler {
 
         let forwarded = self
             .upstreams
-            .forward(backend, &policy, out, self.cfg.max_retries)
+            .forward(backend, &policy, out, self.cfg.max_retries, &affinity)
             .await?;
         rec.upstream_addr = Some(forwarded.addr);
         rec.upstream_ms = Some(forwarded.upstream_time.as_millis());
@@ -469,7 +489,13 @@ impl Handler {
         }
 
         let (mut parts, body) = resp.into_parts();
+        // The upstream's HTTP version is hop-by-hop (RFC 9110 §6.2): the client hears the
+        // version of its own connection. hyper writes the status line from this field, so an
+        // HTTP/1.0 upstream would otherwise downgrade (and close) a keep-alive HTTP/1.1 client;
+        // hyper itself answers an HTTP/1.0 client as 1.0.
+        parts.version = Version::HTTP_11;
         strip_hop_by_hop(&mut parts.headers, false);
+        affinity.apply(&mut parts.headers);
         if conn.tls
             && let Some(hsts) = &policy.hsts
             && let Ok(v) = HeaderValue::from_str(hsts)

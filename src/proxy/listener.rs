@@ -31,6 +31,7 @@ use tracing::{debug, info, warn};
 
 use super::framing::FramingIo;
 use super::handler::Handler;
+use super::health::HealthChecker;
 use super::tls::{self, SniResolver};
 use super::{BoxError, ConnInfo, ProxyBody, ProxyConfig};
 use crate::metrics::Metrics;
@@ -120,11 +121,20 @@ pub type ServeFuture<'a> = Pin<Box<dyn Future<Output = Response<ProxyBody>> + Se
 /// with a request that stays in flight until the test lets it go).
 pub trait ServeRequest: Send + Sync + 'static {
     fn serve<'a>(&'a self, req: Request<Incoming>, conn: &'a ConnInfo) -> ServeFuture<'a>;
+
+    /// The active health checker to run beside the listeners, if the service has one.
+    fn health_checker(&self) -> Option<HealthChecker> {
+        None
+    }
 }
 
 impl ServeRequest for Handler {
     fn serve<'a>(&'a self, req: Request<Incoming>, conn: &'a ConnInfo) -> ServeFuture<'a> {
         Box::pin(self.handle(req, conn))
+    }
+
+    fn health_checker(&self) -> Option<HealthChecker> {
+        Some(Handler::health_checker(self))
     }
 }
 
@@ -462,6 +472,8 @@ pub struct Proxy {
     https: TcpListener,
     shared: Arc<Shared>,
     metrics: Arc<Metrics>,
+    /// Active health checks (brief §4.6), run by `serve` until shutdown.
+    health: Option<HealthChecker>,
 }
 
 impl Proxy {
@@ -497,6 +509,7 @@ impl Proxy {
                 .with_label_values(&[kind.label()])
                 .add(0);
         }
+        let health = service.health_checker();
         let shared = Shared {
             auto: auto_builder(&cfg),
             h1: h1_builder(&cfg),
@@ -512,6 +525,7 @@ impl Proxy {
             https,
             shared: Arc::new(shared),
             metrics,
+            health,
         })
     }
 
@@ -538,8 +552,14 @@ impl Proxy {
             https,
             shared,
             metrics,
+            health,
             ..
         } = self;
+        // Probes stop with the listeners (the same signal): requests still draining finish
+        // with the health marks as they stand. The task ends by itself on that signal.
+        if let Some(h) = health {
+            tokio::spawn(h.run(shutdown.clone()));
+        }
         // One cap across both listeners: `--max-connections` is about the process' sockets.
         let permits = shared.cfg.max_connections.clamp(1, u32::MAX as usize);
         let sem = Arc::new(Semaphore::new(permits));

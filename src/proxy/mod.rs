@@ -6,12 +6,15 @@
 //!
 //! Seams: [`listener`] accepts connections (TCP, TLS, h1/h2/h2c, connection cap, shutdown) and
 //! hands every request with its [`ConnInfo`] to [`handler::Handler`], which validates, routes
-//! and forwards through [`upstream`].
+//! and forwards through [`upstream`] (endpoint choice in [`balance`]); [`health`] runs the
+//! active health checks beside the listeners.
 
+pub mod balance;
 pub mod client_ip;
 pub mod error;
 pub mod framing;
 pub mod handler;
+pub mod health;
 pub mod listener;
 pub mod ratelimit;
 pub mod tls;

@@ -1,5 +1,7 @@
-//! Talking to upstream endpoints: endpoint choice (round robin), connection pools (HTTP/1.1
-//! keep-alive and h2c), passive health (ejection), retry budget and the retry loop.
+//! Talking to upstream endpoints: endpoint choice (round robin, least request, random,
+//! consistent hash — brief §4.6), connection pools (HTTP/1.1 keep-alive and h2c), in-flight
+//! counts, passive health (ejection), the active-health marks of [`super::health`], retry
+//! budget and the retry loop.
 //!
 //! Owns: all state that outlives a snapshot swap on the upstream side, keyed by stable
 //! identities ([`BackendKey`], endpoint address + protocol), never by snapshot indices. Must
@@ -20,10 +22,12 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::metrics::Metrics;
-use crate::model::{Backend, BackendKey, RoutePolicy, UpstreamProtocol};
+use crate::model::{Backend, BackendKey, LoadBalance, RoutePolicy, UpstreamProtocol};
 
 use super::ProxyBody;
+use super::balance::{self, Affinity};
 use super::error::ProxyError;
+use super::health::ActiveHealth;
 
 /// Idle keep-alive connections kept per endpoint.
 pub const MAX_IDLE_PER_ENDPOINT: usize = 32;
@@ -45,6 +49,8 @@ pub const EJECT_MAX: Duration = Duration::from_secs(300);
 const POOL_SWEEP_THRESHOLD: usize = 4096;
 /// Health entries beyond this trigger a sweep of entries that carry no state.
 const HEALTH_SWEEP_THRESHOLD: usize = 4096;
+/// In-flight entries beyond this trigger a sweep of idle endpoints.
+const INFLIGHT_SWEEP_THRESHOLD: usize = 4096;
 /// Retries may add at most this fraction of requests (brief §4.6).
 pub const RETRY_BUDGET_RATIO: f64 = 0.2;
 /// ...but at least this many retries per second per backend are always allowed.
@@ -67,10 +73,17 @@ enum Sender {
     H2(http2::SendRequest<ProxyBody>),
 }
 
-/// Returns a keep-alive HTTP/1.1 connection to the pool once its response body is done. Held
-/// by the response body; dropping it without [`PoolReturn::give_back`] closes the connection
-/// (the right thing after an aborted body).
+/// What the response body holds for its upstream until it ends: the request's in-flight slot
+/// (least-request counts and the `portico_upstream_in_flight` gauge) and, on HTTP/1.1, the
+/// keep-alive connection to return to the pool. Dropping it without
+/// [`PoolReturn::give_back`] closes the connection (the right thing after an aborted body);
+/// either way the in-flight slot is released.
 pub struct PoolReturn {
+    conn: Option<PooledConn>,
+    _in_flight: InFlight,
+}
+
+struct PooledConn {
     pool: Arc<Pool>,
     addr: SocketAddr,
     tx: http1::SendRequest<ProxyBody>,
@@ -78,12 +91,17 @@ pub struct PoolReturn {
 
 impl PoolReturn {
     /// The response finished cleanly: park the connection for reuse.
-    pub fn give_back(mut self) {
-        if self.tx.is_ready() {
-            self.pool.put(self.addr, self.tx);
+    pub fn give_back(self) {
+        let PoolReturn { conn, _in_flight } = self;
+        drop(_in_flight);
+        let Some(mut c) = conn else {
+            return;
+        };
+        if c.tx.is_ready() {
+            c.pool.put(c.addr, c.tx);
             return;
         }
-        if self.tx.is_closed() {
+        if c.tx.is_closed() {
             return;
         }
         // hyper's dispatcher flips to ready right after the message ends; wait for it off the
@@ -92,12 +110,44 @@ impl PoolReturn {
             return;
         };
         rt.spawn(async move {
-            let ready = tokio::time::timeout(Duration::from_secs(5), self.tx.ready()).await;
+            let ready = tokio::time::timeout(Duration::from_secs(5), c.tx.ready()).await;
             if matches!(ready, Ok(Ok(()))) {
-                self.pool.put(self.addr, self.tx);
+                c.pool.put(c.addr, c.tx);
             }
         });
     }
+}
+
+/// One request in flight to one endpoint: counted per endpoint (least request) and per
+/// backend (gauge) from the attempt until the response body ends or the attempt fails.
+struct InFlight {
+    endpoint: Arc<AtomicUsize>,
+    gauge: prometheus::IntGauge,
+}
+
+impl InFlight {
+    fn new(endpoint: Arc<AtomicUsize>, gauge: prometheus::IntGauge) -> InFlight {
+        endpoint.fetch_add(1, Ordering::AcqRel);
+        gauge.inc();
+        InFlight { endpoint, gauge }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.endpoint.fetch_sub(1, Ordering::AcqRel);
+        self.gauge.dec();
+    }
+}
+
+/// How one request walks the endpoints, fixed when it starts so retries continue the same
+/// walk (round robin from the request's cursor position, hashing down the key's ranking).
+#[derive(Debug, Clone, Copy)]
+enum Choice {
+    RoundRobin(usize),
+    LeastRequest,
+    Random,
+    Hash(u64),
 }
 
 /// Idle keep-alive connections of one endpoint, with the time each was parked.
@@ -225,7 +275,8 @@ pub struct Forwarded {
     pub addr: SocketAddr,
     /// Time to response headers of the answering attempt.
     pub upstream_time: Duration,
-    /// Keep-alive connection to return when the body completes (HTTP/1.1 only).
+    /// In-flight slot and (HTTP/1.1) keep-alive connection, for the response body to hold
+    /// until it completes. Always `Some` from [`Upstreams::forward`].
     pub pool_return: Option<PoolReturn>,
 }
 
@@ -272,6 +323,12 @@ pub struct Upstreams {
     /// Read on every pick, written only on failures (and the success after one).
     health: RwLock<HashMap<SocketAddr, Health>>,
     budgets: RwLock<HashMap<BackendKey, Arc<Mutex<Budget>>>>,
+    /// Requests in flight per endpoint address (least request), across snapshots.
+    in_flight: RwLock<HashMap<SocketAddr, Arc<AtomicUsize>>>,
+    /// Marks of the active health checker ([`super::health`]).
+    active: Arc<ActiveHealth>,
+    /// `--max-ejection-percent`.
+    max_ejection_percent: u8,
     metrics: Arc<Metrics>,
 }
 
@@ -286,7 +343,7 @@ fn is_idempotent(m: &Method) -> bool {
 impl Upstreams {
     /// Inside a tokio runtime this also starts the pool reaper, which ends when the
     /// `Upstreams` is dropped; outside one, idle connections are only expired lazily.
-    pub fn new(metrics: Arc<Metrics>) -> Upstreams {
+    pub fn new(metrics: Arc<Metrics>, max_ejection_percent: u8) -> Upstreams {
         let pool = Arc::new(Pool::default());
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             let weak = Arc::downgrade(&pool);
@@ -308,7 +365,99 @@ impl Upstreams {
             pool,
             health: RwLock::new(HashMap::new()),
             budgets: RwLock::new(HashMap::new()),
+            in_flight: RwLock::new(HashMap::new()),
+            active: Arc::new(ActiveHealth::default()),
+            max_ejection_percent: max_ejection_percent.min(100),
             metrics,
+        }
+    }
+
+    /// The marks the active health checker writes and endpoint choice reads.
+    pub fn active_health(&self) -> Arc<ActiveHealth> {
+        self.active.clone()
+    }
+
+    /// Requests in flight to `addr` now (tests, admin).
+    pub fn endpoint_in_flight(&self, addr: SocketAddr) -> usize {
+        read(&self.in_flight)
+            .get(&addr)
+            .map_or(0, |c| c.load(Ordering::Acquire))
+    }
+
+    fn in_flight_counter(&self, addr: SocketAddr) -> Arc<AtomicUsize> {
+        {
+            let map = read(&self.in_flight);
+            if let Some(c) = map.get(&addr) {
+                return c.clone();
+            }
+            if map.len() > INFLIGHT_SWEEP_THRESHOLD {
+                drop(map);
+                // Pod IPs churn: forget endpoints with nothing in flight and no holder.
+                write(&self.in_flight)
+                    .retain(|_, c| Arc::strong_count(c) > 1 || c.load(Ordering::Acquire) > 0);
+            }
+        }
+        shared(&self.in_flight, &addr, AtomicUsize::default)
+    }
+
+    fn choice(&self, backend: &Backend, policy: &RoutePolicy, affinity: &Affinity) -> Choice {
+        match (&policy.load_balance, affinity.key) {
+            (LoadBalance::LeastRequest, _) => Choice::LeastRequest,
+            (LoadBalance::Random, _) => Choice::Random,
+            (LoadBalance::ConsistentHash(_), Some(k)) => Choice::Hash(k),
+            // Round robin, and a hashing route whose caller gave no key.
+            _ => Choice::RoundRobin(self.cursor(&backend.key).fetch_add(1, Ordering::Relaxed)),
+        }
+    }
+
+    /// An endpoint selection may use: not tried by this request, not ejected by passive
+    /// health, not marked down by the backend's active check.
+    fn usable(
+        &self,
+        backend: &Backend,
+        addr: SocketAddr,
+        health: &HashMap<SocketAddr, Health>,
+        now: Instant,
+    ) -> bool {
+        if health.get(&addr).is_some_and(|h| h.is_ejected(now)) {
+            return false;
+        }
+        match &backend.health_check {
+            Some(check) => !self.active.is_down(addr, check),
+            None => true,
+        }
+    }
+
+    /// Pick the next endpoint for a request. Endpoints already tried are never picked again;
+    /// ejected or actively-down ones are skipped. When every untried endpoint is ejected or
+    /// down, selection ignores health and picks among all untried ones ("panic mode", as
+    /// Envoy does): serving from possibly-bad endpoints beats a certain 503, and Kubernetes
+    /// readiness already vouched for them.
+    fn pick(&self, backend: &Backend, choice: Choice, tried: &[SocketAddr]) -> Option<SocketAddr> {
+        if let Choice::RoundRobin(start) = choice {
+            return self.pick_round_robin(backend, start, tried);
+        }
+        let now = Instant::now();
+        let untried: Vec<SocketAddr> = backend
+            .endpoints
+            .iter()
+            .map(|e| e.addr)
+            .filter(|a| !tried.contains(a))
+            .collect();
+        let usable: Vec<SocketAddr> = {
+            let health = read(&self.health);
+            untried
+                .iter()
+                .copied()
+                .filter(|a| self.usable(backend, *a, &health, now))
+                .collect()
+        };
+        let candidates = if usable.is_empty() { &untried } else { &usable };
+        match choice {
+            Choice::LeastRequest => balance::p2c(candidates, |a| self.endpoint_in_flight(a)),
+            Choice::Random => balance::random(candidates),
+            Choice::Hash(key) => balance::rendezvous(key, candidates),
+            Choice::RoundRobin(_) => None,
         }
     }
 
@@ -317,11 +466,16 @@ impl Upstreams {
     }
 
     /// Round robin over the backend's endpoints, skipping ones already tried for this request
-    /// and, when possible, ejected ones.
+    /// and, when possible, ejected or down ones (else the first untried one: panic mode).
     ///
     /// The cursor advances once per request (`start`), not per attempt: a retry walks on from
     /// the request's own position, so a failing endpoint does not shift the rotation.
-    fn pick(&self, backend: &Backend, start: usize, tried: &[SocketAddr]) -> Option<SocketAddr> {
+    fn pick_round_robin(
+        &self,
+        backend: &Backend,
+        start: usize,
+        tried: &[SocketAddr],
+    ) -> Option<SocketAddr> {
         let eps = &backend.endpoints;
         let n = eps.len();
         if n == 0 {
@@ -335,7 +489,7 @@ impl Upstreams {
             if tried.contains(&addr) {
                 continue;
             }
-            if health.get(&addr).is_some_and(|h| h.is_ejected(now)) {
+            if !self.usable(backend, addr, &health, now) {
                 fallback.get_or_insert(addr);
                 continue;
             }
@@ -365,7 +519,8 @@ impl Upstreams {
     }
 
     /// Passive health (brief §4.6): eject after consecutive failures, doubling the period,
-    /// never more than half of the backend's endpoints at once.
+    /// never more than `--max-ejection-percent` (default 50%) of the backend's endpoints at
+    /// once (rounded down: a single endpoint is never ejected at 50%).
     fn record_failure(&self, backend: &Backend, addr: SocketAddr) {
         let now = Instant::now();
         let mut health = write(&self.health);
@@ -382,15 +537,23 @@ impl Upstreams {
             return;
         }
         h.consecutive_failures += 1;
-        if h.consecutive_failures >= EJECT_AFTER_FAILURES
-            && (ejected_now + 1) * 2 <= backend.endpoints.len()
-        {
+        let allowed = (ejected_now + 1) * 100
+            <= backend.endpoints.len() * usize::from(self.max_ejection_percent);
+        if h.consecutive_failures >= EJECT_AFTER_FAILURES && allowed {
             let factor = 1u32.checked_shl(h.ejections).unwrap_or(u32::MAX);
             let period = EJECT_BASE.saturating_mul(factor).min(EJECT_MAX);
             h.ejected_until = Some(now + period);
             h.ejections = h.ejections.saturating_add(1);
             h.consecutive_failures = 0;
             tracing::warn!(endpoint = %addr, backend = %backend.key, secs = period.as_secs(), "endpoint ejected");
+            self.metrics
+                .upstream_ejections
+                .with_label_values(&[
+                    &*backend.key.namespace,
+                    &*backend.key.service,
+                    &addr.to_string(),
+                ])
+                .inc();
         }
     }
 
@@ -505,12 +668,17 @@ impl Upstreams {
     /// - an idempotent request without a body is also retried after a reset before response
     ///   headers and on a 502/503/504 response, within the retry budget;
     /// - at most `max_retries` retries; the last upstream response passes through unchanged.
+    ///
+    /// Endpoints are chosen by the route's `load_balance`, with `affinity` (from the handler)
+    /// as the consistent-hash key; the returned [`PoolReturn`] holds the request's in-flight
+    /// slot until the response body ends.
     pub async fn forward(
         &self,
         backend: &Backend,
         policy: &RoutePolicy,
         mut req: OutboundRequest,
         max_retries: u32,
+        affinity: &Affinity,
     ) -> Result<Forwarded, ProxyError> {
         let labels = [&*backend.key.namespace, &*backend.key.service];
         let replayable = req.body.is_none() && is_idempotent(&req.method);
@@ -519,15 +687,17 @@ impl Upstreams {
         let mut last_err = ProxyError::NoEndpoints;
         let mut attempt: u32 = 0;
         let mut stale_allowance: u32 = STALE_CONNECTION_ALLOWANCE;
-        let start = self.cursor(&backend.key).fetch_add(1, Ordering::Relaxed);
+        let choice = self.choice(backend, policy, affinity);
+        let in_flight_gauge = self.metrics.upstream_in_flight.with_label_values(&labels);
         loop {
             if attempt > max_retries {
                 return Err(last_err);
             }
-            let Some(addr) = self.pick(backend, start, &tried) else {
+            let Some(addr) = self.pick(backend, choice, &tried) else {
                 return Err(last_err);
             };
             tried.push(addr);
+            let in_flight = InFlight::new(self.in_flight_counter(addr), in_flight_gauge.clone());
             if attempt > 0 {
                 self.metrics
                     .upstream_retries
@@ -622,10 +792,13 @@ impl Upstreams {
                         response,
                         addr,
                         upstream_time,
-                        pool_return: pool_return.map(|tx| PoolReturn {
-                            pool: self.pool.clone(),
-                            addr,
-                            tx,
+                        pool_return: Some(PoolReturn {
+                            conn: pool_return.map(|tx| PooledConn {
+                                pool: self.pool.clone(),
+                                addr,
+                                tx,
+                            }),
+                            _in_flight: in_flight,
                         }),
                     });
                 }
@@ -715,6 +888,7 @@ async fn send(sender: Sender, req: Request<ProxyBody>) -> Result<SendOk, SendFai
 mod tests {
     use super::*;
     use crate::model::{Endpoint, ServicePortRef};
+    use crate::proxy::DEFAULT_MAX_EJECTION_PERCENT;
 
     fn backend(n: u16) -> Backend {
         Backend {
@@ -735,11 +909,11 @@ mod tests {
 
     #[test]
     fn round_robin_cycles_and_survives_new_backend_values() {
-        let u = Upstreams::new(Arc::new(Metrics::new()));
+        let u = Upstreams::new(Arc::new(Metrics::new()), DEFAULT_MAX_EJECTION_PERCENT);
         let b = backend(3);
         let next = |u: &Upstreams, b: &Backend| {
             let start = u.cursor(&b.key).fetch_add(1, Ordering::Relaxed);
-            u.pick(b, start, &[]).expect("pick")
+            u.pick(b, Choice::RoundRobin(start), &[]).expect("pick")
         };
         let picks: Vec<_> = (0..6).map(|_| next(&u, &b)).collect();
         assert_eq!(picks[0..3], picks[3..6]);
@@ -754,17 +928,17 @@ mod tests {
 
     #[test]
     fn pick_skips_tried() {
-        let u = Upstreams::new(Arc::new(Metrics::new()));
+        let u = Upstreams::new(Arc::new(Metrics::new()), DEFAULT_MAX_EJECTION_PERCENT);
         let b = backend(2);
-        let first = u.pick(&b, 0, &[]).expect("pick");
-        let second = u.pick(&b, 0, &[first]).expect("pick");
+        let first = u.pick(&b, Choice::RoundRobin(0), &[]).expect("pick");
+        let second = u.pick(&b, Choice::RoundRobin(0), &[first]).expect("pick");
         assert_ne!(first, second);
-        assert_eq!(u.pick(&b, 0, &[first, second]), None);
+        assert_eq!(u.pick(&b, Choice::RoundRobin(0), &[first, second]), None);
     }
 
     #[tokio::test(start_paused = true)]
     async fn ejection_after_five_failures_doubles_and_caps_at_half() {
-        let u = Upstreams::new(Arc::new(Metrics::new()));
+        let u = Upstreams::new(Arc::new(Metrics::new()), DEFAULT_MAX_EJECTION_PERCENT);
         let b = backend(2);
         let a0 = b.endpoints[0].addr;
         let a1 = b.endpoints[1].addr;
@@ -776,7 +950,7 @@ mod tests {
         assert!(u.is_ejected(a0));
         // Ejected endpoints are skipped.
         for start in 0..4 {
-            assert_eq!(u.pick(&b, start, &[]), Some(a1));
+            assert_eq!(u.pick(&b, Choice::RoundRobin(start), &[]), Some(a1));
         }
         // Never more than half: a1 cannot be ejected while a0 is.
         for _ in 0..10 {
@@ -797,8 +971,151 @@ mod tests {
     }
 
     #[test]
+    fn ejection_share_follows_max_ejection_percent_and_is_counted() {
+        let metrics = Arc::new(Metrics::new());
+        let b = backend(4);
+        let fail = |u: &Upstreams, a: SocketAddr| {
+            for _ in 0..EJECT_AFTER_FAILURES {
+                u.record_failure(&b, a);
+            }
+        };
+        // 100%: every endpoint may go.
+        let u = Upstreams::new(metrics.clone(), 100);
+        for e in b.endpoints.iter() {
+            fail(&u, e.addr);
+        }
+        assert!(b.endpoints.iter().all(|e| u.is_ejected(e.addr)));
+        // 25% of 4: exactly one.
+        let u = Upstreams::new(metrics.clone(), 25);
+        for e in b.endpoints.iter() {
+            fail(&u, e.addr);
+        }
+        assert_eq!(
+            b.endpoints.iter().filter(|e| u.is_ejected(e.addr)).count(),
+            1
+        );
+        // 0%: passive ejection off.
+        let u = Upstreams::new(metrics.clone(), 0);
+        fail(&u, b.endpoints[0].addr);
+        assert!(!u.is_ejected(b.endpoints[0].addr));
+        let first = b.endpoints[0].addr.to_string();
+        assert_eq!(
+            metrics
+                .upstream_ejections
+                .with_label_values(&["ns", "svc", &first])
+                .get(),
+            2,
+            "one ejection under 100% and one under 25%"
+        );
+    }
+
+    #[test]
+    fn least_request_prefers_the_endpoint_with_fewer_in_flight() {
+        let u = Upstreams::new(Arc::new(Metrics::new()), 50);
+        let b = backend(2);
+        let (busy, idle) = (b.endpoints[0].addr, b.endpoints[1].addr);
+        let gauge = u
+            .metrics
+            .upstream_in_flight
+            .with_label_values(&["ns", "svc"]);
+        let held: Vec<InFlight> = (0..3)
+            .map(|_| InFlight::new(u.in_flight_counter(busy), gauge.clone()))
+            .collect();
+        assert_eq!(u.endpoint_in_flight(busy), 3);
+        assert_eq!(gauge.get(), 3);
+        for _ in 0..200 {
+            assert_eq!(u.pick(&b, Choice::LeastRequest, &[]), Some(idle));
+        }
+        // A retry never returns to a tried endpoint, however idle.
+        assert_eq!(u.pick(&b, Choice::LeastRequest, &[idle]), Some(busy));
+        drop(held);
+        assert_eq!(u.endpoint_in_flight(busy), 0);
+        assert_eq!(gauge.get(), 0);
+    }
+
+    #[test]
+    fn consistent_hash_retries_walk_to_the_next_highest_score() {
+        let u = Upstreams::new(Arc::new(Metrics::new()), 50);
+        let b = backend(5);
+        let all: Vec<SocketAddr> = b.endpoints.iter().map(|e| e.addr).collect();
+        for key in 0..50u64 {
+            let mut ranked = all.clone();
+            ranked.sort_by_key(|a| std::cmp::Reverse(balance::score(key, *a)));
+            let mut tried = Vec::new();
+            for want in &ranked {
+                let got = u.pick(&b, Choice::Hash(key), &tried).expect("pick");
+                assert_eq!(got, *want, "key {key}");
+                tried.push(got);
+            }
+            assert_eq!(u.pick(&b, Choice::Hash(key), &tried), None);
+        }
+    }
+
+    #[test]
+    fn actively_down_endpoints_are_skipped_and_all_down_is_panic_mode() {
+        let u = Upstreams::new(Arc::new(Metrics::new()), 50);
+        let check = Arc::new(crate::model::HealthCheck {
+            path: "/healthz".into(),
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+            healthy_threshold: 1,
+            unhealthy_threshold: 1,
+        });
+        let mut b = backend(3);
+        b.health_check = Some(check.clone());
+        let down = b.endpoints[1].addr;
+        u.active.set(down, &check, true);
+        for choice in [
+            Choice::RoundRobin(1),
+            Choice::LeastRequest,
+            Choice::Random,
+            Choice::Hash(7),
+        ] {
+            for _ in 0..50 {
+                assert_ne!(u.pick(&b, choice, &[]), Some(down), "{choice:?}");
+            }
+        }
+        // A backend without that check ignores the mark.
+        let plain = backend(3);
+        assert_eq!(u.pick(&plain, Choice::RoundRobin(1), &[]), Some(down));
+        // Every endpoint down: pick among all rather than fail (panic mode).
+        for e in b.endpoints.iter() {
+            u.active.set(e.addr, &check, true);
+        }
+        for choice in [Choice::RoundRobin(0), Choice::LeastRequest, Choice::Hash(7)] {
+            assert!(u.pick(&b, choice, &[]).is_some(), "{choice:?}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ejected_endpoint_is_skipped_by_every_strategy_and_restored_after_backoff() {
+        let u = Upstreams::new(Arc::new(Metrics::new()), 50);
+        let b = backend(2);
+        let (bad, good) = (b.endpoints[0].addr, b.endpoints[1].addr);
+        for _ in 0..EJECT_AFTER_FAILURES {
+            u.record_failure(&b, bad);
+        }
+        for choice in [
+            Choice::LeastRequest,
+            Choice::Random,
+            Choice::Hash(1),
+            Choice::Hash(2),
+        ] {
+            for _ in 0..20 {
+                assert_eq!(u.pick(&b, choice, &[]), Some(good), "{choice:?}");
+            }
+        }
+        tokio::time::advance(EJECT_BASE + Duration::from_millis(1)).await;
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..200 {
+            seen.extend(u.pick(&b, Choice::Random, &[]));
+        }
+        assert!(seen.contains(&bad), "restored after the ejection period");
+    }
+
+    #[test]
     fn single_endpoint_is_never_ejected() {
-        let u = Upstreams::new(Arc::new(Metrics::new()));
+        let u = Upstreams::new(Arc::new(Metrics::new()), DEFAULT_MAX_EJECTION_PERCENT);
         let b = backend(1);
         for _ in 0..20 {
             u.record_failure(&b, b.endpoints[0].addr);
@@ -808,7 +1125,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn retry_budget_has_floor_and_ratio() {
-        let u = Upstreams::new(Arc::new(Metrics::new()));
+        let u = Upstreams::new(Arc::new(Metrics::new()), DEFAULT_MAX_EJECTION_PERCENT);
         let k = backend(1).key;
         u.budget_deposit(&k);
         // Floor: 3 per second.

@@ -5,10 +5,14 @@
 //! Owns: annotation names and value syntax. Must not import tokio, hyper or the filesystem.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
-use crate::model::UpstreamProtocol;
 use crate::model::duration::parse_seconds_or_duration;
+use crate::model::{
+    DEFAULT_HEALTH_CHECK_INTERVAL, DEFAULT_HEALTH_CHECK_TIMEOUT, DEFAULT_HEALTHY_THRESHOLD,
+    DEFAULT_UNHEALTHY_THRESHOLD, HashKey, HealthCheck, LoadBalance, UpstreamProtocol,
+};
 
 use super::{Diags, ObjRef, RouteDefaults};
 
@@ -22,6 +26,20 @@ const PROXY_READ_TIMEOUT: &str = "proxy-read-timeout";
 const BACKEND_PROTOCOL: &str = "backend-protocol";
 const HSTS: &str = "hsts";
 const MAX_CONCURRENT_REQUESTS: &str = "max-concurrent-requests";
+const LOAD_BALANCE: &str = "load-balance";
+const HASH_KEY: &str = "hash-key";
+const HASH_COOKIE_TTL: &str = "hash-cookie-ttl";
+const HEALTH_CHECK_PATH: &str = "health-check-path";
+const HEALTH_CHECK_INTERVAL: &str = "health-check-interval";
+const HEALTH_CHECK_TIMEOUT: &str = "health-check-timeout";
+const HEALTH_CHECK_HEALTHY: &str = "health-check-healthy-threshold";
+const HEALTH_CHECK_UNHEALTHY: &str = "health-check-unhealthy-threshold";
+/// ingress-nginx sticky sessions (`affinity: cookie`), read for migrating users.
+const NGINX_AFFINITY: &str = "affinity";
+const NGINX_SESSION_COOKIE_NAME: &str = "session-cookie-name";
+const NGINX_SESSION_COOKIE_MAX_AGE: &str = "session-cookie-max-age";
+/// ingress-nginx's default `session-cookie-name`.
+const NGINX_DEFAULT_COOKIE: &str = "INGRESSCOOKIE";
 
 /// A value that cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -55,6 +73,10 @@ pub(super) struct Annotations {
     pub hsts: Option<String>,
     pub backend_protocol: BackendProtocol,
     pub max_concurrent_requests: Option<u32>,
+    /// `load-balance` + `hash-key` + `hash-cookie-ttl` (or ingress-nginx `affinity: cookie`).
+    pub load_balance: LoadBalance,
+    /// `health-check-*`: `Some` when `health-check-path` is set and valid.
+    pub health_check: Option<Arc<HealthCheck>>,
 }
 
 struct Reader<'a, 'd> {
@@ -162,6 +184,8 @@ pub(super) fn parse(
         BackendProtocol::Unset,
         parse_backend_protocol,
     );
+    let load_balance = load_balance(&mut r);
+    let health_check = health_check(&mut r);
     Annotations {
         connect_timeout,
         read_timeout,
@@ -170,7 +194,166 @@ pub(super) fn parse(
         hsts,
         backend_protocol,
         max_concurrent_requests,
+        load_balance,
+        health_check,
     }
+}
+
+/// What `load-balance` names, before the hash key is attached.
+#[derive(Clone, Copy)]
+enum Strategy {
+    RoundRobin,
+    LeastRequest,
+    Random,
+    ConsistentHash,
+}
+
+/// `load-balance`, `hash-key`, `hash-cookie-ttl` (brief §4.6). Without a portico
+/// `load-balance`, ingress-nginx `affinity: cookie` (+ `session-cookie-name`,
+/// `session-cookie-max-age`) means consistent hashing on that cookie, so sticky sessions keep
+/// working after a migration.
+fn load_balance(r: &mut Reader<'_, '_>) -> LoadBalance {
+    let strategy = r.read(
+        LOAD_BALANCE,
+        false,
+        "one of round-robin, least-request, random, consistent-hash",
+        None,
+        |v| match v {
+            "round-robin" => Some(Some(Strategy::RoundRobin)),
+            "least-request" => Some(Some(Strategy::LeastRequest)),
+            "random" => Some(Some(Strategy::Random)),
+            "consistent-hash" => Some(Some(Strategy::ConsistentHash)),
+            _ => None,
+        },
+    );
+    let ttl = r.read(
+        HASH_COOKIE_TTL,
+        false,
+        "a positive duration (seconds, or e.g. 30m, 12h)",
+        None,
+        |v| parse_timeout(v).map(Some),
+    );
+    let key = r.read(
+        HASH_KEY,
+        false,
+        "client-ip, header:<name> or cookie:<name>",
+        None,
+        |v| parse_hash_key(v, ttl).map(Some),
+    );
+    let chosen = match strategy {
+        None if key.is_none() => return nginx_affinity(r).unwrap_or_default(),
+        None | Some(Strategy::RoundRobin) => LoadBalance::RoundRobin,
+        Some(Strategy::LeastRequest) => LoadBalance::LeastRequest,
+        Some(Strategy::Random) => LoadBalance::Random,
+        Some(Strategy::ConsistentHash) => {
+            return LoadBalance::ConsistentHash(key.unwrap_or(HashKey::ClientIp));
+        }
+    };
+    if key.is_some() {
+        // `hash-key` without `load-balance: consistent-hash` is most likely a forgotten
+        // annotation; say so rather than silently balancing some other way.
+        r.diags.warn(
+            "Ingress",
+            &r.obj,
+            "InvalidAnnotation",
+            format!(
+                "annotation {PORTICO_PREFIX}{HASH_KEY} is ignored without \
+                 {PORTICO_PREFIX}{LOAD_BALANCE}: consistent-hash"
+            ),
+        );
+    }
+    chosen
+}
+
+/// ingress-nginx `affinity: cookie` as consistent hashing on the session cookie.
+fn nginx_affinity(r: &mut Reader<'_, '_>) -> Option<LoadBalance> {
+    let map = r.map?;
+    let get = |n: &str| map.get(&format!("{NGINX_PREFIX}{n}")).map(|v| v.trim());
+    if get(NGINX_AFFINITY)? != "cookie" {
+        return None;
+    }
+    let name = match get(NGINX_SESSION_COOKIE_NAME) {
+        Some(n) if is_token(n) => n.to_string(),
+        _ => NGINX_DEFAULT_COOKIE.to_string(),
+    };
+    let ttl = get(NGINX_SESSION_COOKIE_MAX_AGE)
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|s| *s > 0)
+        .map(Duration::from_secs);
+    Some(LoadBalance::ConsistentHash(HashKey::Cookie { name, ttl }))
+}
+
+/// RFC 9110 §5.6.2 token (header names; RFC 6265 cookie names are tokens too).
+fn is_token(v: &str) -> bool {
+    !v.is_empty()
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+fn parse_hash_key(v: &str, ttl: Option<Duration>) -> Option<HashKey> {
+    if v == "client-ip" {
+        return Some(HashKey::ClientIp);
+    }
+    if let Some(name) = v.strip_prefix("header:") {
+        return is_token(name).then(|| HashKey::Header(name.to_ascii_lowercase()));
+    }
+    if let Some(name) = v.strip_prefix("cookie:") {
+        return is_token(name).then(|| HashKey::Cookie {
+            name: name.to_string(),
+            ttl,
+        });
+    }
+    None
+}
+
+/// `health-check-path` turns active checks on; the other four tune them.
+fn health_check(r: &mut Reader<'_, '_>) -> Option<Arc<HealthCheck>> {
+    let path = r.read(
+        HEALTH_CHECK_PATH,
+        false,
+        "an absolute path such as /healthz",
+        None,
+        |v| {
+            let ok = v.starts_with('/') && v.bytes().all(|b| b.is_ascii_graphic());
+            ok.then(|| Some(v.to_string()))
+        },
+    );
+    let interval = r.read(
+        HEALTH_CHECK_INTERVAL,
+        false,
+        "a positive duration (seconds, or e.g. 500ms, 10s)",
+        DEFAULT_HEALTH_CHECK_INTERVAL,
+        parse_timeout,
+    );
+    let timeout = r.read(
+        HEALTH_CHECK_TIMEOUT,
+        false,
+        "a positive duration (seconds, or e.g. 500ms, 2s)",
+        DEFAULT_HEALTH_CHECK_TIMEOUT,
+        parse_timeout,
+    );
+    let threshold = |v: &str| v.parse::<u32>().ok().filter(|n| *n >= 1);
+    let healthy_threshold = r.read(
+        HEALTH_CHECK_HEALTHY,
+        false,
+        "an integer of at least 1",
+        DEFAULT_HEALTHY_THRESHOLD,
+        threshold,
+    );
+    let unhealthy_threshold = r.read(
+        HEALTH_CHECK_UNHEALTHY,
+        false,
+        "an integer of at least 1",
+        DEFAULT_UNHEALTHY_THRESHOLD,
+        threshold,
+    );
+    Some(Arc::new(HealthCheck {
+        path: path?,
+        interval,
+        timeout,
+        healthy_threshold,
+        unhealthy_threshold,
+    }))
 }
 
 fn parse_bool(v: &str) -> Option<bool> {

@@ -71,7 +71,8 @@ pub(super) fn derive(inputs: &Inputs, opts: &Options, diags: &mut Diags) -> Rout
         match resolve_service(ns, backend, &index, &ann.backend_protocol) {
             Ok((spec, protocol)) => {
                 let key = spec.key.clone();
-                specs.entry(key.clone()).or_insert(spec);
+                let entry = specs.entry(key.clone()).or_insert(spec);
+                merge_health_check(entry, ann, obj, diags);
                 (Plan::Backend(key), protocol)
             }
             Err(e) => {
@@ -265,6 +266,35 @@ pub(super) fn derive(inputs: &Inputs, opts: &Options, diags: &mut Diags) -> Rout
     }
 }
 
+/// Active health checks are per Service port (brief §4.6): the first Ingress to ask for one on
+/// a backend wins (Ingresses are visited oldest first, brief §4.3 precedence); a later Ingress
+/// asking for a different check gets a Warning. An Ingress without the annotation expresses no
+/// opinion and never turns another Ingress's check off.
+fn merge_health_check(
+    spec: &mut BackendSpec,
+    ann: &Annotations,
+    obj: &ObjRef<'_>,
+    diags: &mut Diags,
+) {
+    let Some(wanted) = &ann.health_check else {
+        return;
+    };
+    match &spec.health_check {
+        None => spec.health_check = Some(wanted.clone()),
+        Some(held) if held == wanted => {}
+        Some(_) => diags.warn(
+            "Ingress",
+            obj,
+            "HealthCheckConflict",
+            format!(
+                "the health check for Service {} is ignored: an older Ingress routing to it \
+                 (or first in namespace/name order) sets a different one",
+                spec.key
+            ),
+        ),
+    }
+}
+
 struct RouteBuilder<'a> {
     anns: &'a [Annotations],
     ids: &'a HashMap<&'a BackendKey, BackendId>,
@@ -303,6 +333,7 @@ impl RouteBuilder<'_> {
                         hsts: a.hsts.clone(),
                         upstream_protocol: c.protocol,
                         max_concurrent_requests: a.max_concurrent_requests,
+                        load_balance: a.load_balance.clone(),
                         ..RoutePolicy::default()
                     },
                     None => RoutePolicy {

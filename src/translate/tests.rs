@@ -1589,6 +1589,303 @@ fn annotation_hsts_uses_configured_max_age_and_hsts_has_no_nginx_name() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Load balancing and health-check annotations (brief §4.6)
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn annotation_load_balance_values_and_bad_values() {
+    use crate::model::{HashKey, LoadBalance};
+    let o = Options::default();
+    let cookie = |name: &str, ttl: Option<u64>| {
+        LoadBalance::ConsistentHash(HashKey::Cookie {
+            name: name.to_string(),
+            ttl: ttl.map(Duration::from_secs),
+        })
+    };
+    // (annotations, expected strategy, expected warning-free)
+    type Case<'a> = (Vec<(&'a str, &'a str)>, LoadBalance, bool);
+    let cases: Vec<Case> = vec![
+        (vec![], LoadBalance::RoundRobin, true),
+        (
+            vec![("portico.dev/load-balance", "round-robin")],
+            LoadBalance::RoundRobin,
+            true,
+        ),
+        (
+            vec![("portico.dev/load-balance", "least-request")],
+            LoadBalance::LeastRequest,
+            true,
+        ),
+        (
+            vec![("portico.dev/load-balance", "random")],
+            LoadBalance::Random,
+            true,
+        ),
+        (
+            vec![("portico.dev/load-balance", "consistent-hash")],
+            LoadBalance::ConsistentHash(HashKey::ClientIp),
+            true,
+        ),
+        (
+            vec![
+                ("portico.dev/load-balance", "consistent-hash"),
+                ("portico.dev/hash-key", "header:X-User"),
+            ],
+            LoadBalance::ConsistentHash(HashKey::Header("x-user".to_string())),
+            true,
+        ),
+        (
+            vec![
+                ("portico.dev/load-balance", "consistent-hash"),
+                ("portico.dev/hash-key", "cookie:sticky"),
+            ],
+            cookie("sticky", None),
+            true,
+        ),
+        (
+            vec![
+                ("portico.dev/load-balance", "consistent-hash"),
+                ("portico.dev/hash-key", "cookie:sticky"),
+                ("portico.dev/hash-cookie-ttl", "1h"),
+            ],
+            cookie("sticky", Some(3600)),
+            true,
+        ),
+        // Bad values: Warning + default.
+        (
+            vec![("portico.dev/load-balance", "ewma")],
+            LoadBalance::RoundRobin,
+            false,
+        ),
+        (
+            vec![
+                ("portico.dev/load-balance", "consistent-hash"),
+                ("portico.dev/hash-key", "header:bad name"),
+            ],
+            LoadBalance::ConsistentHash(HashKey::ClientIp),
+            false,
+        ),
+        (
+            vec![
+                ("portico.dev/load-balance", "consistent-hash"),
+                ("portico.dev/hash-key", "cookie:"),
+            ],
+            LoadBalance::ConsistentHash(HashKey::ClientIp),
+            false,
+        ),
+        (
+            vec![
+                ("portico.dev/load-balance", "consistent-hash"),
+                ("portico.dev/hash-key", "cookie:s"),
+                ("portico.dev/hash-cookie-ttl", "0"),
+            ],
+            cookie("s", None),
+            false,
+        ),
+        // hash-key alone: ignored with a warning.
+        (
+            vec![("portico.dev/hash-key", "client-ip")],
+            LoadBalance::RoundRobin,
+            false,
+        ),
+        // ingress-nginx sticky sessions.
+        (
+            vec![("nginx.ingress.kubernetes.io/affinity", "cookie")],
+            cookie("INGRESSCOOKIE", None),
+            true,
+        ),
+        (
+            vec![
+                ("nginx.ingress.kubernetes.io/affinity", "cookie"),
+                ("nginx.ingress.kubernetes.io/session-cookie-name", "route"),
+                (
+                    "nginx.ingress.kubernetes.io/session-cookie-max-age",
+                    "172800",
+                ),
+            ],
+            cookie("route", Some(172_800)),
+            true,
+        ),
+        // portico's own annotation wins over the nginx one.
+        (
+            vec![
+                ("nginx.ingress.kubernetes.io/affinity", "cookie"),
+                ("portico.dev/load-balance", "random"),
+            ],
+            LoadBalance::Random,
+            true,
+        ),
+    ];
+    for (anns, want, clean) in cases {
+        let (p, d) = policy_with(&anns, &o);
+        assert_eq!(p.load_balance, want, "{anns:?}");
+        if clean {
+            assert!(d.is_empty(), "{anns:?}: {d:?}");
+        } else {
+            only(&d, Severity::Warning, "InvalidAnnotation");
+        }
+    }
+}
+
+/// The health check the backend of `h.test/` carries.
+fn health_check_of(s: &Snapshot, host: &str) -> Option<model::HealthCheck> {
+    let r = route(s, host, "/").expect("route");
+    let RouteTarget::Backend(id) = r.target else {
+        panic!("unavailable route")
+    };
+    s.backends
+        .get(id)
+        .expect("backend")
+        .health_check
+        .as_deref()
+        .cloned()
+}
+
+#[test]
+fn annotation_health_check_defaults_values_and_bad_values() {
+    let base = |anns: &[(&str, &str)]| {
+        let mut ing = Ing::new("default", "a").path("h.test", "Prefix", "/", "web", svc80());
+        for (k, v) in anns {
+            ing = ing.ann(k, v);
+        }
+        World::web().ing(ing).run()
+    };
+    let (s, d) = base(&[]);
+    assert!(d.is_empty());
+    assert_eq!(health_check_of(&s, "h.test"), None);
+
+    let (s, d) = base(&[("portico.dev/health-check-path", "/healthz")]);
+    assert!(d.is_empty(), "{d:?}");
+    assert_eq!(
+        health_check_of(&s, "h.test"),
+        Some(model::HealthCheck {
+            path: "/healthz".to_string(),
+            interval: model::DEFAULT_HEALTH_CHECK_INTERVAL,
+            timeout: model::DEFAULT_HEALTH_CHECK_TIMEOUT,
+            healthy_threshold: model::DEFAULT_HEALTHY_THRESHOLD,
+            unhealthy_threshold: model::DEFAULT_UNHEALTHY_THRESHOLD,
+        })
+    );
+
+    let (s, d) = base(&[
+        ("portico.dev/health-check-path", "/ready?deep=1"),
+        ("portico.dev/health-check-interval", "500ms"),
+        ("portico.dev/health-check-timeout", "1"),
+        ("portico.dev/health-check-healthy-threshold", "1"),
+        ("portico.dev/health-check-unhealthy-threshold", "4"),
+    ]);
+    assert!(d.is_empty(), "{d:?}");
+    let hc = health_check_of(&s, "h.test").expect("check");
+    assert_eq!(hc.path, "/ready?deep=1");
+    assert_eq!(hc.interval, Duration::from_millis(500));
+    assert_eq!(hc.timeout, Duration::from_secs(1));
+    assert_eq!((hc.healthy_threshold, hc.unhealthy_threshold), (1, 4));
+
+    // Tuning without a path: nothing to check (no warning, the values are just unused).
+    let (s, _) = base(&[("portico.dev/health-check-interval", "5s")]);
+    assert_eq!(health_check_of(&s, "h.test"), None);
+
+    // Bad values: Warning, default used (a bad path turns the check off).
+    type Check = fn(Option<model::HealthCheck>) -> bool;
+    let cases: Vec<(&str, &str, Check)> = vec![
+        ("portico.dev/health-check-path", "healthz", |h| h.is_none()),
+        ("portico.dev/health-check-path", "/a b", |h| h.is_none()),
+        ("portico.dev/health-check-interval", "0", |h| {
+            h.is_some_and(|h| h.interval == model::DEFAULT_HEALTH_CHECK_INTERVAL)
+        }),
+        ("portico.dev/health-check-timeout", "fast", |h| {
+            h.is_some_and(|h| h.timeout == model::DEFAULT_HEALTH_CHECK_TIMEOUT)
+        }),
+        ("portico.dev/health-check-healthy-threshold", "0", |h| {
+            h.is_some_and(|h| h.healthy_threshold == model::DEFAULT_HEALTHY_THRESHOLD)
+        }),
+        ("portico.dev/health-check-unhealthy-threshold", "-2", |h| {
+            h.is_some_and(|h| h.unhealthy_threshold == model::DEFAULT_UNHEALTHY_THRESHOLD)
+        }),
+    ];
+    for (name, value, check) in cases {
+        let mut anns = vec![(name, value)];
+        if name != "portico.dev/health-check-path" {
+            anns.push(("portico.dev/health-check-path", "/healthz"));
+        }
+        let (s, d) = base(&anns);
+        let diag = only(&d, Severity::Warning, "InvalidAnnotation");
+        assert!(diag.message.contains(name), "{}", diag.message);
+        assert!(check(health_check_of(&s, "h.test")), "{name}={value}");
+    }
+}
+
+#[test]
+fn health_check_per_service_oldest_ingress_wins_others_warned() {
+    let w = World::web()
+        .ing(
+            Ing::new("default", "young")
+                .created("2025-06-01T00:00:00Z")
+                .ann("portico.dev/health-check-path", "/young")
+                .path("y.test", "Prefix", "/", "web", svc80()),
+        )
+        .ing(
+            Ing::new("default", "old")
+                .created("2024-01-01T00:00:00Z")
+                .ann("portico.dev/health-check-path", "/old")
+                .path("o.test", "Prefix", "/", "web", svc80()),
+        )
+        // No annotation: no opinion, does not turn the check off.
+        .ing(
+            Ing::new("default", "quiet")
+                .created("2023-01-01T00:00:00Z")
+                .path("q.test", "Prefix", "/", "web", svc80()),
+        );
+    let (s, d) = w.run();
+    for host in ["y.test", "o.test", "q.test"] {
+        assert_eq!(
+            health_check_of(&s, host).map(|h| h.path),
+            Some("/old".to_string()),
+            "{host}: one backend, one check"
+        );
+    }
+    let diag = only(&d, Severity::Warning, "HealthCheckConflict");
+    assert_eq!(diag.name, "young");
+    assert!(diag.message.contains("default/web:80"), "{}", diag.message);
+
+    // The same check from two Ingresses is no conflict.
+    let same = World::web()
+        .ing(
+            Ing::new("default", "a")
+                .ann("portico.dev/health-check-path", "/h")
+                .path("a.test", "Prefix", "/", "web", svc80()),
+        )
+        .ing(
+            Ing::new("default", "b")
+                .ann("portico.dev/health-check-path", "/h")
+                .path("b.test", "Prefix", "/", "web", svc80()),
+        );
+    let (_, d) = same.run();
+    assert!(d.is_empty(), "{d:?}");
+}
+
+#[test]
+fn describe_shows_load_balance_and_health_check() {
+    let (s, _) = World::web()
+        .ing(
+            Ing::new("default", "a")
+                .ann("portico.dev/load-balance", "consistent-hash")
+                .ann("portico.dev/hash-key", "cookie:sid")
+                .ann("portico.dev/hash-cookie-ttl", "30m")
+                .ann("portico.dev/health-check-path", "/healthz")
+                .path("h.test", "Prefix", "/", "web", svc80()),
+        )
+        .run();
+    let text = describe(&s);
+    for needle in [
+        "{load-balance=consistent-hash(cookie:sid, ttl=1800s)}",
+        "(health check GET /healthz every 10s timeout 2s up 2 down 3)",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Determinism and robustness
 // ---------------------------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -28,7 +28,7 @@ use portico::model::{
     Backend, BackendId, BackendKey, BackendTable, Endpoint, HostRoutes, HostTable, IngressRef,
     PathKind, Route, RoutePolicy, RouteTarget, ServicePortRef, Snapshot,
 };
-use portico::model::{CertKey, TlsTable};
+use portico::model::{CertKey, HealthCheck, TlsTable};
 use portico::proxy::handler::Handler;
 use portico::proxy::{Proxy, ProxyConfig, ShutdownTrigger};
 use portico::publish::{self, Publisher};
@@ -125,6 +125,8 @@ pub struct RouteSpec {
     pub unavailable: bool,
     /// This is the default backend instead of a path rule.
     pub default_backend: bool,
+    /// Active health check of the backend (the first route of a service decides).
+    pub health_check: Option<Arc<HealthCheck>>,
 }
 
 impl RouteSpec {
@@ -139,6 +141,7 @@ impl RouteSpec {
             policy: RoutePolicy::default(),
             unavailable: false,
             default_backend: false,
+            health_check: None,
         }
     }
 
@@ -161,6 +164,11 @@ impl RouteSpec {
 
     pub fn policy(mut self, f: impl FnOnce(&mut RoutePolicy)) -> Self {
         f(&mut self.policy);
+        self
+    }
+
+    pub fn health_check(mut self, check: HealthCheck) -> Self {
+        self.health_check = Some(Arc::new(check));
         self
     }
 }
@@ -192,7 +200,7 @@ pub fn snapshot(routes: &[RouteSpec]) -> Snapshot {
                     },
                     endpoints: eps.into(),
                     draining_fallback: false,
-                    health_check: None,
+                    health_check: spec.health_check.clone(),
                 });
                 BackendId(backends.len() as u32 - 1)
             });
@@ -386,6 +394,47 @@ pub async fn status_backend(status: u16) -> TestBackend {
         r
     })
     .await
+}
+
+/// Switches of a [`switch_backend`], flipped by the test while it runs.
+#[derive(Clone, Default)]
+pub struct Switches {
+    /// Data requests answer 503 while set.
+    pub failing: Arc<AtomicBool>,
+    /// `GET /healthz` answers 200 while set (the default), else 503.
+    pub unhealthy: Arc<AtomicBool>,
+    /// `/healthz` requests seen.
+    pub probes: Arc<AtomicUsize>,
+}
+
+/// Echo backend named `name` whose data answers and `/healthz` can be flipped.
+pub async fn switch_backend(name: &str) -> (TestBackend, Switches) {
+    let sw = Switches::default();
+    let name = name.to_string();
+    let s = sw.clone();
+    let backend = serve_backend(move |req, _| {
+        let name = name.clone();
+        let s = s.clone();
+        async move {
+            let status = if req.uri().path() == "/healthz" {
+                s.probes.fetch_add(1, Ordering::SeqCst);
+                if s.unhealthy.load(Ordering::SeqCst) {
+                    503
+                } else {
+                    200
+                }
+            } else if s.failing.load(Ordering::SeqCst) {
+                503
+            } else {
+                return echo_response(&name, req).await;
+            };
+            let mut r = Response::new(full("switch\n"));
+            *r.status_mut() = StatusCode::from_u16(status).expect("status");
+            r
+        }
+    })
+    .await;
+    (backend, sw)
 }
 
 /// Sends response headers that announce extra hop-by-hop headers.
