@@ -334,7 +334,6 @@ impl RouteBuilder<'_> {
                         upstream_protocol: c.protocol,
                         max_concurrent_requests: a.max_concurrent_requests,
                         load_balance: a.load_balance.clone(),
-                        ..RoutePolicy::default()
                     },
                     None => RoutePolicy {
                         rate_limits,
