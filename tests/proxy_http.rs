@@ -1001,6 +1001,48 @@ async fn global_concurrency_cap_is_503_exactly_over_the_cap() {
     assert_eq!(rejected, 1);
 }
 
+/// A WebSocket holds its concurrency slot for the life of the tunnel, not just until the 101
+/// is written: with a per-Ingress cap of 1, a second request is refused while the tunnel is
+/// open and admitted once it closed.
+#[tokio::test]
+async fn websocket_holds_its_concurrency_slot_until_the_tunnel_ends() {
+    let ws = websocket_backend().await;
+    let p = proxy_with(&[RouteSpec::prefix(None, "/", &[ws.addr])
+        .policy(|p: &mut RoutePolicy| p.max_concurrent_requests = Some(1))])
+    .await;
+    let mut s = TcpStream::connect(p.addr).await.expect("connect");
+    s.write_all(
+        b"GET /chat HTTP/1.1\r\nhost: x\r\nconnection: Upgrade\r\nupgrade: websocket\r\n\
+          sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .await
+    .expect("write");
+    let head = String::from_utf8_lossy(&read_head(&mut s).await).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    // The tunnel works, so it is established.
+    s.write_all(b"ping").await.expect("write");
+    let mut buf = [0u8; 4];
+    tokio::time::timeout(DEADLINE, s.read_exact(&mut buf))
+        .await
+        .expect("echo in time")
+        .expect("read");
+    assert_eq!(get(p.addr, "x", "/").await.status, 503);
+    drop(s);
+    // Closing the client side ends the tunnel (bounded polling: the tunnel task notices EOF).
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let status = get(p.addr, "x", "/").await.status;
+        if status != 503 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "slot never released"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test]
 async fn per_ingress_concurrency_cap_is_503_and_isolated() {
     let gate = gated_backend().await;

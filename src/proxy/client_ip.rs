@@ -19,16 +19,21 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr
         return peer;
     }
     // Several X-Forwarded-For fields are one comma-separated list in order (RFC 9110 §5.3).
-    let mut entries: Vec<&str> = Vec::new();
+    // Split as bytes: one entry with non-ASCII bytes ends the walk at that entry, and does not
+    // throw away the trusted entries right of it.
+    let mut entries: Vec<&[u8]> = Vec::new();
     for value in headers.get_all("x-forwarded-for") {
-        let Ok(s) = value.to_str() else {
-            return peer;
-        };
-        entries.extend(s.split(',').map(str::trim).filter(|e| !e.is_empty()));
+        entries.extend(
+            value
+                .as_bytes()
+                .split(|b| *b == b',')
+                .map(<[u8]>::trim_ascii)
+                .filter(|e| !e.is_empty()),
+        );
     }
     let mut best = peer;
     for entry in entries.iter().rev() {
-        let Some(ip) = parse_entry(entry) else {
+        let Some(ip) = std::str::from_utf8(entry).ok().and_then(parse_entry) else {
             break;
         };
         best = ip;
@@ -101,6 +106,16 @@ mod tests {
         );
         // `junk` is where trust ends; the last good entry right of it is a trusted hop.
         assert_eq!(ip, IpAddr::from([10, 2, 2, 2]));
+    }
+
+    #[test]
+    fn a_non_ascii_entry_ends_the_walk_there_only() {
+        let trusted = nets(&["10.0.0.0/8"]);
+        let mut headers = HeaderMap::new();
+        let value = http::HeaderValue::from_bytes(b"\x80junk, 1.2.3.4, 10.2.2.2").expect("header");
+        headers.append("x-forwarded-for", value);
+        let ip = client_ip([10, 0, 0, 1].into(), &headers, &trusted);
+        assert_eq!(ip, IpAddr::from([1, 2, 3, 4]));
     }
 
     #[test]

@@ -474,11 +474,17 @@ impl Handler {
             };
             let upstream_upgrade = hyper::upgrade::on(&mut resp);
             let idle = self.cfg.stream_idle_timeout;
+            // The tunnel is the request's real lifetime: its concurrency slots (global,
+            // per-Ingress, maxInFlight) and the endpoint's in-flight count stay taken until it
+            // ends, not just until the 101 is written.
+            let held_guards = std::mem::take(guards);
+            let held_upstream = forwarded.pool_return;
             tokio::spawn(async move {
                 match tokio::try_join!(client_upgrade, upstream_upgrade) {
                     Ok((c, u)) => tunnel(TokioIo::new(c), TokioIo::new(u), idle).await,
                     Err(e) => tracing::debug!(error = %e, "upgrade failed"),
                 }
+                drop((held_guards, held_upstream));
             });
             let (mut parts, _) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers, true);

@@ -210,6 +210,10 @@ impl Probe {
             self.metrics.health_checks.with_label_values(&lr)
         };
         let (ok_count, fail_count) = (result("success"), result("failure"));
+        // Endpoints start up (readiness vouched for them). Clear any mark a probe task of the
+        // same (endpoint, check) that was aborted mid-poll may have written after it was
+        // forgotten, or the endpoint would stay excluded while the gauge says up.
+        self.state.set(self.addr, &self.check, false);
         gauge.set(1);
         let mut verdict = Verdict::default();
         // The first probe comes after a jitter only, so a new endpoint is vetted quickly.

@@ -215,8 +215,9 @@ pub struct BucketView {
 pub enum Verdict {
     /// Every policy admitted the request (tokens taken).
     Admitted,
-    /// `limits[policy]` refused; no policy's tokens were consumed. `retry_after_secs` is whole
-    /// seconds until that bucket has a token, rounded up, at least 1 (brief §4.5).
+    /// `limits[policy]` (the first to refuse) refused; no policy's tokens were consumed.
+    /// `retry_after_secs` is whole seconds until every bucket that is empty now has a token
+    /// again, rounded up, at least 1 (brief §4.5).
     Limited {
         policy: usize,
         retry_after_secs: u64,
@@ -340,16 +341,23 @@ impl Limiter {
             };
             let take = verdict == Verdict::Admitted;
             let (view, refused) = self.take(&key, &spec, take, now);
-            if take {
-                match refused {
-                    Some(retry_after_secs) => {
-                        verdict = Verdict::Limited {
-                            policy: i,
-                            retry_after_secs,
-                        }
+            match (&mut verdict, refused) {
+                (Verdict::Admitted, Some(retry_after_secs)) => {
+                    verdict = Verdict::Limited {
+                        policy: i,
+                        retry_after_secs,
                     }
-                    None => taken.push((i, key, spec)),
                 }
+                (Verdict::Admitted, None) => taken.push((i, key, spec)),
+                // Already refused: the client may retry only when every empty bucket has a
+                // token again, so Retry-After is the longest wait.
+                (
+                    Verdict::Limited {
+                        retry_after_secs, ..
+                    },
+                    Some(wait),
+                ) => *retry_after_secs = (*retry_after_secs).max(wait),
+                (Verdict::Limited { .. }, None) => {}
             }
             views.push(Some(view));
         }
@@ -380,6 +388,9 @@ impl Limiter {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         let mut dropped = shard.expire_idle(now);
+        // `now` was read before the lock: another request may have stored a later time. Never
+        // move a bucket's clock backwards, or the span between the two would refill twice.
+        let now = shard.map.get(key).map_or(now, |slot| slot.updated.max(now));
         let level = match shard.map.get(key) {
             Some(slot) => {
                 let old = Units::of(&slot.spec);
@@ -394,13 +405,15 @@ impl Limiter {
             }
             None => u.cap,
         };
-        let (level, refused) = if !take {
-            (level, None)
-        } else if level >= u.p {
-            (level - u.p, None)
-        } else {
+        // Refused (or, when only looking, would be): whole seconds until one token is back.
+        let wait = (level < u.p).then(|| {
             let secs = u.ns_until(level, u.p).div_ceil(1_000_000_000).max(1);
-            (level, Some(u64::try_from(secs).unwrap_or(u64::MAX)))
+            u64::try_from(secs).unwrap_or(u64::MAX)
+        });
+        let (level, refused) = match (take, wait) {
+            (false, _) => (level, wait),
+            (true, None) => (level - u.p, None),
+            (true, Some(_)) => (level, wait),
         };
         let view = view_of(&u, level);
         let mut added = false;
@@ -451,6 +464,7 @@ impl Limiter {
             .unwrap_or_else(PoisonError::into_inner);
         let level = match shard.map.get_mut(key) {
             Some(slot) => {
+                let now = slot.updated.max(now);
                 let level = u
                     .refill(slot.level, elapsed_ns(slot.updated, now))
                     .saturating_add(u.p)
@@ -631,6 +645,50 @@ mod tests {
 
     fn admitted(l: &Limiter, limits: &[RateLimit]) -> Checked {
         l.check(limits, IP, &HeaderMap::new(), Instant::now())
+    }
+
+    /// With two empty buckets, Retry-After is the longer wait: retrying when only the first
+    /// refusing policy has a token would be refused again.
+    #[tokio::test(start_paused = true)]
+    async fn retry_after_is_the_longest_wait_of_the_empty_buckets() {
+        let l = limiter(100);
+        let limits = [
+            limit("a-fast", 1, Duration::from_secs(1), 1),
+            limit("b-slow", 1, Duration::from_secs(60), 1),
+        ];
+        assert_eq!(admitted(&l, &limits).verdict, Verdict::Admitted);
+        assert_eq!(
+            admitted(&l, &limits).verdict,
+            Verdict::Limited {
+                policy: 0,
+                retry_after_secs: 60
+            }
+        );
+    }
+
+    /// A request that read the clock before a later one took the shard lock must not move the
+    /// bucket's clock backwards (that span would be refilled twice).
+    #[tokio::test(start_paused = true)]
+    async fn an_earlier_timestamp_never_refills_twice() {
+        let l = limiter(100);
+        let limits = [limit("p", 1, Duration::from_secs(10), 2)];
+        let t0 = Instant::now();
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let t1 = Instant::now();
+        let h = HeaderMap::new();
+        assert_eq!(l.check(&limits, IP, &h, t1).verdict, Verdict::Admitted);
+        assert_eq!(l.check(&limits, IP, &h, t1).verdict, Verdict::Admitted);
+        // Late arrival with the older time t0: the bucket is empty at t1 and stays so.
+        assert!(matches!(
+            l.check(&limits, IP, &h, t0).verdict,
+            Verdict::Limited { .. }
+        ));
+        // And at t1 + 5 s only half a token came back, not the stretch t0..t1 as well.
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert!(matches!(
+            l.check(&limits, IP, &h, Instant::now()).verdict,
+            Verdict::Limited { .. }
+        ));
     }
 
     #[tokio::test(start_paused = true)]

@@ -72,7 +72,7 @@ pub(super) fn derive(inputs: &Inputs, opts: &Options, diags: &mut Diags) -> Rout
             Ok((spec, protocol)) => {
                 let key = spec.key.clone();
                 let entry = specs.entry(key.clone()).or_insert(spec);
-                merge_health_check(entry, ann, obj, diags);
+                merge_health_check(entry, ann, protocol, obj, diags);
                 (Plan::Backend(key), protocol)
             }
             Err(e) => {
@@ -273,12 +273,27 @@ pub(super) fn derive(inputs: &Inputs, opts: &Options, diags: &mut Diags) -> Rout
 fn merge_health_check(
     spec: &mut BackendSpec,
     ann: &Annotations,
+    protocol: UpstreamProtocol,
     obj: &ObjRef<'_>,
     diags: &mut Diags,
 ) {
     let Some(wanted) = &ann.health_check else {
         return;
     };
+    // Probes are HTTP/1.1 GETs; an h2c (gRPC) server with prior knowledge refuses them, so
+    // every endpoint would be marked down. gRPC has its own health protocol; not spoken here.
+    if protocol == UpstreamProtocol::H2c {
+        diags.warn(
+            "Ingress",
+            obj,
+            "HealthCheckUnsupported",
+            format!(
+                "the health check for Service {} is ignored: active checks speak HTTP/1.1 and                  this backend is HTTP/2 cleartext (h2c/gRPC)",
+                spec.key
+            ),
+        );
+        return;
+    }
     match &spec.health_check {
         None => spec.health_check = Some(wanted.clone()),
         Some(held) if held == wanted => {}

@@ -1815,6 +1815,23 @@ fn annotation_health_check_defaults_values_and_bad_values() {
     }
 }
 
+/// Probes speak HTTP/1.1, so an h2c (gRPC) backend gets no active check and a Warning instead
+/// of having every endpoint marked down.
+#[test]
+fn health_check_on_an_h2c_backend_is_ignored_with_a_warning() {
+    let (s, d) = World::web()
+        .ing(
+            Ing::new("default", "grpc")
+                .ann("portico.dev/health-check-path", "/healthz")
+                .ann("portico.dev/backend-protocol", "GRPC")
+                .path("h.test", "Prefix", "/", "web", svc80()),
+        )
+        .run();
+    assert_eq!(health_check_of(&s, "h.test"), None);
+    let diag = only(&d, Severity::Warning, "HealthCheckUnsupported");
+    assert_eq!(diag.name, "grpc");
+}
+
 #[test]
 fn health_check_per_service_oldest_ingress_wins_others_warned() {
     let w = World::web()
