@@ -11,6 +11,7 @@
 #   rss    portico's RSS with 10 000 generated Ingresses (50 000 paths, 100 000 endpoints) loaded
 #
 # Knobs: BENCH_DURATION (s per measured run, 10), BENCH_REPS (3), BENCH_CHURN_DURATION (30),
+# BENCH_CHURN_REPS (1), BENCH_PORT_BASE (24700: ports base+1 .. base+31),
 # BENCH_QUICK=1 (validate the scripts: 2 s runs, 1 rep, 5 s churn, 1 000 Ingresses, short micro),
 # BENCH_SCENARIOS, BENCH_PROXIES, BENCH_OUT (results dir, default target/bench/<UTC time>).
 #
@@ -35,6 +36,7 @@ else
     CHURN_DURATION=${BENCH_CHURN_DURATION:-30}
     SCALE_N=${BENCH_SCALE_INGRESSES:-10000}
 fi
+CHURN_REPS=${BENCH_CHURN_REPS:-1}
 STEPS=${BENCH_STEPS:-micro load churn rss}
 SCENARIOS=${BENCH_SCENARIOS:-h1_small h1_16k h1_newconn https_keepalive tls_handshake h2_tls}
 PROXIES=${BENCH_PROXIES:-portico nginx haproxy}
@@ -48,10 +50,15 @@ H2_CONNS=${BENCH_H2_CONNS:-4}
 H2_STREAMS=${BENCH_H2_STREAMS:-16}
 WARMUP=1
 
-UP_PORT=18081
-PORTICO_HTTP=28080 PORTICO_HTTPS=28443 PORTICO_ADMIN=29090
-NGINX_HTTP=28180 NGINX_HTTPS=28543
-HAPROXY_HTTP=28280 HAPROXY_HTTPS=28643
+# Ports (127.0.0.1 only; the upstream also on .2 and .3), all from one base so a clash with
+# something else on the machine is one knob away. Keep them below the kernel's ephemeral range
+# (ip_local_port_range, usually 32768-60999): thousands of client connections per second would
+# otherwise occupy a listener's port just before that proxy starts.
+PORT_BASE=${BENCH_PORT_BASE:-24700}
+UP_PORT=$((PORT_BASE + 1))
+PORTICO_HTTP=$((PORT_BASE + 10)) PORTICO_HTTPS=$((PORT_BASE + 11)) PORTICO_ADMIN=$((PORT_BASE + 12))
+NGINX_HTTP=$((PORT_BASE + 20)) NGINX_HTTPS=$((PORT_BASE + 21))
+HAPROXY_HTTP=$((PORT_BASE + 30)) HAPROXY_HTTPS=$((PORT_BASE + 31))
 
 log() { printf '[bench %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -164,7 +171,7 @@ machine_info() {
         echo "wrk: $(wrk -v 2>&1 | head -1)"
         echo "h2load: $(h2load --version | head -1)"
         echo "openssl: $(openssl version)"
-        echo "settings: duration=${DURATION}s reps=$REPS churn=${CHURN_DURATION}s conns=$CONNS_KA/$CONNS_NEW h2=${H2_CONNS}x$H2_STREAMS proxy-cpu=$PROXY_CPU load-cpu=$LOAD_CPU"
+        echo "settings: duration=${DURATION}s reps=$REPS churn=${CHURN_DURATION}s x$CHURN_REPS conns=$CONNS_KA/$CONNS_NEW h2=${H2_CONNS}x$H2_STREAMS proxy-cpu=$PROXY_CPU load-cpu=$LOAD_CPU"
     } >"$OUT/machine.txt"
     cat "$OUT/machine.txt" >&2
 }
@@ -266,7 +273,7 @@ EOF
     cat >"$WORK/haproxy.cfg" <<EOF
 global
   nbthread 1
-  maxconn 20000
+  maxconn 8000
   ssl-default-bind-options ssl-min-ver TLSv1.2
 defaults
   mode http
@@ -400,7 +407,7 @@ snapshot_builds() {
 step_churn() {
     mkdir -p "$OUT/raw"
     local churn_dir="$WORK/manifests-churn" rep
-    for rep in $(seq 1 "$REPS"); do
+    for rep in $(seq 1 "$CHURN_REPS"); do
         rm -rf "$churn_dir"
         cp -r "$WORK/manifests" "$churn_dir"
         start_proxy portico "$churn_dir"
@@ -466,7 +473,7 @@ main() {
     install_tools
     log "building portico (release)"
     (cd "$ROOT" && cargo build --release --locked --bin portico) >&2
-    ports_free $UP_PORT $PORTICO_HTTP $PORTICO_HTTPS $PORTICO_ADMIN $NGINX_HTTP $NGINX_HTTPS \
+    ports_free "$UP_PORT" $PORTICO_HTTP $PORTICO_HTTPS $PORTICO_ADMIN $NGINX_HTTP $NGINX_HTTPS \
         $HAPROXY_HTTP $HAPROXY_HTTPS || die "free the ports above first"
     setup_common
     machine_info
