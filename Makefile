@@ -34,7 +34,7 @@ demo:
 	./examples/demo.sh
 
 ## bench: micro-benchmarks + portico vs nginx vs HAProxy load, churn and RSS (bench/run.sh; about
-## 25 min; installs nginx, haproxy, wrk, nghttp2-client with apt-get when missing). Not in `test`.
+## 20 min; installs nginx, haproxy, wrk, nghttp2-client with apt-get when missing). Not in `test`.
 ## Knobs: BENCH_DURATION, BENCH_REPS, BENCH_QUICK=1 (validates the scripts in ~3 min). See docs/benchmarks.md.
 bench:
 	./bench/run.sh

@@ -9,8 +9,7 @@
 # (`perf stat -e instructions true` reports <not supported>); callgrind counts instructions
 # exactly, which is also what makes its numbers stable on a shared, noisy machine.
 #
-# Usage: bench/profile.sh [SECONDS] (default 10). Also profiles nginx (same config as
-# bench/run.sh) for an instructions-per-request comparison when PROFILE_NGINX=1.
+# Usage: bench/profile.sh [SECONDS] (default 10).
 # Binds only 127.0.0.1; stops only what it started.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -19,7 +18,7 @@ export PATH="$PATH:/usr/sbin:/sbin"
 SECS=${1:-10}
 OUT=${BENCH_OUT:-$ROOT/target/bench/profile-$(date -u +%Y%m%dT%H%M%SZ)}
 B=${BENCH_PORT_BASE:-24800}
-UP_PORT=$((B + 1)) HTTP=$((B + 10)) HTTPS=$((B + 11)) ADMIN=$((B + 12)) NGX=$((B + 20))
+UP_PORT=$((B + 1)) HTTP=$((B + 10)) HTTPS=$((B + 11)) ADMIN=$((B + 12))
 
 command -v valgrind >/dev/null || { apt-get install -y -qq valgrind >/dev/null; }
 command -v nginx >/dev/null && command -v wrk >/dev/null || {
@@ -44,9 +43,10 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
+# wait_http URL SECONDS: bounded polling (a deadline, whatever each probe costs).
 wait_http() {
-    local i
-    for i in $(seq 1 $(($2 * 10))); do
+    local end=$((SECONDS + $2))
+    while ((SECONDS < end)); do
         [[ $(curl -sk -o /dev/null -w '%{http_code}' --max-time 2 "$1" 2>/dev/null) == 200 ]] && return 0
         sleep 0.1
     done
@@ -81,28 +81,6 @@ $(temp_paths up)
   server { listen 127.0.0.1:$UP_PORT; location / { return 200 "ok\n"; } }
 }
 EOF
-cat >"$WORK/ngx.conf" <<EOF
-worker_processes 1;
-pid $WORK/ngx.pid;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 100000000;
-$(temp_paths ngx)
-  upstream up { server 127.0.0.1:$UP_PORT; keepalive 256; keepalive_requests 100000000; }
-  server {
-    listen 127.0.0.1:$NGX;
-    location / {
-      proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection "";
-      proxy_set_header Host \$http_host;
-      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
-      proxy_set_header X-Forwarded-Proto \$scheme; proxy_set_header X-Forwarded-Host \$host;
-      proxy_set_header X-Forwarded-Port \$server_port; proxy_set_header X-Real-IP \$remote_addr;
-      proxy_set_header X-Request-ID \$request_id;
-    }
-  }
-}
-EOF
 nginx -p "$WORK" -c "$WORK/up.conf" -e "$WORK/up.err" -g 'daemon off;' >/dev/null 2>&1 &
 PIDS+=($!)
 wait_http "http://127.0.0.1:$UP_PORT/" 10
@@ -112,23 +90,25 @@ wait_http "http://127.0.0.1:$UP_PORT/" 10
 profile() {
     local name=$1 url=$2
     shift 2
-    valgrind --tool=callgrind --instr-atstart=no --trace-children=yes \
+    valgrind --tool=callgrind --instr-atstart=no \
         --callgrind-out-file="$OUT/$name.callgrind.%p" "$@" >"$OUT/$name.log" 2>&1 &
     local pid=$!
     PIDS+=("$pid")
     wait_http "$url" 120 || { echo "$name did not start under valgrind" >&2; exit 1; }
-    local p
-    for p in $(pgrep -f "callgrind-out-file=$OUT/$name"); do callgrind_control -i on "$p" >/dev/null 2>&1 || true; done
+    timeout 20 callgrind_control -i on "$pid" >/dev/null 2>&1 || true
     wrk -t1 -c8 -d"${SECS}s" --timeout 10s "$url" >"$OUT/$name.wrk" 2>&1 || true
-    for p in $(pgrep -f "callgrind-out-file=$OUT/$name"); do callgrind_control -i off "$p" >/dev/null 2>&1 || true; done
+    timeout 20 callgrind_control -i off "$pid" >/dev/null 2>&1 || true
     stop_wait "$pid"
 }
 
 summarise() {
+    # `head` closes the pipe early on purpose: no pipefail here (SIGPIPE is not a failure).
+    set +o pipefail
     local name=$1 f best="" max=0 ir
-    # The file with the most events is the process that served (nginx: the worker).
+    # The file with the most events is the process that served; `totals:` is what callgrind
+    # writes at exit (`summary:` stays 0 when instrumentation starts late).
     for f in "$OUT/$name".callgrind.*; do
-        ir=$(sed -n 's/^summary: \([0-9]*\).*/\1/p' "$f" | head -1)
+        ir=$(sed -n 's/^totals: \([0-9]*\).*/\1/p' "$f" | head -1)
         [[ -n $ir ]] && ((ir > max)) && { max=$ir; best=$f; }
     done
     local reqs
@@ -140,15 +120,12 @@ summarise() {
         echo "-- inclusive cost"
         callgrind_annotate --inclusive=yes "$best" 2>/dev/null | sed -n '/^Ir/,$p' | head -60
     } | tee "$OUT/$name.summary.txt"
+    set -o pipefail
 }
 
-profile portico "http://127.0.0.1:$HTTP/" env RUST_LOG=warn "$ROOT/target/release/portico" run \
+RUST_LOG=warn profile portico "http://127.0.0.1:$HTTP/" "$ROOT/target/release/portico" run \
     --manifests "$WORK/manifests" --worker-threads 1 --no-access-log --log-format text \
     --http-addr "127.0.0.1:$HTTP" --https-addr "127.0.0.1:$HTTPS" --admin-addr "127.0.0.1:$ADMIN" \
     --default-certificate bench/bench-tls
 summarise portico
-if [[ ${PROFILE_NGINX:-0} == 1 ]]; then
-    profile nginx "http://127.0.0.1:$NGX/" nginx -p "$WORK" -c "$WORK/ngx.conf" -e "$WORK/ngx.err" -g 'daemon off;'
-    summarise nginx
-fi
 echo "callgrind files in $OUT" >&2

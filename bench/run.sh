@@ -112,10 +112,10 @@ bg() {
     STARTED+=("$BG_PID")
 }
 
-# wait_http URL [SECONDS]: bounded polling until URL answers 200.
+# wait_http URL [SECONDS]: bounded polling (a deadline) until URL answers 200.
 wait_http() {
-    local url=$1 secs=${2:-20} i
-    for i in $(seq 1 $((secs * 10))); do
+    local url=$1 end=$((SECONDS + ${2:-20}))
+    while ((SECONDS < end)); do
         [[ $(curl -sk -o /dev/null -w '%{http_code}' --max-time 1 "$url" 2>/dev/null) == 200 ]] && return 0
         sleep 0.1
     done
