@@ -138,9 +138,12 @@ def record(args):
         except ValueError:
             r[k] = v
     clk = os.sysconf("SC_CLK_TCK")
-    cpu_s = (r.get("cpu1", 0) - r.get("cpu0", 0)) / clk
-    r["cpu_s"] = cpu_s
-    r["cpu_us_per_req"] = cpu_s * 1e6 / r["requests"] if r["requests"] else None
+    if "cpu0" in r and "cpu1" in r:
+        cpu_s = (r["cpu1"] - r["cpu0"]) / clk
+        r["cpu_s"] = cpu_s
+        r["cpu_us_per_req"] = cpu_s * 1e6 / r["requests"] if r["requests"] else None
+    else:
+        r["cpu_us_per_req"] = None  # churn runs: not measured
     with open(out, "a") as f:
         f.write(json.dumps(r) + "\n")
     p50 = r["p50_ms"] if r["p50_ms"] is not None else float("nan")
@@ -148,7 +151,8 @@ def record(args):
     cpu = r["cpu_us_per_req"] if r["cpu_us_per_req"] is not None else float("nan")
     print(f"  {r.get('proxy', '?'):8} {r.get('scenario', '?'):16} rep {r.get('rep', '?')}: "
           f"{r['rps']:9.0f} req/s  p50 {p50:7.3f} ms  p99 {p99:7.3f} ms  "
-          f"{cpu:7.1f} µs/req  hwm {r.get('hwm_kib', 0) / 1024:6.1f} MiB  failed {r['failed']}")
+          f"{cpu:7.1f} µs/req  hwm {r.get('hwm_kib', 0) / 1024:6.1f} MiB  failed {r['failed']}"
+          .replace("nan µs/req  hwm    0.0 MiB", "– µs/req  hwm     – MiB"))
 
 
 # ------------------------------------------------------------------------------------------

@@ -13,7 +13,8 @@
 # Knobs: BENCH_DURATION (s per measured run, 10), BENCH_REPS (3), BENCH_CHURN_DURATION (30),
 # BENCH_CHURN_REPS (1), BENCH_PORT_BASE (24700: ports base+1 .. base+31),
 # BENCH_QUICK=1 (validate the scripts: 2 s runs, 1 rep, 5 s churn, 1 000 Ingresses, short micro),
-# BENCH_SCENARIOS, BENCH_PROXIES, BENCH_OUT (results dir, default target/bench/<UTC time>).
+# BENCH_SCENARIOS, BENCH_PROXIES, BENCH_OUT (results dir, default target/bench/<UTC time>),
+# BENCH_PORTICO_BIN (another portico build, for A/B runs).
 #
 # Installs nginx, haproxy, wrk and nghttp2-client (h2load) with apt-get when missing. Binds only
 # 127.0.0.0/8. Every loop is bounded; only processes this script started are stopped (by PID, on
@@ -180,7 +181,7 @@ setup_common() {
     WORK=$(mktemp -d /tmp/portico-bench.XXXXXX)
     chmod 755 "$WORK" # nginx workers run as nobody and read the 16 KiB body from here
     mkdir -p "$WORK/tmp" "$OUT"
-    PORTICO=$ROOT/target/release/portico
+    PORTICO=${BENCH_PORTICO_BIN:-$ROOT/target/release/portico}
     # One self-signed ECDSA P-256 certificate for all three proxies (same handshake work).
     openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
         -subj /CN=bench.local -addext 'subjectAltName=DNS:bench.local,IP:127.0.0.1' \
