@@ -4,7 +4,7 @@ CARGO ?= cargo
 # cargo-nextest runs each test in its own process (faster, isolated); fall back to cargo test.
 NEXTEST := $(shell $(CARGO) nextest --version >/dev/null 2>&1 && echo yes)
 
-.PHONY: all build test fmt-check clippy unit demo clean tools manifests image kind-up kind-load deploy e2e kind-down
+.PHONY: all build test fmt-check clippy unit demo bench bench-micro bench-quick clean tools manifests image kind-up kind-load deploy e2e kind-down
 
 all: build
 
@@ -33,6 +33,19 @@ endif
 demo:
 	$(CARGO) build --locked --bin portico --example echo
 	./examples/demo.sh
+
+## bench: micro-benchmarks + portico vs nginx vs HAProxy load, churn and RSS (bench/run.sh; about
+## 20 min; installs nginx, haproxy, wrk, nghttp2-client with apt-get when missing). Not in `test`.
+## Knobs: BENCH_DURATION, BENCH_REPS, BENCH_QUICK=1 (validates the scripts in ~3 min). See docs/benchmarks.md.
+bench:
+	./bench/run.sh
+
+## bench-micro: the criterion micro-benchmarks only (route match, translate, endpoint update)
+bench-micro:
+	BENCH_STEPS=micro ./bench/run.sh
+
+bench-quick:
+	BENCH_QUICK=1 ./bench/run.sh
 
 clean:
 	$(CARGO) clean
