@@ -72,8 +72,9 @@ impl Trigger {
     }
 }
 
-/// The translate function the loop calls; [`translate::translate`] in production. A seam so the
-/// loop's own behaviour (swap/unchanged, endpoint gauges) can be tested independently of the
+/// A replacement for the translate step. Production uses [`translate::Translator`] (the real
+/// translation, re-deriving routes only when more than endpoints changed); this seam lets the
+/// loop's own behaviour (swap/unchanged, endpoint gauges) be tested independently of the
 /// Ingress semantics.
 pub type TranslateFn = fn(&Inputs, &Options) -> (Snapshot, Vec<Diagnostic>);
 
@@ -83,7 +84,8 @@ pub struct RebuildConfig {
     pub options: Options,
     pub holdoff: Duration,
     pub max_delay: Duration,
-    pub translate: TranslateFn,
+    /// `None`: the real, incremental [`translate::Translator`].
+    pub translate: Option<TranslateFn>,
 }
 
 impl RebuildConfig {
@@ -93,7 +95,7 @@ impl RebuildConfig {
             options,
             holdoff: DEFAULT_HOLDOFF,
             max_delay: DEFAULT_MAX_DELAY,
-            translate: translate::translate,
+            translate: None,
         }
     }
 }
@@ -129,6 +131,8 @@ pub struct Rebuilder {
     built: watch::Sender<Option<Arc<Built>>>,
     /// Diagnostics of the previous build, to log only new ones.
     previous: BTreeSet<Diagnostic>,
+    /// Keeps the last derived routes, so endpoint-only changes skip re-deriving them.
+    translator: translate::Translator,
 }
 
 /// What one build did (returned by [`Rebuilder::build`], mostly for tests and `check`).
@@ -158,6 +162,7 @@ impl Rebuilder {
             diagnostics,
             built,
             previous: BTreeSet::new(),
+            translator: translate::Translator::new(),
         }
     }
 
@@ -218,8 +223,10 @@ impl Rebuilder {
     pub fn build<S: Source + ?Sized>(&mut self, source: &S) -> BuildReport {
         let started = std::time::Instant::now();
         let (inputs, source_diagnostics) = source.inputs();
-        let (snapshot, translate_diagnostics) =
-            (self.config.translate)(&inputs, &self.config.options);
+        let (snapshot, translate_diagnostics) = match self.config.translate {
+            Some(f) => f(&inputs, &self.config.options),
+            None => self.translator.translate(&inputs, &self.config.options),
+        };
         let diagnostics = merge_diagnostics(source_diagnostics, translate_diagnostics);
 
         set_backend_gauges(&self.metrics, &snapshot);

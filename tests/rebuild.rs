@@ -348,7 +348,7 @@ fn service(name: &str, ports: usize) -> Arc<Service> {
 fn changed_snapshot_is_swapped_and_endpoint_gauges_follow_it() {
     let (source, _builds) = TestSource::new();
     let config = RebuildConfig {
-        translate: fake_translate,
+        translate: Some(fake_translate),
         ..RebuildConfig::default()
     };
     let (publisher, reader) = publish::channel();
@@ -395,7 +395,7 @@ fn changed_snapshot_is_swapped_and_endpoint_gauges_follow_it() {
 fn diagnostics_gauge_and_channel_are_set_and_cleared() {
     let (source, _builds) = TestSource::new();
     let config = RebuildConfig {
-        translate: fake_translate,
+        translate: Some(fake_translate),
         ..RebuildConfig::default()
     };
     let (publisher, _reader) = publish::channel();

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
     namespaced,
     status = "RateLimitPolicyStatus",
     shortname = "rlp",
+    derive = "PartialEq",
     doc = "RateLimitPolicy: a token-bucket rate limit and/or a concurrency cap on the routes of one Ingress",
     // Raw JSON form: clippy's `duplicated_attributes` misreads the repeated `type_ = "string"`
     // of the structured form as duplicate attributes.

@@ -17,6 +17,7 @@ mod annotations;
 mod backends;
 mod class;
 mod hosts;
+mod incremental;
 mod index;
 mod paths;
 mod policies;
@@ -38,6 +39,7 @@ use crate::crd::RateLimitPolicy;
 use crate::model::{self, BackendKey, BackendTable, HostTable, Snapshot, TlsTable};
 
 pub use backends::resolve_endpoints;
+pub use incremental::Translator;
 
 /// Everything translate reads. Sources (file provider, controller) fill it; order does not
 /// matter (translate sorts where precedence depends on it).

@@ -2227,3 +2227,68 @@ fn ratelimit_edit_changes_only_the_numbers_identity_is_stable() {
     assert_eq!(la[0].policy, lb[0].policy);
     assert_ne!(la[0].bucket, lb[0].bucket);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Incremental translation (brief §2: endpoint churn does not re-derive routes)
+
+#[test]
+fn translator_reuses_routes_when_only_endpoints_change_and_always_equals_translate() {
+    let base = World::web()
+        .class(class("portico", "portico.dev/ingress-controller", false))
+        .ing(
+            Ing::new("default", "a")
+                .path("a.test", "Prefix", "/", "web", svc80())
+                .ann("portico.dev/health-check-path", "/h"),
+        )
+        .ing(Ing::new("default", "b").path("b.test", "Exact", "/x", "missing", svc80()));
+    let opts = Options::default();
+    let mut t = crate::translate::Translator::new();
+    let check = |t: &mut crate::translate::Translator, w: &World, opts: &Options| {
+        let got = t.translate(&w.0, opts);
+        assert_eq!(got, translate(&w.0, opts));
+        t.reused()
+    };
+    assert!(!check(&mut t, &base, &opts), "first build derives");
+    assert!(check(&mut t, &base, &opts), "nothing changed");
+
+    // Only the EndpointSlice: new addresses, routes reused, result still exact.
+    let mut moved = base.clone();
+    moved.0.endpoint_slices = vec![Arc::new(slice(
+        "default",
+        "web-1",
+        "web",
+        "IPv4",
+        &[("http", 8080)],
+        vec![ready("10.0.0.7"), ready("10.0.0.8")],
+    ))];
+    assert!(check(&mut t, &moved, &opts), "endpoint-only change");
+
+    // Same objects in another order, or equal fresh copies (a source re-reading them): reused.
+    let mut shuffled = moved.clone();
+    shuffled.0.ingresses.reverse();
+    assert!(check(&mut t, &shuffled, &opts), "order does not matter");
+    let mut copies = moved.clone();
+    copies.0.services = copies
+        .0
+        .services
+        .iter()
+        .map(|s| Arc::new((**s).clone()))
+        .collect();
+    assert!(check(&mut t, &copies, &opts), "equal copies");
+
+    // Anything else derives again: an Ingress edit, a new Service, another option.
+    let edited = World::web()
+        .class(class("portico", "portico.dev/ingress-controller", false))
+        .ing(Ing::new("default", "a").path("a.test", "Prefix", "/", "web", svc80()))
+        .ing(Ing::new("default", "b").path("b.test", "Exact", "/x", "missing", svc80()));
+    assert!(!check(&mut t, &edited, &opts), "Ingress edit");
+    let more = edited
+        .clone()
+        .svc(svc("default", "missing", &[("http", 80)]));
+    assert!(!check(&mut t, &more, &opts), "new Service");
+    let other = Options {
+        ingress_class: "other".to_string(),
+        ..Options::default()
+    };
+    assert!(!check(&mut t, &more, &other), "options changed");
+}
