@@ -17,16 +17,7 @@ use portico::proxy::ProxyConfig;
 use support::*;
 
 fn cfg() -> ProxyConfig {
-    ProxyConfig {
-        access_log: false,
-        ..ProxyConfig::default()
-    }
-}
-
-async fn proxy_with(routes: &[RouteSpec]) -> TestProxy {
-    let p = start_proxy(cfg(), false).await;
-    p.publisher.publish(snapshot(routes));
-    p
+    quiet_config()
 }
 
 fn lb(strategy: LoadBalance) -> impl FnOnce(&mut portico::model::RoutePolicy) {

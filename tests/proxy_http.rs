@@ -20,16 +20,7 @@ use portico::proxy::ProxyConfig;
 use support::*;
 
 fn cfg() -> ProxyConfig {
-    ProxyConfig {
-        access_log: false,
-        ..ProxyConfig::default()
-    }
-}
-
-async fn proxy_with(routes: &[RouteSpec]) -> TestProxy {
-    let p = start_proxy(cfg(), false).await;
-    p.publisher.publish(snapshot(routes));
-    p
+    quiet_config()
 }
 
 // ---------------------------------------------------------------- routing and status codes
@@ -949,25 +940,6 @@ async fn h2c_upstream_carries_trailers_to_an_h2_client() {
 
 // ---------------------------------------------------------------- concurrency caps
 
-async fn hold_requests(
-    p: &TestProxy,
-    host: &str,
-    n: usize,
-    gate: &TestBackend,
-) -> Vec<tokio::task::JoinHandle<u16>> {
-    let mut held = Vec::new();
-    for _ in 0..n {
-        let addr = p.addr;
-        let host = host.to_string();
-        held.push(tokio::spawn(async move {
-            get(addr, &host, "/").await.status.as_u16()
-        }));
-    }
-    let requests = gate.requests.clone();
-    wait_until(|| requests.load(Ordering::SeqCst) >= n).await;
-    held
-}
-
 #[tokio::test]
 async fn global_concurrency_cap_is_503_exactly_over_the_cap() {
     let gate = gated_backend().await;
@@ -981,7 +953,7 @@ async fn global_concurrency_cap_is_503_exactly_over_the_cap() {
     .await;
     p.publisher
         .publish(snapshot(&[RouteSpec::prefix(None, "/", &[gate.addr])]));
-    let held = hold_requests(&p, "x", 3, &gate).await;
+    let held = hold(&p, "x", "/", 3, &gate).await;
     let over = get(p.addr, "x", "/").await;
     assert_eq!(over.status, 503);
     gate.gate.add_permits(3);
@@ -1054,7 +1026,7 @@ async fn per_ingress_concurrency_cap_is_503_and_isolated() {
         RouteSpec::prefix(Some("free"), "/", &[other.addr]).ingress("free"),
     ])
     .await;
-    let held = hold_requests(&p, "capped", 2, &gate).await;
+    let held = hold(&p, "capped", "/", 2, &gate).await;
     assert_eq!(get(p.addr, "capped", "/").await.status, 503);
     assert_eq!(get(p.addr, "free", "/").await.status, 200);
     gate.gate.add_permits(2);

@@ -14,10 +14,7 @@ use portico::proxy::ProxyConfig;
 use support::*;
 
 fn cfg() -> ProxyConfig {
-    ProxyConfig {
-        access_log: false,
-        ..ProxyConfig::default()
-    }
+    quiet_config()
 }
 
 fn trusting_loopback() -> ProxyConfig {
@@ -78,26 +75,6 @@ fn header<'a>(got: &'a Got, name: &str) -> &'a str {
 }
 
 /// Start `n` requests that the gated backend holds, and wait until all of them arrived there.
-async fn hold(
-    p: &TestProxy,
-    host: &str,
-    path: &str,
-    n: usize,
-    gate: &TestBackend,
-) -> Vec<tokio::task::JoinHandle<u16>> {
-    let before = gate.requests.load(Ordering::SeqCst);
-    let mut held = Vec::new();
-    for _ in 0..n {
-        let (addr, host, path) = (p.addr, host.to_string(), path.to_string());
-        held.push(tokio::spawn(async move {
-            get(addr, &host, &path).await.status.as_u16()
-        }));
-    }
-    let requests = gate.requests.clone();
-    wait_until(|| requests.load(Ordering::SeqCst) >= before + n).await;
-    held
-}
-
 // ---------------------------------------------------------------- 429 and headers
 
 #[tokio::test]

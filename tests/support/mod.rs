@@ -723,3 +723,39 @@ pub async fn wait_until(mut cond: impl FnMut() -> bool) {
 
 /// Shared list collector for tests that record values from backends.
 pub type Shared<T> = Arc<Mutex<Vec<T>>>;
+
+/// Proxy settings for tests: defaults without the access log.
+pub fn quiet_config() -> ProxyConfig {
+    ProxyConfig {
+        access_log: false,
+        ..ProxyConfig::default()
+    }
+}
+
+/// A plain-HTTP proxy with [`quiet_config`] serving a snapshot of `routes`.
+pub async fn proxy_with(routes: &[RouteSpec]) -> TestProxy {
+    let p = start_proxy(quiet_config(), false).await;
+    p.publisher.publish(snapshot(routes));
+    p
+}
+
+/// Start `n` GETs of `host` + `path` that `gate` holds; returns once all reached the backend.
+pub async fn hold(
+    p: &TestProxy,
+    host: &str,
+    path: &str,
+    n: usize,
+    gate: &TestBackend,
+) -> Vec<tokio::task::JoinHandle<u16>> {
+    let before = gate.requests.load(Ordering::SeqCst);
+    let mut held = Vec::new();
+    for _ in 0..n {
+        let (addr, host, path) = (p.addr, host.to_string(), path.to_string());
+        held.push(tokio::spawn(async move {
+            get(addr, &host, &path).await.status.as_u16()
+        }));
+    }
+    let requests = gate.requests.clone();
+    wait_until(|| requests.load(Ordering::SeqCst) >= before + n).await;
+    held
+}
