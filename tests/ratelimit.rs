@@ -410,6 +410,13 @@ async fn global_cap_is_503_over_the_cap_and_counted() {
     gate.gate.add_permits(1);
     assert_eq!(get(p.addr, "x", "/").await.status, 200);
     assert_eq!(rejected(&p.metrics), 2);
+    // Also under the pre-routing reason label.
+    let refused = p
+        .metrics
+        .rejected_requests
+        .with_label_values(&["global_concurrency"])
+        .get();
+    assert_eq!(refused, 2);
 }
 
 #[tokio::test]
