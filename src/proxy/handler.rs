@@ -752,40 +752,39 @@ fn set_forwarding_headers(
     trusted: bool,
     authority: &str,
 ) {
-    let peer_ip = conn.peer.ip().to_string();
-    let xff = if trusted {
-        let prior: Vec<&str> = headers
+    let peer_ip = &conn.peer_ip_value;
+    let prior: Vec<&str> = if trusted {
+        headers
             .get_all(&X_FORWARDED_FOR)
             .iter()
             .filter_map(|v| v.to_str().ok())
-            .collect();
-        if prior.is_empty() {
-            peer_ip.clone()
-        } else {
-            format!("{}, {peer_ip}", prior.join(", "))
-        }
+            .collect()
     } else {
-        peer_ip.clone()
+        Vec::new()
     };
-    let set = |headers: &mut HeaderMap, name: &HeaderName, value: &str| {
+    let xff = if prior.is_empty() {
+        peer_ip.clone()
+    } else {
+        let joined = format!("{}, {}", prior.join(", "), conn.peer.ip());
+        HeaderValue::from_str(&joined).unwrap_or_else(|_| peer_ip.clone())
+    };
+    let set = |headers: &mut HeaderMap, name: &HeaderName, value: HeaderValue| {
         if trusted && headers.contains_key(name) {
             return;
         }
-        if let Ok(v) = HeaderValue::from_str(value) {
-            headers.insert(name.clone(), v);
-        }
+        headers.insert(name.clone(), value);
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        headers.insert(X_FORWARDED_FOR.clone(), v);
-    }
+    headers.insert(X_FORWARDED_FOR.clone(), xff);
     set(
         headers,
         &X_FORWARDED_PROTO,
-        if conn.tls { "https" } else { "http" },
+        HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
     );
-    set(headers, &X_FORWARDED_HOST, authority);
-    set(headers, &X_FORWARDED_PORT, &conn.local.port().to_string());
-    set(headers, &X_REAL_IP, &peer_ip);
+    if let Ok(v) = HeaderValue::from_str(authority) {
+        set(headers, &X_FORWARDED_HOST, v);
+    }
+    set(headers, &X_FORWARDED_PORT, conn.local_port_value.clone());
+    set(headers, &X_REAL_IP, peer_ip.clone());
     if !trusted {
         headers.remove(&FORWARDED);
     }

@@ -824,12 +824,7 @@ async fn serve_conn(
     match kind {
         ListenerKind::Http => {
             let activity = Activity::new(Protocol::Sniff);
-            let info = ConnInfo {
-                peer,
-                local,
-                tls: false,
-                sni: None,
-            };
+            let info = ConnInfo::new(peer, local, false, None);
             let io = ActivityIo::new(stream, activity.clone(), slot, cut);
             // h1 and h2c share this port: the framing guard follows h1 and passes the h2
             // preface through untouched (it is not an h1 head).
@@ -868,12 +863,7 @@ async fn serve_conn(
                 .server_name()
                 .map(|s| Arc::<str>::from(s.to_ascii_lowercase()));
             let h2 = session.alpn_protocol() == Some(tls::ALPN_H2);
-            let info = ConnInfo {
-                peer,
-                local,
-                tls: true,
-                sni,
-            };
+            let info = ConnInfo::new(peer, local, true, sni);
             let activity = Activity::new(if h2 { Protocol::H2 } else { Protocol::H1 });
             let io = ActivityIo::new(tls, activity.clone(), slot, cut);
             let svc = make_service(shared.service.clone(), info, activity.clone());

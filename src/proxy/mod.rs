@@ -117,4 +117,25 @@ pub struct ConnInfo {
     pub tls: bool,
     /// SNI the client sent, lower-case.
     pub sni: Option<Arc<str>>,
+    /// The peer address and local port as header values, formatted once per connection
+    /// rather than on every request (X-Forwarded-For, X-Real-IP, X-Forwarded-Port).
+    pub peer_ip_value: http::HeaderValue,
+    pub local_port_value: http::HeaderValue,
+}
+
+impl ConnInfo {
+    pub fn new(peer: SocketAddr, local: SocketAddr, tls: bool, sni: Option<Arc<str>>) -> Self {
+        // An IP address or a port number is always a valid header value.
+        let value = |s: String| {
+            http::HeaderValue::from_str(&s).unwrap_or_else(|_| http::HeaderValue::from_static(""))
+        };
+        ConnInfo {
+            peer_ip_value: value(peer.ip().to_string()),
+            local_port_value: value(local.port().to_string()),
+            peer,
+            local,
+            tls,
+            sni,
+        }
+    }
 }
