@@ -44,13 +44,14 @@ def tree(pid):
 
 
 def procstat(pid):
-    ticks = rss = hwm = 0
+    ticks = uticks = rss = hwm = 0
     for p in tree(pid):
         try:
             with open(f"/proc/{p}/stat") as f:
                 # comm may contain spaces: fields after the last ')' are fixed.
                 rest = f.read().rsplit(")", 1)[1].split()
             ticks += int(rest[11]) + int(rest[12])  # utime + stime (fields 14, 15)
+            uticks += int(rest[11])
             with open(f"/proc/{p}/status") as f:
                 for line in f:
                     if line.startswith("VmRSS:"):
@@ -59,7 +60,7 @@ def procstat(pid):
                         hwm += int(line.split()[1])
         except OSError:
             pass
-    return ticks, rss, hwm
+    return ticks, rss, hwm, uticks
 
 
 # ------------------------------------------------------------------------------------------
@@ -142,6 +143,10 @@ def record(args):
         cpu_s = (r["cpu1"] - r["cpu0"]) / clk
         r["cpu_s"] = cpu_s
         r["cpu_us_per_req"] = cpu_s * 1e6 / r["requests"] if r["requests"] else None
+        if "ucpu0" in r and "ucpu1" in r and r["requests"]:
+            # user-space share: the part a proxy's own code decides (the kernel's TCP work per
+            # request is about the same for all three).
+            r["user_us_per_req"] = (r["ucpu1"] - r["ucpu0"]) / clk * 1e6 / r["requests"]
     else:
         r["cpu_us_per_req"] = None  # churn runs: not measured
     with open(out, "a") as f:
@@ -193,14 +198,14 @@ def table(path):
     reps = len({r["rep"] for r in runs}) if runs else 0
     print(f"Medians of {reps} repetition(s). Ratios are portico ÷ nginx (and haproxy ÷ nginx).\n")
     print("| scenario | proxy | req/s | p50 ms | p99 ms | CPU µs/req | peak RSS MiB | idle RSS MiB "
-          "| failed | req/s vs nginx | CPU vs nginx | p99 vs nginx |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| failed | req/s vs nginx | CPU vs nginx | p99 vs nginx | of CPU: user µs/req |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for sc, title in SCENARIOS:
         by = {p: [r for r in runs if r["scenario"] == sc and r["proxy"] == p] for p in PROXIES}
         if not any(by.values()):
             continue
         m = {p: {k: med(by[p], k) for k in ("rps", "p50_ms", "p99_ms", "cpu_us_per_req",
-                                            "hwm_kib", "idle_kib")} for p in PROXIES}
+                                            "hwm_kib", "idle_kib", "user_us_per_req")} for p in PROXIES}
         for p in PROXIES:
             if not by[p]:
                 continue
@@ -211,7 +216,7 @@ def table(path):
                   f"{fmt(x['hwm_kib'] and x['hwm_kib'] / 1024)} | "
                   f"{fmt(x['idle_kib'] and x['idle_kib'] / 1024)} | {failed} | "
                   f"{ratio(x['rps'], n['rps'])} | {ratio(x['cpu_us_per_req'], n['cpu_us_per_req'])} | "
-                  f"{ratio(x['p99_ms'], n['p99_ms'])} |")
+                  f"{ratio(x['p99_ms'], n['p99_ms'])} | {fmt(x['user_us_per_req'])} |")
 
 
 def churn(path):

@@ -360,17 +360,17 @@ run_one() {
     local proxy=$1 sc=$2 rep=$3
     local tag="$sc-$proxy-$rep"
     start_proxy "$proxy"
-    local idle cpu0 cpu1 hwm
-    read -r _ idle _ < <(procstat "$PROXY_PID")
+    local idle cpu0 cpu1 ucpu0 ucpu1 hwm
+    read -r _ idle _ _ < <(procstat "$PROXY_PID")
     loadgen "$sc" "$WARMUP" "$OUT/raw/$tag.warmup" "$OUT/raw/$tag.warmup.h2log"
-    read -r cpu0 _ _ < <(procstat "$PROXY_PID")
+    read -r cpu0 _ _ ucpu0 < <(procstat "$PROXY_PID")
     loadgen "$sc" "$DURATION" "$OUT/raw/$tag.out" "$OUT/raw/$tag.h2log"
-    read -r cpu1 _ hwm < <(procstat "$PROXY_PID")
+    read -r cpu1 _ hwm ucpu1 < <(procstat "$PROXY_PID")
     stop "$PROXY_PID"
     local files=("$OUT/raw/$tag.out")
     [[ $sc == h2_tls ]] && files+=("$OUT/raw/$tag.h2log")
     python3 "$HERE/report.py" record "$OUT/runs.jsonl" kind=load proxy="$proxy" scenario="$sc" \
-        rep="$rep" cpu0="$cpu0" cpu1="$cpu1" idle_kib="$idle" hwm_kib="$hwm" -- "${files[@]}"
+        rep="$rep" cpu0="$cpu0" cpu1="$cpu1" ucpu0="$ucpu0" ucpu1="$ucpu1" idle_kib="$idle" hwm_kib="$hwm" -- "${files[@]}"
     rm -f "$OUT/raw/$tag.h2log" "$OUT/raw/$tag.warmup.h2log" # large; the parsed numbers are kept
 }
 
@@ -452,7 +452,7 @@ step_rss() {
     t1=$(date +%s.%N)
     # Give the allocator a moment after the first build before reading the resident size.
     sleep 2
-    read -r _ rss hwm < <(procstat "$pid")
+    read -r _ rss hwm _ < <(procstat "$pid")
     stop "$pid"
     python3 - "$OUT" "$SCALE_N" "$rss" "$hwm" "$t0" "$t1" <<'PY'
 import json, sys
