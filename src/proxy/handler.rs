@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
+use http::uri::PathAndQuery;
 use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
@@ -107,9 +108,12 @@ impl RequestIds {
         }
     }
 
-    fn generate(&self) -> String {
+    fn generate(&self) -> HeaderValue {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        format!("{}-{n:x}", self.prefix)
+        // Hex digits and '-' only: always a valid header value; the String's buffer becomes
+        // the value without a copy.
+        HeaderValue::try_from(format!("{}-{n:x}", self.prefix))
+            .unwrap_or_else(|_| HeaderValue::from_static("-"))
     }
 }
 
@@ -124,20 +128,35 @@ fn sane_request_id(v: &HeaderValue) -> bool {
 }
 
 /// What the access log and metrics need about one request, filled in as it progresses.
+/// Names are shared with the snapshot (`Arc` clones); host, path and request id are copied
+/// only when the access log is on.
 #[derive(Default)]
 struct Record {
     method: Method,
     host: String,
     path: String,
     request_id: String,
-    namespace: String,
-    ingress: String,
-    service: String,
+    ingress: Option<IngressRef>,
+    service: Option<Arc<str>>,
     upstream_addr: Option<SocketAddr>,
     upstream_ms: Option<u128>,
     bytes_in: Arc<AtomicU64>,
     /// `RateLimit-Policy` / `RateLimit` for the response, once the route's policies ran.
     rate_headers: Option<RateHeaders>,
+}
+
+impl Record {
+    fn namespace(&self) -> &str {
+        self.ingress.as_ref().map_or("", |i| &i.namespace)
+    }
+
+    fn ingress(&self) -> &str {
+        self.ingress.as_ref().map_or("", |i| &i.name)
+    }
+
+    fn service(&self) -> &str {
+        self.service.as_deref().unwrap_or_default()
+    }
 }
 
 /// The validated request head.
@@ -205,7 +224,11 @@ impl Handler {
         let start = Instant::now();
         let mut rec = Record {
             method: req.method().clone(),
-            path: req.uri().path().to_string(),
+            path: if self.cfg.access_log {
+                req.uri().path().to_string()
+            } else {
+                String::new()
+            },
             ..Record::default()
         };
         let mut guards = Vec::new();
@@ -297,7 +320,7 @@ impl Handler {
                 Some(g) => guards.push(g),
                 None => {
                     let name = &limit.policy.name;
-                    self.count_overload(["policy", &rec.namespace, &rec.ingress, name]);
+                    self.count_overload(["policy", rec.namespace(), rec.ingress(), name]);
                     rec.rate_headers = self.limiter.peek(limits, client, headers).headers;
                     return Err(ProxyError::Overloaded("policy_concurrency"));
                 }
@@ -313,7 +336,7 @@ impl Handler {
             let name = limits.get(policy).map_or("", |l| &*l.policy.name);
             self.metrics
                 .ratelimit_rejected
-                .with_label_values(&[&rec.namespace, &rec.ingress, name])
+                .with_label_values(&[rec.namespace(), rec.ingress(), name])
                 .inc();
             return Err(ProxyError::RateLimited { retry_after_secs });
         }
@@ -340,14 +363,15 @@ impl Handler {
             }
         }
 
-        let head = validate_head(&req, &self.cfg)?;
-        rec.host = head.host.clone();
-        rec.path = head.path.clone();
+        let mut head = validate_head(&req, &self.cfg)?;
+        if self.cfg.access_log {
+            rec.host = head.host.clone();
+            rec.path = head.path.clone();
+        }
 
         let matched = snapshot.route(&head.host, &head.path);
         let route = matched.route.ok_or(ProxyError::NoRoute)?;
-        rec.namespace = route.ingress.namespace.to_string();
-        rec.ingress = route.ingress.name.to_string();
+        rec.ingress = Some(route.ingress.clone());
         let policy = route.policy.clone();
 
         // Plain HTTP on a TLS host → 308 keeps method and body (RFC 9110 §15.4.9).
@@ -358,12 +382,12 @@ impl Handler {
         let backend = match &route.target {
             RouteTarget::Backend(id) => snapshot.backends.get(*id),
             RouteTarget::Unavailable { reason } => {
-                tracing::debug!(%reason, ingress = %rec.ingress, "route unavailable");
+                tracing::debug!(%reason, ingress = rec.ingress(), "route unavailable");
                 None
             }
         };
         let backend = backend.ok_or(ProxyError::NoEndpoints)?;
-        rec.service = backend.key.service.to_string();
+        rec.service = Some(backend.key.service.clone());
         if backend.endpoints.is_empty() {
             return Err(ProxyError::NoEndpoints);
         }
@@ -373,7 +397,7 @@ impl Handler {
             match InflightGuard::acquire(&counter, cap) {
                 Some(g) => guards.push(g),
                 None => {
-                    self.count_overload(["ingress", &rec.namespace, &rec.ingress, ""]);
+                    self.count_overload(["ingress", rec.namespace(), rec.ingress(), ""]);
                     return Err(ProxyError::Overloaded("route_concurrency"));
                 }
             }
@@ -414,18 +438,20 @@ impl Handler {
             headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         }
-        set_forwarding_headers(&mut headers, conn, trusted, &head.authority);
-        let request_id = match headers.get(&X_REQUEST_ID) {
-            Some(v) if sane_request_id(v) => v.to_str().unwrap_or_default().to_string(),
-            _ => {
-                let id = self.request_ids.generate();
-                if let Ok(v) = HeaderValue::from_str(&id) {
-                    headers.insert(X_REQUEST_ID.clone(), v);
-                }
-                id
-            }
-        };
-        rec.request_id = request_id;
+        // The authority as a header value once: X-Forwarded-Host and the upstream Host share
+        // it (validate_head admitted visible ASCII only, so the conversion cannot fail).
+        let authority = HeaderValue::try_from(std::mem::take(&mut head.authority))
+            .map_err(|_| ProxyError::BadRequest("invalid_host"))?;
+        set_forwarding_headers(&mut headers, conn, trusted, &authority);
+        let id_ok = headers.get(&X_REQUEST_ID).is_some_and(sane_request_id);
+        if !id_ok {
+            headers.insert(X_REQUEST_ID.clone(), self.request_ids.generate());
+        }
+        if self.cfg.access_log
+            && let Some(id) = headers.get(&X_REQUEST_ID).and_then(|v| v.to_str().ok())
+        {
+            rec.request_id = id.to_string();
+        }
 
         let body_flags = Arc::new(BodyFlags::default());
         let body = if body.is_end_stream() {
@@ -442,14 +468,22 @@ impl Handler {
                 .boxed(),
             )
         };
-        let path_and_query = match &head.query {
-            Some(q) => format!("{}?{q}", head.path),
-            None => head.path.clone(),
+        // Most paths need no normalisation: then the client's path-and-query is forwarded as
+        // is (a shared `Bytes`, no copy, no re-parse).
+        let path_and_query = match parts.uri.path_and_query() {
+            Some(pq) if pq.path() == head.path && pq.query() == head.query.as_deref() => pq.clone(),
+            _ => {
+                let joined = match &head.query {
+                    Some(q) => format!("{}?{q}", head.path),
+                    None => head.path.clone(),
+                };
+                PathAndQuery::try_from(joined).map_err(|_| ProxyError::BadRequest("path"))?
+            }
         };
         let out = OutboundRequest {
             method: parts.method,
             path_and_query,
-            authority: head.authority.clone(),
+            authority,
             headers,
             body,
             body_flags,
@@ -463,7 +497,7 @@ impl Handler {
         rec.upstream_ms = Some(forwarded.upstream_time.as_millis());
         self.metrics
             .upstream_duration
-            .with_label_values(&[&rec.namespace, &rec.ingress, &rec.service])
+            .with_label_values(&[rec.namespace(), rec.ingress(), rec.service()])
             .observe(forwarded.upstream_time.as_secs_f64());
 
         let mut resp = forwarded.response;
@@ -712,19 +746,27 @@ fn websocket_upgrade<B>(req: &Request<B>) -> bool {
 /// hop-by-hop fields. `TE: trailers` survives (gRPC needs it, RFC 9113 §8.2.2); Upgrade
 /// survives only on upgrades.
 fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
+    // Most messages carry none of these: one pass over the names instead of a hashed remove
+    // per name (Connection-listed names need a Connection header, which is one of them).
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
+    let listed: Vec<HeaderValue> = match headers.entry(header::CONNECTION) {
+        http::header::Entry::Occupied(e) => e.remove_entry_mult().1.collect(),
+        http::header::Entry::Vacant(_) => Vec::new(),
+    };
+    for token in listed
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    headers.remove(header::CONNECTION);
-    for name in named {
-        if keep_upgrade && name == header::UPGRADE {
+        .map(str::trim)
+    {
+        if token.is_empty() || (keep_upgrade && token.eq_ignore_ascii_case("upgrade")) {
             continue;
         }
-        headers.remove(&name);
+        // `&str` names are looked up without allocating (and case-insensitively); a token
+        // that is not a valid header name names nothing.
+        headers.remove(token);
     }
     headers.remove(&KEEP_ALIVE);
     headers.remove(&PROXY_CONNECTION);
@@ -744,13 +786,24 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
+/// The fixed hop-by-hop fields of RFC 9110 §7.6.1 (plus the legacy Keep-Alive and
+/// Proxy-Connection).
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == header::TE
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+        || name == KEEP_ALIVE
+        || name == PROXY_CONNECTION
+}
+
 /// X-Forwarded-* and X-Real-IP. Client-sent values survive only from trusted proxies;
 /// otherwise they are replaced (and `Forwarded` dropped) so clients cannot spoof them.
 fn set_forwarding_headers(
     headers: &mut HeaderMap,
     conn: &ConnInfo,
     trusted: bool,
-    authority: &str,
+    authority: &HeaderValue,
 ) {
     let peer_ip = &conn.peer_ip_value;
     let prior: Vec<&str> = if trusted {
@@ -780,9 +833,7 @@ fn set_forwarding_headers(
         &X_FORWARDED_PROTO,
         HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
     );
-    if let Ok(v) = HeaderValue::from_str(authority) {
-        set(headers, &X_FORWARDED_HOST, v);
-    }
+    set(headers, &X_FORWARDED_HOST, authority.clone());
     set(headers, &X_FORWARDED_PORT, conn.local_port_value.clone());
     set(headers, &X_REAL_IP, peer_ip.clone());
     if !trusted {
@@ -921,22 +972,22 @@ impl Drop for TrackedBody {
             return;
         };
         let rec = &f.rec;
-        let status = f.status.as_u16().to_string();
         let method = method_label(&rec.method);
+        let (namespace, ingress, service) = (rec.namespace(), rec.ingress(), rec.service());
         f.metrics
             .requests
-            .with_label_values(&[&rec.namespace, &rec.ingress, &rec.service, &status, method])
+            .with_label_values(&[namespace, ingress, service, f.status.as_str(), method])
             .inc();
         let elapsed = f.start.elapsed();
         f.metrics
             .request_duration
-            .with_label_values(&[&rec.namespace, &rec.ingress, &rec.service])
+            .with_label_values(&[namespace, ingress, service])
             .observe(elapsed.as_secs_f64());
         if f.access_log {
-            let route = if rec.ingress.is_empty() {
+            let route = if ingress.is_empty() {
                 String::new()
             } else {
-                format!("{}/{}", rec.namespace, rec.ingress)
+                format!("{namespace}/{ingress}")
             };
             let upstream_addr = rec.upstream_addr.map(|a| a.to_string()).unwrap_or_default();
             tracing::info!(
@@ -1192,7 +1243,7 @@ mod tests {
         let a = ids.generate();
         let b = ids.generate();
         assert_ne!(a, b);
-        assert!(sane_request_id(&HeaderValue::from_str(&a).expect("v")));
+        assert!(sane_request_id(&a));
         assert!(!sane_request_id(&HeaderValue::from_static("a b")));
         assert!(!sane_request_id(&HeaderValue::from_static("")));
         let long = "a".repeat(MAX_REQUEST_ID_LEN + 1);

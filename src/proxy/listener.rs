@@ -11,11 +11,13 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::{Pin, pin};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::task::AtomicWaker;
 use http::{Request, Response};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::service::service_fn;
@@ -24,7 +26,7 @@ use hyper_util::server::conn::auto;
 use prometheus::IntGauge;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
@@ -178,11 +180,11 @@ enum Expiry {
 }
 
 /// Shared between the IO wrapper (reads), the service (request start/end) and the connection
-/// task (timers).
+/// task (timers). Phase changes wake nobody: the timer re-reads the phase when it fires (see
+/// [`Activity::expired`]), so a keep-alive request costs no timer re-arm and no wake-up.
 #[derive(Debug)]
 struct Activity {
     state: Mutex<ActState>,
-    changed: Notify,
 }
 
 impl Activity {
@@ -202,7 +204,6 @@ impl Activity {
                 protocol,
                 sniffed: 0,
             }),
-            changed: Notify::new(),
         })
     }
 
@@ -228,7 +229,6 @@ impl Activity {
                     if let Phase::Head(t) = s.phase {
                         s.phase = Phase::Idle(t);
                     }
-                    self.changed.notify_one();
                 }
                 return;
             }
@@ -238,7 +238,6 @@ impl Activity {
             // First byte of the next request on a keep-alive connection: from now on the
             // header timer runs, not the idle timer.
             s.phase = Phase::Head(Instant::now());
-            self.changed.notify_one();
         }
     }
 
@@ -246,7 +245,6 @@ impl Activity {
         let mut s = self.lock();
         s.in_flight += 1;
         s.phase = Phase::Busy;
-        self.changed.notify_one();
         RequestGuard(self.clone())
     }
 
@@ -255,38 +253,36 @@ impl Activity {
         s.in_flight = s.in_flight.saturating_sub(1);
         if s.in_flight == 0 {
             s.phase = Phase::Idle(Instant::now());
-            self.changed.notify_one();
         }
     }
 
     /// Resolves when a timer runs out: the header timer in [`Phase::Head`], the idle timer in
-    /// [`Phase::Idle`] (only when `idle_enabled`). Re-arms on every phase change; the loop
-    /// runs once per change and ends when the connection task drops this future.
+    /// [`Phase::Idle`] (only when `idle_enabled`). Ends when the connection task drops it.
+    ///
+    /// Lazy: nothing wakes this future when the phase changes. It sleeps until the current
+    /// deadline, but never longer than the shortest timeout, then re-reads the phase. That is
+    /// never late: a phase that starts after the sleep began expires at least one shortest
+    /// timeout later, i.e. after the wake-up; and a phase that ended early is seen on waking.
+    /// The price is one wake-up per shortest timeout on a busy connection.
     async fn expired(&self, idle: Duration, header: Duration, idle_enabled: bool) -> Expiry {
+        let step = if idle_enabled {
+            idle.min(header)
+        } else {
+            header
+        };
         loop {
-            let notified = self.changed.notified();
-            let mut notified = pin!(notified);
-            // Register before reading the state so a change in between is not missed.
-            notified.as_mut().enable();
-            let phase = self.lock().phase;
-            let deadline = match phase {
+            let now = Instant::now();
+            let deadline = match self.lock().phase {
                 Phase::Idle(t) if idle_enabled => Some((t + idle, Expiry::Idle)),
                 Phase::Head(t) => Some((t + header, Expiry::Header)),
                 Phase::Idle(_) | Phase::Busy => None,
             };
-            match deadline {
-                Some((at, kind)) => {
-                    tokio::select! {
-                        _ = tokio::time::sleep_until(at) => {
-                            if self.lock().phase == phase {
-                                return kind;
-                            }
-                        }
-                        _ = notified => {}
-                    }
-                }
-                None => notified.await,
-            }
+            let wake = match deadline {
+                Some((at, kind)) if at <= now => return kind,
+                Some((at, _)) => at.min(now + step),
+                None => now + step,
+            };
+            tokio::time::sleep_until(wake).await;
         }
     }
 }
@@ -331,6 +327,68 @@ impl Body for TrackedBody {
 /// Resolves when the shutdown grace ran out.
 type CutFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 
+/// The end of the shutdown grace, as seen by connections: a flag read on every IO call (an
+/// atomic load) and a watch that wakes IO calls that are waiting.
+#[derive(Debug, Clone)]
+struct Cut {
+    flag: Arc<AtomicBool>,
+    rx: watch::Receiver<bool>,
+}
+
+impl Cut {
+    fn is_cut(&self) -> bool {
+        self.flag.load(Ordering::Acquire)
+    }
+}
+
+/// Polls a connection task's side future (shutdown signal, cut, timers) only when that
+/// future's own waker fired, not on every wake-up of the task. The IO wakes a connection task
+/// several times per request; re-polling the watch and timer futures each time cost about a
+/// tenth of a keep-alive request (callgrind, docs/benchmarks.md).
+struct Gate {
+    state: Arc<GateState>,
+    waker: Waker,
+}
+
+struct GateState {
+    /// The side future asked to be polled (starts true: it has never been polled).
+    pending: AtomicBool,
+    /// The task to wake when it does.
+    task: AtomicWaker,
+}
+
+impl Wake for GateState {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.pending.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+impl Gate {
+    fn new() -> Gate {
+        let state = Arc::new(GateState {
+            pending: AtomicBool::new(true),
+            task: AtomicWaker::new(),
+        });
+        Gate {
+            waker: Waker::from(state.clone()),
+            state,
+        }
+    }
+
+    fn poll<F: Future + ?Sized>(&self, fut: Pin<&mut F>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        self.state.task.register(cx.waker());
+        if !self.state.pending.swap(false, Ordering::AcqRel) {
+            return Poll::Pending;
+        }
+        fut.poll(&mut Context::from_waker(&self.waker))
+    }
+}
+
 /// Client IO that reports what it reads to the connection's [`Activity`], owns the
 /// connection's [`ConnSlot`] and fails once the shutdown grace is over.
 ///
@@ -342,38 +400,47 @@ struct ActivityIo<T> {
     inner: T,
     activity: Arc<Activity>,
     _slot: ConnSlot,
+    flag: Arc<AtomicBool>,
     cut: CutFuture,
-    is_cut: bool,
+}
+
+fn cut_error() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::ConnectionAborted,
+        "connection cut at the end of the shutdown grace",
+    )
 }
 
 impl<T> ActivityIo<T> {
-    fn new(inner: T, activity: Arc<Activity>, slot: ConnSlot, cut: watch::Receiver<bool>) -> Self {
-        let mut cut = cut;
+    fn new(inner: T, activity: Arc<Activity>, slot: ConnSlot, cut: Cut) -> Self {
+        let Cut { flag, mut rx } = cut;
         ActivityIo {
             inner,
             activity,
             _slot: slot,
+            flag,
             cut: Box::pin(async move {
                 // Err: the proxy is gone altogether, which is a cut too.
-                let _ = cut.wait_for(|c| *c).await;
+                let _ = rx.wait_for(|c| *c).await;
             }),
-            is_cut: false,
         }
     }
 
-    /// Polls the cut signal with the caller's waker, so a pending read or write is woken
-    /// (and fails) when the grace runs out.
-    fn check_cut(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
-        if !self.is_cut && self.cut.as_mut().poll(cx).is_ready() {
-            self.is_cut = true;
-        }
-        if self.is_cut {
-            return Err(io::Error::new(
-                io::ErrorKind::ConnectionAborted,
-                "connection cut at the end of the shutdown grace",
-            ));
+    /// Every IO call fails once the grace ran out (an atomic load on the fast path).
+    fn check_cut(&self) -> io::Result<()> {
+        if self.flag.load(Ordering::Acquire) {
+            return Err(cut_error());
         }
         Ok(())
+    }
+
+    /// An IO call that is about to wait also waits for the cut (registering the caller's
+    /// waker), so it is woken, and fails, when the grace runs out.
+    fn pending<R>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<R>> {
+        if self.cut.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(cut_error()));
+        }
+        Poll::Pending
     }
 }
 
@@ -384,13 +451,16 @@ impl<T: AsyncRead + Unpin> AsyncRead for ActivityIo<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        this.check_cut(cx)?;
+        this.check_cut()?;
         let before = buf.filled().len();
-        let res = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = res {
-            this.activity.on_read(&buf.filled()[before..]);
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                this.activity.on_read(&buf.filled()[before..]);
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => this.pending(cx),
         }
-        res
     }
 }
 
@@ -401,14 +471,20 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        this.check_cut(cx)?;
-        Pin::new(&mut this.inner).poll_write(cx, buf)
+        this.check_cut()?;
+        match Pin::new(&mut this.inner).poll_write(cx, buf) {
+            Poll::Pending => this.pending(cx),
+            ready => ready,
+        }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        this.check_cut(cx)?;
-        Pin::new(&mut this.inner).poll_flush(cx)
+        this.check_cut()?;
+        match Pin::new(&mut this.inner).poll_flush(cx) {
+            Poll::Pending => this.pending(cx),
+            ready => ready,
+        }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -421,8 +497,11 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        this.check_cut(cx)?;
-        Pin::new(&mut this.inner).poll_write_vectored(cx, bufs)
+        this.check_cut()?;
+        match Pin::new(&mut this.inner).poll_write_vectored(cx, bufs) {
+            Poll::Pending => this.pending(cx),
+            ready => ready,
+        }
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -564,6 +643,10 @@ impl Proxy {
         let permits = shared.cfg.max_connections.clamp(1, u32::MAX as usize);
         let sem = Arc::new(Semaphore::new(permits));
         let (cut_tx, cut_rx) = watch::channel(false);
+        let cut = Cut {
+            flag: Arc::new(AtomicBool::new(false)),
+            rx: cut_rx,
+        };
         let gauges = Gauges {
             http: metrics
                 .open_connections
@@ -579,7 +662,7 @@ impl Proxy {
             sem.clone(),
             gauges,
             shutdown,
-            cut_rx,
+            cut.clone(),
         )
         .await;
         let grace = shared.cfg.shutdown_grace;
@@ -599,6 +682,7 @@ impl Proxy {
             open,
             "shutdown grace elapsed; cutting remaining connections"
         );
+        cut.flag.store(true, Ordering::Release);
         cut_tx.send_replace(true);
         if tokio::time::timeout(CUT_WAIT, sem.acquire_many(all))
             .await
@@ -720,7 +804,7 @@ async fn accept_loop(
     sem: Arc<Semaphore>,
     gauges: Gauges,
     mut shutdown: Shutdown,
-    cut: watch::Receiver<bool>,
+    cut: Cut,
 ) {
     let [(l0, k0), (l1, k1)] = listeners;
     let mut backoff = ACCEPT_BACKOFF_MIN;
@@ -787,12 +871,24 @@ async fn accept_loop(
         let shutdown = shutdown.clone();
         let cut = cut.clone();
         tokio::spawn(async move {
-            let mut task_cut = cut.clone();
-            // The IO fails on cut too, but a request stuck in the handler does no IO: the
-            // select drops it (and with it the connection) at the cut.
-            tokio::select! {
-                _ = serve_conn(&shared, accepted, shutdown, cut) => {}
-                _ = task_cut.wait_for(|c| *c) => debug!(%peer, "connection cut at end of shutdown grace"),
+            let mut task_cut = cut.rx.clone();
+            let flag = cut.clone();
+            // The IO fails on cut too, but a request stuck in the handler does no IO: this
+            // drops it (and with it the connection) at the cut.
+            let mut conn = pin!(serve_conn(&shared, accepted, shutdown, cut));
+            let mut cut_fired = pin!(async move {
+                let _ = task_cut.wait_for(|c| *c).await;
+            });
+            let gate = Gate::new();
+            let was_cut = std::future::poll_fn(|cx| {
+                if conn.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(false);
+                }
+                gate.poll(cut_fired.as_mut(), cx).map(|()| true)
+            })
+            .await;
+            if was_cut || flag.is_cut() {
+                debug!(%peer, "connection cut at end of shutdown grace");
             }
         });
     }
@@ -807,12 +903,7 @@ struct Accepted {
     slot: ConnSlot,
 }
 
-async fn serve_conn(
-    shared: &Shared,
-    accepted: Accepted,
-    shutdown: Shutdown,
-    cut: watch::Receiver<bool>,
-) {
+async fn serve_conn(shared: &Shared, accepted: Accepted, shutdown: Shutdown, cut: Cut) {
     let Accepted {
         stream,
         kind,
@@ -935,22 +1026,46 @@ async fn drive<C, E>(
     C: Future<Output = Result<(), E>>,
     E: std::fmt::Display,
 {
+    enum Event<E> {
+        Ended(Result<(), E>),
+        Shutdown,
+        Expired(Expiry),
+    }
     let mut conn = pin!(conn);
     let mut draining = false;
+    let mut fired = pin!(shutdown.fired());
+    let shutdown_gate = Gate::new();
     // At most three turns: graceful start (once), then the end or a header timeout.
     loop {
-        tokio::select! {
-            res = conn.as_mut() => {
+        let mut timer = pin!(activity.expired(
+            cfg.client_idle_timeout,
+            cfg.client_header_timeout,
+            !draining
+        ));
+        let timer_gate = Gate::new();
+        // The connection first; the side futures only when their own wakers fired (Gate).
+        let event = std::future::poll_fn(|cx| {
+            if let Poll::Ready(res) = conn.as_mut().poll(cx) {
+                return Poll::Ready(Event::Ended(res));
+            }
+            if !draining && shutdown_gate.poll(fired.as_mut(), cx).is_ready() {
+                return Poll::Ready(Event::Shutdown);
+            }
+            timer_gate.poll(timer.as_mut(), cx).map(Event::Expired)
+        })
+        .await;
+        match event {
+            Event::Ended(res) => {
                 if let Err(e) = res {
                     debug!(%peer, error = %e, "connection ended with an error");
                 }
                 return;
             }
-            _ = shutdown.fired(), if !draining => {
+            Event::Shutdown => {
                 graceful(conn.as_mut());
                 draining = true;
             }
-            expiry = activity.expired(cfg.client_idle_timeout, cfg.client_header_timeout, !draining) => {
+            Event::Expired(expiry) => {
                 match expiry {
                     Expiry::Idle => {
                         debug!(%peer, "idle keep-alive timeout");

@@ -14,7 +14,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
-use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
+use http::uri::PathAndQuery;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -284,8 +285,10 @@ pub struct Forwarded {
 /// query, already normalised); `authority` is the Host the upstream should see.
 pub struct OutboundRequest {
     pub method: Method,
-    pub path_and_query: String,
-    pub authority: String,
+    pub path_and_query: PathAndQuery,
+    /// Empty when the client named no host (HTTP/1.0 without Host): HTTP/1.1 then sends an
+    /// empty Host (RFC 9112 §3.2).
+    pub authority: HeaderValue,
     pub headers: HeaderMap,
     /// `None`: the request has no body (it may be re-sent on another endpoint).
     pub body: Option<ProxyBody>,
@@ -724,7 +727,16 @@ impl Upstreams {
             };
 
             let body = req.body.take().unwrap_or_else(super::error::empty_body);
-            let built = build_request(&req, &sender, addr, body);
+            // The header map moves into the request unless a later attempt may need it again
+            // (a bodyless idempotent request that can still be retried on another endpoint):
+            // copying it for every request cost several allocations each.
+            let headers =
+                if replayable && attempt <= max_retries && Self::has_untried(backend, &tried) {
+                    req.headers.clone()
+                } else {
+                    std::mem::take(&mut req.headers)
+                };
+            let built = build_request(&req, headers, &sender, addr, body);
             let started = Instant::now();
             let sent = tokio::time::timeout(policy.read_timeout, send(sender, built)).await;
             let upstream_time = started.elapsed();
@@ -738,7 +750,11 @@ impl Upstreams {
                     if let Some(e) = req.body_flags.client_error() {
                         return Err(e);
                     }
-                    req.body = Some(back.into_body());
+                    let (parts, body) = back.into_parts();
+                    // The map may have moved into the request: take it back (with the Host
+                    // header set or removed for this sender, which the next build redoes).
+                    req.headers = parts.headers;
+                    req.body = Some(body);
                     if reused && stale_allowance > 0 {
                         // A pooled keep-alive connection the upstream closed while idle is
                         // routine, not an endpoint failure: try the same endpoint again on
@@ -809,32 +825,28 @@ impl Upstreams {
 
 fn build_request(
     req: &OutboundRequest,
+    headers: HeaderMap,
     sender: &Sender,
     addr: SocketAddr,
     body: ProxyBody,
 ) -> Request<ProxyBody> {
     let mut out = Request::new(body);
     *out.method_mut() = req.method.clone();
-    *out.headers_mut() = req.headers.clone();
+    *out.headers_mut() = headers;
     match sender {
         Sender::H1(_) => {
             *out.version_mut() = Version::HTTP_11;
-            *out.uri_mut() = req
-                .path_and_query
-                .parse()
-                .unwrap_or_else(|_| Uri::default());
-            if let Ok(v) = http::HeaderValue::from_str(&req.authority) {
-                out.headers_mut().insert(http::header::HOST, v);
-            }
+            *out.uri_mut() = Uri::from(req.path_and_query.clone());
+            out.headers_mut()
+                .insert(http::header::HOST, req.authority.clone());
         }
         Sender::H2(_) => {
             // h2 carries the authority in `:authority` (RFC 9113 §8.3.1); no Host header.
             *out.version_mut() = Version::HTTP_2;
             out.headers_mut().remove(http::header::HOST);
-            let authority = if req.authority.is_empty() {
-                addr.to_string()
-            } else {
-                req.authority.clone()
+            let authority = match req.authority.to_str().ok() {
+                Some(a) if !a.is_empty() => a.to_string(),
+                _ => addr.to_string(),
             };
             let uri = format!("http://{authority}{}", req.path_and_query);
             *out.uri_mut() = uri.parse().unwrap_or_else(|_| Uri::default());
