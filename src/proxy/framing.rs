@@ -24,6 +24,7 @@
 //! handling stays the safety net.
 
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
@@ -38,6 +39,9 @@ const CONTENT_LENGTH: &[u8] = b"content-length";
 /// Held buffers above this capacity are released once empty, so an idle keep-alive
 /// connection does not keep a large head's allocation.
 const KEEP_CAPACITY: usize = 8 * 1024;
+
+/// Header slots parsed on the stack; a larger `max_headers` uses the heap.
+const STACK_HEADERS: usize = 128;
 
 /// hyper's chunked decoder states (`proto/h1/decode.rs` `ChunkedState`), one for one, so the
 /// scanner and hyper agree on where a chunked body ends.
@@ -149,6 +153,38 @@ impl Scanner {
         self.state = State::Passthrough;
     }
 
+    /// The common read, without copies: the scanner is between messages and `data` is one
+    /// whole head plus at most the Content-Length body bytes of that request (or anything
+    /// after a head that switches to pass-through). Then `data` is processed in place
+    /// (CL+TE marking included) and stays where it is; returns true. Otherwise nothing is
+    /// touched, false is returned and the caller uses [`Scanner::feed`] (leading empty lines,
+    /// partial or pipelined heads, chunked bodies, invalid heads).
+    pub fn feed_in_place(&mut self, data: &mut [u8]) -> bool {
+        if self.state != State::Head || !self.head.is_empty() {
+            return false;
+        }
+        if matches!(data.first(), None | Some(b'\r' | b'\n')) {
+            return false;
+        }
+        let Parsed::Complete(len, next, cl_names) = analyze(data, self.max_headers) else {
+            return false;
+        };
+        let rest = (data.len() - len) as u64;
+        let state = match next {
+            State::Head if rest == 0 => State::Head,
+            State::Length(n) if rest < n => State::Length(n - rest),
+            State::Length(n) if rest == n => State::Head,
+            State::Passthrough => State::Passthrough,
+            _ => return false,
+        };
+        if let Some(names) = cl_names {
+            mark(data, &names);
+            self.marked += 1;
+        }
+        self.state = state;
+        true
+    }
+
     /// Process `input`, appending releasable bytes to `out`.
     pub fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) {
         let Some(mut rest) = self.step(input, out) else {
@@ -255,8 +291,12 @@ impl Scanner {
         let head_end =
             window.windows(2).any(|w| w == b"\n\n") || window.windows(3).any(|w| w == b"\n\r\n");
         if first_line || head_end {
-            match self.parse() {
-                Parsed::Complete(len, next) => {
+            match analyze(&self.head, self.max_headers) {
+                Parsed::Complete(len, next, cl_names) => {
+                    if let Some(names) = cl_names {
+                        mark(&mut self.head, &names);
+                        self.marked += 1;
+                    }
                     let rest = self.head.split_off(len);
                     out.extend_from_slice(&self.head);
                     self.clear_head();
@@ -308,85 +348,95 @@ impl Scanner {
         }
         false
     }
+}
 
-    /// Parse the held head with hyper's own parser (httparse, default config as hyper's h1
-    /// server uses it) and decide the body framing the way hyper 1.12 `role.rs` does.
-    /// Renames Content-Length names in place when Transfer-Encoding is present too.
-    fn parse(&mut self) -> Parsed {
-        let mut headers = vec![httparse::EMPTY_HEADER; self.max_headers];
-        let mut req = httparse::Request::new(&mut headers);
-        let len = match req.parse(&self.head) {
-            Ok(httparse::Status::Complete(len)) => len,
-            Ok(httparse::Status::Partial) => return Parsed::Partial,
-            // Whatever httparse refuses, hyper refuses (400/431) and closes.
-            Err(_) => return Parsed::Invalid,
-        };
-        let base = self.head.as_ptr() as usize;
-        let http11 = req.version == Some(1);
-        let connect = req.method == Some("CONNECT");
-        let mut upgrade = false;
-        let mut te = false;
-        let mut te_chunked = false;
-        let mut cl_names: Vec<usize> = Vec::new();
-        let mut cl_value: Option<Option<u64>> = None;
-        for h in req.headers.iter() {
-            let name = h.name.as_bytes();
-            if name.eq_ignore_ascii_case(b"transfer-encoding") {
-                te = true;
-                // hyper: the last Transfer-Encoding line decides (`headers::is_chunked_`).
-                te_chunked = is_chunked(h.value);
-            } else if name.eq_ignore_ascii_case(CONTENT_LENGTH) {
-                // Offset of the name inside the head buffer: `name` is a sub-slice of it.
-                cl_names.push(h.name.as_ptr() as usize - base);
-                let v = from_digits(h.value);
-                cl_value = Some(match cl_value {
-                    None => v,
-                    Some(prev) if prev == v => prev,
-                    // Differing values: hyper refuses the head.
-                    Some(_) => None,
-                });
-            } else if name.eq_ignore_ascii_case(b"upgrade") {
-                // hyper only honours Upgrade on HTTP/1.1.
-                upgrade |= http11;
-            }
+/// Parse a head with hyper's own parser (httparse, default config as hyper's h1 server uses
+/// it) and decide the body framing the way hyper 1.12 `role.rs` does. When Transfer-Encoding
+/// and Content-Length are both present, also returns the offsets of the Content-Length names
+/// to mark.
+fn analyze(head: &[u8], max_headers: usize) -> Parsed {
+    let mut stack = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; STACK_HEADERS];
+    let mut heap = Vec::new();
+    let slots = if max_headers <= STACK_HEADERS {
+        &mut stack[..max_headers]
+    } else {
+        heap.resize_with(max_headers, MaybeUninit::uninit);
+        &mut heap[..]
+    };
+    let mut req = httparse::Request::new(&mut []);
+    let len = match req.parse_with_uninit_headers(head, slots) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Parsed::Partial,
+        // Whatever httparse refuses, hyper refuses (400/431) and closes.
+        Err(_) => return Parsed::Invalid,
+    };
+    let base = head.as_ptr() as usize;
+    let http11 = req.version == Some(1);
+    let connect = req.method == Some("CONNECT");
+    let mut upgrade = false;
+    let mut te = false;
+    let mut te_chunked = false;
+    let mut cl_names: Vec<usize> = Vec::new();
+    let mut cl_value: Option<Option<u64>> = None;
+    for h in req.headers.iter() {
+        let name = h.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            te = true;
+            // hyper: the last Transfer-Encoding line decides (`headers::is_chunked_`).
+            te_chunked = is_chunked(h.value);
+        } else if name.eq_ignore_ascii_case(CONTENT_LENGTH) {
+            // Offset of the name inside the head buffer: `name` is a sub-slice of it.
+            cl_names.push(h.name.as_ptr() as usize - base);
+            let v = from_digits(h.value);
+            cl_value = Some(match cl_value {
+                None => v,
+                Some(prev) if prev == v => prev,
+                // Differing values: hyper refuses the head.
+                Some(_) => None,
+            });
+        } else if name.eq_ignore_ascii_case(b"upgrade") {
+            // hyper only honours Upgrade on HTTP/1.1.
+            upgrade |= http11;
         }
-        let marked = te && !cl_names.is_empty();
-        if marked {
-            for &at in &cl_names {
-                if let Some(name) = self.head.get_mut(at..at + CONTENT_LENGTH.len()) {
-                    name.copy_from_slice(CL_TE_MARKER.as_bytes());
-                }
-            }
-            self.marked += 1;
-        }
-        let next = if connect || upgrade {
-            // After a 101 / 2xx the bytes are no longer HTTP: stop following.
-            State::Passthrough
-        } else if te {
-            if te_chunked && http11 {
-                State::Chunked {
-                    chunk: Chunk::Start,
-                    size: 0,
-                }
-            } else {
-                // hyper: not-chunked-last → 400; TE on HTTP/1.0 → 400.
-                State::Passthrough
+    }
+    let marks = (te && !cl_names.is_empty()).then_some(cl_names);
+    let next = if connect || upgrade {
+        // After a 101 / 2xx the bytes are no longer HTTP: stop following.
+        State::Passthrough
+    } else if te {
+        if te_chunked && http11 {
+            State::Chunked {
+                chunk: Chunk::Start,
+                size: 0,
             }
         } else {
-            match cl_value {
-                None | Some(Some(0)) => State::Head,
-                Some(Some(n)) => State::Length(n),
-                Some(None) => State::Passthrough,
-            }
-        };
-        Parsed::Complete(len, next)
+            // hyper: not-chunked-last → 400; TE on HTTP/1.0 → 400.
+            State::Passthrough
+        }
+    } else {
+        match cl_value {
+            None | Some(Some(0)) => State::Head,
+            Some(Some(n)) => State::Length(n),
+            Some(None) => State::Passthrough,
+        }
+    };
+    Parsed::Complete(len, next, marks)
+}
+
+/// Rename the Content-Length names at `at` (offsets into `head`) to [`CL_TE_MARKER`].
+fn mark(head: &mut [u8], at: &[usize]) {
+    for &at in at {
+        if let Some(name) = head.get_mut(at..at + CONTENT_LENGTH.len()) {
+            name.copy_from_slice(CL_TE_MARKER.as_bytes());
+        }
     }
 }
 
 /// Result of parsing the held head.
 enum Parsed {
-    /// Head of this many bytes; the body framing that follows it.
-    Complete(usize, State),
+    /// Head of this many bytes; the body framing that follows it; the Content-Length names
+    /// to mark (CL+TE).
+    Complete(usize, State, Option<Vec<usize>>),
     Partial,
     Invalid,
 }
@@ -549,6 +599,10 @@ impl<T: AsyncRead + Unpin> AsyncRead for FramingIo<T> {
                 // Body bytes (or pass-through): already where the reader wants them.
                 return Poll::Ready(Ok(()));
             }
+            if this.scanner.feed_in_place(&mut buf.filled_mut()[before..]) {
+                // One whole head (and its body bytes): checked and left in place.
+                return Poll::Ready(Ok(()));
+            }
             this.scratch.clear();
             this.scratch.extend_from_slice(&buf.filled()[before..]);
             buf.set_filled(before);
@@ -609,16 +663,56 @@ mod tests {
         Passthrough,
     }
 
+    /// Feed the chunks the way [`FramingIo`] does: the in-place fast path first, the copying
+    /// path when it declines. Every split test therefore checks both paths against each other.
     fn run(chunks: &[&[u8]], eof: bool) -> (Vec<u8>, Scanner) {
         let mut s = Scanner::new(CAP, MAX_HEADERS);
         let mut out = Vec::new();
         for c in chunks {
-            s.feed(c, &mut out);
+            let mut copy = c.to_vec();
+            if s.skip(c.len()) || s.feed_in_place(&mut copy) {
+                out.extend_from_slice(&copy);
+            } else {
+                assert_eq!(copy, *c, "a declined fast path must not touch the bytes");
+                s.feed(c, &mut out);
+            }
         }
         if eof {
             s.finish(&mut out);
         }
         (out, s)
+    }
+
+    #[test]
+    fn in_place_path_takes_whole_heads_and_declines_the_rest() {
+        let mut s = Scanner::new(CAP, MAX_HEADERS);
+        let mut get = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n".to_vec();
+        assert!(s.feed_in_place(&mut get));
+        let mut post = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nab".to_vec();
+        assert!(s.feed_in_place(&mut post));
+        assert_eq!(s.state, State::Length(3));
+        let mut body = Vec::new();
+        s.feed(b"cde", &mut body);
+        assert_eq!((body.as_slice(), s.state), (&b"cde"[..], State::Head));
+        let mut clte =
+            b"POST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        // Chunked follows: the copying path's business, untouched.
+        let before = clte.clone();
+        assert!(!s.feed_in_place(&mut clte));
+        assert_eq!(clte, before);
+        let mut partial = b"GET / HTTP/1.1\r\nHost".to_vec();
+        assert!(!s.feed_in_place(&mut partial));
+        let mut pipelined = b"GET / HTTP/1.1\r\n\r\nGET / HTTP/1.1\r\n\r\n".to_vec();
+        assert!(!s.feed_in_place(&mut pipelined));
+        let mut upgrade =
+            b"GET / HTTP/1.0\r\nContent-Length: 2\r\nTransfer-Encoding: x\r\n\r\nzz".to_vec();
+        assert!(
+            s.feed_in_place(&mut upgrade),
+            "TE on HTTP/1.0: pass-through"
+        );
+        assert!(String::from_utf8_lossy(&upgrade).contains(CL_TE_MARKER));
+        assert!(s.is_passthrough());
+        assert_eq!(s.marked(), 1);
     }
 
     /// Feed `input` whole, split in two at every boundary, split in three at pairs of
