@@ -110,10 +110,25 @@ impl RequestIds {
 
     fn generate(&self) -> HeaderValue {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        // Hex digits and '-' only: always a valid header value; the String's buffer becomes
-        // the value without a copy.
-        HeaderValue::try_from(format!("{}-{n:x}", self.prefix))
-            .unwrap_or_else(|_| HeaderValue::from_static("-"))
+        // `prefix-counter` in lower-case hex, written by hand: `format!` cost more than a
+        // thousand instructions per request here (callgrind). Hex digits and '-' only, so
+        // always a valid header value; the buffer becomes the value without a copy.
+        let mut digits = [0u8; 16];
+        let mut at = digits.len();
+        let mut rest = n;
+        loop {
+            at -= 1;
+            digits[at] = b"0123456789abcdef"[(rest & 0xf) as usize];
+            rest >>= 4;
+            if rest == 0 || at == 0 {
+                break;
+            }
+        }
+        let mut id = Vec::with_capacity(self.prefix.len() + 1 + digits.len() - at);
+        id.extend_from_slice(self.prefix.as_bytes());
+        id.push(b'-');
+        id.extend_from_slice(&digits[at..]);
+        HeaderValue::try_from(id).unwrap_or_else(|_| HeaderValue::from_static("-"))
     }
 }
 
@@ -746,9 +761,12 @@ fn websocket_upgrade<B>(req: &Request<B>) -> bool {
 /// hop-by-hop fields. `TE: trailers` survives (gRPC needs it, RFC 9113 §8.2.2); Upgrade
 /// survives only on upgrades.
 fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    // Most messages carry none of these: one pass over the names instead of a hashed remove
-    // per name (Connection-listed names need a Connection header, which is one of them).
-    if !headers.keys().any(is_hop_by_hop) {
+    // One pass over the names finds which fixed hop-by-hop fields are present; most messages
+    // carry none, or only Connection. Only those present are removed (a hashed remove per
+    // absent name cost more than the rest of the function). Names listed in Connection need
+    // a Connection header, which is one of them.
+    let present = headers.keys().fold(0u8, |acc, n| acc | hop_by_hop_bit(n));
+    if present == 0 {
         return;
     }
     let listed: Vec<HeaderValue> = match headers.entry(header::CONNECTION) {
@@ -768,33 +786,57 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         // that is not a valid header name names nothing.
         headers.remove(token);
     }
-    headers.remove(&KEEP_ALIVE);
-    headers.remove(&PROXY_CONNECTION);
-    headers.remove(header::TRANSFER_ENCODING);
-    let te_trailers = headers
-        .get_all(header::TE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
-    headers.remove(header::TE);
-    if te_trailers {
-        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    if present & HOP_KEEP_ALIVE != 0 {
+        headers.remove(&KEEP_ALIVE);
     }
-    if !keep_upgrade {
+    if present & HOP_PROXY_CONNECTION != 0 {
+        headers.remove(&PROXY_CONNECTION);
+    }
+    if present & HOP_TRANSFER_ENCODING != 0 {
+        headers.remove(header::TRANSFER_ENCODING);
+    }
+    if present & HOP_TE != 0 {
+        let te_trailers = headers
+            .get_all(header::TE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
+        headers.remove(header::TE);
+        if te_trailers {
+            headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        }
+    }
+    if !keep_upgrade && present & HOP_UPGRADE != 0 {
         headers.remove(header::UPGRADE);
     }
 }
 
-/// The fixed hop-by-hop fields of RFC 9110 §7.6.1 (plus the legacy Keep-Alive and
-/// Proxy-Connection).
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    name == header::CONNECTION
-        || name == header::TE
-        || name == header::TRANSFER_ENCODING
-        || name == header::UPGRADE
-        || name == KEEP_ALIVE
-        || name == PROXY_CONNECTION
+const HOP_CONNECTION: u8 = 1;
+const HOP_TE: u8 = 2;
+const HOP_TRANSFER_ENCODING: u8 = 4;
+const HOP_UPGRADE: u8 = 8;
+const HOP_KEEP_ALIVE: u8 = 16;
+const HOP_PROXY_CONNECTION: u8 = 32;
+
+/// Which of the fixed hop-by-hop fields of RFC 9110 §7.6.1 (plus the legacy Keep-Alive and
+/// Proxy-Connection) `name` is, as a bit; 0 for any other name.
+fn hop_by_hop_bit(name: &HeaderName) -> u8 {
+    if name == header::CONNECTION {
+        HOP_CONNECTION
+    } else if name == header::TE {
+        HOP_TE
+    } else if name == header::TRANSFER_ENCODING {
+        HOP_TRANSFER_ENCODING
+    } else if name == header::UPGRADE {
+        HOP_UPGRADE
+    } else if name == KEEP_ALIVE {
+        HOP_KEEP_ALIVE
+    } else if name == PROXY_CONNECTION {
+        HOP_PROXY_CONNECTION
+    } else {
+        0
+    }
 }
 
 /// X-Forwarded-* and X-Real-IP. Client-sent values survive only from trusted proxies;
