@@ -141,45 +141,61 @@ pub fn resolve_endpoints(
     let mut diags = Diags::default();
     let mut by_service: BTreeMap<(&str, &str), Vec<&EndpointSlice>> = BTreeMap::new();
     for slice in slices {
-        let Some(svc) = slice
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(SERVICE_NAME_LABEL))
-        else {
+        let Some(svc) = service_of(slice) else {
             continue;
         };
-        by_service
-            .entry((index::namespace(&slice.metadata), svc.as_str()))
-            .or_default()
-            .push(slice);
+        by_service.entry(svc).or_default().push(slice);
     }
     let mut table = BackendTable {
         backends: Vec::with_capacity(backends.len()),
     };
     for spec in backends {
-        let mut ready = BTreeSet::new();
-        let mut draining = BTreeSet::new();
         let key = (&*spec.key.namespace, &*spec.key.service);
-        for slice in by_service.get(&key).map(Vec::as_slice).unwrap_or_default() {
-            collect_slice(slice, spec, &mut ready, &mut draining, &mut diags);
-        }
-        let (endpoints, draining_fallback) = if ready.is_empty() && !draining.is_empty() {
-            (draining, true)
-        } else {
-            (ready, false)
-        };
-        table.backends.push(Backend {
-            key: spec.key.clone(),
-            endpoints: endpoints
-                .into_iter()
-                .map(|addr| Endpoint { addr })
-                .collect(),
-            draining_fallback,
-            health_check: spec.health_check.clone(),
-        });
+        let slices = by_service.get(&key).map(Vec::as_slice).unwrap_or_default();
+        table
+            .backends
+            .push(resolve_backend(spec, slices.iter().copied(), &mut diags));
     }
     (table, diags.finish())
+}
+
+/// The Service (namespace, name) an EndpointSlice belongs to: its namespace and the
+/// `kubernetes.io/service-name` label; `None` for a slice without the label (not ours to read).
+pub(super) fn service_of(slice: &EndpointSlice) -> Option<(&str, &str)> {
+    let svc = slice
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(SERVICE_NAME_LABEL))?;
+    Some((index::namespace(&slice.metadata), svc.as_str()))
+}
+
+/// One backend from the slices of its Service (the caller has selected them with
+/// [`service_of`]; their order does not matter: addresses are sorted and deduplicated).
+pub(super) fn resolve_backend<'s>(
+    spec: &BackendSpec,
+    slices: impl Iterator<Item = &'s EndpointSlice>,
+    diags: &mut Diags,
+) -> Backend {
+    let mut ready = BTreeSet::new();
+    let mut draining = BTreeSet::new();
+    for slice in slices {
+        collect_slice(slice, spec, &mut ready, &mut draining, diags);
+    }
+    let (endpoints, draining_fallback) = if ready.is_empty() && !draining.is_empty() {
+        (draining, true)
+    } else {
+        (ready, false)
+    };
+    Backend {
+        key: spec.key.clone(),
+        endpoints: endpoints
+            .into_iter()
+            .map(|addr| Endpoint { addr })
+            .collect(),
+        draining_fallback,
+        health_check: spec.health_check.clone(),
+    }
 }
 
 fn collect_slice(
