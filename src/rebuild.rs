@@ -359,7 +359,7 @@ fn ready_endpoints(backend: &Backend) -> i64 {
 fn port_label(port: &ServicePortRef) -> std::borrow::Cow<'_, str> {
     match port {
         ServicePortRef::Number(n) => n.to_string().into(),
-        ServicePortRef::Name(n) => n.as_str().into(),
+        ServicePortRef::Name(n) => (**n).into(),
     }
 }
 

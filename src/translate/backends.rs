@@ -78,24 +78,25 @@ pub(super) fn resolve_service(
     };
     let port_ref = match svc.port.as_ref().map(|p| (p.number, p.name.as_deref())) {
         Some((Some(n), None | Some(""))) => ServicePortRef::Number(n),
-        Some((None, Some(name))) if !name.is_empty() => ServicePortRef::Name(name.to_string()),
+        Some((None, Some(name))) if !name.is_empty() => ServicePortRef::Name(Arc::from(name)),
         _ => return Err(BackendError::BadPort(svc.name.clone())),
     };
     if let BackendProtocol::Unsupported(p) = protocol {
         return Err(BackendError::UnsupportedProtocol(p.clone()));
     }
-    let full_name = format!("{namespace}/{}", svc.name);
+    // Formatted only for an error (the common path never needs it).
+    let full_name = || format!("{namespace}/{}", svc.name);
     let Some(service) = index.services.get(&(namespace, svc.name.as_str())) else {
-        return Err(BackendError::ServiceNotFound(full_name));
+        return Err(BackendError::ServiceNotFound(full_name()));
     };
     let spec = service.spec.as_ref();
     if spec.and_then(|s| s.type_.as_deref()) == Some("ExternalName") {
-        return Err(BackendError::ExternalName(full_name));
+        return Err(BackendError::ExternalName(full_name()));
     }
     let ports = spec.and_then(|s| s.ports.as_deref()).unwrap_or_default();
     let found = ports.iter().find(|p| match &port_ref {
         ServicePortRef::Number(n) => p.port == *n,
-        ServicePortRef::Name(n) => p.name.as_deref() == Some(n.as_str()),
+        ServicePortRef::Name(n) => p.name.as_deref() == Some(&**n),
     });
     let Some(port) = found else {
         let port = match &port_ref {
@@ -103,7 +104,7 @@ pub(super) fn resolve_service(
             ServicePortRef::Name(n) => format!("{n:?}"),
         };
         return Err(BackendError::ServicePortNotFound {
-            service: full_name,
+            service: full_name(),
             port,
         });
     };
