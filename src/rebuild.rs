@@ -18,8 +18,10 @@
 //! - Each build: `translate` → [`Publisher::publish`] (equal snapshots are not swapped) →
 //!   metrics (`snapshot_builds{result}`, `snapshot_build_duration`,
 //!   `config_diagnostics{kind,reason}` and `backend_ready_endpoints{namespace,service,port}`,
-//!   both reset then set so fixed problems and removed backends disappear) → a `warn!` per
-//!   diagnostic that is new since the previous build → the full, sorted diagnostics list on a
+//!   both reset then set so fixed problems and removed backends disappear; when the diagnostics
+//!   are unchanged, or the backends are the same keys in the same order (an endpoint-only
+//!   build), only what moved is touched, with the same result) → a `warn!` per diagnostic that
+//!   is new since the previous build → the full, sorted diagnostics list on a
 //!   `watch` channel ([`Rebuilder::diagnostics`]) for Events/status in cluster mode.
 
 use std::collections::{BTreeMap, HashMap};
