@@ -1,10 +1,12 @@
 //! Micro-benchmarks of the routing snapshot (issue 6, "The benchmark" item 1): route matching on
 //! 10 000 Ingresses / 50 000 paths (exact hit, prefix hit, wildcard host, miss), full
-//! `translate` of 10 000 Ingresses + 100 000 endpoints, and an EndpointSlice-only update
-//! (`resolve_endpoints` on that snapshot's backends). Then a p99 of single route lookups, which
-//! criterion (means and confidence intervals) does not give.
+//! `translate` of 10 000 Ingresses + 100 000 endpoints, and EndpointSlice-only updates through
+//! the incremental `translate::Translator` (one Service's slice replaced; every slice replaced;
+//! and one slice through the rebuild loop's whole `Rebuilder::build`). Then a p99 of single
+//! route lookups, which criterion (means and confidence intervals) does not give.
 //!
-//! Imports only portico's pure halves (model, translate) and k8s-openapi; no tokio, no I/O.
+//! Imports portico's pure halves (model, translate), `rebuild`/`publish`/`metrics` for the
+//! per-build row (called synchronously: no runtime), and k8s-openapi; no I/O.
 //! Run: `make bench-micro` (or `cargo bench --bench snapshot`). `BENCH_QUICK=1` shortens it.
 
 mod common;
@@ -13,9 +15,24 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use common::{ISSUE_SCALE, Lookup, Query, Scale};
-use criterion::{BatchSize, Criterion};
+use criterion::Criterion;
+use portico::metrics::Metrics;
 use portico::model::{HostMatch, Snapshot};
-use portico::translate::{self, Options};
+use portico::rebuild::{RebuildConfig, Rebuilder, Source, Trigger};
+use portico::translate::{self, Diagnostic, Inputs, Options, Translator};
+
+/// The Service whose slice the one-slice endpoint update replaces (any one works: the generator
+/// gives every Service one slice).
+const ONE_SLICE_SERVICE: usize = 4321;
+
+/// A source with fixed inputs, for timing `Rebuilder::build`.
+struct Fixed(Inputs);
+
+impl Source for Fixed {
+    fn inputs(&self) -> (Inputs, Vec<Diagnostic>) {
+        (self.0.clone(), Vec::new())
+    }
+}
 
 /// Queries per kind: enough to spread over the table, small enough to stay resident.
 const QUERIES: usize = 4096;
@@ -68,7 +85,7 @@ fn bench_route(c: &mut Criterion, snapshot: &Snapshot, scale: Scale) {
 fn bench_translate(c: &mut Criterion, scale: Scale) {
     let inputs = common::inputs(scale);
     let opts = Options::default();
-    let (routes, diags) = translate::derive_routes(&inputs, &opts);
+    let (_, diags) = translate::derive_routes(&inputs, &opts);
     assert!(
         diags.is_empty(),
         "generator produced diagnostics: {diags:?}"
@@ -83,17 +100,61 @@ fn bench_translate(c: &mut Criterion, scale: Scale) {
     group.bench_function("derive_routes_only", |b| {
         b.iter(|| black_box(translate::derive_routes(black_box(&inputs), &opts)))
     });
-    // The endpoint-only path of brief §2: same routes, every slice replaced; resolve the backend
-    // table and assemble the snapshot (the Arc'd host and TLS tables are reused untouched).
+    // The endpoint-only path of brief §2, as issue 6 means it: one Service's EndpointSlice is
+    // replaced (a pod came or went), everything else is the same objects. Through the
+    // incremental `Translator` the rebuild loop uses; iterations alternate between the two
+    // versions of that slice, so every one is a real one-slice change.
+    let one = common::with_one_slice_updated(&inputs, scale, ONE_SLICE_SERVICE);
+    let mut translator = Translator::new();
+    assert_eq!(
+        translator.translate(&inputs, &opts),
+        translate::translate(&inputs, &opts)
+    );
+    assert_eq!(
+        translator.translate(&one, &opts),
+        translate::translate(&one, &opts)
+    );
+    assert!(translator.reused() && translator.resolved_backends() == 1);
+    let mut flip = false;
     group.bench_function("endpoint_slice_update", |b| {
-        b.iter_batched_ref(
-            || (),
-            |()| {
-                let (table, _) = translate::resolve_endpoints(&routes.backends, &updated);
-                black_box(routes.snapshot(table))
-            },
-            BatchSize::SmallInput,
-        )
+        b.iter(|| {
+            flip = !flip;
+            black_box(translator.translate(if flip { &inputs } else { &one }, &opts))
+        })
+    });
+    // The same with every slice replaced (every backend re-resolved), to keep the table honest.
+    let all = translate::Inputs {
+        endpoint_slices: updated.clone(),
+        ..inputs.clone()
+    };
+    assert_eq!(
+        translator.translate(&all, &opts),
+        translate::translate(&all, &opts)
+    );
+    group.bench_function("endpoint_update_every_slice", |b| {
+        b.iter(|| {
+            flip = !flip;
+            black_box(translator.translate(if flip { &inputs } else { &all }, &opts))
+        })
+    });
+    // What the rebuild loop pays per endpoint-only build on top: the source's inputs clone,
+    // translate, publish (comparison with the serving snapshot), the endpoint and diagnostics
+    // gauges, the diagnostics channel (`Rebuilder::build`, no tokio runtime needed).
+    let source_a = Fixed(inputs.clone());
+    let source_b = Fixed(one.clone());
+    let mut rebuilder = Rebuilder::new(
+        RebuildConfig::new(opts.clone()),
+        portico::publish::channel().0,
+        Metrics::new(),
+        Trigger::new(),
+    );
+    rebuilder.build(&source_a);
+    group.bench_function("rebuild_endpoint_slice_update", |b| {
+        b.iter(|| {
+            flip = !flip;
+            let source = if flip { &source_b } else { &source_a };
+            black_box(rebuilder.build(source).published)
+        })
     });
     group.finish();
 }

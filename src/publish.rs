@@ -35,7 +35,7 @@ impl Publisher {
     /// Publish `snapshot` unless it equals the one serving.
     pub fn publish(&self, snapshot: Snapshot) -> Published {
         if let Some(current) = self.cell.load().as_deref()
-            && *current == snapshot
+            && same_snapshot(current, &snapshot)
         {
             return Published::Unchanged;
         }
@@ -54,6 +54,17 @@ impl Publisher {
             cell: self.cell.clone(),
         }
     }
+}
+
+/// `a == b`, but each part compared by pointer first: an endpoint-only rebuild shares the host
+/// and TLS tables of the serving snapshot, and `HostTable` (50 000 routes at issue 6's scale) is
+/// only `PartialEq`, so `Arc`'s `==` would compare it field by field on every build.
+fn same_snapshot(a: &Snapshot, b: &Snapshot) -> bool {
+    fn same<T: PartialEq>(x: &Arc<T>, y: &Arc<T>) -> bool {
+        Arc::ptr_eq(x, y) || **x == **y
+    }
+    // Backends first: after an endpoint-only rebuild they are the part most likely to differ.
+    same(&a.backends, &b.backends) && same(&a.hosts, &b.hosts) && same(&a.tls, &b.tls)
 }
 
 /// Reads snapshots; cheap to clone, shared across worker threads.
@@ -88,5 +99,40 @@ mod tests {
         assert_eq!(p.publish(Snapshot::default()), Published::Unchanged);
         let second = r.load().expect("published");
         assert!(Arc::ptr_eq(&first, &second));
+    }
+
+    #[test]
+    fn shared_parts_compare_by_pointer_and_fresh_copies_by_value() {
+        use crate::model::{Backend, BackendKey, BackendTable, ServicePortRef};
+        let (p, r) = channel();
+        assert_eq!(p.publish(Snapshot::default()), Published::Swapped);
+        let serving = r.load().expect("published");
+        // The same tables (shared Arcs): unchanged.
+        assert_eq!(p.publish((*serving).clone()), Published::Unchanged);
+        // Equal copies behind new Arcs: still unchanged (value comparison).
+        let copy = Snapshot {
+            hosts: Arc::new((*serving.hosts).clone()),
+            backends: Arc::new((*serving.backends).clone()),
+            tls: Arc::new((*serving.tls).clone()),
+        };
+        assert_eq!(p.publish(copy), Published::Unchanged);
+        // Shared hosts and TLS, different backends: swapped.
+        let changed = Snapshot {
+            backends: Arc::new(BackendTable {
+                backends: vec![Backend {
+                    key: BackendKey {
+                        namespace: Arc::from("default"),
+                        service: Arc::from("web"),
+                        port: ServicePortRef::Number(80),
+                    },
+                    endpoints: Arc::from(Vec::new()),
+                    draining_fallback: false,
+                    health_check: None,
+                }],
+            }),
+            ..(*serving).clone()
+        };
+        assert_eq!(p.publish(changed.clone()), Published::Swapped);
+        assert_eq!(*r.load().expect("published"), changed);
     }
 }

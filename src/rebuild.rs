@@ -18,11 +18,13 @@
 //! - Each build: `translate` → [`Publisher::publish`] (equal snapshots are not swapped) →
 //!   metrics (`snapshot_builds{result}`, `snapshot_build_duration`,
 //!   `config_diagnostics{kind,reason}` and `backend_ready_endpoints{namespace,service,port}`,
-//!   both reset then set so fixed problems and removed backends disappear) → a `warn!` per
-//!   diagnostic that is new since the previous build → the full, sorted diagnostics list on a
+//!   both reset then set so fixed problems and removed backends disappear; when the diagnostics
+//!   are unchanged, or the backends are the same keys in the same order (an endpoint-only
+//!   build), only what moved is touched, with the same result) → a `warn!` per diagnostic that
+//!   is new since the previous build → the full, sorted diagnostics list on a
 //!   `watch` channel ([`Rebuilder::diagnostics`]) for Events/status in cluster mode.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,7 +33,7 @@ use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
 use crate::metrics::Metrics;
-use crate::model::{ServicePortRef, Snapshot};
+use crate::model::{Backend, BackendTable, ServicePortRef, Snapshot};
 use crate::publish::{Published, Publisher};
 use crate::translate::{self, Diagnostic, Inputs, Options, Severity};
 
@@ -129,8 +131,10 @@ pub struct Rebuilder {
     diagnostics: watch::Sender<Diagnostics>,
     /// Every build's [`Built`]; `None` until the first build.
     built: watch::Sender<Option<Arc<Built>>>,
-    /// Diagnostics of the previous build, to log only new ones.
-    previous: BTreeSet<Diagnostic>,
+    /// Diagnostics of the previous build (sorted, deduplicated), to log only new ones.
+    previous: Diagnostics,
+    /// What the endpoint gauges were last set from.
+    gauges: BackendGauges,
     /// Keeps the last derived routes, so endpoint-only changes skip re-deriving them.
     translator: translate::Translator,
 }
@@ -161,7 +165,8 @@ impl Rebuilder {
             trigger,
             diagnostics,
             built,
-            previous: BTreeSet::new(),
+            previous: Arc::new(Vec::new()),
+            gauges: BackendGauges::default(),
             translator: translate::Translator::new(),
         }
     }
@@ -229,7 +234,7 @@ impl Rebuilder {
         };
         let diagnostics = merge_diagnostics(source_diagnostics, translate_diagnostics);
 
-        set_backend_gauges(&self.metrics, &snapshot);
+        self.gauges.update(&self.metrics, &snapshot);
         let built_snapshot = Arc::new(snapshot.clone());
         let published = self.publisher.publish(snapshot);
         // The serving snapshot is the published one (equal to what we built either way).
@@ -247,16 +252,22 @@ impl Rebuilder {
             .with_label_values(&[] as &[&str])
             .observe(started.elapsed().as_secs_f64());
 
-        set_diagnostic_gauges(&self.metrics, &diagnostics);
-        let current: BTreeSet<Diagnostic> = diagnostics.iter().cloned().collect();
+        // Unchanged diagnostics (the usual endpoint-only build) leave the gauges and logs as
+        // they are; both lists are sorted and deduplicated (`merge_diagnostics`).
         let mut new_diagnostics = 0;
-        for d in current.difference(&self.previous) {
-            new_diagnostics += 1;
-            log_diagnostic(d);
-        }
-        self.previous = current;
-
-        let diagnostics = Arc::new(diagnostics);
+        let diagnostics = if *self.previous == diagnostics {
+            Arc::clone(&self.previous)
+        } else {
+            set_diagnostic_gauges(&self.metrics, &diagnostics);
+            for d in &diagnostics {
+                if self.previous.binary_search(d).is_err() {
+                    new_diagnostics += 1;
+                    log_diagnostic(d);
+                }
+            }
+            Arc::new(diagnostics)
+        };
+        self.previous = Arc::clone(&diagnostics);
         self.diagnostics.send_if_modified(|cur| {
             if **cur == *diagnostics {
                 false
@@ -327,23 +338,82 @@ fn set_diagnostic_gauges(metrics: &Metrics, diagnostics: &[Diagnostic]) {
     }
 }
 
-fn set_backend_gauges(metrics: &Metrics, snapshot: &Snapshot) {
-    metrics.backend_ready_endpoints.reset();
-    for backend in &snapshot.backends.backends {
-        let port = match &backend.key.port {
-            ServicePortRef::Number(n) => n.to_string(),
-            ServicePortRef::Name(n) => n.clone(),
-        };
-        // The serving+terminating fallback keeps traffic flowing during a drain, but those
-        // endpoints are not ready (EndpointSlice `conditions.ready`), so they count as zero.
-        let ready = if backend.draining_fallback {
-            0
-        } else {
-            i64::try_from(backend.endpoints.len()).unwrap_or(i64::MAX)
-        };
-        metrics
-            .backend_ready_endpoints
-            .with_label_values(&[&*backend.key.namespace, &*backend.key.service, &port])
-            .set(ready);
+/// `backend_ready_endpoints` as last set. The gauge is per (namespace, service, port) label set;
+/// two backends can share one (`port: 80` and `port: "80"`), and then the later one in the table
+/// sets it, as a reset followed by setting every backend in order would.
+#[derive(Debug, Default)]
+struct BackendGauges {
+    table: Option<Arc<BackendTable>>,
+    /// Per backend of `table`: whether it is the last one with its labels (the one that sets).
+    owner: Vec<bool>,
+}
+
+/// The serving+terminating fallback keeps traffic flowing during a drain, but those endpoints
+/// are not ready (EndpointSlice `conditions.ready`), so they count as zero.
+fn ready_endpoints(backend: &Backend) -> i64 {
+    if backend.draining_fallback {
+        0
+    } else {
+        i64::try_from(backend.endpoints.len()).unwrap_or(i64::MAX)
+    }
+}
+
+fn port_label(port: &ServicePortRef) -> std::borrow::Cow<'_, str> {
+    match port {
+        ServicePortRef::Number(n) => n.to_string().into(),
+        ServicePortRef::Name(n) => (**n).into(),
+    }
+}
+
+impl BackendGauges {
+    fn update(&mut self, metrics: &Metrics, snapshot: &Snapshot) {
+        let table = &snapshot.backends;
+        if let Some(prev) = &self.table {
+            if Arc::ptr_eq(prev, table) {
+                return;
+            }
+            // Endpoint-only change: the same backends in the same order, so the same labels
+            // and owners; set only the gauges whose value moved (10 000 backends at issue 6's
+            // scale, typically one changed).
+            if prev.backends.len() == table.backends.len()
+                && prev
+                    .backends
+                    .iter()
+                    .zip(&table.backends)
+                    .all(|(a, b)| a.key == b.key)
+            {
+                for ((old, new), owner) in
+                    prev.backends.iter().zip(&table.backends).zip(&self.owner)
+                {
+                    let value = ready_endpoints(new);
+                    if *owner && ready_endpoints(old) != value {
+                        let port = port_label(&new.key.port);
+                        metrics
+                            .backend_ready_endpoints
+                            .with_label_values(&[&*new.key.namespace, &*new.key.service, &port])
+                            .set(value);
+                    }
+                }
+                self.table = Some(Arc::clone(table));
+                return;
+            }
+        }
+        // Reset first so removed backends disappear rather than sticking at their last value.
+        metrics.backend_ready_endpoints.reset();
+        let mut last: HashMap<(&str, &str, std::borrow::Cow<'_, str>), usize> = HashMap::new();
+        for (i, backend) in table.backends.iter().enumerate() {
+            let port = port_label(&backend.key.port);
+            metrics
+                .backend_ready_endpoints
+                .with_label_values(&[&*backend.key.namespace, &*backend.key.service, &port])
+                .set(ready_endpoints(backend));
+            last.insert((&*backend.key.namespace, &*backend.key.service, port), i);
+        }
+        let mut owner = vec![false; table.backends.len()];
+        for i in last.into_values() {
+            owner[i] = true;
+        }
+        self.owner = owner;
+        self.table = Some(Arc::clone(table));
     }
 }

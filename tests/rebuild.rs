@@ -391,6 +391,91 @@ fn changed_snapshot_is_swapped_and_endpoint_gauges_follow_it() {
     assert!(Arc::ptr_eq(&second, &reader.load().expect("serving")));
 }
 
+/// Like `fake_translate`, plus, for a Service named `twin-*`, a second backend on the same
+/// gauge labels (`port: "80"` by name next to `port: 80`), always with 5 endpoints.
+fn twin_translate(inputs: &Inputs, opts: &Options) -> (Snapshot, Vec<Diagnostic>) {
+    let (snapshot, diagnostics) = fake_translate(inputs, opts);
+    let mut backends = Vec::new();
+    for b in &snapshot.backends.backends {
+        backends.push(b.clone());
+        if b.key.service.starts_with("twin-") {
+            backends.push(Backend {
+                key: BackendKey {
+                    port: ServicePortRef::Name("80".into()),
+                    ..b.key.clone()
+                },
+                endpoints: (1..=5)
+                    .map(|i| Endpoint {
+                        addr: SocketAddr::from(([10, 1, 0, i], 8080)),
+                    })
+                    .collect(),
+                draining_fallback: false,
+                health_check: None,
+            });
+        }
+    }
+    let snapshot = Snapshot {
+        backends: Arc::new(BackendTable { backends }),
+        ..snapshot
+    };
+    (snapshot, diagnostics)
+}
+
+#[test]
+fn endpoint_gauges_updated_in_place_equal_a_fresh_reset_and_set() {
+    let config = RebuildConfig {
+        translate: Some(twin_translate),
+        ..RebuildConfig::default()
+    };
+    let (source, _builds) = TestSource::new();
+    let metrics = Metrics::new();
+    let mut rebuilder = Rebuilder::new(
+        config.clone(),
+        publish::channel().0,
+        metrics.clone(),
+        Trigger::new(),
+    );
+    // Same backends in the same order each time (the endpoint-only fast path), except the
+    // last step, which removes one.
+    let steps: Vec<Vec<Arc<Service>>> = vec![
+        vec![service("web", 3), service("api", 1), service("twin-a", 2)],
+        vec![service("web", 1), service("api", 1), service("twin-a", 2)],
+        vec![service("web", 1), service("api", 2), service("twin-a", 4)],
+        vec![service("web", 1), service("api", 2), service("twin-a", 4)],
+        vec![service("web", 2), service("twin-a", 1)],
+    ];
+    for (n, services) in steps.into_iter().enumerate() {
+        let inputs = Inputs {
+            services,
+            ..Inputs::default()
+        };
+        source.set(inputs.clone(), Vec::new());
+        rebuilder.build(&*source);
+        // What a reset followed by setting every backend gives.
+        let (fresh_source, _b) = TestSource::new();
+        fresh_source.set(inputs, Vec::new());
+        let fresh_metrics = Metrics::new();
+        Rebuilder::new(
+            config.clone(),
+            publish::channel().0,
+            fresh_metrics.clone(),
+            Trigger::new(),
+        )
+        .build(&*fresh_source);
+        let family = "portico_backend_ready_endpoints";
+        assert_eq!(
+            metric_lines(&metrics, family),
+            metric_lines(&fresh_metrics, family),
+            "step {n}"
+        );
+    }
+    let gauges = metric_lines(&metrics, "portico_backend_ready_endpoints");
+    assert!(gauges.contains(
+        &r#"portico_backend_ready_endpoints{namespace="shop",port="80",service="twin-a"} 5"#.into()
+    ));
+    assert!(!gauges.iter().any(|l| l.contains("service=\"api\"")));
+}
+
 #[test]
 fn diagnostics_gauge_and_channel_are_set_and_cleared() {
     let (source, _builds) = TestSource::new();

@@ -195,6 +195,19 @@ pub fn updated_slices(scale: Scale) -> Vec<Arc<EndpointSlice>> {
         .collect()
 }
 
+/// `inputs` with the EndpointSlice of Service `service` replaced (every address moved) and
+/// every other object the same `Arc`: the endpoint event issue 6 means (one Service's pods
+/// changed).
+pub fn with_one_slice_updated(inputs: &Inputs, scale: Scale, service: usize) -> Inputs {
+    let mut out = inputs.clone();
+    out.endpoint_slices[service] = Arc::new(endpoint_slice(
+        service,
+        scale.endpoints_per_service,
+        scale.ingresses * scale.endpoints_per_service,
+    ));
+    out
+}
+
 /// A request (normalised host, normalised path) and what it must resolve to.
 #[derive(Debug, Clone)]
 pub struct Query {

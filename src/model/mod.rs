@@ -193,7 +193,7 @@ impl std::fmt::Display for BackendKey {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ServicePortRef {
     Number(i32),
-    Name(String),
+    Name(Arc<str>),
 }
 
 /// A Service port resolved to the pod endpoints that serve it.

@@ -78,24 +78,25 @@ pub(super) fn resolve_service(
     };
     let port_ref = match svc.port.as_ref().map(|p| (p.number, p.name.as_deref())) {
         Some((Some(n), None | Some(""))) => ServicePortRef::Number(n),
-        Some((None, Some(name))) if !name.is_empty() => ServicePortRef::Name(name.to_string()),
+        Some((None, Some(name))) if !name.is_empty() => ServicePortRef::Name(Arc::from(name)),
         _ => return Err(BackendError::BadPort(svc.name.clone())),
     };
     if let BackendProtocol::Unsupported(p) = protocol {
         return Err(BackendError::UnsupportedProtocol(p.clone()));
     }
-    let full_name = format!("{namespace}/{}", svc.name);
+    // Formatted only for an error (the common path never needs it).
+    let full_name = || format!("{namespace}/{}", svc.name);
     let Some(service) = index.services.get(&(namespace, svc.name.as_str())) else {
-        return Err(BackendError::ServiceNotFound(full_name));
+        return Err(BackendError::ServiceNotFound(full_name()));
     };
     let spec = service.spec.as_ref();
     if spec.and_then(|s| s.type_.as_deref()) == Some("ExternalName") {
-        return Err(BackendError::ExternalName(full_name));
+        return Err(BackendError::ExternalName(full_name()));
     }
     let ports = spec.and_then(|s| s.ports.as_deref()).unwrap_or_default();
     let found = ports.iter().find(|p| match &port_ref {
         ServicePortRef::Number(n) => p.port == *n,
-        ServicePortRef::Name(n) => p.name.as_deref() == Some(n.as_str()),
+        ServicePortRef::Name(n) => p.name.as_deref() == Some(&**n),
     });
     let Some(port) = found else {
         let port = match &port_ref {
@@ -103,7 +104,7 @@ pub(super) fn resolve_service(
             ServicePortRef::Name(n) => format!("{n:?}"),
         };
         return Err(BackendError::ServicePortNotFound {
-            service: full_name,
+            service: full_name(),
             port,
         });
     };
@@ -141,45 +142,61 @@ pub fn resolve_endpoints(
     let mut diags = Diags::default();
     let mut by_service: BTreeMap<(&str, &str), Vec<&EndpointSlice>> = BTreeMap::new();
     for slice in slices {
-        let Some(svc) = slice
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(SERVICE_NAME_LABEL))
-        else {
+        let Some(svc) = service_of(slice) else {
             continue;
         };
-        by_service
-            .entry((index::namespace(&slice.metadata), svc.as_str()))
-            .or_default()
-            .push(slice);
+        by_service.entry(svc).or_default().push(slice);
     }
     let mut table = BackendTable {
         backends: Vec::with_capacity(backends.len()),
     };
     for spec in backends {
-        let mut ready = BTreeSet::new();
-        let mut draining = BTreeSet::new();
         let key = (&*spec.key.namespace, &*spec.key.service);
-        for slice in by_service.get(&key).map(Vec::as_slice).unwrap_or_default() {
-            collect_slice(slice, spec, &mut ready, &mut draining, &mut diags);
-        }
-        let (endpoints, draining_fallback) = if ready.is_empty() && !draining.is_empty() {
-            (draining, true)
-        } else {
-            (ready, false)
-        };
-        table.backends.push(Backend {
-            key: spec.key.clone(),
-            endpoints: endpoints
-                .into_iter()
-                .map(|addr| Endpoint { addr })
-                .collect(),
-            draining_fallback,
-            health_check: spec.health_check.clone(),
-        });
+        let slices = by_service.get(&key).map(Vec::as_slice).unwrap_or_default();
+        table
+            .backends
+            .push(resolve_backend(spec, slices.iter().copied(), &mut diags));
     }
     (table, diags.finish())
+}
+
+/// The Service (namespace, name) an EndpointSlice belongs to: its namespace and the
+/// `kubernetes.io/service-name` label; `None` for a slice without the label (not ours to read).
+pub(super) fn service_of(slice: &EndpointSlice) -> Option<(&str, &str)> {
+    let svc = slice
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(SERVICE_NAME_LABEL))?;
+    Some((index::namespace(&slice.metadata), svc.as_str()))
+}
+
+/// One backend from the slices of its Service (the caller has selected them with
+/// [`service_of`]; their order does not matter: addresses are sorted and deduplicated).
+pub(super) fn resolve_backend<'s>(
+    spec: &BackendSpec,
+    slices: impl Iterator<Item = &'s EndpointSlice>,
+    diags: &mut Diags,
+) -> Backend {
+    let mut ready = BTreeSet::new();
+    let mut draining = BTreeSet::new();
+    for slice in slices {
+        collect_slice(slice, spec, &mut ready, &mut draining, diags);
+    }
+    let (endpoints, draining_fallback) = if ready.is_empty() && !draining.is_empty() {
+        (draining, true)
+    } else {
+        (ready, false)
+    };
+    Backend {
+        key: spec.key.clone(),
+        endpoints: endpoints
+            .into_iter()
+            .map(|addr| Endpoint { addr })
+            .collect(),
+        draining_fallback,
+        health_check: spec.health_check.clone(),
+    }
 }
 
 fn collect_slice(

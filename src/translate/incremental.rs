@@ -1,22 +1,30 @@
 //! Incremental translation (brief §2: "Endpoint churn must not require re-deriving routes"):
 //! [`Translator`] keeps the endpoint-independent part of its last build and, when nothing but
-//! EndpointSlices changed, re-runs only [`resolve_endpoints`](super::resolve_endpoints).
+//! EndpointSlices changed, re-resolves only the backends whose Service's slices changed; every
+//! other backend (its `Arc<[Endpoint]>` included) is reused as it was.
 //!
-//! Owns: the change test and the cache. Pure like the rest of translate (no I/O, no clock):
-//! the result is always equal to [`translate`](super::translate) of the same inputs.
+//! Owns: the change tests and the caches. Pure like the rest of translate (no I/O, no clock):
+//! the result is always equal to [`translate`](super::translate) of the same inputs. Must not
+//! import tokio, hyper or the filesystem.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
-use super::{Diagnostic, Diags, Inputs, Options, Routes, resolve_endpoints, routes};
-use crate::model::Snapshot;
+use super::backends::{resolve_backend, service_of};
+use super::{BackendSpec, Diagnostic, Diags, Inputs, Options, Routes, routes};
+use crate::model::{BackendTable, Snapshot};
 
-/// Translates, reusing the derived routes of the previous call when only endpoints changed.
+/// Translates, reusing the derived routes of the previous call when only endpoints changed, and
+/// the resolved endpoints of every backend whose slices did not change.
 #[derive(Debug, Default)]
 pub struct Translator {
     last: Option<Derived>,
     reused: bool,
+    /// Backends resolved from slices by the last call (all of them on a full build).
+    resolved: usize,
 }
 
 /// What route derivation read (the inputs other than EndpointSlices, and the options) and
@@ -27,7 +35,9 @@ struct Derived {
     options: Options,
     inputs: Inputs,
     routes: Routes,
+    /// Route derivation's diagnostics, already sorted and deduplicated.
     diagnostics: Vec<Diagnostic>,
+    endpoints: Endpoints,
 }
 
 impl Translator {
@@ -42,34 +52,253 @@ impl Translator {
             .as_ref()
             .is_some_and(|d| d.options == *opts && same_routing_inputs(&d.inputs, inputs));
         self.reused = reuse;
-        if !reuse {
-            let mut diags = Diags::default();
-            let routes = routes::derive(inputs, opts, &mut diags);
-            self.last = Some(Derived {
-                options: opts.clone(),
-                inputs: Inputs {
-                    endpoint_slices: Vec::new(),
-                    ..inputs.clone()
-                },
-                routes,
-                diagnostics: diags.0,
-            });
-        }
-        let Some(derived) = &self.last else {
-            // Just filled above; an empty build is the safe answer if it ever were not.
-            return (Snapshot::default(), Vec::new());
+        let derived = match (&mut self.last, reuse) {
+            (Some(derived), true) => {
+                self.resolved = derived.endpoints.update(&inputs.endpoint_slices);
+                derived
+            }
+            (last, _) => {
+                let mut diags = Diags::default();
+                let routes = routes::derive(inputs, opts, &mut diags);
+                let endpoints = Endpoints::build(&routes.backends, &inputs.endpoint_slices);
+                self.resolved = routes.backends.len();
+                last.insert(Derived {
+                    options: opts.clone(),
+                    inputs: Inputs {
+                        endpoint_slices: Vec::new(),
+                        ..inputs.clone()
+                    },
+                    routes,
+                    diagnostics: diags.finish(),
+                    endpoints,
+                })
+            }
         };
-        let (backends, endpoint_diags) =
-            resolve_endpoints(&derived.routes.backends, &inputs.endpoint_slices);
-        let mut diags = Diags(derived.diagnostics.clone());
-        diags.0.extend(endpoint_diags);
-        (derived.routes.snapshot(backends), diags.finish())
+        let snapshot = Snapshot {
+            hosts: Arc::clone(&derived.routes.hosts),
+            backends: Arc::clone(&derived.endpoints.table),
+            tls: Arc::clone(&derived.routes.tls),
+        };
+        // Both parts are sorted and deduplicated already; only endpoint diagnostics (invalid
+        // addresses, rare) need a merge.
+        let mut diagnostics = derived.diagnostics.clone();
+        if derived.endpoints.diags.iter().any(|d| !d.is_empty()) {
+            let mut diags = Diags(diagnostics);
+            for d in &derived.endpoints.diags {
+                diags.0.extend_from_slice(d);
+            }
+            diagnostics = diags.finish();
+        }
+        (snapshot, diagnostics)
     }
 
     /// Whether the last [`Translator::translate`] reused the previous routes.
     pub fn reused(&self) -> bool {
         self.reused
     }
+
+    /// How many backends the last [`Translator::translate`] resolved from EndpointSlices (the
+    /// rest were reused): every backend after a route derivation, only those of Services whose
+    /// slices changed otherwise.
+    pub fn resolved_backends(&self) -> usize {
+        self.resolved
+    }
+}
+
+/// Slices are grouped by `namespace NUL service-name`: one string, so lookups can borrow a
+/// reused buffer instead of allocating. A name holding NUL could make two Services share a
+/// group; harmless, because a backend reads only the slices whose Service is exactly its own
+/// ([`service_of`]), so a shared group can only cause an extra re-resolve.
+fn group_key<'b>(buf: &'b mut String, namespace: &str, service: &str) -> &'b str {
+    buf.clear();
+    buf.push_str(namespace);
+    buf.push('\0');
+    buf.push_str(service);
+    buf
+}
+
+type Groups = HashMap<Box<str>, Vec<Arc<EndpointSlice>>>;
+
+/// The resolved backend table and what it was resolved from.
+#[derive(Debug)]
+struct Endpoints {
+    /// The specs of the routes this table belongs to (`BackendId(i)` is `specs[i]`).
+    specs: Arc<[BackendSpec]>,
+    /// The slices of the last build in input order; held so their addresses stay unique.
+    slices: Vec<Arc<EndpointSlice>>,
+    /// The same slices grouped by Service ([`group_key`]); slices without the service label
+    /// are in no group (they feed no backend).
+    groups: Groups,
+    /// Backend indices by the group of their Service.
+    backends_of: HashMap<Box<str>, Vec<usize>>,
+    /// The resolved backends, as published.
+    table: Arc<BackendTable>,
+    /// Endpoint diagnostics of each backend (same index as `table`).
+    diags: Vec<Vec<Diagnostic>>,
+}
+
+impl Endpoints {
+    fn build(specs: &Arc<[BackendSpec]>, slices: &[Arc<EndpointSlice>]) -> Self {
+        let mut buf = String::new();
+        let groups = group(slices, &mut buf);
+        let mut backends_of: HashMap<Box<str>, Vec<usize>> = HashMap::new();
+        for (i, spec) in specs.iter().enumerate() {
+            let key = group_key(&mut buf, &spec.key.namespace, &spec.key.service);
+            match backends_of.get_mut(key) {
+                Some(v) => v.push(i),
+                None => {
+                    backends_of.insert(Box::from(key), vec![i]);
+                }
+            }
+        }
+        let mut backends = Vec::with_capacity(specs.len());
+        let mut diags = Vec::with_capacity(specs.len());
+        for spec in specs.iter() {
+            let (b, d) = resolve_one(spec, &groups, &mut buf);
+            backends.push(b);
+            diags.push(d);
+        }
+        Endpoints {
+            specs: Arc::clone(specs),
+            slices: slices.to_vec(),
+            groups,
+            backends_of,
+            table: Arc::new(BackendTable { backends }),
+            diags,
+        }
+    }
+
+    /// Bring the table up to date with `slices`; returns how many backends were re-resolved.
+    /// When nothing a backend reads changed, `table` stays the same `Arc`.
+    fn update(&mut self, slices: &[Arc<EndpointSlice>]) -> usize {
+        let mut buf = String::new();
+        let mut dirty: Vec<Box<str>> = Vec::new();
+        if slices.len() == self.slices.len() {
+            // The common event: one slice (or a few) replaced in place. Compare position by
+            // position, by pointer first and by value when a source handed out a fresh copy.
+            for (i, new) in slices.iter().enumerate() {
+                let old = &self.slices[i];
+                if Arc::ptr_eq(old, new) || **old == **new {
+                    continue;
+                }
+                let old = std::mem::replace(&mut self.slices[i], Arc::clone(new));
+                if let Some((ns, svc)) = service_of(&old) {
+                    let key = group_key(&mut buf, ns, svc);
+                    if let Some(group) = self.groups.get_mut(key) {
+                        if let Some(pos) = group.iter().position(|s| Arc::ptr_eq(s, &old)) {
+                            group.swap_remove(pos);
+                        }
+                        if group.is_empty() {
+                            self.groups.remove(key);
+                        }
+                    }
+                    dirty.push(Box::from(&*buf));
+                }
+                if let Some((ns, svc)) = service_of(new) {
+                    let key = group_key(&mut buf, ns, svc);
+                    match self.groups.get_mut(key) {
+                        Some(group) => group.push(Arc::clone(new)),
+                        None => {
+                            self.groups.insert(Box::from(key), vec![Arc::clone(new)]);
+                        }
+                    }
+                    dirty.push(Box::from(&*buf));
+                }
+            }
+        } else {
+            // Slices were added or removed: regroup, and re-resolve the Services whose group
+            // is not the same slices as before (order within a group does not matter to
+            // resolution, so a reordered group only costs an unneeded re-resolve).
+            let groups = group(slices, &mut buf);
+            for (key, new) in &groups {
+                let same = self.groups.get(key).is_some_and(|old| {
+                    old.len() == new.len()
+                        && old
+                            .iter()
+                            .zip(new)
+                            .all(|(a, b)| Arc::ptr_eq(a, b) || **a == **b)
+                });
+                if !same {
+                    dirty.push(key.clone());
+                }
+            }
+            for key in self.groups.keys() {
+                if !groups.contains_key(key) {
+                    dirty.push(key.clone());
+                }
+            }
+            self.groups = groups;
+            self.slices = slices.to_vec();
+        }
+        if dirty.is_empty() {
+            return 0;
+        }
+        dirty.sort_unstable();
+        dirty.dedup();
+        let mut backends: Option<Vec<_>> = None;
+        let mut resolved = 0;
+        for key in &dirty {
+            for &i in self
+                .backends_of
+                .get(key)
+                .map(Vec::as_slice)
+                .unwrap_or_default()
+            {
+                let Some(spec) = self.specs.get(i) else {
+                    continue;
+                };
+                let (b, d) = resolve_one(spec, &self.groups, &mut buf);
+                let table = backends.get_or_insert_with(|| self.table.backends.clone());
+                if let Some(slot) = table.get_mut(i) {
+                    *slot = b;
+                }
+                if let Some(slot) = self.diags.get_mut(i) {
+                    *slot = d;
+                }
+                resolved += 1;
+            }
+        }
+        if let Some(backends) = backends {
+            self.table = Arc::new(BackendTable { backends });
+        }
+        resolved
+    }
+}
+
+fn group(slices: &[Arc<EndpointSlice>], buf: &mut String) -> Groups {
+    let mut groups: Groups = HashMap::with_capacity(slices.len());
+    for slice in slices {
+        let Some((ns, svc)) = service_of(slice) else {
+            continue;
+        };
+        let key = group_key(buf, ns, svc);
+        match groups.get_mut(key) {
+            Some(g) => g.push(Arc::clone(slice)),
+            None => {
+                groups.insert(Box::from(key), vec![Arc::clone(slice)]);
+            }
+        }
+    }
+    groups
+}
+
+fn resolve_one(
+    spec: &BackendSpec,
+    groups: &Groups,
+    buf: &mut String,
+) -> (crate::model::Backend, Vec<Diagnostic>) {
+    let (ns, svc) = (&*spec.key.namespace, &*spec.key.service);
+    let group = groups
+        .get(group_key(buf, ns, svc))
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let mut diags = Diags::default();
+    let slices = group
+        .iter()
+        .filter(|s| service_of(s) == Some((ns, svc)))
+        .map(|s| &**s);
+    let backend = resolve_backend(spec, slices, &mut diags);
+    (backend, diags.0)
 }
 
 /// Ingresses, IngressClasses, Services, Secrets and RateLimitPolicies hold the same objects (as

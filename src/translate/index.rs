@@ -4,8 +4,8 @@
 //! Owns: input ordering and duplicate handling. Must not import tokio, hyper or the filesystem.
 
 use std::cmp::Ordering;
-use std::collections::BTreeMap;
 use std::collections::btree_map::Entry;
+use std::collections::{BTreeMap, HashMap, hash_map};
 
 use k8s_openapi::api::core::v1::{Secret, Service};
 use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
@@ -77,7 +77,8 @@ fn insert_dedup<'a, K: Ord, T: Serialize>(
 
 /// Lookups translate needs, built once per translation.
 pub(super) struct Index<'a> {
-    pub services: BTreeMap<(&'a str, &'a str), &'a Service>,
+    /// Looked up once per path (50 000 times at issue 6's scale), never iterated: hashed.
+    pub services: HashMap<(&'a str, &'a str), &'a Service>,
     pub secrets: BTreeMap<(&'a str, &'a str), &'a Secret>,
     pub classes: BTreeMap<&'a str, &'a IngressClass>,
     /// All Ingresses (not only ours), deduplicated by namespace/name, in precedence order.
@@ -86,17 +87,29 @@ pub(super) struct Index<'a> {
 
 impl<'a> Index<'a> {
     pub fn new(inputs: &'a Inputs, diags: &mut Diags) -> Self {
-        let mut services = BTreeMap::new();
+        let mut services = HashMap::with_capacity(inputs.services.len());
         for s in &inputs.services {
             let m = &s.metadata;
-            insert_dedup(
-                &mut services,
-                (namespace(m), name(m)),
-                &**s,
-                "Service",
-                m,
-                diags,
-            );
+            match services.entry((namespace(m), name(m))) {
+                hash_map::Entry::Vacant(v) => {
+                    v.insert(&**s);
+                }
+                hash_map::Entry::Occupied(mut o) => {
+                    // Same rule as `insert_dedup`: keep the smaller fingerprint.
+                    let (a, b) = (fingerprint(*o.get()), fingerprint(&**s));
+                    if a != b {
+                        diags.warn(
+                            "Service",
+                            &obj_ref(m),
+                            "DuplicateObject",
+                            "several different Service objects share this name; one is used",
+                        );
+                    }
+                    if b < a {
+                        o.insert(&**s);
+                    }
+                }
+            }
         }
         let mut secrets = BTreeMap::new();
         for s in &inputs.secrets {

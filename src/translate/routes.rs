@@ -6,8 +6,9 @@
 //! import tokio, hyper or the filesystem.
 
 use std::cmp::Reverse;
-use std::collections::btree_map::Entry;
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
+use std::fmt;
 use std::sync::Arc;
 
 use k8s_openapi::api::networking::v1::IngressBackend;
@@ -66,7 +67,7 @@ pub(super) fn derive(inputs: &Inputs, opts: &Options, diags: &mut Diags) -> Rout
                        backend: &IngressBackend,
                        ann: &Annotations,
                        obj: &ObjRef<'_>,
-                       what: &str,
+                       what: fmt::Arguments<'_>,
                        diags: &mut Diags| {
         match resolve_service(ns, backend, &index, &ann.backend_protocol) {
             Ok((spec, protocol)) => {
@@ -87,12 +88,14 @@ pub(super) fn derive(inputs: &Inputs, opts: &Options, diags: &mut Diags) -> Rout
     let mut default: Option<Candidate> = None;
     // (host, kind, path) → the Ingress that holds it. Ingresses are visited oldest first, so
     // the first claim is the winner (brief §4.3 conflicts).
-    let mut claims: BTreeMap<(HostKey, PathKind, String), String> = BTreeMap::new();
+    // Only looked up, never iterated, so a hash map (no ordered string comparisons); the winner
+    // is remembered by reference and named only when a conflict is reported.
+    let mut claims: HashMap<(HostKey, PathKind, String), IngressRef> =
+        HashMap::with_capacity(inputs.ingresses.len() * 4);
 
     for ing in &ours {
         let meta = &ing.metadata;
         let obj = index::obj_ref(meta);
-        let this = format!("{}/{}", obj.namespace, obj.name);
         let ingress = IngressRef {
             namespace: Arc::from(obj.namespace),
             name: Arc::from(obj.name),
@@ -112,8 +115,14 @@ pub(super) fn derive(inputs: &Inputs, opts: &Options, diags: &mut Diags) -> Rout
         if let Some(backend) = &spec.default_backend {
             match &default {
                 None => {
-                    let (plan, protocol) =
-                        resolve(obj.namespace, backend, ann, &obj, "defaultBackend", diags);
+                    let (plan, protocol) = resolve(
+                        obj.namespace,
+                        backend,
+                        ann,
+                        &obj,
+                        format_args!("defaultBackend"),
+                        diags,
+                    );
                     default = Some(Candidate {
                         host: HostKey::CatchAll,
                         kind: PathKind::Prefix,
@@ -193,17 +202,18 @@ pub(super) fn derive(inputs: &Inputs, opts: &Options, diags: &mut Diags) -> Rout
                                  first in namespace/name order); this path is not used",
                                 kind_name(rule_path.kind),
                                 rule_path.path,
-                                o.get()
+                                format_args!("{}/{}", o.get().namespace, o.get().name)
                             ),
                         );
                         continue;
                     }
                     Entry::Vacant(v) => {
-                        v.insert(this.clone());
+                        v.insert(ingress.clone());
                     }
                 }
-                let what = format!("host {host} path {}", rule_path.path);
-                let (plan, protocol) = resolve(obj.namespace, &p.backend, ann, &obj, &what, diags);
+                // Only formatted when a diagnostic is emitted.
+                let what = format_args!("host {host} path {}", rule_path.path);
+                let (plan, protocol) = resolve(obj.namespace, &p.backend, ann, &obj, what, diags);
                 candidates.push(Candidate {
                     host: host.clone(),
                     kind: rule_path.kind,

@@ -2292,3 +2292,200 @@ fn translator_reuses_routes_when_only_endpoints_change_and_always_equals_transla
     };
     assert!(!check(&mut t, &more, &other), "options changed");
 }
+
+/// A random EndpointSlice for the property test below: any of five Services in two namespaces
+/// (one without a Service object), any address type, any subset of three ports, up to four
+/// endpoints from a small address pool (so slices overlap) with random conditions, some
+/// addresses invalid.
+fn random_slice(rng: &mut fastrand::Rng, name: &str) -> EndpointSlice {
+    let ns = ["default", "other"][rng.usize(..2)];
+    let service = ["a", "b", "c", "d", "e"][rng.usize(..5)];
+    let address_type = ["IPv4", "IPv4", "IPv6", "FQDN"][rng.usize(..4)];
+    let all_ports = [("http", 8080), ("", 8081), ("admin", 9001)];
+    let ports: Vec<(&str, i32)> = all_ports.into_iter().filter(|_| rng.bool()).collect();
+    let cond = |rng: &mut fastrand::Rng| [None, Some(true), Some(false)][rng.usize(..3)];
+    let endpoints = (0..rng.usize(..5))
+        .map(|_| {
+            let addr = match rng.usize(..8) {
+                0 => "bogus".to_string(),
+                1..4 => format!("fd00::{}", rng.usize(1..4)),
+                _ => format!("10.0.0.{}", rng.usize(1..6)),
+            };
+            ep(&addr, cond(rng), cond(rng), cond(rng))
+        })
+        .collect();
+    slice(ns, name, service, address_type, &ports, endpoints)
+}
+
+#[test]
+fn translator_endpoint_updates_equal_full_translate_under_random_slice_churn() {
+    // Backends: a (port name http), b (unnamed port), c twice (http and admin), d in another
+    // namespace; Ingress e-route points at a Service that does not exist (no backend, but
+    // slices labelled "e" come and go).
+    let base = World::default()
+        .svc(svc("default", "a", &[("http", 80)]))
+        .svc(svc("default", "b", &[("", 80)]))
+        .svc(svc("default", "c", &[("http", 80), ("admin", 90)]))
+        .svc(svc("other", "d", &[("http", 80)]))
+        .ing(
+            Ing::new("default", "one")
+                .path("one.test", "Prefix", "/a", "a", svc80())
+                .path("one.test", "Prefix", "/b", "b", svc80())
+                .path("one.test", "Prefix", "/c", "c", svc80())
+                .path("one.test", "Prefix", "/c-admin", "c", json!("admin"))
+                .path("one.test", "Prefix", "/e", "e", svc80()),
+        )
+        .ing(Ing::new("other", "two").path("two.test", "Prefix", "/", "d", svc80()));
+    let opts = Options::default();
+    for seed in 0..24 {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let mut w = base.clone();
+        let mut t = Translator::new();
+        let mut next_name = 0;
+        let mut fresh_name = |rng: &mut fastrand::Rng| {
+            next_name += 1;
+            let _ = rng;
+            format!("s{next_name}")
+        };
+        for _ in 0..3 {
+            let name = fresh_name(&mut rng);
+            w.0.endpoint_slices
+                .push(Arc::new(random_slice(&mut rng, &name)));
+        }
+        let first = t.translate(&w.0, &opts);
+        assert_eq!(first, translate(&w.0, &opts), "seed {seed}: first build");
+        let mut previous = first.0;
+        for step in 0..60 {
+            let slices = &mut w.0.endpoint_slices;
+            let n = slices.len();
+            let op = rng.usize(..8);
+            match op {
+                // add
+                0 => {
+                    let name = fresh_name(&mut rng);
+                    let at = rng.usize(..=n);
+                    slices.insert(at, Arc::new(random_slice(&mut rng, &name)));
+                }
+                // delete
+                1 if n > 0 => {
+                    slices.remove(rng.usize(..n));
+                }
+                // edit in place: same name, new content (maybe another Service, too)
+                2 | 3 if n > 0 => {
+                    let i = rng.usize(..n);
+                    let name = slices[i].metadata.name.clone().unwrap_or_default();
+                    slices[i] = Arc::new(random_slice(&mut rng, &name));
+                }
+                // relabel to another Service, endpoints unchanged
+                4 if n > 0 => {
+                    let i = rng.usize(..n);
+                    let mut s = (*slices[i]).clone();
+                    let to = ["a", "b", "c", "d", "e"][rng.usize(..5)];
+                    s.metadata
+                        .labels
+                        .get_or_insert_default()
+                        .insert(backends::SERVICE_NAME_LABEL.to_string(), to.to_string());
+                    slices[i] = Arc::new(s);
+                }
+                // address type changed
+                5 if n > 0 => {
+                    let i = rng.usize(..n);
+                    let mut s = (*slices[i]).clone();
+                    s.address_type = if s.address_type == "IPv4" {
+                        "IPv6".to_string()
+                    } else {
+                        "IPv4".to_string()
+                    };
+                    slices[i] = Arc::new(s);
+                }
+                // an equal fresh copy (a source re-reading a file): nothing to re-resolve
+                6 if n > 0 => {
+                    let i = rng.usize(..n);
+                    slices[i] = Arc::new((*slices[i]).clone());
+                }
+                // the same slices in another order
+                _ if n > 1 => {
+                    let (i, j) = (rng.usize(..n), rng.usize(..n));
+                    slices.swap(i, j);
+                }
+                _ => {}
+            }
+            let got = t.translate(&w.0, &opts);
+            assert!(t.reused(), "seed {seed} step {step}: routes are reused");
+            assert_eq!(
+                got,
+                translate(&w.0, &opts),
+                "seed {seed} step {step} op {op}"
+            );
+            if op == 6 && n > 0 {
+                assert_eq!(t.resolved_backends(), 0, "seed {seed} step {step}");
+                assert!(Arc::ptr_eq(&got.0.backends, &previous.backends));
+            }
+            // One slice touches at most two Services (before and after), c has two backends.
+            if (2..=5).contains(&op) && n > 0 {
+                assert!(t.resolved_backends() <= 4, "seed {seed} step {step}");
+            }
+            previous = got.0;
+        }
+    }
+}
+
+#[test]
+fn translator_reuses_unchanged_backends_by_pointer() {
+    let w = World::web()
+        .svc(svc("default", "api", &[("http", 80)]))
+        .slice(slice(
+            "default",
+            "api-1",
+            "api",
+            "IPv4",
+            &[("http", 8080)],
+            vec![ready("10.0.1.1")],
+        ))
+        .ing(
+            Ing::new("default", "a")
+                .path("a.test", "Prefix", "/", "web", svc80())
+                .path("a.test", "Prefix", "/api", "api", svc80()),
+        );
+    let opts = Options::default();
+    let mut t = Translator::new();
+    let (before, _) = t.translate(&w.0, &opts);
+    assert_eq!(t.resolved_backends(), 2);
+    let mut moved = w.clone();
+    let web = moved
+        .0
+        .endpoint_slices
+        .iter()
+        .position(|s| s.metadata.name.as_deref() == Some("web-1"))
+        .expect("web slice");
+    moved.0.endpoint_slices[web] = Arc::new(slice(
+        "default",
+        "web-1",
+        "web",
+        "IPv4",
+        &[("http", 8080)],
+        vec![ready("10.0.0.9")],
+    ));
+    let (after, _) = t.translate(&moved.0, &opts);
+    assert!(t.reused());
+    assert_eq!(
+        t.resolved_backends(),
+        1,
+        "only web's backend is resolved again"
+    );
+    assert!(Arc::ptr_eq(&before.hosts, &after.hosts));
+    let key = |s: &Snapshot, svc: &str| {
+        s.backends
+            .backends
+            .iter()
+            .find(|b| &*b.key.service == svc)
+            .expect("backend")
+            .clone()
+    };
+    assert!(Arc::ptr_eq(
+        &key(&before, "api").endpoints,
+        &key(&after, "api").endpoints
+    ));
+    assert_eq!(endpoints(&after, "a.test", "/"), vec!["10.0.0.9:8080"]);
+    assert_eq!(after, translate(&moved.0, &opts).0);
+}
