@@ -202,13 +202,13 @@ fn main() {
         .hosts
         .exact
         .values()
-        .map(|h| h.routes.len())
+        .map(|h| h.routes().len())
         .sum::<usize>()
         + snapshot
             .hosts
             .wildcard
             .values()
-            .map(|h| h.routes.len())
+            .map(|h| h.routes().len())
             .sum::<usize>();
     let endpoints: usize = snapshot
         .backends

@@ -162,7 +162,7 @@ pub fn served_ingresses(snapshot: &Snapshot) -> BTreeSet<IngressRef> {
         .values()
         .chain(hosts.wildcard.values())
         .chain(hosts.catch_all.iter())
-        .flat_map(|h| h.routes.iter())
+        .flat_map(|h| h.routes().iter())
         .chain(hosts.default_route.iter())
         .map(|r| r.ingress.clone())
         .collect()
@@ -699,15 +699,10 @@ mod tests {
             })
         };
         let mut hosts = crate::model::HostTable::default();
-        hosts.exact.insert(
-            "a.example".into(),
-            HostRoutes {
-                routes: vec![route("a")],
-            },
-        );
-        hosts.catch_all = Some(HostRoutes {
-            routes: vec![route("b")],
-        });
+        hosts
+            .exact
+            .insert("a.example".into(), HostRoutes::new(vec![route("a")]));
+        hosts.catch_all = Some(HostRoutes::new(vec![route("b")]));
         hosts.default_route = Some(route("c"));
         let snap = Snapshot {
             hosts: Arc::new(hosts),

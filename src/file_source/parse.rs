@@ -3,8 +3,11 @@
 //! Comment-only and empty documents are skipped, `kind: List` is flattened, kinds portico does
 //! not read are ignored, objects without a namespace land in `default`, an object without
 //! `metadata.name` fails its document (as the API server refuses it), and Secret `stringData`
-//! is merged into `data` as the API server would. Any document that fails to parse fails the
-//! whole file, so the caller can keep the file's last good objects.
+//! is merged into `data` as the API server would. Fields translate never reads
+//! (`managedFields`, the last-applied annotation, Ingress/Service `status`, per-endpoint
+//! EndpointSlice `targetRef`/`nodeName`/`zone`/`hints`/`hostname`) are dropped before typing,
+//! so the file source does not hold them between rebuilds. Any document that fails to
+//! parse fails the whole file, so the caller can keep the file's last good objects.
 //!
 //! Owns: text → objects. Pure: must not import tokio, notify or the filesystem (the caller
 //! reads the bytes), nor the proxy.
@@ -61,7 +64,7 @@ pub fn parse_manifests(text: &str) -> Result<Vec<Object>, ParseError> {
 
 fn parse_value(doc: Value, index: usize, out: &mut Vec<Object>) -> Result<(), ParseError> {
     let err = |message: String| ParseError::Document { index, message };
-    let obj = match doc {
+    let mut obj = match doc {
         Value::Null => return Ok(()),
         Value::Object(map) => map,
         _ => {
@@ -83,6 +86,7 @@ fn parse_value(doc: Value, index: usize, out: &mut Vec<Object>) -> Result<(), Pa
     if kind.is_empty() {
         return Err(err("missing `kind`".into()));
     }
+    trim(&mut obj, &kind);
     let value = Value::Object(obj);
     let parsed = match (api_version.as_str(), kind.as_str()) {
         ("v1", "List") => {
@@ -118,6 +122,49 @@ fn parse_value(doc: Value, index: usize, out: &mut Vec<Object>) -> Result<(), Pa
     };
     out.push(with_default_namespace(parsed).map_err(err)?);
     Ok(())
+}
+
+/// Annotation `kubectl apply` writes with the whole last-applied object (a second copy of it).
+pub const LAST_APPLIED_ANNOTATION: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// Per-endpoint EndpointSlice fields translate never reads (it reads `addresses` and
+/// `conditions`); `kubectl get endpointslices -o yaml` writes them for every pod.
+const UNREAD_ENDPOINT_FIELDS: [&str; 6] = [
+    "targetRef",
+    "nodeName",
+    "zone",
+    "hints",
+    "hostname",
+    "deprecatedTopology",
+];
+
+/// Drop, before typing, what translate never reads but the file source would otherwise keep
+/// for every rebuild (memory, issue 6): `metadata.managedFields` and the last-applied
+/// annotation on every kind (manifests saved with `kubectl get -o yaml` carry both), `status`
+/// of Ingresses and Services (never an input; other kinds keep theirs), and the per-endpoint
+/// [`UNREAD_ENDPOINT_FIELDS`] of EndpointSlices.
+fn trim(obj: &mut serde_json::Map<String, Value>, kind: &str) {
+    match kind {
+        "Ingress" | "Service" => {
+            obj.remove("status");
+        }
+        "EndpointSlice" => {
+            if let Some(Value::Array(endpoints)) = obj.get_mut("endpoints") {
+                for ep in endpoints.iter_mut().filter_map(Value::as_object_mut) {
+                    for field in UNREAD_ENDPOINT_FIELDS {
+                        ep.remove(field);
+                    }
+                }
+            }
+        }
+        _ => {}
+    }
+    if let Some(Value::Object(meta)) = obj.get_mut("metadata") {
+        meta.remove("managedFields");
+        if let Some(Value::Object(annotations)) = meta.get_mut("annotations") {
+            annotations.remove(LAST_APPLIED_ANNOTATION);
+        }
+    }
 }
 
 fn typed<T: DeserializeOwned>(value: Value, kind: &str) -> Result<T, String> {
@@ -221,6 +268,92 @@ mod tests {
             panic!("not an IngressClass")
         };
         assert_eq!(c.metadata.namespace, None);
+    }
+
+    #[test]
+    fn unread_fields_are_dropped() {
+        let text = r#"apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata:
+  name: web
+  annotations:
+    kubectl.kubernetes.io/last-applied-configuration: '{"big": "copy"}'
+    portico.dev/load-balance: random
+  managedFields:
+  - manager: kubectl
+    operation: Update
+spec:
+  defaultBackend: {service: {name: web, port: {number: 80}}}
+status:
+  loadBalancer:
+    ingress: [{ip: 10.0.0.1}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  ports: [{port: 80}]
+status:
+  loadBalancer:
+    ingress: [{ip: 10.0.0.2}]
+"#;
+        let objs = parse_manifests(text).expect("parses");
+        let Object::Ingress(ing) = &objs[0] else {
+            panic!("not an Ingress")
+        };
+        assert_eq!(ing.metadata.managed_fields, None);
+        assert_eq!(ing.status, None);
+        let annotations = ing.metadata.annotations.as_ref().expect("annotations");
+        assert_eq!(
+            annotations.keys().collect::<Vec<_>>(),
+            ["portico.dev/load-balance"]
+        );
+        assert!(
+            ing.spec
+                .as_ref()
+                .is_some_and(|s| s.default_backend.is_some())
+        );
+        let Object::Service(svc) = &objs[1] else {
+            panic!("not a Service")
+        };
+        assert_eq!(svc.status, None);
+        assert!(svc.spec.is_some());
+
+        let text = r#"apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints:
+- addresses: [10.0.0.1]
+  conditions: {ready: false, serving: true, terminating: true}
+  nodeName: node-a
+  zone: z1
+  hostname: web-0
+  targetRef: {kind: Pod, name: web-0, namespace: default, uid: 1234}
+  hints: {forZones: [{name: z1}]}
+"#;
+        let objs = parse_manifests(text).expect("parses");
+        let Object::EndpointSlice(slice) = &objs[0] else {
+            panic!("not an EndpointSlice")
+        };
+        let ep = &slice.endpoints.as_deref().expect("endpoints")[0];
+        assert_eq!(ep.addresses, ["10.0.0.1"]);
+        let cond = ep.conditions.as_ref().expect("conditions");
+        assert_eq!(
+            (cond.ready, cond.serving, cond.terminating),
+            (Some(false), Some(true), Some(true))
+        );
+        assert_eq!(
+            (&ep.node_name, &ep.zone, &ep.hostname),
+            (&None, &None, &None)
+        );
+        assert!(ep.target_ref.is_none() && ep.hints.is_none());
+        assert_eq!(
+            slice.metadata.labels.as_ref().map(|l| l.len()),
+            Some(1),
+            "labels are read (service-name) and kept"
+        );
     }
 
     #[test]

@@ -99,7 +99,7 @@ pub fn describe(snap: &Snapshot) -> String {
 
 fn host_block(out: &mut String, name: &str, routes: &HostRoutes, snap: &Snapshot) {
     let _ = writeln!(out, "  {name}");
-    for r in &routes.routes {
+    for r in routes.routes() {
         out.push_str("  ");
         route_line(out, r, snap);
     }

@@ -46,13 +46,18 @@ pub struct Snapshot {
     pub tls: Arc<TlsTable>,
 }
 
+/// Host name → routes. Keyed with foldhash, several times faster than the std SipHash on
+/// short host names; the Host header is attacker-controlled, so the hasher stays keyed with a
+/// per-process random seed (HashDoS resistance), never a fixed one.
+pub type HostMap = HashMap<String, HostRoutes, foldhash::fast::RandomState>;
+
 /// Host → routes. Hosts are stored lower-case, without port.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct HostTable {
     /// Exact host names.
-    pub exact: HashMap<String, HostRoutes>,
+    pub exact: HostMap,
     /// One-label wildcards, keyed by the suffix after `*.` (`*.foo.com` → `foo.com`).
-    pub wildcard: HashMap<String, HostRoutes>,
+    pub wildcard: HostMap,
     /// Rules without a host: they catch every host not matched above.
     pub catch_all: Option<HostRoutes>,
     /// The default backend (oldest `spec.defaultBackend` of our class): used when a host
@@ -62,9 +67,36 @@ pub struct HostTable {
 
 /// The routes of one host, already in precedence order: longest path first, `Exact` before
 /// `Prefix` at equal length, conflicts already resolved.
-#[derive(Debug, Clone, PartialEq, Default)]
+///
+/// Built once with [`HostRoutes::new`], then read-only: next to the routes it keeps a compact
+/// match table (see `lookup`) derived from them, so the fields are private and the routes are
+/// read through [`HostRoutes::routes`].
+#[derive(Debug, Clone, Default)]
 pub struct HostRoutes {
-    pub routes: Vec<Arc<Route>>,
+    routes: Vec<Arc<Route>>,
+    table: lookup::PathTable,
+}
+
+impl HostRoutes {
+    /// The routes of one host, which must already be in precedence order (matching takes the
+    /// first that matches).
+    pub fn new(routes: Vec<Arc<Route>>) -> Self {
+        let table = lookup::PathTable::new(&routes);
+        HostRoutes { routes, table }
+    }
+
+    /// The routes, in precedence order.
+    pub fn routes(&self) -> &[Arc<Route>] {
+        &self.routes
+    }
+}
+
+// The match table is a function of the routes, so comparing the routes is enough (and it keeps
+// the publisher's unchanged-snapshot check as cheap as before).
+impl PartialEq for HostRoutes {
+    fn eq(&self, other: &Self) -> bool {
+        self.routes == other.routes
+    }
 }
 
 /// How a route's path matches (Ingress v1 `pathType`; `ImplementationSpecific` is `Prefix`).

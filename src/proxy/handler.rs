@@ -649,7 +649,10 @@ fn validate_head<B>(req: &Request<B>, cfg: &ProxyConfig) -> Result<Head, ProxyEr
         }
         None => host_header.unwrap_or_default().to_string(),
     };
-    let host = normalize_host(&authority).unwrap_or_default();
+    // `Head` owns its host, so a borrowed (already normal) host is copied once here.
+    let host = normalize_host(&authority)
+        .map(String::from)
+        .unwrap_or_default();
 
     let raw_path = if uri.path().is_empty() {
         "/"

@@ -257,7 +257,7 @@ pub(super) fn derive(inputs: &Inputs, opts: &Options, diags: &mut Diags) -> Rout
         routes.sort_by(|a, b| {
             (Reverse(a.path.len()), a.kind, &a.path).cmp(&(Reverse(b.path.len()), b.kind, &b.path))
         });
-        let entry = HostRoutes { routes };
+        let entry = HostRoutes::new(routes);
         match host {
             HostKey::Exact(h) => {
                 hosts.exact.insert(h, entry);

@@ -613,7 +613,7 @@ fn path_invalid_is_diagnosed_and_skipped() {
             ))
             .run();
         only(&d, Severity::Error, reason);
-        assert_eq!(s.hosts.exact["a.test"].routes.len(), 1, "{t} {p:?}");
+        assert_eq!(s.hosts.exact["a.test"].routes().len(), 1, "{t} {p:?}");
         assert_eq!(hit(&s, "a.test", "/ok"), "default/web:80");
     }
 }
@@ -649,7 +649,7 @@ fn precedence_longest_first_exact_before_prefix_across_ingresses_and_namespaces(
     let (s, d) = w.run();
     assert!(d.is_empty(), "{d:?}");
     let order: Vec<(PathKind, &str)> = s.hosts.exact["h.test"]
-        .routes
+        .routes()
         .iter()
         .map(|r| (r.kind, r.path.as_str()))
         .collect();

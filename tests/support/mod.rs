@@ -179,6 +179,10 @@ pub fn snapshot(routes: &[RouteSpec]) -> Snapshot {
     let mut backends: Vec<Backend> = Vec::new();
     let mut by_service: HashMap<String, BackendId> = HashMap::new();
     let mut hosts = HostTable::default();
+    // Routes per host, collected first: `HostRoutes` is built once, from the sorted list.
+    let mut exact: HashMap<String, Vec<Arc<Route>>> = HashMap::new();
+    let mut wildcard: HashMap<String, Vec<Arc<Route>>> = HashMap::new();
+    let mut catch_all: Vec<Arc<Route>> = Vec::new();
     for spec in routes {
         let target = if spec.unavailable {
             RouteTarget::Unavailable {
@@ -220,31 +224,28 @@ pub fn snapshot(routes: &[RouteSpec]) -> Snapshot {
             hosts.default_route = Some(route);
             continue;
         }
-        let entry: &mut HostRoutes = match spec.host.as_deref() {
-            None => hosts.catch_all.get_or_insert_with(HostRoutes::default),
+        let entry: &mut Vec<Arc<Route>> = match spec.host.as_deref() {
+            None => &mut catch_all,
             Some(h) => match h.strip_prefix("*.") {
-                Some(suffix) => hosts.wildcard.entry(suffix.to_string()).or_default(),
-                None => hosts.exact.entry(h.to_string()).or_default(),
+                Some(suffix) => wildcard.entry(suffix.to_string()).or_default(),
+                None => exact.entry(h.to_string()).or_default(),
             },
         };
-        entry.routes.push(route);
+        entry.push(route);
     }
-    let order = |routes: &mut Vec<Arc<Route>>| {
+    let order = |mut routes: Vec<Arc<Route>>| {
         routes.sort_by(|a, b| {
             b.path
                 .len()
                 .cmp(&a.path.len())
                 .then_with(|| a.kind.cmp(&b.kind))
-        })
+        });
+        HostRoutes::new(routes)
     };
-    for e in hosts.exact.values_mut() {
-        order(&mut e.routes);
-    }
-    for e in hosts.wildcard.values_mut() {
-        order(&mut e.routes);
-    }
-    if let Some(e) = hosts.catch_all.as_mut() {
-        order(&mut e.routes);
+    hosts.exact = exact.into_iter().map(|(h, r)| (h, order(r))).collect();
+    hosts.wildcard = wildcard.into_iter().map(|(h, r)| (h, order(r))).collect();
+    if !catch_all.is_empty() {
+        hosts.catch_all = Some(order(catch_all));
     }
     Snapshot {
         hosts: Arc::new(hosts),
