@@ -45,7 +45,8 @@ const USER_AGENT: &str = "portico-health-check";
 /// probed under two different checks; it is almost always one entry).
 #[derive(Debug, Default)]
 pub struct ActiveHealth {
-    down: RwLock<HashMap<SocketAddr, Vec<Arc<HealthCheck>>>>,
+    /// foldhash: read on every request to a checked backend; keys are our endpoints.
+    down: RwLock<HashMap<SocketAddr, Vec<Arc<HealthCheck>>, foldhash::fast::RandomState>>,
 }
 
 impl ActiveHealth {
