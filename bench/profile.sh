@@ -9,7 +9,8 @@
 # (`perf stat -e instructions true` reports <not supported>); callgrind counts instructions
 # exactly, which is also what makes its numbers stable on a shared, noisy machine.
 #
-# Usage: bench/profile.sh [SECONDS] (default 10).
+# Usage: bench/profile.sh [SECONDS] (default 10). PROFILE_WRK_ARGS adds wrk arguments (split on
+# spaces), e.g. PROFILE_WRK_ARGS="-H Connection:close" profiles a new connection per request.
 # Binds only 127.0.0.1; stops only what it started.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -96,7 +97,8 @@ profile() {
     PIDS+=("$pid")
     wait_http "$url" 120 || { echo "$name did not start under valgrind" >&2; exit 1; }
     timeout 20 callgrind_control -i on "$pid" >/dev/null 2>&1 || true
-    wrk -t1 -c8 -d"${SECS}s" --timeout 10s "$url" >"$OUT/$name.wrk" 2>&1 || true
+    # shellcheck disable=SC2086 # PROFILE_WRK_ARGS is a list of words on purpose
+    wrk -t1 -c8 -d"${SECS}s" --timeout 10s ${PROFILE_WRK_ARGS:-} "$url" >"$OUT/$name.wrk" 2>&1 || true
     timeout 20 callgrind_control -i off "$pid" >/dev/null 2>&1 || true
     stop_wait "$pid"
 }
