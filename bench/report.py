@@ -224,15 +224,16 @@ def churn(path):
     steady = [r for r in runs if r["phase"] == "steady"]
     churned = [r for r in runs if r["phase"] == "churn"]
     print("| phase | req/s | p50 ms | p99 ms | failed (non-2xx + socket errors) | slice rewrites | "
-          "Ingress toggles | snapshot builds |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+          "Ingress toggles | snapshot builds | proxy CPU µs/req | of it user |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, rs in (("steady", steady), ("churn", churned)):
         if not rs:
             continue
         print(f"| {name} | {fmt(med(rs, 'rps'), 0)} | {fmt(med(rs, 'p50_ms'), 3)} | "
               f"{fmt(med(rs, 'p99_ms'), 3)} | {sum(r['failed'] for r in rs)} | "
               f"{sum(r.get('writes', 0) for r in rs)} | {sum(r.get('toggles', 0) for r in rs)} | "
-              f"{sum(r.get('builds', 0) for r in rs)} |")
+              f"{sum(r.get('builds', 0) for r in rs)} | {fmt(med(rs, 'cpu_us_per_req'))} | "
+              f"{fmt(med(rs, 'user_us_per_req'))} |")
     s, c = med(steady, "p99_ms"), med(churned, "p99_ms")
     print(f"\np99 shift under churn: {ratio(c, s)} of steady state.")
 

@@ -11,7 +11,7 @@
 #   rss    portico's RSS with 10 000 generated Ingresses (50 000 paths, 100 000 endpoints) loaded
 #
 # Knobs: BENCH_DURATION (s per measured run, 10), BENCH_REPS (3), BENCH_CHURN_DURATION (30),
-# BENCH_CHURN_REPS (1), BENCH_PORT_BASE (24700: ports base+1 .. base+31),
+# BENCH_CHURN_REPS (3; 1 in quick mode), BENCH_PORT_BASE (24700: ports base+1 .. base+31),
 # BENCH_QUICK=1 (validate the scripts: 2 s runs, 1 rep, 5 s churn, 1 000 Ingresses, short micro),
 # BENCH_SCENARIOS, BENCH_PROXIES, BENCH_OUT (results dir, default target/bench/<UTC time>),
 # BENCH_PORTICO_BIN (another portico build, for A/B runs).
@@ -37,7 +37,8 @@ else
     CHURN_DURATION=${BENCH_CHURN_DURATION:-30}
     SCALE_N=${BENCH_SCALE_INGRESSES:-10000}
 fi
-CHURN_REPS=${BENCH_CHURN_REPS:-1}
+# One churn run's p99 varies by up to 1.5x between identical runs: quote a median of three.
+if [[ $QUICK != 0 ]]; then CHURN_REPS=${BENCH_CHURN_REPS:-1}; else CHURN_REPS=${BENCH_CHURN_REPS:-3}; fi
 STEPS=${BENCH_STEPS:-micro load churn rss}
 SCENARIOS=${BENCH_SCENARIOS:-h1_small h1_16k h1_newconn https_keepalive tls_handshake h2_tls}
 PROXIES=${BENCH_PROXIES:-portico nginx haproxy}
@@ -413,14 +414,20 @@ step_churn() {
         cp -r "$WORK/manifests" "$churn_dir"
         start_proxy portico "$churn_dir"
         loadgen h1_small "$WARMUP" "$OUT/raw/churn-warmup-$rep.out" /dev/null
+        local c0 c1 u0 u1
+        read -r c0 _ _ u0 < <(procstat "$PROXY_PID")
         loadgen h1_small "$CHURN_DURATION" "$OUT/raw/churn-steady-$rep.out" /dev/null
+        read -r c1 _ _ u1 < <(procstat "$PROXY_PID")
         python3 "$HERE/report.py" record "$OUT/runs.jsonl" kind=churn phase=steady proxy=portico \
-            scenario=churn_steady rep="$rep" -- "$OUT/raw/churn-steady-$rep.out"
+            scenario=churn_steady rep="$rep" cpu0="$c0" cpu1="$c1" ucpu0="$u0" ucpu1="$u1" \
+            -- "$OUT/raw/churn-steady-$rep.out"
         local b0 writer
         b0=$(snapshot_builds)
         bg "$OUT/raw/churn-writer-$rep.out" python3 "$HERE/churn.py" "$churn_dir" "$UP_PORT" "$CHURN_DURATION" 10
         writer=$BG_PID
+        read -r c0 _ _ u0 < <(procstat "$PROXY_PID")
         loadgen h1_small "$CHURN_DURATION" "$OUT/raw/churn-churn-$rep.out" /dev/null
+        read -r c1 _ _ u1 < <(procstat "$PROXY_PID")
         wait "$writer" || true
         forget "$writer"
         local builds writes toggles
@@ -430,7 +437,8 @@ step_churn() {
         stop "$PROXY_PID"
         python3 "$HERE/report.py" record "$OUT/runs.jsonl" kind=churn phase=churn proxy=portico \
             scenario=churn rep="$rep" writes="${writes:-0}" toggles="${toggles:-0}" \
-            builds="$builds" -- "$OUT/raw/churn-churn-$rep.out"
+            builds="$builds" cpu0="$c0" cpu1="$c1" ucpu0="$u0" ucpu1="$u1" \
+            -- "$OUT/raw/churn-churn-$rep.out"
     done
     python3 "$HERE/report.py" churn "$OUT/runs.jsonl" >"$OUT/churn.md"
 }
