@@ -44,15 +44,8 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# wait_http URL SECONDS: bounded polling (a deadline, whatever each probe costs).
-wait_http() {
-    local end=$((SECONDS + $2))
-    while ((SECONDS < end)); do
-        [[ $(curl -sk -o /dev/null -w '%{http_code}' --max-time 2 "$1" 2>/dev/null) == 200 ]] && return 0
-        sleep 0.1
-    done
-    return 1
-}
+# shellcheck source=bench/lib.sh
+. "$HERE/lib.sh"
 
 # Stop a profiled process (TERM, so callgrind writes its file) and wait, bounded, for it.
 stop_wait() {

@@ -114,15 +114,8 @@ bg() {
     STARTED+=("$BG_PID")
 }
 
-# wait_http URL [SECONDS]: bounded polling (a deadline) until URL answers 200.
-wait_http() {
-    local url=$1 end=$((SECONDS + ${2:-20}))
-    while ((SECONDS < end)); do
-        [[ $(curl -sk -o /dev/null -w '%{http_code}' --max-time 1 "$url" 2>/dev/null) == 200 ]] && return 0
-        sleep 0.1
-    done
-    return 1
-}
+# shellcheck source=bench/lib.sh
+. "$HERE/lib.sh"
 
 ports_free() {
     python3 - "$@" <<'PY'

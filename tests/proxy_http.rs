@@ -867,17 +867,23 @@ async fn absolute_form_authority_wins_over_host() {
 
 // ---------------------------------------------------------------- upgrades and h2c
 
-#[tokio::test]
-async fn websocket_upgrade_echoes_both_ways() {
-    let ws = websocket_backend().await;
-    let p = proxy_with(&[RouteSpec::prefix(None, "/", &[ws.addr])]).await;
-    let mut s = TcpStream::connect(p.addr).await.expect("connect");
+/// Open a connection to `addr` and send a WebSocket upgrade request for `/chat` on host `x`.
+async fn websocket_handshake(addr: std::net::SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
     s.write_all(
         b"GET /chat HTTP/1.1\r\nhost: x\r\nconnection: Upgrade\r\nupgrade: websocket\r\n\
           sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
     )
     .await
     .expect("write");
+    s
+}
+
+#[tokio::test]
+async fn websocket_upgrade_echoes_both_ways() {
+    let ws = websocket_backend().await;
+    let p = proxy_with(&[RouteSpec::prefix(None, "/", &[ws.addr])]).await;
+    let mut s = websocket_handshake(p.addr).await;
     let head = read_head(&mut s).await;
     let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
     assert!(head.starts_with("http/1.1 101"), "{head}");
@@ -949,13 +955,7 @@ async fn websocket_holds_its_concurrency_slot_until_the_tunnel_ends() {
     let p = proxy_with(&[RouteSpec::prefix(None, "/", &[ws.addr])
         .policy(|p: &mut RoutePolicy| p.max_concurrent_requests = Some(1))])
     .await;
-    let mut s = TcpStream::connect(p.addr).await.expect("connect");
-    s.write_all(
-        b"GET /chat HTTP/1.1\r\nhost: x\r\nconnection: Upgrade\r\nupgrade: websocket\r\n\
-          sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-    )
-    .await
-    .expect("write");
+    let mut s = websocket_handshake(p.addr).await;
     let head = String::from_utf8_lossy(&read_head(&mut s).await).to_ascii_lowercase();
     assert!(head.starts_with("http/1.1 101"), "{head}");
     // The tunnel works, so it is established.

@@ -335,12 +335,6 @@ struct Cut {
     rx: watch::Receiver<bool>,
 }
 
-impl Cut {
-    fn is_cut(&self) -> bool {
-        self.flag.load(Ordering::Acquire)
-    }
-}
-
 /// Polls a connection task's side future (shutdown signal, cut, timers) only when that
 /// future's own waker fired, not on every wake-up of the task. The IO wakes a connection task
 /// several times per request; re-polling the watch and timer futures each time cost about a
@@ -872,7 +866,7 @@ async fn accept_loop(
         let cut = cut.clone();
         tokio::spawn(async move {
             let mut task_cut = cut.rx.clone();
-            let flag = cut.clone();
+            let flag = cut.flag.clone();
             // The IO fails on cut too, but a request stuck in the handler does no IO: this
             // drops it (and with it the connection) at the cut.
             let mut conn = pin!(serve_conn(&shared, accepted, shutdown, cut));
@@ -887,7 +881,7 @@ async fn accept_loop(
                 gate.poll(cut_fired.as_mut(), cx).map(|()| true)
             })
             .await;
-            if was_cut || flag.is_cut() {
+            if was_cut || flag.load(Ordering::Acquire) {
                 debug!(%peer, "connection cut at end of shutdown grace");
             }
         });
