@@ -9,8 +9,13 @@
 # (`perf stat -e instructions true` reports <not supported>); callgrind counts instructions
 # exactly, which is also what makes its numbers stable on a shared, noisy machine.
 #
-# Usage: bench/profile.sh [SECONDS] (default 10). PROFILE_WRK_ARGS adds wrk arguments (split on
-# spaces), e.g. PROFILE_WRK_ARGS="-H Connection:close" profiles a new connection per request.
+# Usage: bench/profile.sh [SECONDS] (default 10). PROFILE_CLOSE=1 sends `Connection: close`, so
+# every request is a new connection (wrk drops a -H value without a space after the colon, so
+# this cannot go through PROFILE_WRK_ARGS); PROFILE_TLS=1 sends the requests to the HTTPS
+# listener (with PROFILE_CLOSE=1, a full TLS handshake per request: wrk never resumes sessions).
+# PROFILE_WRK_ARGS adds further wrk arguments (split on spaces). PROFILE_TOOL=perf samples the
+# native process instead (`perf record -e cpu-clock -g`, 999 Hz; no instruction counts, but
+# CPU features valgrind hides, such as the ADX/BMI2 paths of ring's X25519, are used).
 # Binds only 127.0.0.1; stops only what it started.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -79,6 +84,13 @@ nginx -p "$WORK" -c "$WORK/up.conf" -e "$WORK/up.err" -g 'daemon off;' >/dev/nul
 PIDS+=($!)
 wait_http "http://127.0.0.1:$UP_PORT/" 10
 
+wrk_run() {
+    local close=()
+    [[ ${PROFILE_CLOSE:-0} == 1 ]] && close=(-H 'Connection: close')
+    # shellcheck disable=SC2086 # PROFILE_WRK_ARGS is a list of words on purpose
+    wrk -t1 -c8 -d"${SECS}s" --timeout 10s "${close[@]}" ${PROFILE_WRK_ARGS:-} "$1" >"$2" 2>&1 || true
+}
+
 # profile NAME URL CMD...: run CMD under callgrind (instrumentation off), wait for URL, switch
 # collection on, run wrk, stop; leaves $OUT/NAME.callgrind and $OUT/NAME.wrk.
 profile() {
@@ -90,10 +102,39 @@ profile() {
     PIDS+=("$pid")
     wait_http "$url" 120 || { echo "$name did not start under valgrind" >&2; exit 1; }
     timeout 20 callgrind_control -i on "$pid" >/dev/null 2>&1 || true
-    # shellcheck disable=SC2086 # PROFILE_WRK_ARGS is a list of words on purpose
-    wrk -t1 -c8 -d"${SECS}s" --timeout 10s ${PROFILE_WRK_ARGS:-} "$url" >"$OUT/$name.wrk" 2>&1 || true
+    wrk_run "$url" "$OUT/$name.wrk"
     timeout 20 callgrind_control -i off "$pid" >/dev/null 2>&1 || true
     stop_wait "$pid"
+}
+
+# perf_profile NAME URL CMD...: run CMD natively, wait for URL, sample it with perf while wrk
+# runs; leaves $OUT/NAME.perf.data, $OUT/NAME.wrk and $OUT/NAME.summary.txt.
+perf_profile() {
+    local name=$1 url=$2
+    shift 2
+    "$@" >"$OUT/$name.log" 2>&1 &
+    local pid=$!
+    PIDS+=("$pid")
+    wait_http "$url" 30 || { echo "$name did not start" >&2; exit 1; }
+    perf record -q -e cpu-clock -F 999 -g -p "$pid" -o "$OUT/$name.perf.data" >/dev/null 2>&1 &
+    local perf_pid=$!
+    PIDS+=("$perf_pid")
+    wrk_run "$url" "$OUT/$name.wrk"
+    stop_wait "$perf_pid"
+    stop_wait "$pid"
+    set +o pipefail
+    local reqs
+    reqs=$(sed -n 's/^ *\([0-9]*\) requests in.*/\1/p' "$OUT/$name.wrk")
+    {
+        echo "== $name: $reqs requests (perf samples of the native process, cpu-clock)"
+        echo "-- self"
+        perf report -i "$OUT/$name.perf.data" --no-children --sort symbol --stdio 2>/dev/null |
+            grep -v '^#' | grep '%' | head -45
+        echo "-- inclusive"
+        perf report -i "$OUT/$name.perf.data" --children --sort symbol --stdio -g none 2>/dev/null |
+            grep -v '^#' | grep '%' | head -60
+    } | tee "$OUT/$name.summary.txt"
+    set -o pipefail
 }
 
 summarise() {
@@ -118,9 +159,17 @@ summarise() {
     set -o pipefail
 }
 
-RUST_LOG=warn profile portico "http://127.0.0.1:$HTTP/" "$ROOT/target/release/portico" run \
+URL="http://127.0.0.1:$HTTP/"
+[[ ${PROFILE_TLS:-0} == 1 ]] && URL="https://127.0.0.1:$HTTPS/"
+RUN=profile
+[[ ${PROFILE_TOOL:-callgrind} == perf ]] && RUN=perf_profile
+RUST_LOG=warn $RUN portico "$URL" "$ROOT/target/release/portico" run \
     --manifests "$WORK/manifests" --worker-threads 1 --no-access-log --log-format text \
     --http-addr "127.0.0.1:$HTTP" --https-addr "127.0.0.1:$HTTPS" --admin-addr "127.0.0.1:$ADMIN" \
     --default-certificate bench/bench-tls
-summarise portico
-echo "callgrind files in $OUT" >&2
+if [[ $RUN == profile ]]; then
+    summarise portico
+    echo "callgrind files in $OUT" >&2
+else
+    echo "perf data in $OUT" >&2
+fi

@@ -126,13 +126,45 @@ def parse_h2load(text, log_path):
     return r
 
 
+def parse_ab(text, csv_path):
+    """ApacheBench output plus its `-e` CSV (percentile,milliseconds from 0 to 100)."""
+    r = {"tool": "ab"}
+    m = re.search(r"Requests per second:\s+([0-9.]+)", text)
+    r["rps"] = float(m.group(1)) if m else 0.0
+    m = re.search(r"Complete requests:\s+(\d+)", text)
+    complete = int(m.group(1)) if m else 0
+    failed = 0
+    for pat in (r"Failed requests:\s+(\d+)", r"Non-2xx responses:\s+(\d+)"):
+        m = re.search(pat, text)
+        failed += int(m.group(1)) if m else 0
+    r["requests"] = max(complete - failed, 0)
+    r["failed"] = failed
+    pct = {}
+    try:
+        with open(csv_path) as f:
+            for line in f:
+                parts = line.strip().split(",")
+                if len(parts) == 2 and parts[0].isdigit():
+                    pct[int(parts[0])] = float(parts[1])
+    except OSError:
+        pass
+    r["p50_ms"] = pct.get(50)
+    r["p99_ms"] = pct.get(99)
+    return r
+
+
 def record(args):
     out = args[0]
     sep = args.index("--")
     fields = dict(a.split("=", 1) for a in args[1:sep])
     files = args[sep + 1:]
     text = open(files[0]).read()
-    r = parse_h2load(text, files[1]) if len(files) > 1 else parse_wrk(text)
+    if "ApacheBench" in text:
+        r = parse_ab(text, files[1] if len(files) > 1 else "")
+    elif len(files) > 1:
+        r = parse_h2load(text, files[1])
+    else:
+        r = parse_wrk(text)
     for k, v in fields.items():
         try:
             r[k] = int(v)
@@ -170,6 +202,7 @@ SCENARIOS = [
     ("h1_newconn", "HTTP/1.1, new TCP connection per request"),
     ("https_keepalive", "HTTPS (HTTP/1.1) keep-alive"),
     ("tls_handshake", "full TLS handshake per request"),
+    ("tls_resume", "TLS 1.3 resumption per request"),
     ("h2_tls", "h2 over TLS, multiplexed"),
 ]
 PROXIES = ["portico", "nginx", "haproxy"]

@@ -5,7 +5,7 @@
 #   micro  criterion micro-benchmarks (benches/snapshot.rs): route match, translate, endpoint update
 #   load   portico vs nginx vs HAProxy in front of a local nginx upstream, one at a time, the proxy
 #          pinned to core BENCH_PROXY_CPU (0), load generator and upstream on BENCH_LOAD_CPU (1);
-#          six scenarios; proxies alternate within each repetition; medians of BENCH_REPS
+#          seven scenarios; proxies alternate within each repetition; medians of BENCH_REPS
 #   churn  portico under steady wrk load while bench/churn.py rewrites its EndpointSlice 10×/s and
 #          toggles an unrelated Ingress; failed requests and the p99 shift vs a steady run
 #   rss    portico's RSS with 10 000 generated Ingresses (50 000 paths, 100 000 endpoints) loaded
@@ -16,7 +16,7 @@
 # BENCH_SCENARIOS, BENCH_PROXIES, BENCH_OUT (results dir, default target/bench/<UTC time>),
 # BENCH_PORTICO_BIN (another portico build, for A/B runs).
 #
-# Installs nginx, haproxy, wrk and nghttp2-client (h2load) with apt-get when missing. Binds only
+# Installs nginx, haproxy, wrk, nghttp2-client (h2load) and apache2-utils (ab) with apt-get when missing. Binds only
 # 127.0.0.0/8. Every loop is bounded; only processes this script started are stopped (by PID, on
 # exit too).
 set -euo pipefail
@@ -40,7 +40,7 @@ fi
 # One churn run's p99 varies by up to 1.5x between identical runs: quote a median of three.
 if [[ $QUICK != 0 ]]; then CHURN_REPS=${BENCH_CHURN_REPS:-1}; else CHURN_REPS=${BENCH_CHURN_REPS:-3}; fi
 STEPS=${BENCH_STEPS:-micro load churn rss}
-SCENARIOS=${BENCH_SCENARIOS:-h1_small h1_16k h1_newconn https_keepalive tls_handshake h2_tls}
+SCENARIOS=${BENCH_SCENARIOS:-h1_small h1_16k h1_newconn https_keepalive tls_handshake tls_resume h2_tls}
 PROXIES=${BENCH_PROXIES:-portico nginx haproxy}
 PROXY_CPU=${BENCH_PROXY_CPU:-0}
 LOAD_CPU=${BENCH_LOAD_CPU:-1}
@@ -51,6 +51,10 @@ CONNS_NEW=${BENCH_CONNS_NEW:-16}
 H2_CONNS=${BENCH_H2_CONNS:-4}
 H2_STREAMS=${BENCH_H2_STREAMS:-16}
 WARMUP=1
+# TLS 1.3 cipher suites in portico's order of preference (src/proxy/tls.rs CIPHER_SUITES),
+# given to nginx and HAProxy too, with the server's order deciding, so all three negotiate the
+# same suite with OpenSSL clients (which list AES-256-GCM first).
+TLS13_SUITES=TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256
 
 # Ports (127.0.0.1 only; the upstream also on .2 and .3), all from one base so a clash with
 # something else on the machine is one knob away. Keep them below the kernel's ephemeral range
@@ -143,6 +147,7 @@ install_tools() {
     command -v haproxy >/dev/null || missing+=(haproxy)
     command -v wrk >/dev/null || missing+=(wrk)
     command -v h2load >/dev/null || missing+=(nghttp2-client)
+    command -v ab >/dev/null || missing+=(apache2-utils)
     command -v taskset >/dev/null || missing+=(util-linux)
     command -v openssl >/dev/null || missing+=(openssl)
     command -v curl >/dev/null || missing+=(curl)
@@ -165,6 +170,7 @@ machine_info() {
         echo "haproxy: $(haproxy -v | head -1)"
         echo "wrk: $(wrk -v 2>&1 | head -1)"
         echo "h2load: $(h2load --version | head -1)"
+        echo "ab: $(ab -V | head -1)"
         echo "openssl: $(openssl version)"
         echo "settings: duration=${DURATION}s reps=$REPS churn=${CHURN_DURATION}s x$CHURN_REPS conns=$CONNS_KA/$CONNS_NEW h2=${H2_CONNS}x$H2_STREAMS proxy-cpu=$PROXY_CPU load-cpu=$LOAD_CPU"
     } >"$OUT/machine.txt"
@@ -246,6 +252,9 @@ $(nginx_temp_paths proxy)
     ssl_certificate $WORK/cert.pem;
     ssl_certificate_key $WORK/key.pem;
     ssl_protocols TLSv1.2 TLSv1.3;
+    # portico's TLS 1.3 suite order, the server's choice (as portico and HAProxy do).
+    ssl_conf_command Ciphersuites $TLS13_SUITES;
+    ssl_prefer_server_ciphers on;
     location / {
       proxy_pass http://up;
       proxy_http_version 1.1;
@@ -270,6 +279,8 @@ global
   nbthread 1
   maxconn 8000
   ssl-default-bind-options ssl-min-ver TLSv1.2
+  # portico's TLS 1.3 suite order; HAProxy follows the server's order by default.
+  ssl-default-bind-ciphersuites $TLS13_SUITES
 defaults
   mode http
   timeout connect 5s
@@ -340,8 +351,12 @@ loadgen() {
     h1_16k) "${wrk[@]}" -c"$CONNS_KA" "$http/16k" ;;
     h1_newconn) "${wrk[@]}" -c"$CONNS_NEW" -H 'Connection: close' "$http/" ;;
     https_keepalive) "${wrk[@]}" -c"$CONNS_KA" "$https/" ;;
-    # wrk never resumes TLS sessions: with Connection: close every request is a full handshake.
-    tls_handshake) "${wrk[@]}" -c"$CONNS_NEW" -H 'Connection: close' "$https/" ;;
+    # ab opens every connection with a fresh TLS session (a full handshake, one HTTP/1.0
+    # request, close). wrk keeps the session across its reconnects (SSL_clear), so with
+    # Connection: close every request is a TLS 1.3 resumption (PSK with a new X25519 share).
+    tls_handshake) taskset -c "$LOAD_CPU" ab -q -t"$secs" -n 100000000 -c"$CONNS_NEW" \
+        -e "$h2log" "$https/" ;;
+    tls_resume) "${wrk[@]}" -c"$CONNS_NEW" -H 'Connection: close' "$https/" ;;
     h2_tls) taskset -c "$LOAD_CPU" h2load -t1 -c"$H2_CONNS" -m"$H2_STREAMS" -D"$secs" \
         --log-file="$h2log" "$https/" ;;
     *) die "unknown scenario $sc" ;;
@@ -362,7 +377,8 @@ run_one() {
     read -r cpu1 _ hwm ucpu1 < <(procstat "$PROXY_PID")
     stop "$PROXY_PID"
     local files=("$OUT/raw/$tag.out")
-    [[ $sc == h2_tls ]] && files+=("$OUT/raw/$tag.h2log")
+    # h2load's per-request log, ab's percentile CSV
+    [[ $sc == h2_tls || $sc == tls_handshake ]] && files+=("$OUT/raw/$tag.h2log")
     python3 "$HERE/report.py" record "$OUT/runs.jsonl" kind=load proxy="$proxy" scenario="$sc" \
         rep="$rep" cpu0="$cpu0" cpu1="$cpu1" ucpu0="$ucpu0" ucpu1="$ucpu1" idle_kib="$idle" hwm_kib="$hwm" -- "${files[@]}"
     rm -f "$OUT/raw/$tag.h2log" "$OUT/raw/$tag.warmup.h2log" # large; the parsed numbers are kept

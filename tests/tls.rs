@@ -30,10 +30,6 @@ use tokio_rustls::client::TlsStream;
 
 const DEADLINE: Duration = Duration::from_secs(5);
 
-fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
 /// Echoes what the listener told it about the connection.
 struct Echo;
 
@@ -183,6 +179,8 @@ impl ServerCertVerifier for AcceptAny {
 
 struct Client {
     versions: &'static [&'static rustls::SupportedProtocolVersion],
+    /// Cipher suites offered, in the client's order (empty: ring's default, AES-256 first).
+    suites: Vec<rustls::SupportedCipherSuite>,
     alpn: Vec<Vec<u8>>,
     sni: Option<&'static str>,
 }
@@ -191,6 +189,7 @@ impl Default for Client {
     fn default() -> Self {
         Client {
             versions: rustls::DEFAULT_VERSIONS,
+            suites: Vec::new(),
             alpn: vec![b"h2".to_vec(), b"http/1.1".to_vec()],
             sni: Some("example.com"),
         }
@@ -213,7 +212,11 @@ impl Client {
     }
 
     async fn connect(&self, addr: SocketAddr) -> Result<TlsStream<TcpStream>, std::io::Error> {
-        let p = provider();
+        let mut p = rustls::crypto::ring::default_provider();
+        if !self.suites.is_empty() {
+            p.cipher_suites = self.suites.clone();
+        }
+        let p = Arc::new(p);
         let mut cfg = ClientConfig::builder_with_provider(p.clone())
             .with_protocol_versions(self.versions)
             .expect("versions")
@@ -398,6 +401,42 @@ async fn conn_info_carries_tls_and_lower_cased_sni() {
     assert_eq!(resp.headers()["x-tls"], "true");
     assert_eq!(resp.headers()["x-sni"], "shop.example.com");
     assert_eq!(resp.headers()["x-version"], "HTTP/2.0");
+}
+
+#[tokio::test]
+async fn the_server_picks_aes128_gcm_over_the_clients_order_but_serves_what_it_offers() {
+    use rustls::CipherSuite as S;
+    use rustls::crypto::ring::cipher_suite as cs;
+    let srv = start().await;
+    static V12: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS12];
+    static V13: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
+    for (versions, suites, expect) in [
+        // ring's default client order lists AES-256-GCM first: the server's order wins.
+        (V13, vec![], S::TLS13_AES_128_GCM_SHA256),
+        (V12, vec![], S::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256),
+        (
+            V13,
+            vec![
+                cs::TLS13_CHACHA20_POLY1305_SHA256,
+                cs::TLS13_AES_256_GCM_SHA384,
+            ],
+            S::TLS13_AES_256_GCM_SHA384,
+        ),
+        (
+            V13,
+            vec![cs::TLS13_CHACHA20_POLY1305_SHA256],
+            S::TLS13_CHACHA20_POLY1305_SHA256,
+        ),
+    ] {
+        let client = Client {
+            versions,
+            suites,
+            ..Client::default()
+        };
+        let tls = client.connect(srv.https).await.expect("handshake");
+        let suite = tls.get_ref().1.negotiated_cipher_suite().expect("suite");
+        assert_eq!(suite.suite(), expect);
+    }
 }
 
 #[tokio::test]
