@@ -915,7 +915,7 @@ async fn serve_conn(shared: &Shared, accepted: Accepted, shutdown: Shutdown, cut
             // preface through untouched (it is not an h1 head).
             let io = TokioIo::new(framing_io(io, cfg));
             let svc = make_service(shared.service.clone(), info, activity.clone());
-            let conn = shared.auto.serve_connection_with_upgrades(io, svc);
+            let conn = Box::pin(shared.auto.serve_connection_with_upgrades(io, svc));
             drive(
                 conn,
                 |c| c.graceful_shutdown(),
@@ -929,9 +929,12 @@ async fn serve_conn(shared: &Shared, accepted: Accepted, shutdown: Shutdown, cut
         ListenerKind::Https => {
             // The handshake shares the header timeout: a client that opens a socket and
             // stalls the handshake is the TLS flavour of slowloris.
-            let handshake =
-                tokio::time::timeout(cfg.client_header_timeout, shared.acceptor.accept(stream))
-                    .await;
+            // Boxed, like the connections below (see `drive`): rustls' state is over 1 KiB.
+            let handshake = Box::pin(tokio::time::timeout(
+                cfg.client_header_timeout,
+                shared.acceptor.accept(stream),
+            ))
+            .await;
             let tls = match handshake {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
@@ -955,7 +958,7 @@ async fn serve_conn(shared: &Shared, accepted: Accepted, shutdown: Shutdown, cut
             if h2 {
                 // HTTP/2 framing is hyper's h2 codec's business (RFC 9113 §8.2.2 forbids
                 // Transfer-Encoding there; the handler refuses it): no h1 guard.
-                let conn = shared.h2.serve_connection(TokioIo::new(io), svc);
+                let conn = Box::pin(shared.h2.serve_connection(TokioIo::new(io), svc));
                 drive(
                     conn,
                     |c| c.graceful_shutdown(),
@@ -967,7 +970,7 @@ async fn serve_conn(shared: &Shared, accepted: Accepted, shutdown: Shutdown, cut
                 .await;
             } else {
                 let io = TokioIo::new(framing_io(io, cfg));
-                let conn = shared.h1.serve_connection(io, svc).with_upgrades();
+                let conn = Box::pin(shared.h1.serve_connection(io, svc).with_upgrades());
                 drive(
                     conn,
                     |c| c.graceful_shutdown(),
@@ -1009,8 +1012,13 @@ fn make_service(
 }
 
 /// Poll one connection to its end, applying the timers and the graceful shutdown.
+///
+/// The connection comes boxed: hyper's connection state (and rustls' inside it) is several
+/// KiB, and held inline it would make every connection task's future that large, which tokio
+/// then moves (memcpy) several times while spawning it — callgrind showed those copies as
+/// over half of the instructions of a new connection.
 async fn drive<C, E>(
-    conn: C,
+    mut conn: Pin<Box<C>>,
     graceful: impl Fn(Pin<&mut C>),
     activity: &Activity,
     cfg: &ProxyConfig,
@@ -1025,7 +1033,6 @@ async fn drive<C, E>(
         Shutdown,
         Expired(Expiry),
     }
-    let mut conn = pin!(conn);
     let mut draining = false;
     let mut fired = pin!(shutdown.fired());
     let shutdown_gate = Gate::new();
