@@ -37,6 +37,7 @@ use super::error::{ProxyError, empty_body, full_body};
 use super::framing::CL_TE_MARKER;
 use super::health::HealthChecker;
 use super::ratelimit::{Limiter, RateHeaders, Verdict};
+use super::route_metrics::{RouteMetrics, RouteMetricsCache};
 use super::upstream::{BodyFlags, OutboundRequest, PoolReturn, Upstreams};
 use super::{BoxError, ConnInfo, ProxyBody, ProxyConfig};
 use crate::model::path::normalize_path;
@@ -68,6 +69,8 @@ pub struct Handler {
     request_ids: RequestIds,
     /// RateLimitPolicy buckets and `maxInFlight` counters, outside the snapshot (brief §4.5).
     limiter: Limiter,
+    /// Request metric handles per (Ingress, Service).
+    route_metrics: Arc<RouteMetricsCache>,
 }
 
 /// Decrements an in-flight counter when the request (including its response body) ends.
@@ -158,6 +161,8 @@ struct Record {
     bytes_in: Arc<AtomicU64>,
     /// `RateLimit-Policy` / `RateLimit` for the response, once the route's policies ran.
     rate_headers: Option<RateHeaders>,
+    /// Metric handles of (ingress, service), once both are known.
+    route_metrics: Option<Arc<RouteMetrics>>,
 }
 
 impl Record {
@@ -167,10 +172,6 @@ impl Record {
 
     fn ingress(&self) -> &str {
         self.ingress.as_ref().map_or("", |i| &i.name)
-    }
-
-    fn service(&self) -> &str {
-        self.service.as_deref().unwrap_or_default()
     }
 }
 
@@ -194,6 +195,7 @@ impl Handler {
         );
         Handler {
             upstreams: Upstreams::new(metrics.clone(), cfg.max_ejection_percent),
+            route_metrics: Arc::new(RouteMetricsCache::new(metrics.clone())),
             cfg,
             reader,
             metrics,
@@ -280,7 +282,7 @@ impl Handler {
                 status,
                 start,
                 guards,
-                metrics: self.metrics.clone(),
+                route_metrics: self.route_metrics.clone(),
                 access_log: self.cfg.access_log,
             }),
         };
@@ -403,6 +405,10 @@ impl Handler {
         };
         let backend = backend.ok_or(ProxyError::NoEndpoints)?;
         rec.service = Some(backend.key.service.clone());
+        let route_metrics = self
+            .route_metrics
+            .get(rec.ingress.as_ref(), rec.service.as_ref());
+        rec.route_metrics = Some(route_metrics.clone());
         if backend.endpoints.is_empty() {
             return Err(ProxyError::NoEndpoints);
         }
@@ -510,9 +516,8 @@ impl Handler {
             .await?;
         rec.upstream_addr = Some(forwarded.addr);
         rec.upstream_ms = Some(forwarded.upstream_time.as_millis());
-        self.metrics
+        route_metrics
             .upstream_duration
-            .with_label_values(&[rec.namespace(), rec.ingress(), rec.service()])
             .observe(forwarded.upstream_time.as_secs_f64());
 
         let mut resp = forwarded.response;
@@ -947,7 +952,7 @@ struct Finish {
     status: StatusCode,
     start: Instant,
     guards: Vec<InflightGuard>,
-    metrics: Arc<Metrics>,
+    route_metrics: Arc<RouteMetricsCache>,
     access_log: bool,
 }
 
@@ -1017,16 +1022,18 @@ impl Drop for TrackedBody {
             return;
         };
         let rec = &f.rec;
-        let method = method_label(&rec.method);
-        let (namespace, ingress, service) = (rec.namespace(), rec.ingress(), rec.service());
-        f.metrics
-            .requests
-            .with_label_values(&[namespace, ingress, service, f.status.as_str(), method])
-            .inc();
+        let (namespace, ingress) = (rec.namespace(), rec.ingress());
+        let route_metrics = match &rec.route_metrics {
+            Some(m) => m.clone(),
+            // Answered before a backend was chosen (no route, redirect, limits, ...).
+            None => f
+                .route_metrics
+                .get(rec.ingress.as_ref(), rec.service.as_ref()),
+        };
+        route_metrics.count(f.status, &rec.method);
         let elapsed = f.start.elapsed();
-        f.metrics
+        route_metrics
             .request_duration
-            .with_label_values(&[namespace, ingress, service])
             .observe(elapsed.as_secs_f64());
         if f.access_log {
             let route = if ingress.is_empty() {
@@ -1052,22 +1059,6 @@ impl Drop for TrackedBody {
             );
         }
         drop(f.guards);
-    }
-}
-
-/// Bounded label set: unknown methods collapse into one label value.
-fn method_label(m: &Method) -> &'static str {
-    match *m {
-        Method::GET => "GET",
-        Method::HEAD => "HEAD",
-        Method::POST => "POST",
-        Method::PUT => "PUT",
-        Method::DELETE => "DELETE",
-        Method::PATCH => "PATCH",
-        Method::OPTIONS => "OPTIONS",
-        Method::CONNECT => "CONNECT",
-        Method::TRACE => "TRACE",
-        _ => "OTHER",
     }
 }
 

@@ -17,6 +17,7 @@ pub mod handler;
 pub mod health;
 pub mod listener;
 pub mod ratelimit;
+mod route_metrics;
 pub mod tls;
 pub mod upstream;
 
