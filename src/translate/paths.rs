@@ -89,6 +89,14 @@ pub(super) fn normalize_rule_path(raw: &str) -> Result<String, PathError> {
     if !raw.starts_with('/') {
         return Err(PathError::NotAbsolute(raw.to_string()));
     }
+    let shared_error = |e| match e {
+        SharedPathError::BadEscape => PathError::BadEscape(raw.to_string()),
+        _ => PathError::InvalidChar(raw.to_string()),
+    };
+    // The common rule is already ASCII `pchar`s: normalise it as is, without the copy below.
+    if raw.bytes().all(|b| is_pchar_or_slash(b) || b == b'%') {
+        return normalize_path(raw).map_err(shared_error);
+    }
     let mut ascii = String::with_capacity(raw.len());
     for b in raw.bytes() {
         if b >= 0x80 {
@@ -100,10 +108,7 @@ pub(super) fn normalize_rule_path(raw: &str) -> Result<String, PathError> {
             return Err(PathError::InvalidChar(raw.to_string()));
         }
     }
-    normalize_path(&ascii).map_err(|e| match e {
-        SharedPathError::BadEscape => PathError::BadEscape(raw.to_string()),
-        _ => PathError::InvalidChar(raw.to_string()),
-    })
+    normalize_path(&ascii).map_err(shared_error)
 }
 
 /// RFC 3986 §2.3.
