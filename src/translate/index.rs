@@ -3,7 +3,6 @@
 //!
 //! Owns: input ordering and duplicate handling. Must not import tokio, hyper or the filesystem.
 
-use std::cmp::Ordering;
 use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, HashMap, HashSet, hash_map};
 
@@ -161,11 +160,20 @@ impl<'a> Index<'a> {
             }
         }
 
-        let mut ingresses: Vec<&Ingress> = inputs.ingresses.iter().map(|i| &**i).collect();
-        // `precedence` only ties for equal namespace/name and timestamp (duplicates); only then
-        // is the content fingerprint computed.
-        ingresses
-            .sort_by(|a, b| precedence(a, b).then_with(|| fingerprint(*a).cmp(&fingerprint(*b))));
+        // Sorted by a key gathered once ([`PrecedenceKey`]), so comparisons do not
+        // chase every Ingress's metadata. It only ties for equal namespace/name and timestamp
+        // (duplicates); only then is the content fingerprint computed. Objects equal in all
+        // of that are identical, so an unstable sort is still deterministic.
+        let mut keyed: Vec<(PrecedenceKey<'a>, &Ingress)> = inputs
+            .ingresses
+            .iter()
+            .map(|i| (PrecedenceKey::of(i), &**i))
+            .collect();
+        keyed.sort_unstable_by(|(ka, a), (kb, b)| {
+            ka.cmp(kb)
+                .then_with(|| fingerprint(*a).cmp(&fingerprint(*b)))
+        });
+        let ingresses: Vec<&Ingress> = keyed.into_iter().map(|(_, i)| i).collect();
         // Two Ingresses with one namespace/name cannot come from an API server, but can from
         // two manifest files: the first in precedence order is used.
         let mut seen = FastSet::with_capacity_and_hasher(ingresses.len(), Default::default());
@@ -193,18 +201,26 @@ impl<'a> Index<'a> {
     }
 }
 
-/// Ingress precedence for conflicts (brief §4.3): oldest `creationTimestamp` first; a missing
-/// timestamp sorts after every present one; then namespace, then name.
-pub(super) fn precedence(a: &Ingress, b: &Ingress) -> Ordering {
-    let ta = a.metadata.creation_timestamp.as_ref();
-    let tb = b.metadata.creation_timestamp.as_ref();
-    let by_time = match (ta, tb) {
-        (Some(x), Some(y)) => x.cmp(y),
-        (Some(_), None) => Ordering::Less,
-        (None, Some(_)) => Ordering::Greater,
-        (None, None) => Ordering::Equal,
-    };
-    by_time
-        .then_with(|| namespace(&a.metadata).cmp(namespace(&b.metadata)))
-        .then_with(|| name(&a.metadata).cmp(name(&b.metadata)))
+/// Ingress precedence for conflicts (brief §4.3), as a sortable value: oldest
+/// `creationTimestamp` first; a missing timestamp sorts after every present one; then
+/// namespace, then name (field order is comparison order).
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct PrecedenceKey<'a> {
+    /// `false` before `true`: a present timestamp sorts before a missing one.
+    missing_time: bool,
+    time: Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    namespace: &'a str,
+    name: &'a str,
+}
+
+impl<'a> PrecedenceKey<'a> {
+    fn of(ing: &'a Ingress) -> Self {
+        let m = &ing.metadata;
+        PrecedenceKey {
+            missing_time: m.creation_timestamp.is_none(),
+            time: m.creation_timestamp.as_ref(),
+            namespace: namespace(m),
+            name: name(m),
+        }
+    }
 }

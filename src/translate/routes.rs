@@ -77,7 +77,10 @@ pub(super) fn derive<'a>(inputs: &'a Inputs, opts: &Options, diags: &mut Diags) 
     let tls = tls::build(&ours, &index, opts, diags);
     let limits = policies::build(inputs, diags);
 
-    let mut backends = Backends::default();
+    let mut backends = Backends {
+        specs: Vec::with_capacity(inputs.services.len()),
+        ids: FastMap::with_capacity_and_hasher(inputs.services.len(), Default::default()),
+    };
     let mut resolve = |ns: &'a str,
                        backend: &'a IngressBackend,
                        ann: &Annotations,
@@ -90,9 +93,10 @@ pub(super) fn derive<'a>(inputs: &'a Inputs, opts: &Options, diags: &mut Diags) 
     let mut anns: Vec<Annotations> = Vec::with_capacity(ours.len());
     let mut refs: Vec<IngressRef> = Vec::with_capacity(ours.len());
     // Hosts by id (first-seen order) and the candidates of each.
-    let mut hosts: Vec<HostKey> = Vec::new();
-    let mut host_ids: FastMap<HostKey, u32> = FastMap::default();
-    let mut per_host: Vec<Vec<Candidate>> = Vec::new();
+    let mut hosts: Vec<HostKey> = Vec::with_capacity(ours.len());
+    let mut host_ids: FastMap<HostKey, u32> =
+        FastMap::with_capacity_and_hasher(ours.len(), Default::default());
+    let mut per_host: Vec<Vec<Candidate>> = Vec::with_capacity(ours.len());
     let mut default: Option<Candidate> = None;
     // (host, kind, path) → the candidate that holds it, as (host id, position). Ingresses are
     // visited oldest first, so the first claim is the winner (brief §4.3 conflicts). The map
@@ -120,6 +124,8 @@ pub(super) fn derive<'a>(inputs: &'a Inputs, opts: &Options, diags: &mut Diags) 
         let Some(spec) = ing.spec.as_ref() else {
             continue;
         };
+        // The last backend a path of this Ingress resolved to (see below).
+        let mut last: Option<(&IngressBackend, u32, UpstreamProtocol)> = None;
 
         if let Some(backend) = &spec.default_backend {
             match &default {
@@ -174,7 +180,7 @@ pub(super) fn derive<'a>(inputs: &'a Inputs, opts: &Options, diags: &mut Diags) 
                     let h = id(hosts.len());
                     host_ids.insert(host.clone(), h);
                     hosts.push(host.clone());
-                    per_host.push(Vec::new());
+                    per_host.push(Vec::with_capacity(http.paths.len()));
                     h
                 }
             };
@@ -243,9 +249,24 @@ pub(super) fn derive<'a>(inputs: &'a Inputs, opts: &Options, diags: &mut Diags) 
                         slot.key().2.as_str()
                     }
                 };
-                // Only formatted when a diagnostic is emitted.
-                let what = format_args!("host {host} path {path}");
-                let (plan, protocol) = resolve(obj.namespace, &p.backend, ann, &obj, what, diags);
+                // Consecutive paths of one Ingress usually name one backend: the result of
+                // the last successful resolution is reused (same namespace, backend and
+                // annotations give the same spec, and its health-check merge already ran:
+                // repeating it could only repeat a diagnostic, which `Diags` deduplicates).
+                // A failure is not reused: its diagnostic names the path.
+                let (plan, protocol) = match last {
+                    Some((b, at, protocol)) if *b == p.backend => (Plan::Backend(at), protocol),
+                    _ => {
+                        // Only formatted when a diagnostic is emitted.
+                        let what = format_args!("host {host} path {path}");
+                        let resolved = resolve(obj.namespace, &p.backend, ann, &obj, what, diags);
+                        last = match resolved.0 {
+                            Plan::Backend(at) => Some((&p.backend, at, resolved.1)),
+                            Plan::Unavailable(_) => None,
+                        };
+                        resolved
+                    }
+                };
                 per_host[host_id as usize].push(Candidate {
                     kind: rule_path.kind,
                     path: String::new(),
@@ -332,7 +353,6 @@ pub(super) fn derive<'a>(inputs: &'a Inputs, opts: &Options, diags: &mut Diags) 
 
 /// The backends routes refer to, in first-seen order; the map finds a Service port's spec by
 /// borrowed key, so the owned key is built once per backend, not once per path.
-#[derive(Default)]
 struct Backends<'a> {
     specs: Vec<BackendSpec>,
     ids: FastMap<BorrowedKey<'a>, u32>,

@@ -2600,3 +2600,85 @@ fn interned_hosts_backends_and_claims_route_every_path_to_its_own_service() {
         );
     }
 }
+
+/// Consecutive paths of one Ingress naming the same backend reuse its resolution; a change of
+/// backend, a failed resolution and the next Ingress each resolve again. The result and the
+/// diagnostics must be what resolving every path gives.
+#[test]
+fn repeated_backends_of_one_ingress_resolve_like_every_path_alone() {
+    let w = World::web()
+        .svc(svc("default", "api", &[("http", 80)]))
+        .ing(
+            Ing::new("default", "old")
+                .created("2024-01-01T00:00:00Z")
+                .ann("portico.dev/health-check-path", "/old")
+                .rule(
+                    Some("a.test"),
+                    &[
+                        ("Prefix", "/w1", "web", svc80()),
+                        ("Prefix", "/w2", "web", svc80()),
+                        ("Prefix", "/m1", "missing", svc80()),
+                        ("Prefix", "/m2", "missing", svc80()),
+                        ("Prefix", "/api", "api", svc80()),
+                        ("Prefix", "/w3", "web", svc80()),
+                        ("Prefix", "/w4", "web", json!("http")),
+                    ],
+                ),
+        )
+        .ing(
+            Ing::new("default", "young")
+                .created("2025-01-01T00:00:00Z")
+                .ann("portico.dev/health-check-path", "/young")
+                .rule(
+                    Some("b.test"),
+                    &[
+                        ("Prefix", "/w1", "web", svc80()),
+                        ("Prefix", "/w2", "web", svc80()),
+                    ],
+                ),
+        );
+    let (s, d) = w.run();
+    for p in ["/w1", "/w2", "/w3"] {
+        assert_eq!(hit(&s, "a.test", p), "default/web:80", "{p}");
+        assert_eq!(
+            hit(&s, "b.test", p).as_str(),
+            if p == "/w3" { "404" } else { "default/web:80" }
+        );
+    }
+    assert_eq!(hit(&s, "a.test", "/w4"), "default/web:http");
+    assert_eq!(hit(&s, "a.test", "/api"), "default/api:80");
+    assert_eq!(hit(&s, "a.test", "/m1"), "503");
+    assert_eq!(hit(&s, "a.test", "/m2"), "503");
+    assert_eq!(s.backends.backends.len(), 3);
+    let checks: Vec<Option<String>> = s
+        .backends
+        .backends
+        .iter()
+        .map(|b| b.health_check.as_ref().map(|h| h.path.clone()))
+        .collect();
+    // api:80, web:80, web:http in key order; every one the old Ingress's check.
+    assert_eq!(checks, vec![Some("/old".to_string()); 3]);
+    // One ServiceNotFound per failing path (each names its path); one conflict warning for
+    // the young Ingress, however many of its paths name the backend.
+    let missing: Vec<&str> = d
+        .iter()
+        .filter(|d| d.reason == "ServiceNotFound")
+        .map(|d| d.message.as_str())
+        .collect();
+    assert_eq!(missing.len(), 2, "{d:?}");
+    assert!(
+        missing.iter().any(|m| m.contains("path /m1")),
+        "{missing:?}"
+    );
+    assert!(
+        missing.iter().any(|m| m.contains("path /m2")),
+        "{missing:?}"
+    );
+    let conflicts: Vec<&Diagnostic> = d
+        .iter()
+        .filter(|d| d.reason == "HealthCheckConflict")
+        .collect();
+    assert_eq!(conflicts.len(), 1, "{d:?}");
+    assert_eq!(conflicts[0].name, "young");
+    assert_eq!(d.len(), 3, "{d:?}");
+}
