@@ -3,7 +3,8 @@
 //!
 //! Two separate steps, so that endpoint churn never re-derives routes (brief §2):
 //! [`resolve_service`] runs during route derivation (Service, port, protocol) and yields a
-//! [`BackendSpec`]; [`resolve_endpoints`] turns specs into the [`BackendTable`] from slices alone.
+//! [`ServiceBackend`] borrowed from the inputs, which becomes a [`BackendSpec`] once per backend;
+//! [`resolve_endpoints`] turns specs into the [`BackendTable`] from slices alone.
 //!
 //! Owns: backend/Service/endpoint rules. Must not import tokio, hyper or the filesystem.
 
