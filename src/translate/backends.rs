@@ -3,7 +3,8 @@
 //!
 //! Two separate steps, so that endpoint churn never re-derives routes (brief §2):
 //! [`resolve_service`] runs during route derivation (Service, port, protocol) and yields a
-//! [`BackendSpec`]; [`resolve_endpoints`] turns specs into the [`BackendTable`] from slices alone.
+//! [`ServiceBackend`] borrowed from the inputs, which becomes a [`BackendSpec`] once per backend;
+//! [`resolve_endpoints`] turns specs into the [`BackendTable`] from slices alone.
 //!
 //! Owns: backend/Service/endpoint rules. Must not import tokio, hyper or the filesystem.
 
@@ -57,15 +58,67 @@ impl BackendError {
     }
 }
 
-/// Resolve an Ingress backend against the Services of the Ingress's namespace. Returns the spec
-/// to resolve endpoints for and the protocol to speak: the `backend-protocol` annotation when
-/// set, else `kubernetes.io/h2c` on the Service port, else HTTP/1.1.
-pub(super) fn resolve_service(
-    namespace: &str,
-    backend: &IngressBackend,
-    index: &Index<'_>,
+/// A Service port an Ingress backend resolved to, borrowed from the inputs: route derivation
+/// meets each backend once per path (5 paths per Ingress at issue 6's scale), so the owned
+/// [`BackendKey`] (two `Arc<str>`s) is built only for the first path that names it
+/// ([`ServiceBackend::spec`]); the others find it by this borrowed key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(super) struct ServiceBackend<'a> {
+    pub key: BorrowedKey<'a>,
+    /// `ServicePort.name` (empty is `None`).
+    pub port_name: Option<&'a str>,
+    pub protocol: UpstreamProtocol,
+}
+
+/// [`BackendKey`] with borrowed strings, for lookups before the owned key exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(super) struct BorrowedKey<'a> {
+    pub namespace: &'a str,
+    pub service: &'a str,
+    pub port: BorrowedPort<'a>,
+}
+
+/// [`ServicePortRef`] with a borrowed name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(super) enum BorrowedPort<'a> {
+    Number(i32),
+    Name(&'a str),
+}
+
+impl BorrowedKey<'_> {
+    /// The owned key (allocates the two names, and the port name if any).
+    pub fn to_owned_key(self) -> BackendKey {
+        BackendKey {
+            namespace: Arc::from(self.namespace),
+            service: Arc::from(self.service),
+            port: match self.port {
+                BorrowedPort::Number(n) => ServicePortRef::Number(n),
+                BorrowedPort::Name(n) => ServicePortRef::Name(Arc::from(n)),
+            },
+        }
+    }
+}
+
+impl ServiceBackend<'_> {
+    /// The spec to resolve endpoints for (no health check yet: the caller merges those).
+    pub fn spec(&self) -> BackendSpec {
+        BackendSpec {
+            key: self.key.to_owned_key(),
+            port_name: self.port_name.map(str::to_string),
+            health_check: None,
+        }
+    }
+}
+
+/// Resolve an Ingress backend against the Services of the Ingress's namespace. Returns the
+/// Service port to resolve endpoints for and the protocol to speak: the `backend-protocol`
+/// annotation when set, else `kubernetes.io/h2c` on the Service port, else HTTP/1.1.
+pub(super) fn resolve_service<'a>(
+    namespace: &'a str,
+    backend: &'a IngressBackend,
+    index: &Index<'a>,
     protocol: &BackendProtocol,
-) -> Result<(BackendSpec, UpstreamProtocol), BackendError> {
+) -> Result<ServiceBackend<'a>, BackendError> {
     if let Some(res) = &backend.resource {
         let kind = match &res.api_group {
             Some(g) if !g.is_empty() => format!("{g}/{}", res.kind),
@@ -77,8 +130,8 @@ pub(super) fn resolve_service(
         return Err(BackendError::NoService);
     };
     let port_ref = match svc.port.as_ref().map(|p| (p.number, p.name.as_deref())) {
-        Some((Some(n), None | Some(""))) => ServicePortRef::Number(n),
-        Some((None, Some(name))) if !name.is_empty() => ServicePortRef::Name(Arc::from(name)),
+        Some((Some(n), None | Some(""))) => BorrowedPort::Number(n),
+        Some((None, Some(name))) if !name.is_empty() => BorrowedPort::Name(name),
         _ => return Err(BackendError::BadPort(svc.name.clone())),
     };
     if let BackendProtocol::Unsupported(p) = protocol {
@@ -94,14 +147,14 @@ pub(super) fn resolve_service(
         return Err(BackendError::ExternalName(full_name()));
     }
     let ports = spec.and_then(|s| s.ports.as_deref()).unwrap_or_default();
-    let found = ports.iter().find(|p| match &port_ref {
-        ServicePortRef::Number(n) => p.port == *n,
-        ServicePortRef::Name(n) => p.name.as_deref() == Some(&**n),
+    let found = ports.iter().find(|p| match port_ref {
+        BorrowedPort::Number(n) => p.port == n,
+        BorrowedPort::Name(n) => p.name.as_deref() == Some(n),
     });
     let Some(port) = found else {
-        let port = match &port_ref {
-            ServicePortRef::Number(n) => n.to_string(),
-            ServicePortRef::Name(n) => format!("{n:?}"),
+        let port = match port_ref {
+            BorrowedPort::Number(n) => n.to_string(),
+            BorrowedPort::Name(n) => format!("{n:?}"),
         };
         return Err(BackendError::ServicePortNotFound {
             service: full_name(),
@@ -113,19 +166,15 @@ pub(super) fn resolve_service(
         _ if port.app_protocol.as_deref() == Some(APP_PROTOCOL_H2C) => UpstreamProtocol::H2c,
         _ => UpstreamProtocol::Http1,
     };
-    let key = BackendKey {
-        namespace: Arc::from(namespace),
-        service: Arc::from(svc.name.as_str()),
-        port: port_ref,
-    };
-    Ok((
-        BackendSpec {
-            key,
-            port_name: port.name.clone().filter(|n| !n.is_empty()),
-            health_check: None,
+    Ok(ServiceBackend {
+        key: BorrowedKey {
+            namespace,
+            service: svc.name.as_str(),
+            port: port_ref,
         },
-        upstream,
-    ))
+        port_name: port.name.as_deref().filter(|n| !n.is_empty()),
+        protocol: upstream,
+    })
 }
 
 /// Endpoints of each backend, in `backends` order (so `BackendId(i)` is `backends[i]`).

@@ -48,24 +48,24 @@ pub(super) fn parse_host(raw: Option<&str>) -> Result<HostKey, HostError> {
     let Some(raw) = raw.filter(|h| !h.is_empty()) else {
         return Ok(HostKey::CatchAll);
     };
-    let host = raw.to_ascii_lowercase();
+    let mut host = raw.to_ascii_lowercase();
     if host.parse::<Ipv4Addr>().is_ok() || host.contains(':') || host.starts_with('[') {
         return Err(HostError::IpLiteral(raw.to_string()));
     }
-    let (wildcard, name) = match host.strip_prefix("*.") {
-        Some(rest) => (true, rest),
-        None => (false, host.as_str()),
-    };
+    let wildcard = host.starts_with("*.");
+    let name = if wildcard { &host[2..] } else { host.as_str() };
     if name.contains('*') {
         return Err(HostError::BadWildcard(raw.to_string()));
     }
     if !is_dns1123_subdomain(name) {
         return Err(HostError::InvalidName(raw.to_string()));
     }
+    // The lower-cased copy becomes the key (one allocation per rule host).
     Ok(if wildcard {
-        HostKey::Wildcard(name.to_string())
+        host.drain(..2);
+        HostKey::Wildcard(host)
     } else {
-        HostKey::Exact(name.to_string())
+        HostKey::Exact(host)
     })
 }
 

@@ -3,9 +3,8 @@
 //!
 //! Owns: input ordering and duplicate handling. Must not import tokio, hyper or the filesystem.
 
-use std::cmp::Ordering;
 use std::collections::btree_map::Entry;
-use std::collections::{BTreeMap, HashMap, hash_map};
+use std::collections::{BTreeMap, HashMap, HashSet, hash_map};
 
 use k8s_openapi::api::core::v1::{Secret, Service};
 use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
@@ -13,6 +12,14 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Serialize;
 
 use super::{Diags, Inputs, ObjRef};
+
+/// Hash map for translate's lookup-only indexes: foldhash (several times faster than the std
+/// SipHash on short names) with a per-process random seed, so input names chosen by a user
+/// still cannot force collisions. Such a map is never iterated into the output (translate is
+/// deterministic; iteration order of a seeded hash map is not).
+pub(super) type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+/// Set counterpart of [`FastMap`], same rule.
+pub(super) type FastSet<K> = HashSet<K, foldhash::fast::RandomState>;
 
 /// Namespace assumed for a namespaced object that carries none (same rule as the file
 /// provider; kept here so translate does not import `file_source`).
@@ -78,7 +85,7 @@ fn insert_dedup<'a, K: Ord, T: Serialize>(
 /// Lookups translate needs, built once per translation.
 pub(super) struct Index<'a> {
     /// Looked up once per path (50 000 times at issue 6's scale), never iterated: hashed.
-    pub services: HashMap<(&'a str, &'a str), &'a Service>,
+    pub services: FastMap<(&'a str, &'a str), &'a Service>,
     pub secrets: BTreeMap<(&'a str, &'a str), &'a Secret>,
     pub classes: BTreeMap<&'a str, &'a IngressClass>,
     /// All Ingresses (not only ours), deduplicated by namespace/name, in precedence order.
@@ -87,7 +94,8 @@ pub(super) struct Index<'a> {
 
 impl<'a> Index<'a> {
     pub fn new(inputs: &'a Inputs, diags: &mut Diags) -> Self {
-        let mut services = HashMap::with_capacity(inputs.services.len());
+        let mut services =
+            FastMap::with_capacity_and_hasher(inputs.services.len(), Default::default());
         for s in &inputs.services {
             let m = &s.metadata;
             match services.entry((namespace(m), name(m))) {
@@ -152,14 +160,23 @@ impl<'a> Index<'a> {
             }
         }
 
-        let mut ingresses: Vec<&Ingress> = inputs.ingresses.iter().map(|i| &**i).collect();
-        // `precedence` only ties for equal namespace/name and timestamp (duplicates); only then
-        // is the content fingerprint computed.
-        ingresses
-            .sort_by(|a, b| precedence(a, b).then_with(|| fingerprint(*a).cmp(&fingerprint(*b))));
+        // Sorted by a key gathered once ([`PrecedenceKey`]), so comparisons do not
+        // chase every Ingress's metadata. It only ties for equal namespace/name and timestamp
+        // (duplicates); only then is the content fingerprint computed. Objects equal in all
+        // of that are identical, so an unstable sort is still deterministic.
+        let mut keyed: Vec<(PrecedenceKey<'a>, &Ingress)> = inputs
+            .ingresses
+            .iter()
+            .map(|i| (PrecedenceKey::of(i), &**i))
+            .collect();
+        keyed.sort_unstable_by(|(ka, a), (kb, b)| {
+            ka.cmp(kb)
+                .then_with(|| fingerprint(*a).cmp(&fingerprint(*b)))
+        });
+        let ingresses: Vec<&Ingress> = keyed.into_iter().map(|(_, i)| i).collect();
         // Two Ingresses with one namespace/name cannot come from an API server, but can from
         // two manifest files: the first in precedence order is used.
-        let mut seen = std::collections::BTreeSet::new();
+        let mut seen = FastSet::with_capacity_and_hasher(ingresses.len(), Default::default());
         let mut deduped: Vec<&Ingress> = Vec::with_capacity(ingresses.len());
         for ing in ingresses {
             let m = &ing.metadata;
@@ -184,18 +201,26 @@ impl<'a> Index<'a> {
     }
 }
 
-/// Ingress precedence for conflicts (brief §4.3): oldest `creationTimestamp` first; a missing
-/// timestamp sorts after every present one; then namespace, then name.
-pub(super) fn precedence(a: &Ingress, b: &Ingress) -> Ordering {
-    let ta = a.metadata.creation_timestamp.as_ref();
-    let tb = b.metadata.creation_timestamp.as_ref();
-    let by_time = match (ta, tb) {
-        (Some(x), Some(y)) => x.cmp(y),
-        (Some(_), None) => Ordering::Less,
-        (None, Some(_)) => Ordering::Greater,
-        (None, None) => Ordering::Equal,
-    };
-    by_time
-        .then_with(|| namespace(&a.metadata).cmp(namespace(&b.metadata)))
-        .then_with(|| name(&a.metadata).cmp(name(&b.metadata)))
+/// Ingress precedence for conflicts (brief §4.3), as a sortable value: oldest
+/// `creationTimestamp` first; a missing timestamp sorts after every present one; then
+/// namespace, then name (field order is comparison order).
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct PrecedenceKey<'a> {
+    /// `false` before `true`: a present timestamp sorts before a missing one.
+    missing_time: bool,
+    time: Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    namespace: &'a str,
+    name: &'a str,
+}
+
+impl<'a> PrecedenceKey<'a> {
+    fn of(ing: &'a Ingress) -> Self {
+        let m = &ing.metadata;
+        PrecedenceKey {
+            missing_time: m.creation_timestamp.is_none(),
+            time: m.creation_timestamp.as_ref(),
+            namespace: namespace(m),
+            name: name(m),
+        }
+    }
 }

@@ -6,26 +6,31 @@
 //! Owns: the validity rules and the policy → `model::RateLimit` mapping. Must not import
 //! tokio, hyper or the filesystem.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use crate::crd::{KeyType, RateLimitPolicy};
 use crate::model::duration::parse_duration;
 use crate::model::{IngressRef, PolicyRef, RateLimit, RateLimitKey, TokenBucketSpec};
 
-use super::index;
+use super::index::{self, FastMap, FastSet};
 use super::{Diags, Inputs, ObjRef};
 
 const KIND: &str = "RateLimitPolicy";
 
 /// Valid policies per target Ingress, each list in policy name order (all apply).
-pub(super) type Limits = HashMap<IngressRef, Arc<[RateLimit]>>;
+/// Looked up, never iterated (see [`FastMap`]).
+pub(super) type Limits = FastMap<IngressRef, Arc<[RateLimit]>>;
 
 /// Check every policy (diagnostics go to `diags`) and map the valid ones to their target
 /// Ingress. Policies with the same namespace/name (two manifest files) are reduced to one,
 /// chosen by content so the result does not depend on input order.
 pub(super) fn build(inputs: &Inputs, diags: &mut Diags) -> Limits {
-    let ingresses: BTreeSet<(&str, &str)> = inputs
+    // Most clusters have no policy: skip indexing every Ingress for nothing.
+    if inputs.rate_limit_policies.is_empty() {
+        return Limits::default();
+    }
+    let ingresses: FastSet<(&str, &str)> = inputs
         .ingresses
         .iter()
         .map(|i| (index::namespace(&i.metadata), index::name(&i.metadata)))
@@ -112,7 +117,7 @@ fn rate_limit(policy: &RateLimitPolicy, namespace: &str, name: &str) -> RateLimi
 fn check(
     policy: &RateLimitPolicy,
     obj: &ObjRef<'_>,
-    ingresses: &BTreeSet<(&str, &str)>,
+    ingresses: &FastSet<(&str, &str)>,
     diags: &mut Diags,
 ) -> bool {
     let before = diags.0.len();

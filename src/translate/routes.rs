@@ -7,36 +7,37 @@
 
 use std::cmp::Reverse;
 use std::collections::hash_map::Entry;
-use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::Arc;
 
 use k8s_openapi::api::networking::v1::IngressBackend;
 
 use crate::model::{
-    BackendId, BackendKey, HostRoutes, HostTable, IngressRef, PathKind, Route, RoutePolicy,
-    RouteTarget, TlsTable, UpstreamProtocol,
+    BackendId, HostRoutes, HostTable, IngressRef, PathKind, Route, RoutePolicy, RouteTarget,
+    UpstreamProtocol,
 };
 
 use super::annotations::{self, Annotations};
-use super::backends::resolve_service;
+use super::backends::{BorrowedKey, resolve_service};
 use super::hosts::{HostKey, parse_host};
-use super::index::{self, Index};
+use super::index::{self, FastMap, Index};
 use super::paths::parse_path;
 use super::policies::{self, Limits};
 use super::{BackendSpec, Diags, Inputs, ObjRef, Options, Routes, class, tls};
 
 /// What a route will point at, before backend ids are assigned.
 enum Plan {
-    Backend(BackendKey),
+    /// Index into the backend specs in first-seen order (renumbered in key order at the end).
+    Backend(u32),
     Unavailable(String),
 }
 
 struct Candidate {
-    host: HostKey,
     kind: PathKind,
+    /// Empty until the claim map hands the path back (see `derive`).
     path: String,
-    ingress: IngressRef,
+    /// Index into the per-Ingress references.
+    ingress: u32,
     plan: Plan,
     protocol: UpstreamProtocol,
     /// Index into the per-Ingress annotations.
@@ -50,8 +51,22 @@ fn kind_name(k: PathKind) -> &'static str {
     }
 }
 
+/// Position as a `u32` id; translate's tables are far below 2^32 entries (the API's object
+/// count is), and saturating keeps this total without a panic path.
+fn id(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
 /// Derive the endpoint-independent part of the snapshot.
-pub(super) fn derive(inputs: &Inputs, opts: &Options, diags: &mut Diags) -> Routes {
+///
+/// Issue 6 (10 000 Ingresses, 50 000 paths): everything met once per path is interned or
+/// borrowed from the inputs, so a path costs its normalised `String` and its `Arc<Route>`, and
+/// every map it touches is a foldhash map keyed by small ids or borrowed `&str`s. Hosts are
+/// interned per rule ([`HostKey`] → id), backends per Service port ([`BorrowedKey`] → id, the
+/// owned [`crate::model::BackendKey`] built once), and the claim map owns each path until the
+/// routes are built. No hash map is iterated into the output: ids are positions in visit
+/// order, and the host table and backend list are sorted or placed by id.
+pub(super) fn derive<'a>(inputs: &'a Inputs, opts: &Options, diags: &mut Diags) -> Routes {
     let index = Index::new(inputs, diags);
     let ours: Vec<_> = index
         .ingresses
@@ -62,44 +77,42 @@ pub(super) fn derive(inputs: &Inputs, opts: &Options, diags: &mut Diags) -> Rout
     let tls = tls::build(&ours, &index, opts, diags);
     let limits = policies::build(inputs, diags);
 
-    let mut specs: BTreeMap<BackendKey, BackendSpec> = BTreeMap::new();
-    let mut resolve = |ns: &str,
-                       backend: &IngressBackend,
+    let mut backends = Backends {
+        specs: Vec::with_capacity(inputs.services.len()),
+        ids: FastMap::with_capacity_and_hasher(inputs.services.len(), Default::default()),
+    };
+    let mut resolve = |ns: &'a str,
+                       backend: &'a IngressBackend,
                        ann: &Annotations,
                        obj: &ObjRef<'_>,
                        what: fmt::Arguments<'_>,
                        diags: &mut Diags| {
-        match resolve_service(ns, backend, &index, &ann.backend_protocol) {
-            Ok((spec, protocol)) => {
-                let key = spec.key.clone();
-                let entry = specs.entry(key.clone()).or_insert(spec);
-                merge_health_check(entry, ann, protocol, obj, diags);
-                (Plan::Backend(key), protocol)
-            }
-            Err(e) => {
-                diags.error("Ingress", obj, e.reason(), format!("{what}: {e}"));
-                (Plan::Unavailable(e.to_string()), UpstreamProtocol::Http1)
-            }
-        }
+        backends.resolve(&index, ns, backend, ann, obj, what, diags)
     };
 
     let mut anns: Vec<Annotations> = Vec::with_capacity(ours.len());
-    let mut candidates: Vec<Candidate> = Vec::new();
+    let mut refs: Vec<IngressRef> = Vec::with_capacity(ours.len());
+    // Hosts by id (first-seen order) and the candidates of each.
+    let mut hosts: Vec<HostKey> = Vec::with_capacity(ours.len());
+    let mut host_ids: FastMap<HostKey, u32> =
+        FastMap::with_capacity_and_hasher(ours.len(), Default::default());
+    let mut per_host: Vec<Vec<Candidate>> = Vec::with_capacity(ours.len());
     let mut default: Option<Candidate> = None;
-    // (host, kind, path) → the Ingress that holds it. Ingresses are visited oldest first, so
-    // the first claim is the winner (brief §4.3 conflicts).
-    // Only looked up, never iterated, so a hash map (no ordered string comparisons); the winner
-    // is remembered by reference and named only when a conflict is reported.
-    let mut claims: HashMap<(HostKey, PathKind, String), IngressRef> =
-        HashMap::with_capacity(inputs.ingresses.len() * 4);
+    // (host, kind, path) → the candidate that holds it, as (host id, position). Ingresses are
+    // visited oldest first, so the first claim is the winner (brief §4.3 conflicts). The map
+    // owns the path (no second copy per path) and gives it back to its candidate at the end;
+    // only looked up, never iterated into the output.
+    let mut claims: FastMap<(u32, PathKind, String), (u32, u32)> =
+        FastMap::with_capacity_and_hasher(inputs.ingresses.len() * 4, Default::default());
 
     for ing in &ours {
         let meta = &ing.metadata;
         let obj = index::obj_ref(meta);
-        let ingress = IngressRef {
+        let ingress = id(refs.len());
+        refs.push(IngressRef {
             namespace: Arc::from(obj.namespace),
             name: Arc::from(obj.name),
-        };
+        });
         let ann_idx = anns.len();
         anns.push(annotations::parse(
             meta.annotations.as_ref(),
@@ -111,6 +124,8 @@ pub(super) fn derive(inputs: &Inputs, opts: &Options, diags: &mut Diags) -> Rout
         let Some(spec) = ing.spec.as_ref() else {
             continue;
         };
+        // The last backend a path of this Ingress resolved to (see below).
+        let mut last: Option<(&IngressBackend, u32, UpstreamProtocol)> = None;
 
         if let Some(backend) = &spec.default_backend {
             match &default {
@@ -124,25 +139,27 @@ pub(super) fn derive(inputs: &Inputs, opts: &Options, diags: &mut Diags) -> Rout
                         diags,
                     );
                     default = Some(Candidate {
-                        host: HostKey::CatchAll,
                         kind: PathKind::Prefix,
                         path: "/".to_string(),
-                        ingress: ingress.clone(),
+                        ingress,
                         plan,
                         protocol,
                         ann: ann_idx,
                     });
                 }
-                Some(winner) => diags.error(
-                    "Ingress",
-                    &obj,
-                    "DefaultBackendConflict",
-                    format!(
-                        "spec.defaultBackend is not used: the default backend comes from Ingress \
-                         {}/{} (older, or first in namespace/name order)",
-                        winner.ingress.namespace, winner.ingress.name
-                    ),
-                ),
+                Some(winner) => {
+                    let held = &refs[winner.ingress as usize];
+                    diags.error(
+                        "Ingress",
+                        &obj,
+                        "DefaultBackendConflict",
+                        format!(
+                            "spec.defaultBackend is not used: the default backend comes from \
+                             Ingress {}/{} (older, or first in namespace/name order)",
+                            held.namespace, held.name
+                        ),
+                    )
+                }
             }
         }
 
@@ -156,6 +173,16 @@ pub(super) fn derive(inputs: &Inputs, opts: &Options, diags: &mut Diags) -> Rout
             };
             let Some(http) = &rule.http else {
                 continue;
+            };
+            let host_id = match host_ids.get(&host) {
+                Some(h) => *h,
+                None => {
+                    let h = id(hosts.len());
+                    host_ids.insert(host.clone(), h);
+                    hosts.push(host.clone());
+                    per_host.push(Vec::with_capacity(http.paths.len()));
+                    h
+                }
             };
             for p in &http.paths {
                 let shown = p.path.as_deref().unwrap_or_default();
@@ -190,35 +217,60 @@ pub(super) fn derive(inputs: &Inputs, opts: &Options, diags: &mut Diags) -> Rout
                         format!("host {host}: path missing, treated as `/`"),
                     );
                 }
-                let claim = (host.clone(), rule_path.kind, rule_path.path.clone());
-                match claims.entry(claim) {
+                let list = &mut per_host[host_id as usize];
+                let at = (host_id, id(list.len()));
+                let slot;
+                let path = match claims.entry((host_id, rule_path.kind, rule_path.path)) {
                     Entry::Occupied(o) => {
+                        let (h, i) = *o.get();
+                        let holder = per_host
+                            .get(h as usize)
+                            .and_then(|l| l.get(i as usize))
+                            .and_then(|c| refs.get(c.ingress as usize));
+                        let (ns, name) = holder
+                            .map(|r| (&*r.namespace, &*r.name))
+                            .unwrap_or_default();
                         diags.error(
                             "Ingress",
                             &obj,
                             "PathConflict",
                             format!(
-                                "host {host} {} {} is already served by Ingress {} (older, or \
-                                 first in namespace/name order); this path is not used",
+                                "host {host} {} {} is already served by Ingress {ns}/{name} \
+                                 (older, or first in namespace/name order); this path is not \
+                                 used",
                                 kind_name(rule_path.kind),
-                                rule_path.path,
-                                format_args!("{}/{}", o.get().namespace, o.get().name)
+                                o.key().2,
                             ),
                         );
                         continue;
                     }
                     Entry::Vacant(v) => {
-                        v.insert(ingress.clone());
+                        slot = v.insert_entry(at);
+                        slot.key().2.as_str()
                     }
-                }
-                // Only formatted when a diagnostic is emitted.
-                let what = format_args!("host {host} path {}", rule_path.path);
-                let (plan, protocol) = resolve(obj.namespace, &p.backend, ann, &obj, what, diags);
-                candidates.push(Candidate {
-                    host: host.clone(),
+                };
+                // Consecutive paths of one Ingress usually name one backend: the result of
+                // the last successful resolution is reused (same namespace, backend and
+                // annotations give the same spec, and its health-check merge already ran:
+                // repeating it could only repeat a diagnostic, which `Diags` deduplicates).
+                // A failure is not reused: its diagnostic names the path.
+                let (plan, protocol) = match last {
+                    Some((b, at, protocol)) if *b == p.backend => (Plan::Backend(at), protocol),
+                    _ => {
+                        // Only formatted when a diagnostic is emitted.
+                        let what = format_args!("host {host} path {path}");
+                        let resolved = resolve(obj.namespace, &p.backend, ann, &obj, what, diags);
+                        last = match resolved.0 {
+                            Plan::Backend(at) => Some((&p.backend, at, resolved.1)),
+                            Plan::Unavailable(_) => None,
+                        };
+                        resolved
+                    }
+                };
+                per_host[host_id as usize].push(Candidate {
                     kind: rule_path.kind,
-                    path: rule_path.path,
-                    ingress: ingress.clone(),
+                    path: String::new(),
+                    ingress,
                     plan,
                     protocol,
                     ann: ann_idx,
@@ -226,32 +278,55 @@ pub(super) fn derive(inputs: &Inputs, opts: &Options, diags: &mut Diags) -> Rout
             }
         }
     }
+    // Every claim is a candidate's path: hand each back (placed by position, so the map's
+    // order does not matter).
+    for ((_, _, path), (h, i)) in claims.drain() {
+        if let Some(c) = per_host
+            .get_mut(h as usize)
+            .and_then(|l| l.get_mut(i as usize))
+        {
+            c.path = path;
+        }
+    }
 
-    // Backend ids in key order, so the table does not depend on input order.
-    let specs: Vec<BackendSpec> = specs.into_values().collect();
-    let ids: HashMap<&BackendKey, BackendId> = specs
-        .iter()
+    // Backend ids in key order, so the table does not depend on input order. Keys are unique,
+    // so an unstable sort is still deterministic.
+    let mut tagged: Vec<(u32, BackendSpec)> = backends
+        .specs
+        .into_iter()
         .enumerate()
-        .map(|(i, s)| (&s.key, BackendId(u32::try_from(i).unwrap_or(u32::MAX))))
+        .map(|(i, s)| (id(i), s))
         .collect();
+    tagged.sort_unstable_by(|a, b| a.1.key.cmp(&b.1.key));
+    let mut backend_ids = vec![BackendId(u32::MAX); tagged.len()];
+    for (new, (old, _)) in tagged.iter().enumerate() {
+        backend_ids[*old as usize] = BackendId(id(new));
+    }
+    let specs: Vec<BackendSpec> = tagged.into_iter().map(|(_, s)| s).collect();
 
     let mut builder = RouteBuilder {
         anns: &anns,
-        ids: &ids,
-        tls: &tls,
+        refs: &refs,
+        backend_ids: &backend_ids,
         limits: &limits,
-        policies: HashMap::new(),
+        policies: FastMap::default(),
     };
-    let mut per_host: BTreeMap<HostKey, Vec<Arc<Route>>> = BTreeMap::new();
-    for c in candidates {
-        let route = builder.route(&c);
-        per_host.entry(c.host).or_default().push(route);
-    }
-    let mut hosts = HostTable {
-        default_route: default.as_ref().map(|c| builder.route(c)),
+    let mut table = HostTable {
+        default_route: default.map(|c| builder.route(c, false)),
         ..HostTable::default()
     };
-    for (host, mut routes) in per_host {
+    for (host, candidates) in hosts.into_iter().zip(per_host) {
+        // A redirect to HTTPS only makes sense where a valid certificate of the host's own
+        // serves (brief §4.4: a rejected TLS entry means "no redirect").
+        let has_tls = match &host {
+            HostKey::Exact(h) => tls.has_cert_for(h),
+            HostKey::Wildcard(s) => tls.wildcard.contains_key(s),
+            HostKey::CatchAll => false,
+        };
+        let mut routes: Vec<Arc<Route>> = candidates
+            .into_iter()
+            .map(|c| builder.route(c, has_tls))
+            .collect();
         // Precedence (brief §4.3): longest path first, Exact before Prefix at equal length;
         // the path itself breaks remaining ties so the order is total.
         routes.sort_by(|a, b| {
@@ -260,19 +335,58 @@ pub(super) fn derive(inputs: &Inputs, opts: &Options, diags: &mut Diags) -> Rout
         let entry = HostRoutes::new(routes);
         match host {
             HostKey::Exact(h) => {
-                hosts.exact.insert(h, entry);
+                table.exact.insert(h, entry);
             }
             HostKey::Wildcard(s) => {
-                hosts.wildcard.insert(s, entry);
+                table.wildcard.insert(s, entry);
             }
-            HostKey::CatchAll => hosts.catch_all = Some(entry),
+            HostKey::CatchAll => table.catch_all = Some(entry),
         }
     }
 
     Routes {
-        hosts: Arc::new(hosts),
+        hosts: Arc::new(table),
         tls: Arc::new(tls),
         backends: Arc::from(specs),
+    }
+}
+
+/// The backends routes refer to, in first-seen order; the map finds a Service port's spec by
+/// borrowed key, so the owned key is built once per backend, not once per path.
+struct Backends<'a> {
+    specs: Vec<BackendSpec>,
+    ids: FastMap<BorrowedKey<'a>, u32>,
+}
+
+impl<'a> Backends<'a> {
+    #[allow(clippy::too_many_arguments)] // why: one call site, each argument a different input
+    fn resolve(
+        &mut self,
+        index: &Index<'a>,
+        ns: &'a str,
+        backend: &'a IngressBackend,
+        ann: &Annotations,
+        obj: &ObjRef<'_>,
+        what: fmt::Arguments<'_>,
+        diags: &mut Diags,
+    ) -> (Plan, UpstreamProtocol) {
+        match resolve_service(ns, backend, index, &ann.backend_protocol) {
+            Ok(found) => {
+                let specs = &mut self.specs;
+                let at = *self.ids.entry(found.key).or_insert_with(|| {
+                    specs.push(found.spec());
+                    id(specs.len() - 1)
+                });
+                if let Some(spec) = specs.get_mut(at as usize) {
+                    merge_health_check(spec, ann, found.protocol, obj, diags);
+                }
+                (Plan::Backend(at), found.protocol)
+            }
+            Err(e) => {
+                diags.error("Ingress", obj, e.reason(), format!("{what}: {e}"));
+                (Plan::Unavailable(e.to_string()), UpstreamProtocol::Http1)
+            }
+        }
     }
 }
 
@@ -322,31 +436,33 @@ fn merge_health_check(
 
 struct RouteBuilder<'a> {
     anns: &'a [Annotations],
-    ids: &'a HashMap<&'a BackendKey, BackendId>,
-    tls: &'a TlsTable,
+    refs: &'a [IngressRef],
+    /// First-seen backend position → id in the key-ordered table.
+    backend_ids: &'a [BackendId],
     /// Valid RateLimitPolicies by target Ingress (brief §4.5).
     limits: &'a Limits,
     /// Routes with the same parameters share one policy allocation.
-    policies: HashMap<(usize, bool, UpstreamProtocol), Arc<RoutePolicy>>,
+    policies: FastMap<(usize, bool, UpstreamProtocol), Arc<RoutePolicy>>,
 }
 
 impl RouteBuilder<'_> {
-    fn route(&mut self, c: &Candidate) -> Arc<Route> {
-        // A redirect to HTTPS only makes sense where a valid certificate of the host's own
-        // serves (brief §4.4: a rejected TLS entry means "no redirect").
-        let has_tls = match &c.host {
-            HostKey::Exact(h) => self.tls.has_cert_for(h),
-            HostKey::Wildcard(s) => self.tls.wildcard.contains_key(s),
-            HostKey::CatchAll => false,
-        };
-        let anns = self.anns;
+    fn route(&mut self, c: Candidate, has_tls: bool) -> Arc<Route> {
+        let (anns, limits) = (self.anns, self.limits);
+        let ingress = self
+            .refs
+            .get(c.ingress as usize)
+            .cloned()
+            .unwrap_or_else(|| IngressRef {
+                namespace: Arc::from(""),
+                name: Arc::from(""),
+            });
         // The cache key holds the Ingress (through `c.ann`), so its limits are the same for
         // every route sharing the entry.
-        let rate_limits = self.limits.get(&c.ingress).cloned().unwrap_or_default();
         let policy = self
             .policies
             .entry((c.ann, has_tls, c.protocol))
             .or_insert_with(|| {
+                let rate_limits = limits.get(&ingress).cloned().unwrap_or_default();
                 let a = anns.get(c.ann);
                 Arc::new(match a {
                     Some(a) => RoutePolicy {
@@ -367,21 +483,19 @@ impl RouteBuilder<'_> {
                 })
             })
             .clone();
-        let target = match &c.plan {
-            Plan::Backend(key) => match self.ids.get(key) {
+        let target = match c.plan {
+            Plan::Backend(at) => match self.backend_ids.get(at as usize) {
                 Some(id) => RouteTarget::Backend(*id),
                 None => RouteTarget::Unavailable {
-                    reason: format!("backend {key} missing from the table"),
+                    reason: format!("backend #{at} missing from the table"),
                 },
             },
-            Plan::Unavailable(reason) => RouteTarget::Unavailable {
-                reason: reason.clone(),
-            },
+            Plan::Unavailable(reason) => RouteTarget::Unavailable { reason },
         };
         Arc::new(Route {
             kind: c.kind,
-            path: c.path.clone(),
-            ingress: c.ingress.clone(),
+            path: c.path,
+            ingress,
             target,
             policy,
         })

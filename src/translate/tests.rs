@@ -2489,3 +2489,196 @@ fn translator_reuses_unchanged_backends_by_pointer() {
     assert_eq!(endpoints(&after, "a.test", "/"), vec!["10.0.0.9:8080"]);
     assert_eq!(after, translate(&moved.0, &opts).0);
 }
+
+/// Route derivation interns hosts and backends by first-seen position and renumbers backends
+/// in key order at the end; the claim map holds each path until the routes are built. At a
+/// size where first-seen order differs from key order everywhere (the oldest Ingress names the
+/// last Service in key order), with repeated backends, hosts shared by several Ingresses and
+/// conflicting claims, every path must still reach its own Service with its own path.
+#[test]
+fn interned_hosts_backends_and_claims_route_every_path_to_its_own_service() {
+    const N: usize = 40;
+    let mut w = World::default();
+    for i in 0..N {
+        let ns = format!("ns{}", i % 3);
+        let svc_name = format!("s{i}");
+        w = w.svc(svc(&ns, &svc_name, &[("http", 80)]));
+        // Oldest first is `N - 1`, so visit order is the reverse of name order; four Ingresses
+        // share each host (every third one a wildcard); every Ingress names its Service by number and by name (two keys).
+        let host = if (i / 4) % 3 == 2 {
+            format!("*.w{}.test", i / 4)
+        } else {
+            format!("h{}.test", i / 4)
+        };
+        let minute = N - 1 - i;
+        let ing = Ing::new(&ns, &format!("ing{i}"))
+            .created(&format!("2026-01-01T00:{minute:02}:00Z"))
+            .rule(
+                Some(&host),
+                &[
+                    ("Exact", &format!("/e{i}"), &svc_name, json!(80)),
+                    ("Prefix", &format!("/p{i}/a"), &svc_name, json!("http")),
+                    ("Prefix", &format!("/p{i}/b"), &svc_name, json!(80)),
+                    // Claimed by every Ingress of the host: only the oldest keeps it.
+                    ("Prefix", "/shared", &svc_name, json!(80)),
+                ],
+            );
+        w = w.ing(ing);
+    }
+    let (s, d) = w.run();
+
+    let keys: Vec<String> = s
+        .backends
+        .backends
+        .iter()
+        .map(|b| b.key.to_string())
+        .collect();
+    let mut sorted_keys = s
+        .backends
+        .backends
+        .iter()
+        .map(|b| b.key.clone())
+        .collect::<Vec<_>>();
+    sorted_keys.sort();
+    assert_eq!(
+        sorted_keys,
+        s.backends
+            .backends
+            .iter()
+            .map(|b| b.key.clone())
+            .collect::<Vec<_>>(),
+        "backend table in key order"
+    );
+    assert_eq!(
+        keys.len(),
+        2 * N,
+        "one backend per (Service, port as written)"
+    );
+
+    for i in 0..N {
+        let ns = format!("ns{}", i % 3);
+        let host = if (i / 4) % 3 == 2 {
+            format!("x.w{}.test", i / 4)
+        } else {
+            format!("h{}.test", i / 4)
+        };
+        assert_eq!(hit(&s, &host, &format!("/e{i}")), format!("{ns}/s{i}:80"));
+        assert_eq!(
+            hit(&s, &host, &format!("/p{i}/a/z")),
+            format!("{ns}/s{i}:http")
+        );
+        assert_eq!(hit(&s, &host, &format!("/p{i}/b")), format!("{ns}/s{i}:80"));
+        let r = route(&s, &host, &format!("/p{i}/b")).expect("route");
+        assert_eq!(r.path, format!("/p{i}/b"));
+        assert_eq!(
+            (&*r.ingress.namespace, &*r.ingress.name),
+            (ns.as_str(), format!("ing{i}").as_str())
+        );
+        // The oldest Ingress of the host (highest i of its group of four) holds `/shared`.
+        let owner = (i / 4) * 4 + 3;
+        assert_eq!(
+            hit(&s, &host, "/shared"),
+            format!("ns{}/s{owner}:80", owner % 3)
+        );
+    }
+    let conflicts: Vec<&Diagnostic> = d.iter().filter(|d| d.reason == "PathConflict").collect();
+    assert_eq!(conflicts.len(), N / 4 * 3, "three losers per host: {d:?}");
+    assert_eq!(d.len(), conflicts.len(), "no other diagnostic: {d:?}");
+    for c in conflicts {
+        let i: usize = c
+            .name
+            .trim_start_matches("ing")
+            .parse()
+            .expect("ingress number");
+        let owner = (i / 4) * 4 + 3;
+        assert!(
+            c.message.contains(&format!(
+                "Prefix /shared is already served by Ingress ns{}/ing{owner}",
+                owner % 3
+            )),
+            "{c:?}"
+        );
+    }
+}
+
+/// Consecutive paths of one Ingress naming the same backend reuse its resolution; a change of
+/// backend, a failed resolution and the next Ingress each resolve again. The result and the
+/// diagnostics must be what resolving every path gives.
+#[test]
+fn repeated_backends_of_one_ingress_resolve_like_every_path_alone() {
+    let w = World::web()
+        .svc(svc("default", "api", &[("http", 80)]))
+        .ing(
+            Ing::new("default", "old")
+                .created("2024-01-01T00:00:00Z")
+                .ann("portico.dev/health-check-path", "/old")
+                .rule(
+                    Some("a.test"),
+                    &[
+                        ("Prefix", "/w1", "web", svc80()),
+                        ("Prefix", "/w2", "web", svc80()),
+                        ("Prefix", "/m1", "missing", svc80()),
+                        ("Prefix", "/m2", "missing", svc80()),
+                        ("Prefix", "/api", "api", svc80()),
+                        ("Prefix", "/w3", "web", svc80()),
+                        ("Prefix", "/w4", "web", json!("http")),
+                    ],
+                ),
+        )
+        .ing(
+            Ing::new("default", "young")
+                .created("2025-01-01T00:00:00Z")
+                .ann("portico.dev/health-check-path", "/young")
+                .rule(
+                    Some("b.test"),
+                    &[
+                        ("Prefix", "/w1", "web", svc80()),
+                        ("Prefix", "/w2", "web", svc80()),
+                    ],
+                ),
+        );
+    let (s, d) = w.run();
+    for p in ["/w1", "/w2", "/w3"] {
+        assert_eq!(hit(&s, "a.test", p), "default/web:80", "{p}");
+        assert_eq!(
+            hit(&s, "b.test", p).as_str(),
+            if p == "/w3" { "404" } else { "default/web:80" }
+        );
+    }
+    assert_eq!(hit(&s, "a.test", "/w4"), "default/web:http");
+    assert_eq!(hit(&s, "a.test", "/api"), "default/api:80");
+    assert_eq!(hit(&s, "a.test", "/m1"), "503");
+    assert_eq!(hit(&s, "a.test", "/m2"), "503");
+    assert_eq!(s.backends.backends.len(), 3);
+    let checks: Vec<Option<String>> = s
+        .backends
+        .backends
+        .iter()
+        .map(|b| b.health_check.as_ref().map(|h| h.path.clone()))
+        .collect();
+    // api:80, web:80, web:http in key order; every one the old Ingress's check.
+    assert_eq!(checks, vec![Some("/old".to_string()); 3]);
+    // One ServiceNotFound per failing path (each names its path); one conflict warning for
+    // the young Ingress, however many of its paths name the backend.
+    let missing: Vec<&str> = d
+        .iter()
+        .filter(|d| d.reason == "ServiceNotFound")
+        .map(|d| d.message.as_str())
+        .collect();
+    assert_eq!(missing.len(), 2, "{d:?}");
+    assert!(
+        missing.iter().any(|m| m.contains("path /m1")),
+        "{missing:?}"
+    );
+    assert!(
+        missing.iter().any(|m| m.contains("path /m2")),
+        "{missing:?}"
+    );
+    let conflicts: Vec<&Diagnostic> = d
+        .iter()
+        .filter(|d| d.reason == "HealthCheckConflict")
+        .collect();
+    assert_eq!(conflicts.len(), 1, "{d:?}");
+    assert_eq!(conflicts[0].name, "young");
+    assert_eq!(d.len(), 3, "{d:?}");
+}
