@@ -116,17 +116,7 @@ fn group_key<'b>(buf: &'b mut String, namespace: &str, service: &str) -> &'b str
     buf
 }
 
-/// One Service's slices and the backends that read them, under one key (one map instead of
-/// two: at 10 000 Services that is 10 000 key strings and one table fewer, issue 6).
-#[derive(Debug, Default)]
-struct Group {
-    /// Slices labelled for this Service, in no particular order.
-    slices: Vec<Arc<Slice>>,
-    /// Indices (into the specs and the table) of the backends of this Service.
-    backends: Vec<usize>,
-}
-
-type Groups = HashMap<Box<str>, Group>;
+type Groups = HashMap<Box<str>, Vec<Arc<Slice>>>;
 
 /// The resolved backend table and what it was resolved from.
 #[derive(Debug)]
@@ -135,10 +125,11 @@ struct Endpoints {
     specs: Arc<[BackendSpec]>,
     /// The slices of the last build in input order; held so their addresses stay unique.
     slices: Vec<Arc<Slice>>,
-    /// The same slices grouped by Service ([`group_key`]), with the backends of each Service;
-    /// slices without the service label are in no group (they feed no backend). A group is
-    /// dropped once it has neither slices nor backends.
+    /// The same slices grouped by Service ([`group_key`]); slices without the service label
+    /// are in no group (they feed no backend).
     groups: Groups,
+    /// Backend indices by the group of their Service.
+    backends_of: HashMap<Box<str>, Vec<usize>>,
     /// The resolved backends, as published.
     table: Arc<BackendTable>,
     /// Endpoint diagnostics of each backend (same index as `table`).
@@ -148,17 +139,14 @@ struct Endpoints {
 impl Endpoints {
     fn build(specs: &Arc<[BackendSpec]>, slices: &[Arc<Slice>]) -> Self {
         let mut buf = String::new();
-        let mut groups = group(slices, &mut buf);
+        let groups = group(slices, &mut buf);
+        let mut backends_of: HashMap<Box<str>, Vec<usize>> = HashMap::new();
         for (i, spec) in specs.iter().enumerate() {
             let key = group_key(&mut buf, &spec.key.namespace, &spec.key.service);
-            match groups.get_mut(key) {
-                Some(g) => g.backends.push(i),
+            match backends_of.get_mut(key) {
+                Some(v) => v.push(i),
                 None => {
-                    let g = Group {
-                        slices: Vec::new(),
-                        backends: vec![i],
-                    };
-                    groups.insert(Box::from(key), g);
+                    backends_of.insert(Box::from(key), vec![i]);
                 }
             }
         }
@@ -173,6 +161,7 @@ impl Endpoints {
             specs: Arc::clone(specs),
             slices: slices.to_vec(),
             groups,
+            backends_of,
             table: Arc::new(BackendTable { backends }),
             diags,
         }
@@ -195,10 +184,10 @@ impl Endpoints {
                 if let Some((ns, svc)) = service_of(&old) {
                     let key = group_key(&mut buf, ns, svc);
                     if let Some(group) = self.groups.get_mut(key) {
-                        if let Some(pos) = group.slices.iter().position(|s| Arc::ptr_eq(s, &old)) {
-                            group.slices.swap_remove(pos);
+                        if let Some(pos) = group.iter().position(|s| Arc::ptr_eq(s, &old)) {
+                            group.swap_remove(pos);
                         }
-                        if group.slices.is_empty() && group.backends.is_empty() {
+                        if group.is_empty() {
                             self.groups.remove(key);
                         }
                     }
@@ -207,13 +196,9 @@ impl Endpoints {
                 if let Some((ns, svc)) = service_of(new) {
                     let key = group_key(&mut buf, ns, svc);
                     match self.groups.get_mut(key) {
-                        Some(group) => group.slices.push(Arc::clone(new)),
+                        Some(group) => group.push(Arc::clone(new)),
                         None => {
-                            let group = Group {
-                                slices: vec![Arc::clone(new)],
-                                backends: Vec::new(),
-                            };
-                            self.groups.insert(Box::from(key), group);
+                            self.groups.insert(Box::from(key), vec![Arc::clone(new)]);
                         }
                     }
                     dirty.push(Box::from(&*buf));
@@ -223,31 +208,25 @@ impl Endpoints {
             // Slices were added or removed: regroup, and re-resolve the Services whose group
             // is not the same slices as before (order within a group does not matter to
             // resolution, so a reordered group only costs an unneeded re-resolve).
-            let mut fresh = group(slices, &mut buf);
-            for (key, new) in &fresh {
+            let groups = group(slices, &mut buf);
+            for (key, new) in &groups {
                 let same = self.groups.get(key).is_some_and(|old| {
-                    old.slices.len() == new.slices.len()
+                    old.len() == new.len()
                         && old
-                            .slices
                             .iter()
-                            .zip(&new.slices)
+                            .zip(new)
                             .all(|(a, b)| Arc::ptr_eq(a, b) || **a == **b)
                 });
                 if !same {
                     dirty.push(key.clone());
                 }
             }
-            // Install the new slices, keeping each group's backends.
-            self.groups.retain(|key, old| {
-                let new = fresh.remove(key).map(|g| g.slices).unwrap_or_default();
-                if new.is_empty() && !old.slices.is_empty() {
+            for key in self.groups.keys() {
+                if !groups.contains_key(key) {
                     dirty.push(key.clone());
                 }
-                old.slices = new;
-                !(old.slices.is_empty() && old.backends.is_empty())
-            });
-            // What is left in `fresh` are Services that had neither slices nor backends.
-            self.groups.extend(fresh);
+            }
+            self.groups = groups;
             self.slices = slices.to_vec();
         }
         if dirty.is_empty() {
@@ -258,8 +237,12 @@ impl Endpoints {
         let mut backends: Option<Vec<_>> = None;
         let mut resolved = 0;
         for key in &dirty {
-            let of = self.groups.get(key).map(|g| g.backends.as_slice());
-            for &i in of.unwrap_or_default() {
+            for &i in self
+                .backends_of
+                .get(key)
+                .map(Vec::as_slice)
+                .unwrap_or_default()
+            {
                 let Some(spec) = self.specs.get(i) else {
                     continue;
                 };
@@ -281,7 +264,6 @@ impl Endpoints {
     }
 }
 
-/// The slices grouped by Service (no backends yet).
 fn group(slices: &[Arc<Slice>], buf: &mut String) -> Groups {
     let mut groups: Groups = HashMap::with_capacity(slices.len());
     for slice in slices {
@@ -290,13 +272,9 @@ fn group(slices: &[Arc<Slice>], buf: &mut String) -> Groups {
         };
         let key = group_key(buf, ns, svc);
         match groups.get_mut(key) {
-            Some(g) => g.slices.push(Arc::clone(slice)),
+            Some(g) => g.push(Arc::clone(slice)),
             None => {
-                let g = Group {
-                    slices: vec![Arc::clone(slice)],
-                    backends: Vec::new(),
-                };
-                groups.insert(Box::from(key), g);
+                groups.insert(Box::from(key), vec![Arc::clone(slice)]);
             }
         }
     }
@@ -311,7 +289,7 @@ fn resolve_one(
     let (ns, svc) = (&*spec.key.namespace, &*spec.key.service);
     let group = groups
         .get(group_key(buf, ns, svc))
-        .map(|g| g.slices.as_slice())
+        .map(Vec::as_slice)
         .unwrap_or_default();
     let mut diags = Diags::default();
     let slices = group
