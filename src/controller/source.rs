@@ -697,6 +697,32 @@ mod tests {
     }
 
     #[test]
+    fn compact_slice_keys_the_store_like_the_endpoint_slice() {
+        let mut raw = EndpointSlice::default();
+        raw.metadata.name = Some("web-1".into());
+        raw.metadata.namespace = Some("shop".into());
+        raw.metadata.resource_version = Some("42".into());
+        raw.metadata.uid = Some("u".into());
+        raw.address_type = "IPv4".into();
+        let want = ObjectRef::from_obj(&raw);
+        let event = keep_event(
+            watcher::Event::Apply(raw),
+            <Slice as From<EndpointSlice>>::from,
+        );
+        let watcher::Event::Apply(slice) = event else {
+            panic!("an Apply stays an Apply")
+        };
+        let got = slice.to_object_ref(());
+        // Same store key (kind, namespace, name); the resourceVersion rides along.
+        assert_eq!(got.extra.resource_version.as_deref(), Some("42"));
+        assert_eq!(got.erase(), want.erase());
+        assert!(matches!(
+            keep_event::<EndpointSlice, Slice>(watcher::Event::InitDone, Slice::from),
+            watcher::Event::InitDone
+        ));
+    }
+
+    #[test]
     fn reflected_secret_keeps_metadata_only() {
         let mut s = Secret::default();
         s.metadata.name = Some("tls".into());
