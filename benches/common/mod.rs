@@ -23,7 +23,7 @@ use k8s_openapi::api::networking::v1::{
     IngressRule, IngressServiceBackend, IngressSpec, ServiceBackendPort,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use portico::translate::Inputs;
+use portico::translate::{Inputs, Slice};
 
 /// Paths declared by each generated Ingress.
 pub const PATHS_PER_INGRESS: usize = 5;
@@ -182,16 +182,28 @@ pub fn inputs(scale: Scale) -> Inputs {
         ingress_classes: vec![Arc::new(class)],
         services: (0..scale.ingresses).map(|i| Arc::new(service(i))).collect(),
         endpoint_slices: (0..scale.ingresses)
-            .map(|i| Arc::new(endpoint_slice(i, scale.endpoints_per_service, 0)))
+            .map(|i| {
+                Arc::new(Slice::from(endpoint_slice(
+                    i,
+                    scale.endpoints_per_service,
+                    0,
+                )))
+            })
             .collect(),
         ..Default::default()
     }
 }
 
 /// Slices of the same Services with every address moved (an EndpointSlice-only update).
-pub fn updated_slices(scale: Scale) -> Vec<Arc<EndpointSlice>> {
+pub fn updated_slices(scale: Scale) -> Vec<Arc<Slice>> {
     (0..scale.ingresses)
-        .map(|i| Arc::new(endpoint_slice(i, scale.endpoints_per_service, 1)))
+        .map(|i| {
+            Arc::new(Slice::from(endpoint_slice(
+                i,
+                scale.endpoints_per_service,
+                1,
+            )))
+        })
         .collect()
 }
 
@@ -200,11 +212,11 @@ pub fn updated_slices(scale: Scale) -> Vec<Arc<EndpointSlice>> {
 /// changed).
 pub fn with_one_slice_updated(inputs: &Inputs, scale: Scale, service: usize) -> Inputs {
     let mut out = inputs.clone();
-    out.endpoint_slices[service] = Arc::new(endpoint_slice(
+    out.endpoint_slices[service] = Arc::new(Slice::from(endpoint_slice(
         service,
         scale.endpoints_per_service,
         scale.ingresses * scale.endpoints_per_service,
-    ));
+    )));
     out
 }
 

@@ -37,6 +37,10 @@
 //! - Every kind: `metadata.managedFields` and the `kubectl.kubernetes.io/last-applied-
 //!   configuration` annotation are dropped before the store (memory; and for Secrets the
 //!   annotation can hold a copy of the whole Secret, keys included).
+//! - EndpointSlices are converted to translate's compact [`Slice`] before the store (the
+//!   `keep` step of each watcher, ahead of `reflector`), so neither the store nor its
+//!   Init/InitApply buffer holds the k8s-openapi form; the store keys them by namespace and name
+//!   through the [`Lookup`] impl below, which also carries the resourceVersion.
 //! - kube's default backoff (`WatchStreamExt::default_backoff`, exponential from 800 ms to
 //!   30 s) sits on every watcher: an error is logged and retried, it never ends the stream.
 //! - Each applied event (`Apply`, `Delete`, `InitDone`) pokes the rebuild [`Trigger`] and bumps
@@ -52,11 +56,13 @@ use std::hash::Hash;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-use futures_util::StreamExt;
+use futures_util::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
-use kube::runtime::reflector::{self, ObjectRef, Store};
+use std::borrow::Cow;
+
+use kube::runtime::reflector::{self, Lookup, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
@@ -66,7 +72,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use super::secret_data::{Keeper, SecretData};
 use crate::crd::RateLimitPolicy;
 use crate::rebuild::{Source, Trigger};
-use crate::translate::{Diagnostic, Inputs};
+use crate::translate::{Diagnostic, Inputs, Slice};
 
 /// The field selector that limits the Secret watch to TLS Secrets (Kubernetes API docs,
 /// "Field Selectors": Secrets support `type`).
@@ -171,7 +177,8 @@ pub struct ClusterSource {
     ingresses: Vec<Store<Ingress>>,
     ingress_classes: Store<IngressClass>,
     services: Vec<Store<Service>>,
-    endpoint_slices: Vec<Store<EndpointSlice>>,
+    /// In translate's compact form ([`Slice`]): converted before the store.
+    endpoint_slices: Vec<Store<Slice>>,
     secrets: Vec<Store<Secret>>,
     /// Key material of referenced Secrets (the `secrets` stores hold metadata only).
     secret_data: Arc<SecretData>,
@@ -203,7 +210,7 @@ impl Source for ClusterSource {
 
 fn all<K>(stores: &[Store<K>]) -> Vec<Arc<K>>
 where
-    K: Resource + Clone + 'static,
+    K: Lookup + Clone + 'static,
     K::DynamicType: Eq + Hash + Clone,
 {
     let mut out = Vec::new();
@@ -213,11 +220,13 @@ where
     out
 }
 
-/// Per-watcher settings handed to [`spawn_reflector`].
-struct Watch<K> {
+/// Per-watcher settings handed to [`spawn_reflector`]: objects of kind `K` are watched and
+/// stored as `S` (`K` itself, stripped, for every kind but EndpointSlice).
+struct Watch<K, S> {
     api: Api<K>,
     config: watcher::Config,
-    strip: fn(&mut K),
+    /// Runs on every object before the store (and its Init/InitApply buffer) sees it.
+    keep: fn(K) -> S,
     kind: &'static str,
     namespace: Option<String>,
     /// Counts towards [`ClusterSource::is_synced`].
@@ -277,7 +286,7 @@ impl ClusterSource {
                 Watch {
                     api: scoped_api(&client, ns.as_deref()),
                     config: base(),
-                    strip: strip_common::<Ingress>,
+                    keep: stripped::<Ingress>,
                     kind: "Ingress",
                     namespace: ns.clone(),
                     gates_sync: true,
@@ -289,7 +298,7 @@ impl ClusterSource {
                 Watch {
                     api: scoped_api(&client, ns.as_deref()),
                     config: base(),
-                    strip: strip_common::<Service>,
+                    keep: stripped::<Service>,
                     kind: "Service",
                     namespace: ns.clone(),
                     gates_sync: true,
@@ -301,7 +310,7 @@ impl ClusterSource {
                 Watch {
                     api: scoped_api(&client, ns.as_deref()),
                     config: base(),
-                    strip: strip_common::<EndpointSlice>,
+                    keep: <Slice as From<EndpointSlice>>::from,
                     kind: "EndpointSlice",
                     namespace: ns.clone(),
                     gates_sync: true,
@@ -313,7 +322,10 @@ impl ClusterSource {
                 Watch {
                     api: scoped_api(&client, ns.as_deref()),
                     config: base().fields(TLS_SECRET_SELECTOR),
-                    strip: strip_secret_data,
+                    keep: |mut s| {
+                        strip_secret_data(&mut s);
+                        s
+                    },
                     kind: "Secret",
                     namespace: ns.clone(),
                     gates_sync: true,
@@ -325,7 +337,7 @@ impl ClusterSource {
                 Watch {
                     api: scoped_api(&client, ns.as_deref()),
                     config: base(),
-                    strip: strip_common::<RateLimitPolicy>,
+                    keep: stripped::<RateLimitPolicy>,
                     kind: "RateLimitPolicy",
                     namespace: ns.clone(),
                     gates_sync: true,
@@ -338,7 +350,7 @@ impl ClusterSource {
             Watch {
                 api: Api::all(client.clone()),
                 config: base(),
-                strip: strip_common::<IngressClass>,
+                keep: stripped::<IngressClass>,
                 kind: "IngressClass",
                 namespace: None,
                 gates_sync: true,
@@ -351,7 +363,7 @@ impl ClusterSource {
                 Watch {
                     api: Api::namespaced(client.clone(), ns),
                     config: base().fields(&format!("metadata.name={name}")),
-                    strip: strip_common::<Service>,
+                    keep: stripped::<Service>,
                     kind: "Service",
                     namespace: Some(ns.clone()),
                     gates_sync: false,
@@ -485,12 +497,14 @@ async fn supervise<F: Future<Output = ()>>(mut set: JoinSet<()>, shutdown: F) {
     set.shutdown().await;
 }
 
-fn spawn_reflector<K>(set: &mut JoinSet<()>, shared: &Arc<Shared>, w: Watch<K>) -> Store<K>
+fn spawn_reflector<K, S>(set: &mut JoinSet<()>, shared: &Arc<Shared>, w: Watch<K, S>) -> Store<S>
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
+    S: Lookup + Clone + Send + Sync + 'static,
+    S::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
 {
-    let (reader, writer) = reflector::store::<K>();
+    let (reader, writer) = reflector::store::<S>();
     if w.gates_sync {
         shared.unsynced.fetch_add(1, Ordering::AcqRel);
     }
@@ -499,14 +513,18 @@ where
         let Watch {
             api,
             config,
-            strip,
+            keep,
             kind,
             namespace,
             gates_sync,
         } = w;
         let namespace = namespace.unwrap_or_default();
-        // `modify` runs before `reflector`, so the store only ever holds stripped objects.
-        let stream = watcher(api, config).default_backoff().modify(strip);
+        // `keep` runs before `reflector`, so the store (and its Init/InitApply buffer) only
+        // ever holds stripped or converted objects; the watcher's own list pages are
+        // transient.
+        let stream = watcher(api, config)
+            .default_backoff()
+            .map_ok(move |event| keep_event(event, keep));
         let stream = reflector::reflector(writer, stream);
         let mut stream = std::pin::pin!(stream);
         let mut listed = false;
@@ -542,6 +560,62 @@ where
         tracing::error!(kind, namespace = %namespace, "Kubernetes watch stream ended");
     });
     reader
+}
+
+/// `keep` applied to the object of a watcher event (markers pass through).
+fn keep_event<K, S>(event: watcher::Event<K>, keep: fn(K) -> S) -> watcher::Event<S> {
+    match event {
+        watcher::Event::Apply(o) => watcher::Event::Apply(keep(o)),
+        watcher::Event::Delete(o) => watcher::Event::Delete(keep(o)),
+        watcher::Event::InitApply(o) => watcher::Event::InitApply(keep(o)),
+        watcher::Event::Init => watcher::Event::Init,
+        watcher::Event::InitDone => watcher::Event::InitDone,
+    }
+}
+
+/// [`strip_common`] as a `keep` conversion.
+fn stripped<K: Resource>(mut obj: K) -> K {
+    strip_common(&mut obj);
+    obj
+}
+
+/// The reflector store of EndpointSlices holds translate's compact [`Slice`]; the store keys
+/// it by namespace and name like the k8s-openapi object (and carries its resourceVersion).
+impl Lookup for Slice {
+    type DynamicType = ();
+
+    fn kind(_: &()) -> Cow<'_, str> {
+        <EndpointSlice as Resource>::kind(&())
+    }
+
+    fn group(_: &()) -> Cow<'_, str> {
+        <EndpointSlice as Resource>::group(&())
+    }
+
+    fn version(_: &()) -> Cow<'_, str> {
+        <EndpointSlice as Resource>::version(&())
+    }
+
+    fn plural(_: &()) -> Cow<'_, str> {
+        <EndpointSlice as Resource>::plural(&())
+    }
+
+    fn name(&self) -> Option<Cow<'_, str>> {
+        Some(Cow::Borrowed(Slice::name(self)))
+    }
+
+    fn namespace(&self) -> Option<Cow<'_, str>> {
+        Some(Cow::Borrowed(Slice::namespace(self)))
+    }
+
+    fn resource_version(&self) -> Option<Cow<'_, str>> {
+        Slice::resource_version(self).map(Cow::Borrowed)
+    }
+
+    fn uid(&self) -> Option<Cow<'_, str>> {
+        // Not kept: the store compares keys by namespace and name only.
+        None
+    }
 }
 
 /// Drop what no consumer reads: managedFields (often the largest part of an object) and the
@@ -620,6 +694,32 @@ mod tests {
         let ann = s.metadata.annotations.unwrap_or_default();
         assert_eq!(ann.len(), 1);
         assert_eq!(ann.get("keep").map(String::as_str), Some("me"));
+    }
+
+    #[test]
+    fn compact_slice_keys_the_store_like_the_endpoint_slice() {
+        let mut raw = EndpointSlice::default();
+        raw.metadata.name = Some("web-1".into());
+        raw.metadata.namespace = Some("shop".into());
+        raw.metadata.resource_version = Some("42".into());
+        raw.metadata.uid = Some("u".into());
+        raw.address_type = "IPv4".into();
+        let want = ObjectRef::from_obj(&raw);
+        let event = keep_event(
+            watcher::Event::Apply(raw),
+            <Slice as From<EndpointSlice>>::from,
+        );
+        let watcher::Event::Apply(slice) = event else {
+            panic!("an Apply stays an Apply")
+        };
+        let got = slice.to_object_ref(());
+        // Same store key (kind, namespace, name); the resourceVersion rides along.
+        assert_eq!(got.extra.resource_version.as_deref(), Some("42"));
+        assert_eq!(got.erase(), want.erase());
+        assert!(matches!(
+            keep_event::<EndpointSlice, Slice>(watcher::Event::InitDone, Slice::from),
+            watcher::Event::InitDone
+        ));
     }
 
     #[test]

@@ -23,7 +23,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::crd::RateLimitPolicy;
-use crate::translate::Inputs;
+use crate::translate::{Inputs, Slice};
 
 /// Namespace given to namespaced objects that declare none.
 pub const DEFAULT_NAMESPACE: &str = "default";
@@ -37,7 +37,9 @@ pub enum Object {
     Ingress(Ingress),
     IngressClass(IngressClass),
     Service(Service),
-    EndpointSlice(EndpointSlice),
+    /// Already in translate's compact form: the file source never holds the k8s-openapi
+    /// `EndpointSlice` past parsing (memory, issue 6).
+    EndpointSlice(Slice),
     Secret(Secret),
     RateLimitPolicy(RateLimitPolicy),
 }
@@ -106,7 +108,11 @@ fn parse_value(doc: Value, index: usize, out: &mut Vec<Object>) -> Result<(), Pa
         }
         ("v1", "Service") => Object::Service(typed(value, &kind).map_err(err)?),
         ("discovery.k8s.io/v1", "EndpointSlice") => {
-            Object::EndpointSlice(typed(value, &kind).map_err(err)?)
+            // Defaulted and checked as typed (so `Slice` gets the namespace), then converted.
+            let slice: EndpointSlice = typed(value, &kind).map_err(err)?;
+            let slice = slice_with_default_namespace(slice).map_err(err)?;
+            out.push(Object::EndpointSlice(Slice::from(slice)));
+            return Ok(());
         }
         ("v1", "Secret") => Object::Secret(merge_string_data(typed(value, &kind).map_err(err)?)),
         ("portico.dev/v1alpha1", "RateLimitPolicy") => {
@@ -189,7 +195,8 @@ fn with_default_namespace(mut obj: Object) -> Result<Object, String> {
         // IngressClass is cluster-scoped.
         Object::IngressClass(o) => (&mut o.metadata, false),
         Object::Service(o) => (&mut o.metadata, true),
-        Object::EndpointSlice(o) => (&mut o.metadata, true),
+        // Defaulted before conversion (`slice_with_default_namespace`).
+        Object::EndpointSlice(_) => return Ok(obj),
         Object::Secret(o) => (&mut o.metadata, true),
         Object::RateLimitPolicy(o) => (&mut o.metadata, true),
     };
@@ -200,6 +207,18 @@ fn with_default_namespace(mut obj: Object) -> Result<Object, String> {
         meta.namespace = Some(DEFAULT_NAMESPACE.to_string());
     }
     Ok(obj)
+}
+
+/// [`with_default_namespace`] for an EndpointSlice still in its k8s-openapi form.
+fn slice_with_default_namespace(mut slice: EndpointSlice) -> Result<EndpointSlice, String> {
+    let meta = &mut slice.metadata;
+    if meta.name.as_deref().is_none_or(str::is_empty) {
+        return Err("missing `metadata.name`".into());
+    }
+    if meta.namespace.as_deref().is_none_or(str::is_empty) {
+        meta.namespace = Some(DEFAULT_NAMESPACE.to_string());
+    }
+    Ok(slice)
 }
 
 impl Inputs {
@@ -337,23 +356,32 @@ endpoints:
         let Object::EndpointSlice(slice) = &objs[0] else {
             panic!("not an EndpointSlice")
         };
-        let ep = &slice.endpoints.as_deref().expect("endpoints")[0];
-        assert_eq!(ep.addresses, ["10.0.0.1"]);
-        let cond = ep.conditions.as_ref().expect("conditions");
+        // Kept in translate's compact form: the draining endpoint, its Service, its port.
         assert_eq!(
-            (cond.ready, cond.serving, cond.terminating),
-            (Some(false), Some(true), Some(true))
+            (slice.namespace(), slice.name(), slice.service()),
+            ("default", "web-1", Some("web"))
         );
         assert_eq!(
-            (&ep.node_name, &ep.zone, &ep.hostname),
-            (&None, &None, &None)
+            slice.endpoints(),
+            [crate::translate::SliceEndpoint {
+                addr: std::net::Ipv4Addr::new(10, 0, 0, 1).into(),
+                ready: false,
+            }]
         );
-        assert!(ep.target_ref.is_none() && ep.hints.is_none());
         assert_eq!(
-            slice.metadata.labels.as_ref().map(|l| l.len()),
-            Some(1),
-            "labels are read (service-name) and kept"
+            slice.ports(),
+            [crate::translate::SlicePort {
+                name: "http".into(),
+                port: Some(8080),
+            }]
         );
+    }
+
+    #[test]
+    fn endpoint_slice_without_name_fails_its_document() {
+        let text = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {namespace: a}\naddressType: IPv4\n";
+        let e = parse_manifests(text).expect_err("no name");
+        assert!(e.to_string().contains("metadata.name"), "{e}");
     }
 
     #[test]

@@ -12,8 +12,6 @@ use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-
 use super::parse::parse_manifests;
 use crate::translate::{Diagnostic, Inputs, Severity};
 
@@ -203,9 +201,9 @@ impl DirState {
                     format!("{e}{kept}"),
                 ));
             }
-            let mut add = |kind, meta: &ObjectMeta| -> bool {
-                let ns = meta.namespace.clone().unwrap_or_default();
-                let name = meta.name.clone().unwrap_or_default();
+            let mut add = |kind, ns: Option<&str>, name: Option<&str>| -> bool {
+                let ns = ns.unwrap_or_default().to_string();
+                let name = name.unwrap_or_default().to_string();
                 match owners.get(&(kind, ns.clone(), name.clone())) {
                     Some(first) => {
                         diagnostics.push(Diagnostic {
@@ -228,24 +226,46 @@ impl DirState {
             };
             let g = &entry.good;
             extend(&mut inputs.ingresses, &g.ingresses, |o| {
-                add("Ingress", &o.metadata)
+                add(
+                    "Ingress",
+                    o.metadata.namespace.as_deref(),
+                    o.metadata.name.as_deref(),
+                )
             });
             extend(&mut inputs.ingress_classes, &g.ingress_classes, |o| {
-                add("IngressClass", &o.metadata)
+                add(
+                    "IngressClass",
+                    o.metadata.namespace.as_deref(),
+                    o.metadata.name.as_deref(),
+                )
             });
             extend(&mut inputs.services, &g.services, |o| {
-                add("Service", &o.metadata)
+                add(
+                    "Service",
+                    o.metadata.namespace.as_deref(),
+                    o.metadata.name.as_deref(),
+                )
             });
             extend(&mut inputs.endpoint_slices, &g.endpoint_slices, |o| {
-                add("EndpointSlice", &o.metadata)
+                add("EndpointSlice", Some(o.namespace()), Some(o.name()))
             });
             extend(&mut inputs.secrets, &g.secrets, |o| {
-                add("Secret", &o.metadata)
+                add(
+                    "Secret",
+                    o.metadata.namespace.as_deref(),
+                    o.metadata.name.as_deref(),
+                )
             });
             extend(
                 &mut inputs.rate_limit_policies,
                 &g.rate_limit_policies,
-                |o| add("RateLimitPolicy", &o.metadata),
+                |o| {
+                    add(
+                        "RateLimitPolicy",
+                        o.metadata.namespace.as_deref(),
+                        o.metadata.name.as_deref(),
+                    )
+                },
             );
         }
         (inputs, diagnostics)

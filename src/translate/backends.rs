@@ -9,17 +9,17 @@
 //! Owns: backend/Service/endpoint rules. Must not import tokio, hyper or the filesystem.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::IngressBackend;
 
 use crate::model::{Backend, BackendKey, BackendTable, Endpoint, ServicePortRef, UpstreamProtocol};
 
 use super::annotations::BackendProtocol;
-use super::index::{self, Index};
-use super::{BackendSpec, Diagnostic, Diags};
+use super::index::Index;
+use super::slice::{AddressType, Slice};
+use super::{BackendSpec, Diagnostic, Diags, ObjRef};
 
 /// Label linking an EndpointSlice to its Service (Kubernetes well-known label).
 pub(super) const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -181,15 +181,15 @@ pub(super) fn resolve_service<'a>(
 ///
 /// Per the EndpointSlice API: an endpoint is usable when `conditions.ready` is not `false` (nil
 /// means ready); when none is, endpoints that are `serving` and `terminating` are used so a
-/// draining backend still answers. Only `IPv4`/`IPv6` slices are read (`FQDN` is ignored).
-/// Addresses are deduplicated across slices and sorted. Zero endpoints is not a diagnostic:
-/// it is normal during rollouts, and the proxy answers 503.
+/// draining backend still answers (both decided when the [`Slice`] is built). Only `IPv4`/`IPv6`
+/// slices are read (`FQDN` is ignored). Addresses are deduplicated across slices and sorted.
+/// Zero endpoints is not a diagnostic: it is normal during rollouts, and the proxy answers 503.
 pub fn resolve_endpoints(
     backends: &[BackendSpec],
-    slices: &[Arc<EndpointSlice>],
+    slices: &[Arc<Slice>],
 ) -> (BackendTable, Vec<Diagnostic>) {
     let mut diags = Diags::default();
-    let mut by_service: BTreeMap<(&str, &str), Vec<&EndpointSlice>> = BTreeMap::new();
+    let mut by_service: BTreeMap<(&str, &str), Vec<&Slice>> = BTreeMap::new();
     for slice in slices {
         let Some(svc) = service_of(slice) else {
             continue;
@@ -211,20 +211,15 @@ pub fn resolve_endpoints(
 
 /// The Service (namespace, name) an EndpointSlice belongs to: its namespace and the
 /// `kubernetes.io/service-name` label; `None` for a slice without the label (not ours to read).
-pub(super) fn service_of(slice: &EndpointSlice) -> Option<(&str, &str)> {
-    let svc = slice
-        .metadata
-        .labels
-        .as_ref()
-        .and_then(|l| l.get(SERVICE_NAME_LABEL))?;
-    Some((index::namespace(&slice.metadata), svc.as_str()))
+pub(super) fn service_of(slice: &Slice) -> Option<(&str, &str)> {
+    Some((slice.namespace(), slice.service()?))
 }
 
 /// One backend from the slices of its Service (the caller has selected them with
 /// [`service_of`]; their order does not matter: addresses are sorted and deduplicated).
 pub(super) fn resolve_backend<'s>(
     spec: &BackendSpec,
-    slices: impl Iterator<Item = &'s EndpointSlice>,
+    slices: impl Iterator<Item = &'s Slice>,
     diags: &mut Diags,
 ) -> Backend {
     let mut ready = BTreeSet::new();
@@ -249,62 +244,45 @@ pub(super) fn resolve_backend<'s>(
 }
 
 fn collect_slice(
-    slice: &EndpointSlice,
+    slice: &Slice,
     spec: &BackendSpec,
     ready: &mut BTreeSet<SocketAddr>,
     draining: &mut BTreeSet<SocketAddr>,
     diags: &mut Diags,
 ) {
-    let v4 = match slice.address_type.as_str() {
-        "IPv4" => true,
-        "IPv6" => false,
-        _ => return,
-    };
+    if slice.address_type() == AddressType::Other {
+        return;
+    }
     let want = spec.port_name.as_deref().unwrap_or_default();
+    // The first port of the wanted name decides, even when it is unusable.
     let port = slice
-        .ports
-        .as_deref()
-        .unwrap_or_default()
+        .ports()
         .iter()
-        .find(|p| p.name.as_deref().unwrap_or_default() == want)
-        .and_then(|p| p.port)
-        .and_then(|p| u16::try_from(p).ok())
-        .filter(|p| *p != 0);
+        .find(|p| *p.name == *want)
+        .and_then(|p| p.port);
     let Some(port) = port else {
         return;
     };
-    for ep in slice.endpoints.as_deref().unwrap_or_default() {
-        let cond = ep.conditions.as_ref();
-        let is_ready = cond.and_then(|c| c.ready) != Some(false);
-        let is_draining =
-            cond.is_some_and(|c| c.serving == Some(true) && c.terminating == Some(true));
-        if !is_ready && !is_draining {
-            continue;
-        }
-        for raw in &ep.addresses {
-            let ip = if v4 {
-                raw.parse::<Ipv4Addr>().ok().map(IpAddr::V4)
-            } else {
-                raw.parse::<Ipv6Addr>().ok().map(IpAddr::V6)
-            };
-            let Some(ip) = ip else {
-                diags.warn(
-                    "EndpointSlice",
-                    &index::obj_ref(&slice.metadata),
-                    "InvalidEndpointAddress",
-                    format!(
-                        "address {raw:?} is not a valid {} address; skipped",
-                        slice.address_type
-                    ),
-                );
-                continue;
-            };
-            let addr = SocketAddr::new(ip, port);
-            if is_ready {
-                ready.insert(addr);
-            } else {
-                draining.insert(addr);
-            }
+    for raw in slice.invalid_addresses() {
+        diags.warn(
+            "EndpointSlice",
+            &ObjRef {
+                namespace: slice.namespace(),
+                name: slice.name(),
+            },
+            "InvalidEndpointAddress",
+            format!(
+                "address {raw:?} is not a valid {} address; skipped",
+                slice.address_type().as_str()
+            ),
+        );
+    }
+    for ep in slice.endpoints() {
+        let addr = SocketAddr::new(ep.addr, port);
+        if ep.ready {
+            ready.insert(addr);
+        } else {
+            draining.insert(addr);
         }
     }
 }

@@ -10,11 +10,10 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use super::backends::{resolve_backend, service_of};
-use super::{BackendSpec, Diagnostic, Diags, Inputs, Options, Routes, routes};
+use super::{BackendSpec, Diagnostic, Diags, Inputs, Options, Routes, Slice, routes};
 use crate::model::{BackendTable, Snapshot};
 
 /// Translates, reusing the derived routes of the previous call when only endpoints changed, and
@@ -117,7 +116,7 @@ fn group_key<'b>(buf: &'b mut String, namespace: &str, service: &str) -> &'b str
     buf
 }
 
-type Groups = HashMap<Box<str>, Vec<Arc<EndpointSlice>>>;
+type Groups = HashMap<Box<str>, Vec<Arc<Slice>>>;
 
 /// The resolved backend table and what it was resolved from.
 #[derive(Debug)]
@@ -125,7 +124,7 @@ struct Endpoints {
     /// The specs of the routes this table belongs to (`BackendId(i)` is `specs[i]`).
     specs: Arc<[BackendSpec]>,
     /// The slices of the last build in input order; held so their addresses stay unique.
-    slices: Vec<Arc<EndpointSlice>>,
+    slices: Vec<Arc<Slice>>,
     /// The same slices grouped by Service ([`group_key`]); slices without the service label
     /// are in no group (they feed no backend).
     groups: Groups,
@@ -138,7 +137,7 @@ struct Endpoints {
 }
 
 impl Endpoints {
-    fn build(specs: &Arc<[BackendSpec]>, slices: &[Arc<EndpointSlice>]) -> Self {
+    fn build(specs: &Arc<[BackendSpec]>, slices: &[Arc<Slice>]) -> Self {
         let mut buf = String::new();
         let groups = group(slices, &mut buf);
         let mut backends_of: HashMap<Box<str>, Vec<usize>> = HashMap::new();
@@ -170,7 +169,7 @@ impl Endpoints {
 
     /// Bring the table up to date with `slices`; returns how many backends were re-resolved.
     /// When nothing a backend reads changed, `table` stays the same `Arc`.
-    fn update(&mut self, slices: &[Arc<EndpointSlice>]) -> usize {
+    fn update(&mut self, slices: &[Arc<Slice>]) -> usize {
         let mut buf = String::new();
         let mut dirty: Vec<Box<str>> = Vec::new();
         if slices.len() == self.slices.len() {
@@ -265,7 +264,7 @@ impl Endpoints {
     }
 }
 
-fn group(slices: &[Arc<EndpointSlice>], buf: &mut String) -> Groups {
+fn group(slices: &[Arc<Slice>], buf: &mut String) -> Groups {
     let mut groups: Groups = HashMap::with_capacity(slices.len());
     for slice in slices {
         let Some((ns, svc)) = service_of(slice) else {

@@ -243,7 +243,7 @@ impl World {
         self
     }
     fn slice(mut self, s: EndpointSlice) -> Self {
-        self.0.endpoint_slices.push(Arc::new(s));
+        self.0.endpoint_slices.push(Arc::new(Slice::from(s)));
         self
     }
     fn secret(mut self, s: Secret) -> Self {
@@ -1994,7 +1994,8 @@ fn robustness_empty_and_odd_objects_do_not_panic() {
     w.0.ingresses
         .push(Arc::new(from(json!({"metadata": {"name": "nospec"}}))));
     w.0.services.push(Arc::new(Service::default()));
-    w.0.endpoint_slices.push(Arc::new(EndpointSlice::default()));
+    w.0.endpoint_slices
+        .push(Arc::new(Slice::from(EndpointSlice::default())));
     w.0.secrets.push(Arc::new(Secret::default()));
     w.0.ingress_classes.push(Arc::new(IngressClass::default()));
     let w = w.ing(Ing::new("default", "empty-rule").raw_path("h.test", json!({})));
@@ -2253,14 +2254,14 @@ fn translator_reuses_routes_when_only_endpoints_change_and_always_equals_transla
 
     // Only the EndpointSlice: new addresses, routes reused, result still exact.
     let mut moved = base.clone();
-    moved.0.endpoint_slices = vec![Arc::new(slice(
+    moved.0.endpoint_slices = vec![Arc::new(Slice::from(slice(
         "default",
         "web-1",
         "web",
         "IPv4",
         &[("http", 8080)],
         vec![ready("10.0.0.7"), ready("10.0.0.8")],
-    ))];
+    )))];
     assert!(check(&mut t, &moved, &opts), "endpoint-only change");
 
     // Same objects in another order, or equal fresh copies (a source re-reading them): reused.
@@ -2341,6 +2342,9 @@ fn translator_endpoint_updates_equal_full_translate_under_random_slice_churn() {
         let mut rng = fastrand::Rng::with_seed(seed);
         let mut w = base.clone();
         let mut t = Translator::new();
+        // The k8s-openapi objects the compact slices are converted from (same positions), so
+        // the churn edits what a source would see.
+        let mut raw: Vec<EndpointSlice> = Vec::new();
         let mut next_name = 0;
         let mut fresh_name = |rng: &mut fastrand::Rng| {
             next_name += 1;
@@ -2349,8 +2353,9 @@ fn translator_endpoint_updates_equal_full_translate_under_random_slice_churn() {
         };
         for _ in 0..3 {
             let name = fresh_name(&mut rng);
+            raw.push(random_slice(&mut rng, &name));
             w.0.endpoint_slices
-                .push(Arc::new(random_slice(&mut rng, &name)));
+                .push(Arc::new(Slice::from(raw.last().expect("pushed"))));
         }
         let first = t.translate(&w.0, &opts);
         assert_eq!(first, translate(&w.0, &opts), "seed {seed}: first build");
@@ -2364,49 +2369,55 @@ fn translator_endpoint_updates_equal_full_translate_under_random_slice_churn() {
                 0 => {
                     let name = fresh_name(&mut rng);
                     let at = rng.usize(..=n);
-                    slices.insert(at, Arc::new(random_slice(&mut rng, &name)));
+                    let s = random_slice(&mut rng, &name);
+                    slices.insert(at, Arc::new(Slice::from(&s)));
+                    raw.insert(at, s);
                 }
                 // delete
                 1 if n > 0 => {
-                    slices.remove(rng.usize(..n));
+                    let i = rng.usize(..n);
+                    slices.remove(i);
+                    raw.remove(i);
                 }
                 // edit in place: same name, new content (maybe another Service, too)
                 2 | 3 if n > 0 => {
                     let i = rng.usize(..n);
-                    let name = slices[i].metadata.name.clone().unwrap_or_default();
-                    slices[i] = Arc::new(random_slice(&mut rng, &name));
+                    let name = slices[i].name().to_string();
+                    raw[i] = random_slice(&mut rng, &name);
+                    slices[i] = Arc::new(Slice::from(&raw[i]));
                 }
                 // relabel to another Service, endpoints unchanged
                 4 if n > 0 => {
                     let i = rng.usize(..n);
-                    let mut s = (*slices[i]).clone();
                     let to = ["a", "b", "c", "d", "e"][rng.usize(..5)];
-                    s.metadata
+                    raw[i]
+                        .metadata
                         .labels
                         .get_or_insert_default()
                         .insert(backends::SERVICE_NAME_LABEL.to_string(), to.to_string());
-                    slices[i] = Arc::new(s);
+                    slices[i] = Arc::new(Slice::from(&raw[i]));
                 }
                 // address type changed
                 5 if n > 0 => {
                     let i = rng.usize(..n);
-                    let mut s = (*slices[i]).clone();
+                    let s = &mut raw[i];
                     s.address_type = if s.address_type == "IPv4" {
                         "IPv6".to_string()
                     } else {
                         "IPv4".to_string()
                     };
-                    slices[i] = Arc::new(s);
+                    slices[i] = Arc::new(Slice::from(&raw[i]));
                 }
                 // an equal fresh copy (a source re-reading a file): nothing to re-resolve
                 6 if n > 0 => {
                     let i = rng.usize(..n);
-                    slices[i] = Arc::new((*slices[i]).clone());
+                    slices[i] = Arc::new(Slice::from(&raw[i]));
                 }
                 // the same slices in another order
                 _ if n > 1 => {
                     let (i, j) = (rng.usize(..n), rng.usize(..n));
                     slices.swap(i, j);
+                    raw.swap(i, j);
                 }
                 _ => {}
             }
@@ -2456,16 +2467,16 @@ fn translator_reuses_unchanged_backends_by_pointer() {
         .0
         .endpoint_slices
         .iter()
-        .position(|s| s.metadata.name.as_deref() == Some("web-1"))
+        .position(|s| s.name() == "web-1")
         .expect("web slice");
-    moved.0.endpoint_slices[web] = Arc::new(slice(
+    moved.0.endpoint_slices[web] = Arc::new(Slice::from(slice(
         "default",
         "web-1",
         "web",
         "IPv4",
         &[("http", 8080)],
         vec![ready("10.0.0.9")],
-    ));
+    )));
     let (after, _) = t.translate(&moved.0, &opts);
     assert!(t.reused());
     assert_eq!(
