@@ -341,9 +341,10 @@ start_proxy() {
     wait_http "https://127.0.0.1:$HTTPS_PORT/" 10 || die "$name did not serve https"
 }
 
-# loadgen SCENARIO SECONDS OUTFILE H2LOG: one run of the load generator, pinned to LOAD_CPU.
+# loadgen SCENARIO SECONDS OUTFILE AUXFILE: one run of the load generator, pinned to LOAD_CPU;
+# AUXFILE gets h2load's per-request log (h2_tls) or ab's percentile CSV (tls_handshake).
 loadgen() {
-    local sc=$1 secs=$2 out=$3 h2log=$4
+    local sc=$1 secs=$2 out=$3 aux=$4
     local http="http://127.0.0.1:$HTTP_PORT" https="https://127.0.0.1:$HTTPS_PORT"
     local wrk=(taskset -c "$LOAD_CPU" wrk -t1 --latency -d"${secs}s")
     case $sc in
@@ -355,10 +356,10 @@ loadgen() {
     # request, close). wrk keeps the session across its reconnects (SSL_clear), so with
     # Connection: close every request is a TLS 1.3 resumption (PSK with a new X25519 share).
     tls_handshake) taskset -c "$LOAD_CPU" ab -q -t"$secs" -n 100000000 -c"$CONNS_NEW" \
-        -e "$h2log" "$https/" ;;
+        -e "$aux" "$https/" ;;
     tls_resume) "${wrk[@]}" -c"$CONNS_NEW" -H 'Connection: close' "$https/" ;;
     h2_tls) taskset -c "$LOAD_CPU" h2load -t1 -c"$H2_CONNS" -m"$H2_STREAMS" -D"$secs" \
-        --log-file="$h2log" "$https/" ;;
+        --log-file="$aux" "$https/" ;;
     *) die "unknown scenario $sc" ;;
     esac >"$out" 2>&1 || true
 }
@@ -371,17 +372,16 @@ run_one() {
     start_proxy "$proxy"
     local idle cpu0 cpu1 ucpu0 ucpu1 hwm
     read -r _ idle _ _ < <(procstat "$PROXY_PID")
-    loadgen "$sc" "$WARMUP" "$OUT/raw/$tag.warmup" "$OUT/raw/$tag.warmup.h2log"
+    loadgen "$sc" "$WARMUP" "$OUT/raw/$tag.warmup" "$OUT/raw/$tag.warmup.aux"
     read -r cpu0 _ _ ucpu0 < <(procstat "$PROXY_PID")
-    loadgen "$sc" "$DURATION" "$OUT/raw/$tag.out" "$OUT/raw/$tag.h2log"
+    loadgen "$sc" "$DURATION" "$OUT/raw/$tag.out" "$OUT/raw/$tag.aux"
     read -r cpu1 _ hwm ucpu1 < <(procstat "$PROXY_PID")
     stop "$PROXY_PID"
     local files=("$OUT/raw/$tag.out")
-    # h2load's per-request log, ab's percentile CSV
-    [[ $sc == h2_tls || $sc == tls_handshake ]] && files+=("$OUT/raw/$tag.h2log")
+    [[ $sc == h2_tls || $sc == tls_handshake ]] && files+=("$OUT/raw/$tag.aux")
     python3 "$HERE/report.py" record "$OUT/runs.jsonl" kind=load proxy="$proxy" scenario="$sc" \
         rep="$rep" cpu0="$cpu0" cpu1="$cpu1" ucpu0="$ucpu0" ucpu1="$ucpu1" idle_kib="$idle" hwm_kib="$hwm" -- "${files[@]}"
-    rm -f "$OUT/raw/$tag.h2log" "$OUT/raw/$tag.warmup.h2log" # large; the parsed numbers are kept
+    rm -f "$OUT/raw/$tag.aux" "$OUT/raw/$tag.warmup.aux" # large; the parsed numbers are kept
 }
 
 # ---------------------------------------------------------------------------------------------

@@ -70,7 +70,7 @@ pub struct Handler {
     /// RateLimitPolicy buckets and `maxInFlight` counters, outside the snapshot (brief §4.5).
     limiter: Limiter,
     /// Request metric handles per (Ingress, Service).
-    route_metrics: Arc<RouteMetricsCache>,
+    metric_cache: Arc<RouteMetricsCache>,
 }
 
 /// Decrements an in-flight counter when the request (including its response body) ends.
@@ -195,7 +195,7 @@ impl Handler {
         );
         Handler {
             upstreams: Upstreams::new(metrics.clone(), cfg.max_ejection_percent),
-            route_metrics: Arc::new(RouteMetricsCache::new(metrics.clone())),
+            metric_cache: Arc::new(RouteMetricsCache::new(metrics.clone())),
             cfg,
             reader,
             metrics,
@@ -282,7 +282,7 @@ impl Handler {
                 status,
                 start,
                 guards,
-                route_metrics: self.route_metrics.clone(),
+                metric_cache: self.metric_cache.clone(),
                 access_log: self.cfg.access_log,
             }),
         };
@@ -406,7 +406,7 @@ impl Handler {
         let backend = backend.ok_or(ProxyError::NoEndpoints)?;
         rec.service = Some(backend.key.service.clone());
         let route_metrics = self
-            .route_metrics
+            .metric_cache
             .get(rec.ingress.as_ref(), rec.service.as_ref());
         rec.route_metrics = Some(route_metrics.clone());
         if backend.endpoints.is_empty() {
@@ -952,7 +952,7 @@ struct Finish {
     status: StatusCode,
     start: Instant,
     guards: Vec<InflightGuard>,
-    route_metrics: Arc<RouteMetricsCache>,
+    metric_cache: Arc<RouteMetricsCache>,
     access_log: bool,
 }
 
@@ -1027,7 +1027,7 @@ impl Drop for TrackedBody {
             Some(m) => m.clone(),
             // Answered before a backend was chosen (no route, redirect, limits, ...).
             None => f
-                .route_metrics
+                .metric_cache
                 .get(rec.ingress.as_ref(), rec.service.as_ref()),
         };
         route_metrics.count(f.status, &rec.method);
