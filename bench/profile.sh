@@ -13,7 +13,8 @@
 # every request is a new connection (wrk drops a -H value without a space after the colon, so
 # this cannot go through PROFILE_WRK_ARGS); PROFILE_TLS=1 sends the requests to the HTTPS
 # listener (with PROFILE_CLOSE=1, a full TLS handshake per request: wrk never resumes sessions).
-# PROFILE_WRK_ARGS adds further wrk arguments (split on spaces). PROFILE_TOOL=perf samples the
+# PROFILE_WRK_ARGS adds further wrk arguments (split on spaces). PROFILE_BIN profiles another
+# portico binary (default target/release/portico), e.g. a saved copy for a before/after. PROFILE_TOOL=perf samples the
 # native process instead (`perf record -e cpu-clock -g`, 999 Hz; no instruction counts, but
 # CPU features valgrind hides, such as the ADX/BMI2 paths of ring's X25519, are used).
 # Binds only 127.0.0.1; stops only what it started.
@@ -163,7 +164,7 @@ URL="http://127.0.0.1:$HTTP/"
 [[ ${PROFILE_TLS:-0} == 1 ]] && URL="https://127.0.0.1:$HTTPS/"
 RUN=profile
 [[ ${PROFILE_TOOL:-callgrind} == perf ]] && RUN=perf_profile
-RUST_LOG=warn $RUN portico "$URL" "$ROOT/target/release/portico" run \
+RUST_LOG=warn $RUN portico "$URL" "${PROFILE_BIN:-$ROOT/target/release/portico}" run \
     --manifests "$WORK/manifests" --worker-threads 1 --no-access-log --log-format text \
     --http-addr "127.0.0.1:$HTTP" --https-addr "127.0.0.1:$HTTPS" --admin-addr "127.0.0.1:$ADMIN" \
     --default-certificate bench/bench-tls

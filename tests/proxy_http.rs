@@ -681,6 +681,29 @@ async fn keep_alive_connections_are_reused_across_requests_and_swaps() {
     );
 }
 
+/// A burst of concurrent requests leaves its upstream connections in the pool (well past
+/// the 32 a smaller cap would keep), so the next burst of the same size opens none.
+#[tokio::test]
+async fn a_burst_of_64_concurrent_requests_reuses_its_upstream_connections_next_time() {
+    const N: usize = 64;
+    let gate = gated_backend().await;
+    let p = proxy_with(&[RouteSpec::prefix(None, "/", &[gate.addr])]).await;
+    let h = p.handler.clone();
+    for _ in 0..2 {
+        let held = hold(&p, "x", "/", N, &gate).await;
+        gate.gate.add_permits(N);
+        for t in held {
+            assert_eq!(t.await.expect("request task"), 200);
+        }
+        wait_until(|| h.upstreams().idle_connections(gate.addr) == N).await;
+    }
+    assert_eq!(
+        gate.accepted.load(Ordering::SeqCst),
+        N,
+        "the second burst ran on the first burst's connections"
+    );
+}
+
 // ---------------------------------------------------------------- headers
 
 #[tokio::test]

@@ -21,7 +21,9 @@ use portico::publish::Publisher;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
-use rustls::{ClientConfig, DigitallySignedStruct, ProtocolVersion, SignatureScheme};
+use rustls::{
+    ClientConfig, DigitallySignedStruct, HandshakeKind, ProtocolVersion, SignatureScheme,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
@@ -212,6 +214,12 @@ impl Client {
     }
 
     async fn connect(&self, addr: SocketAddr) -> Result<TlsStream<TcpStream>, std::io::Error> {
+        self.connect_with(self.config(), addr).await
+    }
+
+    /// The client configuration; one config (its verifier and session store) across
+    /// connects is what lets a client resume.
+    fn config(&self) -> Arc<ClientConfig> {
         let mut p = rustls::crypto::ring::default_provider();
         if !self.suites.is_empty() {
             p.cipher_suites = self.suites.clone();
@@ -225,15 +233,20 @@ impl Client {
             .with_no_client_auth();
         cfg.alpn_protocols = self.alpn.clone();
         cfg.enable_sni = self.sni.is_some();
+        Arc::new(cfg)
+    }
+
+    async fn connect_with(
+        &self,
+        cfg: Arc<ClientConfig>,
+        addr: SocketAddr,
+    ) -> Result<TlsStream<TcpStream>, std::io::Error> {
         let name = ServerName::try_from(self.sni.unwrap_or("nosni.invalid").to_string())
             .expect("server name");
         let tcp = TcpStream::connect(addr).await?;
-        timeout(
-            DEADLINE,
-            TlsConnector::from(Arc::new(cfg)).connect(name, tcp),
-        )
-        .await
-        .expect("handshake before the deadline")
+        timeout(DEADLINE, TlsConnector::from(cfg).connect(name, tcp))
+            .await
+            .expect("handshake before the deadline")
     }
 
     /// The leaf certificate the server presented.
@@ -436,6 +449,55 @@ async fn the_server_picks_aes128_gcm_over_the_clients_order_but_serves_what_it_o
         let tls = client.connect(srv.https).await.expect("handshake");
         let suite = tls.get_ref().1.negotiated_cipher_suite().expect("suite");
         assert_eq!(suite.suite(), expect);
+    }
+}
+
+/// One HTTP/1.1 request over `tls` to its end, so the client also reads the session tickets
+/// the server sent after the handshake.
+async fn get_to_end(mut tls: TlsStream<TcpStream>) {
+    tls.write_all(b"GET / HTTP/1.1\r\nhost: example.com\r\nconnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut resp = Vec::new();
+    timeout(DEADLINE, tls.read_to_end(&mut resp))
+        .await
+        .expect("response before the deadline")
+        .expect("read");
+    assert!(resp.starts_with(b"HTTP/1.1 200"), "{resp:?}");
+}
+
+/// Stateless tickets: a client resumes after many other clients' full handshakes, where a
+/// 256-entry server cache (two entries per handshake) would have forgotten its session.
+#[tokio::test]
+async fn a_client_resumes_its_session_after_hundreds_of_other_handshakes() {
+    let srv = start().await;
+    static V13: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
+    static V12: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS12];
+    for versions in [V13, V12] {
+        let client = Client {
+            versions,
+            alpn: vec![b"http/1.1".to_vec()],
+            ..Client::default()
+        };
+        let returning = client.config();
+        let connect = || client.connect_with(returning.clone(), srv.https);
+        let first = connect().await.expect("handshake");
+        assert_eq!(
+            first.get_ref().1.handshake_kind(),
+            Some(HandshakeKind::Full)
+        );
+        get_to_end(first).await;
+        // Bounded: 200 other clients' full handshakes (a fresh config each: no resumption).
+        for _ in 0..200 {
+            get_to_end(client.connect(srv.https).await.expect("handshake")).await;
+        }
+        let again = connect().await.expect("handshake");
+        assert_eq!(
+            again.get_ref().1.handshake_kind(),
+            Some(HandshakeKind::Resumed),
+            "{versions:?}"
+        );
+        get_to_end(again).await;
     }
 }
 

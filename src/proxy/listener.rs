@@ -801,6 +801,7 @@ async fn accept_loop(
     cut: Cut,
 ) {
     let [(l0, k0), (l1, k1)] = listeners;
+    let (side0, side1) = (LocalSide::of(&l0), LocalSide::of(&l1));
     let mut backoff = ACCEPT_BACKOFF_MIN;
     // Runs until shutdown; each turn accepts one connection or backs off after an error.
     loop {
@@ -813,9 +814,9 @@ async fn accept_loop(
             },
             _ = shutdown.fired() => return,
         };
-        let (accepted, kind) = tokio::select! {
-            r = l0.accept() => (r, k0),
-            r = l1.accept() => (r, k1),
+        let (accepted, kind, side) = tokio::select! {
+            r = l0.accept() => (r, k0, &side0),
+            r = l1.accept() => (r, k1, &side1),
             _ = shutdown.fired() => return,
         };
         let (stream, peer) = match accepted {
@@ -847,7 +848,7 @@ async fn accept_loop(
         if let Err(e) = stream.set_nodelay(true) {
             debug!(error = %e, "set TCP_NODELAY failed");
         }
-        let local = match stream.local_addr() {
+        let local = match side.fixed.map_or_else(|| stream.local_addr(), Ok) {
             Ok(a) => a,
             Err(e) => {
                 debug!(error = %e, "accepted socket has no local address; dropping it");
@@ -859,6 +860,7 @@ async fn accept_loop(
             kind,
             peer,
             local,
+            port_value: side.port_value.clone(),
             slot,
         };
         let shared = shared.clone();
@@ -894,7 +896,28 @@ struct Accepted {
     kind: ListenerKind,
     peer: SocketAddr,
     local: SocketAddr,
+    /// The listener's port as a header value (X-Forwarded-Port), formatted once.
+    port_value: http::HeaderValue,
     slot: ConnSlot,
+}
+
+/// What a listener knows of its connections' local side without asking the kernel.
+struct LocalSide {
+    /// The local address of every accepted socket when the listener is bound to one
+    /// address; None for a wildcard bind (0.0.0.0, ::), where each socket is asked
+    /// (getsockname) which address the client reached.
+    fixed: Option<SocketAddr>,
+    port_value: http::HeaderValue,
+}
+
+impl LocalSide {
+    fn of(l: &TcpListener) -> Self {
+        let addr = l.local_addr().ok();
+        LocalSide {
+            fixed: addr.filter(|a| !a.ip().is_unspecified()),
+            port_value: http::HeaderValue::from(addr.map_or(0, |a| a.port())),
+        }
+    }
 }
 
 async fn serve_conn(shared: &Shared, accepted: Accepted, shutdown: Shutdown, cut: Cut) {
@@ -903,13 +926,14 @@ async fn serve_conn(shared: &Shared, accepted: Accepted, shutdown: Shutdown, cut
         kind,
         peer,
         local,
+        port_value,
         slot,
     } = accepted;
     let cfg = &shared.cfg;
     match kind {
         ListenerKind::Http => {
             let activity = Activity::new(Protocol::Sniff);
-            let info = ConnInfo::new(peer, local, false, None);
+            let info = ConnInfo::new(peer, local, port_value, false, None);
             let io = ActivityIo::new(stream, activity.clone(), slot, cut);
             // h1 and h2c share this port: the framing guard follows h1 and passes the h2
             // preface through untouched (it is not an h1 head).
@@ -951,7 +975,7 @@ async fn serve_conn(shared: &Shared, accepted: Accepted, shutdown: Shutdown, cut
                 .server_name()
                 .map(|s| Arc::<str>::from(s.to_ascii_lowercase()));
             let h2 = session.alpn_protocol() == Some(tls::ALPN_H2);
-            let info = ConnInfo::new(peer, local, true, sni);
+            let info = ConnInfo::new(peer, local, port_value, true, sni);
             let activity = Activity::new(if h2 { Protocol::H2 } else { Protocol::H1 });
             let io = ActivityIo::new(tls, activity.clone(), slot, cut);
             let svc = make_service(shared.service.clone(), info, activity.clone());
@@ -1097,6 +1121,23 @@ mod tests {
         let from = Instant::now();
         let e = a.expired(IDLE, HEADER, idle_enabled).await;
         (e, from.elapsed())
+    }
+
+    #[tokio::test]
+    async fn a_listener_on_one_address_knows_its_local_side_and_a_wildcard_one_asks() {
+        let one = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = one.local_addr().expect("addr");
+        let side = LocalSide::of(&one);
+        assert_eq!(side.fixed, Some(addr));
+        assert_eq!(side.port_value, addr.port().to_string().as_str());
+        let any = TcpListener::bind("0.0.0.0:0").await.expect("bind");
+        let side = LocalSide::of(&any);
+        assert_eq!(
+            side.fixed, None,
+            "a wildcard bind asks each socket (getsockname)"
+        );
+        let port = any.local_addr().expect("addr").port();
+        assert_eq!(side.port_value, port.to_string().as_str());
     }
 
     #[tokio::test(start_paused = true)]

@@ -125,14 +125,20 @@ pub struct ConnInfo {
 }
 
 impl ConnInfo {
-    pub fn new(peer: SocketAddr, local: SocketAddr, tls: bool, sni: Option<Arc<str>>) -> Self {
-        // An IP address or a port number is always a valid header value.
-        let value = |s: String| {
-            http::HeaderValue::from_str(&s).unwrap_or_else(|_| http::HeaderValue::from_static(""))
-        };
+    /// `local_port_value`: the listener's port as a header value, shared by its connections.
+    pub fn new(
+        peer: SocketAddr,
+        local: SocketAddr,
+        local_port_value: http::HeaderValue,
+        tls: bool,
+        sni: Option<Arc<str>>,
+    ) -> Self {
+        // An IP address is always a valid header value.
+        let peer_ip_value = http::HeaderValue::from_str(&peer.ip().to_string())
+            .unwrap_or_else(|_| http::HeaderValue::from_static(""));
         ConnInfo {
-            peer_ip_value: value(peer.ip().to_string()),
-            local_port_value: value(local.port().to_string()),
+            peer_ip_value,
+            local_port_value,
             peer,
             local,
             tls,

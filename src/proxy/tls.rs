@@ -2,8 +2,9 @@
 //! resolver over the published snapshot, and the self-signed fallback certificate.
 //!
 //! Owns: protocol versions (TLS 1.2 and 1.3 only), cipher suite preference, ALPN (`h2`,
-//! `http/1.1`), no 0-RTT, and the choice of certificate per handshake. Must not import kube, k8s-openapi, hyper or the
-//! listener; certificates arrive already parsed in [`crate::model::tls::TlsTable`].
+//! `http/1.1`), no 0-RTT, stateless session tickets, and the choice of certificate per
+//! handshake. Must not import kube, k8s-openapi, hyper or the listener; certificates arrive
+//! already parsed in [`crate::model::tls::TlsTable`].
 
 use std::fmt;
 use std::sync::Arc;
@@ -142,6 +143,12 @@ pub fn server_config(resolver: Arc<dyn ResolvesServerCert>) -> Result<Arc<Server
     cfg.max_early_data_size = 0;
     // Our suite order, not the client's: OpenSSL-based clients list AES-256-GCM first.
     cfg.ignore_client_order = true;
+    // Stateless session tickets (RFC 8446 §4.6.1; RFC 5077 for TLS 1.2): the session is
+    // sealed into the ticket under a key that rotates every 6 hours, so every client can
+    // resume. rustls' default is a 256-entry server-side cache, which a busy listener turns
+    // over in a fraction of a second (two entries per handshake), so most clients would not
+    // resume. Resumption always runs a fresh key exchange (rustls offers psk_dhe_ke only).
+    cfg.ticketer = rustls::crypto::ring::Ticketer::new()?;
     Ok(Arc::new(cfg))
 }
 

@@ -30,8 +30,12 @@ use super::balance::{self, Affinity};
 use super::error::ProxyError;
 use super::health::ActiveHealth;
 
-/// Idle keep-alive connections kept per endpoint.
-pub const MAX_IDLE_PER_ENDPOINT: usize = 32;
+/// Idle keep-alive connections kept per endpoint. Enough for the concurrency of a busy
+/// endpoint: below the peak number of requests in flight to it, every burst closes the
+/// surplus and the next one opens them again (a TCP handshake and a close per request
+/// over the cap). nginx's `keepalive` and ingress-nginx's `upstream-keepalive-connections`
+/// are in the same range (hundreds); unused ones leave after [`POOL_IDLE_TIMEOUT`].
+pub const MAX_IDLE_PER_ENDPOINT: usize = 256;
 /// Idle pooled connections older than this are dropped (below common upstream keep-alive
 /// timeouts would be ideal; 90 s matches the brief).
 pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -219,7 +223,11 @@ impl Pool {
         }
         let list = shared(&self.idle, &addr, Mutex::default);
         let mut list = lock(&list);
-        list.retain(|(t, since)| !t.is_closed() && since.elapsed() < POOL_IDLE_TIMEOUT);
+        // Closed and expired entries are skipped by `take_h1` and swept by `reap`; only a
+        // full list is swept here, so a return costs no walk over the idle connections.
+        if list.len() >= MAX_IDLE_PER_ENDPOINT {
+            list.retain(|(t, since)| !t.is_closed() && since.elapsed() < POOL_IDLE_TIMEOUT);
+        }
         if list.len() < MAX_IDLE_PER_ENDPOINT {
             list.push((tx, Instant::now()));
         }
