@@ -12,11 +12,14 @@
 # Usage: bench/profile.sh [SECONDS] (default 10). PROFILE_CLOSE=1 sends `Connection: close`, so
 # every request is a new connection (wrk drops a -H value without a space after the colon, so
 # this cannot go through PROFILE_WRK_ARGS); PROFILE_TLS=1 sends the requests to the HTTPS
-# listener (with PROFILE_CLOSE=1, a full TLS handshake per request: wrk never resumes sessions).
-# PROFILE_WRK_ARGS adds further wrk arguments (split on spaces). PROFILE_BIN profiles another
-# portico binary (default target/release/portico), e.g. a saved copy for a before/after. PROFILE_TOOL=perf samples the
-# native process instead (`perf record -e cpu-clock -g`, 999 Hz; no instruction counts, but
-# CPU features valgrind hides, such as the ADX/BMI2 paths of ring's X25519, are used).
+# listener (with PROFILE_CLOSE=1, a TLS 1.3 resumption per request: wrk keeps its session).
+# PROFILE_LOAD=h2load puts h2 over TLS on it instead (h2load -c4 -m16, as bench/run.sh's
+# h2_tls); PROFILE_LOAD=ab full TLS handshakes (ab -c16, one request per fresh TLS session, as
+# tls_handshake). PROFILE_WRK_ARGS adds further wrk arguments (split on spaces). PROFILE_BIN
+# profiles another portico binary (default target/release/portico), e.g. a saved copy for a
+# before/after. PROFILE_TOOL=perf samples the native process instead (`perf record -e cpu-clock
+# -g`, 999 Hz; no instruction counts, but CPU features valgrind hides, such as the ADX/BMI2
+# paths of ring's X25519, are used).
 # Binds only 127.0.0.1; stops only what it started.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -86,10 +89,22 @@ PIDS+=($!)
 wait_http "http://127.0.0.1:$UP_PORT/" 10
 
 wrk_run() {
-    local close=()
-    [[ ${PROFILE_CLOSE:-0} == 1 ]] && close=(-H 'Connection: close')
-    # shellcheck disable=SC2086 # PROFILE_WRK_ARGS is a list of words on purpose
-    wrk -t1 -c8 -d"${SECS}s" --timeout 10s "${close[@]}" ${PROFILE_WRK_ARGS:-} "$1" >"$2" 2>&1 || true
+    case ${PROFILE_LOAD:-wrk} in
+    h2load) h2load -t1 -c4 -m16 -D"$SECS" "$1" >"$2" 2>&1 || true ;;
+    ab) ab -q -t"$SECS" -n 100000000 -c16 "$1" >"$2" 2>&1 || true ;;
+    *)
+        local close=()
+        [[ ${PROFILE_CLOSE:-0} == 1 ]] && close=(-H 'Connection: close')
+        # shellcheck disable=SC2086 # PROFILE_WRK_ARGS is a list of words on purpose
+        wrk -t1 -c8 -d"${SECS}s" --timeout 10s "${close[@]}" ${PROFILE_WRK_ARGS:-} "$1" >"$2" 2>&1 || true
+        ;;
+    esac
+}
+
+# Requests served, from whichever load tool's output.
+requests_in() {
+    sed -n -e 's/^ *\([0-9]*\) requests in.*/\1/p' -e 's/^requests: .* \([0-9]*\) succeeded.*/\1/p' \
+        -e 's/^Complete requests: *\([0-9]*\).*/\1/p' "$1" | head -1
 }
 
 # profile NAME URL CMD...: run CMD under callgrind (instrumentation off), wait for URL, switch
@@ -125,7 +140,7 @@ perf_profile() {
     stop_wait "$pid"
     set +o pipefail
     local reqs
-    reqs=$(sed -n 's/^ *\([0-9]*\) requests in.*/\1/p' "$OUT/$name.wrk")
+    reqs=$(requests_in "$OUT/$name.wrk")
     {
         echo "== $name: $reqs requests (perf samples of the native process, cpu-clock)"
         echo "-- self"
@@ -149,7 +164,7 @@ summarise() {
         [[ -n $ir ]] && ((ir > max)) && { max=$ir; best=$f; }
     done
     local reqs
-    reqs=$(sed -n 's/^ *\([0-9]*\) requests in.*/\1/p' "$OUT/$name.wrk")
+    reqs=$(requests_in "$OUT/$name.wrk")
     {
         echo "== $name: $reqs requests, $max instructions, $((max / (reqs > 0 ? reqs : 1))) instructions/request ($best)"
         echo "-- self cost"
@@ -161,7 +176,7 @@ summarise() {
 }
 
 URL="http://127.0.0.1:$HTTP/"
-[[ ${PROFILE_TLS:-0} == 1 ]] && URL="https://127.0.0.1:$HTTPS/"
+[[ ${PROFILE_TLS:-0} == 1 || ${PROFILE_LOAD:-wrk} != wrk ]] && URL="https://127.0.0.1:$HTTPS/"
 RUN=profile
 [[ ${PROFILE_TOOL:-callgrind} == perf ]] && RUN=perf_profile
 RUST_LOG=warn $RUN portico "$URL" "${PROFILE_BIN:-$ROOT/target/release/portico}" run \

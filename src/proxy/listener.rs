@@ -871,7 +871,9 @@ async fn accept_loop(
             let flag = cut.flag.clone();
             // The IO fails on cut too, but a request stuck in the handler does no IO: this
             // drops it (and with it the connection) at the cut.
-            let mut conn = pin!(serve_conn(&shared, accepted, shutdown, cut));
+            // Boxed: held inline, the whole connection future would be the task's size,
+            // which tokio copies while spawning and again when the task finishes.
+            let mut conn = Box::pin(serve_conn(&shared, accepted, shutdown, cut));
             let mut cut_fired = pin!(async move {
                 let _ = task_cut.wait_for(|c| *c).await;
             });
