@@ -22,7 +22,6 @@ use http::{Request, Response};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use prometheus::IntGauge;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -34,6 +33,7 @@ use tracing::{debug, info, warn};
 use super::framing::FramingIo;
 use super::handler::Handler;
 use super::health::HealthChecker;
+use super::sniff::{self, H2_PREFACE};
 use super::tls::{self, SniResolver};
 use super::{BoxError, ConnInfo, ProxyBody, ProxyConfig};
 use crate::metrics::Metrics;
@@ -55,8 +55,6 @@ const CUT_WAIT: Duration = Duration::from_secs(2);
 const H1_BUF_SLACK: usize = 4096;
 /// hyper's minimum for `max_buf_size`.
 const H1_MIN_BUF: usize = 8192;
-/// The HTTP/2 connection preface (RFC 9113 §3.4), used to tell h2c from h1 on the plain port.
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 // ---------------------------------------------------------------------------------------------
 // Shutdown trigger
@@ -527,7 +525,6 @@ struct Shared {
     service: Arc<dyn ServeRequest>,
     /// Plain port: h1, or h2c when the client starts with the preface (prior knowledge,
     /// RFC 9113 §3.3).
-    auto: auto::Builder<TokioExecutor>,
     /// TLS with ALPN `http/1.1` or no ALPN (RFC 9113 §3.2: h2 over TLS needs ALPN).
     h1: hyper::server::conn::http1::Builder,
     /// TLS with ALPN `h2`.
@@ -584,7 +581,6 @@ impl Proxy {
         }
         let health = service.health_checker();
         let shared = Shared {
-            auto: auto_builder(&cfg),
             h1: h1_builder(&cfg),
             h2: h2_builder(&cfg),
             acceptor: TlsAcceptor::from(tls_cfg),
@@ -713,23 +709,6 @@ fn h2_header_list_size(cfg: &ProxyConfig) -> u32 {
 // keep-alive connection waits for its next request, which would cap idle keep-alive at the
 // header timeout (10 s) instead of §4.4's 60 s. The header and idle timers live in
 // [`Activity`] instead.
-
-fn auto_builder(cfg: &ProxyConfig) -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(None)
-        .keep_alive(true)
-        .max_buf_size(h1_buf_size(cfg))
-        .max_headers(cfg.max_headers);
-    b.http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(cfg.h2_max_concurrent_streams)
-        .max_header_list_size(h2_header_list_size(cfg))
-        .keep_alive_interval(H2_KEEPALIVE_INTERVAL)
-        .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT);
-    b
-}
 
 fn h1_builder(cfg: &ProxyConfig) -> hyper::server::conn::http1::Builder {
     let mut b = hyper::server::conn::http1::Builder::new();
@@ -922,7 +901,7 @@ impl LocalSide {
     }
 }
 
-async fn serve_conn(shared: &Shared, accepted: Accepted, shutdown: Shutdown, cut: Cut) {
+async fn serve_conn(shared: &Shared, accepted: Accepted, mut shutdown: Shutdown, cut: Cut) {
     let Accepted {
         stream,
         kind,
@@ -936,21 +915,59 @@ async fn serve_conn(shared: &Shared, accepted: Accepted, shutdown: Shutdown, cut
         ListenerKind::Http => {
             let activity = Activity::new(Protocol::Sniff);
             let info = ConnInfo::new(peer, local, port_value, false, None);
-            let io = ActivityIo::new(stream, activity.clone(), slot, cut);
-            // h1 and h2c share this port: the framing guard follows h1 and passes the h2
-            // preface through untouched (it is not an h1 head).
-            let io = TokioIo::new(framing_io(io, cfg));
+            let mut io = ActivityIo::new(stream, activity.clone(), slot, cut);
+            // h1 and h2c (prior knowledge) share this port: the first bytes decide. Reading
+            // them shares the header timeout (a client that connects and sends nothing is a
+            // slowloris too); a shutdown meanwhile just closes (no request has begun).
+            let first = {
+                let fired = shutdown.fired();
+                tokio::select! {
+                    biased;
+                    r = tokio::time::timeout(cfg.client_header_timeout, sniff::sniff(&mut io)) => Some(r),
+                    _ = fired => None,
+                }
+            };
+            let (version, prefix) = match first {
+                Some(Ok(Ok(first))) => first,
+                Some(Ok(Err(e))) => {
+                    debug!(%peer, error = %e, "reading the first bytes failed");
+                    return;
+                }
+                Some(Err(_)) => {
+                    debug!(%peer, "client header timeout before any request; closing");
+                    return;
+                }
+                None => return,
+            };
+            let io = sniff::Prefixed::new(prefix, io);
             let svc = make_service(shared.service.clone(), info, activity.clone());
-            let conn = Box::pin(shared.auto.serve_connection_with_upgrades(io, svc));
-            drive(
-                conn,
-                |c| c.graceful_shutdown(),
-                &activity,
-                cfg,
-                shutdown,
-                peer,
-            )
-            .await;
+            match version {
+                sniff::Version::H2 => {
+                    let conn = Box::pin(shared.h2.serve_connection(TokioIo::new(io), svc));
+                    drive(
+                        conn,
+                        |c| c.graceful_shutdown(),
+                        &activity,
+                        cfg,
+                        shutdown,
+                        peer,
+                    )
+                    .await;
+                }
+                sniff::Version::H1 => {
+                    let io = TokioIo::new(framing_io(io, cfg));
+                    let conn = Box::pin(shared.h1.serve_connection(io, svc).with_upgrades());
+                    drive(
+                        conn,
+                        |c| c.graceful_shutdown(),
+                        &activity,
+                        cfg,
+                        shutdown,
+                        peer,
+                    )
+                    .await;
+                }
+            }
         }
         ListenerKind::Https => {
             // The handshake shares the header timeout: a client that opens a socket and

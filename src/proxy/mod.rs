@@ -4,10 +4,10 @@
 //! Owns: everything on the request path. May import: model, publish, metrics, hyper, rustls,
 //! tokio. Must never import kube or k8s-openapi types (checked by `tests/architecture.rs`).
 //!
-//! Seams: [`listener`] accepts connections (TCP, TLS, h1/h2/h2c, connection cap, shutdown) and
-//! hands every request with its [`ConnInfo`] to [`handler::Handler`], which validates, routes
-//! and forwards through [`upstream`] (endpoint choice in [`balance`]); [`health`] runs the
-//! active health checks beside the listeners.
+//! Seams: [`listener`] accepts connections (TCP, TLS, h1/h2/h2c told apart by [`sniff`],
+//! connection cap, shutdown) and hands every request with its [`ConnInfo`] to
+//! [`handler::Handler`], which validates, routes and forwards through [`upstream`] (endpoint
+//! choice in [`balance`]); [`health`] runs the active health checks beside the listeners.
 
 pub mod balance;
 pub mod client_ip;
@@ -18,6 +18,7 @@ pub mod health;
 pub mod listener;
 pub mod ratelimit;
 mod route_metrics;
+pub mod sniff;
 pub mod tls;
 pub mod upstream;
 
