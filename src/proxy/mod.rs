@@ -134,8 +134,8 @@ impl ConnInfo {
         tls: bool,
         sni: Option<Arc<str>>,
     ) -> Self {
-        // An IP address is always a valid header value.
-        let peer_ip_value = http::HeaderValue::from_str(&peer.ip().to_string())
+        // An IP address is always a valid header value; the String becomes its bytes.
+        let peer_ip_value = http::HeaderValue::try_from(peer.ip().to_string())
             .unwrap_or_else(|_| http::HeaderValue::from_static(""));
         ConnInfo {
             peer_ip_value,
