@@ -40,11 +40,6 @@ const CONTENT_LENGTH: &[u8] = b"content-length";
 /// connection does not keep a large head's allocation.
 const KEEP_CAPACITY: usize = 8 * 1024;
 
-/// A reader asking for fewer bytes than this (hyper-util's protocol sniff reads 24) gets them
-/// from one read of this size: the scanner holds a partial head anyway, so reading in the
-/// reader's size would cost one recv(2) per 24 bytes until the head is complete.
-const MIN_READ: usize = 4 * 1024;
-
 /// Header slots parsed on the stack; a larger `max_headers` uses the heap.
 const STACK_HEADERS: usize = 128;
 
@@ -592,22 +587,6 @@ impl<T: AsyncRead + Unpin> AsyncRead for FramingIo<T> {
             if this.scanner.is_passthrough() {
                 return Pin::new(&mut this.inner).poll_read(cx, buf);
             }
-            if buf.remaining() < MIN_READ {
-                this.scratch.clear();
-                this.scratch.resize(MIN_READ, 0);
-                let mut chunk = ReadBuf::new(&mut this.scratch);
-                ready!(Pin::new(&mut this.inner).poll_read(cx, &mut chunk))?;
-                let n = chunk.filled().len();
-                if n == 0 {
-                    this.scratch.clear();
-                    this.scanner.finish(&mut this.out);
-                    this.eof = true;
-                    continue;
-                }
-                this.scratch.truncate(n);
-                this.scanner.feed(&this.scratch, &mut this.out);
-                continue;
-            }
             let before = buf.filled().len();
             ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
             let n = buf.filled().len() - before;
@@ -1023,41 +1002,6 @@ mod tests {
         fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
             Poll::Ready(Ok(()))
         }
-    }
-
-    /// Like [`Chunks`], counting the reads that reached it.
-    struct Counted(Chunks, usize);
-
-    impl AsyncRead for Counted {
-        fn poll_read(
-            self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-            buf: &mut ReadBuf<'_>,
-        ) -> Poll<io::Result<()>> {
-            let this = self.get_mut();
-            this.1 += 1;
-            Pin::new(&mut this.0).poll_read(cx, buf)
-        }
-    }
-
-    #[tokio::test]
-    async fn a_small_first_read_takes_the_whole_head_in_one_read_from_the_socket() {
-        let head =
-            b"GET / HTTP/1.1\r\nhost: bench.local\r\nuser-agent: curl/8\r\naccept: */*\r\n\r\n";
-        let mut io = FramingIo::new(
-            Counted(Chunks(vec![head.to_vec()].into()), 0),
-            CAP,
-            MAX_HEADERS,
-        );
-        // hyper-util's protocol sniff: 24 bytes first, then hyper's own buffer.
-        let mut sniff = [0u8; 24];
-        let n = io.read(&mut sniff).await.expect("read");
-        assert_eq!(&sniff[..n], &head[..24]);
-        assert_eq!(io.inner.1, 1, "one read from the socket for the whole head");
-        let mut rest = vec![0u8; 8192];
-        let m = io.read(&mut rest).await.expect("read");
-        assert_eq!(&rest[..m], &head[24..]);
-        assert_eq!(io.inner.1, 1, "the rest came from the held bytes");
     }
 
     async fn read_through(chunks: Vec<Vec<u8>>, read_size: usize) -> Vec<u8> {

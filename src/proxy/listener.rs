@@ -523,11 +523,10 @@ impl ListenerKind {
 struct Shared {
     cfg: Arc<ProxyConfig>,
     service: Arc<dyn ServeRequest>,
-    /// Plain port: h1, or h2c when the client starts with the preface (prior knowledge,
-    /// RFC 9113 §3.3).
-    /// TLS with ALPN `http/1.1` or no ALPN (RFC 9113 §3.2: h2 over TLS needs ALPN).
+    /// TLS with ALPN `http/1.1` or no ALPN (RFC 9113 §3.2: h2 over TLS needs ALPN), and the
+    /// plain port unless [`sniff`] saw the h2 preface.
     h1: hyper::server::conn::http1::Builder,
-    /// TLS with ALPN `h2`.
+    /// TLS with ALPN `h2`, and h2c on the plain port (prior knowledge, RFC 9113 §3.3).
     h2: hyper::server::conn::http2::Builder<TokioExecutor>,
     acceptor: TlsAcceptor,
 }
