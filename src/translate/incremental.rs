@@ -304,36 +304,40 @@ fn resolve_one(
 /// sets: sources need not keep an order). Objects are compared by pointer first, by value when
 /// a source handed out a fresh copy.
 fn same_routing_inputs(a: &Inputs, b: &Inputs) -> bool {
-    same_set(&a.ingresses, &b.ingresses, |o| &o.metadata)
-        && same_set(&a.ingress_classes, &b.ingress_classes, |o| &o.metadata)
-        && same_set(&a.services, &b.services, |o| &o.metadata)
-        && same_set(&a.secrets, &b.secrets, |o| &o.metadata)
+    same_set(&a.ingresses, &b.ingresses, |o| meta_key(&o.metadata))
+        && same_set(&a.ingress_classes, &b.ingress_classes, |o| {
+            meta_key(&o.metadata)
+        })
+        && same_set(&a.services, &b.services, |o| (o.namespace(), o.name()))
+        && same_set(&a.secrets, &b.secrets, |o| meta_key(&o.metadata))
         && same_set(&a.rate_limit_policies, &b.rate_limit_policies, |o| {
-            &o.metadata
+            meta_key(&o.metadata)
         })
 }
 
-fn same_set<T: PartialEq>(a: &[Arc<T>], b: &[Arc<T>], meta: fn(&T) -> &ObjectMeta) -> bool {
+/// Sort key of a k8s-openapi object for [`same_set`] (absent is empty: only the order of
+/// the comparison depends on it).
+fn meta_key(meta: &ObjectMeta) -> (&str, &str) {
+    (
+        meta.namespace.as_deref().unwrap_or_default(),
+        meta.name.as_deref().unwrap_or_default(),
+    )
+}
+
+fn same_set<T: PartialEq>(a: &[Arc<T>], b: &[Arc<T>], key: fn(&T) -> (&str, &str)) -> bool {
     if a.len() != b.len() {
         return false;
     }
     if a.iter().zip(b).all(|(x, y)| Arc::ptr_eq(x, y)) {
         return true;
     }
-    fn sorted<T>(v: &[Arc<T>], meta: fn(&T) -> &ObjectMeta) -> Vec<&Arc<T>> {
+    fn sorted<T>(v: &[Arc<T>], key: fn(&T) -> (&str, &str)) -> Vec<&Arc<T>> {
         let mut v: Vec<&Arc<T>> = v.iter().collect();
-        v.sort_by(|x, y| {
-            let (mx, my) = (meta(x), meta(y));
-            (&mx.namespace, &mx.name, Arc::as_ptr(x)).cmp(&(
-                &my.namespace,
-                &my.name,
-                Arc::as_ptr(y),
-            ))
-        });
+        v.sort_by(|x, y| (key(x), Arc::as_ptr(x)).cmp(&(key(y), Arc::as_ptr(y))));
         v
     }
-    sorted(a, meta)
+    sorted(a, key)
         .into_iter()
-        .zip(sorted(b, meta))
+        .zip(sorted(b, key))
         .all(|(x, y)| Arc::ptr_eq(x, y) || **x == **y)
 }
