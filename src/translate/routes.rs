@@ -278,9 +278,13 @@ pub(super) fn derive<'a>(inputs: &'a Inputs, opts: &Options, diags: &mut Diags) 
             }
         }
     }
+    // The lookups are done with: free them before the routes are built (same reason).
+    drop(index);
     // Every claim is a candidate's path: hand each back (placed by position, so the map's
-    // order does not matter).
-    for ((_, _, path), (h, i)) in claims.drain() {
+    // order does not matter). Consumed, not drained: the table (one slot per path) is freed
+    // here, before the routes are built, instead of staying allocated through the largest
+    // allocations of the build (issue 6: peak memory is what the process keeps).
+    for ((_, _, path), (h, i)) in claims {
         if let Some(c) = per_host
             .get_mut(h as usize)
             .and_then(|l| l.get_mut(i as usize))
@@ -323,10 +327,12 @@ pub(super) fn derive<'a>(inputs: &'a Inputs, opts: &Options, diags: &mut Diags) 
             HostKey::Wildcard(s) => tls.wildcard.contains_key(s),
             HostKey::CatchAll => false,
         };
-        let mut routes: Vec<Arc<Route>> = candidates
-            .into_iter()
-            .map(|c| builder.route(c, has_tls))
-            .collect();
+        // Exactly sized, and not `collect`ed from `candidates`: that would reuse the
+        // candidates' allocation in place (8 times the size of the `Arc`s it ends up
+        // holding), and the host table keeps this `Vec` for as long as the snapshot lives
+        // (issue 6: 2.8 MB at 10 000 Ingresses).
+        let mut routes: Vec<Arc<Route>> = Vec::with_capacity(candidates.len());
+        routes.extend(candidates.into_iter().map(|c| builder.route(c, has_tls)));
         // Precedence (brief §4.3): longest path first, Exact before Prefix at equal length;
         // the path itself breaks remaining ties so the order is total.
         routes.sort_by(|a, b| {
