@@ -380,6 +380,42 @@ endpoints:
     }
 
     #[test]
+    fn service_is_kept_in_translate_compact_form() {
+        let text = r#"apiVersion: v1
+kind: Service
+metadata: {name: grpc, namespace: shop, labels: {app: grpc}}
+spec:
+  type: ClusterIP
+  clusterIP: 10.96.0.7
+  externalIPs: [192.0.2.9]
+  selector: {app: grpc}
+  ports:
+  - {name: grpc, port: 9000, targetPort: 9000, appProtocol: kubernetes.io/h2c}
+  - {port: 80}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: ext}
+spec: {type: ExternalName, externalName: example.org}
+"#;
+        let objs = parse_manifests(text).expect("parses");
+        let [Object::Service(grpc), Object::Service(ext)] = objs.as_slice() else {
+            panic!("two Services: {objs:?}")
+        };
+        assert_eq!((grpc.namespace(), grpc.name()), ("shop", "grpc"));
+        assert!(!grpc.is_external_name());
+        let ports: Vec<_> = grpc
+            .ports()
+            .iter()
+            .map(|p| (p.name.as_deref(), p.port, p.h2c))
+            .collect();
+        assert_eq!(ports, [(Some("grpc"), 9000, true), (None, 80, false)]);
+        assert_eq!(grpc.cluster_ip(), Some("10.96.0.7"));
+        assert_eq!(grpc.external_ips().len(), 1);
+        assert_eq!((ext.namespace(), ext.is_external_name()), ("default", true));
+    }
+
+    #[test]
     fn endpoint_slice_without_name_fails_its_document() {
         let text = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {namespace: a}\naddressType: IPv4\n";
         let e = parse_manifests(text).expect_err("no name");

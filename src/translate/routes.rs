@@ -278,13 +278,9 @@ pub(super) fn derive<'a>(inputs: &'a Inputs, opts: &Options, diags: &mut Diags) 
             }
         }
     }
-    // The lookups are done with: free them before the routes are built (same reason).
-    drop(index);
     // Every claim is a candidate's path: hand each back (placed by position, so the map's
-    // order does not matter). Consumed, not drained: the table (one slot per path) is freed
-    // here, before the routes are built, instead of staying allocated through the largest
-    // allocations of the build (issue 6: peak memory is what the process keeps).
-    for ((_, _, path), (h, i)) in claims {
+    // order does not matter).
+    for ((_, _, path), (h, i)) in claims.drain() {
         if let Some(c) = per_host
             .get_mut(h as usize)
             .and_then(|l| l.get_mut(i as usize))
