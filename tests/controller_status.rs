@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use fake_api::{FakeApi, poll_until};
 use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::networking::v1::Ingress;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::Api;
@@ -20,7 +21,7 @@ use portico::controller::leader::{LeaderConfig, LeaderElector};
 use portico::controller::status::{self, PublishAddress, StatusView, StatusWriter};
 use portico::crd::RateLimitPolicy;
 use portico::model::Snapshot;
-use portico::translate::{self, Diagnostic, Inputs, Options, Severity};
+use portico::translate::{self, Diagnostic, Inputs, Options, Severity, Svc};
 use serde_json::{Value, json};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
@@ -428,7 +429,9 @@ async fn ingress_status_from_publish_service_lb_then_external_ips_then_cluster_i
     fake.update_status(svc).expect("service status");
     let services = |fake: &FakeApi| {
         let v = fake.get("v1", "Service", NS, "edge").expect("service");
-        vec![Arc::new(serde_json::from_value(v).expect("service parses"))]
+        // As the reflector stores it: translate's compact form.
+        let svc: Service = serde_json::from_value(v).expect("service parses");
+        vec![Arc::new(Svc::from(svc))]
     };
     inputs.services = services(&fake);
     inputs.ingresses = ingresses(&fake).await;

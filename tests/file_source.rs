@@ -38,17 +38,8 @@ fn services(inputs: &Inputs) -> Vec<String> {
         .services
         .iter()
         .map(|s| {
-            let port = s
-                .spec
-                .as_ref()
-                .and_then(|s| s.ports.as_ref())
-                .and_then(|p| p.first())
-                .map_or(0, |p| p.port);
-            format!(
-                "{}/{}:{port}",
-                s.metadata.namespace.as_deref().unwrap_or(""),
-                s.metadata.name.as_deref().unwrap_or("")
-            )
+            let port = s.ports().first().map_or(0, |p| p.port);
+            format!("{}/{}:{port}", s.namespace(), s.name())
         })
         .collect();
     out.sort();

@@ -14,7 +14,7 @@ use portico::publish::{self, Published, Reader};
 use portico::rebuild::{
     DEFAULT_HOLDOFF, DEFAULT_MAX_DELAY, RebuildConfig, Rebuilder, Source, Trigger,
 };
-use portico::translate::{Diagnostic, Inputs, Options, Severity};
+use portico::translate::{Diagnostic, Inputs, Options, Severity, Svc};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
@@ -282,13 +282,9 @@ fn fake_translate(inputs: &Inputs, _: &Options) -> (Snapshot, Vec<Diagnostic>) {
     let mut backends = Vec::new();
     let mut diagnostics = Vec::new();
     for svc in &inputs.services {
-        let ns = svc.metadata.namespace.clone().unwrap_or_default();
-        let name = svc.metadata.name.clone().unwrap_or_default();
-        let ports = svc
-            .spec
-            .as_ref()
-            .and_then(|s| s.ports.as_ref())
-            .map_or(0, Vec::len);
+        let ns = svc.namespace().to_string();
+        let name = svc.name().to_string();
+        let ports = svc.ports().len();
         let endpoints: Vec<Endpoint> = (0..ports)
             .map(|i| Endpoint {
                 addr: SocketAddr::from(([10, 0, 0, i as u8], 8080)),
@@ -322,8 +318,8 @@ fn fake_translate(inputs: &Inputs, _: &Options) -> (Snapshot, Vec<Diagnostic>) {
     (snapshot, diagnostics)
 }
 
-fn service(name: &str, ports: usize) -> Arc<Service> {
-    Arc::new(Service {
+fn service(name: &str, ports: usize) -> Arc<Svc> {
+    Arc::new(Svc::from(Service {
         metadata: ObjectMeta {
             name: Some(name.into()),
             namespace: Some("shop".into()),
@@ -341,7 +337,7 @@ fn service(name: &str, ports: usize) -> Arc<Service> {
             ..ServiceSpec::default()
         }),
         ..Service::default()
-    })
+    }))
 }
 
 #[test]
@@ -437,7 +433,7 @@ fn endpoint_gauges_updated_in_place_equal_a_fresh_reset_and_set() {
     );
     // Same backends in the same order each time (the endpoint-only fast path), except the
     // last step, which removes one.
-    let steps: Vec<Vec<Arc<Service>>> = vec![
+    let steps: Vec<Vec<Arc<Svc>>> = vec![
         vec![service("web", 3), service("api", 1), service("twin-a", 2)],
         vec![service("web", 1), service("api", 1), service("twin-a", 2)],
         vec![service("web", 1), service("api", 2), service("twin-a", 4)],

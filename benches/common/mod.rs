@@ -23,7 +23,7 @@ use k8s_openapi::api::networking::v1::{
     IngressRule, IngressServiceBackend, IngressSpec, ServiceBackendPort,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use portico::translate::{Inputs, Slice};
+use portico::translate::{Inputs, Slice, Svc};
 
 /// Paths declared by each generated Ingress.
 pub const PATHS_PER_INGRESS: usize = 5;
@@ -180,7 +180,9 @@ pub fn inputs(scale: Scale) -> Inputs {
     Inputs {
         ingresses: (0..scale.ingresses).map(|i| Arc::new(ingress(i))).collect(),
         ingress_classes: vec![Arc::new(class)],
-        services: (0..scale.ingresses).map(|i| Arc::new(service(i))).collect(),
+        services: (0..scale.ingresses)
+            .map(|i| Arc::new(Svc::from(service(i))))
+            .collect(),
         endpoint_slices: (0..scale.ingresses)
             .map(|i| {
                 Arc::new(Slice::from(endpoint_slice(

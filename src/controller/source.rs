@@ -37,10 +37,12 @@
 //! - Every kind: `metadata.managedFields` and the `kubectl.kubernetes.io/last-applied-
 //!   configuration` annotation are dropped before the store (memory; and for Secrets the
 //!   annotation can hold a copy of the whole Secret, keys included).
-//! - EndpointSlices are converted to translate's compact [`Slice`] before the store (the
-//!   `keep` step of each watcher, ahead of `reflector`), so neither the store nor its
-//!   Init/InitApply buffer holds the k8s-openapi form; the store keys them by namespace and name
-//!   through the [`Lookup`] impl below, which also carries the resourceVersion.
+//! - Services and EndpointSlices are converted to translate's compact [`Svc`] and [`Slice`]
+//!   before the store (the `keep` step of each watcher, ahead of `reflector`), so neither the
+//!   store nor its Init/InitApply buffer holds the k8s-openapi form; the store keys them by
+//!   namespace and name through the [`Lookup`] impls below, which also carry the
+//!   resourceVersion. [`Svc`] keeps the addresses the status writer reads from the
+//!   `--publish-service` Service (load-balancer ingress, external IPs, cluster IP).
 //! - kube's default backoff (`WatchStreamExt::default_backoff`, exponential from 800 ms to
 //!   30 s) sits on every watcher: an error is logged and retried, it never ends the stream.
 //! - Each applied event (`Apply`, `Delete`, `InitDone`) pokes the rebuild [`Trigger`] and bumps
@@ -72,7 +74,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use super::secret_data::{Keeper, SecretData};
 use crate::crd::RateLimitPolicy;
 use crate::rebuild::{Source, Trigger};
-use crate::translate::{Diagnostic, Inputs, Slice};
+use crate::translate::{Diagnostic, Inputs, Slice, Svc};
 
 /// The field selector that limits the Secret watch to TLS Secrets (Kubernetes API docs,
 /// "Field Selectors": Secrets support `type`).
@@ -176,7 +178,8 @@ pub struct ClusterSource {
     namespaces: Option<Vec<String>>,
     ingresses: Vec<Store<Ingress>>,
     ingress_classes: Store<IngressClass>,
-    services: Vec<Store<Service>>,
+    /// In translate's compact form ([`Svc`]): converted before the store.
+    services: Vec<Store<Svc>>,
     /// In translate's compact form ([`Slice`]): converted before the store.
     endpoint_slices: Vec<Store<Slice>>,
     secrets: Vec<Store<Secret>>,
@@ -184,7 +187,7 @@ pub struct ClusterSource {
     secret_data: Arc<SecretData>,
     policies: Vec<Store<RateLimitPolicy>>,
     /// The extra watcher on `--publish-service` when its namespace is not watched.
-    publish_service: Option<Store<Service>>,
+    publish_service: Option<Store<Svc>>,
     shared: Arc<Shared>,
     synced: watch::Receiver<bool>,
 }
@@ -221,7 +224,7 @@ where
 }
 
 /// Per-watcher settings handed to [`spawn_reflector`]: objects of kind `K` are watched and
-/// stored as `S` (`K` itself, stripped, for every kind but EndpointSlice).
+/// stored as `S` (`K` itself, stripped, for every kind but Service and EndpointSlice).
 struct Watch<K, S> {
     api: Api<K>,
     config: watcher::Config,
@@ -298,7 +301,7 @@ impl ClusterSource {
                 Watch {
                     api: scoped_api(&client, ns.as_deref()),
                     config: base(),
-                    keep: stripped::<Service>,
+                    keep: <Svc as From<Service>>::from,
                     kind: "Service",
                     namespace: ns.clone(),
                     gates_sync: true,
@@ -363,7 +366,7 @@ impl ClusterSource {
                 Watch {
                     api: Api::namespaced(client.clone(), ns),
                     config: base().fields(&format!("metadata.name={name}")),
-                    keep: stripped::<Service>,
+                    keep: <Svc as From<Service>>::from,
                     kind: "Service",
                     namespace: Some(ns.clone()),
                     gates_sync: false,
@@ -441,8 +444,8 @@ impl ClusterSource {
 
     /// A Service from the stores (watched namespaces, plus the `--publish-service` watcher),
     /// for the status writer. `None` when not (yet) seen.
-    pub fn service(&self, namespace: &str, name: &str) -> Option<Arc<Service>> {
-        let key = ObjectRef::<Service>::new(name).within(namespace);
+    pub fn service(&self, namespace: &str, name: &str) -> Option<Arc<Svc>> {
+        let key = ObjectRef::<Svc>::new(name).within(namespace);
         self.publish_service
             .iter()
             .chain(self.services.iter())
@@ -618,6 +621,45 @@ impl Lookup for Slice {
     }
 }
 
+/// The reflector store of Services holds translate's compact [`Svc`], keyed like the
+/// k8s-openapi object (same rule as for [`Slice`]).
+impl Lookup for Svc {
+    type DynamicType = ();
+
+    fn kind(_: &()) -> Cow<'_, str> {
+        <Service as Resource>::kind(&())
+    }
+
+    fn group(_: &()) -> Cow<'_, str> {
+        <Service as Resource>::group(&())
+    }
+
+    fn version(_: &()) -> Cow<'_, str> {
+        <Service as Resource>::version(&())
+    }
+
+    fn plural(_: &()) -> Cow<'_, str> {
+        <Service as Resource>::plural(&())
+    }
+
+    fn name(&self) -> Option<Cow<'_, str>> {
+        Some(Cow::Borrowed(Svc::name(self)))
+    }
+
+    fn namespace(&self) -> Option<Cow<'_, str>> {
+        Some(Cow::Borrowed(Svc::namespace(self)))
+    }
+
+    fn resource_version(&self) -> Option<Cow<'_, str>> {
+        Svc::resource_version(self).map(Cow::Borrowed)
+    }
+
+    fn uid(&self) -> Option<Cow<'_, str>> {
+        // Not kept: the store compares keys by namespace and name only.
+        None
+    }
+}
+
 /// Drop what no consumer reads: managedFields (often the largest part of an object) and the
 /// last-applied annotation.
 pub fn strip_common<K: Resource>(obj: &mut K) {
@@ -720,6 +762,39 @@ mod tests {
             keep_event::<EndpointSlice, Slice>(watcher::Event::InitDone, Slice::from),
             watcher::Event::InitDone
         ));
+    }
+
+    #[test]
+    fn compact_service_keys_the_store_like_the_service() {
+        let mut raw = Service::default();
+        raw.metadata.name = Some("edge".into());
+        raw.metadata.namespace = Some("portico".into());
+        raw.metadata.resource_version = Some("7".into());
+        raw.metadata.uid = Some("u".into());
+        raw.metadata.managed_fields = Some(vec![ManagedFieldsEntry::default()]);
+        let want = ObjectRef::from_obj(&raw);
+        let event = keep_event(watcher::Event::InitApply(raw), <Svc as From<Service>>::from);
+        let watcher::Event::InitApply(svc) = event else {
+            panic!("an InitApply stays an InitApply")
+        };
+        let got = svc.to_object_ref(());
+        assert_eq!(got.extra.resource_version.as_deref(), Some("7"));
+        assert_eq!(got.erase(), want.erase());
+        // What `ClusterSource::service` looks up finds it in a store written through `keep`.
+        let (reader, mut writer) = reflector::store::<Svc>();
+        writer.apply_watcher_event(&watcher::Event::Apply(svc));
+        let key = ObjectRef::<Svc>::new("edge").within("portico");
+        assert_eq!(
+            reader
+                .get(&key)
+                .map(|s| s.resource_version().map(str::to_string)),
+            Some(Some("7".to_string()))
+        );
+        assert!(
+            reader
+                .get(&ObjectRef::<Svc>::new("edge").within("other"))
+                .is_none()
+        );
     }
 
     #[test]

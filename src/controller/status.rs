@@ -33,7 +33,7 @@ use tokio::sync::watch;
 
 use crate::crd::{Condition, RateLimitPolicy};
 use crate::model::{IngressRef, Snapshot};
-use crate::translate::{Diagnostic, Inputs, Severity};
+use crate::translate::{Diagnostic, Inputs, Severity, Svc};
 
 /// Field manager of every status write.
 pub const FIELD_MANAGER: &str = "portico";
@@ -108,27 +108,27 @@ fn addr_of_text(a: &str) -> Addr {
     }
 }
 
-/// The addresses a Service offers, in the documented order of preference.
-pub fn service_addresses(svc: &Service) -> Vec<IngressLoadBalancerIngress> {
+/// The addresses a Service offers, in the documented order of preference. Reads the compact
+/// form the stores hold ([`Svc`] keeps exactly these fields).
+pub fn service_addresses(svc: &Svc) -> Vec<IngressLoadBalancerIngress> {
+    // `Svc` has already dropped entries with neither IP nor hostname.
     let from_lb: Vec<Addr> = svc
-        .status
-        .as_ref()
-        .and_then(|s| s.load_balancer.as_ref())
-        .and_then(|lb| lb.ingress.as_ref())
-        .map(|list| {
-            list.iter()
-                .filter(|i| i.ip.is_some() || i.hostname.is_some())
-                .map(|i| (i.ip.clone(), i.hostname.clone()))
-                .collect()
+        .load_balancer_ingress()
+        .iter()
+        .map(|i| {
+            (
+                i.ip.as_deref().map(str::to_string),
+                i.hostname.as_deref().map(str::to_string),
+            )
         })
-        .unwrap_or_default();
-    let spec = svc.spec.as_ref();
-    let from_external: Vec<Addr> = spec
-        .and_then(|s| s.external_ips.as_ref())
-        .map(|ips| ips.iter().map(|ip| addr_of_text(ip)).collect())
-        .unwrap_or_default();
-    let from_cluster: Vec<Addr> = spec
-        .and_then(|s| s.cluster_ip.as_deref())
+        .collect();
+    let from_external: Vec<Addr> = svc
+        .external_ips()
+        .iter()
+        .map(|ip| addr_of_text(ip))
+        .collect();
+    let from_cluster: Vec<Addr> = svc
+        .cluster_ip()
         // Headless Services have clusterIP "None": no address.
         .filter(|ip| !ip.is_empty() && *ip != "None")
         .map(|ip| vec![addr_of_text(ip)])
@@ -300,7 +300,7 @@ impl StatusWriter {
     /// `--watch-namespace`); a missing Service gives no address.
     pub async fn addresses(
         &self,
-        services: &[Arc<Service>],
+        services: &[Arc<Svc>],
     ) -> Result<Vec<IngressLoadBalancerIngress>> {
         match &self.publish {
             PublishAddress::None => Ok(Vec::new()),
@@ -308,16 +308,15 @@ impl StatusWriter {
                 Ok(to_lb(list.iter().map(|a| addr_of_text(a)).collect()))
             }
             PublishAddress::Service { namespace, name } => {
-                let found = services.iter().find(|s| {
-                    s.metadata.namespace.as_deref() == Some(namespace.as_str())
-                        && s.metadata.name.as_deref() == Some(name.as_str())
-                });
+                let found = services
+                    .iter()
+                    .find(|s| s.namespace() == namespace && s.name() == name);
                 if let Some(svc) = found {
                     return Ok(service_addresses(svc));
                 }
                 let api: Api<Service> = Api::namespaced(self.client.clone(), namespace);
                 match api.get_opt(name).await {
-                    Ok(Some(svc)) => Ok(service_addresses(&svc)),
+                    Ok(Some(svc)) => Ok(service_addresses(&Svc::from(svc))),
                     Ok(None) => {
                         tracing::warn!(%namespace, %name, "publish Service not found; no address for Ingress status");
                         Ok(Vec::new())
@@ -544,8 +543,10 @@ mod tests {
     use super::*;
     use crate::crd::RateLimitPolicyStatus;
 
-    fn service(v: Value) -> Service {
-        serde_json::from_value(v).expect("service parses")
+    /// Through the compact form, as the stores hold it.
+    fn service(v: Value) -> Svc {
+        let svc: Service = serde_json::from_value(v).expect("service parses");
+        Svc::from(svc)
     }
 
     fn addrs(list: &[IngressLoadBalancerIngress]) -> Vec<Addr> {

@@ -19,11 +19,12 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::crd::RateLimitPolicy;
-use crate::translate::{Inputs, Slice};
+use crate::translate::{Inputs, Slice, Svc};
 
 /// Namespace given to namespaced objects that declare none.
 pub const DEFAULT_NAMESPACE: &str = "default";
@@ -36,9 +37,10 @@ pub const DEFAULT_NAMESPACE: &str = "default";
 pub enum Object {
     Ingress(Ingress),
     IngressClass(IngressClass),
-    Service(Service),
     /// Already in translate's compact form: the file source never holds the k8s-openapi
-    /// `EndpointSlice` past parsing (memory, issue 6).
+    /// `Service` past parsing (memory, issue 6).
+    Service(Svc),
+    /// Likewise for the k8s-openapi `EndpointSlice`.
     EndpointSlice(Slice),
     Secret(Secret),
     RateLimitPolicy(RateLimitPolicy),
@@ -106,11 +108,17 @@ fn parse_value(doc: Value, index: usize, out: &mut Vec<Object>) -> Result<(), Pa
         ("networking.k8s.io/v1", "IngressClass") => {
             Object::IngressClass(typed(value, &kind).map_err(err)?)
         }
-        ("v1", "Service") => Object::Service(typed(value, &kind).map_err(err)?),
+        ("v1", "Service") => {
+            // Defaulted and checked as typed (so `Svc` gets the namespace), then converted.
+            let mut svc: Service = typed(value, &kind).map_err(err)?;
+            default_namespace(&mut svc.metadata, true).map_err(err)?;
+            out.push(Object::Service(Svc::from(svc)));
+            return Ok(());
+        }
         ("discovery.k8s.io/v1", "EndpointSlice") => {
-            // Defaulted and checked as typed (so `Slice` gets the namespace), then converted.
-            let slice: EndpointSlice = typed(value, &kind).map_err(err)?;
-            let slice = slice_with_default_namespace(slice).map_err(err)?;
+            // Same as Service.
+            let mut slice: EndpointSlice = typed(value, &kind).map_err(err)?;
+            default_namespace(&mut slice.metadata, true).map_err(err)?;
             out.push(Object::EndpointSlice(Slice::from(slice)));
             return Ok(());
         }
@@ -194,31 +202,24 @@ fn with_default_namespace(mut obj: Object) -> Result<Object, String> {
         Object::Ingress(o) => (&mut o.metadata, true),
         // IngressClass is cluster-scoped.
         Object::IngressClass(o) => (&mut o.metadata, false),
-        Object::Service(o) => (&mut o.metadata, true),
-        // Defaulted before conversion (`slice_with_default_namespace`).
-        Object::EndpointSlice(_) => return Ok(obj),
+        // Defaulted before conversion (`default_namespace`).
+        Object::Service(_) | Object::EndpointSlice(_) => return Ok(obj),
         Object::Secret(o) => (&mut o.metadata, true),
         Object::RateLimitPolicy(o) => (&mut o.metadata, true),
     };
+    default_namespace(meta, namespaced)?;
+    Ok(obj)
+}
+
+/// [`with_default_namespace`] on the metadata of an object still in its k8s-openapi form.
+fn default_namespace(meta: &mut ObjectMeta, namespaced: bool) -> Result<(), String> {
     if meta.name.as_deref().is_none_or(str::is_empty) {
         return Err("missing `metadata.name`".into());
     }
     if namespaced && meta.namespace.as_deref().is_none_or(str::is_empty) {
         meta.namespace = Some(DEFAULT_NAMESPACE.to_string());
     }
-    Ok(obj)
-}
-
-/// [`with_default_namespace`] for an EndpointSlice still in its k8s-openapi form.
-fn slice_with_default_namespace(mut slice: EndpointSlice) -> Result<EndpointSlice, String> {
-    let meta = &mut slice.metadata;
-    if meta.name.as_deref().is_none_or(str::is_empty) {
-        return Err("missing `metadata.name`".into());
-    }
-    if meta.namespace.as_deref().is_none_or(str::is_empty) {
-        meta.namespace = Some(DEFAULT_NAMESPACE.to_string());
-    }
-    Ok(slice)
+    Ok(())
 }
 
 impl Inputs {
@@ -247,7 +248,7 @@ mod tests {
         let objs = parse_manifests(text).expect("parses");
         assert_eq!(objs.len(), 1);
         match &objs[0] {
-            Object::Service(s) => assert_eq!(s.metadata.namespace.as_deref(), Some("default")),
+            Object::Service(s) => assert_eq!((s.namespace(), s.name()), ("default", "web")),
             other => panic!("unexpected {other:?}"),
         }
     }
@@ -335,8 +336,9 @@ status:
         let Object::Service(svc) = &objs[1] else {
             panic!("not a Service")
         };
-        assert_eq!(svc.status, None);
-        assert!(svc.spec.is_some());
+        // Compact form; the status is trimmed before typing (the file source writes none).
+        assert!(svc.load_balancer_ingress().is_empty());
+        assert_eq!(svc.ports().len(), 1);
 
         let text = r#"apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
@@ -375,6 +377,42 @@ endpoints:
                 port: Some(8080),
             }]
         );
+    }
+
+    #[test]
+    fn service_is_kept_in_translate_compact_form() {
+        let text = r#"apiVersion: v1
+kind: Service
+metadata: {name: grpc, namespace: shop, labels: {app: grpc}}
+spec:
+  type: ClusterIP
+  clusterIP: 10.96.0.7
+  externalIPs: [192.0.2.9]
+  selector: {app: grpc}
+  ports:
+  - {name: grpc, port: 9000, targetPort: 9000, appProtocol: kubernetes.io/h2c}
+  - {port: 80}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: ext}
+spec: {type: ExternalName, externalName: example.org}
+"#;
+        let objs = parse_manifests(text).expect("parses");
+        let [Object::Service(grpc), Object::Service(ext)] = objs.as_slice() else {
+            panic!("two Services: {objs:?}")
+        };
+        assert_eq!((grpc.namespace(), grpc.name()), ("shop", "grpc"));
+        assert!(!grpc.is_external_name());
+        let ports: Vec<_> = grpc
+            .ports()
+            .iter()
+            .map(|p| (p.name.as_deref(), p.port, p.h2c))
+            .collect();
+        assert_eq!(ports, [(Some("grpc"), 9000, true), (None, 80, false)]);
+        assert_eq!(grpc.cluster_ip(), Some("10.96.0.7"));
+        assert_eq!(grpc.external_ips().len(), 1);
+        assert_eq!((ext.namespace(), ext.is_external_name()), ("default", true));
     }
 
     #[test]

@@ -240,11 +240,7 @@ impl DirState {
                 )
             });
             extend(&mut inputs.services, &g.services, |o| {
-                add(
-                    "Service",
-                    o.metadata.namespace.as_deref(),
-                    o.metadata.name.as_deref(),
-                )
+                add("Service", Some(o.namespace()), Some(o.name()))
             });
             extend(&mut inputs.endpoint_slices, &g.endpoint_slices, |o| {
                 add("EndpointSlice", Some(o.namespace()), Some(o.name()))
@@ -499,7 +495,7 @@ mod tests {
             .0
             .services
             .iter()
-            .filter_map(|s| s.metadata.name.clone())
+            .map(|s| s.name().to_string())
             .collect()
     }
 

@@ -142,12 +142,10 @@ pub(super) fn resolve_service<'a>(
     let Some(service) = index.services.get(&(namespace, svc.name.as_str())) else {
         return Err(BackendError::ServiceNotFound(full_name()));
     };
-    let spec = service.spec.as_ref();
-    if spec.and_then(|s| s.type_.as_deref()) == Some("ExternalName") {
+    if service.is_external_name() {
         return Err(BackendError::ExternalName(full_name()));
     }
-    let ports = spec.and_then(|s| s.ports.as_deref()).unwrap_or_default();
-    let found = ports.iter().find(|p| match port_ref {
+    let found = service.ports().iter().find(|p| match port_ref {
         BorrowedPort::Number(n) => p.port == n,
         BorrowedPort::Name(n) => p.name.as_deref() == Some(n),
     });
@@ -163,7 +161,7 @@ pub(super) fn resolve_service<'a>(
     };
     let upstream = match protocol {
         BackendProtocol::Set(p) => *p,
-        _ if port.app_protocol.as_deref() == Some(APP_PROTOCOL_H2C) => UpstreamProtocol::H2c,
+        _ if port.h2c => UpstreamProtocol::H2c,
         _ => UpstreamProtocol::Http1,
     };
     Ok(ServiceBackend {
@@ -172,7 +170,8 @@ pub(super) fn resolve_service<'a>(
             service: svc.name.as_str(),
             port: port_ref,
         },
-        port_name: port.name.as_deref().filter(|n| !n.is_empty()),
+        // Never empty (`SvcPort::name`).
+        port_name: port.name.as_deref(),
         protocol: upstream,
     })
 }

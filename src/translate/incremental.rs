@@ -126,10 +126,9 @@ struct Endpoints {
     /// The slices of the last build in input order; held so their addresses stay unique.
     slices: Vec<Arc<Slice>>,
     /// The same slices grouped by Service ([`group_key`]); slices without the service label
-    /// are in no group (they feed no backend).
+    /// are in no group (they feed no backend). The backends of a Service need no map: `specs`
+    /// is sorted by key, so they are one range of it ([`backends_of`]).
     groups: Groups,
-    /// Backend indices by the group of their Service.
-    backends_of: HashMap<Box<str>, Vec<usize>>,
     /// The resolved backends, as published.
     table: Arc<BackendTable>,
     /// Endpoint diagnostics of each backend (same index as `table`).
@@ -140,16 +139,6 @@ impl Endpoints {
     fn build(specs: &Arc<[BackendSpec]>, slices: &[Arc<Slice>]) -> Self {
         let mut buf = String::new();
         let groups = group(slices, &mut buf);
-        let mut backends_of: HashMap<Box<str>, Vec<usize>> = HashMap::new();
-        for (i, spec) in specs.iter().enumerate() {
-            let key = group_key(&mut buf, &spec.key.namespace, &spec.key.service);
-            match backends_of.get_mut(key) {
-                Some(v) => v.push(i),
-                None => {
-                    backends_of.insert(Box::from(key), vec![i]);
-                }
-            }
-        }
         let mut backends = Vec::with_capacity(specs.len());
         let mut diags = Vec::with_capacity(specs.len());
         for spec in specs.iter() {
@@ -161,7 +150,6 @@ impl Endpoints {
             specs: Arc::clone(specs),
             slices: slices.to_vec(),
             groups,
-            backends_of,
             table: Arc::new(BackendTable { backends }),
             diags,
         }
@@ -171,7 +159,8 @@ impl Endpoints {
     /// When nothing a backend reads changed, `table` stays the same `Arc`.
     fn update(&mut self, slices: &[Arc<Slice>]) -> usize {
         let mut buf = String::new();
-        let mut dirty: Vec<Box<str>> = Vec::new();
+        // The Services (namespace, name) whose backends must be resolved again.
+        let mut dirty: Vec<(Box<str>, Box<str>)> = Vec::new();
         if slices.len() == self.slices.len() {
             // The common event: one slice (or a few) replaced in place. Compare position by
             // position, by pointer first and by value when a source handed out a fresh copy.
@@ -191,7 +180,7 @@ impl Endpoints {
                             self.groups.remove(key);
                         }
                     }
-                    dirty.push(Box::from(&*buf));
+                    dirty.push((ns.into(), svc.into()));
                 }
                 if let Some((ns, svc)) = service_of(new) {
                     let key = group_key(&mut buf, ns, svc);
@@ -201,16 +190,26 @@ impl Endpoints {
                             self.groups.insert(Box::from(key), vec![Arc::clone(new)]);
                         }
                     }
-                    dirty.push(Box::from(&*buf));
+                    dirty.push((ns.into(), svc.into()));
                 }
             }
         } else {
             // Slices were added or removed: regroup, and re-resolve the Services whose group
             // is not the same slices as before (order within a group does not matter to
             // resolution, so a reordered group only costs an unneeded re-resolve).
+            // A group's Services are those of its slices (one, unless a name holds NUL).
+            let services_of = |group: &[Arc<Slice>], dirty: &mut Vec<(Box<str>, Box<str>)>| {
+                dirty.extend(
+                    group
+                        .iter()
+                        .filter_map(|s| service_of(s))
+                        .map(|(ns, svc)| (ns.into(), svc.into())),
+                );
+            };
             let groups = group(slices, &mut buf);
             for (key, new) in &groups {
-                let same = self.groups.get(key).is_some_and(|old| {
+                let old = self.groups.get(key);
+                let same = old.is_some_and(|old| {
                     old.len() == new.len()
                         && old
                             .iter()
@@ -218,12 +217,15 @@ impl Endpoints {
                             .all(|(a, b)| Arc::ptr_eq(a, b) || **a == **b)
                 });
                 if !same {
-                    dirty.push(key.clone());
+                    services_of(new, &mut dirty);
+                    if let Some(old) = old {
+                        services_of(old, &mut dirty);
+                    }
                 }
             }
-            for key in self.groups.keys() {
+            for (key, old) in &self.groups {
                 if !groups.contains_key(key) {
-                    dirty.push(key.clone());
+                    services_of(old, &mut dirty);
                 }
             }
             self.groups = groups;
@@ -236,13 +238,8 @@ impl Endpoints {
         dirty.dedup();
         let mut backends: Option<Vec<_>> = None;
         let mut resolved = 0;
-        for key in &dirty {
-            for &i in self
-                .backends_of
-                .get(key)
-                .map(Vec::as_slice)
-                .unwrap_or_default()
-            {
+        for (ns, svc) in &dirty {
+            for i in backends_of(&self.specs, ns, svc) {
                 let Some(spec) = self.specs.get(i) else {
                     continue;
                 };
@@ -262,6 +259,20 @@ impl Endpoints {
         }
         resolved
     }
+}
+
+/// Positions in `specs` (sorted by key: namespace, then service, then port) of the backends of
+/// Service `namespace/service`: one contiguous range, found by binary search.
+fn backends_of(specs: &[BackendSpec], namespace: &str, service: &str) -> std::ops::Range<usize> {
+    fn key(s: &BackendSpec) -> (&str, &str) {
+        (&s.key.namespace, &s.key.service)
+    }
+    let start = specs.partition_point(|s| key(s) < (namespace, service));
+    let len = specs
+        .get(start..)
+        .unwrap_or_default()
+        .partition_point(|s| key(s) == (namespace, service));
+    start..start + len
 }
 
 fn group(slices: &[Arc<Slice>], buf: &mut String) -> Groups {
@@ -304,36 +315,93 @@ fn resolve_one(
 /// sets: sources need not keep an order). Objects are compared by pointer first, by value when
 /// a source handed out a fresh copy.
 fn same_routing_inputs(a: &Inputs, b: &Inputs) -> bool {
-    same_set(&a.ingresses, &b.ingresses, |o| &o.metadata)
-        && same_set(&a.ingress_classes, &b.ingress_classes, |o| &o.metadata)
-        && same_set(&a.services, &b.services, |o| &o.metadata)
-        && same_set(&a.secrets, &b.secrets, |o| &o.metadata)
+    same_set(&a.ingresses, &b.ingresses, |o| meta_key(&o.metadata))
+        && same_set(&a.ingress_classes, &b.ingress_classes, |o| {
+            meta_key(&o.metadata)
+        })
+        && same_set(&a.services, &b.services, |o| (o.namespace(), o.name()))
+        && same_set(&a.secrets, &b.secrets, |o| meta_key(&o.metadata))
         && same_set(&a.rate_limit_policies, &b.rate_limit_policies, |o| {
-            &o.metadata
+            meta_key(&o.metadata)
         })
 }
 
-fn same_set<T: PartialEq>(a: &[Arc<T>], b: &[Arc<T>], meta: fn(&T) -> &ObjectMeta) -> bool {
+/// Sort key of a k8s-openapi object for [`same_set`] (absent is empty: only the order of
+/// the comparison depends on it).
+fn meta_key(meta: &ObjectMeta) -> (&str, &str) {
+    (
+        meta.namespace.as_deref().unwrap_or_default(),
+        meta.name.as_deref().unwrap_or_default(),
+    )
+}
+
+fn same_set<T: PartialEq>(a: &[Arc<T>], b: &[Arc<T>], key: fn(&T) -> (&str, &str)) -> bool {
     if a.len() != b.len() {
         return false;
     }
     if a.iter().zip(b).all(|(x, y)| Arc::ptr_eq(x, y)) {
         return true;
     }
-    fn sorted<T>(v: &[Arc<T>], meta: fn(&T) -> &ObjectMeta) -> Vec<&Arc<T>> {
+    fn sorted<T>(v: &[Arc<T>], key: fn(&T) -> (&str, &str)) -> Vec<&Arc<T>> {
         let mut v: Vec<&Arc<T>> = v.iter().collect();
-        v.sort_by(|x, y| {
-            let (mx, my) = (meta(x), meta(y));
-            (&mx.namespace, &mx.name, Arc::as_ptr(x)).cmp(&(
-                &my.namespace,
-                &my.name,
-                Arc::as_ptr(y),
-            ))
-        });
+        v.sort_by(|x, y| (key(x), Arc::as_ptr(x)).cmp(&(key(y), Arc::as_ptr(y))));
         v
     }
-    sorted(a, meta)
+    sorted(a, key)
         .into_iter()
-        .zip(sorted(b, meta))
+        .zip(sorted(b, key))
         .all(|(x, y)| Arc::ptr_eq(x, y) || **x == **y)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{BackendKey, ServicePortRef};
+
+    fn spec(ns: &str, svc: &str, port: i32) -> BackendSpec {
+        BackendSpec {
+            key: BackendKey {
+                namespace: ns.into(),
+                service: svc.into(),
+                port: ServicePortRef::Number(port),
+            },
+            port_name: None,
+            health_check: None,
+        }
+    }
+
+    #[test]
+    fn backends_of_is_the_key_range_of_one_service() {
+        // Sorted by key, as `Routes::backends` is; "a\0b"/"c" and "a"/"b\0c" share a group
+        // key but are different Services.
+        let mut specs = vec![
+            spec("a", "b\0c", 80),
+            spec("a\0b", "c", 80),
+            spec("shop", "api", 80),
+            spec("shop", "web", 80),
+            spec("shop", "web", 8080),
+            spec("shop", "web-2", 80),
+            spec("zoo", "web", 80),
+        ];
+        specs.sort();
+        let found = |ns, svc| -> Vec<(String, String, i32)> {
+            backends_of(&specs, ns, svc)
+                .map(|i| {
+                    let k = &specs[i].key;
+                    let ServicePortRef::Number(p) = k.port else {
+                        panic!("numbers only")
+                    };
+                    (k.namespace.to_string(), k.service.to_string(), p)
+                })
+                .collect()
+        };
+        let web = |p| ("shop".to_string(), "web".to_string(), p);
+        assert_eq!(found("shop", "web"), [web(80), web(8080)]);
+        assert_eq!(found("zoo", "web").len(), 1);
+        assert_eq!(found("a", "b\0c"), [("a".into(), "b\0c".into(), 80)]);
+        assert_eq!(found("a\0b", "c"), [("a\0b".into(), "c".into(), 80)]);
+        assert!(found("shop", "we").is_empty());
+        assert!(found("zzz", "web").is_empty());
+        assert!(backends_of(&[], "shop", "web").is_empty());
+    }
 }

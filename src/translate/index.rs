@@ -6,11 +6,12 @@
 use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, HashMap, HashSet, hash_map};
 
-use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Serialize;
 
+use super::service::Svc;
 use super::{Diags, Inputs, ObjRef};
 
 /// Hash map for translate's lookup-only indexes: foldhash (several times faster than the std
@@ -85,7 +86,7 @@ fn insert_dedup<'a, K: Ord, T: Serialize>(
 /// Lookups translate needs, built once per translation.
 pub(super) struct Index<'a> {
     /// Looked up once per path (50 000 times at issue 6's scale), never iterated: hashed.
-    pub services: FastMap<(&'a str, &'a str), &'a Service>,
+    pub services: FastMap<(&'a str, &'a str), &'a Svc>,
     pub secrets: BTreeMap<(&'a str, &'a str), &'a Secret>,
     pub classes: BTreeMap<&'a str, &'a IngressClass>,
     /// All Ingresses (not only ours), deduplicated by namespace/name, in precedence order.
@@ -97,24 +98,29 @@ impl<'a> Index<'a> {
         let mut services =
             FastMap::with_capacity_and_hasher(inputs.services.len(), Default::default());
         for s in &inputs.services {
-            let m = &s.metadata;
-            match services.entry((namespace(m), name(m))) {
+            match services.entry((s.namespace(), s.name())) {
                 hash_map::Entry::Vacant(v) => {
                     v.insert(&**s);
                 }
                 hash_map::Entry::Occupied(mut o) => {
-                    // Same rule as `insert_dedup`: keep the smaller fingerprint.
-                    let (a, b) = (fingerprint(*o.get()), fingerprint(&**s));
+                    // Same rule as `insert_dedup` (keep one of two different objects,
+                    // whatever the input order), by the compact form's own order: it holds
+                    // exactly what portico reads, so copies that differ only elsewhere are
+                    // the same Service.
+                    let (a, b) = (*o.get(), &**s);
                     if a != b {
                         diags.warn(
                             "Service",
-                            &obj_ref(m),
+                            &ObjRef {
+                                namespace: s.namespace(),
+                                name: s.name(),
+                            },
                             "DuplicateObject",
                             "several different Service objects share this name; one is used",
                         );
                     }
                     if b < a {
-                        o.insert(&**s);
+                        o.insert(b);
                     }
                 }
             }

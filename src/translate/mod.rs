@@ -22,6 +22,7 @@ mod index;
 mod paths;
 mod policies;
 mod routes;
+mod service;
 mod slice;
 mod tls;
 
@@ -32,7 +33,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
 
 use crate::crd::RateLimitPolicy;
@@ -40,17 +41,19 @@ use crate::model::{self, BackendKey, BackendTable, HostTable, Snapshot, TlsTable
 
 pub use backends::resolve_endpoints;
 pub use incremental::Translator;
+pub use service::{LoadBalancerIngress, Svc, SvcPort};
 pub use slice::{AddressType, Slice, SliceEndpoint, SlicePort};
 
 /// Everything translate reads. Sources (file provider, controller) fill it; order does not
-/// matter (translate sorts where precedence depends on it). EndpointSlices come in translate's
-/// own compact form ([`Slice`], `From<&EndpointSlice>`), which is all a source needs to keep
-/// of them; the other kinds are the k8s-openapi (or CRD) objects.
+/// matter (translate sorts where precedence depends on it). Services and EndpointSlices come in
+/// translate's own compact forms ([`Svc`], `From<&Service>`; [`Slice`], `From<&EndpointSlice>`),
+/// which is all a source needs to keep of them; the other kinds are the k8s-openapi (or CRD)
+/// objects.
 #[derive(Debug, Clone, Default)]
 pub struct Inputs {
     pub ingresses: Vec<Arc<Ingress>>,
     pub ingress_classes: Vec<Arc<IngressClass>>,
-    pub services: Vec<Arc<Service>>,
+    pub services: Vec<Arc<Svc>>,
     pub endpoint_slices: Vec<Arc<Slice>>,
     pub secrets: Vec<Arc<Secret>>,
     pub rate_limit_policies: Vec<Arc<RateLimitPolicy>>,

@@ -315,7 +315,11 @@ pub(super) fn derive<'a>(inputs: &'a Inputs, opts: &Options, diags: &mut Diags) 
         default_route: default.map(|c| builder.route(c, false)),
         ..HostTable::default()
     };
-    for (host, candidates) in hosts.into_iter().zip(per_host) {
+    // The candidates are drained, not consumed: their buffers are freed together after the
+    // loop, so the route allocations below come from fresh heap instead of from the holes
+    // of buffers freed one host at a time (callgrind: that cost the allocator 1.7 % of a
+    // full translate).
+    for (host, candidates) in hosts.into_iter().zip(per_host.iter_mut()) {
         // A redirect to HTTPS only makes sense where a valid certificate of the host's own
         // serves (brief §4.4: a rejected TLS entry means "no redirect").
         let has_tls = match &host {
@@ -323,10 +327,12 @@ pub(super) fn derive<'a>(inputs: &'a Inputs, opts: &Options, diags: &mut Diags) 
             HostKey::Wildcard(s) => tls.wildcard.contains_key(s),
             HostKey::CatchAll => false,
         };
-        let mut routes: Vec<Arc<Route>> = candidates
-            .into_iter()
-            .map(|c| builder.route(c, has_tls))
-            .collect();
+        // Exactly sized, and not `collect`ed from `candidates`: that would reuse the
+        // candidates' allocation in place (8 times the size of the `Arc`s it ends up
+        // holding), and the host table keeps this `Vec` for as long as the snapshot lives
+        // (issue 6: 2.8 MB at 10 000 Ingresses).
+        let mut routes: Vec<Arc<Route>> = Vec::with_capacity(candidates.len());
+        routes.extend(candidates.drain(..).map(|c| builder.route(c, has_tls)));
         // Precedence (brief §4.3): longest path first, Exact before Prefix at equal length;
         // the path itself breaks remaining ties so the order is total.
         routes.sort_by(|a, b| {

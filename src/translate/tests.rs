@@ -239,7 +239,7 @@ impl World {
         self
     }
     fn svc(mut self, s: Service) -> Self {
-        self.0.services.push(Arc::new(s));
+        self.0.services.push(Arc::new(Svc::from(s)));
         self
     }
     fn slice(mut self, s: EndpointSlice) -> Self {
@@ -1993,7 +1993,7 @@ fn robustness_empty_and_odd_objects_do_not_panic() {
     w.0.ingresses.push(Arc::new(Ingress::default()));
     w.0.ingresses
         .push(Arc::new(from(json!({"metadata": {"name": "nospec"}}))));
-    w.0.services.push(Arc::new(Service::default()));
+    w.0.services.push(Arc::new(Svc::from(Service::default())));
     w.0.endpoint_slices
         .push(Arc::new(Slice::from(EndpointSlice::default())));
     w.0.secrets.push(Arc::new(Secret::default()));
