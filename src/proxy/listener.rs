@@ -939,34 +939,8 @@ async fn serve_conn(shared: &Shared, accepted: Accepted, mut shutdown: Shutdown,
                 None => return,
             };
             let io = sniff::Prefixed::new(prefix, io);
-            let svc = make_service(shared.service.clone(), info, activity.clone());
-            match version {
-                sniff::Version::H2 => {
-                    let conn = Box::pin(shared.h2.serve_connection(TokioIo::new(io), svc));
-                    drive(
-                        conn,
-                        |c| c.graceful_shutdown(),
-                        &activity,
-                        cfg,
-                        shutdown,
-                        peer,
-                    )
-                    .await;
-                }
-                sniff::Version::H1 => {
-                    let io = TokioIo::new(framing_io(io, cfg));
-                    let conn = Box::pin(shared.h1.serve_connection(io, svc).with_upgrades());
-                    drive(
-                        conn,
-                        |c| c.graceful_shutdown(),
-                        &activity,
-                        cfg,
-                        shutdown,
-                        peer,
-                    )
-                    .await;
-                }
-            }
+            let h2 = version == sniff::Version::H2;
+            serve_http(shared, io, h2, info, activity, shutdown, peer).await;
         }
         ListenerKind::Https => {
             // The handshake shares the header timeout: a client that opens a socket and
@@ -996,34 +970,51 @@ async fn serve_conn(shared: &Shared, accepted: Accepted, mut shutdown: Shutdown,
             let info = ConnInfo::new(peer, local, port_value, true, sni);
             let activity = Activity::new(if h2 { Protocol::H2 } else { Protocol::H1 });
             let io = ActivityIo::new(tls, activity.clone(), slot, cut);
-            let svc = make_service(shared.service.clone(), info, activity.clone());
-            if h2 {
-                // HTTP/2 framing is hyper's h2 codec's business (RFC 9113 §8.2.2 forbids
-                // Transfer-Encoding there; the handler refuses it): no h1 guard.
-                let conn = Box::pin(shared.h2.serve_connection(TokioIo::new(io), svc));
-                drive(
-                    conn,
-                    |c| c.graceful_shutdown(),
-                    &activity,
-                    cfg,
-                    shutdown,
-                    peer,
-                )
-                .await;
-            } else {
-                let io = TokioIo::new(framing_io(io, cfg));
-                let conn = Box::pin(shared.h1.serve_connection(io, svc).with_upgrades());
-                drive(
-                    conn,
-                    |c| c.graceful_shutdown(),
-                    &activity,
-                    cfg,
-                    shutdown,
-                    peer,
-                )
-                .await;
-            }
+            serve_http(shared, io, h2, info, activity, shutdown, peer).await;
         }
+    }
+}
+
+/// One connection once its protocol is known: hyper's h2, or its h1 behind the framing guard,
+/// driven to the end by [`drive`].
+async fn serve_http<I>(
+    shared: &Shared,
+    io: I,
+    h2: bool,
+    info: ConnInfo,
+    activity: Arc<Activity>,
+    shutdown: Shutdown,
+    peer: SocketAddr,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let cfg = &shared.cfg;
+    let svc = make_service(shared.service.clone(), info, activity.clone());
+    if h2 {
+        // HTTP/2 framing is hyper's h2 codec's business (RFC 9113 §8.2.2 forbids
+        // Transfer-Encoding there; the handler refuses it): no h1 guard.
+        let conn = Box::pin(shared.h2.serve_connection(TokioIo::new(io), svc));
+        drive(
+            conn,
+            |c| c.graceful_shutdown(),
+            &activity,
+            cfg,
+            shutdown,
+            peer,
+        )
+        .await;
+    } else {
+        let io = TokioIo::new(framing_io(io, cfg));
+        let conn = Box::pin(shared.h1.serve_connection(io, svc).with_upgrades());
+        drive(
+            conn,
+            |c| c.graceful_shutdown(),
+            &activity,
+            cfg,
+            shutdown,
+            peer,
+        )
+        .await;
     }
 }
 
