@@ -582,83 +582,53 @@ fn stripped<K: Resource>(mut obj: K) -> K {
     obj
 }
 
-/// The reflector store of EndpointSlices holds translate's compact [`Slice`]; the store keys
-/// it by namespace and name like the k8s-openapi object (and carries its resourceVersion).
-impl Lookup for Slice {
-    type DynamicType = ();
+/// The reflector stores of Services and EndpointSlices hold translate's compact [`Svc`] and
+/// [`Slice`]; a store keys them by namespace and name like the k8s-openapi object (and carries
+/// its resourceVersion). `$compact` has `name`, `namespace` and `resource_version` accessors;
+/// `$kind` is the k8s-openapi type whose kind, group, version and plural it takes.
+macro_rules! lookup_as {
+    ($compact:ty, $kind:ty) => {
+        impl Lookup for $compact {
+            type DynamicType = ();
 
-    fn kind(_: &()) -> Cow<'_, str> {
-        <EndpointSlice as Resource>::kind(&())
-    }
+            fn kind(_: &()) -> Cow<'_, str> {
+                <$kind as Resource>::kind(&())
+            }
 
-    fn group(_: &()) -> Cow<'_, str> {
-        <EndpointSlice as Resource>::group(&())
-    }
+            fn group(_: &()) -> Cow<'_, str> {
+                <$kind as Resource>::group(&())
+            }
 
-    fn version(_: &()) -> Cow<'_, str> {
-        <EndpointSlice as Resource>::version(&())
-    }
+            fn version(_: &()) -> Cow<'_, str> {
+                <$kind as Resource>::version(&())
+            }
 
-    fn plural(_: &()) -> Cow<'_, str> {
-        <EndpointSlice as Resource>::plural(&())
-    }
+            fn plural(_: &()) -> Cow<'_, str> {
+                <$kind as Resource>::plural(&())
+            }
 
-    fn name(&self) -> Option<Cow<'_, str>> {
-        Some(Cow::Borrowed(Slice::name(self)))
-    }
+            fn name(&self) -> Option<Cow<'_, str>> {
+                Some(Cow::Borrowed(<$compact>::name(self)))
+            }
 
-    fn namespace(&self) -> Option<Cow<'_, str>> {
-        Some(Cow::Borrowed(Slice::namespace(self)))
-    }
+            fn namespace(&self) -> Option<Cow<'_, str>> {
+                Some(Cow::Borrowed(<$compact>::namespace(self)))
+            }
 
-    fn resource_version(&self) -> Option<Cow<'_, str>> {
-        Slice::resource_version(self).map(Cow::Borrowed)
-    }
+            fn resource_version(&self) -> Option<Cow<'_, str>> {
+                <$compact>::resource_version(self).map(Cow::Borrowed)
+            }
 
-    fn uid(&self) -> Option<Cow<'_, str>> {
-        // Not kept: the store compares keys by namespace and name only.
-        None
-    }
+            fn uid(&self) -> Option<Cow<'_, str>> {
+                // Not kept: the store compares keys by namespace and name only.
+                None
+            }
+        }
+    };
 }
 
-/// The reflector store of Services holds translate's compact [`Svc`], keyed like the
-/// k8s-openapi object (same rule as for [`Slice`]).
-impl Lookup for Svc {
-    type DynamicType = ();
-
-    fn kind(_: &()) -> Cow<'_, str> {
-        <Service as Resource>::kind(&())
-    }
-
-    fn group(_: &()) -> Cow<'_, str> {
-        <Service as Resource>::group(&())
-    }
-
-    fn version(_: &()) -> Cow<'_, str> {
-        <Service as Resource>::version(&())
-    }
-
-    fn plural(_: &()) -> Cow<'_, str> {
-        <Service as Resource>::plural(&())
-    }
-
-    fn name(&self) -> Option<Cow<'_, str>> {
-        Some(Cow::Borrowed(Svc::name(self)))
-    }
-
-    fn namespace(&self) -> Option<Cow<'_, str>> {
-        Some(Cow::Borrowed(Svc::namespace(self)))
-    }
-
-    fn resource_version(&self) -> Option<Cow<'_, str>> {
-        Svc::resource_version(self).map(Cow::Borrowed)
-    }
-
-    fn uid(&self) -> Option<Cow<'_, str>> {
-        // Not kept: the store compares keys by namespace and name only.
-        None
-    }
-}
+lookup_as!(Slice, EndpointSlice);
+lookup_as!(Svc, Service);
 
 /// Drop what no consumer reads: managedFields (often the largest part of an object) and the
 /// last-applied annotation.
