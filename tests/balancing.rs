@@ -336,6 +336,15 @@ async fn an_endpoint_that_starts_failing_is_ejected_and_traffic_moves_away() {
         assert_eq!(get(p.addr, "x", "/").await.echo().name, "good");
     }
     assert_eq!(flaky.requests.load(Ordering::SeqCst), before);
+    // The endpoint leaves its Service (the pod went away): its ejection series goes too, so
+    // label values do not pile up with pod churn.
+    let series = format!("portico_upstream_ejections_total{{endpoint=\"{flaky_ep}\"");
+    assert!(p.metrics.render().contains(&series));
+    p.publisher.publish(snapshot(&[
+        RouteSpec::prefix(None, "/", &[good.addr]).service("pas")
+    ]));
+    wait_until(|| !p.metrics.render().contains(&series)).await;
+    assert_eq!(get(p.addr, "x", "/").await.echo().name, "good");
     // (Restoration after the 10 s backoff is asserted with paused time in
     // proxy::upstream::tests::ejected_endpoint_is_skipped_by_every_strategy_and_restored_after_backoff.)
 }

@@ -8,7 +8,7 @@
 //! not import kube, k8s-openapi, `publish` or the handler: it receives a [`Backend`] and a
 //! [`RoutePolicy`] from the caller's one snapshot load.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
@@ -23,7 +23,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::metrics::Metrics;
-use crate::model::{Backend, BackendKey, LoadBalance, RoutePolicy, UpstreamProtocol};
+use crate::model::{Backend, BackendKey, LoadBalance, RoutePolicy, Snapshot, UpstreamProtocol};
 
 use super::ProxyBody;
 use super::balance::{self, Affinity};
@@ -344,9 +344,60 @@ pub struct Upstreams {
     in_flight: RwLock<FastMap<SocketAddr, Arc<AtomicUsize>>>,
     /// Marks of the active health checker ([`super::health`]).
     active: Arc<ActiveHealth>,
+    /// The ejection counter series made so far (see [`EjectionSeries`]).
+    ejection_series: Arc<EjectionSeries>,
     /// `--max-ejection-percent`.
     max_ejection_percent: u8,
     metrics: Arc<Metrics>,
+}
+
+/// `namespace, service, endpoint` of one `portico_upstream_ejections_total` series.
+type EjectionKey = (Arc<str>, Arc<str>, SocketAddr);
+
+/// The `portico_upstream_ejections_total` series made so far. Pod IPs churn, so a series whose
+/// endpoint is no longer one of its Service's endpoints in the serving snapshot is removed
+/// (as the active health checker does with its own series): label values do not grow with
+/// the pods that ever failed.
+#[derive(Debug, Default)]
+pub struct EjectionSeries {
+    made: Mutex<HashSet<EjectionKey>>,
+}
+
+impl EjectionSeries {
+    /// Count one ejection of `addr` from `key`'s Service.
+    fn count(&self, metrics: &Metrics, key: &BackendKey, addr: SocketAddr) {
+        metrics
+            .upstream_ejections
+            .with_label_values(&[&*key.namespace, &*key.service, &addr.to_string()])
+            .inc();
+        lock(&self.made).insert((key.namespace.clone(), key.service.clone(), addr));
+    }
+
+    /// Remove the series whose endpoint `snap` (the snapshot now serving; `None`: none) no
+    /// longer lists under their Service. Cost: one pass over the snapshot's endpoints, and
+    /// nothing when no endpoint was ever ejected.
+    pub fn retain_present(&self, snap: Option<&Snapshot>, metrics: &Metrics) {
+        let mut made = lock(&self.made);
+        if made.is_empty() {
+            return;
+        }
+        let mut present: HashSet<(&str, &str, SocketAddr)> = HashSet::new();
+        for b in snap.iter().flat_map(|s| s.backends.backends.iter()) {
+            for e in b.endpoints.iter() {
+                present.insert((&*b.key.namespace, &*b.key.service, e.addr));
+            }
+        }
+        made.retain(|(ns, svc, addr)| {
+            if present.contains(&(&**ns, &**svc, *addr)) {
+                return true;
+            }
+            let _ =
+                metrics
+                    .upstream_ejections
+                    .remove_label_values(&[&**ns, &**svc, &addr.to_string()]);
+            false
+        });
+    }
 }
 
 /// RFC 9110 §9.2.2 idempotent methods (CONNECT/POST/PATCH are not).
@@ -384,6 +435,7 @@ impl Upstreams {
             budgets: RwLock::new(FastMap::default()),
             in_flight: RwLock::new(FastMap::default()),
             active: Arc::new(ActiveHealth::default()),
+            ejection_series: Arc::new(EjectionSeries::default()),
             max_ejection_percent: max_ejection_percent.min(100),
             metrics,
         }
@@ -392,6 +444,12 @@ impl Upstreams {
     /// The marks the active health checker writes and endpoint choice reads.
     pub fn active_health(&self) -> Arc<ActiveHealth> {
         self.active.clone()
+    }
+
+    /// The ejection counter series, for the task that follows the snapshot to remove those
+    /// whose endpoint left ([`EjectionSeries::retain_present`]).
+    pub fn ejection_series(&self) -> Arc<EjectionSeries> {
+        self.ejection_series.clone()
     }
 
     /// Requests in flight to `addr` now (tests, admin).
@@ -563,14 +621,8 @@ impl Upstreams {
             h.ejections = h.ejections.saturating_add(1);
             h.consecutive_failures = 0;
             tracing::warn!(endpoint = %addr, backend = %backend.key, secs = period.as_secs(), "endpoint ejected");
-            self.metrics
-                .upstream_ejections
-                .with_label_values(&[
-                    &*backend.key.namespace,
-                    &*backend.key.service,
-                    &addr.to_string(),
-                ])
-                .inc();
+            self.ejection_series
+                .count(&self.metrics, &backend.key, addr);
         }
     }
 
@@ -915,6 +967,7 @@ mod tests {
     use super::*;
     use crate::model::{Endpoint, ServicePortRef};
     use crate::proxy::DEFAULT_MAX_EJECTION_PERCENT;
+    use prometheus::core::Collector;
 
     fn backend(n: u16) -> Backend {
         Backend {
@@ -1033,6 +1086,59 @@ mod tests {
             2,
             "one ejection under 100% and one under 25%"
         );
+    }
+
+    #[test]
+    fn an_ejection_series_leaves_with_its_endpoint() {
+        let metrics = Arc::new(Metrics::new());
+        let u = Upstreams::new(metrics.clone(), 100);
+        let b = backend(3);
+        let (gone, stays) = (b.endpoints[0].addr, b.endpoints[1].addr);
+        for a in [gone, stays] {
+            for _ in 0..EJECT_AFTER_FAILURES {
+                u.record_failure(&b, a);
+            }
+        }
+        let series = |m: &Metrics| -> Vec<String> {
+            let mut v: Vec<String> = m
+                .upstream_ejections
+                .collect()
+                .iter()
+                .flat_map(|f| f.get_metric().iter())
+                .flat_map(|m| m.get_label().iter())
+                .filter(|l| l.name() == "endpoint")
+                .map(|l| l.value().to_string())
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(series(&metrics), [gone.to_string(), stays.to_string()]);
+        let snapshot = |b: Backend| Snapshot {
+            backends: Arc::new(crate::model::BackendTable { backends: vec![b] }),
+            ..Snapshot::default()
+        };
+        // Both still listed: nothing goes.
+        let series_of = u.ejection_series();
+        series_of.retain_present(Some(&snapshot(b.clone())), &metrics);
+        assert_eq!(series(&metrics), [gone.to_string(), stays.to_string()]);
+        // The first endpoint left its Service.
+        let mut fewer = b.clone();
+        fewer.endpoints = b.endpoints[1..].to_vec().into();
+        series_of.retain_present(Some(&snapshot(fewer)), &metrics);
+        assert_eq!(series(&metrics), [stays.to_string()]);
+        // The same address under another Service is not this series.
+        let mut other = b.clone();
+        other.key.service = "other".into();
+        series_of.retain_present(Some(&snapshot(other)), &metrics);
+        assert!(series(&metrics).is_empty());
+        // Ejections after a prune are tracked, and pruned, the same way.
+        let third = b.endpoints[2].addr;
+        for _ in 0..EJECT_AFTER_FAILURES {
+            u.record_failure(&b, third);
+        }
+        assert_eq!(series(&metrics), [third.to_string()]);
+        series_of.retain_present(None, &metrics);
+        assert!(series(&metrics).is_empty());
     }
 
     #[test]
