@@ -374,23 +374,30 @@ impl EjectionSeries {
     }
 
     /// Remove the series whose endpoint `snap` (the snapshot now serving; `None`: none) no
-    /// longer lists under their Service. Cost: one pass over the snapshot's endpoints, and
-    /// nothing when no endpoint was ever ejected.
+    /// longer lists under their Service. Cost: one pass over the snapshot's backends, reading
+    /// the endpoints only of Services with a series; nothing when no endpoint was ever ejected.
     pub fn retain_present(&self, snap: Option<&Snapshot>, metrics: &Metrics) {
         let mut made = lock(&self.made);
         if made.is_empty() {
             return;
         }
-        let mut present: HashSet<(&str, &str, SocketAddr)> = HashSet::new();
+        let services: HashSet<(&str, &str)> =
+            made.iter().map(|(ns, svc, _)| (&**ns, &**svc)).collect();
+        let mut present: HashSet<(Arc<str>, Arc<str>, SocketAddr)> = HashSet::new();
         for b in snap.iter().flat_map(|s| s.backends.backends.iter()) {
+            if !services.contains(&(&*b.key.namespace, &*b.key.service)) {
+                continue;
+            }
             for e in b.endpoints.iter() {
-                present.insert((&*b.key.namespace, &*b.key.service, e.addr));
+                present.insert((b.key.namespace.clone(), b.key.service.clone(), e.addr));
             }
         }
-        made.retain(|(ns, svc, addr)| {
-            if present.contains(&(&**ns, &**svc, *addr)) {
+        drop(services);
+        made.retain(|key| {
+            if present.contains(key) {
                 return true;
             }
+            let (ns, svc, addr) = key;
             let _ =
                 metrics
                     .upstream_ejections
