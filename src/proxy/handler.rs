@@ -221,7 +221,6 @@ impl Handler {
     pub fn health_checker(&self) -> HealthChecker {
         HealthChecker::new(
             self.upstreams.active_health(),
-            self.upstreams.ejection_series(),
             self.reader.clone(),
             self.metrics.clone(),
         )

@@ -10,9 +10,9 @@
 //!
 //! Owns: probe tasks, their state (keyed by endpoint address + check, dropped with the
 //! endpoint) and the `portico_health_checks_total` / `portico_upstream_endpoint_healthy`
-//! series. Its snapshot-following task also prunes passive health's ejection series
-//! ([`EjectionSeries`], owned by upstream). May import model, publish, metrics, hyper and
-//! tokio; must not import kube, k8s-openapi, translate or the handler.
+//! series; its snapshot-following task also has upstream prune passive health's ejection
+//! series ([`prune_ejection_series`]). May import model, publish, metrics, hyper and tokio;
+//! must not import kube, k8s-openapi, translate or the handler.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -32,7 +32,7 @@ use crate::model::{HealthCheck, Snapshot};
 use crate::publish::Reader;
 
 use super::listener::Shutdown;
-use super::upstream::EjectionSeries;
+use super::upstream::prune_ejection_series;
 
 /// How often the checker looks for a new snapshot (an `ArcSwap` load and a pointer compare);
 /// well inside the brief's "changes take effect within 1 s".
@@ -87,22 +87,14 @@ struct Target {
 /// listeners; it stops when the proxy's shutdown fires.
 pub struct HealthChecker {
     state: Arc<ActiveHealth>,
-    /// Passive health's ejection series, pruned here too when the snapshot changes.
-    ejections: Arc<EjectionSeries>,
     reader: Reader,
     metrics: Arc<Metrics>,
 }
 
 impl HealthChecker {
-    pub fn new(
-        state: Arc<ActiveHealth>,
-        ejections: Arc<EjectionSeries>,
-        reader: Reader,
-        metrics: Arc<Metrics>,
-    ) -> HealthChecker {
+    pub fn new(state: Arc<ActiveHealth>, reader: Reader, metrics: Arc<Metrics>) -> HealthChecker {
         HealthChecker {
             state,
-            ejections,
             reader,
             metrics,
         }
@@ -110,8 +102,8 @@ impl HealthChecker {
 
     /// Follow the published snapshot until `shutdown` fires: start a probe task for every new
     /// (endpoint, check), stop the ones whose endpoint or check left, and forget their state
-    /// and metric series; remove the ejection series of endpoints that left. Bounded by `shutdown`; every probe task is bounded by it too and is
-    /// aborted when this returns.
+    /// and metric series (and the ejection series of endpoints that left). Bounded by
+    /// `shutdown`; every probe task is bounded by it too and is aborted when this returns.
     pub async fn run(self, mut shutdown: Shutdown) {
         let mut targets: HashMap<TargetKey, Target> = HashMap::new();
         let mut last: Option<Arc<Snapshot>> = None;
@@ -132,8 +124,7 @@ impl HealthChecker {
                 continue;
             }
             self.reconcile(snap.as_deref(), &mut targets, &shutdown);
-            self.ejections
-                .retain_present(snap.as_deref(), &self.metrics);
+            prune_ejection_series(snap.as_deref(), &self.metrics);
             last = snap;
         }
         for (key, t) in targets.drain() {

@@ -19,6 +19,7 @@ use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, V
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use prometheus::core::Collector;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -344,66 +345,50 @@ pub struct Upstreams {
     in_flight: RwLock<FastMap<SocketAddr, Arc<AtomicUsize>>>,
     /// Marks of the active health checker ([`super::health`]).
     active: Arc<ActiveHealth>,
-    /// The ejection counter series made so far (see [`EjectionSeries`]).
-    ejection_series: Arc<EjectionSeries>,
     /// `--max-ejection-percent`.
     max_ejection_percent: u8,
     metrics: Arc<Metrics>,
 }
 
-/// `namespace, service, endpoint` of one `portico_upstream_ejections_total` series.
-type EjectionKey = (Arc<str>, Arc<str>, SocketAddr);
-
-/// The `portico_upstream_ejections_total` series made so far. Pod IPs churn, so a series whose
-/// endpoint is no longer one of its Service's endpoints in the serving snapshot is removed
-/// (as the active health checker does with its own series): label values do not grow with
-/// the pods that ever failed.
-#[derive(Debug, Default)]
-pub struct EjectionSeries {
-    made: Mutex<HashSet<EjectionKey>>,
-}
-
-impl EjectionSeries {
-    /// Count one ejection of `addr` from `key`'s Service.
-    fn count(&self, metrics: &Metrics, key: &BackendKey, addr: SocketAddr) {
-        metrics
-            .upstream_ejections
-            .with_label_values(&[&*key.namespace, &*key.service, &addr.to_string()])
-            .inc();
-        lock(&self.made).insert((key.namespace.clone(), key.service.clone(), addr));
+/// Remove the `portico_upstream_ejections_total` series whose endpoint `snap` (the snapshot
+/// now serving; `None`: none) no longer lists under their Service. Pod IPs churn, so without
+/// this the label values would grow with every pod that ever failed; the active health
+/// checker's task calls it on every snapshot change, beside pruning its own series. The
+/// series are read from the counter vector itself (only ejected endpoints have one): nothing
+/// to do when none was ever ejected, and only their Services' endpoints are looked at.
+pub fn prune_ejection_series(snap: Option<&Snapshot>, metrics: &Metrics) {
+    let families = metrics.upstream_ejections.collect();
+    let made: Vec<[&str; 3]> = families
+        .iter()
+        .flat_map(|f| f.get_metric().iter())
+        .map(|m| {
+            let label = |name: &str| {
+                m.get_label()
+                    .iter()
+                    .find(|l| l.name() == name)
+                    .map_or("", |l| l.value())
+            };
+            [label("namespace"), label("service"), label("endpoint")]
+        })
+        .collect();
+    if made.is_empty() {
+        return;
     }
-
-    /// Remove the series whose endpoint `snap` (the snapshot now serving; `None`: none) no
-    /// longer lists under their Service. Cost: one pass over the snapshot's backends, reading
-    /// the endpoints only of Services with a series; nothing when no endpoint was ever ejected.
-    pub fn retain_present(&self, snap: Option<&Snapshot>, metrics: &Metrics) {
-        let mut made = lock(&self.made);
-        if made.is_empty() {
-            return;
+    let services: HashSet<(&str, &str)> = made.iter().map(|[ns, svc, _]| (*ns, *svc)).collect();
+    let mut present: HashSet<(&str, &str, SocketAddr)> = HashSet::new();
+    for b in snap.iter().flat_map(|s| s.backends.backends.iter()) {
+        let service = (&*b.key.namespace, &*b.key.service);
+        if services.contains(&service) {
+            present.extend(b.endpoints.iter().map(|e| (service.0, service.1, e.addr)));
         }
-        let services: HashSet<(&str, &str)> =
-            made.iter().map(|(ns, svc, _)| (&**ns, &**svc)).collect();
-        let mut present: HashSet<(Arc<str>, Arc<str>, SocketAddr)> = HashSet::new();
-        for b in snap.iter().flat_map(|s| s.backends.backends.iter()) {
-            if !services.contains(&(&*b.key.namespace, &*b.key.service)) {
-                continue;
-            }
-            for e in b.endpoints.iter() {
-                present.insert((b.key.namespace.clone(), b.key.service.clone(), e.addr));
-            }
+    }
+    for labels @ [ns, svc, endpoint] in made {
+        let listed = endpoint
+            .parse::<SocketAddr>()
+            .is_ok_and(|addr| present.contains(&(ns, svc, addr)));
+        if !listed {
+            let _ = metrics.upstream_ejections.remove_label_values(&labels);
         }
-        drop(services);
-        made.retain(|key| {
-            if present.contains(key) {
-                return true;
-            }
-            let (ns, svc, addr) = key;
-            let _ =
-                metrics
-                    .upstream_ejections
-                    .remove_label_values(&[&**ns, &**svc, &addr.to_string()]);
-            false
-        });
     }
 }
 
@@ -442,7 +427,6 @@ impl Upstreams {
             budgets: RwLock::new(FastMap::default()),
             in_flight: RwLock::new(FastMap::default()),
             active: Arc::new(ActiveHealth::default()),
-            ejection_series: Arc::new(EjectionSeries::default()),
             max_ejection_percent: max_ejection_percent.min(100),
             metrics,
         }
@@ -451,12 +435,6 @@ impl Upstreams {
     /// The marks the active health checker writes and endpoint choice reads.
     pub fn active_health(&self) -> Arc<ActiveHealth> {
         self.active.clone()
-    }
-
-    /// The ejection counter series, for the task that follows the snapshot to remove those
-    /// whose endpoint left ([`EjectionSeries::retain_present`]).
-    pub fn ejection_series(&self) -> Arc<EjectionSeries> {
-        self.ejection_series.clone()
     }
 
     /// Requests in flight to `addr` now (tests, admin).
@@ -628,8 +606,14 @@ impl Upstreams {
             h.ejections = h.ejections.saturating_add(1);
             h.consecutive_failures = 0;
             tracing::warn!(endpoint = %addr, backend = %backend.key, secs = period.as_secs(), "endpoint ejected");
-            self.ejection_series
-                .count(&self.metrics, &backend.key, addr);
+            self.metrics
+                .upstream_ejections
+                .with_label_values(&[
+                    &*backend.key.namespace,
+                    &*backend.key.service,
+                    &addr.to_string(),
+                ])
+                .inc();
         }
     }
 
@@ -974,7 +958,6 @@ mod tests {
     use super::*;
     use crate::model::{Endpoint, ServicePortRef};
     use crate::proxy::DEFAULT_MAX_EJECTION_PERCENT;
-    use prometheus::core::Collector;
 
     fn backend(n: u16) -> Backend {
         Backend {
@@ -1125,18 +1108,17 @@ mod tests {
             ..Snapshot::default()
         };
         // Both still listed: nothing goes.
-        let series_of = u.ejection_series();
-        series_of.retain_present(Some(&snapshot(b.clone())), &metrics);
+        prune_ejection_series(Some(&snapshot(b.clone())), &metrics);
         assert_eq!(series(&metrics), [gone.to_string(), stays.to_string()]);
         // The first endpoint left its Service.
         let mut fewer = b.clone();
         fewer.endpoints = b.endpoints[1..].to_vec().into();
-        series_of.retain_present(Some(&snapshot(fewer)), &metrics);
+        prune_ejection_series(Some(&snapshot(fewer)), &metrics);
         assert_eq!(series(&metrics), [stays.to_string()]);
         // The same address under another Service is not this series.
         let mut other = b.clone();
         other.key.service = "other".into();
-        series_of.retain_present(Some(&snapshot(other)), &metrics);
+        prune_ejection_series(Some(&snapshot(other)), &metrics);
         assert!(series(&metrics).is_empty());
         // Ejections after a prune are tracked, and pruned, the same way.
         let third = b.endpoints[2].addr;
@@ -1144,7 +1126,7 @@ mod tests {
             u.record_failure(&b, third);
         }
         assert_eq!(series(&metrics), [third.to_string()]);
-        series_of.retain_present(None, &metrics);
+        prune_ejection_series(None, &metrics);
         assert!(series(&metrics).is_empty());
     }
 
