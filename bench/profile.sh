@@ -31,6 +31,9 @@ B=${BENCH_PORT_BASE:-24800}
 UP_PORT=$((B + 1)) HTTP=$((B + 10)) HTTPS=$((B + 11)) ADMIN=$((B + 12))
 
 command -v valgrind >/dev/null || { apt-get install -y -qq valgrind >/dev/null; }
+if [[ ${PROFILE_TOOL:-callgrind} == perf ]]; then
+    command -v perf >/dev/null || { apt-get install -y -qq linux-perf >/dev/null; }
+fi
 command -v nginx >/dev/null && command -v wrk >/dev/null || {
     echo "run bench/run.sh once first (it installs nginx and wrk)" >&2
     exit 1
