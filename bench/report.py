@@ -205,7 +205,8 @@ SCENARIOS = [
     ("tls_resume", "TLS 1.3 resumption per request"),
     ("h2_tls", "h2 over TLS, multiplexed"),
 ]
-PROXIES = ["portico", "nginx", "haproxy"]
+# portico-b: a second portico build in an A/B run (bench/run.sh BENCH_PORTICO_B_BIN).
+PROXIES = ["portico", "portico-b", "nginx", "haproxy"]
 
 
 def load_runs(path):
@@ -229,7 +230,7 @@ def ratio(a, b):
 def table(path):
     runs = [r for r in load_runs(path) if r.get("kind", "load") == "load"]
     reps = len({r["rep"] for r in runs}) if runs else 0
-    print(f"Medians of {reps} repetition(s). Ratios are portico ÷ nginx (and haproxy ÷ nginx).\n")
+    print(f"Medians of {reps} repetition(s). Ratios are each proxy ÷ nginx.\n")
     print("| scenario | proxy | req/s | p50 ms | p99 ms | CPU µs/req | peak RSS MiB | idle RSS MiB "
           "| failed | req/s vs nginx | CPU vs nginx | p99 vs nginx | of CPU: user µs/req |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -14,7 +14,9 @@
 # BENCH_CHURN_REPS (3; 1 in quick mode), BENCH_PORT_BASE (24700: ports base+1 .. base+31),
 # BENCH_QUICK=1 (validate the scripts: 2 s runs, 1 rep, 5 s churn, 1 000 Ingresses, short micro),
 # BENCH_SCENARIOS, BENCH_PROXIES, BENCH_OUT (results dir, default target/bench/<UTC time>),
-# BENCH_PORTICO_BIN (another portico build, for A/B runs).
+# BENCH_PORTICO_BIN (another portico build), BENCH_PORTICO_B_BIN (a second portico build, run as
+# the proxy `portico-b`: put it in BENCH_PROXIES for an A/B run that alternates the two builds
+# within each repetition, as it does the proxies).
 #
 # Installs nginx, haproxy, wrk, nghttp2-client (h2load) and apache2-utils (ab) with apt-get when missing. Binds only
 # 127.0.0.0/8. Every loop is bounded; only processes this script started are stopped (by PID, on
@@ -182,6 +184,9 @@ setup_common() {
     chmod 755 "$WORK" # nginx workers run as nobody and read the 16 KiB body from here
     mkdir -p "$WORK/tmp" "$OUT"
     PORTICO=${BENCH_PORTICO_BIN:-$ROOT/target/release/portico}
+    PORTICO_B=${BENCH_PORTICO_B_BIN:-}
+    [[ " $PROXIES " != *" portico-b "* || -x $PORTICO_B ]] ||
+        die "proxy portico-b needs BENCH_PORTICO_B_BIN, an executable portico build"
     # One self-signed ECDSA P-256 certificate for all three proxies (same handshake work).
     openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
         -subj /CN=bench.local -addext 'subjectAltName=DNS:bench.local,IP:127.0.0.1' \
@@ -318,9 +323,11 @@ start_upstream() {
 start_proxy() {
     local name=$1 manifests=${2:-$WORK/manifests}
     case $name in
-    portico)
+    portico | portico-b)
+        local bin=$PORTICO
+        [[ $name == portico-b ]] && bin=$PORTICO_B
         HTTP_PORT=$PORTICO_HTTP HTTPS_PORT=$PORTICO_HTTPS
-        RUST_LOG=warn bg "$OUT/portico.log" taskset -c "$PROXY_CPU" "$PORTICO" run \
+        RUST_LOG=warn bg "$OUT/$name.log" taskset -c "$PROXY_CPU" "$bin" run \
             --manifests "$manifests" --worker-threads 1 --no-access-log --log-format text \
             --http-addr "127.0.0.1:$HTTP_PORT" --https-addr "127.0.0.1:$HTTPS_PORT" \
             --admin-addr "127.0.0.1:$PORTICO_ADMIN" --default-certificate bench/bench-tls
