@@ -1,9 +1,11 @@
 # portico container image (`make image`): build with the pinned toolchain, run only the binary
-# on distroless as non-root. The binary links glibc and libgcc only (TLS is rustls + ring), which
-# the distroless cc image provides.
+# on distroless as non-root. The binary links glibc and libgcc only (TLS is rustls + ring;
+# jemalloc is built from source and linked statically), which the distroless cc image provides.
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
+# jemalloc's compiled-in options (JEMALLOC_SYS_WITH_MALLOC_CONF) live in .cargo/config.toml.
+COPY .cargo ./.cargo
 COPY src ./src
 RUN cargo build --release --locked --bin portico
 

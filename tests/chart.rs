@@ -1282,10 +1282,30 @@ fn dockerfile_builds_locked_with_the_pinned_toolchain_and_runs_only_the_binary_a
     );
     assert!(final_stage.contains(&"USER 65532:65532"));
     assert!(final_stage.contains(&"ENTRYPOINT [\"/portico\"]"));
-    // The build context is Cargo.toml, Cargo.lock and src/ only: nothing in src/ may pull in a
-    // file from elsewhere, and there is no build script.
+    // The image is built with the tree's cargo settings (jemalloc's compiled-in options are
+    // in .cargo/config.toml): the builder copies them before it builds.
+    let build_stage: Vec<&str> = instructions
+        .iter()
+        .copied()
+        .take_while(|l| !l.starts_with("FROM gcr.io"))
+        .collect();
+    let copy_cargo = build_stage
+        .iter()
+        .position(|l| *l == "COPY .cargo ./.cargo")
+        .expect("the builder copies .cargo/");
+    let build = build_stage
+        .iter()
+        .position(|l| l.starts_with("RUN cargo build"))
+        .expect("the builder builds");
+    assert!(
+        copy_cargo < build,
+        "cargo settings are in place before the build"
+    );
+    assert!(root().join(".cargo/config.toml").exists());
+    // The build context is Cargo.toml, Cargo.lock, .cargo/ and src/ only: nothing in src/ may
+    // pull in a file from elsewhere, and there is no build script.
     let ignore = read(&root().join(".dockerignore"));
-    for keep in ["!Cargo.toml", "!Cargo.lock", "!src/"] {
+    for keep in ["!Cargo.toml", "!Cargo.lock", "!.cargo/", "!src/"] {
         assert!(
             ignore.lines().any(|l| l == keep),
             ".dockerignore keeps {keep}"
