@@ -777,9 +777,19 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     if present == 0 {
         return;
     }
-    let listed: Vec<HeaderValue> = match headers.entry(header::CONNECTION) {
-        http::header::Entry::Occupied(e) => e.remove_entry_mult().1.collect(),
-        http::header::Entry::Vacant(_) => Vec::new(),
+    // Read, then remove: `entry()` would reserve a slot first, which regrows a full map, and
+    // a new connection's maps are full (hyper sizes them to the parsed head); callgrind
+    // counted two such regrowths per request with a new connection each.
+    let listed: Vec<HeaderValue> = if present & HOP_CONNECTION != 0 {
+        let values = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .cloned()
+            .collect();
+        headers.remove(header::CONNECTION);
+        values
+    } else {
+        Vec::new()
     };
     for token in listed
         .iter()
@@ -877,9 +887,10 @@ fn set_forwarding_headers(
         }
         headers.insert(name.clone(), value);
     };
-    // Room for the five fields set here in one step: a fresh map (a new connection's first
-    // request) would otherwise grow and rehash on the way.
-    headers.reserve(5);
+    // Room for the five fields set here and the X-Request-ID the caller may add next, in
+    // one step: a fresh map (a new connection's first request) would otherwise grow and
+    // rehash on the way.
+    headers.reserve(6);
     headers.insert(X_FORWARDED_FOR.clone(), xff);
     set(
         headers,

@@ -174,9 +174,7 @@ impl ConnInfo {
         tls: bool,
         sni: Option<Arc<str>>,
     ) -> Self {
-        // An IP address is always a valid header value; the String becomes its bytes.
-        let peer_ip_value = http::HeaderValue::try_from(peer.ip().to_string())
-            .unwrap_or_else(|_| http::HeaderValue::from_static(""));
+        let peer_ip_value = ip_header_value(peer.ip());
         ConnInfo {
             peer_ip_value,
             local_port_value,
@@ -184,6 +182,74 @@ impl ConnInfo {
             local,
             tls,
             sni,
+        }
+    }
+}
+
+/// An IP address as a header value (X-Forwarded-For, X-Real-IP), once per connection. IPv4,
+/// the common case, is written digit by digit into a stack buffer: through `Display` and a
+/// growing `String` it cost about 1 600 instructions, a few percent of a request on a new
+/// connection (callgrind).
+fn ip_header_value(ip: std::net::IpAddr) -> http::HeaderValue {
+    let std::net::IpAddr::V4(v4) = ip else {
+        // An IP address is always a valid header value; the String becomes its bytes.
+        return http::HeaderValue::try_from(ip.to_string())
+            .unwrap_or_else(|_| http::HeaderValue::from_static(""));
+    };
+    // At most 4 × 3 digits and 3 dots: "255.255.255.255" fills the buffer exactly, so no
+    // index below can go past it.
+    let mut text = [0u8; 15];
+    let mut len = 0;
+    for (i, octet) in v4.octets().into_iter().enumerate() {
+        if i > 0 {
+            text[len] = b'.';
+            len += 1;
+        }
+        if octet >= 100 {
+            text[len] = b'0' + octet / 100;
+            len += 1;
+        }
+        if octet >= 10 {
+            text[len] = b'0' + octet / 10 % 10;
+            len += 1;
+        }
+        text[len] = b'0' + octet % 10;
+        len += 1;
+    }
+    http::HeaderValue::from_bytes(&text[..len])
+        .unwrap_or_else(|_| http::HeaderValue::from_static(""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ip_header_value;
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+    #[test]
+    fn ip_header_value_matches_display_for_every_octet_width() {
+        let mut cases: Vec<IpAddr> = vec![
+            IpAddr::V4(Ipv4Addr::new(0, 0, 0, 0)),
+            IpAddr::V4(Ipv4Addr::new(255, 255, 255, 255)),
+            IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1)),
+            IpAddr::V4(Ipv4Addr::new(10, 9, 100, 99)),
+            IpAddr::V6(Ipv6Addr::LOCALHOST),
+            IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0xc0a8, 0x101)),
+            IpAddr::V6(Ipv4Addr::new(192, 168, 1, 1).to_ipv6_mapped()),
+        ];
+        // Every octet value in every position.
+        for o in 0..=255u8 {
+            cases.push(IpAddr::V4(Ipv4Addr::new(
+                o,
+                255 - o,
+                o / 2,
+                o.wrapping_mul(7),
+            )));
+        }
+        for ip in cases {
+            assert_eq!(
+                ip_header_value(ip).to_str().ok(),
+                Some(ip.to_string().as_str())
+            );
         }
     }
 }
