@@ -32,7 +32,8 @@
 //!   the safety net for missed events and for when the watch cannot be set up at all (then it
 //!   is the only mechanism, with a warning in the log). Directories outside DIR that symlinks
 //!   lead to (a linked file's directory, a linked directory) get their own non-recursive
-//!   watches, kept in step with each rescan.
+//!   watches, kept in step with each rescan. A rescan reads only the files whose `stat`
+//!   changed since they were last read (see `scan::SETTLE_BEFORE_TRUST`).
 //!
 //! # Wiring (what `app` does for `portico run --manifests DIR`)
 //!

@@ -11,6 +11,7 @@ use std::hash::{DefaultHasher, Hasher};
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use super::parse::parse_manifests;
 use crate::translate::{Diagnostic, Inputs, Severity};
@@ -23,6 +24,12 @@ pub const MAX_FILE_SIZE: u64 = 8 * 1024 * 1024;
 pub const MAX_FILES: usize = 4096;
 /// Deepest directory nesting walked below DIR.
 pub const MAX_DEPTH: usize = 16;
+
+/// A file last changed at least this long before a scan started is not read again while its
+/// [`Stamp`] stays the same. File timestamps are coarse (the kernel's clock tick, a few ms),
+/// so a file rewritten twice within one tick, with the same length and in place, keeps its
+/// stamp; a stamp only counts once it is older than this (git's "racily clean" rule).
+pub const SETTLE_BEFORE_TRUST: Duration = Duration::from_secs(1);
 
 /// Diagnostic kind for problems with files rather than objects.
 pub const KIND_FILE: &str = "File";
@@ -44,8 +51,52 @@ enum Content {
     Unreadable(String),
 }
 
+/// What `stat` says of a file: any write, rename-over, truncation or `..data` swap changes
+/// it (inode, size, or the change time the kernel sets on every write, which no user can
+/// set back). Used to skip reading files that did not change; see [`SETTLE_BEFORE_TRUST`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Stamp {
+    /// The stamp of `meta` when it may be trusted at a scan that started at `scan_start`:
+    /// the file's last change (the later of mtime and ctime) is at least
+    /// [`SETTLE_BEFORE_TRUST`] older than the scan. `None` otherwise, and off Unix.
+    #[cfg(unix)]
+    fn settled(meta: &fs::Metadata, scan_start: SystemTime) -> Option<Stamp> {
+        use std::os::unix::fs::MetadataExt;
+        let stamp = Stamp {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            len: meta.len(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        };
+        let changed = SystemTime::UNIX_EPOCH
+            .checked_add(Duration::new(
+                u64::try_from(stamp.mtime.0.max(stamp.ctime.0)).ok()?,
+                0,
+            ))?
+            .checked_add(Duration::from_secs(1))?; // the whole second the change fell in
+        (changed + SETTLE_BEFORE_TRUST <= scan_start).then_some(stamp)
+    }
+
+    #[cfg(not(unix))]
+    fn settled(_meta: &fs::Metadata, _scan_start: SystemTime) -> Option<Stamp> {
+        None
+    }
+}
+
 #[derive(Debug, Clone)]
 struct FileEntry {
+    /// `stat` at the scan that read this content, when settled: while a later scan sees the
+    /// same stamp, the file is not read again.
+    stamp: Option<Stamp>,
     content: Content,
     /// Objects of the last version that parsed (empty if none ever did).
     good: Inputs,
@@ -65,11 +116,15 @@ pub struct DirState {
     root_error: Option<String>,
     /// See [`DirState::external_dirs`].
     external_dirs: BTreeSet<PathBuf>,
+    /// Bytes of manifest files read so far (what the stamps save; tests).
+    bytes_read: u64,
 }
 
 struct Found {
     rel: String,
     path: PathBuf,
+    /// `stat` from the walk, when the file could be stat'ed.
+    meta: Option<fs::Metadata>,
 }
 
 #[derive(Default)]
@@ -108,6 +163,12 @@ impl DirState {
     /// Rescan `root`. Fails only when `root` itself cannot be listed, leaving the state as it
     /// was. Returns whether inputs or diagnostics changed.
     pub fn rescan(&mut self, root: &Path) -> io::Result<bool> {
+        self.rescan_at(root, SystemTime::now())
+    }
+
+    /// [`DirState::rescan`] as of `scan_start` (tests move it forward instead of waiting for
+    /// files to settle).
+    fn rescan_at(&mut self, root: &Path, scan_start: SystemTime) -> io::Result<bool> {
         let walk = walk(root)?;
         let mut changed = walk.problems != self.walk_problems;
         self.walk_problems = walk.problems;
@@ -115,6 +176,23 @@ impl DirState {
 
         let mut next: BTreeMap<String, FileEntry> = BTreeMap::new();
         for found in walk.files {
+            // Stat'ed before the read: a change after it gives the next scan another stamp.
+            let stamp = found
+                .meta
+                .as_ref()
+                .and_then(|m| Stamp::settled(m, scan_start));
+            // Unchanged since a read whose stamp was settled: keep it without reading. With a
+            // large ConfigMap this is most of the files at every event and every safety-net
+            // rescan.
+            if let Some(prev) = self.files.get(&found.rel)
+                && stamp.is_some()
+                && prev.stamp == stamp
+            {
+                if let Some(prev) = self.files.remove(&found.rel) {
+                    next.insert(found.rel, prev);
+                }
+                continue;
+            }
             let content = match read_capped(&found.path) {
                 Ok(bytes) => Ok(bytes),
                 // Deleted between listing and reading, or a dangling symlink (a ConfigMap
@@ -123,26 +201,36 @@ impl DirState {
                 Err(e) => Err(e.to_string()),
             };
             let summary = match &content {
-                Ok(bytes) => Content::Bytes {
-                    len: bytes.len(),
-                    hash: hash(bytes),
-                },
+                Ok(bytes) => {
+                    self.bytes_read += bytes.len() as u64;
+                    Content::Bytes {
+                        len: bytes.len(),
+                        hash: hash(bytes),
+                    }
+                }
                 Err(msg) => Content::Unreadable(msg.clone()),
             };
-            let previous = self.files.remove(&found.rel);
-            if let Some(prev) = previous.as_ref().filter(|p| p.content == summary) {
-                next.insert(found.rel, prev.clone());
-                continue;
-            }
+            // Only a file that was read whole is skipped later; an unreadable one is tried
+            // at every scan.
+            let stamp = stamp.filter(|_| matches!(summary, Content::Bytes { .. }));
+            let previous = match self.files.remove(&found.rel) {
+                Some(prev) if prev.content == summary => {
+                    next.insert(found.rel, FileEntry { stamp, ..prev });
+                    continue;
+                }
+                other => other,
+            };
             changed = true;
             let last_good = previous.map(|p| p.good).unwrap_or_default();
             let entry = match content.and_then(|bytes| parse_file(&bytes)) {
                 Ok(good) => FileEntry {
+                    stamp,
                     content: summary,
                     good,
                     error: None,
                 },
                 Err(error) => FileEntry {
+                    stamp,
                     content: summary,
                     good: last_good,
                     error: Some(error),
@@ -405,7 +493,7 @@ fn walk(root: &Path) -> io::Result<Walk> {
                 Err(_) => {
                     // Cannot even stat it: if it looks like a manifest, let the read report why.
                     if is_manifest_name(&name) {
-                        push_file(&mut out, &mut limit_reported, child_rel, path);
+                        push_file(&mut out, &mut limit_reported, child_rel, path, None);
                     }
                     continue;
                 }
@@ -448,7 +536,7 @@ fn walk(root: &Path) -> io::Result<Walk> {
                         out.external_dirs.insert(parent);
                     }
                 }
-                push_file(&mut out, &mut limit_reported, child_rel, path);
+                push_file(&mut out, &mut limit_reported, child_rel, path, Some(meta));
             }
         }
         // Reverse so the stack pops them in name order.
@@ -468,9 +556,15 @@ struct Pending {
     listing: Option<fs::ReadDir>,
 }
 
-fn push_file(out: &mut Walk, limit_reported: &mut bool, rel: String, path: PathBuf) {
+fn push_file(
+    out: &mut Walk,
+    limit_reported: &mut bool,
+    rel: String,
+    path: PathBuf,
+    meta: Option<fs::Metadata>,
+) {
     if out.files.len() < MAX_FILES {
-        out.files.push(Found { rel, path });
+        out.files.push(Found { rel, path, meta });
     } else if !*limit_reported {
         *limit_reported = true;
         out.problems.push(file_diagnostic(
@@ -505,6 +599,64 @@ mod tests {
         assert!(is_under("a/b/c.yaml", "a/b"));
         assert!(!is_under("ab/c.yaml", "a"));
         assert!(!is_under("a", "a"));
+    }
+
+    #[test]
+    fn settled_unchanged_files_are_not_read_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (a, b) = (dir.path().join("a.yaml"), dir.path().join("b.yaml"));
+        fs::write(&a, service("one")).expect("write");
+        fs::write(&b, service("two")).expect("write");
+        let later = SystemTime::now() + Duration::from_secs(10);
+        let mut state = DirState::new();
+        assert!(state.rescan_at(dir.path(), later).expect("scan"));
+        let both = state.bytes_read;
+        assert_eq!(both, (service("one").len() + service("two").len()) as u64);
+
+        assert!(!state.rescan_at(dir.path(), later).expect("scan"));
+        assert_eq!(state.bytes_read, both, "nothing changed: nothing read");
+
+        // Replaced by rename, as a ConfigMap update or an editor does: only b is read.
+        let tmp = dir.path().join(".b.tmp");
+        fs::write(&tmp, service("three")).expect("write");
+        fs::rename(&tmp, &b).expect("rename");
+        let later = SystemTime::now() + Duration::from_secs(10);
+        assert!(state.rescan_at(dir.path(), later).expect("scan"));
+        assert_eq!(state.bytes_read, both + service("three").len() as u64);
+        assert_eq!(names(&state), ["one", "three"]);
+    }
+
+    #[test]
+    fn a_rewrite_in_place_right_after_a_scan_is_still_seen() {
+        // Same length, same inode, mtime set back: only the change time differs, and on a
+        // kernel or filesystem with coarse timestamps, within one tick, not even that. A stamp
+        // taken before the file settled is never trusted, so the next scan reads it. (Linux
+        // 6.13+ gives a change right after a stat a fine-grained ctime, so there this passes
+        // without the rule too; the rule is for the rest.)
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("a.yaml");
+        fs::write(&file, service("one")).expect("write");
+        let mtime = fs::metadata(&file)
+            .and_then(|m| m.modified())
+            .expect("mtime");
+        let mut state = DirState::new();
+        assert!(state.rescan(dir.path()).expect("scan"));
+        assert_eq!(names(&state), ["one"]);
+
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .open(&file)
+            .expect("open");
+        io::Write::write_all(&mut f, service("two").as_bytes()).expect("rewrite");
+        f.set_modified(mtime).expect("set mtime back");
+        drop(f);
+        let later = SystemTime::now() + Duration::from_secs(10);
+        assert!(state.rescan_at(dir.path(), later).expect("scan"));
+        assert_eq!(names(&state), ["two"]);
+        // Now settled: the next scan at that time does not read it again.
+        let read = state.bytes_read;
+        assert!(!state.rescan_at(dir.path(), later).expect("scan"));
+        assert_eq!(state.bytes_read, read);
     }
 
     #[test]
