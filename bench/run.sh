@@ -14,7 +14,7 @@
 # BENCH_CHURN_REPS (3; 1 in quick mode), BENCH_PORT_BASE (24700: ports base+1 .. base+31),
 # BENCH_QUICK=1 (validate the scripts: 2 s runs, 1 rep, 5 s churn, 1 000 Ingresses, short micro),
 # BENCH_SCENARIOS, BENCH_PROXIES, BENCH_OUT (results dir, default target/bench/<UTC time>),
-# BENCH_PORTICO_BIN (another portico build), BENCH_PORTICO_B_BIN (a second portico build, run as
+# BENCH_PORTICO_BIN (another portico build; nothing is built then), BENCH_PORTICO_B_BIN (a second portico build, run as
 # the proxy `portico-b`: put it in BENCH_PROXIES for an A/B run that alternates the two builds
 # within each repetition, as it does the proxies).
 #
@@ -496,8 +496,11 @@ main() {
     case " $STEPS " in *" micro "*) step_micro ;; esac
     [[ $STEPS == micro ]] && { cat "$OUT/micro.md"; return 0; }
     install_tools
-    log "building portico (release)"
-    (cd "$ROOT" && cargo build --release --locked --bin portico) >&2
+    # A given build (BENCH_PORTICO_BIN) is measured as it is: nothing to build then.
+    if [[ -z ${BENCH_PORTICO_BIN:-} ]]; then
+        log "building portico (release)"
+        (cd "$ROOT" && cargo build --release --locked --bin portico) >&2
+    fi
     ports_free "$UP_PORT" $PORTICO_HTTP $PORTICO_HTTPS $PORTICO_ADMIN $NGINX_HTTP $NGINX_HTTPS \
         $HAPROXY_HTTP $HAPROXY_HTTPS || die "free the ports above first"
     setup_common
