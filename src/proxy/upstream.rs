@@ -275,6 +275,18 @@ impl Health {
     }
 }
 
+/// The clock, read at most once and only when something asks: the health map is empty in the
+/// common case (it holds only endpoints with recent trouble), and in a VM a clock read costs
+/// about as much as a hashed map lookup.
+#[derive(Default)]
+struct LazyNow(Option<Instant>);
+
+impl LazyNow {
+    fn get(&mut self) -> Instant {
+        *self.0.get_or_insert_with(Instant::now)
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Budget {
     /// Earned by requests (RETRY_BUDGET_RATIO each).
@@ -477,9 +489,9 @@ impl Upstreams {
         backend: &Backend,
         addr: SocketAddr,
         health: &FastMap<SocketAddr, Health>,
-        now: Instant,
+        now: &mut LazyNow,
     ) -> bool {
-        if health.get(&addr).is_some_and(|h| h.is_ejected(now)) {
+        if health.get(&addr).is_some_and(|h| h.is_ejected(now.get())) {
             return false;
         }
         match &backend.health_check {
@@ -497,7 +509,7 @@ impl Upstreams {
         if let Choice::RoundRobin(start) = choice {
             return self.pick_round_robin(backend, start, tried);
         }
-        let now = Instant::now();
+        let mut now = LazyNow::default();
         let untried: Vec<SocketAddr> = backend
             .endpoints
             .iter()
@@ -509,7 +521,7 @@ impl Upstreams {
             untried
                 .iter()
                 .copied()
-                .filter(|a| self.usable(backend, *a, &health, now))
+                .filter(|a| self.usable(backend, *a, &health, &mut now))
                 .collect()
         };
         let candidates = if usable.is_empty() { &untried } else { &usable };
@@ -541,7 +553,7 @@ impl Upstreams {
         if n == 0 {
             return None;
         }
-        let now = Instant::now();
+        let mut now = LazyNow::default();
         let health = read(&self.health);
         let candidates = (0..n).map(|i| eps[(start.wrapping_add(i)) % n].addr);
         let mut fallback = None;
@@ -549,7 +561,7 @@ impl Upstreams {
             if tried.contains(&addr) {
                 continue;
             }
-            if !self.usable(backend, addr, &health, now) {
+            if !self.usable(backend, addr, &health, &mut now) {
                 fallback.get_or_insert(addr);
                 continue;
             }
@@ -565,15 +577,15 @@ impl Upstreams {
     fn record_success(&self, addr: SocketAddr) {
         // A healthy endpoint needs no entry: the map only holds endpoints with recent trouble,
         // so pod-IP churn cannot grow it without bound. The common case is a read lock.
-        let now = Instant::now();
+        let mut now = LazyNow::default();
         if read(&self.health)
             .get(&addr)
-            .is_none_or(|h| h.is_ejected(now))
+            .is_none_or(|h| h.is_ejected(now.get()))
         {
             return;
         }
         let mut health = write(&self.health);
-        if health.get(&addr).is_some_and(|h| !h.is_ejected(now)) {
+        if health.get(&addr).is_some_and(|h| !h.is_ejected(now.get())) {
             health.remove(&addr);
         }
     }
@@ -795,7 +807,11 @@ impl Upstreams {
                 };
             let built = build_request(&req, headers, &sender, addr, body);
             let started = Instant::now();
-            let sent = tokio::time::timeout(policy.read_timeout, send(sender, built)).await;
+            let sent = tokio::time::timeout_at(
+                deadline(started, policy.read_timeout),
+                send(sender, built),
+            )
+            .await;
             let upstream_time = started.elapsed();
             match sent {
                 Err(_elapsed) => {
@@ -880,6 +896,14 @@ impl Upstreams {
     }
 }
 
+/// `after` past `from`, a clock reading the caller already took (`tokio::time::timeout` would
+/// read the clock again). Capped at 30 years, tokio's own "never", so a huge
+/// `proxy-read-timeout` cannot overflow the addition.
+fn deadline(from: Instant, after: Duration) -> Instant {
+    const NEVER: Duration = Duration::from_secs(30 * 365 * 24 * 3600);
+    from + after.min(NEVER)
+}
+
 fn build_request(
     req: &OutboundRequest,
     headers: HeaderMap,
@@ -958,6 +982,16 @@ mod tests {
     use super::*;
     use crate::model::{Endpoint, ServicePortRef};
     use crate::proxy::DEFAULT_MAX_EJECTION_PERCENT;
+
+    #[test]
+    fn deadline_adds_the_timeout_and_caps_a_huge_one() {
+        let from = Instant::now();
+        let d = deadline(from, Duration::from_secs(60));
+        assert_eq!(d, from + Duration::from_secs(60));
+        // `proxy-read-timeout: "18446744073709551615"` parses to Duration::from_secs(u64::MAX).
+        let never = deadline(from, Duration::from_secs(u64::MAX));
+        assert!(never > from + Duration::from_secs(10 * 365 * 24 * 3600));
+    }
 
     fn backend(n: u16) -> Backend {
         Backend {
