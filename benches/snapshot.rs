@@ -15,7 +15,7 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use common::{ISSUE_SCALE, Lookup, Query, Scale};
-use criterion::Criterion;
+use criterion::{BatchSize, Criterion};
 use portico::metrics::Metrics;
 use portico::model::{HostMatch, Snapshot};
 use portico::rebuild::{RebuildConfig, Rebuilder, Source, Trigger};
@@ -155,6 +155,23 @@ fn bench_translate(c: &mut Criterion, scale: Scale) {
             let source = if flip { &source_b } else { &source_a };
             black_box(rebuilder.build(source).published)
         })
+    });
+    // Freeing a snapshot the proxy no longer serves: the whole snapshot (after a change to an
+    // Ingress, hosts and backends are new) and the backend table alone (after an
+    // endpoint-only change the host and TLS tables are shared with the next snapshot).
+    group.bench_function("drop_snapshot", |b| {
+        b.iter_batched(
+            || translate::translate(&inputs, &opts).0,
+            drop,
+            BatchSize::PerIteration,
+        )
+    });
+    group.bench_function("drop_backend_table", |b| {
+        b.iter_batched(
+            || translate::translate(&inputs, &opts).0.backends,
+            drop,
+            BatchSize::PerIteration,
+        )
     });
     group.finish();
 }
