@@ -190,7 +190,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         let stop = fired(sources.signal());
         let mut stop_early = sources.signal();
         let cluster = cluster.map(|p| p.source);
-        tokio::spawn(async move {
+        crate::rebuild::spawn_off_workers(async move {
             // Never publish (so /readyz stays 503) before every API store has listed once.
             if let Some(cluster) = cluster {
                 tokio::select! {

@@ -628,3 +628,67 @@ async fn diagnostics_flow_from_the_source_to_the_channel_through_the_loop() {
     assert_eq!(run.diagnostics.borrow()[0].name, "x.yaml");
     run.shutdown().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_snapshot_a_request_held_is_freed_by_the_loop_after_the_request() {
+    let (source, mut builds) = TestSource::new();
+    let config = RebuildConfig {
+        translate: Some(fake_translate),
+        ..RebuildConfig::default()
+    };
+    source.set(
+        Inputs {
+            services: vec![service("web", 1)],
+            ..Inputs::default()
+        },
+        Vec::new(),
+    );
+    let run = start(source.clone(), config, Trigger::new());
+    let _ = next_build(&mut builds).await;
+    // A request loads the serving snapshot and is still running when the next one replaces it.
+    let held = run.reader.load().expect("serving");
+    let replaced = Arc::downgrade(&held);
+    source.set(
+        Inputs {
+            services: vec![service("web", 2)],
+            ..Inputs::default()
+        },
+        Vec::new(),
+    );
+    run.trigger.poke();
+    let _ = next_build(&mut builds).await;
+    assert!(!Arc::ptr_eq(&held, &run.reader.load().expect("serving")));
+    // The request ends. Dropping its reference frees nothing; the loop frees the snapshot
+    // within one release interval (paused time: the sleeps advance the clock).
+    drop(held);
+    assert!(replaced.upgrade().is_some(), "freed by the request's drop");
+    let deadline = Instant::now() + 2 * portico::rebuild::RELEASE_INTERVAL;
+    while replaced.upgrade().is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "the loop never freed the snapshot"
+        );
+        tokio::time::sleep(10 * MS).await;
+    }
+    run.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn the_loop_runs_off_the_workers_so_a_long_build_does_not_stall_them() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    // The loop's stand-in: give the runtime's only worker a task, then keep this thread busy
+    // the way a long build does, until that task has run (or 10 s pass).
+    let work = async move {
+        tokio::spawn(async move {
+            let _ = tx.send(());
+        });
+        rx.recv_timeout(Duration::from_secs(10)).is_ok()
+    };
+    let ran = portico::rebuild::spawn_off_workers(work)
+        .await
+        .expect("joined");
+    assert!(
+        ran,
+        "the worker was stalled while the loop's thread was busy"
+    );
+}
