@@ -256,11 +256,13 @@ def table(path):
 def churn(path):
     runs = [r for r in load_runs(path) if r.get("kind") == "churn"]
     steady = [r for r in runs if r["phase"] == "steady"]
+    control = [r for r in runs if r["phase"] == "control"]
     churned = [r for r in runs if r["phase"] == "churn"]
     print("| phase | req/s | p50 ms | p99 ms | failed (non-2xx + socket errors) | slice rewrites | "
           "Ingress toggles | snapshot builds | proxy CPU µs/req | of it user |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for name, rs in (("steady", steady), ("churn", churned)):
+    for name, rs in (("steady", steady), ("control (writes portico does not watch)", control),
+                     ("churn", churned)):
         if not rs:
             continue
         print(f"| {name} | {fmt(med(rs, 'rps'), 0)} | {fmt(med(rs, 'p50_ms'), 3)} | "
@@ -270,6 +272,16 @@ def churn(path):
               f"{fmt(med(rs, 'user_us_per_req'))} |")
     s, c = med(steady, "p99_ms"), med(churned, "p99_ms")
     print(f"\np99 shift under churn: {ratio(c, s)} of steady state.")
+    if control:
+        k = med(control, "p99_ms")
+        print(f"p99 shift under churn: {ratio(c, k)} of the control phase (the writer's own cost "
+              f"on the load core: {ratio(k, s)} of steady state).")
+    reps = sorted({r["rep"] for r in runs})
+    by = {(r["phase"], r["rep"]): r["p99_ms"] for r in runs}
+    per = [" → ".join(fmt(by.get((p, n)), 2) for p in ("steady", "control", "churn")
+                      if (p, n) in by) for n in reps]
+    print(f"\nPer repetition p99 ms ({' → '.join(p for p in ('steady', 'control', 'churn') if any((p, n) in by for n in reps))}): "
+          + "; ".join(per) + ".")
 
 
 def micro(path):

@@ -7,7 +7,9 @@
 #          pinned to core BENCH_PROXY_CPU (0), load generator and upstream on BENCH_LOAD_CPU (1);
 #          seven scenarios; proxies alternate within each repetition; medians of BENCH_REPS
 #   churn  portico under steady wrk load while bench/churn.py rewrites its EndpointSlice 10×/s and
-#          toggles an unrelated Ingress; failed requests and the p99 shift vs a steady run
+#          toggles an unrelated Ingress; failed requests and the p99 shift vs a steady run and vs
+#          a control run (the same writer rewriting a copy portico does not watch); the writer
+#          runs on the load core, beside wrk and the upstream
 #   rss    portico's RSS with 10 000 generated Ingresses (50 000 paths, 100 000 endpoints) loaded
 #
 # Knobs: BENCH_DURATION (s per measured run, 10), BENCH_REPS (3), BENCH_CHURN_DURATION (30),
@@ -437,24 +439,34 @@ step_churn() {
         python3 "$HERE/report.py" record "$OUT/runs.jsonl" kind=churn phase=steady proxy=portico \
             scenario=churn_steady rep="$rep" cpu0="$c0" cpu1="$c1" ucpu0="$u0" ucpu1="$u1" \
             -- "$OUT/raw/churn-steady-$rep.out"
-        local b0 writer
-        b0=$(snapshot_builds)
-        bg "$OUT/raw/churn-writer-$rep.out" python3 "$HERE/churn.py" "$churn_dir" "$UP_PORT" "$CHURN_DURATION" 10
-        writer=$BG_PID
-        read -r c0 _ _ u0 < <(procstat "$PROXY_PID")
-        loadgen h1_small "$CHURN_DURATION" "$OUT/raw/churn-churn-$rep.out" /dev/null
-        read -r c1 _ _ u1 < <(procstat "$PROXY_PID")
-        wait "$writer" || true
-        forget "$writer"
-        local builds writes toggles
-        builds=$(($(snapshot_builds) - b0))
-        writes=$(sed -n 's/.*writes=\([0-9]*\).*/\1/p' "$OUT/raw/churn-writer-$rep.out")
-        toggles=$(sed -n 's/.*ingress_toggles=\([0-9]*\).*/\1/p' "$OUT/raw/churn-writer-$rep.out")
+        # control: the same writer, on a copy portico does not watch (its own cost on the load
+        # core); churn: on the directory portico serves.
+        local phase dir b0 writer builds writes toggles
+        for phase in control churn; do
+            dir=$churn_dir
+            if [[ $phase == control ]]; then
+                dir="$WORK/manifests-control"
+                rm -rf "$dir"
+                cp -r "$WORK/manifests" "$dir"
+            fi
+            b0=$(snapshot_builds)
+            bg "$OUT/raw/churn-writer-$phase-$rep.out" taskset -c "$LOAD_CPU" \
+                python3 "$HERE/churn.py" "$dir" "$UP_PORT" "$CHURN_DURATION" 10
+            writer=$BG_PID
+            read -r c0 _ _ u0 < <(procstat "$PROXY_PID")
+            loadgen h1_small "$CHURN_DURATION" "$OUT/raw/churn-$phase-$rep.out" /dev/null
+            read -r c1 _ _ u1 < <(procstat "$PROXY_PID")
+            wait "$writer" || true
+            forget "$writer"
+            builds=$(($(snapshot_builds) - b0))
+            writes=$(sed -n 's/.*writes=\([0-9]*\).*/\1/p' "$OUT/raw/churn-writer-$phase-$rep.out")
+            toggles=$(sed -n 's/.*ingress_toggles=\([0-9]*\).*/\1/p' "$OUT/raw/churn-writer-$phase-$rep.out")
+            python3 "$HERE/report.py" record "$OUT/runs.jsonl" kind=churn phase="$phase" \
+                proxy=portico scenario="churn_$phase" rep="$rep" writes="${writes:-0}" \
+                toggles="${toggles:-0}" builds="$builds" cpu0="$c0" cpu1="$c1" ucpu0="$u0" \
+                ucpu1="$u1" -- "$OUT/raw/churn-$phase-$rep.out"
+        done
         stop "$PROXY_PID"
-        python3 "$HERE/report.py" record "$OUT/runs.jsonl" kind=churn phase=churn proxy=portico \
-            scenario=churn rep="$rep" writes="${writes:-0}" toggles="${toggles:-0}" \
-            builds="$builds" cpu0="$c0" cpu1="$c1" ucpu0="$u0" ucpu1="$u1" \
-            -- "$OUT/raw/churn-churn-$rep.out"
     done
     python3 "$HERE/report.py" churn "$OUT/runs.jsonl" >"$OUT/churn.md"
 }
