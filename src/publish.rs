@@ -54,7 +54,7 @@ impl Publisher {
         // `swap` settles arc-swap's outstanding borrows of the old value before it returns, so
         // from here on its strong count is exact, and no reader can load it again.
         if let Some(old) = self.cell.swap(Some(Arc::new(snapshot))) {
-            self.retired().push(old);
+            self.lock_retired().push(old);
         }
         self.release();
         Published::Swapped
@@ -63,13 +63,13 @@ impl Publisher {
     /// Free the replaced snapshots no reader holds any more, here, on the caller's thread;
     /// returns how many are still held (the rebuild loop calls again while any are).
     pub fn release(&self) -> usize {
-        let mut retired = self.retired();
+        let mut retired = self.lock_retired();
         // Only the list holds a snapshot whose count is 1, and nothing can clone it now.
         retired.retain(|s| Arc::strong_count(s) > 1);
         retired.len()
     }
 
-    fn retired(&self) -> std::sync::MutexGuard<'_, Vec<Arc<Snapshot>>> {
+    fn lock_retired(&self) -> std::sync::MutexGuard<'_, Vec<Arc<Snapshot>>> {
         // A plain list: a panic elsewhere cannot leave it inconsistent.
         self.retired.lock().unwrap_or_else(PoisonError::into_inner)
     }
