@@ -13,10 +13,10 @@
 //! - The app creates a [`Rebuilder`] and runs [`Rebuilder::run`] with the source and a
 //!   shutdown future, through [`spawn_off_workers`]: a build is synchronous CPU work (a full
 //!   translate takes tens of milliseconds at 10 000 Ingresses) and on a runtime worker it
-//!   would stall every connection that worker serves. The first build happens at once (so `/readyz` turns 200 as soon as
-//!   possible); after that a build starts [`DEFAULT_HOLDOFF`] after the last poke, and never
-//!   later than [`DEFAULT_MAX_DELAY`] after the first pending poke, so a source that changes
-//!   continuously still gets a build at least every 500 ms.
+//!   would stall every connection that worker serves. The first build happens at once (so
+//!   `/readyz` turns 200 as soon as possible); after that a build starts [`DEFAULT_HOLDOFF`]
+//!   after the last poke, and never later than [`DEFAULT_MAX_DELAY`] after the first pending
+//!   poke, so a source that changes continuously still gets a build at least every 500 ms.
 //! - Each build: `translate` → [`Publisher::publish`] (equal snapshots are not swapped) →
 //!   metrics (`snapshot_builds{result}`, `snapshot_build_duration`,
 //!   `config_diagnostics{kind,reason}` and `backend_ready_endpoints{namespace,service,port}`,
