@@ -131,6 +131,56 @@ async fn after_the_burst_429_with_retry_after_and_ratelimit_headers() {
 }
 
 #[tokio::test]
+async fn answers_decided_before_the_limits_carry_their_headers_and_spend_nothing() {
+    let b = echo_backend("b").await;
+    let p = start_proxy(cfg(), false).await;
+    let limits: Arc<[RateLimit]> = vec![bucket("per-client", 3, 3, RateLimitKey::ClientIp)].into();
+    let (l1, l2) = (limits.clone(), limits.clone());
+    p.publisher.publish(snapshot(&[
+        // The same policy on three routes: one with no ready endpoint, one that redirects
+        // plain HTTP to HTTPS, one that serves. They share the policy's buckets.
+        RouteSpec::prefix(Some("empty"), "/", &[])
+            .ingress("empty")
+            .policy(move |p: &mut RoutePolicy| p.rate_limits = l1),
+        RouteSpec::prefix(Some("secure"), "/", &[b.addr])
+            .ingress("secure")
+            .policy(move |p: &mut RoutePolicy| {
+                p.rate_limits = l2;
+                p.ssl_redirect = true;
+            }),
+        limited("shop", &b, &limits),
+    ]));
+    for (host, status) in [
+        ("empty", 503),
+        ("secure", 308),
+        ("empty", 503),
+        ("secure", 308),
+    ] {
+        let got = get(p.addr, host, "/").await;
+        assert_eq!(got.status, status, "{host}");
+        assert_eq!(
+            header(&got, "ratelimit-policy"),
+            "\"per-client\";q=3;w=3600",
+            "{host}"
+        );
+        let state = header(&got, "ratelimit");
+        assert!(
+            state.starts_with("\"per-client\";r=3;t="),
+            "{host}: {state}"
+        );
+    }
+    // None of those spent a token: the first served request takes the first one.
+    let served = get(p.addr, "shop", "/").await;
+    assert_eq!(served.status, 200);
+    assert!(
+        header(&served, "ratelimit").starts_with("\"per-client\";r=2;t="),
+        "{}",
+        header(&served, "ratelimit")
+    );
+    assert_eq!(b.requests.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
 async fn several_policies_all_apply_and_a_refusal_spends_no_other_token() {
     let b = echo_backend("b").await;
     let p = start_proxy(cfg(), false).await;

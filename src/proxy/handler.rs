@@ -313,6 +313,24 @@ impl Handler {
             .inc();
     }
 
+    /// The limits' headers for a response on a limited route that is decided before the
+    /// limits are checked (a redirect to HTTPS, no endpoint, the Ingress's concurrency cap):
+    /// every response on a limited route carries them (brief §4.5); these report the state
+    /// and spend nothing, as the policies' own `maxInFlight` refusal does.
+    fn peek_limits(
+        &self,
+        limits: &[RateLimit],
+        headers: &HeaderMap,
+        conn: &ConnInfo,
+        rec: &mut Record,
+    ) {
+        if limits.is_empty() {
+            return;
+        }
+        let client = client_ip(conn.peer.ip(), headers, &self.cfg.trusted_proxies);
+        rec.rate_headers = self.limiter.peek(limits, client, headers).headers;
+    }
+
     /// The route's RateLimitPolicies (brief §4.5), all of which must admit: `maxInFlight`
     /// slots first (503, no token spent), then one token from every bucket (429, and a
     /// refusal by one policy spends nothing from the others). The resulting headers go on
@@ -393,6 +411,7 @@ impl Handler {
 
         // Plain HTTP on a TLS host → 308 keeps method and body (RFC 9110 §15.4.9).
         if !conn.tls && policy.ssl_redirect && !head.path.starts_with(ACME_PREFIX) {
+            self.peek_limits(&policy.rate_limits, req.headers(), conn, rec);
             return Ok(redirect(&head));
         }
 
@@ -403,13 +422,17 @@ impl Handler {
                 None
             }
         };
-        let backend = backend.ok_or(ProxyError::NoEndpoints)?;
+        let Some(backend) = backend else {
+            self.peek_limits(&policy.rate_limits, req.headers(), conn, rec);
+            return Err(ProxyError::NoEndpoints);
+        };
         rec.service = Some(backend.key.service.clone());
         let route_metrics = self
             .metric_cache
             .get(rec.ingress.as_ref(), rec.service.as_ref());
         rec.route_metrics = Some(route_metrics.clone());
         if backend.endpoints.is_empty() {
+            self.peek_limits(&policy.rate_limits, req.headers(), conn, rec);
             return Err(ProxyError::NoEndpoints);
         }
 
@@ -419,6 +442,7 @@ impl Handler {
                 Some(g) => guards.push(g),
                 None => {
                     self.count_overload(["ingress", rec.namespace(), rec.ingress(), ""]);
+                    self.peek_limits(&policy.rate_limits, req.headers(), conn, rec);
                     return Err(ProxyError::Overloaded("route_concurrency"));
                 }
             }
