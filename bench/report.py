@@ -276,12 +276,11 @@ def churn(path):
         k = med(control, "p99_ms")
         print(f"p99 shift under churn: {ratio(c, k)} of the control phase (the writer's own cost "
               f"on the load core: {ratio(k, s)} of steady state).")
-    reps = sorted({r["rep"] for r in runs})
     by = {(r["phase"], r["rep"]): r["p99_ms"] for r in runs}
-    per = [" → ".join(fmt(by.get((p, n)), 2) for p in ("steady", "control", "churn")
-                      if (p, n) in by) for n in reps]
-    print(f"\nPer repetition p99 ms ({' → '.join(p for p in ('steady', 'control', 'churn') if any((p, n) in by for n in reps))}): "
-          + "; ".join(per) + ".")
+    phases = [p for p in ("steady", "control", "churn") if any(k[0] == p for k in by)]
+    per = [" → ".join(fmt(by.get((p, n)), 2) for p in phases if (p, n) in by)
+           for n in sorted({r["rep"] for r in runs})]
+    print(f"\nPer repetition p99 ms ({' → '.join(phases)}): " + "; ".join(per) + ".")
 
 
 def micro(path):
