@@ -804,24 +804,29 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     // Read, then remove: `entry()` would reserve a slot first, which regrows a full map, and
     // a new connection's maps are full (hyper sizes them to the parsed head); callgrind
     // counted two such regrowths per request with a new connection each.
-    let listed: Vec<HeaderValue> = if present & HOP_CONNECTION != 0 {
-        let values = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .cloned()
-            .collect();
+    // Almost always one Connection field: it is held apart, so only further ones allocate.
+    let (first, more): (Option<HeaderValue>, Vec<HeaderValue>) = if present & HOP_CONNECTION != 0 {
+        let mut values = headers.get_all(header::CONNECTION).iter().cloned();
+        let listed = (values.next(), values.collect());
         headers.remove(header::CONNECTION);
-        values
+        listed
     } else {
-        Vec::new()
+        (None, Vec::new())
     };
-    for token in listed
+    for token in first
         .iter()
+        .chain(&more)
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(str::trim)
     {
-        if token.is_empty() || (keep_upgrade && token.eq_ignore_ascii_case("upgrade")) {
+        // Upgrade stays on upgrades; Keep-Alive and (otherwise) Upgrade are removed below
+        // with the fixed fields anyway, so the most common tokens of all ("keep-alive" on
+        // nearly every HTTP/1.1 response) need no lookup by name here.
+        if token.is_empty()
+            || token.eq_ignore_ascii_case("keep-alive")
+            || token.eq_ignore_ascii_case("upgrade")
+        {
             continue;
         }
         // `&str` names are looked up without allocating (and case-insensitively); a token
@@ -1309,6 +1314,41 @@ mod tests {
         assert_eq!(h.len(), 2, "{h:?}");
         assert_eq!(h[header::TE], "trailers");
         assert_eq!(h["x-keep"], "1");
+    }
+
+    #[test]
+    fn every_connection_field_names_what_is_stripped() {
+        let message = || {
+            let mut h = HeaderMap::new();
+            h.append(
+                header::CONNECTION,
+                HeaderValue::from_static("Keep-Alive, Upgrade"),
+            );
+            h.append(header::CONNECTION, HeaderValue::from_static(" , x-one"));
+            h.append(header::CONNECTION, HeaderValue::from_static("X-Two"));
+            h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+            h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            h.insert("x-one", HeaderValue::from_static("1"));
+            h.insert("x-two", HeaderValue::from_static("2"));
+            h.insert("x-keep", HeaderValue::from_static("3"));
+            h
+        };
+        let mut h = message();
+        strip_hop_by_hop(&mut h, false);
+        let names: Vec<_> = h.keys().map(|n| n.as_str()).collect();
+        assert_eq!(names, ["x-keep"]);
+        // On an upgrade the Upgrade field stays, though Connection names it.
+        let mut h = message();
+        strip_hop_by_hop(&mut h, true);
+        let mut names: Vec<_> = h.keys().map(|n| n.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["upgrade", "x-keep"]);
+        // Connection alone naming Keep-Alive, with no Keep-Alive field, leaves the rest.
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+        h.insert("x-keep", HeaderValue::from_static("3"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1, "{h:?}");
     }
 
     #[test]
