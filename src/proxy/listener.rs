@@ -394,6 +394,9 @@ struct ActivityIo<T> {
     _slot: ConnSlot,
     flag: Arc<AtomicBool>,
     cut: CutFuture,
+    /// The cut future is polled only when its own waker fired: an IO call waits (and comes
+    /// here) about twice per keep-alive request.
+    cut_gate: Gate,
 }
 
 fn cut_error() -> io::Error {
@@ -415,6 +418,7 @@ impl<T> ActivityIo<T> {
                 // Err: the proxy is gone altogether, which is a cut too.
                 let _ = rx.wait_for(|c| *c).await;
             }),
+            cut_gate: Gate::new(),
         }
     }
 
@@ -429,7 +433,7 @@ impl<T> ActivityIo<T> {
     /// An IO call that is about to wait also waits for the cut (registering the caller's
     /// waker), so it is woken, and fails, when the grace runs out.
     fn pending<R>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<R>> {
-        if self.cut.as_mut().poll(cx).is_ready() {
+        if self.cut_gate.poll(self.cut.as_mut(), cx).is_ready() {
             return Poll::Ready(Err(cut_error()));
         }
         Poll::Pending
