@@ -803,8 +803,8 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
     // Read, then remove: `entry()` would reserve a slot first, which regrows a full map, and
     // a new connection's maps are full (hyper sizes them to the parsed head); callgrind
-    // counted two such regrowths per request with a new connection each.
-    // Almost always one Connection field: it is held apart, so only further ones allocate.
+    // counted two such regrowths per request with a new connection each. There is almost
+    // always one Connection field: it is held apart, so only further ones allocate.
     let (first, more): (Option<HeaderValue>, Vec<HeaderValue>) = if present & HOP_CONNECTION != 0 {
         let mut values = headers.get_all(header::CONNECTION).iter().cloned();
         let listed = (values.next(), values.collect());
