@@ -5,6 +5,7 @@
 //! last good objects, and turning the whole directory into [`Inputs`] + the file source's own
 //! [`Diagnostic`]s. Must not import tokio, notify or the proxy.
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs;
 use std::hash::{DefaultHasher, Hasher};
@@ -264,7 +265,7 @@ impl DirState {
     }
 
     /// All files' objects (last good versions) and the file source's diagnostics.
-    pub fn inputs(&self) -> (Inputs, Vec<Diagnostic>) {
+    pub fn inputs<'a>(&'a self) -> (Inputs, Vec<Diagnostic>) {
         let mut inputs = Inputs::default();
         let mut diagnostics = Vec::new();
         if let Some(e) = &self.root_error {
@@ -275,7 +276,11 @@ impl DirState {
             ));
         }
         diagnostics.extend(self.walk_problems.iter().cloned());
-        let mut owners: HashMap<(&'static str, String, String), &str> = HashMap::new();
+        // Which file defined each object first. Keys borrow from the files' objects and the map
+        // uses a fast keyed hasher: at 10 000 Ingresses this runs over 30 000 objects on every
+        // change of any file.
+        let mut owners: HashMap<(&'static str, &str, &str), &str, foldhash::fast::RandomState> =
+            HashMap::default();
         for (rel, entry) in &self.files {
             if let Some(e) = &entry.error {
                 let kept = if is_empty(&entry.good) {
@@ -289,16 +294,17 @@ impl DirState {
                     format!("{e}{kept}"),
                 ));
             }
-            let mut add = |kind, ns: Option<&str>, name: Option<&str>| -> bool {
-                let ns = ns.unwrap_or_default().to_string();
-                let name = name.unwrap_or_default().to_string();
-                match owners.get(&(kind, ns.clone(), name.clone())) {
-                    Some(first) => {
+            let mut add = |kind, ns: Option<&'a str>, name: Option<&'a str>| -> bool {
+                let ns = ns.unwrap_or_default();
+                let name = name.unwrap_or_default();
+                match owners.entry((kind, ns, name)) {
+                    Entry::Occupied(first) => {
+                        let first = first.get();
                         diagnostics.push(Diagnostic {
                             severity: Severity::Error,
                             kind: kind.to_string(),
-                            namespace: ns,
-                            name,
+                            namespace: ns.to_string(),
+                            name: name.to_string(),
                             reason: REASON_DUPLICATE_OBJECT.to_string(),
                             message: format!(
                                 "defined in {first} and again in {rel}; the copy in {rel} is ignored"
@@ -306,8 +312,8 @@ impl DirState {
                         });
                         false
                     }
-                    None => {
-                        owners.insert((kind, ns, name), rel.as_str());
+                    Entry::Vacant(slot) => {
+                        slot.insert(rel.as_str());
                         true
                     }
                 }
@@ -361,7 +367,7 @@ fn is_under(rel: &str, dir: &str) -> bool {
     rel.strip_prefix(dir).is_some_and(|r| r.starts_with('/'))
 }
 
-fn extend<T>(out: &mut Vec<Arc<T>>, from: &[Arc<T>], mut keep: impl FnMut(&T) -> bool) {
+fn extend<'a, T>(out: &mut Vec<Arc<T>>, from: &'a [Arc<T>], mut keep: impl FnMut(&'a T) -> bool) {
     out.extend(from.iter().filter(|o| keep(o)).cloned());
 }
 
