@@ -35,6 +35,16 @@ impl Drop for Portico {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // A failing test shows what portico logged, so a failure that does not reproduce
+        // can still be read.
+        if std::thread::panicking()
+            && let Ok(lines) = self.lines.lock()
+        {
+            eprintln!("--- portico's log ({} lines) ---", lines.len());
+            for line in lines.iter() {
+                eprintln!("{line}");
+            }
+        }
     }
 }
 
