@@ -51,6 +51,7 @@ pub mod selector;
 pub mod server;
 pub mod store;
 
+pub use server::StallMode;
 pub use store::{ApiError, RequestRecord, ResourceType, State};
 
 use serde_json::{Value, json};
@@ -145,6 +146,32 @@ pub struct FakeApi {
 
 impl Drop for FakeApi {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // The failing test's view of the API: what arrived, when, and what was refused.
+            let state = self.shared.lock();
+            eprintln!(
+                "---- fake API: {} requests, {} connections refused ----",
+                state.requests.len(),
+                self.shared.refused.load(Ordering::SeqCst)
+            );
+            for r in &state.requests {
+                eprintln!(
+                    "{:>9.3}s {} {}{} ns={} name={}{}",
+                    r.at.as_secs_f64(),
+                    r.verb,
+                    r.resource,
+                    r.subresource
+                        .as_deref()
+                        .map(|s| format!("/{s}"))
+                        .unwrap_or_default(),
+                    r.namespace.as_deref().unwrap_or("-"),
+                    r.name.as_deref().unwrap_or("-"),
+                    r.stalled
+                        .map(|m| format!(" (stalled: {m:?})"))
+                        .unwrap_or_default(),
+                );
+            }
+        }
         self.accept.abort();
         if let Ok(mut r) = self.resume.lock()
             && let Some(h) = r.take()
@@ -178,6 +205,8 @@ impl FakeApi {
             kill,
             bookmark_interval: opts.bookmark_interval,
             default_watch_timeout: opts.default_watch_timeout,
+            stalls: Default::default(),
+            started: tokio::time::Instant::now(),
         });
         let accept = tokio::spawn(server::accept_loop(listener, shared.clone()));
         FakeApi {
@@ -448,6 +477,19 @@ users:
         {
             old.abort();
         }
+    }
+
+    /// Fault: leave the next `count` requests with this verb (`list`, `get`, `watch`, …) and
+    /// resource (`ingresses`) unanswered, as `mode` says. The client sees no error: only its
+    /// own deadline ends such a request.
+    pub fn stall(&self, verb: &str, resource: &str, mode: StallMode, count: usize) {
+        let mut stalls = self.shared.stalls.lock().unwrap_or_else(|p| p.into_inner());
+        stalls.push(server::Stall {
+            verb: verb.to_string(),
+            resource: resource.to_string(),
+            mode,
+            remaining: count,
+        });
     }
 
     /// Every request served so far.

@@ -39,6 +39,28 @@ pub struct Shared {
     pub bookmark_interval: Duration,
     /// Server default when a watch has no `timeoutSeconds` (the real server picks 30–60 min).
     pub default_watch_timeout: Duration,
+    /// Fault: requests to leave unanswered (see [`Stall`]).
+    pub stalls: Mutex<Vec<Stall>>,
+    /// When the server started; [`RequestRecord::at`] counts from here.
+    pub started: Instant,
+}
+
+/// How a stalled request is left hanging.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StallMode {
+    /// No response at all, like a black-holed connection.
+    Head,
+    /// A 200 head and the start of the body, then nothing more.
+    Body,
+}
+
+/// Fault: the next `remaining` requests with this verb and resource are never completed.
+#[derive(Debug, Clone)]
+pub struct Stall {
+    pub verb: String,
+    pub resource: String,
+    pub mode: StallMode,
+    pub remaining: usize,
 }
 
 impl Shared {
@@ -81,6 +103,34 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
                 _ = conn => {}
             }
         });
+    }
+}
+
+/// Consumes one matching [`Stall`], if any.
+fn take_stall(shared: &Shared, verb: &str, resource: &str) -> Option<StallMode> {
+    let mut stalls = shared.stalls.lock().unwrap_or_else(|p| p.into_inner());
+    let s = stalls
+        .iter_mut()
+        .find(|s| s.remaining > 0 && s.verb == verb && s.resource == resource)?;
+    s.remaining -= 1;
+    Some(s.mode)
+}
+
+/// The never-completed answer of a stalled request.
+async fn stalled(mode: StallMode) -> Response<Body> {
+    match mode {
+        StallMode::Head => std::future::pending().await,
+        StallMode::Body => {
+            let start = Bytes::from_static(b"{\"kind\":\"List\",\"apiVersion\":\"v1\",\"items\":[");
+            let frames = futures_util::stream::iter([Ok::<_, Infallible>(Frame::data(start))])
+                .chain(futures_util::stream::pending());
+            let mut resp = Response::new(StreamBody::new(frames).boxed_unsync());
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("application/json"),
+            );
+            resp
+        }
     }
 }
 
@@ -228,17 +278,27 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         .await
         .map_err(|e| ApiError::BadRequest(format!("reading body: {e}")))?
         .to_bytes();
+    let stall = {
+        let mut state = shared.lock();
+        let resource = state.ty(target.ty).plural.clone();
+        let stall = take_stall(shared, verb, &resource);
+        state.requests.push(RequestRecord {
+            verb: verb.into(),
+            resource,
+            subresource: target.status.then(|| "status".to_string()),
+            namespace: target.namespace.clone(),
+            name: target.name.clone(),
+            field_manager: q.get("fieldManager").cloned(),
+            content_type: content_type.clone(),
+            at: shared.started.elapsed(),
+            stalled: stall,
+        });
+        stall
+    };
+    if let Some(mode) = stall {
+        return Ok(stalled(mode).await);
+    }
     let mut state = shared.lock();
-    let resource = state.ty(target.ty).plural.clone();
-    state.requests.push(RequestRecord {
-        verb: verb.into(),
-        resource,
-        subresource: target.status.then(|| "status".to_string()),
-        namespace: target.namespace.clone(),
-        name: target.name.clone(),
-        field_manager: q.get("fieldManager").cloned(),
-        content_type: content_type.clone(),
-    });
     if q.get("dryRun").is_some_and(|d| !d.is_empty()) && !matches!(verb, "get" | "list" | "watch") {
         // Loud rather than silently persisting a dry run.
         return Err(ApiError::BadRequest(

@@ -246,6 +246,10 @@ pub struct RequestRecord {
     pub name: Option<String>,
     pub field_manager: Option<String>,
     pub content_type: Option<String>,
+    /// When it arrived, from the server's start.
+    pub at: std::time::Duration,
+    /// Left unanswered by a stall fault.
+    pub stalled: Option<super::server::StallMode>,
 }
 
 /// Query parameters of an apply request.
