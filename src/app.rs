@@ -148,7 +148,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 (source, task, None, format!("manifests {}", dir.display()))
             }
             None => {
-                let client = build_client(args.kubeconfig.as_deref())
+                let client = build_client(args.kubeconfig.as_deref(), args.api_timeout)
                     .await
                     .context("cannot build the Kubernetes client")?;
                 let config = SourceConfig {

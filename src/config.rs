@@ -140,6 +140,11 @@ pub struct RunArgs {
     /// KUBECONFIG / ~/.kube/config). Ignored with --manifests.
     #[arg(long, env = "PORTICO_KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
+    /// Deadline for each Kubernetes API request (a list page, a get, a write; for a watch, its
+    /// response head): an unanswered request fails after it and is retried with backoff.
+    /// 0s = no deadline.
+    #[arg(long, env = "PORTICO_API_TIMEOUT", default_value = "60s", value_parser = parse_dur)]
+    pub api_timeout: Duration,
     /// Namespaces to watch (comma-separated or repeated); all namespaces when absent.
     /// IngressClasses are cluster-scoped and always watched.
     #[arg(long, env = "PORTICO_WATCH_NAMESPACE", value_delimiter = ',')]

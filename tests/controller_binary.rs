@@ -137,6 +137,92 @@ async fn not_ready_while_the_api_is_unreachable_then_serves() {
     );
 }
 
+/// Portico with a 1 s `--api-timeout` against an API that leaves the first Ingress LIST
+/// hanging (`mode`): the list is abandoned at the deadline, retried, and portico becomes ready.
+async fn a_stalled_list_is_abandoned_and_retried(mode: fake_api::StallMode) {
+    let api = FakeApi::start().await;
+    api.stall("list", "ingresses", mode, 1);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = api.write_kubeconfig(dir.path()).expect("kubeconfig");
+    let web = backend("web").await;
+    for obj in [
+        service("shop", "web"),
+        slice("shop", "web", web.addr),
+        ingress("shop", "web", "shop.test", "/", "web"),
+    ] {
+        api.create(obj).expect("create");
+    }
+    let args: Vec<OsString> = vec![
+        "--kubeconfig".into(),
+        kubeconfig.into(),
+        "--api-timeout".into(),
+        "1s".into(),
+    ];
+    let p = Portico::run(&args);
+    let c = client();
+    eventually("ready after the stalled list is retried", || async {
+        matches!(get(&c, p.admin, "a", "/readyz").await, Ok((200, _)))
+    })
+    .await;
+    assert!(
+        api.count("list", "ingresses") >= 2,
+        "the stalled list was retried"
+    );
+    assert!(
+        p.log_contains("within 1s (--api-timeout)"),
+        "the watch error names the deadline"
+    );
+    assert_eq!(
+        get(&c, p.http, "shop.test", "/").await,
+        Ok((200, "web".to_string()))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_list_with_no_answer_is_abandoned_at_the_api_timeout() {
+    a_stalled_list_is_abandoned_and_retried(fake_api::StallMode::Head).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_list_whose_body_stops_is_abandoned_at_the_api_timeout() {
+    a_stalled_list_is_abandoned_and_retried(fake_api::StallMode::Body).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_streams_are_not_cut_by_the_api_timeout() {
+    let api = FakeApi::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = api.write_kubeconfig(dir.path()).expect("kubeconfig");
+    let web = backend("web").await;
+    for obj in [service("shop", "web"), slice("shop", "web", web.addr)] {
+        api.create(obj).expect("create");
+    }
+    let args: Vec<OsString> = vec![
+        "--kubeconfig".into(),
+        kubeconfig.into(),
+        "--api-timeout".into(),
+        "1s".into(),
+    ];
+    let p = Portico::run(&args);
+    let c = client();
+    eventually("ready", || async {
+        matches!(get(&c, p.admin, "a", "/readyz").await, Ok((200, _)))
+    })
+    .await;
+    let watches = api.count("watch", "ingresses");
+    assert_eq!(watches, 1, "one Ingress watch once synced");
+    // The property under test is a duration: the watch outlives the 1 s request deadline.
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    api.create(ingress("shop", "web", "shop.test", "/", "web"))
+        .expect("create");
+    eventually("the new Ingress arrives over the same watch", || async {
+        matches!(get(&c, p.http, "shop.test", "/").await, Ok((200, _)))
+    })
+    .await;
+    assert_eq!(api.count("watch", "ingresses"), watches, "no re-watch");
+    assert!(!p.log_contains("--api-timeout"), "no request timed out");
+}
+
 /// Start portico against `api` and wait until it is ready.
 async fn ready_portico(api: &FakeApi, dir: &std::path::Path) -> Portico {
     let kubeconfig = api.write_kubeconfig(dir).expect("kubeconfig");

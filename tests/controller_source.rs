@@ -16,6 +16,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use kube::runtime::reflector::Lookup;
+use portico::controller::client::DEFAULT_API_TIMEOUT;
 use portico::controller::rbac::{self, API_NEEDS, Scope};
 use portico::controller::source::watched_resources;
 use portico::controller::{ClusterSource, SourceConfig, build_client};
@@ -1212,7 +1213,9 @@ async fn client_from_kubeconfig_path_talks_to_the_server() {
         .expect("class");
     let dir = tempfile::tempdir().expect("tempdir");
     let path = api.write_kubeconfig(dir.path()).expect("kubeconfig");
-    let client = build_client(Some(&path)).await.expect("client");
+    let client = build_client(Some(&path), DEFAULT_API_TIMEOUT)
+        .await
+        .expect("client");
     let classes: kube::Api<k8s_openapi::api::networking::v1::IngressClass> = kube::Api::all(client);
     let list = classes
         .list(&kube::api::ListParams::default())
@@ -1225,7 +1228,7 @@ async fn client_from_kubeconfig_path_talks_to_the_server() {
 async fn missing_or_invalid_kubeconfig_is_a_clear_error() {
     let dir = tempfile::tempdir().expect("tempdir");
     let missing = dir.path().join("nope");
-    let Err(err) = build_client(Some(&missing)).await else {
+    let Err(err) = build_client(Some(&missing), DEFAULT_API_TIMEOUT).await else {
         panic!("a missing kubeconfig must fail");
     };
     let msg = err.to_string();
@@ -1236,7 +1239,7 @@ async fn missing_or_invalid_kubeconfig_is_a_clear_error() {
 
     let bad = dir.path().join("bad");
     std::fs::write(&bad, "this: [is not a kubeconfig").expect("write");
-    let Err(err) = build_client(Some(&bad)).await else {
+    let Err(err) = build_client(Some(&bad), DEFAULT_API_TIMEOUT).await else {
         panic!("an invalid kubeconfig must fail");
     };
     assert!(err.to_string().contains("bad"), "{err}");
