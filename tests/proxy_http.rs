@@ -522,6 +522,36 @@ async fn upstream_dying_mid_body_aborts_the_client_response() {
     assert!(err.contains("body error"), "{err}");
 }
 
+/// The same on a multi-threaded runtime, as portico runs, 50 times over HTTP/1.1 and 50 over
+/// h2: however the upstream's head, bytes and close interleave with the client side, the
+/// client never gets what looks like a complete response. (It gets the head and the bytes
+/// before the abort, or, when all of it was read before the client response was first
+/// written, an abort with no head: hyper drops unwritten bytes at a body error, and h2 drops a
+/// reset stream's queued frames.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_dying_mid_body_never_reaches_the_client_as_complete() {
+    let b = mid_body_close_backend().await;
+    let p = proxy_with(&[RouteSpec::prefix(None, "/", &[b.addr])]).await;
+    for i in 0..50 {
+        let got = send(p.addr, request("GET", "/", &[("host", "x")], Bytes::new())).await;
+        assert!(got.is_err(), "HTTP/1.1 request {i}: completed");
+    }
+    let mut h2 = h2_client(p.addr).await;
+    for i in 0..50 {
+        let req = Request::get("http://x/")
+            .body(http_body_util::Empty::new().boxed())
+            .expect("req");
+        // A reset before the head is an error here; after it, the body must fail.
+        if let Ok(resp) = h2.send_request(req).await {
+            assert_eq!(resp.status(), 200);
+            let res = tokio::time::timeout(DEADLINE, resp.into_body().collect())
+                .await
+                .expect("in time");
+            assert!(res.is_err(), "h2 request {i}: the body completed");
+        }
+    }
+}
+
 /// An HTTP/1.0 upstream does not downgrade the client's HTTP/1.1 keep-alive connection: the
 /// version is per hop (RFC 9110 §6.2).
 #[tokio::test]
@@ -679,6 +709,74 @@ async fn keep_alive_connections_are_reused_across_requests_and_swaps() {
         1,
         "one connection for 10 requests"
     );
+}
+
+/// A response body the upstream sends in parts, the second only after the client has read
+/// the first, reaches the client whole: the upstream connection is read whenever its data
+/// arrives, not only when the response starts.
+#[tokio::test]
+async fn a_response_body_sent_in_parts_over_time_reaches_the_client() {
+    let next = Arc::new(Notify::new());
+    let go = next.clone();
+    let b = raw_backend(move |mut s| {
+        let go = go.clone();
+        async move {
+            let _ = read_head(&mut s).await;
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+                .await;
+            go.notified().await;
+            let _ = s.write_all(b"6\r\nsecond\r\n0\r\n\r\n").await;
+            // Keep the connection open: the end of the body is the chunked terminator.
+            let mut rest = [0u8; 64];
+            let _ = s.read(&mut rest).await;
+        }
+    })
+    .await;
+    let p = proxy_with(&[RouteSpec::prefix(None, "/", &[b.addr])]).await;
+    let stream = TcpStream::connect(p.addr).await.expect("connect");
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    let req = request("GET", "/", &[("host", "x")], Bytes::new());
+    let resp = tokio::time::timeout(DEADLINE, tx.send_request(req))
+        .await
+        .expect("head in time")
+        .expect("head");
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let first = tokio::time::timeout(DEADLINE, body.frame())
+        .await
+        .expect("first part in time")
+        .expect("a frame")
+        .expect("no error");
+    assert_eq!(first.into_data().ok().as_deref(), Some(&b"first"[..]));
+    next.notify_one();
+    let rest = tokio::time::timeout(DEADLINE, body.collect())
+        .await
+        .expect("second part in time")
+        .expect("no error")
+        .to_bytes();
+    assert_eq!(&rest[..], b"second");
+}
+
+/// A request body much larger than the socket buffers streams to the upstream while the
+/// request waits for the response head.
+#[tokio::test]
+async fn a_large_upload_streams_to_the_upstream() {
+    let b = echo_backend("b").await;
+    let p = proxy_with(&[RouteSpec::prefix(None, "/", &[b.addr])]).await;
+    // Under the default 1 MiB body limit.
+    let payload = vec![b'x'; 1_000_000];
+    let got = send(
+        p.addr,
+        request("POST", "/", &[("host", "x")], payload.clone()),
+    )
+    .await
+    .expect("response");
+    assert_eq!(got.status, 200);
+    assert_eq!(got.echo().body_len, payload.len());
 }
 
 /// A burst of concurrent requests leaves its upstream connections in the pool (well past
