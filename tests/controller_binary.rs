@@ -99,12 +99,9 @@ async fn objects_in_the_api_drive_real_traffic() {
     assert_eq!(get(&c, p.admin, "a", "/readyz").await.map(|r| r.0), Ok(200));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn not_ready_while_the_api_is_unreachable_then_serves() {
-    let api = FakeApi::start().await;
-    api.refuse_connections();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let kubeconfig = api.write_kubeconfig(dir.path()).expect("kubeconfig");
+/// `shop.test/` routed to a backend answering "web": its Service, EndpointSlice and Ingress
+/// created in `api`. Keep the backend alive for the test.
+async fn shop_served_by_web(api: &FakeApi) -> process::Backend {
     let web = backend("web").await;
     for obj in [
         service("shop", "web"),
@@ -113,6 +110,16 @@ async fn not_ready_while_the_api_is_unreachable_then_serves() {
     ] {
         api.create(obj).expect("create");
     }
+    web
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn not_ready_while_the_api_is_unreachable_then_serves() {
+    let api = FakeApi::start().await;
+    api.refuse_connections();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = api.write_kubeconfig(dir.path()).expect("kubeconfig");
+    let _web = shop_served_by_web(&api).await;
     let args: Vec<OsString> = vec!["--kubeconfig".into(), kubeconfig.into()];
     let p = Portico::run(&args);
     let c = client();
@@ -143,27 +150,9 @@ async fn a_stalled_list_is_abandoned_and_retried(mode: fake_api::StallMode) {
     let api = FakeApi::start().await;
     api.stall("list", "ingresses", mode, 1);
     let dir = tempfile::tempdir().expect("tempdir");
-    let kubeconfig = api.write_kubeconfig(dir.path()).expect("kubeconfig");
-    let web = backend("web").await;
-    for obj in [
-        service("shop", "web"),
-        slice("shop", "web", web.addr),
-        ingress("shop", "web", "shop.test", "/", "web"),
-    ] {
-        api.create(obj).expect("create");
-    }
-    let args: Vec<OsString> = vec![
-        "--kubeconfig".into(),
-        kubeconfig.into(),
-        "--api-timeout".into(),
-        "1s".into(),
-    ];
-    let p = Portico::run(&args);
+    let _web = shop_served_by_web(&api).await;
+    let p = ready_portico_with(&api, dir.path(), &["--api-timeout", "1s"]).await;
     let c = client();
-    eventually("ready after the stalled list is retried", || async {
-        matches!(get(&c, p.admin, "a", "/readyz").await, Ok((200, _)))
-    })
-    .await;
     assert!(
         api.count("list", "ingresses") >= 2,
         "the stalled list was retried"
@@ -192,23 +181,12 @@ async fn a_list_whose_body_stops_is_abandoned_at_the_api_timeout() {
 async fn watch_streams_are_not_cut_by_the_api_timeout() {
     let api = FakeApi::start().await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let kubeconfig = api.write_kubeconfig(dir.path()).expect("kubeconfig");
     let web = backend("web").await;
     for obj in [service("shop", "web"), slice("shop", "web", web.addr)] {
         api.create(obj).expect("create");
     }
-    let args: Vec<OsString> = vec![
-        "--kubeconfig".into(),
-        kubeconfig.into(),
-        "--api-timeout".into(),
-        "1s".into(),
-    ];
-    let p = Portico::run(&args);
+    let p = ready_portico_with(&api, dir.path(), &["--api-timeout", "1s"]).await;
     let c = client();
-    eventually("ready", || async {
-        matches!(get(&c, p.admin, "a", "/readyz").await, Ok((200, _)))
-    })
-    .await;
     let watches = api.count("watch", "ingresses");
     assert_eq!(watches, 1, "one Ingress watch once synced");
     // The property under test is a duration: the watch outlives the 1 s request deadline.
@@ -225,8 +203,14 @@ async fn watch_streams_are_not_cut_by_the_api_timeout() {
 
 /// Start portico against `api` and wait until it is ready.
 async fn ready_portico(api: &FakeApi, dir: &std::path::Path) -> Portico {
+    ready_portico_with(api, dir, &[]).await
+}
+
+/// [`ready_portico`] with `extra` flags.
+async fn ready_portico_with(api: &FakeApi, dir: &std::path::Path, extra: &[&str]) -> Portico {
     let kubeconfig = api.write_kubeconfig(dir).expect("kubeconfig");
-    let args: Vec<OsString> = vec!["--kubeconfig".into(), kubeconfig.into()];
+    let mut args: Vec<OsString> = vec!["--kubeconfig".into(), kubeconfig.into()];
+    args.extend(extra.iter().map(OsString::from));
     let p = Portico::run(&args);
     let c = client();
     eventually("ready", || async {

@@ -82,6 +82,11 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
                 continue;
             }
         };
+        // Subscribe before looking at `refusing`: `refuse_connections` sets `refusing` and
+        // then bumps `kill`, so a connection either sees the flag here or is cut by the bump.
+        // (Subscribed after the check, a refusal landing between the two would leave this
+        // connection serving right through the outage.)
+        let mut kill = shared.kill.subscribe();
         if shared.refusing.load(Ordering::SeqCst) {
             // The client sees its connection closed before any response, like a restarting
             // apiserver behind a load balancer.
@@ -89,7 +94,6 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             shared.refused.fetch_add(1, Ordering::SeqCst);
             continue;
         }
-        let mut kill = shared.kill.subscribe();
         let shared = shared.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| handle(shared.clone(), req));
