@@ -187,8 +187,12 @@ async fn watch_streams_are_not_cut_by_the_api_timeout() {
     }
     let p = ready_portico_with(&api, dir.path(), &["--api-timeout", "1s"]).await;
     let c = client();
+    // Ready follows the lists; the watch requests go out right after them.
+    eventually("the Ingress watch is open", || async {
+        api.count("watch", "ingresses") == 1
+    })
+    .await;
     let watches = api.count("watch", "ingresses");
-    assert_eq!(watches, 1, "one Ingress watch once synced");
     // The property under test is a duration: the watch outlives the 1 s request deadline.
     tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
     api.create(ingress("shop", "web", "shop.test", "/", "web"))
