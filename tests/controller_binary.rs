@@ -157,10 +157,11 @@ async fn a_stalled_list_is_abandoned_and_retried(mode: fake_api::StallMode) {
         api.count("list", "ingresses") >= 2,
         "the stalled list was retried"
     );
-    assert!(
-        p.log_contains("within 1s (--api-timeout)"),
-        "the watch error names the deadline"
-    );
+    // portico's output is read by another thread: wait for the line rather than race it.
+    eventually("the watch error names the deadline", || async {
+        p.log_contains("within 1s (--api-timeout)")
+    })
+    .await;
     assert_eq!(
         get(&c, p.http, "shop.test", "/").await,
         Ok((200, "web".to_string()))
