@@ -155,8 +155,8 @@ impl<S> Layer<S> for ApiDeadlineLayer {
 
 /// A deadline on every Kubernetes API request: the response head must arrive, and (for
 /// anything but a watch) the whole body must be read, within `timeout` of the call; otherwise
-/// the request fails with [`ApiTimeout`] and its connection is dropped. A zero `timeout`
-/// passes everything through unbounded.
+/// the request fails with [`ApiTimeout`] and its connection is dropped. A zero `timeout` (or
+/// one past what the clock can represent) passes everything through unbounded.
 #[derive(Debug, Clone)]
 pub struct ApiDeadline<S> {
     inner: S,
@@ -184,11 +184,14 @@ where
         let bound_body = !is_watch(req.uri());
         let call = self.inner.call(req);
         Box::pin(async move {
-            if timeout.is_zero() {
+            // Zero means no deadline; so does one too far away for the clock to represent.
+            let deadline = (!timeout.is_zero())
+                .then(|| Instant::now().checked_add(timeout))
+                .flatten();
+            let Some(deadline) = deadline else {
                 let resp = call.await.map_err(Into::into)?;
                 return Ok(resp.map(|inner| DeadlineBody::unbounded(inner, timeout)));
-            }
-            let deadline = Instant::now() + timeout;
+            };
             let resp = tokio::time::timeout_at(deadline, call)
                 .await
                 .map_err(|_| ApiTimeout(timeout))?
@@ -274,6 +277,43 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Answers every request at once with a fixed body.
+    struct Answer;
+
+    impl Service<Request<()>> for Answer {
+        type Response = Response<http_body_util::Full<Bytes>>;
+        type Error = std::convert::Infallible;
+        type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: Request<()>) -> Self::Future {
+            std::future::ready(Ok(Response::new(http_body_util::Full::new(
+                Bytes::from_static(b"ok"),
+            ))))
+        }
+    }
+
+    #[tokio::test]
+    async fn zero_and_unrepresentable_timeouts_mean_no_deadline() {
+        use http_body_util::BodyExt;
+        for timeout in [Duration::ZERO, Duration::MAX, Duration::from_secs(60)] {
+            let mut svc = ApiDeadlineLayer(timeout).layer(Answer);
+            let resp = svc
+                .call(Request::new(()))
+                .await
+                .unwrap_or_else(|e| panic!("{timeout:?}: {e}"));
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .unwrap_or_else(|e| panic!("{timeout:?}: {e}"));
+            assert_eq!(&body.to_bytes()[..], b"ok", "{timeout:?}");
+        }
+    }
 
     #[test]
     fn only_watch_queries_are_watches() {
