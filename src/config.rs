@@ -239,6 +239,20 @@ mod tests {
     }
 
     #[test]
+    fn api_timeout_defaults_to_the_client_constant() {
+        let Command::Run(d) = Cli::try_parse_from(["portico", "run"])
+            .expect("parses")
+            .command
+        else {
+            panic!("run subcommand");
+        };
+        assert_eq!(
+            d.api_timeout,
+            crate::controller::client::DEFAULT_API_TIMEOUT
+        );
+    }
+
+    #[test]
     fn watch_namespace_is_comma_separated_and_repeatable() {
         let cli = Cli::try_parse_from([
             "portico",
