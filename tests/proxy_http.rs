@@ -575,6 +575,62 @@ async fn http10_upstream_answers_as_http11_on_a_kept_alive_connection() {
     }
 }
 
+/// An upstream response whose length is ambiguous is refused with 502, never forwarded: with
+/// both Content-Length and chunked, hyper decodes the chunks but keeps the Content-Length, which
+/// would cut the client's body short on a response that looks complete; with a coding other
+/// than chunked, the coding would reach the client undeclared. A plainly chunked response
+/// passes (re-framed for the client).
+#[tokio::test]
+async fn upstream_response_with_ambiguous_framing_is_502() {
+    let cases: [(&str, &[u8]); 4] = [
+        (
+            "Content-Length and chunked",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n1a\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\n\r\n",
+        ),
+        (
+            "gzip alone (read to close)",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\nconnection: close\r\n\r\nnot really gzip",
+        ),
+        (
+            "gzip then chunked",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n4\r\nabcd\r\n0\r\n\r\n",
+        ),
+        (
+            "chunked named twice",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntransfer-encoding: chunked\r\n\r\n4\r\nabcd\r\n0\r\n\r\n",
+        ),
+    ];
+    for (what, reply) in cases {
+        let b = raw_backend(move |mut s| async move {
+            let _ = read_head(&mut s).await;
+            let _ = s.write_all(reply).await;
+            let _ = s.shutdown().await;
+        })
+        .await;
+        let p = proxy_with(&[RouteSpec::prefix(None, "/", &[b.addr])]).await;
+        let got = send(p.addr, request("GET", "/", &[("host", "x")], Bytes::new()))
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(got.status, 502, "{what}: {:?}", got.text());
+        assert!(!got.text().contains("abcde"), "{what}: {:?}", got.text());
+    }
+    let b = raw_backend(|mut s| async move {
+        let _ = read_head(&mut s).await;
+        let _ = s
+            .write_all(
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: Chunked\r\n\r\n4\r\nabcd\r\n0\r\n\r\n",
+            )
+            .await;
+    })
+    .await;
+    let p = proxy_with(&[RouteSpec::prefix(None, "/", &[b.addr])]).await;
+    let got = send(p.addr, request("GET", "/", &[("host", "x")], Bytes::new()))
+        .await
+        .expect("chunked response");
+    assert_eq!(got.status, 200);
+    assert_eq!(got.text(), "abcd");
+}
+
 #[tokio::test]
 async fn dead_endpoint_beside_live_one_never_fails_a_request() {
     let live = echo_backend("live").await;

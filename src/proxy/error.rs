@@ -73,6 +73,10 @@ pub enum ProxyError {
     /// No response headers within the read timeout → 504.
     #[error("upstream timed out")]
     UpstreamTimeout,
+    /// A response head whose body length is ambiguous (Transfer-Encoding with Content-Length,
+    /// or a coding other than chunked) → 502, as nginx answers.
+    #[error("upstream response framing refused")]
+    UpstreamFraming,
 }
 
 /// Result alias of this module.
@@ -90,7 +94,7 @@ impl ProxyError {
             | UnsupportedMethod
             | ClientBody
             | BodyTooLarge => Origin::Downstream,
-            UpstreamConnect | UpstreamReset | UpstreamTimeout => Origin::Upstream,
+            UpstreamConnect | UpstreamReset | UpstreamTimeout | UpstreamFraming => Origin::Upstream,
             NotReady | NoRoute | NoEndpoints | Overloaded(_) | RateLimited { .. } => {
                 Origin::Internal
             }
@@ -109,7 +113,7 @@ impl ProxyError {
             NoRoute => StatusCode::NOT_FOUND,
             RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             NotReady | NoEndpoints | Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
-            UpstreamConnect | UpstreamReset => StatusCode::BAD_GATEWAY,
+            UpstreamConnect | UpstreamReset | UpstreamFraming => StatusCode::BAD_GATEWAY,
             UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -129,7 +133,8 @@ impl ProxyError {
             NotReady => Some("not_ready"),
             Overloaded(r) => Some(r),
             RateLimited { .. } => Some("rate_limited"),
-            NoRoute | NoEndpoints | UpstreamConnect | UpstreamReset | UpstreamTimeout => None,
+            NoRoute | NoEndpoints | UpstreamConnect | UpstreamReset | UpstreamTimeout
+            | UpstreamFraming => None,
         }
     }
 
@@ -215,6 +220,7 @@ mod tests {
             (ProxyError::UpstreamConnect, 502, Origin::Upstream),
             (ProxyError::UpstreamReset, 502, Origin::Upstream),
             (ProxyError::UpstreamTimeout, 504, Origin::Upstream),
+            (ProxyError::UpstreamFraming, 502, Origin::Upstream),
         ];
         for (err, code, origin) in cases {
             assert_eq!(err.status().as_u16(), code, "{err}");

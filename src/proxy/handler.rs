@@ -545,6 +545,19 @@ impl Handler {
             .observe(forwarded.upstream_time.as_secs_f64());
 
         let mut resp = forwarded.response;
+        if let Some(problem) = ambiguous_response_framing(resp.headers()) {
+            // hyper's client decodes such a body by its Transfer-Encoding but leaves the
+            // header fields alone; forwarded, a stale Content-Length would cut the body short
+            // on a response that looks complete, and a coding other than chunked would reach
+            // the client undeclared. Refused as nginx does (RFC 9112 §6.3 calls the pair an
+            // error to handle); the connection is dropped, not pooled.
+            tracing::warn!(
+                endpoint = %forwarded.addr,
+                problem,
+                "upstream response framing refused; answering 502"
+            );
+            return Err(ProxyError::UpstreamFraming);
+        }
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             let Some(client_upgrade) = client_upgrade else {
                 // A 101 the client did not ask for cannot be relayed (RFC 9110 §15.2.2).
@@ -857,6 +870,27 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     if !keep_upgrade && present & HOP_UPGRADE != 0 {
         headers.remove(header::UPGRADE);
     }
+}
+
+/// Why an upstream response head cannot be forwarded as framed, if it cannot: a
+/// Transfer-Encoding beside a Content-Length, or one that is not exactly `chunked` (any other
+/// coding would stay applied to the body hyper hands over, and the field naming it is
+/// hop-by-hop and removed). `None` for the usual heads, which carry no Transfer-Encoding.
+fn ambiguous_response_framing(headers: &HeaderMap) -> Option<&'static str> {
+    let mut codings = headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty());
+    let first = codings.next()?;
+    if headers.contains_key(header::CONTENT_LENGTH) {
+        return Some("both Content-Length and Transfer-Encoding");
+    }
+    if !first.eq_ignore_ascii_case(b"chunked") || codings.next().is_some() {
+        return Some("a transfer coding other than chunked");
+    }
+    None
 }
 
 const HOP_CONNECTION: u8 = 1;
