@@ -652,7 +652,9 @@ fn validate_head<B>(req: &Request<B>, cfg: &ProxyConfig) -> Result<Head, ProxyEr
         .iter()
         .map(|(n, v)| n.as_str().len() + v.len() + 4)
         .sum();
-    if header_bytes > cfg.max_header_bytes {
+    // hyper's h1 parser refuses more fields than `max_headers` itself (431); h2 has no such
+    // limit, only a header-list size, so the count is checked here for both.
+    if header_bytes > cfg.max_header_bytes || req.headers().len() > cfg.max_headers {
         return Err(ProxyError::HeadersTooLarge);
     }
 
@@ -1323,6 +1325,22 @@ mod tests {
                     Version::HTTP_11,
                     "/",
                     &[("host", "a"), ("x-long", "0123456789")]
+                ),
+                &c
+            )
+            .err(),
+            Some(ProxyError::HeadersTooLarge)
+        );
+        let mut c = cfg();
+        c.max_headers = 2;
+        let two = [("host", "a"), ("x-a", "1")];
+        assert!(validate_head(&req(Version::HTTP_2, "/", &two), &c).is_ok());
+        assert_eq!(
+            validate_head(
+                &req(
+                    Version::HTTP_2,
+                    "/",
+                    &[("host", "a"), ("x-a", "1"), ("x-a", "2")]
                 ),
                 &c
             )
