@@ -320,6 +320,13 @@ pub(super) fn derive<'a>(inputs: &'a Inputs, opts: &Options, diags: &mut Diags) 
     // of buffers freed one host at a time (callgrind: that cost the allocator 1.7 % of a
     // full translate).
     for (host, candidates) in hosts.into_iter().zip(per_host.iter_mut()) {
+        // A host whose every path was skipped (invalid, or `paths: []`) routes nothing of its
+        // own: an empty entry would still be the host's match and hide the catch-all rule,
+        // the wildcard and the default backend from it (brief §2: a bad object never takes
+        // other routes down).
+        if candidates.is_empty() {
+            continue;
+        }
         // A redirect to HTTPS only makes sense where a valid certificate of the host's own
         // serves (brief §4.4: a rejected TLS entry means "no redirect").
         let has_tls = match &host {

@@ -471,6 +471,43 @@ fn host_less_rule_catches_all_other_hosts() {
     assert_eq!(hit(&s, "named.test", "/x"), "default/named:80");
 }
 
+/// A rule whose every path is skipped (a bad pathType, or `paths: []`) claims nothing: the
+/// host keeps reaching the catch-all rule (and, without one, the default backend), as if the
+/// rule were not there.
+#[test]
+fn a_rule_with_no_usable_path_does_not_hide_the_catch_all() {
+    for broken in [
+        json!({"host": "broken.test", "http": {"paths": [
+            {"pathType": "prefix", "path": "/",
+             "backend": {"service": {"name": "web", "port": {"number": 80}}}}]}}),
+        json!({"host": "broken.test", "http": {"paths": []}}),
+    ] {
+        let mut bad = Ing::new("default", "broken");
+        bad.spec["rules"] = json!([broken]);
+        let w = World::web()
+            .svc(svc("default", "fallback", &[("http", 80)]))
+            .ing(
+                Ing::new("default", "any")
+                    .rule(None, &[("Prefix", "/", "web", svc80())])
+                    .default_backend("fallback", 80),
+            )
+            .ing(bad.clone());
+        let (s, _) = w.run();
+        assert_eq!(hit(&s, "broken.test", "/"), "default/web:80", "{broken}");
+        assert!(!s.hosts.exact.contains_key("broken.test"), "{broken}");
+        let w = World::web()
+            .svc(svc("default", "fallback", &[("http", 80)]))
+            .ing(Ing::new("default", "dflt").default_backend("fallback", 80))
+            .ing(bad);
+        let (s, _) = w.run();
+        assert_eq!(
+            hit(&s, "broken.test", "/x"),
+            "default/fallback:80",
+            "{broken}"
+        );
+    }
+}
+
 #[test]
 fn host_invalid_forms_are_diagnosed_and_only_that_rule_skipped() {
     for bad in [
