@@ -346,6 +346,39 @@ async fn sigterm_lets_in_flight_request_finish_then_exits_zero() {
     assert_eq!(code, Some(0));
 }
 
+/// A host named only in `spec.tls`, served by a host-less rule: plain HTTP to it is redirected
+/// (the catch-all route does not name it, but the host has a certificate), while other hosts
+/// on the same rule are served over HTTP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_host_served_by_the_catch_all_rule_is_redirected() {
+    let web = backend("web").await;
+    let (cert, key, _) = cert_for("secure.test");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ingress = "apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {name: any, namespace: shop}\nspec:\n  ingressClassName: portico\n  tls: [{hosts: [secure.test], secretName: secure-tls}]\n  rules:\n  - http:\n      paths:\n      - {path: /, pathType: Prefix, backend: {service: {name: web, port: {name: http}}}}\n";
+    std::fs::write(
+        dir.path().join("app.yaml"),
+        format!(
+            "{}---\n{ingress}---\n{}",
+            service_yaml("shop", "web", &[web.addr]),
+            tls_secret_yaml("shop", "secure-tls", &cert, &key)
+        ),
+    )
+    .expect("write");
+    let p = Portico::start(dir.path(), &[]);
+    let c = client();
+    eventually("the catch-all rule serves", || async {
+        matches!(get(&c, p.http, "plain.test", "/").await, Ok((200, ref b)) if b == "web")
+    })
+    .await;
+    let req = http::Request::get(format!("http://{}/x?y=1", p.http))
+        .header("host", "secure.test")
+        .body(Empty::new())
+        .expect("req");
+    let resp = c.request(req).await.expect("response");
+    assert_eq!(resp.status(), 308);
+    assert_eq!(resp.headers()["location"], "https://secure.test/x?y=1");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_secret_file_rotation_reaches_new_handshakes_and_h2_is_served() {
     let web = backend("web").await;

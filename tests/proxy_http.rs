@@ -15,7 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
-use portico::model::{RoutePolicy, UpstreamProtocol};
+use portico::model::{RoutePolicy, SslRedirect, UpstreamProtocol};
 use portico::proxy::ProxyConfig;
 use support::*;
 
@@ -452,10 +452,9 @@ async fn content_length_with_transfer_encoding_over_tls_is_400() {
 #[tokio::test]
 async fn ssl_redirect_is_308_except_acme() {
     let b = echo_backend("b").await;
-    let p =
-        proxy_with(&[RouteSpec::prefix(Some("shop.example"), "/", &[b.addr])
-            .policy(|p| p.ssl_redirect = true)])
-        .await;
+    let p = proxy_with(&[RouteSpec::prefix(Some("shop.example"), "/", &[b.addr])
+        .policy(|p| p.ssl_redirect = SslRedirect::Yes)])
+    .await;
     let got = get(p.addr, "Shop.Example:8080", "/cart/../pay?x=1&y").await;
     assert_eq!(got.status, StatusCode::PERMANENT_REDIRECT);
     assert_eq!(got.headers["location"], "https://shop.example/pay?x=1&y");

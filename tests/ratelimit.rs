@@ -9,7 +9,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use portico::model::{PolicyRef, RateLimit, RateLimitKey, RoutePolicy, TokenBucketSpec};
+use portico::model::{
+    PolicyRef, RateLimit, RateLimitKey, RoutePolicy, SslRedirect, TokenBucketSpec,
+};
 use portico::proxy::ProxyConfig;
 use support::*;
 
@@ -146,7 +148,7 @@ async fn answers_decided_before_the_limits_carry_their_headers_and_spend_nothing
             .ingress("secure")
             .policy(move |p: &mut RoutePolicy| {
                 p.rate_limits = l2;
-                p.ssl_redirect = true;
+                p.ssl_redirect = SslRedirect::Yes;
             }),
         limited("shop", &b, &limits),
     ]));

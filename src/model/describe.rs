@@ -8,7 +8,8 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use super::{
-    HashKey, HostRoutes, LoadBalance, Route, RoutePolicy, RouteTarget, Snapshot, UpstreamProtocol,
+    HashKey, HostRoutes, LoadBalance, Route, RoutePolicy, RouteTarget, Snapshot, SslRedirect,
+    UpstreamProtocol,
 };
 
 /// Render a snapshot as text. Equal snapshots render identically (every map is sorted).
@@ -145,8 +146,10 @@ fn policy_deltas(p: &RoutePolicy) -> Vec<String> {
             v.push(format!("body-limit={}", p.body_limit));
         }
     }
-    if p.ssl_redirect != d.ssl_redirect {
-        v.push(format!("ssl-redirect={}", p.ssl_redirect));
+    // A route of its own TLS host shows its redirect; a catch-all or default route redirects
+    // exactly the TLS hosts listed elsewhere in the description, so it says nothing.
+    if p.ssl_redirect == SslRedirect::Yes {
+        v.push("ssl-redirect=true".to_string());
     }
     if p.hsts != d.hsts {
         v.push(format!("hsts={:?}", p.hsts.as_deref().unwrap_or("off")));

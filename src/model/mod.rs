@@ -145,8 +145,8 @@ pub struct RoutePolicy {
     pub read_timeout: Duration,
     /// Maximum request body in bytes; 0 means unlimited (ingress-nginx `proxy-body-size: 0`).
     pub body_limit: u64,
-    /// Plain-HTTP requests get a 308 to HTTPS (host has valid TLS and no opt-out).
-    pub ssl_redirect: bool,
+    /// Whether plain-HTTP requests get a 308 to HTTPS; see [`RoutePolicy::redirects`].
+    pub ssl_redirect: SslRedirect,
     /// `Strict-Transport-Security` value to add on HTTPS responses, when opted in.
     pub hsts: Option<String>,
     /// Protocol to speak to the upstream.
@@ -160,13 +160,41 @@ pub struct RoutePolicy {
     pub rate_limits: Arc<[RateLimit]>,
 }
 
+/// When a route answers plain HTTP with a 308 to HTTPS (brief §4.3: a host with TLS redirects,
+/// unless the route's Ingress opts out). "Has TLS" means a valid certificate of the host's own
+/// (exact, or a one-label wildcard) in the snapshot: a rejected TLS entry means no redirect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum SslRedirect {
+    /// Opted out, or the route's own host is known to have no valid certificate.
+    #[default]
+    No,
+    /// The route's own host has a valid certificate.
+    Yes,
+    /// The route serves hosts it does not name (a catch-all rule, the default backend, a
+    /// wildcard rule without a wildcard certificate): a request redirects when its own host has
+    /// a valid certificate, so a TLS host is never served in the clear by falling through.
+    IfHostHasTls,
+}
+
+impl RoutePolicy {
+    /// Whether a plain-HTTP request for `host` (normalised) on this route gets a 308 to HTTPS.
+    /// Costs a TLS-table lookup only for routes that serve hosts they do not name.
+    pub fn redirects(&self, tls: &TlsTable, host: &str) -> bool {
+        match self.ssl_redirect {
+            SslRedirect::No => false,
+            SslRedirect::Yes => true,
+            SslRedirect::IfHostHasTls => tls.has_cert_for(host),
+        }
+    }
+}
+
 impl Default for RoutePolicy {
     fn default() -> Self {
         RoutePolicy {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             read_timeout: DEFAULT_READ_TIMEOUT,
             body_limit: DEFAULT_BODY_LIMIT,
-            ssl_redirect: false,
+            ssl_redirect: SslRedirect::No,
             hsts: None,
             upstream_protocol: UpstreamProtocol::Http1,
             max_concurrent_requests: None,

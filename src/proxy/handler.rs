@@ -410,7 +410,10 @@ impl Handler {
         let policy = route.policy.clone();
 
         // Plain HTTP on a TLS host → 308 keeps method and body (RFC 9110 §15.4.9).
-        if !conn.tls && policy.ssl_redirect && !head.path.starts_with(ACME_PREFIX) {
+        if !conn.tls
+            && !head.path.starts_with(ACME_PREFIX)
+            && policy.redirects(&snapshot.tls, &head.host)
+        {
             self.peek_limits(&policy.rate_limits, req.headers(), conn, rec);
             return Ok(redirect(&head));
         }

@@ -14,7 +14,7 @@ use k8s_openapi::api::networking::v1::IngressBackend;
 
 use crate::model::{
     BackendId, HostRoutes, HostTable, IngressRef, PathKind, Route, RoutePolicy, RouteTarget,
-    UpstreamProtocol,
+    SslRedirect, UpstreamProtocol,
 };
 
 use super::annotations::{self, Annotations};
@@ -312,7 +312,8 @@ pub(super) fn derive<'a>(inputs: &'a Inputs, opts: &Options, diags: &mut Diags) 
         policies: FastMap::default(),
     };
     let mut table = HostTable {
-        default_route: default.map(|c| builder.route(c, false)),
+        // The default backend serves hosts it does not name: each request's own host decides.
+        default_route: default.map(|c| builder.route(c, SslRedirect::IfHostHasTls)),
         ..HostTable::default()
     };
     // The candidates are drained, not consumed: their buffers are freed together after the
@@ -328,18 +329,21 @@ pub(super) fn derive<'a>(inputs: &'a Inputs, opts: &Options, diags: &mut Diags) 
             continue;
         }
         // A redirect to HTTPS only makes sense where a valid certificate of the host's own
-        // serves (brief §4.4: a rejected TLS entry means "no redirect").
-        let has_tls = match &host {
-            HostKey::Exact(h) => tls.has_cert_for(h),
-            HostKey::Wildcard(s) => tls.wildcard.contains_key(s),
-            HostKey::CatchAll => false,
+        // serves (brief §4.4: a rejected TLS entry means "no redirect"). An exact host's answer
+        // is known now; a wildcard rule without a wildcard certificate and the catch-all rule
+        // also serve hosts with certificates of their own, so there the request's host decides.
+        let host_tls = match &host {
+            HostKey::Exact(h) if tls.has_cert_for(h) => SslRedirect::Yes,
+            HostKey::Exact(_) => SslRedirect::No,
+            HostKey::Wildcard(s) if tls.wildcard.contains_key(s) => SslRedirect::Yes,
+            HostKey::Wildcard(_) | HostKey::CatchAll => SslRedirect::IfHostHasTls,
         };
         // Exactly sized, and not `collect`ed from `candidates`: that would reuse the
         // candidates' allocation in place (8 times the size of the `Arc`s it ends up
         // holding), and the host table keeps this `Vec` for as long as the snapshot lives
         // (issue 6: 2.8 MB at 10 000 Ingresses).
         let mut routes: Vec<Arc<Route>> = Vec::with_capacity(candidates.len());
-        routes.extend(candidates.drain(..).map(|c| builder.route(c, has_tls)));
+        routes.extend(candidates.drain(..).map(|c| builder.route(c, host_tls)));
         // Precedence (brief §4.3): longest path first, Exact before Prefix at equal length;
         // the path itself breaks remaining ties so the order is total.
         routes.sort_by(|a, b| {
@@ -455,11 +459,12 @@ struct RouteBuilder<'a> {
     /// Valid RateLimitPolicies by target Ingress (brief §4.5).
     limits: &'a Limits,
     /// Routes with the same parameters share one policy allocation.
-    policies: FastMap<(usize, bool, UpstreamProtocol), Arc<RoutePolicy>>,
+    policies: FastMap<(usize, SslRedirect, UpstreamProtocol), Arc<RoutePolicy>>,
 }
 
 impl RouteBuilder<'_> {
-    fn route(&mut self, c: Candidate, has_tls: bool) -> Arc<Route> {
+    /// `host_tls`: what the redirect is where the Ingress does not opt out of it.
+    fn route(&mut self, c: Candidate, host_tls: SslRedirect) -> Arc<Route> {
         let (anns, limits) = (self.anns, self.limits);
         let ingress = self
             .refs
@@ -473,7 +478,7 @@ impl RouteBuilder<'_> {
         // every route sharing the entry.
         let policy = self
             .policies
-            .entry((c.ann, has_tls, c.protocol))
+            .entry((c.ann, host_tls, c.protocol))
             .or_insert_with(|| {
                 let rate_limits = limits.get(&ingress).cloned().unwrap_or_default();
                 let a = anns.get(c.ann);
@@ -483,7 +488,11 @@ impl RouteBuilder<'_> {
                         connect_timeout: a.connect_timeout,
                         read_timeout: a.read_timeout,
                         body_limit: a.body_limit,
-                        ssl_redirect: a.ssl_redirect && has_tls,
+                        ssl_redirect: if a.ssl_redirect {
+                            host_tls
+                        } else {
+                            SslRedirect::No
+                        },
                         hsts: a.hsts.clone(),
                         upstream_protocol: c.protocol,
                         max_concurrent_requests: a.max_concurrent_requests,

@@ -12,7 +12,8 @@ use serde_json::{Value, json};
 
 use super::*;
 use crate::model::{
-    PathKind, Route, RoutePolicy, RouteTarget, Snapshot, UpstreamProtocol, describe, normalize_host,
+    PathKind, Route, RoutePolicy, RouteTarget, Snapshot, SslRedirect, UpstreamProtocol, describe,
+    normalize_host,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -295,6 +296,13 @@ fn endpoints(snap: &Snapshot, host: &str, path: &str) -> Vec<String> {
     };
     let b = snap.backends.get(id).expect("backend");
     b.endpoints.iter().map(|e| e.addr.to_string()).collect()
+}
+
+/// Whether a plain-HTTP request to `host` + `path` gets a 308 to HTTPS, as the proxy decides.
+fn redirects(snap: &Snapshot, host: &str, path: &str) -> bool {
+    let host = normalize_host(host).expect("host");
+    let r = snap.route(&host, path).route.expect("routed");
+    r.policy.redirects(&snap.tls, &host)
 }
 
 fn reasons(d: &[Diagnostic]) -> Vec<(Severity, &str)> {
@@ -1250,7 +1258,7 @@ fn tls_exact_and_wildcard_hosts_and_ssl_redirect() {
     assert_eq!(src("x.apps.test").as_deref(), Some("default/wild-tls"));
     assert_eq!(src("x.y.apps.test"), None);
     assert_eq!(src("plain.test"), None);
-    let redirect = |h: &str| route(&s, h, "/").expect("route").policy.ssl_redirect;
+    let redirect = |h: &str| redirects(&s, h, "/");
     assert!(redirect("shop.test"));
     assert!(redirect("x.apps.test"));
     assert!(!redirect("plain.test"), "no TLS, no redirect");
@@ -1399,12 +1407,12 @@ fn tls_bad_secrets_reject_only_that_entry() {
         assert!(!s.tls.has_cert_for("h.test"), "case {name}");
         assert!(s.tls.has_cert_for("ok.test"), "case {name}");
         // The host still answers over HTTP, without a redirect.
-        let r = route(&s, "h.test", "/").expect("still routed");
-        assert!(!r.policy.ssl_redirect, "case {name}");
         assert!(
-            route(&s, "ok.test", "/").expect("ok").policy.ssl_redirect,
-            "case {name}"
+            route(&s, "h.test", "/").is_some(),
+            "case {name}: still routed"
         );
+        assert!(!redirects(&s, "h.test", "/"), "case {name}");
+        assert!(redirects(&s, "ok.test", "/"), "case {name}");
     }
 }
 
@@ -1439,13 +1447,71 @@ fn tls_conflicting_certificates_oldest_wins() {
     assert!(diag.message.contains("default/old"), "{}", diag.message);
 }
 
+/// A TLS host is never served in the clear by falling through to a route that does not name
+/// it: the catch-all rule, the default backend, or a wildcard rule without a wildcard
+/// certificate redirect a plain-HTTP request whose own host has a valid certificate (and only
+/// those), unless that route's Ingress opts out.
+#[test]
+fn tls_hosts_redirect_on_catch_all_default_and_wildcard_routes() {
+    let w = World::web()
+        .secret(tls_secret("default", "shop-tls", &["shop.test"]))
+        .secret(tls_secret("default", "api-tls", &["api.test"]))
+        .secret(tls_secret("default", "a-tls", &["a.apps.test"]))
+        // TLS for shop.test, served only by the host-less rule.
+        .ing(
+            Ing::new("default", "any")
+                .tls(Some(&["shop.test"]), "shop-tls")
+                .rule(None, &[("Prefix", "/", "web", svc80())]),
+        )
+        // api.test has TLS and only /api; everything else of it reaches the default backend.
+        .ing(
+            Ing::new("default", "api")
+                .created("2020-01-01T00:00:00Z")
+                .tls(Some(&["api.test"]), "api-tls")
+                .path("api.test", "Prefix", "/api", "web", svc80())
+                .default_backend("web", 80),
+        )
+        // A wildcard rule without a wildcard certificate; one of its hosts has its own.
+        .ing(
+            Ing::new("default", "apps")
+                .tls(Some(&["a.apps.test"]), "a-tls")
+                .path("*.apps.test", "Prefix", "/", "web", svc80()),
+        );
+    let (s, d) = w.run();
+    assert!(d.is_empty(), "{d:?}");
+    assert!(redirects(&s, "shop.test", "/"), "catch-all rule, TLS host");
+    assert!(!redirects(&s, "other.test", "/"), "catch-all rule, no TLS");
+    assert!(redirects(&s, "api.test", "/api"), "the host's own route");
+    assert!(
+        redirects(&s, "api.test", "/other"),
+        "default backend, TLS host"
+    );
+    assert!(
+        redirects(&s, "a.apps.test", "/"),
+        "wildcard rule, host with its own cert"
+    );
+    assert!(!redirects(&s, "b.apps.test", "/"), "wildcard rule, no cert");
+
+    // The route's Ingress opting out still wins.
+    let w = World::web()
+        .secret(tls_secret("default", "shop-tls", &["shop.test"]))
+        .ing(
+            Ing::new("default", "any")
+                .ann("portico.dev/ssl-redirect", "false")
+                .tls(Some(&["shop.test"]), "shop-tls")
+                .rule(None, &[("Prefix", "/", "web", svc80())]),
+        );
+    let (s, _) = w.run();
+    assert!(!redirects(&s, "shop.test", "/"));
+}
+
 #[test]
 fn tls_entry_without_secret_name_warns() {
     let mut ing = Ing::new("default", "a").path("h.test", "Prefix", "/", "web", svc80());
     ing.spec["tls"] = json!([{"hosts": ["h.test"]}]);
     let (s, d) = World::web().ing(ing).run();
     only(&d, Severity::Warning, "MissingSecretName");
-    assert!(!route(&s, "h.test", "/").expect("route").policy.ssl_redirect);
+    assert!(!redirects(&s, "h.test", "/"));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1483,11 +1549,11 @@ fn annotation_defaults_come_from_options() {
     assert_eq!(p.connect_timeout, Duration::from_secs(2));
     assert_eq!(p.read_timeout, model::DEFAULT_READ_TIMEOUT);
     assert_eq!(p.body_limit, 42);
-    assert!(p.ssl_redirect);
+    assert_eq!(p.ssl_redirect, SslRedirect::Yes);
     assert_eq!(p.hsts, None);
     assert_eq!(p.max_concurrent_requests, None);
     opts.defaults.ssl_redirect = false;
-    assert!(!policy_with(&[], &opts).0.ssl_redirect);
+    assert_eq!(policy_with(&[], &opts).0.ssl_redirect, SslRedirect::No);
 }
 
 #[test]
@@ -1498,7 +1564,7 @@ fn annotation_ssl_redirect_opt_out_under_both_names() {
         "nginx.ingress.kubernetes.io/ssl-redirect",
     ] {
         let (p, d) = policy_with(&[(name, "false")], &o);
-        assert!(!p.ssl_redirect, "{name}");
+        assert_eq!(p.ssl_redirect, SslRedirect::No, "{name}");
         assert!(d.is_empty());
     }
     // portico.dev wins over the nginx name.
@@ -1509,7 +1575,7 @@ fn annotation_ssl_redirect_opt_out_under_both_names() {
         ],
         &o,
     );
-    assert!(p.ssl_redirect);
+    assert_eq!(p.ssl_redirect, SslRedirect::Yes);
 }
 
 #[test]
