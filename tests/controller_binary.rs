@@ -472,10 +472,19 @@ fn status_ip(api: &FakeApi, name: &str) -> Option<String> {
         })
 }
 
+/// Events about Ingress shop/`name` with `reason`, found as `kubectl describe ingress` finds
+/// them: by the live object's uid as well as its name.
 fn events_for(api: &FakeApi, name: &str, reason: &str) -> usize {
+    let uid = api
+        .get("networking.k8s.io/v1", "Ingress", "shop", name)
+        .map(|i| i["metadata"]["uid"].clone())
+        .expect("the Ingress exists");
+    assert!(uid.as_str().is_some_and(|u| !u.is_empty()), "{uid}");
     api.list("events.k8s.io/v1", "Event")
         .iter()
-        .filter(|e| e["regarding"]["name"] == name && e["reason"] == reason)
+        .filter(|e| {
+            e["regarding"]["name"] == name && e["regarding"]["uid"] == uid && e["reason"] == reason
+        })
         .count()
 }
 

@@ -473,6 +473,7 @@ fn policy_error(name: &str, reason: &str, message: &str) -> Diagnostic {
         kind: "RateLimitPolicy".into(),
         namespace: "shop".into(),
         name: name.into(),
+        uid: String::new(),
         reason: reason.into(),
         message: message.into(),
     }
@@ -583,6 +584,7 @@ fn diag(name: &str, reason: &str, message: &str) -> Diagnostic {
         kind: "Ingress".into(),
         namespace: "shop".into(),
         name: name.into(),
+        uid: format!("uid-of-{name}"),
         reason: reason.into(),
         message: message.into(),
     }
@@ -618,9 +620,11 @@ async fn an_event_per_new_diagnostic_none_for_a_repeat() {
     assert_eq!(ev["reportingController"], "portico.dev/ingress-controller");
     assert_eq!(ev["reportingInstance"], "replica-a");
     assert_eq!(ev["metadata"]["namespace"], "shop");
+    // The uid too: `kubectl describe` selects Events by involvedObject.uid as well as name.
     assert_eq!(
         ev["regarding"],
-        json!({"apiVersion": "networking.k8s.io/v1", "kind": "Ingress", "namespace": "shop", "name": "shop"})
+        json!({"apiVersion": "networking.k8s.io/v1", "kind": "Ingress", "namespace": "shop",
+               "name": "shop", "uid": "uid-of-shop"})
     );
     assert_eq!(ev["note"], "Service shop/web does not exist");
     assert!(ev["eventTime"].is_string());

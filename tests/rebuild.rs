@@ -117,6 +117,7 @@ fn diag(kind: &str, name: &str, reason: &str) -> Diagnostic {
         kind: kind.into(),
         namespace: String::new(),
         name: name.into(),
+        uid: String::new(),
         reason: reason.into(),
         message: format!("{name} is broken"),
     }
@@ -306,6 +307,7 @@ fn fake_translate(inputs: &Inputs, _: &Options) -> (Snapshot, Vec<Diagnostic>) {
                 kind: "Service".into(),
                 namespace: ns,
                 name,
+                uid: String::new(),
                 reason: "FakeProblem".into(),
                 message: "fake".into(),
             });

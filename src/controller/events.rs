@@ -109,6 +109,8 @@ struct Key {
     kind: String,
     namespace: String,
     name: String,
+    /// A new object of the same name (deleted and re-created) gets its own Event.
+    uid: String,
     reason: String,
     message: String,
 }
@@ -119,6 +121,7 @@ impl From<&Diagnostic> for Key {
             kind: d.kind.clone(),
             namespace: d.namespace.clone(),
             name: d.name.clone(),
+            uid: d.uid.clone(),
             reason: d.reason.clone(),
             message: d.message.clone(),
         }
@@ -307,6 +310,8 @@ impl EventReporter {
                 kind: Some(d.kind.clone()),
                 namespace: (!d.namespace.is_empty()).then(|| d.namespace.clone()),
                 name: Some(d.name.clone()),
+                // `kubectl describe` selects an object's Events by uid as well as by name.
+                uid: (!d.uid.is_empty()).then(|| d.uid.clone()),
                 ..ObjectReference::default()
             }),
             ..Event::default()
@@ -446,6 +451,7 @@ mod tests {
             kind: "Ingress".into(),
             namespace: "ns".into(),
             name: name.into(),
+            uid: String::new(),
             reason: "R".into(),
             message: "m".into(),
         }

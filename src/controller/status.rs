@@ -630,6 +630,7 @@ mod tests {
             kind: "RateLimitPolicy".into(),
             namespace: "ns".into(),
             name: "p".into(),
+            uid: String::new(),
             reason: reason.into(),
             message: message.into(),
         }

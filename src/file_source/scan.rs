@@ -306,6 +306,7 @@ impl DirState {
                             kind: kind.to_string(),
                             namespace: ns.to_string(),
                             name: name.to_string(),
+                            uid: String::new(),
                             reason: REASON_DUPLICATE_OBJECT.to_string(),
                             message: format!(
                                 "defined in {first} and again in {rel}; the copy in {rel} is ignored"
@@ -391,6 +392,7 @@ fn file_diagnostic(rel: &str, reason: &str, message: String) -> Diagnostic {
         kind: KIND_FILE.to_string(),
         namespace: String::new(),
         name: rel.to_string(),
+        uid: String::new(),
         reason: reason.to_string(),
         message,
     }

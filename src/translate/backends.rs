@@ -268,6 +268,7 @@ fn collect_slice(
             &ObjRef {
                 namespace: slice.namespace(),
                 name: slice.name(),
+                uid: "",
             },
             "InvalidEndpointAddress",
             format!(

@@ -43,6 +43,7 @@ pub(super) fn obj_ref(meta: &ObjectMeta) -> ObjRef<'_> {
     ObjRef {
         namespace: namespace(meta),
         name: name(meta),
+        uid: meta.uid.as_deref().unwrap_or_default(),
     }
 }
 
@@ -114,6 +115,7 @@ impl<'a> Index<'a> {
                             &ObjRef {
                                 namespace: s.namespace(),
                                 name: s.name(),
+                                uid: "",
                             },
                             "DuplicateObject",
                             "several different Service objects share this name; one is used",
@@ -143,7 +145,7 @@ impl<'a> Index<'a> {
             // IngressClass is cluster-scoped: diagnostics about it carry an empty namespace.
             let r = ObjRef {
                 namespace: "",
-                name: name(m),
+                ..obj_ref(m)
             };
             match classes.entry(name(m)) {
                 Entry::Vacant(v) => {

@@ -128,6 +128,10 @@ pub struct Diagnostic {
     pub kind: String,
     pub namespace: String,
     pub name: String,
+    /// `metadata.uid` of the object when known (objects from the API server); empty otherwise
+    /// (manifest files without one, or an object that is referenced but missing). Events name
+    /// it, so `kubectl describe` finds them.
+    pub uid: String,
     /// Stable CamelCase reason, e.g. `ServiceNotFound`, `InvalidCertificate`, `PathConflict`.
     pub reason: String,
     /// Human-readable explanation.
@@ -161,17 +165,19 @@ impl Diagnostic {
             kind: kind.to_string(),
             namespace: obj.namespace.to_string(),
             name: obj.name.to_string(),
+            uid: obj.uid.to_string(),
             reason: reason.to_string(),
             message: message.into(),
         }
     }
 }
 
-/// Namespace/name of the object a diagnostic is about.
+/// Namespace/name (and uid, when known) of the object a diagnostic is about.
 #[derive(Debug, Clone, Copy)]
 struct ObjRef<'a> {
     namespace: &'a str,
     name: &'a str,
+    uid: &'a str,
 }
 
 /// Collects diagnostics while translating; sorted and deduplicated at the end so the output

@@ -60,7 +60,11 @@ pub(super) fn build(inputs: &Inputs, diags: &mut Diags) -> Limits {
     // BTreeMap order is (namespace, name): each target's list comes out in name order.
     let mut out: BTreeMap<IngressRef, Vec<RateLimit>> = BTreeMap::new();
     for ((namespace, name), (policy, _)) in unique {
-        let obj = ObjRef { namespace, name };
+        let obj = ObjRef {
+            namespace,
+            name,
+            uid: policy.metadata.uid.as_deref().unwrap_or_default(),
+        };
         if !check(policy, &obj, &ingresses, diags) {
             continue;
         }
@@ -78,7 +82,12 @@ pub(super) fn build(inputs: &Inputs, diags: &mut Diags) -> Limits {
 fn duplicate(diags: &mut Diags, (namespace, name): (&str, &str)) {
     diags.warn(
         KIND,
-        &ObjRef { namespace, name },
+        // Two objects of one name exist only in manifest files, which carry no uid.
+        &ObjRef {
+            namespace,
+            name,
+            uid: "",
+        },
         "DuplicateObject",
         "several different RateLimitPolicy objects share this name; one is used",
     );

@@ -1168,11 +1168,14 @@ fn backend_failures_keep_route_unavailable_with_error() {
 
 #[test]
 fn backend_failure_does_not_affect_other_routes() {
+    let mut bad = Ing::new("default", "bad").path("h.test", "Prefix", "/bad", "nope", svc80());
+    bad.meta["uid"] = json!("0b1c-bad");
     let (s, d) = World::web()
-        .ing(Ing::new("default", "bad").path("h.test", "Prefix", "/bad", "nope", svc80()))
+        .ing(bad)
         .ing(Ing::new("default", "good").path("h.test", "Prefix", "/", "web", svc80()))
         .run();
-    only(&d, Severity::Error, "ServiceNotFound");
+    // The diagnostic names the object by uid too (its Event must, for `kubectl describe`).
+    assert_eq!(only(&d, Severity::Error, "ServiceNotFound").uid, "0b1c-bad");
     assert_eq!(hit(&s, "h.test", "/bad/x"), "503");
     assert_eq!(hit(&s, "h.test", "/good"), "default/web:80");
 }

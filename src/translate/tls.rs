@@ -196,6 +196,13 @@ pub(super) fn build(
                 &ObjRef {
                     namespace: ns,
                     name,
+                    // The Secret's own uid when it exists (invalid data), so its Event shows
+                    // on `kubectl describe secret`.
+                    uid: index
+                        .secrets
+                        .get(&(ns.as_str(), name.as_str()))
+                        .and_then(|s| s.metadata.uid.as_deref())
+                        .unwrap_or_default(),
                 },
                 e.reason(),
                 format!("default certificate: {e}; the generated fallback is served"),
