@@ -280,10 +280,16 @@ fn start_controller(
         }
     }));
 
+    // The publish Service comes from the stores (its own watcher when its namespace is not
+    // watched), never a GET per build.
+    let source = parts.source.clone();
     let writer = StatusWriter::new(
         parts.client.clone(),
         PublishAddress::from_flags(&args.publish_status_address, args.publish_service.as_ref()),
-    );
+    )
+    .with_lookup(Arc::new(move |ns: &str, name: &str| {
+        source.service(ns, name)
+    }));
     let mut built = rebuilder.built();
     let (leader_rx, stopped, mut stop_wait) =
         (is_leader.clone(), fired(stop.signal()), stop.signal());

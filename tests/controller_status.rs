@@ -390,7 +390,7 @@ async fn ingress_status_from_publish_status_address_written_skipped_and_cleared(
 }
 
 #[tokio::test]
-async fn ingress_status_from_publish_service_lb_then_external_ips_then_cluster_ip() {
+async fn ingress_status_from_publish_service_by_its_type() {
     let fake = FakeApi::start().await;
     fake.create(ingress_json("served", "portico"))
         .expect("create");
@@ -418,9 +418,10 @@ async fn ingress_status_from_publish_service_lb_then_external_ips_then_cluster_i
     let r = writer.sync(&inputs, &snapshot, &[]).await.expect("sync");
     assert_eq!(r.ingresses_written, 1);
     assert_eq!(fake.count("get", "services"), 1);
+    // type LoadBalancer: the load balancer's addresses and the external IPs (as ingress-nginx).
     assert_eq!(
         lb(&fake, "served"),
-        json!([{"hostname": "edge.example.net"}, {"ip": "203.0.113.7"}])
+        json!([{"hostname": "edge.example.net"}, {"ip": "192.0.2.5"}, {"ip": "203.0.113.7"}])
     );
 
     // No load-balancer status: the external IPs. The Service comes from the inputs now.
@@ -440,9 +441,21 @@ async fn ingress_status_from_publish_service_lb_then_external_ips_then_cluster_i
     assert_eq!(fake.count("get", "services"), 1, "found in inputs");
     assert_eq!(lb(&fake, "served"), json!([{"ip": "192.0.2.5"}]));
 
-    // Neither: the cluster IP.
+    // Neither (a load balancer still pending): nothing to publish, the status stays. The
+    // cluster IP is internal and never published for a LoadBalancer Service.
     let mut svc = fake.get("v1", "Service", NS, "edge").expect("service");
     svc["spec"]["externalIPs"] = json!([]);
+    fake.update(svc).expect("service update");
+    inputs.services = services(&fake);
+    inputs.ingresses = ingresses(&fake).await;
+    let r = writer.sync(&inputs, &snapshot, &[]).await.expect("sync");
+    assert_eq!(r.ingresses_written, 0);
+    assert_eq!(lb(&fake, "served"), json!([{"ip": "192.0.2.5"}]));
+    assert_eq!(status_patches(&fake), 2);
+
+    // Any other type with no external IPs: the cluster IP.
+    let mut svc = fake.get("v1", "Service", NS, "edge").expect("service");
+    svc["spec"]["type"] = json!("ClusterIP");
     fake.update(svc).expect("service update");
     inputs.services = services(&fake);
     inputs.ingresses = ingresses(&fake).await;
@@ -455,6 +468,53 @@ async fn ingress_status_from_publish_service_lb_then_external_ips_then_cluster_i
     inputs.ingresses = ingresses(&fake).await;
     writer.sync(&inputs, &snapshot, &[]).await.expect("sync");
     assert_eq!(status_patches(&fake), 3);
+}
+
+/// With the controller's stores as the lookup, the publish Service is never fetched: status
+/// syncs run on every build, and a GET each time would load the API server under churn.
+#[tokio::test]
+async fn publish_service_from_the_lookup_is_never_fetched() {
+    let fake = FakeApi::start().await;
+    fake.create(ingress_json("served", "portico"))
+        .expect("create");
+    let edge: Service = serde_json::from_value(json!({
+        "metadata": {"name": "edge", "namespace": "portico-system"},
+        "spec": {"type": "LoadBalancer", "clusterIP": "10.96.0.10"},
+        "status": {"loadBalancer": {"ingress": [{"ip": "203.0.113.9"}]}}
+    }))
+    .expect("service");
+    let store: Arc<std::sync::Mutex<Option<Arc<Svc>>>> = Arc::default();
+    let seen = store.clone();
+    let mut writer = StatusWriter::new(
+        fake.client().await,
+        PublishAddress::from_flags(
+            &[],
+            Some(&("portico-system".to_string(), "edge".to_string())),
+        ),
+    )
+    .with_lookup(Arc::new(move |ns: &str, name: &str| {
+        assert_eq!((ns, name), ("portico-system", "edge"));
+        seen.lock().expect("lock").clone()
+    }));
+    let inputs = Inputs {
+        ingresses: ingresses(&fake).await,
+        ..Inputs::default()
+    };
+    let snapshot = translate_inputs(&inputs);
+    // Not in the store (yet): no address, no write, and no GET either.
+    let r = writer.sync(&inputs, &snapshot, &[]).await.expect("sync");
+    assert_eq!((r.ingresses_written, r.failed), (0, 0));
+    *store.lock().expect("lock") = Some(Arc::new(Svc::from(edge)));
+    for _ in 0..3 {
+        let inputs = Inputs {
+            ingresses: ingresses(&fake).await,
+            ..Inputs::default()
+        };
+        writer.sync(&inputs, &snapshot, &[]).await.expect("sync");
+    }
+    assert_eq!(lb(&fake, "served"), json!([{"ip": "203.0.113.9"}]));
+    assert_eq!(status_patches(&fake), 1);
+    assert_eq!(fake.count("get", "services"), 0);
 }
 
 fn policy_json(name: &str) -> Value {

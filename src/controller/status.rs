@@ -13,9 +13,15 @@
 //!
 //! Addresses (ingress-nginx's `--publish-status-address` / `--publish-service` semantics):
 //! `--publish-status-address` entries (IPs → `ip`, anything else → `hostname`), else the
-//! `--publish-service` Service's `status.loadBalancer.ingress`, else its `spec.externalIPs`,
-//! else its `spec.clusterIP`. With no address at all, Ingress status is left alone (we would
-//! have nothing to publish, and no way to tell our old address from someone else's).
+//! `--publish-service` Service's: for `type: LoadBalancer`, its `status.loadBalancer.ingress`
+//! and `spec.externalIPs` (never its cluster IP: while the load balancer is pending there is
+//! nothing to publish yet); for any other type, its `spec.externalIPs`, else its
+//! `spec.clusterIP`. With no address at all, Ingress status is left alone (we would have
+//! nothing to publish, and no way to tell our old address from someone else's).
+//!
+//! The publish Service is read from the controller's stores ([`StatusWriter::with_lookup`]:
+//! the watched namespaces, or the dedicated watcher on that one Service), whose changes
+//! trigger a rebuild and so a sync; only a writer without stores (tests, tools) GETs it.
 
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
@@ -108,8 +114,8 @@ fn addr_of_text(a: &str) -> Addr {
     }
 }
 
-/// The addresses a Service offers, in the documented order of preference. Reads the compact
-/// form the stores hold ([`Svc`] keeps exactly these fields).
+/// The addresses a Service offers, as the module doc says. Reads the compact form the stores
+/// hold ([`Svc`] keeps exactly these fields).
 pub fn service_addresses(svc: &Svc) -> Vec<IngressLoadBalancerIngress> {
     // `Svc` has already dropped entries with neither IP nor hostname.
     let from_lb: Vec<Addr> = svc
@@ -122,11 +128,19 @@ pub fn service_addresses(svc: &Svc) -> Vec<IngressLoadBalancerIngress> {
             )
         })
         .collect();
-    let from_external: Vec<Addr> = svc
+    let mut from_external: Vec<Addr> = svc
         .external_ips()
         .iter()
         .map(|ip| addr_of_text(ip))
         .collect();
+    if svc.is_load_balancer() {
+        // As ingress-nginx: the load balancer's addresses and the external IPs, both. The
+        // cluster IP is internal; published while the load balancer is pending, tools that
+        // read Ingress status (external-dns) would act on it.
+        let mut both = from_lb;
+        both.append(&mut from_external);
+        return to_lb(both);
+    }
     let from_cluster: Vec<Addr> = svc
         .cluster_ip()
         // Headless Services have clusterIP "None": no address.
@@ -250,10 +264,18 @@ pub struct SyncReport {
 /// Key of the write cache: kind, namespace, name.
 type ObjKey = (&'static str, String, String);
 
+/// Finds a Service by namespace and name in the controller's stores.
+pub type ServiceLookup = Arc<dyn Fn(&str, &str) -> Option<Arc<Svc>> + Send + Sync>;
+
 /// Writes status; see the module doc. Call [`Self::sync`] only while leading ([`run`] does).
 pub struct StatusWriter {
     client: Client,
     publish: PublishAddress,
+    /// Where the publish Service is read; `None`: from the API on every sync.
+    lookup: Option<ServiceLookup>,
+    /// The publish Service was missing at the last sync (its warning is logged once, when it
+    /// goes missing, not on every build).
+    publish_missing: bool,
     /// Last write per object: the resourceVersion we were shown and the status we applied.
     written: HashMap<ObjKey, (Option<String>, Value)>,
 }
@@ -286,8 +308,16 @@ impl StatusWriter {
         StatusWriter {
             client,
             publish,
+            lookup: None,
+            publish_missing: false,
             written: HashMap::new(),
         }
+    }
+
+    /// Read the publish Service through `lookup` (the controller's stores) instead of the API.
+    pub fn with_lookup(mut self, lookup: ServiceLookup) -> Self {
+        self.lookup = Some(lookup);
+        self
     }
 
     /// Forgets previous writes (on losing leadership: someone else may write meanwhile).
@@ -296,10 +326,10 @@ impl StatusWriter {
     }
 
     /// The addresses to publish now. A `--publish-service` is looked up in `services` (the
-    /// reflector's view) and read from the API when it is not there (e.g. outside a
-    /// `--watch-namespace`); a missing Service gives no address.
+    /// reflector's view), then through the lookup when there is one, else read from the API
+    /// (e.g. outside a `--watch-namespace`); a missing Service gives no address.
     pub async fn addresses(
-        &self,
+        &mut self,
         services: &[Arc<Svc>],
     ) -> Result<Vec<IngressLoadBalancerIngress>> {
         match &self.publish {
@@ -311,22 +341,29 @@ impl StatusWriter {
                 let found = services
                     .iter()
                     .find(|s| s.namespace() == namespace && s.name() == name);
-                if let Some(svc) = found {
-                    return Ok(service_addresses(svc));
-                }
-                let api: Api<Service> = Api::namespaced(self.client.clone(), namespace);
-                match api.get_opt(name).await {
-                    Ok(Some(svc)) => Ok(service_addresses(&Svc::from(svc))),
-                    Ok(None) => {
-                        tracing::warn!(%namespace, %name, "publish Service not found; no address for Ingress status");
-                        Ok(Vec::new())
+                let found = match (found, &self.lookup) {
+                    (Some(svc), _) => Some(svc.clone()),
+                    (None, Some(lookup)) => lookup(namespace, name),
+                    (None, None) => {
+                        let api: Api<Service> = Api::namespaced(self.client.clone(), namespace);
+                        match api.get_opt(name).await {
+                            Ok(svc) => svc.map(|s| Arc::new(Svc::from(s))),
+                            Err(source) => {
+                                return Err(StatusError::PublishService {
+                                    namespace: namespace.clone(),
+                                    name: name.clone(),
+                                    source,
+                                });
+                            }
+                        }
                     }
-                    Err(source) => Err(StatusError::PublishService {
-                        namespace: namespace.clone(),
-                        name: name.clone(),
-                        source,
-                    }),
+                };
+                let missing = found.is_none();
+                if missing && !self.publish_missing {
+                    tracing::warn!(%namespace, %name, "publish Service not found; Ingress status is left as it is until it appears");
                 }
+                self.publish_missing = missing;
+                Ok(found.map(|s| service_addresses(&s)).unwrap_or_default())
             }
         }
     }
@@ -340,7 +377,16 @@ impl StatusWriter {
         diagnostics: &[Diagnostic],
     ) -> Result<SyncReport> {
         let mut report = SyncReport::default();
-        let addresses = self.addresses(&inputs.services).await?;
+        // Without addresses the Ingress part is skipped; the policy conditions below do not
+        // depend on them, so a failed lookup must not hold those back.
+        let addresses = match self.addresses(&inputs.services).await {
+            Ok(a) => a,
+            Err(e) => {
+                report.failed += 1;
+                tracing::warn!(error = %e, "Ingress status skipped this sync");
+                Vec::new()
+            }
+        };
         if !addresses.is_empty() {
             let ours: Vec<Addr> = addresses
                 .iter()
@@ -586,6 +632,35 @@ mod tests {
         let headless =
             service(json!({"metadata": {"name": "edge"}, "spec": {"clusterIP": "None"}}));
         assert!(service_addresses(&headless).is_empty());
+
+        // type LoadBalancer: the load balancer's addresses and the external IPs, never the
+        // cluster IP (a pending load balancer has nothing to publish yet).
+        let lb = service(json!({
+            "metadata": {"name": "edge"},
+            "spec": {"type": "LoadBalancer", "clusterIP": "10.96.0.1", "externalIPs": ["192.0.2.1"]},
+            "status": {"loadBalancer": {"ingress": [{"ip": "203.0.113.7"}]}}
+        }));
+        assert_eq!(
+            addrs(&service_addresses(&lb)),
+            vec![
+                (Some("192.0.2.1".into()), None),
+                (Some("203.0.113.7".into()), None)
+            ]
+        );
+        let pending = service(json!({
+            "metadata": {"name": "edge"},
+            "spec": {"type": "LoadBalancer", "clusterIP": "10.96.0.1"},
+            "status": {"loadBalancer": {}}
+        }));
+        assert!(service_addresses(&pending).is_empty());
+        let node_port = service(json!({
+            "metadata": {"name": "edge"},
+            "spec": {"type": "NodePort", "clusterIP": "10.96.0.1"}
+        }));
+        assert_eq!(
+            addrs(&service_addresses(&node_port)),
+            vec![(Some("10.96.0.1".into()), None)]
+        );
     }
 
     #[test]

@@ -29,6 +29,8 @@ pub struct Svc {
     resource_version: Option<Box<str>>,
     /// `spec.type` is `ExternalName` (refused unless enabled, brief §4.3).
     external_name: bool,
+    /// `spec.type` is `LoadBalancer` (status writer: its cluster IP is never published).
+    load_balancer_type: bool,
     /// `spec.ports`, in object order.
     ports: Box<[SvcPort]>,
     /// `status.loadBalancer.ingress` entries that carry an IP or a hostname (status writer).
@@ -94,6 +96,11 @@ impl Svc {
     pub fn cluster_ip(&self) -> Option<&str> {
         self.cluster_ip.as_deref()
     }
+
+    /// `spec.type` is `LoadBalancer`.
+    pub fn is_load_balancer(&self) -> bool {
+        self.load_balancer_type
+    }
 }
 
 impl From<Service> for Svc {
@@ -140,6 +147,7 @@ impl From<&Service> for Svc {
             name: index::name(meta).into(),
             resource_version: meta.resource_version.as_deref().map(Box::from),
             external_name: spec.and_then(|s| s.type_.as_deref()) == Some("ExternalName"),
+            load_balancer_type: spec.and_then(|s| s.type_.as_deref()) == Some("LoadBalancer"),
             ports,
             load_balancer,
             external_ips,
