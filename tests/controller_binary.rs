@@ -504,6 +504,58 @@ fn condition(api: &FakeApi, name: &str) -> Option<(String, String, i64)> {
     ))
 }
 
+/// `--publish-service` in a namespace portico does not watch: its own watcher feeds the
+/// status writer, so the address follows the Service (pending load balancer: nothing; then its
+/// address) without a single GET of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_service_outside_the_watched_namespace_is_watched_not_fetched() {
+    let api = FakeApi::start().await;
+    let _web = shop_served_by_web(&api).await;
+    api.create(rate_limit_policy("shop", "good", "web"))
+        .expect("create policy");
+    api.create(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "edge", "namespace": "ingress"},
+        "spec": {"type": "LoadBalancer", "clusterIP": "10.96.0.10", "ports": [{"port": 80}]}
+    }))
+    .expect("create service");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _p = ready_portico_with(
+        &api,
+        dir.path(),
+        &[
+            "--watch-namespace",
+            "shop",
+            "--publish-service",
+            "ingress/edge",
+            "--lease-namespace",
+            "default",
+        ],
+    )
+    .await;
+    // The policy condition is written by the same status sync, after the Ingress part: once
+    // it is there, the Ingress part has run with the load balancer still pending.
+    eventually("a status sync", || async {
+        condition(&api, "good").is_some()
+    })
+    .await;
+    assert_eq!(status_ip(&api, "web"), None, "the cluster IP was published");
+    let mut svc = api
+        .get("v1", "Service", "ingress", "edge")
+        .expect("service");
+    svc["status"] = json!({"loadBalancer": {"ingress": [{"ip": "203.0.113.7"}]}});
+    api.update_status(svc).expect("service status");
+    eventually("the load balancer's address in Ingress status", || async {
+        status_ip(&api, "web").as_deref() == Some("203.0.113.7")
+    })
+    .await;
+    assert_eq!(
+        api.count("get", "services"),
+        0,
+        "the publish Service was fetched"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_leader_writes_status_and_events_then_hands_over() {
     let api = FakeApi::start().await;
