@@ -135,6 +135,106 @@ async fn no_response_headers_within_read_timeout_is_504() {
     release.notify_waiters();
 }
 
+/// The read timeout counts from the end of the upload: a client sending its body more slowly
+/// than the timeout is answered (and the upstream is not blamed), while an upstream that
+/// answers nothing once the body is in still gets 504.
+#[tokio::test]
+async fn a_slow_upload_is_not_an_upstream_timeout() {
+    let b = echo_backend("b").await;
+    let timeout = Duration::from_millis(200);
+    let p =
+        proxy_with(&[RouteSpec::prefix(None, "/", &[b.addr]).policy(|p| p.read_timeout = timeout)])
+            .await;
+    let mut s = TcpStream::connect(p.addr).await.expect("connect");
+    s.write_all(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\n01234")
+        .await
+        .expect("write");
+    // The property under test is a duration: the upload outlasts the read timeout.
+    tokio::time::sleep(timeout * 3).await;
+    s.write_all(b"56789").await.expect("write");
+    let reply = read_one_response(&mut s).await;
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    assert!(reply.contains("\"body_len\":10"), "{reply}");
+
+    let release = Arc::new(Notify::new());
+    let silent = silent_backend(release.clone()).await;
+    let p = proxy_with(&[
+        RouteSpec::prefix(None, "/", &[silent.addr]).policy(|p| p.read_timeout = timeout)
+    ])
+    .await;
+    let got = send(p.addr, request("POST", "/", &[("host", "x")], "body"))
+        .await
+        .expect("response");
+    assert_eq!(got.status, StatusCode::GATEWAY_TIMEOUT);
+    release.notify_waiters();
+}
+
+/// An upstream that stops reading the request body (its socket buffers full) is timed out
+/// like one that does not answer: the upload cannot be the client's fault then.
+#[tokio::test]
+async fn an_upstream_that_stops_reading_the_body_is_504() {
+    // A backend with a tiny receive buffer that reads the head and then nothing.
+    let sock =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    sock.set_recv_buffer_size(4096).expect("rcvbuf");
+    sock.set_nonblocking(true).expect("nonblocking");
+    sock.bind(
+        &"127.0.0.1:0"
+            .parse::<std::net::SocketAddr>()
+            .expect("addr")
+            .into(),
+    )
+    .expect("bind");
+    sock.listen(16).expect("listen");
+    let listener = tokio::net::TcpListener::from_std(sock.into()).expect("listener");
+    let addr = listener.local_addr().expect("addr");
+    let release = Arc::new(Notify::new());
+    let hold = release.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut s, _)) = listener.accept().await {
+            let _ = read_head(&mut s).await;
+            held.push(s);
+            let hold = hold.clone();
+            tokio::spawn(async move { hold.notified().await });
+        }
+    });
+    let timeout = Duration::from_millis(300);
+    let p = proxy_with(&[RouteSpec::prefix(None, "/", &[addr]).policy(|p| {
+        p.read_timeout = timeout;
+        p.body_limit = 0;
+    })])
+    .await;
+    let s = TcpStream::connect(p.addr).await.expect("connect");
+    let (mut rd, mut wr) = s.into_split();
+    const BODY: usize = 64 << 20;
+    let writer = tokio::spawn(async move {
+        let head = format!("POST / HTTP/1.1\r\nhost: x\r\ncontent-length: {BODY}\r\n\r\n");
+        wr.write_all(head.as_bytes()).await.expect("head");
+        let chunk = vec![b'x'; 64 << 10];
+        let mut sent = 0;
+        // Bounded: stops at the body's length, or when portico stops reading.
+        while sent < BODY {
+            if wr.write_all(&chunk).await.is_err() {
+                break;
+            }
+            sent += chunk.len();
+        }
+    });
+    let mut reply = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !reply.windows(4).any(|w| w == b"\r\n\r\n") {
+        match tokio::time::timeout(DEADLINE, rd.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => reply.extend_from_slice(&buf[..n]),
+            other => panic!("no response head: {other:?}"),
+        }
+    }
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.starts_with("HTTP/1.1 504"), "{reply}");
+    writer.abort();
+    release.notify_waiters();
+}
+
 #[tokio::test]
 async fn content_length_over_limit_is_413_before_upstream() {
     let b = echo_backend("b").await;

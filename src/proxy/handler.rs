@@ -997,7 +997,13 @@ impl Body for LimitedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_frame(cx) {
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        this.flags.polled(match &polled {
+            Poll::Ready(Some(Ok(_))) => Some(true),
+            Poll::Pending => Some(false),
+            Poll::Ready(_) => None,
+        });
+        match polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     let n = data.len() as u64;
@@ -1008,13 +1014,21 @@ impl Body for LimitedBody {
                         return Poll::Ready(Some(Err(Box::new(BodyLimitExceeded))));
                     }
                 }
+                // hyper stops polling once the body says it has ended (Content-Length
+                // reached), so the end is noticed here as well as at `None`.
+                if this.inner.is_end_stream() {
+                    this.flags.mark_sent();
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
                 this.flags.client_failed.store(true, Ordering::Release);
                 Poll::Ready(Some(Err(Box::new(e))))
             }
-            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Ready(None) => {
+                this.flags.mark_sent();
+                Poll::Ready(None)
+            }
             Poll::Pending => Poll::Pending,
         }
     }

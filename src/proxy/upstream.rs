@@ -10,7 +10,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -331,9 +331,69 @@ pub struct BodyFlags {
     /// Reading the client's body failed (client went away mid-upload): not the upstream's
     /// fault, so no passive-health penalty.
     pub client_failed: AtomicBool,
+    /// The whole body has been handed to the upstream connection: the upstream's read
+    /// timeout runs from here (see [`BodyFlags::mark_sent`]).
+    sent: AtomicBool,
+    sent_signal: tokio::sync::Notify,
+    /// Frames of the body handed upstream so far ([`BodyFlags::progress`]).
+    frames: AtomicU64,
+    /// The last poll of the body waited for the client (its pace, not the upstream's).
+    awaiting_client: AtomicBool,
 }
 
 impl BodyFlags {
+    /// The body's last frame went upstream. An upload slower than the read timeout is the
+    /// client's pace, not the upstream failing to answer: the timeout waits for this (as
+    /// nginx's `proxy_read_timeout` starts once the request is sent).
+    pub fn mark_sent(&self) {
+        if !self.sent.swap(true, Ordering::AcqRel) {
+            // A stored permit: a waiter arriving later returns at once.
+            self.sent_signal.notify_one();
+        }
+    }
+
+    /// Resolves once [`Self::mark_sent`] was called.
+    async fn wait_sent(&self) {
+        if !self.sent.load(Ordering::Acquire) {
+            self.sent_signal.notified().await;
+        }
+    }
+
+    /// One poll of the body: `Some(true)` a frame went upstream, `Some(false)` it waits for
+    /// the client, `None` it ended or failed.
+    pub fn polled(&self, frame: Option<bool>) {
+        match frame {
+            Some(true) => {
+                self.frames.fetch_add(1, Ordering::Relaxed);
+                self.awaiting_client.store(false, Ordering::Relaxed);
+            }
+            Some(false) => self.awaiting_client.store(true, Ordering::Relaxed),
+            None => self.awaiting_client.store(false, Ordering::Relaxed),
+        }
+    }
+
+    /// Resolves when the upstream has answered nothing for `timeout` after the whole body was
+    /// sent, or has taken no body frame for `timeout` while the body was waiting for it (it
+    /// stopped reading: nginx's `proxy_send_timeout`). A client uploading slowly never trips
+    /// it; its pace is bounded by the listener's idle timeout.
+    async fn read_timeout(&self, timeout: Duration) {
+        let timeout = timeout.min(NEVER);
+        loop {
+            let before = self.frames.load(Ordering::Relaxed);
+            tokio::select! {
+                () = self.wait_sent() => break,
+                () = tokio::time::sleep(timeout) => {}
+            }
+            if self.frames.load(Ordering::Relaxed) == before
+                && !self.awaiting_client.load(Ordering::Relaxed)
+                && !self.sent.load(Ordering::Acquire)
+            {
+                return;
+            }
+        }
+        tokio::time::sleep(timeout).await;
+    }
+
     /// The error to answer with when a send failed because of the client's body.
     fn client_error(&self) -> Option<ProxyError> {
         if self.limit_hit.load(Ordering::Acquire) {
@@ -753,7 +813,8 @@ impl Upstreams {
         affinity: &Affinity,
     ) -> Result<Forwarded, ProxyError> {
         let labels = [&*backend.key.namespace, &*backend.key.service];
-        let replayable = req.body.is_none() && is_idempotent(&req.method);
+        let has_body = req.body.is_some();
+        let replayable = !has_body && is_idempotent(&req.method);
         self.budget_deposit(&backend.key);
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut last_err = ProxyError::NoEndpoints;
@@ -807,14 +868,22 @@ impl Upstreams {
                 };
             let built = build_request(&req, headers, &sender, addr, body);
             let started = Instant::now();
-            let sent = tokio::time::timeout_at(
-                deadline(started, policy.read_timeout),
-                send(sender, built),
-            )
-            .await;
+            let sent = if has_body {
+                // The timeout runs from the end of the upload, however long that takes, as
+                // long as the upstream keeps taking it (BodyFlags::read_timeout).
+                tokio::select! {
+                    biased;
+                    r = send(sender, built) => Ok(r),
+                    () = req.body_flags.read_timeout(policy.read_timeout) => Err(()),
+                }
+            } else {
+                tokio::time::timeout_at(deadline(started, policy.read_timeout), send(sender, built))
+                    .await
+                    .map_err(|_| ())
+            };
             let upstream_time = started.elapsed();
             match sent {
-                Err(_elapsed) => {
+                Err(()) => {
                     self.record_failure(backend, addr);
                     return Err(ProxyError::UpstreamTimeout);
                 }
@@ -900,9 +969,12 @@ impl Upstreams {
 /// read the clock again). Capped at 30 years, tokio's own "never", so a huge
 /// `proxy-read-timeout` cannot overflow the addition.
 fn deadline(from: Instant, after: Duration) -> Instant {
-    const NEVER: Duration = Duration::from_secs(30 * 365 * 24 * 3600);
     from + after.min(NEVER)
 }
+
+/// tokio's own "never" (30 years): longer timeouts are capped to it, so a huge
+/// `proxy-read-timeout` cannot overflow an addition.
+const NEVER: Duration = Duration::from_secs(30 * 365 * 24 * 3600);
 
 fn build_request(
     req: &OutboundRequest,
