@@ -120,7 +120,9 @@ pub struct RunArgs {
     /// Idle keep-alive timeout for client connections.
     #[arg(long, env = "PORTICO_CLIENT_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_dur)]
     pub client_idle_timeout: Duration,
-    /// Idle timeout of WebSockets and other upgraded streams.
+    /// Idle timeout of WebSockets and other upgraded streams, and of a connection with requests
+    /// in flight on which no byte moves either way (a stalled upload, an unread or stalled
+    /// response): it is closed.
     #[arg(long, env = "PORTICO_STREAM_IDLE_TIMEOUT", default_value = "1h", value_parser = parse_dur)]
     pub stream_idle_timeout: Duration,
     /// Maximum retries of a failed request on other endpoints.

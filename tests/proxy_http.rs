@@ -1375,6 +1375,62 @@ async fn websocket_is_cut_after_idle_timeout() {
     assert!(started.elapsed() >= Duration::from_millis(200));
 }
 
+/// A request on which no byte moves for the stream idle timeout is dropped with its
+/// connection, whichever side went quiet: a client that stops sending its body, or an upstream
+/// that stops sending its response. Its concurrency slot comes back. A slow upload that keeps
+/// moving is not cut.
+#[tokio::test]
+async fn a_request_with_no_bytes_moving_is_cut_after_the_stream_idle_timeout() {
+    let b = echo_backend("b").await;
+    let stalling = mid_body_stall_backend().await;
+    let p = start_proxy(
+        ProxyConfig {
+            stream_idle_timeout: Duration::from_millis(300),
+            ..cfg()
+        },
+        false,
+    )
+    .await;
+    p.publisher.publish(snapshot(&[
+        RouteSpec::prefix(Some("stall"), "/", &[stalling.addr]),
+        RouteSpec::prefix(None, "/", &[b.addr]).policy(|p| p.max_concurrent_requests = Some(1)),
+    ]));
+    // The client stops sending its body.
+    let mut s = TcpStream::connect(p.addr).await.expect("connect");
+    s.write_all(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\n012")
+        .await
+        .expect("write");
+    let mut rest = [0u8; 64];
+    let n = tokio::time::timeout(DEADLINE, s.read(&mut rest))
+        .await
+        .expect("closed before the test deadline")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "{:?}", String::from_utf8_lossy(&rest[..n]));
+    // Its slot (max-concurrent-requests 1) is free again: the slot went with the connection.
+    assert_eq!(get(p.addr, "x", "/").await.status, 200);
+
+    // The upstream stops sending its response: the client's response is aborted.
+    let got = send(
+        p.addr,
+        request("GET", "/", &[("host", "stall")], Bytes::new()),
+    )
+    .await;
+    assert!(got.is_err(), "completed: {:?}", got.map(|g| g.status));
+
+    // An upload with pauses shorter than the timeout, longer than it in all: served.
+    let mut s = TcpStream::connect(p.addr).await.expect("connect");
+    s.write_all(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 8\r\n\r\n")
+        .await
+        .expect("write");
+    for _ in 0..8 {
+        // The property under test is a duration: bytes keep moving, slower than the timeout.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        s.write_all(b"x").await.expect("write");
+    }
+    let reply = read_one_response(&mut s).await;
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+}
+
 /// Collects formatted log output in memory.
 #[derive(Clone, Default)]
 struct LogBuf(Arc<std::sync::Mutex<Vec<u8>>>);

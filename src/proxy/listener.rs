@@ -11,7 +11,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::{Pin, pin};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
@@ -175,6 +175,21 @@ struct ActState {
 enum Expiry {
     Idle,
     Header,
+    /// Requests in flight, but no byte moved either way for the stream idle timeout.
+    Stalled,
+}
+
+/// The connection's timeouts, as [`Activity::expired`] applies them.
+#[derive(Debug, Clone, Copy)]
+struct Timeouts {
+    idle: Duration,
+    header: Duration,
+    /// Busy with no IO progress (brief §4.4 "streams idle 1 h"): a client that neither sends
+    /// its body nor reads its response, or a response the upstream stopped sending, cannot
+    /// hold the connection and its request slots for ever.
+    stalled: Duration,
+    /// Off while draining: the graceful close is already under way.
+    idle_enabled: bool,
 }
 
 /// Shared between the IO wrapper (reads), the service (request start/end) and the connection
@@ -183,6 +198,9 @@ enum Expiry {
 #[derive(Debug)]
 struct Activity {
     state: Mutex<ActState>,
+    /// Reads and writes that moved bytes: an atomic, not the lock, so a write costs one add.
+    /// The timer compares it between its wake-ups to find a stalled busy connection.
+    progress: AtomicU64,
 }
 
 impl Activity {
@@ -202,6 +220,7 @@ impl Activity {
                 protocol,
                 sniffed: 0,
             }),
+            progress: AtomicU64::new(0),
         })
     }
 
@@ -216,6 +235,7 @@ impl Activity {
         if bytes.is_empty() {
             return;
         }
+        self.moved();
         let mut s = self.lock();
         if s.protocol == Protocol::Sniff {
             let want = &H2_PREFACE[s.sniffed..];
@@ -239,6 +259,11 @@ impl Activity {
         }
     }
 
+    /// Bytes moved to or from the client.
+    fn moved(&self) {
+        self.progress.fetch_add(1, Ordering::Relaxed);
+    }
+
     fn begin_request(self: &Arc<Self>) -> RequestGuard {
         let mut s = self.lock();
         s.in_flight += 1;
@@ -255,25 +280,41 @@ impl Activity {
     }
 
     /// Resolves when a timer runs out: the header timer in [`Phase::Head`], the idle timer in
-    /// [`Phase::Idle`] (only when `idle_enabled`). Ends when the connection task drops it.
+    /// [`Phase::Idle`] (only when `idle_enabled`), the stall timer in [`Phase::Busy`]. Ends
+    /// when the connection task drops it.
     ///
-    /// Lazy: nothing wakes this future when the phase changes. It sleeps until the current
-    /// deadline, but never longer than the shortest timeout, then re-reads the phase. That is
-    /// never late: a phase that starts after the sleep began expires at least one shortest
-    /// timeout later, i.e. after the wake-up; and a phase that ended early is seen on waking.
-    /// The price is one wake-up per shortest timeout on a busy connection.
-    async fn expired(&self, idle: Duration, header: Duration, idle_enabled: bool) -> Expiry {
-        let step = if idle_enabled {
-            idle.min(header)
-        } else {
-            header
-        };
+    /// Lazy: nothing wakes this future when the phase changes or bytes move. It sleeps until
+    /// the current deadline, but never longer than the shortest timeout, then re-reads the
+    /// phase. That is never late: a phase that starts after the sleep began expires at least
+    /// one shortest timeout later, i.e. after the wake-up; and a phase that ended early is
+    /// seen on waking. The price is one wake-up per shortest timeout on a busy connection.
+    /// A stall counts from the first wake-up that saw no progress, so it is noticed up to one
+    /// such step late.
+    async fn expired(&self, t: Timeouts) -> Expiry {
+        let Timeouts {
+            idle,
+            header,
+            stalled,
+            idle_enabled,
+        } = t;
+        let mut step = header.min(stalled);
+        if idle_enabled {
+            step = step.min(idle);
+        }
+        let mut seen = self.progress.load(Ordering::Relaxed);
+        let mut quiet_since = Instant::now();
         loop {
             let now = Instant::now();
+            let progress = self.progress.load(Ordering::Relaxed);
+            if progress != seen {
+                seen = progress;
+                quiet_since = now;
+            }
             let deadline = match self.lock().phase {
                 Phase::Idle(t) if idle_enabled => Some((t + idle, Expiry::Idle)),
                 Phase::Head(t) => Some((t + header, Expiry::Header)),
-                Phase::Idle(_) | Phase::Busy => None,
+                Phase::Busy => Some((quiet_since + stalled, Expiry::Stalled)),
+                Phase::Idle(_) => None,
             };
             let wake = match deadline {
                 Some((at, kind)) if at <= now => return kind,
@@ -470,6 +511,12 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
         this.check_cut()?;
         match Pin::new(&mut this.inner).poll_write(cx, buf) {
             Poll::Pending => this.pending(cx),
+            Poll::Ready(Ok(n)) => {
+                if n > 0 {
+                    this.activity.moved();
+                }
+                Poll::Ready(Ok(n))
+            }
             ready => ready,
         }
     }
@@ -496,6 +543,12 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
         this.check_cut()?;
         match Pin::new(&mut this.inner).poll_write_vectored(cx, bufs) {
             Poll::Pending => this.pending(cx),
+            Poll::Ready(Ok(n)) => {
+                if n > 0 {
+                    this.activity.moved();
+                }
+                Poll::Ready(Ok(n))
+            }
             ready => ready,
         }
     }
@@ -1075,11 +1128,12 @@ async fn drive<C, E>(
     let shutdown_gate = Gate::new();
     // At most three turns: graceful start (once), then the end or a header timeout.
     loop {
-        let mut timer = pin!(activity.expired(
-            cfg.client_idle_timeout,
-            cfg.client_header_timeout,
-            !draining
-        ));
+        let mut timer = pin!(activity.expired(Timeouts {
+            idle: cfg.client_idle_timeout,
+            header: cfg.client_header_timeout,
+            stalled: cfg.stream_idle_timeout,
+            idle_enabled: !draining,
+        }));
         let timer_gate = Gate::new();
         // The connection first; the side futures only when their own wakers fired (Gate).
         let event = std::future::poll_fn(|cx| {
@@ -1117,6 +1171,12 @@ async fn drive<C, E>(
                         debug!(%peer, "client header timeout; closing");
                         return;
                     }
+                    Expiry::Stalled => {
+                        // Dropping the connection drops its requests: their upstream
+                        // exchanges end and their concurrency slots are released.
+                        debug!(%peer, timeout = ?cfg.stream_idle_timeout, "no bytes moved with requests in flight; closing");
+                        return;
+                    }
                 }
             }
         }
@@ -1129,10 +1189,18 @@ mod tests {
 
     const IDLE: Duration = Duration::from_secs(60);
     const HEADER: Duration = Duration::from_secs(10);
+    const STALLED: Duration = Duration::from_secs(3600);
 
     async fn expiry_after(a: &Activity, idle_enabled: bool) -> (Expiry, Duration) {
         let from = Instant::now();
-        let e = a.expired(IDLE, HEADER, idle_enabled).await;
+        let e = a
+            .expired(Timeouts {
+                idle: IDLE,
+                header: HEADER,
+                stalled: STALLED,
+                idle_enabled,
+            })
+            .await;
         (e, from.elapsed())
     }
 
@@ -1180,14 +1248,56 @@ mod tests {
             let a = a.clone();
             tokio::spawn(async move { expiry_after(&a, true).await })
         };
-        tokio::time::advance(IDLE * 3).await;
+        // Bytes keep moving (the stall timer is the next test's).
+        for _ in 0..3 {
+            tokio::time::advance(IDLE).await;
+            a.moved();
+        }
         assert!(!waiter.is_finished());
         drop(one);
-        tokio::time::advance(IDLE * 3).await;
+        for _ in 0..3 {
+            tokio::time::advance(IDLE).await;
+            a.moved();
+        }
         assert!(!waiter.is_finished(), "one stream still open");
         drop(two);
         let (e, _) = waiter.await.expect("join");
         assert_eq!(e, Expiry::Idle);
+    }
+
+    /// A busy connection on which no byte moves for the stall timeout expires (noticed at
+    /// most one timer step late); bytes moving either way keep it alive.
+    #[tokio::test(start_paused = true)]
+    async fn busy_connection_without_progress_stalls() {
+        let a = Activity::new(Protocol::H1);
+        let _req = a.begin_request();
+        let (e, after) = expiry_after(&a, true).await;
+        assert_eq!(e, Expiry::Stalled);
+        assert!(after >= STALLED && after <= STALLED + HEADER, "{after:?}");
+
+        let start = Instant::now();
+        let waiter = {
+            let a = a.clone();
+            tokio::spawn(async move { expiry_after(&a, true).await })
+        };
+        // Progress every half stall, reads and writes alike, for three stall periods.
+        for i in 0..6 {
+            tokio::time::advance(STALLED / 2).await;
+            if i % 2 == 0 {
+                a.on_read(b"x");
+            } else {
+                a.moved();
+            }
+            assert!(!waiter.is_finished(), "stalled at step {i}");
+        }
+        let (e, _) = waiter.await.expect("join");
+        assert_eq!(e, Expiry::Stalled);
+        // The last bytes moved three stall periods in; the stall counts from there.
+        let total = start.elapsed();
+        assert!(
+            total >= STALLED * 4 && total <= STALLED * 4 + HEADER * 2,
+            "{total:?}"
+        );
     }
 
     #[tokio::test(start_paused = true)]

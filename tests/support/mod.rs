@@ -535,6 +535,20 @@ pub async fn mid_body_close_backend() -> TestBackend {
     .await
 }
 
+/// Sends a head and part of the body, then nothing, holding the connection open (bounded by
+/// the test deadline).
+pub async fn mid_body_stall_backend() -> TestBackend {
+    raw_backend(|mut s| async move {
+        let _ = read_head(&mut s).await;
+        let _ = s
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n0123456789")
+            .await;
+        let _ = s.flush().await;
+        tokio::time::sleep(DEADLINE).await;
+    })
+    .await
+}
+
 /// h2c backend answering with a body and trailers (gRPC-like).
 pub async fn h2c_trailers_backend() -> TestBackend {
     serve_backend(|req, _| async move {
