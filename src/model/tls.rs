@@ -62,9 +62,12 @@ impl TlsTable {
 
     /// True when the host has a certificate of its own (exact or wildcard), not just the default.
     pub fn has_cert_for(&self, host: &str) -> bool {
-        self.exact.contains_key(host)
-            || host
-                .split_once('.')
-                .is_some_and(|(f, rest)| !f.is_empty() && self.wildcard.contains_key(rest))
+        // Plain-HTTP requests on catch-all routes ask this every time: no hashing, and no
+        // search for the first label, where a table is empty.
+        (!self.exact.is_empty() && self.exact.contains_key(host))
+            || (!self.wildcard.is_empty()
+                && host
+                    .split_once('.')
+                    .is_some_and(|(f, rest)| !f.is_empty() && self.wildcard.contains_key(rest)))
     }
 }

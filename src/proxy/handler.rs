@@ -548,19 +548,6 @@ impl Handler {
             .observe(forwarded.upstream_time.as_secs_f64());
 
         let mut resp = forwarded.response;
-        if let Some(problem) = ambiguous_response_framing(resp.headers()) {
-            // hyper's client decodes such a body by its Transfer-Encoding but leaves the
-            // header fields alone; forwarded, a stale Content-Length would cut the body short
-            // on a response that looks complete, and a coding other than chunked would reach
-            // the client undeclared. Refused as nginx does (RFC 9112 §6.3 calls the pair an
-            // error to handle); the connection is dropped, not pooled.
-            tracing::warn!(
-                endpoint = %forwarded.addr,
-                problem,
-                "upstream response framing refused; answering 502"
-            );
-            return Err(ProxyError::UpstreamFraming);
-        }
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             let Some(client_upgrade) = client_upgrade else {
                 // A 101 the client did not ask for cannot be relayed (RFC 9110 §15.2.2).
@@ -594,7 +581,23 @@ impl Handler {
         // HTTP/1.0 upstream would otherwise downgrade (and close) a keep-alive HTTP/1.1 client;
         // hyper itself answers an HTTP/1.0 client as 1.0.
         parts.version = Version::HTTP_11;
-        strip_hop_by_hop(&mut parts.headers, false);
+        let present = hop_by_hop_present(&parts.headers);
+        if present & HOP_TRANSFER_ENCODING != 0
+            && let Some(problem) = ambiguous_response_framing(&parts.headers)
+        {
+            // hyper's client decodes such a body by its Transfer-Encoding but leaves the
+            // header fields alone; forwarded, a stale Content-Length would cut the body short
+            // on a response that looks complete, and a coding other than chunked would reach
+            // the client undeclared. Refused as nginx does (RFC 9112 §6.3 calls the pair an
+            // error to handle); the connection is dropped, not pooled.
+            tracing::warn!(
+                endpoint = %forwarded.addr,
+                problem,
+                "upstream response framing refused; answering 502"
+            );
+            return Err(ProxyError::UpstreamFraming);
+        }
+        strip_present_hop_by_hop(&mut parts.headers, present, false);
         affinity.apply(&mut parts.headers);
         if conn.tls
             && let Some(hsts) = &policy.hsts
@@ -811,11 +814,20 @@ fn websocket_upgrade<B>(req: &Request<B>) -> bool {
 /// hop-by-hop fields. `TE: trailers` survives (gRPC needs it, RFC 9113 §8.2.2); Upgrade
 /// survives only on upgrades.
 fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    // One pass over the names finds which fixed hop-by-hop fields are present; most messages
-    // carry none, or only Connection. Only those present are removed (a hashed remove per
-    // absent name cost more than the rest of the function). Names listed in Connection need
-    // a Connection header, which is one of them.
-    let present = headers.keys().fold(0u8, |acc, n| acc | hop_by_hop_bit(n));
+    strip_present_hop_by_hop(headers, hop_by_hop_present(headers), keep_upgrade);
+}
+
+/// Which fixed hop-by-hop fields `headers` carries, as [`hop_by_hop_bit`]s: one pass over the
+/// names. Most messages carry none, or only Connection.
+fn hop_by_hop_present(headers: &HeaderMap) -> u8 {
+    headers.keys().fold(0u8, |acc, n| acc | hop_by_hop_bit(n))
+}
+
+/// [`strip_hop_by_hop`] with the fields already found by [`hop_by_hop_present`].
+fn strip_present_hop_by_hop(headers: &mut HeaderMap, present: u8, keep_upgrade: bool) {
+    // Only the fields present are removed (a hashed remove per absent name cost more than the
+    // rest of the function). Names listed in Connection need a Connection header, which is
+    // one of them.
     if present == 0 {
         return;
     }
