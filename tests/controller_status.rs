@@ -728,6 +728,74 @@ async fn an_event_burst_is_capped() {
     assert_eq!(fake.count("create", "events"), 5);
 }
 
+/// An Event RBAC refuses (no `events create` in that namespace) is not retried while the
+/// diagnostic stands: the retry loop would otherwise POST it every few seconds for as long as
+/// the replica leads. Events elsewhere are unaffected.
+#[tokio::test]
+async fn an_event_refused_by_rbac_is_not_retried() {
+    let fake = FakeApi::start().await;
+    fake.forbid("create", "events", "shop");
+    let mut reporter = EventReporter::new(
+        fake.client().await,
+        EventsConfig::new("portico.dev/ingress-controller", "replica-a"),
+    );
+    let denied = diag("shop", "ServiceNotFound", "Service shop/web does not exist");
+    let elsewhere = Diagnostic {
+        namespace: "other".into(),
+        ..diag(
+            "other",
+            "ServiceNotFound",
+            "Service other/web does not exist",
+        )
+    };
+    let s = reporter.report(&[denied.clone(), elsewhere.clone()]).await;
+    assert_eq!((s.emitted, s.refused, s.failed), (1, 1, 0));
+    for _ in 0..3 {
+        let s = reporter.report(&[denied.clone(), elsewhere.clone()]).await;
+        assert_eq!((s.emitted, s.refused, s.failed, s.duplicates), (0, 0, 0, 2));
+    }
+    assert_eq!(
+        fake.count("create", "events"),
+        2,
+        "the refused one was tried once"
+    );
+    assert_eq!(events_of(&fake).len(), 1);
+}
+
+/// A diagnostic that stands longer than the Event cache TTL is reported again with nothing
+/// else changing, so it outlives the API server's garbage collection of its Event (1 h).
+#[tokio::test]
+async fn a_standing_diagnostic_is_reported_again_after_the_cache_ttl() {
+    let fake = FakeApi::start().await;
+    let mut config = EventsConfig::new("portico.dev/ingress-controller", "replica-a");
+    config.cache_ttl = Duration::from_millis(300);
+    let reporter = EventReporter::new(fake.client().await, config);
+    let (_leader_tx, leader) = watch::channel(true);
+    let (_diags_tx, diags) = watch::channel(Arc::new(vec![diag(
+        "shop",
+        "ServiceNotFound",
+        "Service shop/web does not exist",
+    )]));
+    let (stop, stop_rx) = watch::channel(false);
+    let task = tokio::spawn(events::run(
+        reporter,
+        leader,
+        diags,
+        Duration::from_secs(5),
+        stopped(stop_rx),
+    ));
+    assert!(
+        poll_until(DEADLINE, || fake.count("create", "events") >= 3).await,
+        "re-reported: {} creates",
+        fake.count("create", "events")
+    );
+    let _ = stop.send(true);
+    tokio::time::timeout(DEADLINE, task)
+        .await
+        .expect("loop stops")
+        .expect("no panic");
+}
+
 // ---- only the leader writes ----------------------------------------------------------------
 
 struct Replica {

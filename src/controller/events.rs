@@ -51,6 +51,20 @@ pub enum EventsError {
 
 pub type Result<T, E = EventsError> = std::result::Result<T, E>;
 
+impl EventsError {
+    /// A refusal that retrying the same Event cannot change: a 4xx other than 409 (conflict)
+    /// and 429 (throttled).
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            EventsError::Create {
+                source: kube::Error::Api(s),
+                ..
+            } => (400..500).contains(&s.code) && s.code != 409 && s.code != 429,
+            EventsError::Create { .. } => false,
+        }
+    }
+}
+
 /// Settings of the reporter.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EventsConfig {
@@ -100,8 +114,14 @@ pub struct ReportSummary {
     pub duplicates: usize,
     /// Diagnostics held back by the rate cap (they emit on a later report).
     pub rate_limited: usize,
-    /// Creations the API server refused (retried on a later report).
+    /// Creations that failed for a reason that may pass (server errors, throttling, the
+    /// connection): retried on a later report.
     pub failed: usize,
+    /// Creations the API server refused for good (403: no `events create` permission in that
+    /// namespace; 404: no such namespace; 422: invalid): not retried until the diagnostic
+    /// changes or its cache entry ages out, so a missing permission is not a request every
+    /// retry interval for as long as the replica leads.
+    pub refused: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -343,6 +363,11 @@ impl EventReporter {
                     summary.emitted += 1;
                     self.seen.insert(key);
                 }
+                Err(e) if e.is_permanent() => {
+                    summary.refused += 1;
+                    self.seen.insert(key);
+                    tracing::warn!(error = %e, diagnostic = %d, "could not create Event; not retried while this diagnostic stands");
+                }
                 Err(e) => {
                     summary.failed += 1;
                     tracing::warn!(error = %e, diagnostic = %d, "could not create Event");
@@ -376,7 +401,9 @@ impl EventReporter {
 
 /// Reports every diagnostics list published on `diagnostics` (the rebuild loop's channel)
 /// while `leader` is true, until `shutdown`. On becoming leader the current list is reported
-/// at once; held-back diagnostics are retried every `retry` while leading.
+/// at once; held-back diagnostics are retried every `retry` while leading, and the list is
+/// reported again every cache TTL, so a problem that outlives its Event (garbage-collected
+/// after an hour) gets a new one even when nothing else changes.
 pub async fn run<F>(
     mut reporter: EventReporter,
     mut leader: watch::Receiver<bool>,
@@ -388,19 +415,14 @@ pub async fn run<F>(
 {
     tokio::pin!(shutdown);
     let mut pending = true;
+    let refresh = reporter.config.cache_ttl;
     loop {
         if *leader.borrow_and_update() && pending {
             let list = diagnostics.borrow_and_update().clone();
             let summary = reporter.report(&list).await;
             pending = summary.rate_limited > 0 || summary.failed > 0;
         }
-        let retry_tick = async {
-            if pending {
-                tokio::time::sleep(retry).await;
-            } else {
-                std::future::pending::<()>().await;
-            }
-        };
+        let retry_tick = tokio::time::sleep(if pending { retry } else { refresh });
         tokio::select! {
             () = &mut shutdown => return,
             r = leader.changed() => {
@@ -418,7 +440,7 @@ pub async fn run<F>(
                 }
                 pending = true;
             }
-            () = retry_tick => {}
+            () = retry_tick => pending = true,
         }
     }
 }

@@ -206,6 +206,7 @@ impl FakeApi {
             bookmark_interval: opts.bookmark_interval,
             default_watch_timeout: opts.default_watch_timeout,
             stalls: Default::default(),
+            forbidden: Default::default(),
             started: tokio::time::Instant::now(),
         });
         let accept = tokio::spawn(server::accept_loop(listener, shared.clone()));
@@ -477,6 +478,20 @@ users:
         {
             old.abort();
         }
+    }
+
+    /// Fault: from now on, requests with this verb (`create`, `get`, …) on this resource
+    /// (`events`) in `namespace` are refused with 403 Forbidden, as RBAC refuses them.
+    pub fn forbid(&self, verb: &str, resource: &str, namespace: &str) {
+        self.shared
+            .forbidden
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((
+                verb.to_string(),
+                resource.to_string(),
+                namespace.to_string(),
+            ));
     }
 
     /// Fault: leave the next `count` requests with this verb (`list`, `get`, `watch`, …) and

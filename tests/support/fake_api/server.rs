@@ -41,6 +41,8 @@ pub struct Shared {
     pub default_watch_timeout: Duration,
     /// Fault: requests to leave unanswered (see [`Stall`]).
     pub stalls: Mutex<Vec<Stall>>,
+    /// Fault: (verb, resource, namespace) the caller has no RBAC permission for: 403.
+    pub forbidden: Mutex<Vec<(String, String, String)>>,
     /// When the server started; [`RequestRecord::at`] counts from here.
     pub started: Instant,
 }
@@ -301,6 +303,23 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
     };
     if let Some(mode) = stall {
         return Ok(stalled(mode).await);
+    }
+    {
+        let state = shared.lock();
+        let resource = state.ty(target.ty).plural.clone();
+        let ns = target.namespace.clone().unwrap_or_default();
+        let denied = shared
+            .forbidden
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(|(v, r, n)| v == verb && *r == resource && *n == ns);
+        if denied {
+            // As the real server words an RBAC denial.
+            return Err(ApiError::Forbidden(format!(
+                "{resource} is forbidden: User \"system:serviceaccount:test:portico\" cannot {verb} resource \"{resource}\" in the namespace \"{ns}\""
+            )));
+        }
     }
     let mut state = shared.lock();
     if q.get("dryRun").is_some_and(|d| !d.is_empty()) && !matches!(verb, "get" | "list" | "watch") {
