@@ -41,6 +41,34 @@ const NGINX_SESSION_COOKIE_MAX_AGE: &str = "session-cookie-max-age";
 /// ingress-nginx's default `session-cookie-name`.
 const NGINX_DEFAULT_COOKIE: &str = "INGRESSCOOKIE";
 
+/// ingress-nginx annotations that decide who may reach a route, which portico does not
+/// implement. Served without them, a route would be open that its owner closed: such an
+/// Ingress's routes answer 503 instead, with an Error diagnostic naming the annotation.
+/// (`auth-tls-verify-client: "off"` asks for nothing and is ignored.)
+const NGINX_ACCESS_CONTROL: &[&str] = &[
+    "auth-url",
+    "auth-type",
+    "auth-secret",
+    "auth-tls-verify-client",
+    "whitelist-source-range",
+    "allowlist-source-range",
+    "denylist-source-range",
+    "satisfy",
+];
+
+/// ingress-nginx annotations that change which backend path a request reaches (regex paths,
+/// rewrites, redirects) or inject nginx configuration, which portico does not implement: the
+/// Ingress is served as written, with a Warning, so a migrating user sees the difference.
+const NGINX_UNSUPPORTED_ROUTING: &[&str] = &[
+    "use-regex",
+    "rewrite-target",
+    "app-root",
+    "permanent-redirect",
+    "temporal-redirect",
+    "configuration-snippet",
+    "server-snippet",
+];
+
 /// A value that cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("annotation {name}: {value:?} is not {expected}; the default is used")]
@@ -77,6 +105,9 @@ pub(super) struct Annotations {
     pub load_balance: LoadBalance,
     /// `health-check-*`: `Some` when `health-check-path` is set and valid.
     pub health_check: Option<Arc<HealthCheck>>,
+    /// The first ingress-nginx access-control annotation present ([`NGINX_ACCESS_CONTROL`]):
+    /// the routes cannot be served as written.
+    pub access_control: Option<String>,
 }
 
 struct Reader<'a, 'd> {
@@ -186,6 +217,7 @@ pub(super) fn parse(
     );
     let load_balance = load_balance(&mut r);
     let health_check = health_check(&mut r);
+    let access_control = unsupported_nginx(&mut r);
     Annotations {
         connect_timeout,
         read_timeout,
@@ -196,7 +228,40 @@ pub(super) fn parse(
         max_concurrent_requests,
         load_balance,
         health_check,
+        access_control,
     }
+}
+
+/// Warns about the ingress-nginx annotations portico does not implement that change routing,
+/// and returns the first access-control one (its routes are refused, see
+/// [`Annotations::access_control`]; the diagnostic is the route's).
+fn unsupported_nginx(r: &mut Reader<'_, '_>) -> Option<String> {
+    let map = r.map?;
+    for name in NGINX_UNSUPPORTED_ROUTING {
+        let full = format!("{NGINX_PREFIX}{name}");
+        let Some(value) = map.get(&full) else {
+            continue;
+        };
+        // `use-regex: "false"` asks for what portico does anyway.
+        if *name == "use-regex" && parse_bool(value) == Some(false) {
+            continue;
+        }
+        r.diags.warn(
+            "Ingress",
+            &r.obj,
+            "UnsupportedAnnotation",
+            format!(
+                "annotation {full} is not supported by portico and is ignored: paths are \
+                 matched and forwarded as written (ImplementationSpecific as Prefix)"
+            ),
+        );
+    }
+    NGINX_ACCESS_CONTROL.iter().find_map(|name| {
+        let full = format!("{NGINX_PREFIX}{name}");
+        let value = map.get(&full)?;
+        let off = *name == "auth-tls-verify-client" && value.trim().eq_ignore_ascii_case("off");
+        (!off).then_some(full)
+    })
 }
 
 /// What `load-balance` names, before the hash key is attached.

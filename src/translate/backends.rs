@@ -37,6 +37,11 @@ pub(super) enum BackendError {
     BadPort(String),
     #[error("backend-protocol {0} is not supported (use HTTP, H2C or GRPC)")]
     UnsupportedProtocol(String),
+    #[error(
+        "annotation {0} restricts access and is not supported by portico; rather than serve \
+         the route without it, it answers 503"
+    )]
+    UnsupportedAccessControl(String),
     #[error("Service {0} not found")]
     ServiceNotFound(String),
     #[error("Service {0} is of type ExternalName; portico only proxies to pod endpoints")]
@@ -51,6 +56,7 @@ impl BackendError {
             BackendError::Resource(_) => "ResourceBackendNotSupported",
             BackendError::NoService | BackendError::BadPort(_) => "InvalidBackend",
             BackendError::UnsupportedProtocol(_) => "UnsupportedBackendProtocol",
+            BackendError::UnsupportedAccessControl(_) => "UnsupportedAnnotation",
             BackendError::ServiceNotFound(_) => "ServiceNotFound",
             BackendError::ExternalName(_) => "ExternalNameNotSupported",
             BackendError::ServicePortNotFound { .. } => "ServicePortNotFound",

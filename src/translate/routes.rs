@@ -18,7 +18,7 @@ use crate::model::{
 };
 
 use super::annotations::{self, Annotations};
-use super::backends::{BorrowedKey, resolve_service};
+use super::backends::{BackendError, BorrowedKey, resolve_service};
 use super::hosts::{HostKey, parse_host};
 use super::index::{self, FastMap, Index};
 use super::paths::parse_path;
@@ -387,6 +387,11 @@ impl<'a> Backends<'a> {
         what: fmt::Arguments<'_>,
         diags: &mut Diags,
     ) -> (Plan, UpstreamProtocol) {
+        if let Some(name) = &ann.access_control {
+            let e = BackendError::UnsupportedAccessControl(name.clone());
+            diags.error("Ingress", obj, e.reason(), format!("{what}: {e}"));
+            return (Plan::Unavailable(e.to_string()), UpstreamProtocol::Http1);
+        }
         match resolve_service(ns, backend, index, &ann.backend_protocol) {
             Ok(found) => {
                 let specs = &mut self.specs;

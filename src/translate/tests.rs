@@ -1564,6 +1564,75 @@ fn annotation_defaults_come_from_options() {
     assert_eq!(policy_with(&[], &opts).0.ssl_redirect, SslRedirect::No);
 }
 
+/// ingress-nginx access-control annotations portico cannot enforce close the Ingress's routes
+/// (503, an Error) rather than serve them open; its paths stay claimed, so a catch-all rule of
+/// another Ingress does not serve them either.
+#[test]
+fn unsupported_access_control_annotations_close_the_routes() {
+    for (name, value) in [
+        ("auth-url", "http://auth.svc/verify"),
+        ("auth-type", "basic"),
+        ("whitelist-source-range", "10.0.0.0/8"),
+        ("auth-tls-verify-client", "on"),
+    ] {
+        let w = World::web()
+            .ing(
+                Ing::new("default", "admin")
+                    .created("2020-01-01T00:00:00Z")
+                    .ann(&format!("nginx.ingress.kubernetes.io/{name}"), value)
+                    .path("h.test", "Prefix", "/admin", "web", svc80()),
+            )
+            .ing(Ing::new("default", "site").path("h.test", "Prefix", "/", "web", svc80()));
+        let (s, d) = w.run();
+        let diag = only(&d, Severity::Error, "UnsupportedAnnotation");
+        assert!(diag.message.contains(name), "{name}: {}", diag.message);
+        assert_eq!(diag.name, "admin");
+        assert_eq!(hit(&s, "h.test", "/admin/x"), "503", "{name}");
+        assert_eq!(hit(&s, "h.test", "/other"), "default/web:80", "{name}");
+    }
+    // Asking for no client certificate asks for nothing.
+    let (s, d) = World::web()
+        .ing(
+            Ing::new("default", "a")
+                .ann("nginx.ingress.kubernetes.io/auth-tls-verify-client", "off")
+                .path("h.test", "Prefix", "/", "web", svc80()),
+        )
+        .run();
+    assert!(d.is_empty(), "{d:?}");
+    assert_eq!(hit(&s, "h.test", "/"), "default/web:80");
+}
+
+/// ingress-nginx routing annotations portico does not implement are served as written, with a
+/// Warning that says so (a migrating user would otherwise see silent 404s or misrouting).
+#[test]
+fn unsupported_routing_annotations_warn() {
+    let (s, d) = World::web()
+        .ing(
+            Ing::new("default", "a")
+                .ann("nginx.ingress.kubernetes.io/use-regex", "true")
+                .ann("nginx.ingress.kubernetes.io/rewrite-target", "/$1")
+                .path("h.test", "ImplementationSpecific", "/api", "web", svc80()),
+        )
+        .run();
+    let warned: Vec<&str> = d
+        .iter()
+        .filter(|d| d.reason == "UnsupportedAnnotation" && d.severity == Severity::Warning)
+        .map(|d| d.message.as_str())
+        .collect();
+    assert_eq!(warned.len(), 2, "{d:?}");
+    assert!(warned.iter().any(|m| m.contains("use-regex")));
+    assert!(warned.iter().any(|m| m.contains("rewrite-target")));
+    assert_eq!(hit(&s, "h.test", "/api/v1"), "default/web:80");
+    let (_, d) = World::web()
+        .ing(
+            Ing::new("default", "a")
+                .ann("nginx.ingress.kubernetes.io/use-regex", "false")
+                .path("h.test", "Prefix", "/", "web", svc80()),
+        )
+        .run();
+    assert!(d.is_empty(), "{d:?}");
+}
+
 #[test]
 fn annotation_ssl_redirect_opt_out_under_both_names() {
     let o = Options::default();
