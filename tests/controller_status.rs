@@ -171,6 +171,52 @@ async fn crashed_leader_is_replaced_after_the_lease_expires() {
     b.shutdown().await;
 }
 
+/// Expiry is judged on the follower's own clock, from when it saw the Lease record change: a
+/// holder whose clock runs an hour behind (every `renewTime` an hour old) but keeps renewing
+/// is never taken over; once it stops, the follower takes over a lease duration later.
+#[tokio::test]
+async fn a_holder_with_a_skewed_clock_keeps_its_lease_while_it_renews() {
+    let fake = FakeApi::start().await;
+    let hour_ago = |ms: i64| {
+        Timestamp::now()
+            .checked_sub(SignedDuration::from_secs(3600))
+            .expect("timestamp")
+            .checked_add(SignedDuration::from_millis(ms))
+            .expect("timestamp")
+            .to_string()
+    };
+    fake.create(json!({
+        "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": {"name": "portico-leader", "namespace": NS},
+        "spec": {"holderIdentity": "skewed", "leaseDurationSeconds": 1,
+                 "acquireTime": hour_ago(0), "renewTime": hour_ago(0), "leaseTransitions": 0}
+    }))
+    .expect("create lease");
+    let b = start_elector(&fake, "replica-b").await;
+    // The skewed holder renews every retry period for three lease durations.
+    let renewals = (LEASE * 3).as_millis() / RETRY.as_millis();
+    let mut last_renewal = tokio::time::Instant::now();
+    for i in 1..=renewals {
+        tokio::time::sleep(RETRY).await;
+        last_renewal = tokio::time::Instant::now();
+        let mut lease = lease_json(&fake);
+        lease["spec"]["renewTime"] = json!(hour_ago(i64::try_from(i).expect("small") * 200));
+        fake.update(lease).expect("renew");
+        assert!(!b.is_leader(), "took a Lease that is still being renewed");
+    }
+    assert_eq!(holder(&fake), "skewed");
+    // The holder stops renewing: b takes over, not before a lease duration has passed since
+    // the last renewal (which b can only have seen after it was written).
+    wait("b takes over", || b.is_leader()).await;
+    assert!(
+        last_renewal.elapsed() >= LEASE,
+        "took over {:?} after the last renewal",
+        last_renewal.elapsed()
+    );
+    assert_eq!(holder(&fake), "replica-b");
+    b.shutdown().await;
+}
+
 #[tokio::test]
 async fn graceful_release_hands_over_at_once() {
     let fake = FakeApi::start().await;

@@ -6,10 +6,13 @@
 //! The protocol follows client-go's `leaderelection` package over the Lease API
 //! (<https://kubernetes.io/docs/concepts/architecture/leases/>):
 //! - a Lease that is absent is created (a 409 AlreadyExists means another replica won);
-//! - a Lease held by us, released (`holderIdentity` empty) or expired
-//!   (`renewTime + leaseDurationSeconds` < now) is taken with a `replace` carrying the
-//!   resourceVersion we read, so two replicas racing for it cannot both win: the loser gets
-//!   409 Conflict, writes nothing and re-reads on its next attempt;
+//! - a Lease held by us, released (`holderIdentity` empty) or expired is taken with a `replace`
+//!   carrying the resourceVersion we read, so two replicas racing for it cannot both win: the
+//!   loser gets 409 Conflict, writes nothing and re-reads on its next attempt;
+//! - "expired" is judged on our own monotonic clock, as client-go's `observedTime`: a Lease
+//!   whose record has not changed for `leaseDurationSeconds` since we first saw it that way.
+//!   The holder's `renewTime` is its wall clock, and a replica whose clock runs ahead would
+//!   otherwise take a Lease that is still being renewed;
 //! - `leaseTransitions` is incremented whenever the holder changes;
 //! - the leader renews every retry period (one PUT of the Lease it last wrote) and steps down if
 //!   it could not renew within the renew deadline, which is shorter than the lease duration, so
@@ -23,7 +26,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
-use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use k8s_openapi::jiff::Timestamp;
 use kube::Client;
 use kube::api::{Api, PostParams};
 use tokio::sync::watch;
@@ -175,6 +178,9 @@ pub struct LeaderElector {
     held: Option<Lease>,
     /// When we last wrote the Lease as holder (start of the renew-deadline window).
     last_renew: Option<Instant>,
+    /// Someone else's Lease record as we last read it, and when (our clock) we first saw it
+    /// so: its expiry counts from there.
+    observed: Option<(LeaseSpec, Instant)>,
 }
 
 fn is_conflict(e: &kube::Error) -> bool {
@@ -195,6 +201,7 @@ impl LeaderElector {
             leader,
             held: None,
             last_renew: None,
+            observed: None,
         })
     }
 
@@ -232,6 +239,20 @@ impl LeaderElector {
             name: self.config.lease_name.clone(),
             source,
         }
+    }
+
+    /// Whether `lease` (held by someone) has gone unrenewed for its duration, on our clock:
+    /// `at` is now; the record's first sighting is remembered across attempts.
+    fn observed_expired(&mut self, lease: &Lease, at: Instant) -> bool {
+        let spec = lease.spec.clone().unwrap_or_default();
+        let since = match &self.observed {
+            Some((seen, since)) if *seen == spec => *since,
+            _ => {
+                self.observed = Some((spec.clone(), at));
+                at
+            }
+        };
+        observed_expired(&spec, since, at)
     }
 
     fn step_down(&mut self) {
@@ -328,7 +349,7 @@ impl LeaderElector {
         };
 
         let ours = holder(&lease) == Some(self.config.identity.as_str());
-        let free = holder(&lease).is_none() || expired(&lease, now);
+        let free = holder(&lease).is_none() || self.observed_expired(&lease, started);
         if !ours && !free {
             self.step_down();
             return Ok(false);
@@ -454,19 +475,11 @@ fn holder(lease: &Lease) -> Option<&str> {
         .filter(|h| !h.is_empty())
 }
 
-/// `renewTime + leaseDurationSeconds < now` (a Lease without a renew time counts as expired).
-fn expired(lease: &Lease, now: Timestamp) -> bool {
-    let Some(spec) = lease.spec.as_ref() else {
-        return true;
-    };
-    let Some(MicroTime(renewed)) = spec.renew_time.as_ref().or(spec.acquire_time.as_ref()) else {
-        return true;
-    };
-    let secs = i64::from(spec.lease_duration_seconds.unwrap_or(0).max(0));
-    match renewed.checked_add(SignedDuration::from_secs(secs)) {
-        Ok(until) => until < now,
-        Err(_) => false,
-    }
+/// A record first seen unchanged at `since` has expired at `now` once its
+/// `leaseDurationSeconds` (absent or negative: 0) have passed.
+fn observed_expired(spec: &LeaseSpec, since: Instant, now: Instant) -> bool {
+    let secs = u64::try_from(spec.lease_duration_seconds.unwrap_or(0)).unwrap_or(0);
+    now.saturating_duration_since(since) > Duration::from_secs(secs)
 }
 
 #[cfg(test)]
@@ -485,18 +498,35 @@ mod tests {
         }
     }
 
+    /// Expiry counts from when we first saw the record, on our own clock: a `renewTime` far in
+    /// the past (the holder's clock behind ours) does not make a live Lease expired, and one
+    /// in the future does not keep a dead one alive.
     #[test]
-    fn expiry_is_renew_time_plus_duration() {
-        let now = Timestamp::now();
-        let ten_ago = now - SignedDuration::from_secs(10);
-        assert!(expired(&lease(Some("a"), ten_ago, 5), now));
-        assert!(!expired(&lease(Some("a"), ten_ago, 15), now));
-        assert!(expired(
-            &Lease {
-                metadata: ObjectMeta::default(),
-                spec: None
-            },
-            now
+    fn expiry_is_the_duration_after_the_record_was_first_seen_unchanged() {
+        let t0 = Instant::now();
+        let spec = |s: i32| LeaseSpec {
+            lease_duration_seconds: Some(s),
+            ..LeaseSpec::default()
+        };
+        assert!(!observed_expired(
+            &spec(15),
+            t0,
+            t0 + Duration::from_secs(15)
+        ));
+        assert!(observed_expired(
+            &spec(15),
+            t0,
+            t0 + Duration::from_secs(16)
+        ));
+        assert!(observed_expired(
+            &spec(-3),
+            t0,
+            t0 + Duration::from_millis(1)
+        ));
+        assert!(observed_expired(
+            &LeaseSpec::default(),
+            t0,
+            t0 + Duration::from_millis(1)
         ));
     }
 
