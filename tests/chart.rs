@@ -284,19 +284,31 @@ fn run_args(container: &Container) -> RunArgs {
     }
 }
 
-/// One granted permission: (namespace or `*` for cluster-wide, group, resource, verb).
+/// One granted permission: (namespace or `*` for cluster-wide, group, resource, verb). A rule
+/// narrowed by `resourceNames` grants `resource#name` for each name, so it matches only a need
+/// for that one object.
 type Grant = (String, String, String, String);
 
 fn expand(at: &str, rules: &[PolicyRule], out: &mut BTreeSet<Grant>) {
     for rule in rules {
         assert!(
-            rule.resource_names.is_none() && rule.non_resource_urls.is_none(),
-            "rules are per resource type: {rule:?}"
+            rule.non_resource_urls.is_none(),
+            "rules are per resource: {rule:?}"
         );
+        let names: Vec<Option<&String>> = match &rule.resource_names {
+            Some(names) => names.iter().map(Some).collect(),
+            None => vec![None],
+        };
         for group in rule.api_groups.iter().flatten() {
             for resource in rule.resources.iter().flatten() {
-                for verb in &rule.verbs {
-                    out.insert((at.into(), group.clone(), resource.clone(), verb.clone()));
+                for name in &names {
+                    let resource = match name {
+                        Some(n) => format!("{resource}#{n}"),
+                        None => resource.clone(),
+                    };
+                    for verb in &rule.verbs {
+                        out.insert((at.into(), group.clone(), resource.clone(), verb.clone()));
+                    }
                 }
             }
         }
@@ -373,6 +385,13 @@ fn needed(run: &RunArgs) -> BTreeSet<Grant> {
         .expect("the chart sets --lease-namespace");
     let mut out = BTreeSet::new();
     for need in API_NEEDS {
+        // The default certificate's own Role is narrowed to that Secret.
+        let resource = match (need.scope, &run.translate.default_certificate) {
+            (Scope::DefaultCertificateNamespace, Some((_, name))) => {
+                format!("{}#{name}", need.resource)
+            }
+            _ => need.resource.to_string(),
+        };
         let places: Vec<String> = match need.scope {
             Scope::Cluster => vec!["*".into()],
             Scope::WatchedNamespaces if run.watch_namespace.is_empty() => vec!["*".into()],
@@ -382,13 +401,21 @@ fn needed(run: &RunArgs) -> BTreeSet<Grant> {
                 Some((ns, _)) => vec![ns.clone()],
                 None => vec![],
             },
+            Scope::DefaultCertificateNamespace => match &run.translate.default_certificate {
+                Some((ns, _))
+                    if !run.watch_namespace.is_empty() && !run.watch_namespace.contains(ns) =>
+                {
+                    vec![ns.clone()]
+                }
+                _ => vec![],
+            },
         };
         for at in places {
             for verb in need.verbs {
                 out.insert((
                     at.clone(),
                     need.group.to_string(),
-                    need.resource.to_string(),
+                    resource.clone(),
                     verb.to_string(),
                 ));
             }
@@ -807,6 +834,60 @@ fn toggles_reach_the_rendered_objects() {
     assert_eq!(run.publish_service, None);
     assert_eq!(run.publish_status_address, ["203.0.113.9"]);
     check_rbac("publishStatusAddress", &docs);
+}
+
+/// A `defaultCertificate` in a namespace `watchNamespace` leaves out gets a Role on exactly
+/// that Secret (the controller watches it by name); inside the watched namespaces it needs
+/// none of its own.
+#[test]
+fn default_certificate_outside_the_watched_namespaces_gets_a_role_on_that_secret() {
+    let render = |watched: &str| {
+        documents(
+            &template(&[
+                "--set",
+                &format!("controller.watchNamespace={watched}"),
+                "--set",
+                "controller.defaultCertificate=certs/wildcard",
+            ])
+            .expect("renders"),
+        )
+    };
+    let roles = |docs: &[Value]| -> Vec<Role> {
+        objects::<Role>(docs, "Role")
+            .into_iter()
+            .filter(|r| r.metadata.namespace.as_deref() == Some("certs"))
+            .collect()
+    };
+    let docs = render("shop");
+    check_rbac("defaultCertificate outside", &docs);
+    let run = run_args(&controller_container(&pod_spec(&docs)));
+    assert_eq!(
+        run.translate.default_certificate,
+        Some(("certs".into(), "wildcard".into()))
+    );
+    let in_certs = roles(&docs);
+    assert_eq!(in_certs.len(), 1, "one Role in the certificate's namespace");
+    let rules = in_certs[0].rules.clone().unwrap_or_default();
+    assert_eq!(rules.len(), 1);
+    assert_eq!(
+        rules[0].resources.as_deref(),
+        Some(&["secrets".to_string()][..])
+    );
+    assert_eq!(
+        rules[0].resource_names.as_deref(),
+        Some(&["wildcard".to_string()][..])
+    );
+
+    let docs = render("shop\\,certs");
+    check_rbac("defaultCertificate inside", &docs);
+    assert!(
+        roles(&docs).iter().all(|r| r
+            .metadata
+            .name
+            .as_deref()
+            .is_some_and(|n| !n.ends_with("-default-certificate"))),
+        "no Role of its own when the namespace is watched"
+    );
 }
 
 #[test]

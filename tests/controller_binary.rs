@@ -371,6 +371,55 @@ async fn tls_secret_rotated_in_the_api_reaches_new_handshakes() {
     .await;
 }
 
+/// `--default-certificate` in a namespace portico does not watch: a watcher on that one Secret
+/// brings it in, so handshakes without a matching certificate get it rather than the
+/// generated fallback, from the first snapshot on, and its rotation reaches new handshakes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_default_certificate_outside_the_watched_namespaces_is_served() {
+    let api = FakeApi::start().await;
+    let _web = shop_served_by_web(&api).await;
+    let (c1, k1, d1) = process::cert_for("default.test");
+    let (c2, k2, d2) = process::cert_for("default.test");
+    let secret = |cert: &str, key: &str| {
+        json!({
+            "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+            "metadata": {"name": "wildcard", "namespace": "certs"},
+            "data": {"tls.crt": base64(cert.as_bytes()), "tls.key": base64(key.as_bytes())}
+        })
+    };
+    api.create(secret(&c1, &k1)).expect("create secret");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = ready_portico_with(
+        &api,
+        dir.path(),
+        &[
+            "--watch-namespace",
+            "shop",
+            "--default-certificate",
+            "certs/wildcard",
+        ],
+    )
+    .await;
+    let roots = [d1.clone(), d2.clone()];
+    // Ready means the first snapshot: it already serves the configured default certificate.
+    assert_eq!(
+        process::handshake(p.https, "default.test", &roots)
+            .await
+            .map(|h| h.1),
+        Some(d1.clone())
+    );
+    let mut rotated = api.get("v1", "Secret", "certs", "wildcard").expect("get");
+    rotated["data"] = secret(&c2, &k2)["data"].clone();
+    api.update(rotated).expect("rotate");
+    eventually("rotated default certificate", || async {
+        process::handshake(p.https, "default.test", &roots)
+            .await
+            .map(|h| h.1)
+            == Some(d2.clone())
+    })
+    .await;
+}
+
 /// Base64 as the API encodes Secret data: through k8s-openapi's `ByteString`.
 fn base64(bytes: &[u8]) -> Value {
     serde_json::to_value(k8s_openapi::ByteString(bytes.to_vec())).expect("encode")

@@ -20,6 +20,9 @@ pub enum Scope {
     LeaseNamespace,
     /// Namespaced, only in the namespace of `--publish-service` (a Role there is enough).
     PublishServiceNamespace,
+    /// The `--default-certificate` Secret, when its namespace is not watched (a Role there,
+    /// narrowed to that Secret by `resourceNames`: the watcher selects it by `metadata.name`).
+    DefaultCertificateNamespace,
 }
 
 impl Scope {
@@ -30,6 +33,9 @@ impl Scope {
             Scope::WatchedNamespaces => "watched namespaces",
             Scope::LeaseNamespace => "lease namespace",
             Scope::PublishServiceNamespace => "publish-service namespace",
+            Scope::DefaultCertificateNamespace => {
+                "default-certificate namespace (when not watched; that Secret only)"
+            }
         }
     }
 }
@@ -129,10 +135,18 @@ pub const API_NEEDS: &[ApiNeed] = &[
     ApiNeed {
         group: "",
         resource: "services",
-        verbs: &["get", "list", "watch"],
+        verbs: &["list", "watch"],
         scope: Scope::PublishServiceNamespace,
-        why: "status writer: the --publish-service address (its namespace may be outside the \
-              watched ones)",
+        why: "source: reflector on the --publish-service Service (fieldSelector metadata.name) \
+              when its namespace is not watched; the status writer reads its address from it",
+    },
+    ApiNeed {
+        group: "",
+        resource: "secrets",
+        verbs: &["get", "list", "watch"],
+        scope: Scope::DefaultCertificateNamespace,
+        why: "source: reflector on the --default-certificate Secret (fieldSelector \
+              metadata.name) when its namespace is not watched; get fetches its tls.crt/tls.key",
     },
 ];
 

@@ -50,6 +50,10 @@
 //! - `--publish-service`: when its namespace is not watched, one extra watcher on exactly that
 //!   Service (field selector `metadata.name`) feeds [`ClusterSource::service`]; it is not part
 //!   of [`Inputs`] and does not gate [`ClusterSource::is_synced`].
+//! - `--default-certificate`: when its namespace is not watched, one extra Secret watcher on
+//!   exactly that Secret (field selectors `metadata.name` and the TLS type) joins the Secret
+//!   stores, so it is an input and its data is kept like any referenced Secret's. It gates the
+//!   first sync like the other stores: the first snapshot serves that certificate.
 
 use std::collections::BTreeSet;
 use std::fmt::Debug;
@@ -359,6 +363,30 @@ impl ClusterSource {
                 gates_sync: true,
             },
         );
+        // `--default-certificate` in a namespace that is not watched: a watcher on exactly that
+        // Secret (metadata only, like the others), whose store joins the Secret stores, so
+        // translate and the Secret-data keeper find it as any other. It gates the first sync
+        // like them: the first snapshot serves the configured default certificate, not the
+        // generated fallback. (RBAC: a Role on that one Secret, docs/rbac.md.)
+        if let (Some((ns, name)), Some(list)) = (&config.default_certificate, &namespaces)
+            && !list.contains(ns)
+        {
+            secrets.push(spawn_reflector(
+                &mut set,
+                &shared,
+                Watch {
+                    api: Api::namespaced(client.clone(), ns),
+                    config: base().fields(&format!("metadata.name={name},{TLS_SECRET_SELECTOR}")),
+                    keep: |mut s| {
+                        strip_secret_data(&mut s);
+                        s
+                    },
+                    kind: "Secret",
+                    namespace: Some(ns.clone()),
+                    gates_sync: true,
+                },
+            ));
+        }
         let publish_service = match (&config.publish_service, &namespaces) {
             (Some((ns, name)), Some(list)) if !list.contains(ns) => Some(spawn_reflector(
                 &mut set,
