@@ -21,7 +21,8 @@
 //! only an incomplete head is held, up to the h1 buffer cap. Whatever it cannot follow safely
 //! (CONNECT, an `Upgrade` request, a head hyper would refuse, an oversize head, the h2c
 //! preface) switches the rest of the connection to pass-through: hyper's own (non-smuggleable)
-//! handling stays the safety net.
+//! handling stays the safety net. A CONNECT or Upgrade request answered without switching
+//! protocols gets `Connection: close` from the handler, so no request follows it unchecked.
 
 use std::io;
 use std::mem::MaybeUninit;
