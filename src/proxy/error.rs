@@ -44,6 +44,10 @@ pub enum ProxyError {
     /// Body over the route's limit → 413 (RFC 9110 §15.5.14).
     #[error("request body too large")]
     BodyTooLarge,
+    /// The client sent no byte of its body for the route's read timeout → 408 (RFC 9110
+    /// §15.5.9; nginx's `client_body_timeout`); the upstream is not blamed.
+    #[error("client request body timed out")]
+    ClientBodyTimeout,
 
     // ---- routing / policy (portico) ----
     /// No snapshot published yet → 503.
@@ -93,6 +97,7 @@ impl ProxyError {
             | UnsupportedTransferCoding
             | UnsupportedMethod
             | ClientBody
+            | ClientBodyTimeout
             | BodyTooLarge => Origin::Downstream,
             UpstreamConnect | UpstreamReset | UpstreamTimeout | UpstreamFraming => Origin::Upstream,
             NotReady | NoRoute | NoEndpoints | Overloaded(_) | RateLimited { .. } => {
@@ -110,6 +115,7 @@ impl ProxyError {
             BadRequest(_) | ClientBody => StatusCode::BAD_REQUEST,
             UnsupportedTransferCoding | UnsupportedMethod => StatusCode::NOT_IMPLEMENTED,
             BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ClientBodyTimeout => StatusCode::REQUEST_TIMEOUT,
             NoRoute => StatusCode::NOT_FOUND,
             RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             NotReady | NoEndpoints | Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -130,6 +136,7 @@ impl ProxyError {
             UnsupportedMethod => Some("method"),
             ClientBody => Some("client_body"),
             BodyTooLarge => Some("body_too_large"),
+            ClientBodyTimeout => Some("client_body_timeout"),
             NotReady => Some("not_ready"),
             Overloaded(r) => Some(r),
             RateLimited { .. } => Some("rate_limited"),
@@ -206,6 +213,7 @@ mod tests {
             (ProxyError::UnsupportedMethod, 501, Origin::Downstream),
             (ProxyError::ClientBody, 400, Origin::Downstream),
             (ProxyError::BodyTooLarge, 413, Origin::Downstream),
+            (ProxyError::ClientBodyTimeout, 408, Origin::Downstream),
             (ProxyError::NotReady, 503, Origin::Internal),
             (ProxyError::NoRoute, 404, Origin::Internal),
             (ProxyError::NoEndpoints, 503, Origin::Internal),

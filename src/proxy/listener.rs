@@ -11,7 +11,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::{Pin, pin};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
@@ -184,9 +184,10 @@ enum Expiry {
 struct Timeouts {
     idle: Duration,
     header: Duration,
-    /// Busy with no IO progress (brief §4.4 "streams idle 1 h"): a client that neither sends
-    /// its body nor reads its response, or a response the upstream stopped sending, cannot
-    /// hold the connection and its request slots for ever.
+    /// Busy with no IO progress (brief §4.4 "streams idle 1 h") once every handler has its
+    /// response head: a client that does not read its response, or a response the upstream
+    /// stopped sending, cannot hold the connection and its request slots for ever. (Before the
+    /// head, the route's read timeout bounds the upstream and the client's body.)
     stalled: Duration,
     /// Off while draining: the graceful close is already under way.
     idle_enabled: bool,
@@ -201,6 +202,9 @@ struct Activity {
     /// Reads and writes that moved bytes: an atomic, not the lock, so a write costs one add.
     /// The timer compares it between its wake-ups to find a stalled busy connection.
     progress: AtomicU64,
+    /// Requests whose handler has not produced a response head yet: the upstream's read
+    /// timeout (and the client-body timeout) bound those, per route, so the stall timer waits.
+    handling: AtomicUsize,
 }
 
 impl Activity {
@@ -221,6 +225,7 @@ impl Activity {
                 sniffed: 0,
             }),
             progress: AtomicU64::new(0),
+            handling: AtomicUsize::new(0),
         })
     }
 
@@ -262,6 +267,13 @@ impl Activity {
     /// Bytes moved to or from the client.
     fn moved(&self) {
         self.progress.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A handler started; the stall timer waits until the guard drops (its response head is
+    /// ready, or it was cancelled).
+    fn begin_handling(self: &Arc<Self>) -> HandlingGuard {
+        self.handling.fetch_add(1, Ordering::Relaxed);
+        HandlingGuard(self.clone())
     }
 
     fn begin_request(self: &Arc<Self>) -> RequestGuard {
@@ -306,7 +318,7 @@ impl Activity {
         loop {
             let now = Instant::now();
             let progress = self.progress.load(Ordering::Relaxed);
-            if progress != seen {
+            if progress != seen || self.handling.load(Ordering::Relaxed) > 0 {
                 seen = progress;
                 quiet_since = now;
             }
@@ -323,6 +335,15 @@ impl Activity {
             };
             tokio::time::sleep_until(wake).await;
         }
+    }
+}
+
+/// Marks one handler as producing its response head until dropped.
+struct HandlingGuard(Arc<Activity>);
+
+impl Drop for HandlingGuard {
+    fn drop(&mut self) {
+        self.0.handling.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -1089,10 +1110,12 @@ fn make_service(
     let info = Arc::new(info);
     service_fn(move |req: Request<Incoming>| {
         let guard = activity.begin_request();
+        let handling = activity.begin_handling();
         let service = service.clone();
         let info = info.clone();
         async move {
             let resp = service.serve(req, &info).await;
+            drop(handling);
             Ok::<_, Infallible>(resp.map(|inner| TrackedBody {
                 inner,
                 _guard: guard,

@@ -372,11 +372,15 @@ impl BodyFlags {
         }
     }
 
-    /// Resolves when the upstream has answered nothing for `timeout` after the whole body was
-    /// sent, or has taken no body frame for `timeout` while the body was waiting for it (it
-    /// stopped reading: nginx's `proxy_send_timeout`). A client uploading slowly never trips
-    /// it; its pace is bounded by the listener's idle timeout.
-    async fn read_timeout(&self, timeout: Duration) {
+    /// Resolves when the exchange has gone `timeout` without progress, saying whose fault:
+    /// - the upstream answered nothing for `timeout` after the whole body was sent, or took no
+    ///   body frame for `timeout` while the body waited for it (it stopped reading: nginx's
+    ///   `proxy_send_timeout`) → [`Stalled::Upstream`];
+    /// - the client sent no body frame for `timeout` (nginx's `client_body_timeout`, between
+    ///   two reads) → [`Stalled::Client`].
+    ///
+    /// An upload slower than `timeout` in all, but never idle that long, trips neither.
+    async fn read_timeout(&self, timeout: Duration) -> Stalled {
         let timeout = timeout.min(NEVER);
         loop {
             let before = self.frames.load(Ordering::Relaxed);
@@ -384,14 +388,16 @@ impl BodyFlags {
                 () = self.wait_sent() => break,
                 () = tokio::time::sleep(timeout) => {}
             }
-            if self.frames.load(Ordering::Relaxed) == before
-                && !self.awaiting_client.load(Ordering::Relaxed)
-                && !self.sent.load(Ordering::Acquire)
-            {
-                return;
+            if self.frames.load(Ordering::Relaxed) == before && !self.sent.load(Ordering::Acquire) {
+                return if self.awaiting_client.load(Ordering::Relaxed) {
+                    Stalled::Client
+                } else {
+                    Stalled::Upstream
+                };
             }
         }
         tokio::time::sleep(timeout).await;
+        Stalled::Upstream
     }
 
     /// The error to answer with when a send failed because of the client's body.
@@ -404,6 +410,13 @@ impl BodyFlags {
             None
         }
     }
+}
+
+/// Who left an exchange without progress for the read timeout ([`BodyFlags::read_timeout`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stalled {
+    Upstream,
+    Client,
 }
 
 /// Upstream state shared by every connection and worker thread; survives snapshot swaps.
@@ -874,16 +887,18 @@ impl Upstreams {
                 tokio::select! {
                     biased;
                     r = send(sender, built) => Ok(r),
-                    () = req.body_flags.read_timeout(policy.read_timeout) => Err(()),
+                    who = req.body_flags.read_timeout(policy.read_timeout) => Err(who),
                 }
             } else {
                 tokio::time::timeout_at(deadline(started, policy.read_timeout), send(sender, built))
                     .await
-                    .map_err(|_| ())
+                    .map_err(|_| Stalled::Upstream)
             };
             let upstream_time = started.elapsed();
             match sent {
-                Err(()) => {
+                // The client stopped sending its body: not the upstream's fault.
+                Err(Stalled::Client) => return Err(ProxyError::ClientBodyTimeout),
+                Err(Stalled::Upstream) => {
                     self.record_failure(backend, addr);
                     return Err(ProxyError::UpstreamTimeout);
                 }
