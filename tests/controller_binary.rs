@@ -420,6 +420,49 @@ async fn a_default_certificate_outside_the_watched_namespaces_is_served() {
     .await;
 }
 
+/// Without RBAC for a `--default-certificate` outside the watched namespaces, portico still
+/// becomes ready (serving the generated fallback, with the diagnostic), and picks the
+/// certificate up once a grant lets its watcher list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_default_certificate_without_rbac_does_not_keep_portico_unready() {
+    let api = FakeApi::start().await;
+    let _web = shop_served_by_web(&api).await;
+    let (cert, key, der) = process::cert_for("default.test");
+    api.create(json!({
+        "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+        "metadata": {"name": "wildcard", "namespace": "certs"},
+        "data": {"tls.crt": base64(cert.as_bytes()), "tls.key": base64(key.as_bytes())}
+    }))
+    .expect("create secret");
+    api.forbid("list", "secrets", "certs");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = ready_portico_with(
+        &api,
+        dir.path(),
+        &[
+            "--watch-namespace",
+            "shop",
+            "--default-certificate",
+            "certs/wildcard",
+        ],
+    )
+    .await;
+    let roots = [der.clone()];
+    assert_eq!(
+        process::handshake(p.https, "default.test", &roots).await,
+        None,
+        "the generated fallback serves (not trusted by these roots)"
+    );
+    api.allow("list", "secrets", "certs");
+    eventually("the default certificate once the grant exists", || async {
+        process::handshake(p.https, "default.test", &roots)
+            .await
+            .map(|h| h.1)
+            == Some(der.clone())
+    })
+    .await;
+}
+
 /// Base64 as the API encodes Secret data: through k8s-openapi's `ByteString`.
 fn base64(bytes: &[u8]) -> Value {
     serde_json::to_value(k8s_openapi::ByteString(bytes.to_vec())).expect("encode")

@@ -53,7 +53,9 @@
 //! - `--default-certificate`: when its namespace is not watched, one extra Secret watcher on
 //!   exactly that Secret (field selectors `metadata.name` and the TLS type) joins the Secret
 //!   stores, so it is an input and its data is kept like any referenced Secret's. It gates the
-//!   first sync like the other stores: the first snapshot serves that certificate.
+//!   first sync like the other stores (the first snapshot serves that certificate) until its
+//!   first error: without RBAC for it, portico becomes ready with the generated fallback and
+//!   the diagnostic, and picks the certificate up once a grant lets the watcher list.
 
 use std::collections::BTreeSet;
 use std::fmt::Debug;
@@ -238,6 +240,9 @@ struct Watch<K, S> {
     namespace: Option<String>,
     /// Counts towards [`ClusterSource::is_synced`].
     gates_sync: bool,
+    /// Stops holding the first sync back at its first error (e.g. 403: no RBAC grant), so
+    /// an optional object cannot keep every route unserved; it joins when it lists.
+    gate_until_error: bool,
 }
 
 impl ClusterSource {
@@ -297,6 +302,7 @@ impl ClusterSource {
                     kind: "Ingress",
                     namespace: ns.clone(),
                     gates_sync: true,
+                    gate_until_error: false,
                 },
             ));
             services.push(spawn_reflector(
@@ -309,6 +315,7 @@ impl ClusterSource {
                     kind: "Service",
                     namespace: ns.clone(),
                     gates_sync: true,
+                    gate_until_error: false,
                 },
             ));
             endpoint_slices.push(spawn_reflector(
@@ -321,6 +328,7 @@ impl ClusterSource {
                     kind: "EndpointSlice",
                     namespace: ns.clone(),
                     gates_sync: true,
+                    gate_until_error: false,
                 },
             ));
             secrets.push(spawn_reflector(
@@ -336,6 +344,7 @@ impl ClusterSource {
                     kind: "Secret",
                     namespace: ns.clone(),
                     gates_sync: true,
+                    gate_until_error: false,
                 },
             ));
             policies.push(spawn_reflector(
@@ -348,6 +357,7 @@ impl ClusterSource {
                     kind: "RateLimitPolicy",
                     namespace: ns.clone(),
                     gates_sync: true,
+                    gate_until_error: false,
                 },
             ));
         }
@@ -361,13 +371,15 @@ impl ClusterSource {
                 kind: "IngressClass",
                 namespace: None,
                 gates_sync: true,
+                gate_until_error: false,
             },
         );
         // `--default-certificate` in a namespace that is not watched: a watcher on exactly that
         // Secret (metadata only, like the others), whose store joins the Secret stores, so
         // translate and the Secret-data keeper find it as any other. It gates the first sync
-        // like them: the first snapshot serves the configured default certificate, not the
-        // generated fallback. (RBAC: a Role on that one Secret, docs/rbac.md.)
+        // like them, so the first snapshot serves the configured default certificate and not
+        // the generated fallback, but only until its first error (module doc). (RBAC: a Role
+        // on that one Secret, docs/rbac.md.)
         if let (Some((ns, name)), Some(list)) = (&config.default_certificate, &namespaces)
             && !list.contains(ns)
         {
@@ -384,6 +396,9 @@ impl ClusterSource {
                     kind: "Secret",
                     namespace: Some(ns.clone()),
                     gates_sync: true,
+                    // Without a grant there (a hand-made RBAC), serve with the generated
+                    // fallback and the diagnostic rather than never become ready.
+                    gate_until_error: true,
                 },
             ));
         }
@@ -398,6 +413,7 @@ impl ClusterSource {
                     kind: "Service",
                     namespace: Some(ns.clone()),
                     gates_sync: false,
+                    gate_until_error: false,
                 },
             )),
             _ => None,
@@ -548,7 +564,10 @@ where
             kind,
             namespace,
             gates_sync,
+            gate_until_error,
         } = w;
+        // Whether this watcher still holds the first sync back.
+        let mut gating = gates_sync;
         let namespace = namespace.unwrap_or_default();
         // `keep` runs before `reflector`, so the store (and its Init/InitApply buffer) only
         // ever holds stripped or converted objects; the watcher's own list pages are
@@ -570,7 +589,8 @@ where
                     if !listed {
                         listed = true;
                         tracing::debug!(kind, namespace = %namespace, "initial list complete");
-                        if gates_sync {
+                        if gating {
+                            gating = false;
                             shared.first_sync();
                         }
                     }
@@ -578,6 +598,10 @@ where
                 }
                 Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
                 Err(e) => {
+                    if gating && gate_until_error {
+                        gating = false;
+                        shared.first_sync();
+                    }
                     shared.watch_errors.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(
                         kind,

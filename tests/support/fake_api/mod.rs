@@ -494,6 +494,17 @@ users:
             ));
     }
 
+    /// Undoes [`Self::forbid`] for these three (a grant added later).
+    pub fn allow(&self, verb: &str, resource: &str, namespace: &str) {
+        self.shared
+            .forbidden
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(v, r, n)| {
+                (v.as_str(), r.as_str(), n.as_str()) != (verb, resource, namespace)
+            });
+    }
+
     /// Fault: leave the next `count` requests with this verb (`list`, `get`, `watch`, …) and
     /// resource (`ingresses`) unanswered, as `mode` says. The client sees no error: only its
     /// own deadline ends such a request.
