@@ -544,22 +544,23 @@ async fn content_length_with_transfer_encoding_after_a_keep_alive_post_is_400() 
 /// After a CONNECT or an Upgrade request the framing guard stops following the connection
 /// (what follows a switch is not HTTP). When the answer does not switch, the connection closes
 /// after it, so an ambiguous request pipelined behind cannot ride on it unchecked (it would
-/// reach the upstream instead of getting 400).
+/// reach the upstream instead of getting 400). Requests without Upgrade keep their keep-alive.
 #[tokio::test]
 async fn a_request_after_an_unswitched_upgrade_or_connect_is_not_served() {
     let b = echo_backend("b").await;
     let p = proxy_with(&[RouteSpec::prefix(None, "/", &[b.addr])]).await;
     let smuggled: &[u8] = b"POST /second HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n\
         transfer-encoding: chunked\r\n\r\n0\r\n\r\n";
-    let firsts: [(&str, &[u8], u16); 3] = [
-        (
-            "upgrade foo",
-            b"GET /a HTTP/1.1\r\nhost: x\r\nupgrade: foo\r\n\r\n",
-            200,
-        ),
+    let unfollowed: [(&str, &[u8], u16); 3] = [
         (
             "websocket refused",
             b"GET /a HTTP/1.1\r\nhost: x\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n",
+            200,
+        ),
+        (
+            "h2c offered",
+            b"GET /a HTTP/1.1\r\nhost: x\r\nconnection: upgrade, http2-settings\r\n\
+              upgrade: h2c\r\nhttp2-settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n",
             200,
         ),
         (
@@ -568,7 +569,7 @@ async fn a_request_after_an_unswitched_upgrade_or_connect_is_not_served() {
             501,
         ),
     ];
-    for (name, first, status) in firsts {
+    for (name, first, status) in unfollowed {
         let mut s = TcpStream::connect(p.addr).await.expect("connect");
         let (reply, closed) = raw_until_closed(&mut s, &[first, smuggled].concat()).await;
         assert!(closed, "{name}: connection left open: {reply}");

@@ -21,12 +21,15 @@
 //! only an incomplete head is held, up to the h1 buffer cap. Whatever it cannot follow safely
 //! (CONNECT, an `Upgrade` request, a head hyper would refuse, an oversize head, the h2c
 //! preface) switches the rest of the connection to pass-through: hyper's own (non-smuggleable)
-//! handling stays the safety net. A CONNECT or Upgrade request answered without switching
-//! protocols gets `Connection: close` from the handler, so no request follows it unchecked.
+//! handling stays the safety net. The wrapper raises a flag when it stops following; the
+//! listener then ends the connection after any answer that does not switch protocols, so no
+//! request follows a CONNECT or Upgrade head unchecked.
 
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -396,7 +399,10 @@ fn analyze(head: &[u8], max_headers: usize) -> Parsed {
                 Some(_) => None,
             });
         } else if name.eq_ignore_ascii_case(b"upgrade") {
-            // hyper only honours Upgrade on HTTP/1.1.
+            // hyper only honours Upgrade on HTTP/1.1. Any protocol: the service behind the
+            // listener decides what it switches (portico's handler only WebSocket, but the
+            // listener serves any `ServeRequest`); an answer that does not switch ends the
+            // connection instead (the `stopped` flag).
             upgrade |= http11;
         }
     }
@@ -525,6 +531,10 @@ fn chunk_step(chunk: Chunk, size: u64, b: u8) -> State {
 pub struct FramingIo<T> {
     inner: T,
     scanner: Scanner,
+    /// Set once the scanner stops following the connection (pass-through): the listener
+    /// then closes the connection after the current response unless it switched protocols,
+    /// so no request follows unchecked.
+    stopped: Arc<AtomicBool>,
     /// Bytes released by the scanner and not yet handed to the reader.
     out: Vec<u8>,
     out_pos: usize,
@@ -536,10 +546,11 @@ pub struct FramingIo<T> {
 impl<T> FramingIo<T> {
     /// `max_head`: the h1 buffer size the listener gives hyper; `max_headers`: hyper's
     /// header count limit.
-    pub fn new(inner: T, max_head: usize, max_headers: usize) -> Self {
+    pub fn new(inner: T, max_head: usize, max_headers: usize, stopped: Arc<AtomicBool>) -> Self {
         FramingIo {
             inner,
             scanner: Scanner::new(max_head, max_headers),
+            stopped,
             out: Vec::new(),
             out_pos: 0,
             scratch: Vec::new(),
@@ -573,6 +584,23 @@ impl<T: AsyncRead + Unpin> AsyncRead for FramingIo<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        let passing = this.scanner.is_passthrough();
+        let polled = this.poll_scanned(cx, buf);
+        // (At the client's EOF the scanner passes through what is left too; nothing follows.)
+        if !passing && this.scanner.is_passthrough() && !this.eof {
+            this.stopped.store(true, Ordering::Release);
+        }
+        polled
+    }
+}
+
+impl<T: AsyncRead + Unpin> FramingIo<T> {
+    fn poll_scanned(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self;
         if buf.remaining() == 0 {
             return Poll::Ready(Ok(()));
         }
@@ -841,6 +869,32 @@ mod tests {
         check_all_splits(old, old, 0, End::Idle);
     }
 
+    /// The IO wrapper raises its flag when the scanner stops following, for the listener to
+    /// end the connection after the current answer; plain requests leave it down.
+    #[tokio::test]
+    async fn io_wrapper_flags_when_it_stops_following() {
+        let stopped = Arc::new(AtomicBool::new(false));
+        let plain = b"GET / HTTP/1.1\r\nhost: x\r\n\r\n".to_vec();
+        let mut io = FramingIo::new(
+            Chunks(vec![plain].into()),
+            CAP,
+            MAX_HEADERS,
+            stopped.clone(),
+        );
+        let mut buf = vec![0u8; 1024];
+        while io.read(&mut buf).await.expect("read") > 0 {}
+        assert!(!stopped.load(Ordering::Acquire));
+        let ws = b"GET / HTTP/1.1\r\nhost: x\r\nconnection: upgrade\r\nupgrade: WebSocket\r\n\r\n";
+        let mut io = FramingIo::new(
+            Chunks(vec![ws.to_vec()].into()),
+            CAP,
+            MAX_HEADERS,
+            stopped.clone(),
+        );
+        while io.read(&mut buf).await.expect("read") > 0 {}
+        assert!(stopped.load(Ordering::Acquire));
+    }
+
     #[test]
     fn h2c_preface_passes_through_at_its_first_line() {
         let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
@@ -980,7 +1034,7 @@ mod tests {
     }
 
     async fn read_through(chunks: Vec<Vec<u8>>, read_size: usize) -> Vec<u8> {
-        let mut io = FramingIo::new(Chunks(chunks.into()), CAP, MAX_HEADERS);
+        let mut io = FramingIo::new(Chunks(chunks.into()), CAP, MAX_HEADERS, Arc::default());
         let mut out = Vec::new();
         let mut buf = vec![0u8; read_size];
         // Bounded: every read returns bytes until the EOF.

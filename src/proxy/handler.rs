@@ -250,11 +250,6 @@ impl Handler {
         };
         let mut guards = Vec::new();
         let mut pool_return = None;
-        // The h1 framing guard stops following a connection after a CONNECT or Upgrade head
-        // (what follows a 101 or a tunnel is not HTTP); answered any other way, the connection
-        // must not carry further requests the guard no longer checks.
-        let guard_stops = req.version() <= Version::HTTP_11
-            && (req.method() == Method::CONNECT || req.headers().contains_key(header::UPGRADE));
         let result = self
             .serve(req, conn, &mut rec, &mut guards, &mut pool_return)
             .await;
@@ -274,10 +269,6 @@ impl Handler {
         // Every response on a limited route carries the limits, 429 included (brief §4.5).
         if let Some(h) = rec.rate_headers.take() {
             h.apply(resp.headers_mut());
-        }
-        if guard_stops && resp.status() != StatusCode::SWITCHING_PROTOCOLS {
-            resp.headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         let (parts, body) = resp.into_parts();
         let status = parts.status;

@@ -762,8 +762,8 @@ impl Proxy {
 
 /// The h1 framing guard (brief §4.4 "Framing is strict"), holding at most the head hyper
 /// itself would buffer: beyond that hyper answers 431 on its own.
-fn framing_io<T>(io: T, cfg: &ProxyConfig) -> FramingIo<T> {
-    FramingIo::new(io, h1_buf_size(cfg), cfg.max_headers)
+fn framing_io<T>(io: T, cfg: &ProxyConfig, stopped: Arc<AtomicBool>) -> FramingIo<T> {
+    FramingIo::new(io, h1_buf_size(cfg), cfg.max_headers, stopped)
 }
 
 fn h1_buf_size(cfg: &ProxyConfig) -> usize {
@@ -1067,7 +1067,15 @@ async fn serve_http<I>(
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let cfg = &shared.cfg;
-    let svc = make_service(shared.service.clone(), info, activity.clone());
+    // Set by the h1 framing guard when it stops following the connection (a CONNECT or
+    // WebSocket head): the service then ends the connection after any answer but a 101.
+    let unfollowed = (!h2).then(|| Arc::new(AtomicBool::new(false)));
+    let svc = make_service(
+        shared.service.clone(),
+        info,
+        activity.clone(),
+        unfollowed.clone(),
+    );
     if h2 {
         // HTTP/2 framing is hyper's h2 codec's business (RFC 9113 §8.2.2 forbids
         // Transfer-Encoding there; the handler refuses it): no h1 guard.
@@ -1082,7 +1090,7 @@ async fn serve_http<I>(
         )
         .await;
     } else {
-        let io = TokioIo::new(framing_io(io, cfg));
+        let io = TokioIo::new(framing_io(io, cfg, unfollowed.unwrap_or_default()));
         let conn = Box::pin(shared.h1.serve_connection(io, svc).with_upgrades());
         drive(
             conn,
@@ -1101,6 +1109,7 @@ fn make_service(
     service: Arc<dyn ServeRequest>,
     info: ConnInfo,
     activity: Arc<Activity>,
+    unfollowed: Option<Arc<AtomicBool>>,
 ) -> impl hyper::service::Service<
     Request<Incoming>,
     Response = Response<TrackedBody>,
@@ -1113,9 +1122,20 @@ fn make_service(
         let handling = activity.begin_handling();
         let service = service.clone();
         let info = info.clone();
+        let unfollowed = unfollowed.clone();
         async move {
-            let resp = service.serve(req, &info).await;
+            let mut resp = service.serve(req, &info).await;
             drop(handling);
+            // The framing guard no longer checks this connection's requests: nothing may
+            // follow an answer that did not switch protocols (brief §4.4 framing).
+            if unfollowed.is_some_and(|u| u.load(Ordering::Acquire))
+                && resp.status() != http::StatusCode::SWITCHING_PROTOCOLS
+            {
+                resp.headers_mut().insert(
+                    http::header::CONNECTION,
+                    http::HeaderValue::from_static("close"),
+                );
+            }
             Ok::<_, Infallible>(resp.map(|inner| TrackedBody {
                 inner,
                 _guard: guard,
