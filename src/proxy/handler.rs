@@ -633,6 +633,18 @@ fn redirect(head: &Head) -> Response<ProxyBody> {
     resp
 }
 
+/// More than `max` header fields, counted as HTTP/1.1 would: h2 clients may send each cookie
+/// as a field of its own (RFC 9113 §8.2.3), which HTTP/1.1 sends as one line, so all
+/// `cookie` fields count once. The cookies are counted only on a map already over `max`.
+fn too_many_fields(headers: &HeaderMap, max: usize) -> bool {
+    let n = headers.len();
+    if n <= max {
+        return false;
+    }
+    let cookies = headers.get_all(header::COOKIE).iter().count();
+    n - cookies + usize::from(cookies > 0) > max
+}
+
 /// All the checks of the request head that need no route (brief §4.4 "Status codes",
 /// "Framing", "Paths", "Host").
 fn validate_head<B>(req: &Request<B>, cfg: &ProxyConfig) -> Result<Head, ProxyError> {
@@ -660,7 +672,7 @@ fn validate_head<B>(req: &Request<B>, cfg: &ProxyConfig) -> Result<Head, ProxyEr
         .sum();
     // hyper's h1 parser refuses more fields than `max_headers` itself (431); h2 has no such
     // limit, only a header-list size, so the count is checked here for both.
-    if header_bytes > cfg.max_header_bytes || req.headers().len() > cfg.max_headers {
+    if header_bytes > cfg.max_header_bytes || too_many_fields(req.headers(), cfg.max_headers) {
         return Err(ProxyError::HeadersTooLarge);
     }
 
@@ -1364,6 +1376,9 @@ mod tests {
         c.max_headers = 2;
         let two = [("host", "a"), ("x-a", "1")];
         assert!(validate_head(&req(Version::HTTP_2, "/", &two), &c).is_ok());
+        // h2's split cookies count as the one line HTTP/1.1 would send.
+        let cookies = [("host", "a"), ("cookie", "a=1"), ("cookie", "b=2"), ("cookie", "c=3")];
+        assert!(validate_head(&req(Version::HTTP_2, "/", &cookies), &c).is_ok());
         assert_eq!(
             validate_head(
                 &req(
