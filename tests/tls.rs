@@ -124,6 +124,7 @@ fn snapshot(
             exact: map(exact),
             wildcard: map(wildcard),
             default: default.cloned(),
+            ..TlsTable::default()
         }),
         ..Snapshot::default()
     }

@@ -172,7 +172,8 @@ pub enum SslRedirect {
     Yes,
     /// The route serves hosts it does not name (a catch-all rule, the default backend, a
     /// wildcard rule without a wildcard certificate): a request redirects when its own host has
-    /// a valid certificate, so a TLS host is never served in the clear by falling through.
+    /// a valid certificate, so a TLS host is never served in the clear by falling through,
+    /// unless the Ingress that gave that certificate opts out.
     IfHostHasTls,
 }
 
@@ -183,7 +184,7 @@ impl RoutePolicy {
         match self.ssl_redirect {
             SslRedirect::No => false,
             SslRedirect::Yes => true,
-            SslRedirect::IfHostHasTls => tls.has_cert_for(host),
+            SslRedirect::IfHostHasTls => tls.redirects_host(host),
         }
     }
 }

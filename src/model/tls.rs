@@ -1,7 +1,7 @@
 //! SNI certificate table: exact names, one-label wildcards, and the default certificate from
 //! `--default-certificate`. Certificates are parsed rustls keys, ready for handshakes.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::Arc;
 
@@ -40,6 +40,11 @@ pub struct TlsTable {
     pub wildcard: HashMap<String, CertKey>,
     /// From `--default-certificate ns/name`; when `None` the proxy's generated fallback serves.
     pub default: Option<CertKey>,
+    /// Exact hosts, and wildcard suffixes, whose certificate comes from an Ingress that opts
+    /// out of the HTTPS redirect: a request reaching them through a route that does not name
+    /// them (a catch-all rule, the default backend) is not redirected either.
+    pub no_redirect_exact: HashSet<String>,
+    pub no_redirect_wildcard: HashSet<String>,
 }
 
 impl TlsTable {
@@ -61,6 +66,20 @@ impl TlsTable {
     }
 
     /// True when the host has a certificate of its own (exact or wildcard), not just the default.
+    /// Whether plain HTTP to `host` (normalised) should be redirected by a route that does not
+    /// name it: the host has a certificate of its own whose Ingress did not opt out.
+    pub fn redirects_host(&self, host: &str) -> bool {
+        if !self.exact.is_empty() && self.exact.contains_key(host) {
+            return !self.no_redirect_exact.contains(host);
+        }
+        !self.wildcard.is_empty()
+            && host.split_once('.').is_some_and(|(f, rest)| {
+                !f.is_empty()
+                    && self.wildcard.contains_key(rest)
+                    && !self.no_redirect_wildcard.contains(rest)
+            })
+    }
+
     pub fn has_cert_for(&self, host: &str) -> bool {
         // Plain-HTTP requests on catch-all routes ask this every time: no hashing, and no
         // search for the first label, where a table is empty.

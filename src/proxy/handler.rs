@@ -1377,7 +1377,12 @@ mod tests {
         let two = [("host", "a"), ("x-a", "1")];
         assert!(validate_head(&req(Version::HTTP_2, "/", &two), &c).is_ok());
         // h2's split cookies count as the one line HTTP/1.1 would send.
-        let cookies = [("host", "a"), ("cookie", "a=1"), ("cookie", "b=2"), ("cookie", "c=3")];
+        let cookies = [
+            ("host", "a"),
+            ("cookie", "a=1"),
+            ("cookie", "b=2"),
+            ("cookie", "c=3"),
+        ];
         assert!(validate_head(&req(Version::HTTP_2, "/", &cookies), &c).is_ok());
         assert_eq!(
             validate_head(

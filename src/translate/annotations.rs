@@ -421,6 +421,19 @@ fn health_check(r: &mut Reader<'_, '_>) -> Option<Arc<HealthCheck>> {
     }))
 }
 
+/// `ssl-redirect` of one Ingress without diagnostics (the TLS table reads it; [`parse`]
+/// reports a bad value): the portico name, else the ingress-nginx one, else `default`.
+pub(super) fn ssl_redirect_wanted(map: Option<&BTreeMap<String, String>>, default: bool) -> bool {
+    let Some(map) = map else {
+        return default;
+    };
+    [PORTICO_PREFIX, NGINX_PREFIX]
+        .iter()
+        .find_map(|p| map.get(&format!("{p}{SSL_REDIRECT}")))
+        .and_then(|v| parse_bool(v.trim()))
+        .unwrap_or(default)
+}
+
 fn parse_bool(v: &str) -> Option<bool> {
     if v.eq_ignore_ascii_case("true") {
         Some(true)

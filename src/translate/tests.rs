@@ -1500,6 +1500,25 @@ fn tls_hosts_redirect_on_catch_all_default_and_wildcard_routes() {
     );
     assert!(!redirects(&s, "b.apps.test", "/"), "wildcard rule, no cert");
 
+    // The Ingress that gives the host its certificate opting out holds for the routes that
+    // do not name the host too.
+    let w = World::web()
+        .secret(tls_secret("default", "api-tls", &["api.test"]))
+        .ing(
+            Ing::new("default", "api")
+                .ann("nginx.ingress.kubernetes.io/ssl-redirect", "false")
+                .tls(Some(&["api.test"]), "api-tls")
+                .path("api.test", "Prefix", "/api", "web", svc80()),
+        )
+        .ing(Ing::new("default", "any").default_backend("web", 80));
+    let (s, d) = w.run();
+    assert!(d.is_empty(), "{d:?}");
+    assert!(!redirects(&s, "api.test", "/api"));
+    assert!(
+        !redirects(&s, "api.test", "/other"),
+        "default backend, host opted out"
+    );
+
     // The route's Ingress opting out still wins.
     let w = World::web()
         .secret(tls_secret("default", "shop-tls", &["shop.test"]))

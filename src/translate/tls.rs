@@ -16,6 +16,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::model::{CertKey, TlsTable};
 
+use super::annotations;
 use super::hosts::{self, HostKey};
 use super::index::{self, Index};
 use super::{Diags, ObjRef, Options};
@@ -157,6 +158,10 @@ pub(super) fn build(
         let Some(spec) = ing.spec.as_ref() else {
             continue;
         };
+        let no_redirect = !annotations::ssl_redirect_wanted(
+            ing.metadata.annotations.as_ref(),
+            opts.defaults.ssl_redirect,
+        );
         for entry in spec.tls.as_deref().unwrap_or_default() {
             let Some(secret_name) = entry.secret_name.as_deref().filter(|s| !s.is_empty()) else {
                 diags.warn(
@@ -183,7 +188,7 @@ pub(super) fn build(
                         continue;
                     }
                 };
-                assign(&mut table, &mut owner, key, &cert, &obj, diags);
+                assign(&mut table, &mut owner, key, &cert, &obj, no_redirect, diags);
             }
         }
     }
@@ -241,8 +246,16 @@ fn assign(
     key: HostKey,
     cert: &CertKey,
     obj: &ObjRef<'_>,
+    no_redirect: bool,
     diags: &mut Diags,
 ) {
+    if no_redirect && !owner.contains_key(&key) {
+        match &key {
+            HostKey::Exact(h) => table.no_redirect_exact.insert(h.clone()),
+            HostKey::Wildcard(s) => table.no_redirect_wildcard.insert(s.clone()),
+            HostKey::CatchAll => false,
+        };
+    }
     let slot = match &key {
         HostKey::Exact(h) => table.exact.entry(h.clone()),
         HostKey::Wildcard(s) => table.wildcard.entry(s.clone()),
