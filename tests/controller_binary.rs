@@ -329,16 +329,7 @@ async fn tls_secret_rotated_in_the_api_reaches_new_handshakes() {
     let web = backend("web").await;
     let (c1, k1, d1) = process::cert_for("secure.test");
     let (c2, k2, d2) = process::cert_for("secure.test");
-    let secret = |cert: &str, key: &str| {
-        json!({
-            "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
-            "metadata": {"name": "secure-tls", "namespace": "shop"},
-            "data": {
-                "tls.crt": base64(cert.as_bytes()),
-                "tls.key": base64(key.as_bytes()),
-            }
-        })
-    };
+    let secret = |cert: &str, key: &str| tls_secret_json("shop", "secure-tls", cert, key);
     let mut ing = ingress("shop", "secure", "secure.test", "/", "web");
     ing["spec"]["tls"] = json!([{"hosts": ["secure.test"], "secretName": "secure-tls"}]);
     for obj in [
@@ -353,20 +344,12 @@ async fn tls_secret_rotated_in_the_api_reaches_new_handshakes() {
     let p = ready_portico(&api, dir.path()).await;
     let roots = [d1.clone(), d2.clone()];
     eventually("first certificate", || async {
-        process::handshake(p.https, "secure.test", &roots)
-            .await
-            .map(|h| h.1)
-            == Some(d1.clone())
+        serves_certificate(p.https, "secure.test", &roots, &d1).await
     })
     .await;
-    let mut rotated = api.get("v1", "Secret", "shop", "secure-tls").expect("get");
-    rotated["data"] = secret(&c2, &k2)["data"].clone();
-    api.update(rotated).expect("rotate");
+    rotate_secret(&api, "shop", "secure-tls", &secret(&c2, &k2));
     eventually("rotated certificate", || async {
-        process::handshake(p.https, "secure.test", &roots)
-            .await
-            .map(|h| h.1)
-            == Some(d2.clone())
+        serves_certificate(p.https, "secure.test", &roots, &d2).await
     })
     .await;
 }
@@ -380,13 +363,7 @@ async fn a_default_certificate_outside_the_watched_namespaces_is_served() {
     let _web = shop_served_by_web(&api).await;
     let (c1, k1, d1) = process::cert_for("default.test");
     let (c2, k2, d2) = process::cert_for("default.test");
-    let secret = |cert: &str, key: &str| {
-        json!({
-            "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
-            "metadata": {"name": "wildcard", "namespace": "certs"},
-            "data": {"tls.crt": base64(cert.as_bytes()), "tls.key": base64(key.as_bytes())}
-        })
-    };
+    let secret = |cert: &str, key: &str| tls_secret_json("certs", "wildcard", cert, key);
     api.create(secret(&c1, &k1)).expect("create secret");
     let dir = tempfile::tempdir().expect("tempdir");
     let p = ready_portico_with(
@@ -402,20 +379,10 @@ async fn a_default_certificate_outside_the_watched_namespaces_is_served() {
     .await;
     let roots = [d1.clone(), d2.clone()];
     // Ready means the first snapshot: it already serves the configured default certificate.
-    assert_eq!(
-        process::handshake(p.https, "default.test", &roots)
-            .await
-            .map(|h| h.1),
-        Some(d1.clone())
-    );
-    let mut rotated = api.get("v1", "Secret", "certs", "wildcard").expect("get");
-    rotated["data"] = secret(&c2, &k2)["data"].clone();
-    api.update(rotated).expect("rotate");
+    assert!(serves_certificate(p.https, "default.test", &roots, &d1).await);
+    rotate_secret(&api, "certs", "wildcard", &secret(&c2, &k2));
     eventually("rotated default certificate", || async {
-        process::handshake(p.https, "default.test", &roots)
-            .await
-            .map(|h| h.1)
-            == Some(d2.clone())
+        serves_certificate(p.https, "default.test", &roots, &d2).await
     })
     .await;
 }
@@ -428,12 +395,8 @@ async fn a_default_certificate_without_rbac_does_not_keep_portico_unready() {
     let api = FakeApi::start().await;
     let _web = shop_served_by_web(&api).await;
     let (cert, key, der) = process::cert_for("default.test");
-    api.create(json!({
-        "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
-        "metadata": {"name": "wildcard", "namespace": "certs"},
-        "data": {"tls.crt": base64(cert.as_bytes()), "tls.key": base64(key.as_bytes())}
-    }))
-    .expect("create secret");
+    api.create(tls_secret_json("certs", "wildcard", &cert, &key))
+        .expect("create secret");
     api.forbid("list", "secrets", "certs");
     let dir = tempfile::tempdir().expect("tempdir");
     let p = ready_portico_with(
@@ -455,12 +418,34 @@ async fn a_default_certificate_without_rbac_does_not_keep_portico_unready() {
     );
     api.allow("list", "secrets", "certs");
     eventually("the default certificate once the grant exists", || async {
-        process::handshake(p.https, "default.test", &roots)
-            .await
-            .map(|h| h.1)
-            == Some(der.clone())
+        serves_certificate(p.https, "default.test", &roots, &der).await
     })
     .await;
+}
+
+/// A `kubernetes.io/tls` Secret as the API holds it.
+fn tls_secret_json(ns: &str, name: &str, cert: &str, key: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+        "metadata": {"name": name, "namespace": ns},
+        "data": {"tls.crt": base64(cert.as_bytes()), "tls.key": base64(key.as_bytes())}
+    })
+}
+
+/// Replace the data of Secret `ns`/`name` with `with`'s, as a certificate rotation does.
+fn rotate_secret(api: &FakeApi, ns: &str, name: &str, with: &Value) {
+    let mut s = api.get("v1", "Secret", ns, name).expect("get");
+    s["data"] = with["data"].clone();
+    api.update(s).expect("rotate");
+}
+
+/// Whether a handshake with `sni`, trusting `roots`, gets the certificate `want` (DER).
+async fn serves_certificate(addr: SocketAddr, sni: &str, roots: &[Vec<u8>], want: &[u8]) -> bool {
+    process::handshake(addr, sni, roots)
+        .await
+        .map(|h| h.1)
+        .as_deref()
+        == Some(want)
 }
 
 /// Base64 as the API encodes Secret data: through k8s-openapi's `ByteString`.

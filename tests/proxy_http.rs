@@ -1412,19 +1412,28 @@ async fn connect_method_is_501() {
     assert_eq!(b.requests.load(Ordering::SeqCst), 0);
 }
 
-#[tokio::test]
-async fn websocket_is_cut_after_idle_timeout() {
-    let ws = websocket_backend().await;
+/// A proxy with the given stream idle timeout, serving `routes`.
+async fn proxy_with_stream_idle(idle: Duration, routes: &[RouteSpec]) -> TestProxy {
     let p = start_proxy(
         ProxyConfig {
-            stream_idle_timeout: Duration::from_millis(300),
+            stream_idle_timeout: idle,
             ..cfg()
         },
         false,
     )
     .await;
-    p.publisher
-        .publish(snapshot(&[RouteSpec::prefix(None, "/", &[ws.addr])]));
+    p.publisher.publish(snapshot(routes));
+    p
+}
+
+#[tokio::test]
+async fn websocket_is_cut_after_idle_timeout() {
+    let ws = websocket_backend().await;
+    let p = proxy_with_stream_idle(
+        Duration::from_millis(300),
+        &[RouteSpec::prefix(None, "/", &[ws.addr])],
+    )
+    .await;
     let mut s = TcpStream::connect(p.addr).await.expect("connect");
     s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n")
         .await
@@ -1461,20 +1470,16 @@ async fn a_response_with_no_bytes_moving_is_cut_after_the_stream_idle_timeout() 
             .await;
     })
     .await;
-    let p = start_proxy(
-        ProxyConfig {
-            stream_idle_timeout: Duration::from_millis(300),
-            ..cfg()
-        },
-        false,
+    let p = proxy_with_stream_idle(
+        Duration::from_millis(300),
+        &[
+            RouteSpec::prefix(Some("stall"), "/", &[stalling.addr])
+                .policy(|p| p.max_concurrent_requests = Some(1)),
+            RouteSpec::prefix(Some("slow"), "/", &[slow.addr])
+                .policy(|p| p.read_timeout = Duration::from_secs(5)),
+        ],
     )
     .await;
-    p.publisher.publish(snapshot(&[
-        RouteSpec::prefix(Some("stall"), "/", &[stalling.addr])
-            .policy(|p| p.max_concurrent_requests = Some(1)),
-        RouteSpec::prefix(Some("slow"), "/", &[slow.addr])
-            .policy(|p| p.read_timeout = Duration::from_secs(5)),
-    ]));
     // The upstream stops sending its response: the client's response is aborted, twice: the
     // first one's slot (max-concurrent-requests 1) was released, or the second would be 503.
     for i in 0..2 {

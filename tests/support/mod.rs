@@ -524,27 +524,25 @@ pub async fn closing_backend() -> TestBackend {
 
 /// Announces 100 bytes, sends 10, then closes.
 pub async fn mid_body_close_backend() -> TestBackend {
-    raw_backend(|mut s| async move {
-        let _ = read_head(&mut s).await;
-        let _ = s
-            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n0123456789")
-            .await;
-        let _ = s.flush().await;
-        drop(s);
-    })
-    .await
+    mid_body_backend(Duration::ZERO).await
 }
 
 /// Sends a head and part of the body, then nothing, holding the connection open (bounded by
 /// the test deadline).
 pub async fn mid_body_stall_backend() -> TestBackend {
-    raw_backend(|mut s| async move {
+    mid_body_backend(DEADLINE).await
+}
+
+/// Announces 100 bytes, sends 10, holds the connection for `hold`, then closes.
+async fn mid_body_backend(hold: Duration) -> TestBackend {
+    raw_backend(move |mut s| async move {
         let _ = read_head(&mut s).await;
         let _ = s
             .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n0123456789")
             .await;
         let _ = s.flush().await;
-        tokio::time::sleep(DEADLINE).await;
+        tokio::time::sleep(hold).await;
+        drop(s);
     })
     .await
 }
