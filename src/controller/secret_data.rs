@@ -2,7 +2,7 @@
 //! Ingress references is not kept in memory longer than needed").
 //!
 //! Owns: the map `namespace/name → (resourceVersion, tls.crt/tls.key)` and the background task
-//! ([`Keeper::run`]) that fills it with `GET`s and empties it. May import kube, k8s-openapi,
+//! (`Keeper::run`) that fills it with `GET`s and empties it. May import kube, k8s-openapi,
 //! tokio, futures-util; must not import the proxy (brief §3) nor `crate::translate`.
 //!
 //! The Secret reflector keeps metadata only (no `data`); this module decides which Secrets are

@@ -71,7 +71,7 @@ impl Snapshot {
 
 impl HostRoutes {
     /// The first route, in precedence order, whose rule matches `path`: what scanning
-    /// [`HostRoutes::routes`] with [`path_matches`] gives, without loading any `Route`.
+    /// [`HostRoutes::routes`] with `path_matches` gives, without loading any `Route`.
     pub fn find(&self, path: &str) -> Option<&Arc<Route>> {
         self.table.find(path).and_then(|i| self.routes.get(i))
     }

@@ -4,7 +4,7 @@
 //! Owns: protocol versions (TLS 1.2 and 1.3 only), cipher suite preference, ALPN (`h2`,
 //! `http/1.1`), no 0-RTT, stateless session tickets, and the choice of certificate per
 //! handshake. Must not import kube, k8s-openapi, hyper or the listener; certificates arrive
-//! already parsed in [`crate::model::tls::TlsTable`].
+//! already parsed in [`crate::model::TlsTable`].
 
 use std::fmt;
 use std::sync::Arc;
@@ -103,7 +103,7 @@ impl SniResolver {
     }
 
     /// The certificate for `sni`: exact, then one-label wildcard, then the default certificate
-    /// from the snapshot (all in [`crate::model::tls::TlsTable::resolve`]), else the fallback.
+    /// from the snapshot (all in [`crate::model::TlsTable::resolve`]), else the fallback.
     pub fn pick(&self, sni: Option<&str>) -> Arc<CertifiedKey> {
         // One load per handshake: the whole choice is made against a single snapshot.
         match self.reader.load() {

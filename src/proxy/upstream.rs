@@ -335,7 +335,7 @@ pub struct BodyFlags {
     /// timeout runs from here (see [`BodyFlags::mark_sent`]).
     sent: AtomicBool,
     sent_signal: tokio::sync::Notify,
-    /// Frames of the body handed upstream so far ([`BodyFlags::progress`]).
+    /// Frames of the body handed upstream so far ([`BodyFlags::polled`]).
     frames: AtomicU64,
     /// The last poll of the body waited for the client (its pace, not the upstream's).
     awaiting_client: AtomicBool,
