@@ -123,6 +123,7 @@ pub struct RunArgs {
     /// Idle timeout of WebSockets and other upgraded streams, and of a connection streaming a
     /// response on which no byte moves either way (a client not reading, an upstream stalled
     /// mid-body): it is closed. Waiting for response headers is the read timeout's business.
+    /// 0s turns both off.
     #[arg(long, env = "PORTICO_STREAM_IDLE_TIMEOUT", default_value = "1h", value_parser = parse_dur)]
     pub stream_idle_timeout: Duration,
     /// Maximum retries of a failed request on other endpoints.

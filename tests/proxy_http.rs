@@ -1499,6 +1499,26 @@ async fn a_response_with_no_bytes_moving_is_cut_after_the_stream_idle_timeout() 
     assert_eq!(got.text(), "slow");
 }
 
+/// `--stream-idle-timeout 0s` turns the idle timeout off, it does not close every tunnel at
+/// once.
+#[tokio::test]
+async fn a_zero_stream_idle_timeout_is_off() {
+    let ws = websocket_backend().await;
+    let p =
+        proxy_with_stream_idle(Duration::ZERO, &[RouteSpec::prefix(None, "/", &[ws.addr])]).await;
+    let mut s = websocket_handshake(p.addr).await;
+    assert!(read_head(&mut s).await.starts_with(b"HTTP/1.1 101"));
+    for _ in 0..3 {
+        s.write_all(b"ping").await.expect("write");
+        let mut buf = [0u8; 4];
+        tokio::time::timeout(DEADLINE, s.read_exact(&mut buf))
+            .await
+            .expect("in time")
+            .expect("echo");
+        assert_eq!(&buf, b"ping");
+    }
+}
+
 /// Collects formatted log output in memory.
 #[derive(Clone, Default)]
 struct LogBuf(Arc<std::sync::Mutex<Vec<u8>>>);

@@ -1200,8 +1200,18 @@ where
         )
     };
     let watchdog = async {
+        if idle.is_zero() {
+            // --stream-idle-timeout 0s: no idle timeout.
+            return std::future::pending().await;
+        }
         loop {
-            let deadline = base + Duration::from_millis(last.load(Ordering::Relaxed)) + idle;
+            // An idle timeout past what the clock can represent never comes.
+            let Some(deadline) = base
+                .checked_add(Duration::from_millis(last.load(Ordering::Relaxed)))
+                .and_then(|t| t.checked_add(idle))
+            else {
+                return std::future::pending().await;
+            };
             if Instant::now() >= deadline {
                 return;
             }

@@ -302,6 +302,10 @@ impl Activity {
     /// seen on waking. The price is one wake-up per shortest timeout on a busy connection.
     /// A stall counts from the first wake-up that saw no progress, so it is noticed up to one
     /// such step late.
+    ///
+    /// The flags take any duration: a stall timeout of zero turns the stall check off, a
+    /// deadline past what the clock can represent never comes, and the wake-up step is at
+    /// least a millisecond, so no setting can make this loop spin or panic.
     async fn expired(&self, t: Timeouts) -> Expiry {
         let Timeouts {
             idle,
@@ -309,10 +313,15 @@ impl Activity {
             stalled,
             idle_enabled,
         } = t;
-        let mut step = header.min(stalled);
+        let stall_enabled = !stalled.is_zero();
+        let mut step = header;
+        if stall_enabled {
+            step = step.min(stalled);
+        }
         if idle_enabled {
             step = step.min(idle);
         }
+        let step = step.clamp(MIN_TIMER_STEP, MAX_TIMER_STEP);
         let mut seen = self.progress.load(Ordering::Relaxed);
         let mut quiet_since = Instant::now();
         loop {
@@ -323,10 +332,12 @@ impl Activity {
                 quiet_since = now;
             }
             let deadline = match self.lock().phase {
-                Phase::Idle(t) if idle_enabled => Some((t + idle, Expiry::Idle)),
-                Phase::Head(t) => Some((t + header, Expiry::Header)),
-                Phase::Busy => Some((quiet_since + stalled, Expiry::Stalled)),
-                Phase::Idle(_) => None,
+                Phase::Idle(t) if idle_enabled => t.checked_add(idle).map(|at| (at, Expiry::Idle)),
+                Phase::Head(t) => t.checked_add(header).map(|at| (at, Expiry::Header)),
+                Phase::Busy if stall_enabled => quiet_since
+                    .checked_add(stalled)
+                    .map(|at| (at, Expiry::Stalled)),
+                Phase::Idle(_) | Phase::Busy => None,
             };
             let wake = match deadline {
                 Some((at, kind)) if at <= now => return kind,
@@ -337,6 +348,11 @@ impl Activity {
         }
     }
 }
+
+/// Bounds of the connection timer's wake-up step: never a spin (a zero timeout), never past
+/// what the clock can add (a huge one).
+const MIN_TIMER_STEP: Duration = Duration::from_millis(1);
+const MAX_TIMER_STEP: Duration = Duration::from_secs(24 * 3600);
 
 /// Marks one handler as producing its response head until dropped.
 struct HandlingGuard(Arc<Activity>);
@@ -1306,6 +1322,38 @@ mod tests {
         drop(two);
         let (e, _) = waiter.await.expect("join");
         assert_eq!(e, Expiry::Idle);
+    }
+
+    /// Any flag value is safe: a zero stall timeout turns the check off (and zero or huge
+    /// timeouts neither spin nor overflow the clock).
+    #[tokio::test(start_paused = true)]
+    async fn timer_extremes_neither_spin_nor_panic() {
+        let a = Activity::new(Protocol::H1);
+        let _req = a.begin_request();
+        let t = |stalled| Timeouts {
+            idle: Duration::MAX,
+            header: Duration::MAX,
+            stalled,
+            idle_enabled: true,
+        };
+        for stalled in [Duration::ZERO, Duration::MAX] {
+            let waiter = {
+                let a = a.clone();
+                tokio::spawn(async move { a.expired(t(stalled)).await })
+            };
+            tokio::time::advance(Duration::from_secs(10 * 365 * 24 * 3600)).await;
+            assert!(!waiter.is_finished(), "{stalled:?}: expired");
+            waiter.abort();
+        }
+        // Zero header timeout: a head phase expires at once, without spinning.
+        let b = Activity::new(Protocol::H1);
+        let e = b
+            .expired(Timeouts {
+                header: Duration::ZERO,
+                ..t(Duration::ZERO)
+            })
+            .await;
+        assert_eq!(e, Expiry::Header);
     }
 
     /// A busy connection on which no byte moves for the stall timeout expires (noticed at
