@@ -229,26 +229,27 @@ mod tests {
         }
         assert!(parse("101").is_err());
         assert!(parse("-1").is_err());
-        let Command::Run(d) = Cli::try_parse_from(["portico", "run"])
-            .expect("parses")
-            .command
-        else {
-            panic!("run subcommand");
-        };
+        let d = run_defaults();
         assert_eq!(
             d.max_ejection_percent,
             crate::proxy::DEFAULT_MAX_EJECTION_PERCENT
         );
     }
 
-    #[test]
-    fn api_timeout_defaults_to_the_client_constant() {
+    /// `portico run` with no flags.
+    fn run_defaults() -> RunArgs {
         let Command::Run(d) = Cli::try_parse_from(["portico", "run"])
             .expect("parses")
             .command
         else {
             panic!("run subcommand");
         };
+        *d
+    }
+
+    #[test]
+    fn api_timeout_defaults_to_the_client_constant() {
+        let d = run_defaults();
         assert_eq!(
             d.api_timeout,
             crate::controller::client::DEFAULT_API_TIMEOUT
