@@ -851,6 +851,43 @@ async fn not_synced_until_every_kind_listed() {
     run.stop().await;
 }
 
+/// A RateLimitPolicy whose counts do not fit the proxy's `u32` (the API server's integers are
+/// 64-bit, and an object stored before the schema's bound is still served) lists like any other
+/// object: the first sync completes, and translate reports it instead of the whole list failing
+/// to deserialise and holding back every route.
+#[tokio::test]
+async fn an_out_of_range_policy_does_not_block_the_first_sync() {
+    let api = FakeApi::start().await;
+    api.apply(ingress_class("portico"), "kubectl")
+        .expect("class");
+    seed(&api, "shop");
+    let mut huge = policy("shop", "huge", "web-shop");
+    huge["spec"]["limit"]["requests"] = json!(5_000_000_000_i64);
+    huge["spec"]["maxInFlight"] = json!(i64::MAX);
+    api.apply(huge, "kubectl").expect("policy");
+    let run = Running::start(&api, SourceConfig::default()).await;
+    run.synced().await;
+
+    let (inputs, _) = run.source.inputs();
+    assert_eq!(
+        names(&inputs.rate_limit_policies),
+        BTreeSet::from(["shop/huge".to_string(), "shop/limit".to_string()])
+    );
+    let (_, diagnostics) = translate::translate(&inputs, &Options::default());
+    let reported: Vec<_> = diagnostics
+        .iter()
+        .filter(|d| d.name == "huge")
+        .map(|d| d.message.clone())
+        .collect();
+    assert_eq!(reported.len(), 2, "{reported:?}");
+    assert!(
+        reported
+            .iter()
+            .all(|m| m.contains("between 1 and 4294967295"))
+    );
+    run.stop().await;
+}
+
 /// True when `fut` is still pending after one poll.
 fn futures_poll_once<F: Future>(fut: F) -> bool {
     let mut fut = std::pin::pin!(fut);

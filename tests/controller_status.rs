@@ -680,6 +680,27 @@ async fn rate_limit_policy_accepted_true_and_false_with_observed_generation() {
     let bad = accepted(&fake, "bad");
     assert_eq!(bad["status"], "True");
     assert_eq!(bad["reason"], "Accepted");
+
+    // Another writer's condition beside ours is no reason to write (the CRD keys the list by
+    // type, so server-side apply would leave it alone anyway).
+    let mut bad = fake
+        .get("portico.dev/v1alpha1", "RateLimitPolicy", "shop", "bad")
+        .expect("policy");
+    let ours = bad["status"]["conditions"][0].clone();
+    bad["status"]["conditions"] = json!([
+        ours,
+        {"type": "Audited", "status": "True", "reason": "Checked", "message": "",
+         "lastTransitionTime": "2026-12-07T00:00:00Z"}
+    ]);
+    fake.update_status(bad).expect("update status");
+    inputs.rate_limit_policies = policies(&fake).await;
+    let patches = fake.count("patch", "ratelimitpolicies/status");
+    let r = writer
+        .sync(&inputs, &Snapshot::default(), &diagnostics[1..])
+        .await
+        .expect("sync");
+    assert_eq!((r.policies_written, r.unchanged), (0, 2));
+    assert_eq!(fake.count("patch", "ratelimitpolicies/status"), patches);
 }
 
 // ---- events ---------------------------------------------------------------------------------

@@ -430,12 +430,13 @@ impl StatusWriter {
         let now = Timestamp::now();
         for policy in &inputs.rate_limit_policies {
             let desired = accepted_condition(policy, diagnostics, now);
+            // Only our condition: the list is keyed by type (the CRD's list-map), so server-side
+            // apply leaves other writers' conditions alone, and they are no reason to write.
             let current = policy
                 .status
                 .as_ref()
-                .map(|s| s.conditions.as_slice())
-                .unwrap_or_default();
-            if current == std::slice::from_ref(&desired) {
+                .and_then(|s| s.conditions.iter().find(|c| c.type_ == desired.type_));
+            if current == Some(&desired) {
                 report.unchanged += 1;
                 continue;
             }

@@ -46,8 +46,8 @@ pub struct RateLimitPolicySpec {
     pub key: Option<Key>,
     /// Cap on concurrent requests per replica; excess → 503.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1))]
-    pub max_in_flight: Option<u32>,
+    #[schemars(range(min = 1, max = 4294967295_i64))]
+    pub max_in_flight: Option<i64>,
 }
 
 /// Policy-attachment target reference. `kind` is deliberately a free string, not an enum: a
@@ -63,18 +63,23 @@ pub struct TargetRef {
 }
 
 /// Token-bucket parameters.
+///
+/// The counts are `i64` although the schema bounds them to `u32`: a value the API server let
+/// through anyway (an object stored before the bound, a float it accepted as integral) must reach
+/// translate as one invalid policy, not fail the deserialisation of the whole list and with it
+/// the controller's first sync.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Limit {
     /// Tokens added per `period` (the sustained rate).
-    #[schemars(range(min = 1))]
-    pub requests: u32,
+    #[schemars(range(min = 1, max = 4294967295_i64))]
+    pub requests: i64,
     /// Duration such as `1m`, `30s`, `1h30m`, `500ms`.
     #[schemars(pattern(r"^([0-9]+(ms|s|m|h))+$"))]
     pub period: String,
     /// Bucket capacity: requests that may arrive at once (default `requests`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1))]
-    pub burst: Option<u32>,
+    #[schemars(range(min = 1, max = 4294967295_i64))]
+    pub burst: Option<i64>,
 }
 
 /// Bucket key.
@@ -103,7 +108,10 @@ pub enum KeyType {
 /// Status written by the elected controller.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct RateLimitPolicyStatus {
+    /// Keyed by `type`, as `metav1.Condition` lists are, so server-side apply merges each
+    /// writer's condition instead of replacing the list.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
 }
 

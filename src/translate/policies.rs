@@ -103,9 +103,9 @@ fn rate_limit(policy: &RateLimitPolicy, namespace: &str, name: &str) -> RateLimi
             uid: Arc::from(policy.metadata.uid.as_deref().unwrap_or_default()),
         },
         bucket: spec.limit.as_ref().map(|l| TokenBucketSpec {
-            requests: l.requests,
+            requests: count(l.requests),
             period: parse_duration(&l.period).unwrap_or_default(),
-            burst: l.burst.unwrap_or(l.requests),
+            burst: count(l.burst.unwrap_or(l.requests)),
         }),
         key: match &spec.key {
             None => RateLimitKey::ClientIp,
@@ -118,8 +118,24 @@ fn rate_limit(policy: &RateLimitPolicy, namespace: &str, name: &str) -> RateLimi
                 }
             },
         },
-        max_in_flight: spec.max_in_flight,
+        max_in_flight: spec.max_in_flight.map(count),
     }
+}
+
+/// A count [`value_problems`] found in range, as the proxy's `u32`.
+fn count(n: i64) -> u32 {
+    u32::try_from(n.clamp(1, i64::from(u32::MAX))).unwrap_or(u32::MAX)
+}
+
+/// The longest `limit.period`: a policy's window is in the headers as whole seconds and its
+/// refill is computed in nanoseconds, so a period beyond any sensible quota is refused rather than
+/// silently clamped.
+const MAX_PERIOD: std::time::Duration = std::time::Duration::from_secs(366 * 24 * 3600);
+
+/// "must be between 1 and 4294967295" when `n` is not a valid count.
+fn count_problem(field: &str, n: i64) -> Option<String> {
+    (!(1..=i64::from(u32::MAX)).contains(&n))
+        .then(|| format!("{field} must be between 1 and {} (got {n})", u32::MAX))
 }
 
 /// Diagnostics for one policy; true when it has no errors and so is applied.
@@ -165,23 +181,24 @@ fn value_problems(spec: &crate::crd::RateLimitPolicySpec) -> Vec<String> {
         out.push("at least one of limit and maxInFlight is required".to_string());
     }
     if let Some(limit) = &spec.limit {
-        if limit.requests < 1 {
-            out.push("limit.requests must be at least 1".to_string());
-        }
+        out.extend(count_problem("limit.requests", limit.requests));
         match parse_duration(&limit.period) {
-            Some(d) if !d.is_zero() => {}
+            Some(d) if !d.is_zero() && d <= MAX_PERIOD => {}
+            Some(d) if !d.is_zero() => out.push(format!(
+                "limit.period {:?} is longer than the maximum of 8784h (366 days)",
+                limit.period
+            )),
             _ => out.push(format!(
                 "limit.period {:?} is not a positive duration such as 1m, 30s or 1h30m",
                 limit.period
             )),
         }
-        if limit.burst == Some(0) {
-            out.push("limit.burst must be at least 1".to_string());
-        }
+        out.extend(limit.burst.and_then(|b| count_problem("limit.burst", b)));
     }
-    if spec.max_in_flight == Some(0) {
-        out.push("maxInFlight must be at least 1".to_string());
-    }
+    out.extend(
+        spec.max_in_flight
+            .and_then(|n| count_problem("maxInFlight", n)),
+    );
     if let Some(key) = &spec.key {
         let named = key
             .name
@@ -230,7 +247,7 @@ mod unit {
         Arc::new(p)
     }
 
-    fn limit(requests: u32, period: &str, burst: Option<u32>) -> Option<Limit> {
+    fn limit(requests: i64, period: &str, burst: Option<i64>) -> Option<Limit> {
         Some(Limit {
             requests,
             period: period.into(),
@@ -280,5 +297,31 @@ mod unit {
         assert!(has("period", "InvalidPolicy"));
         assert!(has("empty", "InvalidPolicy"));
         assert!(has("header", "InvalidPolicy"));
+    }
+
+    /// Counts outside `u32` and periods past a year are refused with the field named, never
+    /// clamped into a different policy; the largest valid values pass.
+    #[test]
+    fn out_of_range_counts_and_periods_are_invalid() {
+        let problems = |limit: Option<Limit>, max_in_flight: Option<i64>| {
+            let mut spec = policy("p", "Ingress", "web", limit, None).spec.clone();
+            spec.max_in_flight = max_in_flight;
+            value_problems(&spec)
+        };
+        let max = i64::from(u32::MAX);
+        assert!(problems(limit(max, "8784h", Some(max)), Some(max)).is_empty());
+        let got = problems(limit(max + 1, "8785h", Some(-1)), Some(1 << 40));
+        assert_eq!(got.len(), 4, "{got:?}");
+        assert!(got[0].starts_with("limit.requests must be between 1 and 4294967295"));
+        assert!(got[1].contains("longer than the maximum"), "{got:?}");
+        assert!(
+            got[2].starts_with("limit.burst must be between 1"),
+            "{got:?}"
+        );
+        assert!(
+            got[3].starts_with("maxInFlight must be between 1"),
+            "{got:?}"
+        );
+        assert!(!problems(limit(1, "99999999999999999999h", None), None).is_empty());
     }
 }
