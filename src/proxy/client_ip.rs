@@ -36,6 +36,8 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr
         let Some(ip) = std::str::from_utf8(entry).ok().and_then(parse_entry) else {
             break;
         };
+        // A hop may write an IPv4 client in its IPv4-mapped IPv6 form.
+        let ip = ip.to_canonical();
         best = ip;
         if !is_trusted(&ip) {
             break;
@@ -70,6 +72,17 @@ mod tests {
 
     fn nets(s: &[&str]) -> Vec<IpNet> {
         s.iter().map(|n| n.parse().expect("net")).collect()
+    }
+
+    /// An IPv4-mapped entry is read as the IPv4 address it maps, so IPv4 trusted ranges match it.
+    #[test]
+    fn ipv4_mapped_entries_match_ipv4_ranges() {
+        let ip = client_ip(
+            [10, 0, 0, 9].into(),
+            &h(&["::ffff:1.2.3.4, ::ffff:10.0.0.7"]),
+            &nets(&["10.0.0.0/8"]),
+        );
+        assert_eq!(ip, IpAddr::from([1, 2, 3, 4]));
     }
 
     #[test]

@@ -892,9 +892,15 @@ async fn accept_loop(
             _ = shutdown.fired() => return,
         };
         let (stream, peer) = match accepted {
-            Ok(pair) => {
+            Ok((stream, peer)) => {
                 backoff = ACCEPT_BACKOFF_MIN;
-                pair
+                // On a dual-stack `[::]` listener an IPv4 client arrives as `::ffff:a.b.c.d`;
+                // everything downstream (`--trusted-proxies`, X-Forwarded-For, X-Real-IP, rate
+                // limit keys, hashing, logs) sees the plain IPv4 address.
+                (
+                    stream,
+                    SocketAddr::new(peer.ip().to_canonical(), peer.port()),
+                )
             }
             Err(e) if is_per_connection(&e) => {
                 debug!(listener = kind.label(), error = %e, "accept: connection lost before accept");

@@ -109,12 +109,17 @@ fn convert(level: u128, old: &Units, new: &Units) -> u128 {
     whole.saturating_add(part).min(new.cap)
 }
 
-/// What a client sees of a bucket at `level`.
+/// What a client sees of a bucket at `level`. The draft's reset (`t`) is the time "until
+/// additional quota is made available": for a bucket that refills continuously, the next whole
+/// token, which is also what `Retry-After` says on a 429 (draft §6: it must not be earlier than
+/// the reset). A full bucket gains nothing more, so it has none.
 fn view_of(u: &Units, level: u128) -> BucketView {
+    let next_token = (level / u.p).saturating_add(1).saturating_mul(u.p);
     BucketView {
         remaining: u64::try_from(level / u.p).unwrap_or(u64::MAX),
-        reset_secs: u64::try_from(u.ns_until(level, u.cap).div_ceil(1_000_000_000))
-            .unwrap_or(u64::MAX),
+        reset_secs: (level < u.cap).then(|| {
+            u64::try_from(u.ns_until(level, next_token).div_ceil(1_000_000_000)).unwrap_or(u64::MAX)
+        }),
     }
 }
 
@@ -206,8 +211,8 @@ impl Shard {
 pub struct BucketView {
     /// Whole tokens left after this request.
     pub remaining: u64,
-    /// Seconds until the bucket is full again (rounded up).
-    pub reset_secs: u64,
+    /// Seconds until the next whole token (rounded up); `None` while the bucket is full.
+    pub reset_secs: Option<u64>,
 }
 
 /// Outcome of [`Limiter::check`].
@@ -302,17 +307,35 @@ impl Limiter {
         match key {
             RateLimitKey::ClientIp => KeyValue::Ip(client),
             RateLimitKey::Global => KeyValue::Global,
-            RateLimitKey::Header(name) => match headers.get(name.as_str()) {
-                None => KeyValue::MissingHeader,
-                Some(v) if v.len() <= MAX_KEY_BYTES => KeyValue::Header(v.as_bytes().into()),
-                Some(v) => {
-                    let mut a = self.digest_keys.0.build_hasher();
-                    let mut b = self.digest_keys.1.build_hasher();
-                    a.write(v.as_bytes());
-                    b.write(v.as_bytes());
-                    KeyValue::HeaderDigest(a.finish(), b.finish())
+            RateLimitKey::Header(name) => {
+                let mut lines = headers.get_all(name.as_str()).iter();
+                let Some(first) = lines.next() else {
+                    return KeyValue::MissingHeader;
+                };
+                // A repeated field is one value, its lines joined (RFC 9110 §5.3): keyed on the
+                // first line alone, a throwaway line in front would buy a fresh bucket per request.
+                let joined;
+                let v = match lines.next() {
+                    None => first.as_bytes(),
+                    Some(second) => {
+                        let mut all = first.as_bytes().to_vec();
+                        for line in std::iter::once(second).chain(lines) {
+                            all.extend_from_slice(b", ");
+                            all.extend_from_slice(line.as_bytes());
+                        }
+                        joined = all;
+                        &joined
+                    }
+                };
+                if v.len() <= MAX_KEY_BYTES {
+                    return KeyValue::Header(v.into());
                 }
-            },
+                let mut a = self.digest_keys.0.build_hasher();
+                let mut b = self.digest_keys.1.build_hasher();
+                a.write(v);
+                b.write(v);
+                KeyValue::HeaderDigest(a.finish(), b.finish())
+            }
         }
     }
 
@@ -572,8 +595,9 @@ fn sf_string(s: &str) -> String {
 /// the policy name as a String. A token-bucket policy advertises `q` = its burst (what can be
 /// spent at once) and `w` = seconds to refill that much, so `q/w` is the sustained rate
 /// `requests/period`; `RateLimit` gives `r` = whole tokens left and `t` = seconds until the
-/// bucket is full. A `maxInFlight`-only policy uses the draft's `concurrency` quota unit, with
-/// `r` = free slots. `None` when no policy applies.
+/// next token (left out while the bucket is full). A `maxInFlight`-only policy uses the draft's
+/// `concurrent-requests` quota unit (§3.1.2), with `r` = free slots. `None` when no policy
+/// applies.
 fn render(
     limits: &[RateLimit],
     views: &[Option<BucketView>],
@@ -588,11 +612,14 @@ fn render(
                 let u = Units::of(spec);
                 let window = u.ns_until(0, u.cap).div_ceil(1_000_000_000).max(1);
                 policy.push(format!("{name};q={};w={window}", spec.burst.max(1)));
-                state.push(format!("{name};r={};t={}", view.remaining, view.reset_secs));
+                state.push(match view.reset_secs {
+                    Some(t) => format!("{name};r={};t={t}", view.remaining),
+                    None => format!("{name};r={}", view.remaining),
+                });
             }
             (None, _, Some(cap)) => {
                 let free = (cap as usize).saturating_sub(in_flight(&limit.policy));
-                policy.push(format!("{name};q={cap};qu=\"concurrency\""));
+                policy.push(format!("{name};q={cap};qu=\"concurrent-requests\""));
                 state.push(format!("{name};r={free}"));
             }
             _ => {}
@@ -782,7 +809,7 @@ mod tests {
             admitted(&l, &limits);
         }
         let c = admitted(&l, &limits);
-        assert_eq!(c.headers.expect("headers").limit, "\"web\";r=0;t=30");
+        assert_eq!(c.headers.expect("headers").limit, "\"web\";r=0;t=6");
     }
 
     #[tokio::test(start_paused = true)]
@@ -857,7 +884,29 @@ mod tests {
         assert_eq!(l.footprint().keys, l.tracked());
         // One shard (small cap): q's request expired p, which had refilled to full.
         let p = l.peek(&limits, IP, &HeaderMap::new());
-        assert_eq!(p.headers.expect("h").limit, "\"p\";r=2;t=0");
+        assert_eq!(p.headers.expect("h").limit, "\"p\";r=2");
+    }
+
+    /// A repeated key header is keyed on all its lines: a different first line is a different
+    /// bucket, but so is the same first line followed by another.
+    #[test]
+    fn a_repeated_key_header_is_keyed_on_all_its_lines() {
+        let l = limiter(100);
+        let key = RateLimitKey::Header("x-api-key".into());
+        let lines = |vals: &[&'static str]| {
+            let mut h = HeaderMap::new();
+            for v in vals {
+                h.append("x-api-key", HeaderValue::from_static(v));
+            }
+            l.key_value(&key, IP, &h)
+        };
+        assert_eq!(
+            lines(&["a", "real"]),
+            KeyValue::Header(b"a, real"[..].into())
+        );
+        assert_ne!(lines(&["a", "real"]), lines(&["b", "real"]));
+        assert_ne!(lines(&["real"]), lines(&["x", "real"]));
+        assert_eq!(lines(&["a", "b"]), lines(&["a, b"]));
     }
 
     #[test]
@@ -996,7 +1045,7 @@ mod tests {
         );
         assert_eq!(c.verdict, Verdict::Admitted);
         let h = c.headers.expect("headers");
-        assert_eq!(h.policy, "\"cap\";q=5;qu=\"concurrency\"");
+        assert_eq!(h.policy, "\"cap\";q=5;qu=\"concurrent-requests\"");
         assert_eq!(h.limit, "\"cap\";r=3");
         assert_eq!(sf_string("a\"b\\c\n"), "\"a\\\"b\\\\c_\"");
     }
