@@ -633,6 +633,52 @@ async fn garbage_on_the_tls_port_does_not_hurt_other_clients() {
     }
 }
 
+/// HTTP/2 chosen by ALPN: the connection preface is the first request's head, so a client that
+/// completes the handshake and then sends nothing is closed after the header timeout, not after
+/// the (longer) idle timeout; one that sends its preface is served.
+#[tokio::test]
+async fn an_h2_connection_without_its_preface_is_closed_after_the_header_timeout() {
+    let srv = start_cfg(
+        None,
+        ProxyConfig {
+            client_header_timeout: Duration::from_millis(300),
+            client_idle_timeout: Duration::from_secs(3600),
+            ..ProxyConfig::default()
+        },
+    )
+    .await;
+    srv.publisher.publish(snapshot(&[], &[], None));
+    let mut silent = Client::default()
+        .connect(srv.https)
+        .await
+        .expect("handshake");
+    assert_eq!(silent.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let mut sink = Vec::new();
+    let _ = timeout(DEADLINE, silent.read_to_end(&mut sink))
+        .await
+        .expect("closed well before the idle timeout");
+
+    let tls = Client::default()
+        .connect(srv.https)
+        .await
+        .expect("handshake");
+    let (mut send, conn) = hyper::client::conn::http2::handshake::<_, _, Empty<Bytes>>(
+        TokioExecutor::new(),
+        TokioIo::new(tls),
+    )
+    .await
+    .expect("h2 handshake");
+    tokio::spawn(conn);
+    // Past the header timeout, the connection (preface sent) idles and still serves.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let req = Request::builder()
+        .uri("https://a.example.com/")
+        .body(Empty::new())
+        .expect("request");
+    let resp = send.send_request(req).await.expect("response");
+    assert_eq!(resp.status(), 404);
+}
+
 #[tokio::test]
 async fn a_stalled_handshake_is_closed_after_the_header_timeout() {
     let srv = start_cfg(

@@ -210,13 +210,11 @@ struct Activity {
 impl Activity {
     fn new(protocol: Protocol) -> Arc<Self> {
         let now = Instant::now();
-        // HTTP/1.1: the first request head must arrive within the header timeout of the
-        // connection opening (a connection that never sends anything is a slowloris too).
-        // HTTP/2 has no head phase at the connection level: it idles until its first stream.
-        let phase = match protocol {
-            Protocol::H2 => Phase::Idle(now),
-            Protocol::Sniff | Protocol::H1 => Phase::Head(now),
-        };
+        // The first request head (HTTP/1.1), or the connection preface (HTTP/2, known from
+        // ALPN or still to be sniffed), must arrive within the header timeout of the connection
+        // opening: a connection that never sends anything is a slowloris too. After its preface
+        // an HTTP/2 connection idles until its first stream.
+        let phase = Phase::Head(now);
         Arc::new(Activity {
             state: Mutex::new(ActState {
                 in_flight: 0,
@@ -242,6 +240,16 @@ impl Activity {
         }
         self.moved();
         let mut s = self.lock();
+        if s.protocol == Protocol::H2 {
+            // HTTP/2 by ALPN: the preface's bytes end the head phase (hyper checks them).
+            if let Phase::Head(t) = s.phase {
+                s.sniffed = s.sniffed.saturating_add(bytes.len());
+                if s.sniffed >= H2_PREFACE.len() {
+                    s.phase = Phase::Idle(t);
+                }
+            }
+            return;
+        }
         if s.protocol == Protocol::Sniff {
             let want = &H2_PREFACE[s.sniffed..];
             let n = want.len().min(bytes.len());
@@ -1408,9 +1416,26 @@ mod tests {
         assert_eq!(expiry_after(&a, true).await, (Expiry::Idle, IDLE));
     }
 
+    /// HTTP/2 by ALPN: the preface is the first head; a connection that sends nothing (or
+    /// part of it) is closed at the header timeout, one that sent it idles.
+    #[tokio::test(start_paused = true)]
+    async fn an_alpn_h2_connection_waits_for_its_preface_on_the_header_timer() {
+        let a = Activity::new(Protocol::H2);
+        assert_eq!(expiry_after(&a, true).await, (Expiry::Header, HEADER));
+        let a = Activity::new(Protocol::H2);
+        a.on_read(&H2_PREFACE[..10]);
+        assert_eq!(expiry_after(&a, true).await, (Expiry::Header, HEADER));
+        let a = Activity::new(Protocol::H2);
+        a.on_read(&H2_PREFACE[..10]);
+        a.on_read(&H2_PREFACE[10..]);
+        assert_eq!(a.lock().protocol, Protocol::H2);
+        assert_eq!(expiry_after(&a, true).await, (Expiry::Idle, IDLE));
+    }
+
     #[tokio::test(start_paused = true)]
     async fn idle_timer_is_off_while_draining() {
         let a = Activity::new(Protocol::H2);
+        a.on_read(H2_PREFACE);
         let waiter = {
             let a = a.clone();
             tokio::spawn(async move { expiry_after(&a, false).await })
