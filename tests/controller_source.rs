@@ -1444,7 +1444,7 @@ async fn secret_data_follows_what_ingresses_reference() {
     assert!(
         reader
             .load()
-            .is_some_and(|s| !s.tls.has_cert_for("secure.example.com"))
+            .is_some_and(|s| !s.tls.has_tls_for("secure.example.com"))
     );
 
     // An Ingress starts referencing it: data appears (only the TLS keys), and the snapshot
@@ -1467,7 +1467,7 @@ async fn secret_data_follows_what_ingresses_reference() {
     assert!(
         poll_until(DEADLINE, || reader
             .load()
-            .is_some_and(|s| s.tls.has_cert_for("secure.example.com")))
+            .is_some_and(|s| s.tls.has_tls_for("secure.example.com")))
         .await,
         "the fetched certificate reached the snapshot"
     );
@@ -1488,7 +1488,7 @@ async fn secret_data_follows_what_ingresses_reference() {
     assert!(
         poll_until(DEADLINE, || reader
             .load()
-            .is_some_and(|s| !s.tls.has_cert_for("secure.example.com")))
+            .is_some_and(|s| !s.tls.has_tls_for("secure.example.com")))
         .await,
         "the certificate left the snapshot"
     );
@@ -1565,7 +1565,7 @@ async fn first_sync_waits_for_referenced_data_and_keeps_the_default_certificate(
             ..Options::default()
         },
     );
-    assert!(snapshot.tls.has_cert_for("secure.example.com"));
+    assert!(snapshot.tls.has_tls_for("secure.example.com"));
     assert!(snapshot.tls.default.is_some());
 
     // No Ingress references the default certificate; deleting the only Ingress keeps it.

@@ -45,6 +45,12 @@ pub struct TlsTable {
     /// them (a catch-all rule, the default backend) is not redirected either.
     pub no_redirect_exact: HashSet<String>,
     pub no_redirect_wildcard: HashSet<String>,
+    /// Exact hosts, and wildcard suffixes, named by a TLS entry without a `secretName` (the API
+    /// leaves it optional "to allow TLS routing based on SNI hostname alone"): served the default
+    /// certificate, and redirected like hosts with a certificate of their own. Only entries of
+    /// Ingresses that keep the redirect are recorded.
+    pub default_exact: HashSet<String>,
+    pub default_wildcard: HashSet<String>,
 }
 
 impl TlsTable {
@@ -68,25 +74,42 @@ impl TlsTable {
     /// True when the host has a certificate of its own (exact or wildcard), not just the default.
     /// Whether plain HTTP to `host` (normalised) should be redirected by a route that does not
     /// name it: the host has a certificate of its own whose Ingress did not opt out.
+    /// Hosts named by a TLS entry without a Secret count as well.
     pub fn redirects_host(&self, host: &str) -> bool {
         if !self.exact.is_empty() && self.exact.contains_key(host) {
             return !self.no_redirect_exact.contains(host);
         }
-        !self.wildcard.is_empty()
-            && host.split_once('.').is_some_and(|(f, rest)| {
-                !f.is_empty()
-                    && self.wildcard.contains_key(rest)
-                    && !self.no_redirect_wildcard.contains(rest)
-            })
+        if !self.wildcard.is_empty()
+            && let Some(rest) = parent(host)
+            && self.wildcard.contains_key(rest)
+        {
+            return !self.no_redirect_wildcard.contains(rest);
+        }
+        self.on_default_certificate(host)
     }
 
-    pub fn has_cert_for(&self, host: &str) -> bool {
+    /// True when the host is served over TLS by a certificate of its own (exact or wildcard) or
+    /// by a TLS entry without a Secret, not merely by the default certificate's catching all.
+    pub fn has_tls_for(&self, host: &str) -> bool {
         // Plain-HTTP requests on catch-all routes ask this every time: no hashing, and no
         // search for the first label, where a table is empty.
         (!self.exact.is_empty() && self.exact.contains_key(host))
             || (!self.wildcard.is_empty()
-                && host
-                    .split_once('.')
-                    .is_some_and(|(f, rest)| !f.is_empty() && self.wildcard.contains_key(rest)))
+                && parent(host).is_some_and(|rest| self.wildcard.contains_key(rest)))
+            || self.on_default_certificate(host)
     }
+
+    /// Named by a TLS entry without a Secret (see [`TlsTable::default_exact`]).
+    fn on_default_certificate(&self, host: &str) -> bool {
+        (!self.default_exact.is_empty() && self.default_exact.contains(host))
+            || (!self.default_wildcard.is_empty()
+                && parent(host).is_some_and(|rest| self.default_wildcard.contains(rest)))
+    }
+}
+
+/// What a one-label wildcard matches `host` by: everything after its first, non-empty label.
+fn parent(host: &str) -> Option<&str> {
+    host.split_once('.')
+        .filter(|(first, _)| !first.is_empty())
+        .map(|(_, rest)| rest)
 }

@@ -333,9 +333,13 @@ pub(super) fn derive<'a>(inputs: &'a Inputs, opts: &Options, diags: &mut Diags) 
         // is known now; a wildcard rule without a wildcard certificate and the catch-all rule
         // also serve hosts with certificates of their own, so there the request's host decides.
         let host_tls = match &host {
-            HostKey::Exact(h) if tls.has_cert_for(h) => SslRedirect::Yes,
+            HostKey::Exact(h) if tls.has_tls_for(h) => SslRedirect::Yes,
             HostKey::Exact(_) => SslRedirect::No,
-            HostKey::Wildcard(s) if tls.wildcard.contains_key(s) => SslRedirect::Yes,
+            HostKey::Wildcard(s)
+                if tls.wildcard.contains_key(s) || tls.default_wildcard.contains(s) =>
+            {
+                SslRedirect::Yes
+            }
             HostKey::Wildcard(_) | HostKey::CatchAll => SslRedirect::IfHostHasTls,
         };
         // Exactly sized, and not `collect`ed from `candidates`: that would reuse the

@@ -1412,8 +1412,8 @@ fn tls_bad_secrets_reject_only_that_entry() {
             ("Ingress", "a"),
             "case {name}"
         );
-        assert!(!s.tls.has_cert_for("h.test"), "case {name}");
-        assert!(s.tls.has_cert_for("ok.test"), "case {name}");
+        assert!(!s.tls.has_tls_for("h.test"), "case {name}");
+        assert!(s.tls.has_tls_for("ok.test"), "case {name}");
         // The host still answers over HTTP, without a redirect.
         assert!(
             route(&s, "h.test", "/").is_some(),
@@ -1533,12 +1533,44 @@ fn tls_hosts_redirect_on_catch_all_default_and_wildcard_routes() {
 }
 
 #[test]
-fn tls_entry_without_secret_name_warns() {
-    let mut ing = Ing::new("default", "a").path("h.test", "Prefix", "/", "web", svc80());
-    ing.spec["tls"] = json!([{"hosts": ["h.test"]}]);
-    let (s, d) = World::web().ing(ing).run();
+/// `IngressTLS.secretName` is optional "to allow TLS routing based on SNI hostname alone": the
+/// entry's hosts are served the default certificate and redirected like hosts with a certificate
+/// of their own, as ingress-nginx does. The warning says when that certificate is the generated
+/// one; an Ingress that opts out of the redirect is not redirected.
+fn tls_entry_without_secret_name_uses_the_default_certificate_and_redirects() {
+    let ing = || {
+        let mut ing = Ing::new("default", "a")
+            .path("h.test", "Prefix", "/", "web", svc80())
+            .path("*.w.test", "Prefix", "/", "web", svc80())
+            .rule(None, &[("Prefix", "/", "web", svc80())]);
+        ing.spec["tls"] = json!([{"hosts": ["h.test", "*.w.test", "c.test"]}]);
+        ing
+    };
+    let (s, d) = World::web().ing(ing()).run();
     only(&d, Severity::Warning, "MissingSecretName");
+    assert!(redirects(&s, "h.test", "/"));
+    assert!(redirects(&s, "a.w.test", "/"));
+    // c.test has no rule of its own: the catch-all rule serves it, and redirects it.
+    assert!(redirects(&s, "c.test", "/"));
+    assert!(!redirects(&s, "other.test", "/"));
+    assert!(s.tls.exact.is_empty() && s.tls.wildcard.is_empty());
+
+    let opts = Options {
+        default_certificate: Some(("portico".into(), "default-cert".into())),
+        ..Options::default()
+    };
+    let (s, d) = World::web()
+        .secret(tls_secret("portico", "default-cert", &["*.test"]))
+        .ing(ing())
+        .run_with(&opts);
+    assert!(d.is_empty(), "{d:?}");
+    assert!(redirects(&s, "h.test", "/"));
+
+    let (s, _) = World::web()
+        .ing(ing().ann("nginx.ingress.kubernetes.io/ssl-redirect", "false"))
+        .run();
     assert!(!redirects(&s, "h.test", "/"));
+    assert!(!redirects(&s, "c.test", "/"));
 }
 
 // ---------------------------------------------------------------------------------------------

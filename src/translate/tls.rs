@@ -164,12 +164,20 @@ pub(super) fn build(
         );
         for entry in spec.tls.as_deref().unwrap_or_default() {
             let Some(secret_name) = entry.secret_name.as_deref().filter(|s| !s.is_empty()) else {
-                diags.warn(
-                    "Ingress",
-                    &obj,
-                    "MissingSecretName",
-                    "tls entry without secretName is ignored; its hosts get the default certificate",
-                );
+                // `secretName` is optional "to allow TLS routing based on SNI hostname alone"
+                // (IngressTLS): the default certificate serves these hosts, and they redirect.
+                if opts.default_certificate.is_none() {
+                    diags.warn(
+                        "Ingress",
+                        &obj,
+                        "MissingSecretName",
+                        "tls entry without secretName: its hosts are served the generated \
+                         self-signed certificate until --default-certificate names one",
+                    );
+                }
+                if !no_redirect {
+                    default_hosts(&mut table, ing, entry.hosts.as_deref(), &obj, diags);
+                }
                 continue;
             };
             let cert = match cache.get(index, obj.namespace, secret_name) {
@@ -215,6 +223,29 @@ pub(super) fn build(
         }
     }
     table
+}
+
+/// Record the hosts of a TLS entry without a Secret in [`TlsTable::default_exact`] and
+/// [`TlsTable::default_wildcard`].
+fn default_hosts(
+    table: &mut TlsTable,
+    ing: &Ingress,
+    hosts: Option<&[String]>,
+    obj: &ObjRef<'_>,
+    diags: &mut Diags,
+) {
+    for host in entry_hosts(ing, hosts) {
+        match hosts::parse_host(Some(host)) {
+            Ok(HostKey::Exact(h)) => {
+                table.default_exact.insert(h);
+            }
+            Ok(HostKey::Wildcard(s)) => {
+                table.default_wildcard.insert(s);
+            }
+            Ok(HostKey::CatchAll) => {}
+            Err(e) => diags.error("Ingress", obj, "InvalidHost", format!("tls: {e}")),
+        }
+    }
 }
 
 /// Hosts a TLS entry serves. The API leaves `hosts` optional ("defaults to the wildcard host
