@@ -1,6 +1,7 @@
 //! The rebuild loop shared by every source: change notifications → debounce (about 100 ms
 //! holdoff, forced by 500 ms) → translate → publish, plus diagnostics reporting (log, gauge,
-//! and a hook for the controller's Events/status). May import: translate, publish, metrics, tokio.
+//! and a hook for the controller's Events/status). May import: translate, publish, metrics, tokio,
+//! k8s-openapi types.
 //! Must not import the proxy, kube clients or the filesystem: sources own their I/O.
 //!
 //! # How a source plugs in (brief §2)
@@ -28,12 +29,19 @@
 //! - Snapshots that stopped serving are freed here, not by the last request that held one
 //!   ([`Publisher::release`]): after each build, and every [`RELEASE_INTERVAL`] while a
 //!   request still holds one.
+//! - A TLS Secret whose data turns invalid (a bad rotation, a truncated edit) is replaced in the
+//!   inputs by its last valid version, with an Error diagnostic on the Secret (brief §4.4: "a
+//!   file or object that turns invalid keeps its last good version serving, and is reported"):
+//!   its hosts keep their certificate and their redirect instead of falling to the default
+//!   certificate. A Secret that leaves, or whose data is not held (the controller keeps data of
+//!   referenced Secrets only), is forgotten with its key material.
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use k8s_openapi::api::core::v1::Secret;
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
@@ -157,6 +165,72 @@ pub struct Rebuilder {
     gauges: BackendGauges,
     /// Keeps the last derived routes, so endpoint-only changes skip re-deriving them.
     translator: translate::Translator,
+    /// The last valid version of each TLS Secret (module doc).
+    secrets: LastGoodSecrets,
+}
+
+/// `(namespace, name)` → what the last build saw of that Secret.
+#[derive(Debug, Default)]
+struct LastGoodSecrets(HashMap<(String, String), KeptSecret>);
+
+#[derive(Debug)]
+struct KeptSecret {
+    /// The Secret as the source gave it last time, to skip re-parsing an unchanged one.
+    seen: Arc<Secret>,
+    /// Its last version that parsed as a certificate and key.
+    good: Option<Arc<Secret>>,
+    /// Why `seen` does not (`None` when it does).
+    problem: Option<(&'static str, String)>,
+}
+
+impl LastGoodSecrets {
+    /// Put the last valid version in place of each Secret that turned invalid; a diagnostic
+    /// for each one replaced.
+    fn apply(&mut self, secrets: &mut [Arc<Secret>]) -> Vec<Diagnostic> {
+        let mut next = HashMap::with_capacity(secrets.len());
+        let mut diagnostics = Vec::new();
+        for secret in secrets.iter_mut() {
+            let meta = &secret.metadata;
+            let key = (
+                meta.namespace.clone().unwrap_or_default(),
+                meta.name.clone().unwrap_or_default(),
+            );
+            let kept = match self.0.remove(&key) {
+                Some(k) if Arc::ptr_eq(&k.seen, secret) || k.seen == *secret => k,
+                before => {
+                    let problem = translate::tls_secret_problem(secret);
+                    // Without data (not held) there is nothing to judge: forget the key material.
+                    let good = if problem.is_none() {
+                        Some(Arc::clone(secret))
+                    } else if secret.data.as_ref().is_some_and(|d| !d.is_empty()) {
+                        before.and_then(|b| b.good)
+                    } else {
+                        None
+                    };
+                    KeptSecret {
+                        seen: Arc::clone(secret),
+                        good,
+                        problem,
+                    }
+                }
+            };
+            if let (Some((reason, message)), Some(good)) = (&kept.problem, &kept.good) {
+                diagnostics.push(Diagnostic {
+                    severity: Severity::Error,
+                    kind: "Secret".to_string(),
+                    namespace: key.0.clone(),
+                    name: key.1.clone(),
+                    uid: meta.uid.clone().unwrap_or_default(),
+                    reason: (*reason).to_string(),
+                    message: format!("{message}; its last valid version keeps serving"),
+                });
+                *secret = Arc::clone(good);
+            }
+            next.insert(key, kept);
+        }
+        self.0 = next;
+        diagnostics
+    }
 }
 
 /// What one build did (returned by [`Rebuilder::build`], mostly for tests and `check`).
@@ -188,6 +262,7 @@ impl Rebuilder {
             previous: Arc::new(Vec::new()),
             gauges: BackendGauges::default(),
             translator: translate::Translator::new(),
+            secrets: LastGoodSecrets::default(),
         }
     }
 
@@ -249,7 +324,8 @@ impl Rebuilder {
     /// One build: inputs → translate → publish → metrics, logs, diagnostics channel.
     pub fn build<S: Source + ?Sized>(&mut self, source: &S) -> BuildReport {
         let started = std::time::Instant::now();
-        let (inputs, source_diagnostics) = source.inputs();
+        let (mut inputs, mut source_diagnostics) = source.inputs();
+        source_diagnostics.extend(self.secrets.apply(&mut inputs.secrets));
         let (snapshot, translate_diagnostics) = match self.config.translate {
             Some(f) => f(&inputs, &self.config.options),
             None => self.translator.translate(&inputs, &self.config.options),

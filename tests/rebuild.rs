@@ -694,3 +694,155 @@ async fn the_loop_runs_off_the_workers_so_a_long_build_does_not_stall_them() {
         "the worker was stalled while the loop's thread was busy"
     );
 }
+
+// ---- last valid TLS Secret ---------------------------------------------------------------------
+
+fn tls_secret(
+    name: &str,
+    host: &str,
+    pem: Option<(&str, &str)>,
+) -> Arc<k8s_openapi::api::core::v1::Secret> {
+    let generated;
+    let (crt, key) = match pem {
+        Some(p) => p,
+        None => {
+            let ck = rcgen::generate_simple_self_signed(vec![host.to_string()]).expect("rcgen");
+            generated = (ck.cert.pem(), ck.signing_key.serialize_pem());
+            (generated.0.as_str(), generated.1.as_str())
+        }
+    };
+    let json = serde_json::json!({
+        "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+        "metadata": {"name": name, "namespace": "shop", "uid": format!("uid-{name}")},
+        "data": {
+            "tls.crt": base64_encode(crt.as_bytes()),
+            "tls.key": base64_encode(key.as_bytes()),
+        }
+    });
+    Arc::new(serde_json::from_value(json).expect("secret"))
+}
+
+fn base64_encode(bytes: &[u8]) -> String {
+    let v = serde_json::to_value(k8s_openapi::ByteString(bytes.to_vec())).expect("bytes");
+    v.as_str().expect("base64 string").to_string()
+}
+
+fn tls_ingress(secret: &str, host: &str) -> Arc<k8s_openapi::api::networking::v1::Ingress> {
+    let json = serde_json::json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
+        "metadata": {"name": "web", "namespace": "shop", "creationTimestamp": "2026-01-01T00:00:00Z"},
+        "spec": {
+            "ingressClassName": "portico",
+            "tls": [{"hosts": [host], "secretName": secret}],
+            "rules": [{"host": host, "http": {"paths": [{"path": "/", "pathType": "Prefix",
+                "backend": {"service": {"name": "web", "port": {"number": 80}}}}]}}]
+        }
+    });
+    Arc::new(serde_json::from_value(json).expect("ingress"))
+}
+
+/// Brief §4.4: a TLS Secret whose data turns invalid keeps its last valid version serving, and
+/// is reported on the Secret; a valid rotation replaces it, and a Secret that leaves is gone.
+#[test]
+fn a_tls_secret_turning_invalid_keeps_its_last_valid_version() {
+    let (source, _builds) = TestSource::new();
+    let (publisher, _reader) = publish::channel();
+    let mut rebuilder = Rebuilder::new(
+        RebuildConfig::default(),
+        publisher,
+        Metrics::new(),
+        Trigger::new(),
+    );
+    let host = "shop.example";
+    let class: k8s_openapi::api::networking::v1::IngressClass =
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "networking.k8s.io/v1", "kind": "IngressClass",
+            "metadata": {"name": "portico"},
+            "spec": {"controller": "portico.dev/ingress-controller"}
+        }))
+        .expect("class");
+    let inputs = |secret: Option<Arc<k8s_openapi::api::core::v1::Secret>>| Inputs {
+        ingresses: vec![tls_ingress("cert", host)],
+        ingress_classes: vec![Arc::new(class.clone())],
+        secrets: secret.into_iter().collect(),
+        ..Inputs::default()
+    };
+    let served = |r: &Rebuilder| -> Option<Vec<u8>> {
+        let built = r.built().borrow().clone().expect("built");
+        built
+            .snapshot
+            .tls
+            .exact
+            .get(host)
+            .map(|c| c.material.to_vec())
+    };
+    let tls_errors = |report: &portico::rebuild::BuildReport| -> Vec<(String, String, String)> {
+        report
+            .diagnostics
+            .iter()
+            .filter(|d| d.severity == Severity::Error && d.reason != "ServiceNotFound")
+            .map(|d| (d.kind.clone(), d.reason.clone(), d.message.clone()))
+            .collect()
+    };
+
+    let good = tls_secret("cert", host, None);
+    source.set(inputs(Some(good.clone())), Vec::new());
+    let report = rebuilder.build(&*source);
+    assert!(tls_errors(&report).is_empty(), "{:?}", report.diagnostics);
+    let first = served(&rebuilder).expect("the certificate serves");
+
+    // A bad edit: garbage instead of a certificate. The old one keeps serving, reported.
+    let (crt, key) = ("not a certificate", "not a key");
+    source.set(
+        inputs(Some(tls_secret("cert", host, Some((crt, key))))),
+        Vec::new(),
+    );
+    let report = rebuilder.build(&*source);
+    assert_eq!(served(&rebuilder).as_ref(), Some(&first));
+    let errors = tls_errors(&report);
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(errors[0].0, "Secret");
+    assert_eq!(errors[0].1, "InvalidCertificate");
+    assert!(
+        errors[0]
+            .2
+            .ends_with("its last valid version keeps serving"),
+        "{errors:?}"
+    );
+    // Built again from the same bad input: same answer.
+    let again = rebuilder.build(&*source);
+    assert_eq!(tls_errors(&again), errors);
+
+    // A valid rotation serves at once and clears the error.
+    let rotated = tls_secret("cert", host, None);
+    source.set(inputs(Some(rotated)), Vec::new());
+    let report = rebuilder.build(&*source);
+    assert!(tls_errors(&report).is_empty(), "{:?}", report.diagnostics);
+    let second = served(&rebuilder).expect("served");
+    assert_ne!(second, first);
+
+    // The Secret leaves: nothing is kept, the TLS entry reports it missing.
+    source.set(inputs(None), Vec::new());
+    let report = rebuilder.build(&*source);
+    assert_eq!(served(&rebuilder), None);
+    assert!(
+        report
+            .diagnostics
+            .iter()
+            .any(|d| d.reason == "SecretNotFound"),
+        "{:?}",
+        report.diagnostics
+    );
+    // Back, invalid from the start: no earlier version to fall back to.
+    source.set(
+        inputs(Some(tls_secret("cert", host, Some((crt, key))))),
+        Vec::new(),
+    );
+    let report = rebuilder.build(&*source);
+    assert_eq!(served(&rebuilder), None);
+    assert!(
+        report.diagnostics.iter().all(|d| d.kind != "Secret"),
+        "{:?}",
+        report.diagnostics
+    );
+}

@@ -250,6 +250,15 @@ pub fn derive_routes(inputs: &Inputs, opts: &Options) -> (Routes, Vec<Diagnostic
     (routes, diags.finish())
 }
 
+/// Why a Secret cannot serve as a TLS certificate (`(reason, message)`, as the diagnostic of a
+/// TLS entry naming it would say), or `None` when it can. For the rebuild step, which keeps the
+/// last valid version of a Secret that turns invalid.
+pub fn tls_secret_problem(secret: &Secret) -> Option<(&'static str, String)> {
+    tls::load_secret(secret)
+        .err()
+        .map(|e| (e.reason(), e.to_string()))
+}
+
 /// Build a snapshot from inputs. Never fails: bad objects become diagnostics.
 pub fn translate(inputs: &Inputs, opts: &Options) -> (Snapshot, Vec<Diagnostic>) {
     let mut diags = Diags::default();
