@@ -61,6 +61,10 @@ const INFLIGHT_SWEEP_THRESHOLD: usize = 4096;
 pub const RETRY_BUDGET_RATIO: f64 = 0.2;
 /// ...but at least this many retries per second per backend are always allowed.
 pub const RETRY_BUDGET_FLOOR_PER_SEC: f64 = 3.0;
+/// Earned retries fade with this time constant (seconds): the budget tracks recent traffic,
+/// so a backend that turns bad after a long healthy spell does not meet a bank of retries
+/// (up to 100) saved up long ago and get several times its load.
+const RETRY_BUDGET_WINDOW_SECS: f64 = 10.0;
 
 /// Why a connection could not be obtained. Nothing was sent: always safe to retry.
 #[derive(Debug, thiserror::Error)]
@@ -574,10 +578,11 @@ impl Upstreams {
     }
 
     /// Pick the next endpoint for a request. Endpoints already tried are never picked again;
-    /// ejected or actively-down ones are skipped. When every untried endpoint is ejected or
-    /// down, selection ignores health and picks among all untried ones ("panic mode", as
-    /// Envoy does): serving from possibly-bad endpoints beats a certain 503, and Kubernetes
-    /// readiness already vouched for them.
+    /// ejected or actively-down ones are skipped. When every endpoint of the backend is
+    /// ejected or down, selection ignores health and picks among the untried ones ("panic
+    /// mode", as Envoy does): serving from possibly-bad endpoints beats a certain 503, and
+    /// Kubernetes readiness already vouched for them. A retry after the usable endpoints were
+    /// tried gets nothing: health marks protect retries too.
     fn pick(&self, backend: &Backend, choice: Choice, tried: &[SocketAddr]) -> Option<SocketAddr> {
         if let Choice::RoundRobin(start) = choice {
             return self.pick_round_robin(backend, start, tried);
@@ -597,6 +602,9 @@ impl Upstreams {
                 .filter(|a| self.usable(backend, *a, &health, &mut now))
                 .collect()
         };
+        if usable.is_empty() && self.any_usable(backend, tried, &mut now) {
+            return None;
+        }
         let candidates = if usable.is_empty() { &untried } else { &usable };
         match choice {
             Choice::LeastRequest => balance::p2c(candidates, |a| self.endpoint_in_flight(a)),
@@ -614,7 +622,11 @@ impl Upstreams {
     /// and, when possible, ejected or down ones (else the first untried one: panic mode).
     ///
     /// The cursor advances once per request (`start`), not per attempt: a retry walks on from
-    /// the request's own position, so a failing endpoint does not shift the rotation.
+    /// the request's own position, so a failing endpoint does not shift the rotation. When the
+    /// cursor's endpoint cannot take the request, the walk goes on from an offset that turns
+    /// with every round of the cursor, so the skipped endpoint's share spreads over all the
+    /// others instead of doubling its next neighbour's (endpoints are in address order, and a
+    /// node's pods, which often fail together, are neighbours there).
     fn pick_round_robin(
         &self,
         backend: &Backend,
@@ -628,9 +640,12 @@ impl Upstreams {
         }
         let mut now = LazyNow::default();
         let health = read(&self.health);
-        let candidates = (0..n).map(|i| eps[(start.wrapping_add(i)) % n].addr);
+        let first = start % n;
+        let turn = (start / n) % n.saturating_sub(1).max(1);
+        let others = (0..n - 1).map(|j| (first + 1 + (turn + j) % (n - 1)) % n);
         let mut fallback = None;
-        for addr in candidates {
+        for i in std::iter::once(first).chain(others) {
+            let addr = eps[i].addr;
             if tried.contains(&addr) {
                 continue;
             }
@@ -640,11 +655,38 @@ impl Upstreams {
             }
             return Some(addr);
         }
-        fallback
+        drop(health);
+        fallback.filter(|_| !self.any_usable(backend, tried, &mut now))
     }
 
+    /// True when one of `tried` is usable: the backend is not in panic mode, so an untried
+    /// ejected or down endpoint is no retry target.
+    fn any_usable(&self, backend: &Backend, tried: &[SocketAddr], now: &mut LazyNow) -> bool {
+        let health = read(&self.health);
+        tried.iter().any(|a| self.usable(backend, *a, &health, now))
+    }
+
+    /// Cheap upper bound of [`Upstreams::has_retry_target`] (no health lookups), for the
+    /// request path's decision to keep a copy of the headers.
     fn has_untried(backend: &Backend, tried: &[SocketAddr]) -> bool {
         backend.endpoints.iter().any(|e| !tried.contains(&e.addr))
+    }
+
+    /// True when [`Upstreams::pick`] would find an endpoint for another attempt.
+    fn has_retry_target(&self, backend: &Backend, tried: &[SocketAddr]) -> bool {
+        if !Self::has_untried(backend, tried) {
+            return false;
+        }
+        let mut now = LazyNow::default();
+        let health = read(&self.health);
+        backend
+            .endpoints
+            .iter()
+            .any(|e| !tried.contains(&e.addr) && self.usable(backend, e.addr, &health, &mut now))
+            || {
+                drop(health);
+                !self.any_usable(backend, tried, &mut now)
+            }
     }
 
     fn record_success(&self, addr: SocketAddr) {
@@ -741,6 +783,9 @@ impl Upstreams {
         e.last = now;
         e.floor_tokens =
             (e.floor_tokens + elapsed * RETRY_BUDGET_FLOOR_PER_SEC).min(RETRY_BUDGET_FLOOR_PER_SEC);
+        // Faded here rather than per deposit, which would read the clock on every request:
+        // while retries are being asked for, withdrawals are close together and fade little.
+        e.ratio_tokens *= (-elapsed / RETRY_BUDGET_WINDOW_SECS).exp();
         if e.floor_tokens >= 1.0 {
             e.floor_tokens -= 1.0;
             true
@@ -934,7 +979,7 @@ impl Upstreams {
                     last_err = ProxyError::UpstreamReset;
                     if replayable
                         && attempt <= max_retries
-                        && Self::has_untried(backend, &tried)
+                        && self.has_retry_target(backend, &tried)
                         && self.budget_withdraw(&backend.key)
                     {
                         continue;
@@ -952,7 +997,7 @@ impl Upstreams {
                         self.record_failure(backend, addr);
                         if replayable
                             && attempt <= max_retries
-                            && Self::has_untried(backend, &tried)
+                            && self.has_retry_target(backend, &tried)
                             && self.budget_withdraw(&backend.key)
                         {
                             // The response is dropped unread, so its connection closes.
@@ -1329,6 +1374,70 @@ mod tests {
         }
     }
 
+    fn down_check() -> Arc<crate::model::HealthCheck> {
+        Arc::new(crate::model::HealthCheck {
+            path: "/healthz".into(),
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+            healthy_threshold: 1,
+            unhealthy_threshold: 1,
+        })
+    }
+
+    /// The share of an endpoint round robin skips goes to all the others in turn, not to its
+    /// next neighbour: with one of four down, each of the other three serves exactly a third.
+    #[test]
+    fn round_robin_spreads_a_skipped_endpoints_share_over_the_others() {
+        let u = Upstreams::new(Arc::new(Metrics::new()), 50);
+        let check = down_check();
+        for down in [0, 2] {
+            let mut b = backend(4);
+            b.health_check = Some(check.clone());
+            for e in b.endpoints.iter() {
+                u.active.set(e.addr, &check, false);
+            }
+            u.active.set(b.endpoints[down].addr, &check, true);
+            let mut served = HashMap::new();
+            for start in 0..1200 {
+                let got = u.pick(&b, Choice::RoundRobin(start), &[]).expect("pick");
+                *served.entry(got).or_insert(0) += 1;
+            }
+            assert_eq!(served.len(), 3, "{served:?}");
+            assert!(served.values().all(|n| *n == 400), "{served:?}");
+        }
+    }
+
+    /// Health marks protect retries: once a usable endpoint was tried, an ejected or down one
+    /// is no retry target. Only when the whole backend is unusable (panic mode) are they tried.
+    #[test]
+    fn a_retry_goes_to_an_unhealthy_endpoint_only_in_panic_mode() {
+        let u = Upstreams::new(Arc::new(Metrics::new()), 50);
+        let check = down_check();
+        let mut b = backend(3);
+        b.health_check = Some(check.clone());
+        let [a, bb, c] = [0, 1, 2].map(|i| b.endpoints[i].addr);
+        u.active.set(bb, &check, true);
+        u.active.set(c, &check, true);
+        for choice in [
+            Choice::RoundRobin(0),
+            Choice::RoundRobin(1),
+            Choice::LeastRequest,
+            Choice::Random,
+            Choice::Hash(7),
+        ] {
+            assert_eq!(u.pick(&b, choice, &[]), Some(a), "{choice:?}");
+            assert_eq!(u.pick(&b, choice, &[a]), None, "{choice:?}");
+        }
+        assert!(!u.has_retry_target(&b, &[a]));
+        assert!(u.has_retry_target(&b, &[]));
+        // All down: every untried endpoint is a target again.
+        u.active.set(a, &check, true);
+        assert!(u.has_retry_target(&b, &[a]));
+        assert!(u.pick(&b, Choice::RoundRobin(0), &[a]).is_some());
+        assert!(u.pick(&b, Choice::Random, &[a, bb]) == Some(c));
+        assert!(!u.has_retry_target(&b, &[a, bb, c]));
+    }
+
     #[tokio::test(start_paused = true)]
     async fn ejected_endpoint_is_skipped_by_every_strategy_and_restored_after_backoff() {
         let u = Upstreams::new(Arc::new(Metrics::new()), 50);
@@ -1384,6 +1493,25 @@ mod tests {
         assert!(!u.budget_withdraw(&k));
         tokio::time::advance(Duration::from_secs(1)).await;
         assert!(u.budget_withdraw(&k));
+    }
+
+    /// Retries earned long ago fade: after a quiet minute, a bank of 100 is worth nothing
+    /// and only the floor (3) remains, not 3 + 100.
+    #[tokio::test(start_paused = true)]
+    async fn retry_budget_earned_long_ago_fades() {
+        let u = Upstreams::new(Arc::new(Metrics::new()), DEFAULT_MAX_EJECTION_PERCENT);
+        let k = backend(1).key;
+        for _ in 0..1000 {
+            u.budget_deposit(&k);
+        }
+        tokio::time::advance(Duration::from_secs(60)).await;
+        let granted = (0..200).take_while(|_| u.budget_withdraw(&k)).count();
+        assert_eq!(granted, 3);
+        // Fresh traffic earns again at once (52 requests: 10.4 retries).
+        for _ in 0..52 {
+            u.budget_deposit(&k);
+        }
+        assert_eq!((0..200).take_while(|_| u.budget_withdraw(&k)).count(), 10);
     }
 
     #[test]
