@@ -155,6 +155,30 @@ fn issued_cookie(got: &Got) -> (String, String) {
     (pair, sc)
 }
 
+/// A WebSocket handshake without the cookie gets one on its 101, so a reconnect finds the
+/// same endpoint (it may be the client's first request on the route).
+#[tokio::test]
+async fn a_websocket_handshake_is_issued_the_sticky_cookie() {
+    let ws = websocket_backend().await;
+    let p = proxy_with(&[RouteSpec::prefix(None, "/", &[ws.addr]).policy(lb(sticky(None)))]).await;
+    let mut s = tokio::net::TcpStream::connect(p.addr)
+        .await
+        .expect("connect");
+    tokio::io::AsyncWriteExt::write_all(
+        &mut s,
+        b"GET /chat HTTP/1.1\r\nhost: x\r\nconnection: Upgrade\r\nupgrade: websocket\r\n\
+          sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .await
+    .expect("write");
+    let head = String::from_utf8_lossy(&read_head(&mut s).await).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(
+        head.contains("\r\nset-cookie: sid=") && head.contains("; path=/; httponly"),
+        "{head}"
+    );
+}
+
 #[tokio::test]
 async fn cookie_stickiness_survives_rebuilds_and_a_missing_cookie_is_issued() {
     let bs = [

@@ -572,6 +572,9 @@ impl Handler {
             parts
                 .headers
                 .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            // A WebSocket handshake may be a client's first request on a sticky route: its
+            // reconnects find the same endpoint only with the cookie.
+            affinity.apply(&mut parts.headers);
             return Ok(Response::from_parts(parts, empty_body()));
         }
 

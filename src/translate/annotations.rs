@@ -56,17 +56,37 @@ const NGINX_ACCESS_CONTROL: &[&str] = &[
     "satisfy",
 ];
 
+/// The shortest `health-check-interval` (kubelet's shortest probe period too).
+const MIN_HEALTH_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// What portico does instead of an unsupported ingress-nginx path annotation.
+const AS_WRITTEN: &str =
+    "paths are matched and forwarded as written (ImplementationSpecific as Prefix)";
+/// ... of an unsupported affinity cookie annotation.
+const COOKIE_AS_BUILT: &str = "the affinity cookie is issued with Path=/, HttpOnly, \
+     SameSite=Lax, Secure over HTTPS, and session-cookie-max-age as its only lifetime";
+
 /// ingress-nginx annotations that change which backend path a request reaches (regex paths,
-/// rewrites, redirects) or inject nginx configuration, which portico does not implement: the
-/// Ingress is served as written, with a Warning, so a migrating user sees the difference.
-const NGINX_UNSUPPORTED_ROUTING: &[&str] = &[
-    "use-regex",
-    "rewrite-target",
-    "app-root",
-    "permanent-redirect",
-    "temporal-redirect",
-    "configuration-snippet",
-    "server-snippet",
+/// rewrites, redirects), how it is redirected or kept on an endpoint, or that inject nginx
+/// configuration, which portico does not implement, each with what happens instead: the
+/// Ingress is served, with a Warning, so a migrating user sees the difference.
+const NGINX_UNSUPPORTED_ROUTING: &[(&str, &str)] = &[
+    ("use-regex", AS_WRITTEN),
+    ("rewrite-target", AS_WRITTEN),
+    ("app-root", AS_WRITTEN),
+    ("permanent-redirect", AS_WRITTEN),
+    ("temporal-redirect", AS_WRITTEN),
+    ("configuration-snippet", AS_WRITTEN),
+    ("server-snippet", AS_WRITTEN),
+    (
+        "force-ssl-redirect",
+        "plain HTTP is redirected only on hosts with TLS, as ssl-redirect says",
+    ),
+    ("affinity-mode", COOKIE_AS_BUILT),
+    ("session-cookie-samesite", COOKIE_AS_BUILT),
+    ("session-cookie-path", COOKIE_AS_BUILT),
+    ("session-cookie-expires", COOKIE_AS_BUILT),
+    ("session-cookie-change-on-failure", COOKIE_AS_BUILT),
 ];
 
 /// A value that cannot be used.
@@ -237,23 +257,21 @@ pub(super) fn parse(
 /// [`Annotations::access_control`]; the diagnostic is the route's).
 fn unsupported_nginx(r: &mut Reader<'_, '_>) -> Option<String> {
     let map = r.map?;
-    for name in NGINX_UNSUPPORTED_ROUTING {
+    for (name, instead) in NGINX_UNSUPPORTED_ROUTING {
         let full = format!("{NGINX_PREFIX}{name}");
         let Some(value) = map.get(&full) else {
             continue;
         };
-        // `use-regex: "false"` asks for what portico does anyway.
-        if *name == "use-regex" && parse_bool(value) == Some(false) {
+        // `use-regex: "false"` and `force-ssl-redirect: "false"` ask for what portico does
+        // anyway.
+        if matches!(*name, "use-regex" | "force-ssl-redirect") && parse_bool(value) == Some(false) {
             continue;
         }
         r.diags.warn(
             "Ingress",
             &r.obj,
             "UnsupportedAnnotation",
-            format!(
-                "annotation {full} is not supported by portico and is ignored: paths are \
-                 matched and forwarded as written (ImplementationSpecific as Prefix)"
-            ),
+            format!("annotation {full} is not supported by portico and is ignored: {instead}"),
         );
     }
     NGINX_ACCESS_CONTROL.iter().find_map(|name| {
@@ -383,12 +401,14 @@ fn health_check(r: &mut Reader<'_, '_>) -> Option<Arc<HealthCheck>> {
             ok.then(|| Some(v.to_string()))
         },
     );
+    // Each probe is a new connection to the endpoint: an Ingress must not be able to make the
+    // shared proxy open them back to back (a `1ms` interval would, on every endpoint).
     let interval = r.read(
         HEALTH_CHECK_INTERVAL,
         false,
-        "a positive duration (seconds, or e.g. 500ms, 10s)",
+        "a duration of at least 1s (seconds, or e.g. 1500ms, 10s)",
         DEFAULT_HEALTH_CHECK_INTERVAL,
-        parse_timeout,
+        |v| parse_timeout(v).filter(|d| *d >= MIN_HEALTH_CHECK_INTERVAL),
     );
     let timeout = r.read(
         HEALTH_CHECK_TIMEOUT,

@@ -1682,6 +1682,34 @@ fn unsupported_routing_annotations_warn() {
         )
         .run();
     assert!(d.is_empty(), "{d:?}");
+    // A forced redirect and affinity cookie attributes portico does not honour warn too, each
+    // saying what happens instead; `force-ssl-redirect: "false"` asks for nothing.
+    let (_, d) = World::web()
+        .ing(
+            Ing::new("default", "a")
+                .ann("nginx.ingress.kubernetes.io/force-ssl-redirect", "true")
+                .ann("nginx.ingress.kubernetes.io/affinity", "cookie")
+                .ann(
+                    "nginx.ingress.kubernetes.io/session-cookie-samesite",
+                    "None",
+                )
+                .path("h.test", "Prefix", "/", "web", svc80()),
+        )
+        .run();
+    let warned: Vec<&str> = d.iter().map(|d| d.message.as_str()).collect();
+    assert_eq!(warned.len(), 2, "{d:?}");
+    assert!(
+        warned[0].contains("force-ssl-redirect") && warned[0].contains("only on hosts with TLS")
+    );
+    assert!(warned[1].contains("session-cookie-samesite") && warned[1].contains("SameSite=Lax"));
+    let (_, d) = World::web()
+        .ing(
+            Ing::new("default", "a")
+                .ann("nginx.ingress.kubernetes.io/force-ssl-redirect", "false")
+                .path("h.test", "Prefix", "/", "web", svc80()),
+        )
+        .run();
+    assert!(d.is_empty(), "{d:?}");
 }
 
 #[test]
@@ -2000,7 +2028,7 @@ fn annotation_health_check_defaults_values_and_bad_values() {
 
     let (s, d) = base(&[
         ("portico.dev/health-check-path", "/ready?deep=1"),
-        ("portico.dev/health-check-interval", "500ms"),
+        ("portico.dev/health-check-interval", "1500ms"),
         ("portico.dev/health-check-timeout", "1"),
         ("portico.dev/health-check-healthy-threshold", "1"),
         ("portico.dev/health-check-unhealthy-threshold", "4"),
@@ -2008,7 +2036,7 @@ fn annotation_health_check_defaults_values_and_bad_values() {
     assert!(d.is_empty(), "{d:?}");
     let hc = health_check_of(&s, "h.test").expect("check");
     assert_eq!(hc.path, "/ready?deep=1");
-    assert_eq!(hc.interval, Duration::from_millis(500));
+    assert_eq!(hc.interval, Duration::from_millis(1500));
     assert_eq!(hc.timeout, Duration::from_secs(1));
     assert_eq!((hc.healthy_threshold, hc.unhealthy_threshold), (1, 4));
 
@@ -2022,6 +2050,11 @@ fn annotation_health_check_defaults_values_and_bad_values() {
         ("portico.dev/health-check-path", "healthz", |h| h.is_none()),
         ("portico.dev/health-check-path", "/a b", |h| h.is_none()),
         ("portico.dev/health-check-interval", "0", |h| {
+            h.is_some_and(|h| h.interval == model::DEFAULT_HEALTH_CHECK_INTERVAL)
+        }),
+        // Under a second (kubelet's shortest probe period too): a probe per endpoint back to
+        // back is refused.
+        ("portico.dev/health-check-interval", "999ms", |h| {
             h.is_some_and(|h| h.interval == model::DEFAULT_HEALTH_CHECK_INTERVAL)
         }),
         ("portico.dev/health-check-timeout", "fast", |h| {
