@@ -207,21 +207,25 @@ fn symlinked_directories_outside_are_followed_once_and_cycles_are_not() {
     assert!(diags.is_empty(), "no duplicates expected: {diags:?}");
 }
 
-/// The layout kubelet gives a ConfigMap volume.
+/// The layout kubelet gives a ConfigMap volume. A key with a nested `path` (`items: [{key,
+/// path: team-a/a.yaml}]`) is linked by its first component only: `team-a -> ..data/team-a`.
 fn configmap_layout(d: &Path, version: &str, files: &[(&str, String)]) {
     let data_dir = d.join(version);
     fs::create_dir_all(&data_dir).expect("mkdir");
     for (name, text) in files {
-        fs::write(data_dir.join(name), text).expect("write");
+        let path = data_dir.join(name);
+        fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+        fs::write(path, text).expect("write");
     }
     let tmp = d.join("..data_tmp");
     symlink(version, &tmp).expect("symlink");
     // rename(2) replaces the old `..data` link atomically, as kubelet's AtomicWriter does.
     fs::rename(&tmp, d.join("..data")).expect("swap ..data");
     for (name, _) in files {
-        let link = d.join(name);
+        let top = name.split('/').next().expect("a first component");
+        let link = d.join(top);
         if fs::symlink_metadata(&link).is_err() {
-            symlink(format!("..data/{name}"), &link).expect("symlink");
+            symlink(format!("..data/{top}"), &link).expect("symlink");
         }
     }
 }
@@ -239,6 +243,28 @@ fn configmap_volume_layout_is_read_once() {
     );
     let (inputs, diags) = file_source::load_dir(dir.path()).expect("load");
     assert_eq!(services(&inputs), vec!["default/api:81", "default/web:80"]);
+    assert!(diags.is_empty(), "{diags:?}");
+}
+
+/// Keys mounted at nested paths live only under the hidden timestamped directory, reached
+/// through a link into DIR: that link is followed (it is no alias of anything the walk reads).
+#[test]
+fn configmap_items_at_nested_paths_are_read() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    configmap_layout(
+        dir.path(),
+        "..2026_12_01_10_00_00.000000001",
+        &[
+            ("team-a/web.yaml", service("web", 80)),
+            ("team-a/deep/api.yaml", service("api", 81)),
+            ("top.yaml", service("top", 82)),
+        ],
+    );
+    let (inputs, diags) = file_source::load_dir(dir.path()).expect("load");
+    assert_eq!(
+        services(&inputs),
+        vec!["default/api:81", "default/top:82", "default/web:80"]
+    );
     assert!(diags.is_empty(), "{diags:?}");
 }
 
@@ -464,11 +490,12 @@ async fn configmap_data_swap_is_picked_up() {
         &[
             ("web.yaml", service("web", 8080)),
             ("api.yaml", service("api", 80)),
+            ("nested/deep.yaml", service("deep", 80)),
         ],
     );
     fs::remove_dir_all(d.join("..2026_12_01_10_00_00.000000001")).expect("rm old");
     live.until("..data swap", |i, d| {
-        services(i) == ["default/api:80", "default/web:8080"] && d.is_empty()
+        services(i) == ["default/api:80", "default/deep:80", "default/web:8080"] && d.is_empty()
     })
     .await;
 
@@ -484,6 +511,7 @@ async fn configmap_data_swap_is_picked_up() {
     })
     .await;
     fs::remove_file(d.join("api.yaml")).expect("rm link");
+    fs::remove_file(d.join("nested")).expect("rm link");
     live.stop().await;
 }
 

@@ -95,9 +95,12 @@ pub use scan::{
 
 /// Safety-net rescan period (an event may be missed, e.g. on inotify queue overflow).
 pub const DEFAULT_RESCAN_INTERVAL: Duration = Duration::from_secs(2);
-/// Pause after a filesystem event before rescanning, so the rest of a burst (truncate, write,
-/// close) lands first and a half-written file is not read. Well inside the 1 s budget.
+/// Quiet time after filesystem events before rescanning, so the rest of a burst (truncate,
+/// write, close) lands first and a file still being written is not read half-done: each event
+/// restarts it, up to [`MAX_SETTLE`]. Well inside the 1 s budget.
 pub const DEFAULT_SETTLE: Duration = Duration::from_millis(25);
+/// The longest a rescan waits for a quiet moment after the first event.
+pub const MAX_SETTLE: Duration = Duration::from_millis(300);
 
 /// Errors of the file source.
 #[derive(Debug, thiserror::Error)]
@@ -207,7 +210,7 @@ impl FileSource {
             let state = state.clone();
             let dir = config.dir.clone();
             // Events so far are covered by the scan about to start.
-            take_pending(&events);
+            let _ = take_pending(&events);
             tokio::task::spawn_blocking(move || {
                 let mut st = state.lock().unwrap_or_else(PoisonError::into_inner);
                 st.rescan(&dir)
@@ -303,10 +306,8 @@ async fn watch_loop<F>(
                 tokio::select! {
                     biased;
                     () = &mut shutdown => return,
-                    () = tokio::time::sleep(config.settle) => {}
+                    () = quiet(&events, config.settle, MAX_SETTLE) => {}
                 }
-                // Events of the burst so far are covered by the rescan about to start.
-                take_pending(&events);
             }
             () = tokio::time::sleep(config.rescan_interval) => {}
         }
@@ -346,10 +347,24 @@ async fn watch_loop<F>(
 }
 
 /// Drop a stored wake-up, if any: polling a fresh `Notified` once consumes the permit.
-fn take_pending(events: &Notify) {
+/// Consume a notification stored while nobody waited; true when there was one.
+fn take_pending(events: &Notify) -> bool {
     let notified = std::pin::pin!(events.notified());
     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-    let _ = notified.poll(&mut cx);
+    notified.poll(&mut cx).is_ready()
+}
+
+/// Wait until no event came for `settle` (a writer still writing keeps restarting it), or
+/// `cap` passed since the first one (a directory that never stops changing is still read).
+/// Events up to then are covered by the rescan that follows.
+async fn quiet(events: &Notify, settle: Duration, cap: Duration) {
+    let until = tokio::time::Instant::now() + cap;
+    loop {
+        tokio::time::sleep(settle).await;
+        if !take_pending(events) || tokio::time::Instant::now() >= until {
+            return;
+        }
+    }
 }
 
 /// The `notify` watcher plus the extra, non-recursive watches on directories outside DIR
@@ -413,5 +428,56 @@ fn is_relevant(kind: &EventKind) -> bool {
         EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
         EventKind::Access(_) => false,
         _ => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Events keep restarting the quiet time; it ends `settle` after the last one, or at the
+    /// cap when they never stop.
+    #[tokio::test(start_paused = true)]
+    async fn quiet_waits_for_a_pause_in_events_up_to_a_cap() {
+        let settle = Duration::from_millis(25);
+        let events = Arc::new(Notify::new());
+        let start = tokio::time::Instant::now();
+        // A writer that writes every 20 ms, six times.
+        let writer = {
+            let events = events.clone();
+            tokio::spawn(async move {
+                for _ in 0..6 {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    events.notify_one();
+                }
+            })
+        };
+        quiet(&events, settle, MAX_SETTLE).await;
+        let waited = start.elapsed();
+        assert!(
+            writer.is_finished(),
+            "returned while the writer was still writing"
+        );
+        assert!(waited >= Duration::from_millis(120) + settle, "{waited:?}");
+        assert!(waited < Duration::from_millis(200), "{waited:?}");
+
+        // Events that never stop: the cap ends the wait.
+        let start = tokio::time::Instant::now();
+        let endless = {
+            let events = events.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    events.notify_one();
+                }
+            })
+        };
+        quiet(&events, settle, MAX_SETTLE).await;
+        endless.abort();
+        let waited = start.elapsed();
+        assert!(
+            waited >= MAX_SETTLE && waited < MAX_SETTLE + settle * 2,
+            "{waited:?}"
+        );
     }
 }

@@ -434,14 +434,24 @@ fn is_manifest_name(name: &str) -> bool {
     lower.ends_with(".yaml") || lower.ends_with(".yml")
 }
 
+/// True when the walk reads `real` (a canonical path) without following a link: it lies in
+/// DIR (`root_real`) on a path with no hidden component.
+fn walked_anyway(root_real: &Path, real: &Path) -> bool {
+    real.strip_prefix(root_real).is_ok_and(|rel| {
+        rel.components()
+            .all(|c| !c.as_os_str().to_string_lossy().starts_with('.'))
+    })
+}
+
 /// Walk `root` for manifest files.
 ///
 /// Rules (brief §4.2): names starting with `.` (files and directories) are skipped, which also
 /// skips a ConfigMap volume's `..data` and `..<timestamp>` directories; symlinked files are
 /// followed (so the ConfigMap's `foo.yaml → ..data/foo.yaml` links are read, and always through
-/// the current `..data`); symlinked directories are followed only when their target lies
-/// outside DIR, each target at most once: a link to somewhere inside DIR is an alias of files
-/// read anyway, and the visited set rules out cycles. Only regular files are read (never a
+/// the current `..data`); symlinked directories are followed, each target at most once, unless
+/// the walk reads their target anyway (inside DIR, no hidden component on the way): that link is
+/// an alias, and the visited set rules out cycles. A ConfigMap key mounted at a nested path
+/// (`team-a → ..data/team-a`) is only reachable through its link, so it is followed. Only regular files are read (never a
 /// FIFO or device, which could block). Entries are visited in name order.
 fn walk(root: &Path) -> io::Result<Walk> {
     let root_real = fs::canonicalize(root)?;
@@ -524,11 +534,14 @@ fn walk(root: &Path) -> io::Result<Walk> {
                     continue;
                 };
                 let link_or_below = via_link || is_link;
-                if (link_or_below && real.starts_with(&root_real)) || !visited.insert(real.clone())
+                if (link_or_below && walked_anyway(&root_real, &real))
+                    || !visited.insert(real.clone())
                 {
                     continue;
                 }
-                if link_or_below {
+                // A hidden directory inside DIR changes by a swap of DIR's own entries (the
+                // ConfigMap's `..data`), which DIR's watch sees; only outside ones need theirs.
+                if link_or_below && !real.starts_with(&root_real) {
                     out.external_dirs.insert(real);
                 }
                 subdirs.push(Pending {
