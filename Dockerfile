@@ -7,6 +7,9 @@ COPY Cargo.toml Cargo.lock ./
 # jemalloc's compiled-in options (JEMALLOC_SYS_WITH_MALLOC_CONF) live in .cargo/config.toml.
 COPY .cargo ./.cargo
 COPY src ./src
+# Not built, but declared in Cargo.toml ([[bench]]): cargo refuses a manifest whose targets are
+# missing, whichever target is asked for.
+COPY benches ./benches
 RUN cargo build --release --locked --bin portico
 
 FROM gcr.io/distroless/cc-debian12:nonroot

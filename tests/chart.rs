@@ -1386,7 +1386,13 @@ fn dockerfile_builds_locked_with_the_pinned_toolchain_and_runs_only_the_binary_a
     // The build context is Cargo.toml, Cargo.lock, .cargo/ and src/ only: nothing in src/ may
     // pull in a file from elsewhere, and there is no build script.
     let ignore = read(&root().join(".dockerignore"));
-    for keep in ["!Cargo.toml", "!Cargo.lock", "!.cargo/", "!src/"] {
+    for keep in [
+        "!Cargo.toml",
+        "!Cargo.lock",
+        "!.cargo/",
+        "!src/",
+        "!benches/",
+    ] {
         assert!(
             ignore.lines().any(|l| l == keep),
             ".dockerignore keeps {keep}"
@@ -1408,6 +1414,70 @@ fn dockerfile_builds_locked_with_the_pinned_toolchain_and_runs_only_the_binary_a
                 }
             }
         }
+    }
+}
+
+/// The builder stage's build context (what its `COPY` lines bring in, each kept by
+/// `.dockerignore`) is a manifest cargo accepts: cargo checks every declared target exists
+/// before building any, so a missing `benches/` failed `make image` although `--bin` asks for
+/// the binary only. `cargo fetch --offline` reads the manifest the same way without compiling.
+#[test]
+fn the_image_build_context_is_a_complete_cargo_project() {
+    let dockerfile = read(&root().join("Dockerfile"));
+    let ignore = read(&root().join(".dockerignore"));
+    let ctx = tempfile::tempdir().expect("tempdir");
+    let mut copied = Vec::new();
+    for line in dockerfile
+        .lines()
+        .map(str::trim)
+        .take_while(|l| !l.starts_with("FROM gcr.io"))
+    {
+        let Some(args) = line.strip_prefix("COPY ") else {
+            continue;
+        };
+        let args: Vec<&str> = args.split_whitespace().collect();
+        let (dest, sources) = args.split_last().expect("COPY has a destination");
+        for src in sources {
+            let kept = format!("!{}", src.trim_end_matches('/'));
+            assert!(
+                ignore.lines().any(|l| l.trim_end_matches('/') == kept),
+                "{src} is copied but .dockerignore leaves it out of the context"
+            );
+            // `COPY a b ./` puts each source in the work directory; `COPY src ./dir` renames.
+            let to = match *dest {
+                "./" => ctx.path().join(src),
+                d => ctx.path().join(d.trim_start_matches("./")),
+            };
+            copy_tree(&root().join(src), &to);
+            copied.push(src.to_string());
+        }
+    }
+    assert!(copied.iter().any(|c| c == "src"), "{copied:?}");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(cargo)
+        .args(["fetch", "--offline", "--locked"])
+        .current_dir(ctx.path())
+        .output()
+        .expect("run cargo fetch");
+    assert!(
+        out.status.success(),
+        "the image's build context is not a buildable project: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    if from.is_dir() {
+        fs::create_dir_all(to).expect("mkdir");
+        for entry in fs::read_dir(from).expect("read dir") {
+            let entry = entry.expect("entry");
+            copy_tree(&entry.path(), &to.join(entry.file_name()));
+        }
+    } else {
+        if let Some(parent) = to.parent() {
+            fs::create_dir_all(parent).expect("mkdir");
+        }
+        fs::copy(from, to).expect("copy");
     }
 }
 
