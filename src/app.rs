@@ -231,19 +231,34 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     tokio::time::sleep(args.shutdown_delay).await;
     proxy_stop.fire();
     let _ = proxy_task.await;
-    // Release the Lease (so a successor takes over at once) before the sources stop.
-    controller_stop.fire();
-    for task in controller_tasks {
-        let _ = task.await;
+    // What follows the drain is bounded (the chart's terminationGracePeriodSeconds leaves room
+    // for it): an API server that does not answer must not turn exit 0 into a SIGKILL.
+    let tail = async {
+        // Release the Lease (so a successor takes over at once) before the sources stop.
+        controller_stop.fire();
+        for task in controller_tasks {
+            let _ = task.await;
+        }
+        sources.fire();
+        let _ = rebuild_task.await;
+        let _ = source_task.await;
+    };
+    if tokio::time::timeout(SHUTDOWN_TAIL, tail).await.is_err() {
+        tracing::warn!(
+            timeout = ?SHUTDOWN_TAIL,
+            "the Lease release or a status write did not finish after the drain; exiting anyway"
+        );
     }
-    sources.fire();
-    let _ = rebuild_task.await;
-    let _ = source_task.await;
     admin_stop.fire();
-    let _ = admin_task.await;
+    let _ = tokio::time::timeout(SHUTDOWN_TAIL, admin_task).await;
     tracing::info!("stopped");
     Ok(())
 }
+
+/// How long shutdown waits, after the drain, for the controller to release its Lease and the
+/// sources to stop (and again for the admin listener). The chart's
+/// `terminationGracePeriodSeconds` must leave room for it.
+pub const SHUTDOWN_TAIL: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// What cluster mode shares between the source and the controller parts.
 struct ClusterParts {

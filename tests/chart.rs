@@ -702,10 +702,14 @@ fn defaults_render_a_hardened_pod_behind_a_load_balancer() {
     let tgps = spec
         .termination_grace_period_seconds
         .expect("terminationGracePeriodSeconds");
-    let drain = run.shutdown_delay + run.shutdown_grace;
+    // The drain, up to 2 s to cut what is left, then the bounded tail (Lease release).
+    let drain = run.shutdown_delay
+        + run.shutdown_grace
+        + std::time::Duration::from_secs(2)
+        + portico::app::SHUTDOWN_TAIL;
     assert!(
-        u64::try_from(tgps).expect("positive") > drain.as_secs(),
-        "terminationGracePeriodSeconds {tgps} must exceed {drain:?}"
+        u64::try_from(tgps).expect("positive") >= drain.as_secs(),
+        "terminationGracePeriodSeconds {tgps} must cover {drain:?}"
     );
     let strategy = objects::<Deployment>(&docs, "Deployment")[0]
         .spec
@@ -999,6 +1003,10 @@ fn values_schema_rejects_unknown_keys_and_bad_values() {
     // A drain longer than the kubelet waits is refused at render time.
     let err = template(&["--set", "controller.shutdownGrace=60s"]).expect_err("refused");
     assert!(err.contains("terminationGracePeriodSeconds"), "{err}");
+    // 5 + 38 + 5 > 45: no room left for the Lease release.
+    let err = template(&["--set", "controller.shutdownGrace=38s"]).expect_err("refused");
+    assert!(err.contains("+ 5s"), "{err}");
+    template(&["--set", "controller.shutdownGrace=35s"]).expect("5 + 35 + 5 = 45 fits");
     let err = template(&[
         "--set",
         "controller.kind=DaemonSet",

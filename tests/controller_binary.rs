@@ -777,3 +777,43 @@ async fn one_leader_writes_status_and_events_then_hands_over() {
     assert_eq!(code, Some(0));
     assert_eq!(lease_holder(&api), None, "lease not released");
 }
+
+/// After the drain, shutdown waits a bounded time for the Lease release: an API server that
+/// stops answering (here: every Lease update hangs) does not hold the exit past
+/// `terminationGracePeriodSeconds`, where the kubelet would SIGKILL it. Exit is still 0.
+#[tokio::test]
+async fn shutdown_is_bounded_when_the_lease_release_hangs() {
+    let api = FakeApi::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut p = ready_portico_with(
+        &api,
+        dir.path(),
+        &["--lease-namespace", "default", "--retry-period", "200ms"],
+    )
+    .await;
+    eventually("a leader", || async { lease_holder(&api).is_some() }).await;
+    api.stall("update", "leases", fake_api::StallMode::Head, 1_000);
+    let pid = p.child.id().to_string();
+    let st = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(st.success());
+    // Without the bound the release would wait for --api-timeout (60 s), past this deadline.
+    let deadline = std::time::Instant::now() + process::DEADLINE;
+    let code = loop {
+        if let Some(s) = p.child.try_wait().expect("try_wait") {
+            break s.code();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no exit after SIGTERM"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(code, Some(0));
+    assert!(
+        p.log_contains("exiting anyway"),
+        "the bound was what ended it"
+    );
+}
