@@ -840,6 +840,81 @@ fn toggles_reach_the_rendered_objects() {
     check_rbac("publishStatusAddress", &docs);
 }
 
+/// A PodDisruptionBudget over a single pod would refuse every eviction (node drains hang): the
+/// chart renders one for a Deployment only when it runs 2 or more replicas.
+#[test]
+fn no_disruption_budget_over_a_single_replica() {
+    let pdbs = |extra: &[&str]| {
+        let mut args = vec!["--set", "controller.podDisruptionBudget.enabled=true"];
+        args.extend_from_slice(extra);
+        objects::<PodDisruptionBudget>(
+            &documents(&template(&args).expect("renders")),
+            "PodDisruptionBudget",
+        )
+        .len()
+    };
+    assert_eq!(pdbs(&["--set", "controller.replicaCount=1"]), 0);
+    assert_eq!(pdbs(&["--set", "controller.replicaCount=2"]), 1);
+    let hpa = [
+        "--set",
+        "controller.autoscaling.enabled=true",
+        "--set",
+        "controller.replicaCount=5",
+    ];
+    assert_eq!(
+        pdbs(&[&hpa[..], &["--set", "controller.autoscaling.minReplicas=1"]].concat()),
+        0
+    );
+    assert_eq!(
+        pdbs(&[&hpa[..], &["--set", "controller.autoscaling.minReplicas=3"]].concat()),
+        1
+    );
+    assert_eq!(pdbs(&["--set", "controller.kind=DaemonSet"]), 1);
+}
+
+/// `controller.extraArgs` from a values file: YAML numbers (which Helm reads as floats) are
+/// written as integers, a `false` switch is left out, and a flag the chart sets itself is refused
+/// at render time with the value to use, instead of a pod that crash-loops on a repeated flag.
+#[test]
+fn extra_args_from_a_values_file_render_flags_portico_accepts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let values = dir.path().join("values.yaml");
+    fs::write(
+        &values,
+        "controller:\n  extraArgs:\n    max-connections: 10485760\n    no-access-log: false\n    \
+         trusted-proxies: 10.0.0.0/8\n",
+    )
+    .expect("write values");
+    let docs =
+        documents(&template(&["-f", values.to_str().expect("UTF-8 path")]).expect("renders"));
+    let container = controller_container(&pod_spec(&docs));
+    let args = container.args.clone().unwrap_or_default();
+    assert!(
+        args.contains(&"--max-connections=10485760".to_string()),
+        "{args:?}"
+    );
+    assert!(
+        !args.iter().any(|a| a.contains("no-access-log")),
+        "{args:?}"
+    );
+    let run = run_args(&container);
+    assert_eq!(run.max_connections, 10_485_760);
+    assert!(!run.no_access_log);
+
+    for (flag, value) in [
+        ("log-format", "controller.logFormat"),
+        ("shutdown-grace", "controller.shutdownGrace"),
+        ("http-addr", "controller.containerPort.http"),
+    ] {
+        let err = template(&["--set", &format!("controller.extraArgs.{flag}=x")])
+            .expect_err("a flag the chart owns is refused");
+        assert!(
+            err.contains(&format!("--{flag}")) && err.contains(value),
+            "{err}"
+        );
+    }
+}
+
 /// A `defaultCertificate` in a namespace `watchNamespace` leaves out gets a Role on exactly
 /// that Secret (the controller watches it by name); inside the watched namespaces it needs
 /// none of its own.

@@ -109,9 +109,20 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - {{ printf "--shutdown-delay=%s" $c.shutdownDelay | quote }}
 - {{ printf "--shutdown-grace=%s" $c.shutdownGrace | quote }}
 - {{ printf "--log-format=%s" $c.logFormat | quote }}
+{{- $owned := dict "http-addr" "controller.containerPort.http" "https-addr" "controller.containerPort.https" "admin-addr" "controller.containerPort.admin" "ingress-class" "controller.ingressClassResource.name" "controller-name" "controller.ingressClassResource.controllerValue" "watch-namespace" "controller.scope" "publish-service" "controller.publishService" "publish-status-address" "controller.publishStatusAddress" "default-certificate" "controller.defaultCertificate" "lease-name" "(the release name)" "lease-namespace" "(the release namespace)" "shutdown-delay" "controller.shutdownDelay" "shutdown-grace" "controller.shutdownGrace" "log-format" "controller.logFormat" }}
 {{- range $key, $value := $c.extraArgs }}
-{{- if eq (toString $value) "true" }}
+{{- /* portico refuses a flag given twice: the chart's own flags come from their values. */}}
+{{- if hasKey $owned $key }}
+{{- fail (printf "controller.extraArgs.%s: the chart sets --%s itself; use %s" $key $key (get $owned $key)) }}
+{{- end }}
+{{- if kindIs "bool" $value }}
+{{- /* A switch: true passes it, false leaves it out (a switch takes no value). */}}
+{{- if $value }}
 - {{ printf "--%s" $key | quote }}
+{{- end }}
+{{- else if and (kindIs "float64" $value) (eq $value (float64 (int64 $value))) }}
+{{- /* YAML numbers arrive as float64; a whole one is written as an integer, not 1.048576e+07. */}}
+- {{ printf "--%s=%d" $key (int64 $value) | quote }}
 {{- else }}
 - {{ printf "--%s=%v" $key $value | quote }}
 {{- end }}
