@@ -757,24 +757,7 @@ async fn one_leader_writes_status_and_events_then_hands_over() {
     assert!(holder.ends_with(&format!("-{}", survivor.child.id())));
 
     // Graceful shutdown releases the Lease at once.
-    let pid = survivor.child.id().to_string();
-    let st = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("kill");
-    assert!(st.success());
-    let deadline = std::time::Instant::now() + process::DEADLINE;
-    let code = loop {
-        if let Some(s) = survivor.child.try_wait().expect("try_wait") {
-            break s.code();
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no exit after SIGTERM"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    };
-    assert_eq!(code, Some(0));
+    assert_eq!(terminate(survivor).await, Some(0));
     assert_eq!(lease_holder(&api), None, "lease not released");
 }
 
@@ -793,27 +776,31 @@ async fn shutdown_is_bounded_when_the_lease_release_hangs() {
     .await;
     eventually("a leader", || async { lease_holder(&api).is_some() }).await;
     api.stall("update", "leases", fake_api::StallMode::Head, 1_000);
+    // Without the bound the release would wait for --api-timeout (60 s), past the deadline.
+    assert_eq!(terminate(&mut p).await, Some(0));
+    assert!(
+        p.log_contains("exiting anyway"),
+        "the bound was what ended it"
+    );
+}
+
+/// SIGTERM `p` and wait (up to [`process::DEADLINE`]) for it to exit; its exit code.
+async fn terminate(p: &mut Portico) -> Option<i32> {
     let pid = p.child.id().to_string();
     let st = std::process::Command::new("kill")
         .args(["-TERM", &pid])
         .status()
         .expect("kill");
     assert!(st.success());
-    // Without the bound the release would wait for --api-timeout (60 s), past this deadline.
     let deadline = std::time::Instant::now() + process::DEADLINE;
-    let code = loop {
+    loop {
         if let Some(s) = p.child.try_wait().expect("try_wait") {
-            break s.code();
+            return s.code();
         }
         assert!(
             std::time::Instant::now() < deadline,
             "no exit after SIGTERM"
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    };
-    assert_eq!(code, Some(0));
-    assert!(
-        p.log_contains("exiting anyway"),
-        "the bound was what ended it"
-    );
+    }
 }

@@ -575,14 +575,7 @@ fn a_new_diagnostic_is_logged_once_with_its_fields() {
         .finish();
     let _guard = tracing::subscriber::set_default(subscriber);
 
-    let (source, _builds) = TestSource::new();
-    let (publisher, _reader) = publish::channel();
-    let mut rebuilder = Rebuilder::new(
-        RebuildConfig::default(),
-        publisher,
-        Metrics::new(),
-        Trigger::new(),
-    );
+    let (source, mut rebuilder, _reader) = real_rebuilder();
     let broken = diag("File", "team/a.yaml", "InvalidManifest");
     source.set(Inputs::default(), vec![broken.clone()]);
     assert_eq!(rebuilder.build(&*source).new_diagnostics, 1);
@@ -745,14 +738,7 @@ fn tls_ingress(secret: &str, host: &str) -> Arc<k8s_openapi::api::networking::v1
 /// is reported on the Secret; a valid rotation replaces it, and a Secret that leaves is gone.
 #[test]
 fn a_tls_secret_turning_invalid_keeps_its_last_valid_version() {
-    let (source, _builds) = TestSource::new();
-    let (publisher, _reader) = publish::channel();
-    let mut rebuilder = Rebuilder::new(
-        RebuildConfig::default(),
-        publisher,
-        Metrics::new(),
-        Trigger::new(),
-    );
+    let (source, mut rebuilder, _reader) = real_rebuilder();
     let host = "shop.example";
     let class: k8s_openapi::api::networking::v1::IngressClass =
         serde_json::from_value(serde_json::json!({
@@ -845,4 +831,18 @@ fn a_tls_secret_turning_invalid_keeps_its_last_valid_version() {
         "{:?}",
         report.diagnostics
     );
+}
+
+/// A test source and a rebuilder with the real translate, built on demand (no loop), and the
+/// publisher's reader.
+fn real_rebuilder() -> (Arc<TestSource>, Rebuilder, Reader) {
+    let (source, _builds) = TestSource::new();
+    let (publisher, reader) = publish::channel();
+    let rebuilder = Rebuilder::new(
+        RebuildConfig::default(),
+        publisher,
+        Metrics::new(),
+        Trigger::new(),
+    );
+    (source, rebuilder, reader)
 }

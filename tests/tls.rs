@@ -360,6 +360,20 @@ async fn rotated_certificate_reaches_new_handshakes_without_restart() {
     assert_eq!(Client::sni("a.example.com").leaf(srv.https).await, v2_der);
 }
 
+/// An HTTP/2 client over an established TLS stream (its connection driven by a task).
+async fn h2_sender(
+    tls: TlsStream<TcpStream>,
+) -> hyper::client::conn::http2::SendRequest<Empty<Bytes>> {
+    let (send, conn) = hyper::client::conn::http2::handshake::<_, _, Empty<Bytes>>(
+        TokioExecutor::new(),
+        TokioIo::new(tls),
+    )
+    .await
+    .expect("h2 handshake");
+    tokio::spawn(conn);
+    send
+}
+
 #[tokio::test]
 async fn alpn_h2_is_negotiated_and_http2_is_served_over_tls() {
     // The real handler through Proxy::bind: a snapshot without routes answers 404.
@@ -370,13 +384,7 @@ async fn alpn_h2_is_negotiated_and_http2_is_served_over_tls() {
         .await
         .expect("handshake");
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
-    let (mut send, conn) = hyper::client::conn::http2::handshake::<_, _, Empty<Bytes>>(
-        TokioExecutor::new(),
-        TokioIo::new(tls),
-    )
-    .await
-    .expect("h2 handshake");
-    tokio::spawn(conn);
+    let mut send = h2_sender(tls).await;
     let req = Request::builder()
         .uri("https://a.example.com/")
         .body(Empty::new())
@@ -400,13 +408,7 @@ async fn conn_info_carries_tls_and_lower_cased_sni() {
         .connect(srv.https)
         .await
         .expect("handshake");
-    let (mut send, conn) = hyper::client::conn::http2::handshake::<_, _, Empty<Bytes>>(
-        TokioExecutor::new(),
-        TokioIo::new(tls),
-    )
-    .await
-    .expect("h2 handshake");
-    tokio::spawn(conn);
+    let mut send = h2_sender(tls).await;
     let req = Request::builder()
         .uri("https://shop.example.com/")
         .body(Empty::new())
@@ -662,13 +664,7 @@ async fn an_h2_connection_without_its_preface_is_closed_after_the_header_timeout
         .connect(srv.https)
         .await
         .expect("handshake");
-    let (mut send, conn) = hyper::client::conn::http2::handshake::<_, _, Empty<Bytes>>(
-        TokioExecutor::new(),
-        TokioIo::new(tls),
-    )
-    .await
-    .expect("h2 handshake");
-    tokio::spawn(conn);
+    let mut send = h2_sender(tls).await;
     // Past the header timeout, the connection (preface sent) idles and still serves.
     tokio::time::sleep(Duration::from_millis(600)).await;
     let req = Request::builder()
