@@ -840,6 +840,23 @@ fn toggles_reach_the_rendered_objects() {
     check_rbac("publishStatusAddress", &docs);
 }
 
+/// `controller.bindAddress: "::"` binds the listeners to the IPv6 wildcard (IPv6-only and
+/// dual-stack clusters, where probes and Service endpoints use the pod's IPv6 address); the
+/// rendered addresses parse with the binary's own CLI. Anything else is refused by the schema.
+#[test]
+fn bind_address_ipv6_for_ipv6_and_dual_stack_clusters() {
+    let docs = documents(&template(&["--set", "controller.bindAddress=::"]).expect("renders"));
+    let run = run_args(&controller_container(&pod_spec(&docs)));
+    for addr in [run.http_addr, run.https_addr, run.admin_addr] {
+        assert!(addr.ip().is_unspecified() && addr.is_ipv6(), "{addr}");
+    }
+    assert_eq!(run.http_addr.port(), 8080);
+    let docs = documents(&template(&[]).expect("renders"));
+    let run = run_args(&controller_container(&pod_spec(&docs)));
+    assert!(run.http_addr.ip().is_unspecified() && run.http_addr.is_ipv4());
+    assert!(template(&["--set", "controller.bindAddress=10.0.0.1"]).is_err());
+}
+
 /// A PodDisruptionBudget over a single pod would refuse every eviction (node drains hang): the
 /// chart renders one for a Deployment only when it runs 2 or more replicas.
 #[test]
@@ -904,7 +921,10 @@ fn extra_args_from_a_values_file_render_flags_portico_accepts() {
     for (flag, value) in [
         ("log-format", "controller.logFormat"),
         ("shutdown-grace", "controller.shutdownGrace"),
-        ("http-addr", "controller.containerPort.http"),
+        (
+            "http-addr",
+            "controller.bindAddress and controller.containerPort.http",
+        ),
     ] {
         let err = template(&["--set", &format!("controller.extraArgs.{flag}=x")])
             .expect_err("a flag the chart owns is refused");

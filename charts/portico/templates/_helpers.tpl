@@ -86,10 +86,11 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{/* The container args: `portico run` and its flags (src/config.rs). User-supplied parts are quoted. */}}
 {{- define "portico.args" -}}
 {{- $c := .Values.controller -}}
+{{- $bind := ternary (printf "[%s]" $c.bindAddress) $c.bindAddress (contains ":" $c.bindAddress) -}}
 - run
-- --http-addr=0.0.0.0:{{ $c.containerPort.http }}
-- --https-addr=0.0.0.0:{{ $c.containerPort.https }}
-- --admin-addr=0.0.0.0:{{ $c.containerPort.admin }}
+- --http-addr={{ $bind }}:{{ $c.containerPort.http }}
+- --https-addr={{ $bind }}:{{ $c.containerPort.https }}
+- --admin-addr={{ $bind }}:{{ $c.containerPort.admin }}
 - {{ printf "--ingress-class=%s" $c.ingressClassResource.name | quote }}
 - {{ printf "--controller-name=%s" $c.ingressClassResource.controllerValue | quote }}
 {{- with (include "portico.watchNamespaces" . | fromJsonArray) }}
@@ -109,7 +110,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - {{ printf "--shutdown-delay=%s" $c.shutdownDelay | quote }}
 - {{ printf "--shutdown-grace=%s" $c.shutdownGrace | quote }}
 - {{ printf "--log-format=%s" $c.logFormat | quote }}
-{{- $owned := dict "http-addr" "controller.containerPort.http" "https-addr" "controller.containerPort.https" "admin-addr" "controller.containerPort.admin" "ingress-class" "controller.ingressClassResource.name" "controller-name" "controller.ingressClassResource.controllerValue" "watch-namespace" "controller.scope" "publish-service" "controller.publishService" "publish-status-address" "controller.publishStatusAddress" "default-certificate" "controller.defaultCertificate" "lease-name" "(the release name)" "lease-namespace" "(the release namespace)" "shutdown-delay" "controller.shutdownDelay" "shutdown-grace" "controller.shutdownGrace" "log-format" "controller.logFormat" }}
+{{- $owned := dict "http-addr" "controller.bindAddress and controller.containerPort.http" "https-addr" "controller.bindAddress and controller.containerPort.https" "admin-addr" "controller.bindAddress and controller.containerPort.admin" "ingress-class" "controller.ingressClassResource.name" "controller-name" "controller.ingressClassResource.controllerValue" "watch-namespace" "controller.watchNamespace" "publish-service" "controller.publishService" "publish-status-address" "controller.publishStatusAddress" "default-certificate" "controller.defaultCertificate" "lease-name" "(the release name)" "lease-namespace" "(the release namespace)" "shutdown-delay" "controller.shutdownDelay" "shutdown-grace" "controller.shutdownGrace" "log-format" "controller.logFormat" }}
 {{- range $key, $value := $c.extraArgs }}
 {{- /* portico refuses a flag given twice: the chart's own flags come from their values. */}}
 {{- if hasKey $owned $key }}
