@@ -277,6 +277,12 @@ impl Health {
     fn is_ejected(&self, now: Instant) -> bool {
         self.ejected_until.is_some_and(|t| t > now)
     }
+
+    /// No ejection, or the last one ended [`EJECT_MAX`] ago: nothing worth keeping.
+    fn forgotten(&self, now: Instant) -> bool {
+        self.ejected_until
+            .is_none_or(|t| now.saturating_duration_since(t) >= EJECT_MAX)
+    }
 }
 
 /// The clock, read at most once and only when something asks: the health map is empty in the
@@ -689,19 +695,28 @@ impl Upstreams {
             }
     }
 
+    /// A success resets the failure count. The ejection history stays until the endpoint has
+    /// been back for [`EJECT_MAX`] without another ejection: a flapping endpoint that answers
+    /// now and then still backs off longer each time (brief §4.6: "doubling up to 5 min"),
+    /// instead of starting again at 10 s after every lucky request.
     fn record_success(&self, addr: SocketAddr) {
         // A healthy endpoint needs no entry: the map only holds endpoints with recent trouble,
         // so pod-IP churn cannot grow it without bound. The common case is a read lock.
         let mut now = LazyNow::default();
-        if read(&self.health)
-            .get(&addr)
-            .is_none_or(|h| h.is_ejected(now.get()))
-        {
+        if read(&self.health).get(&addr).is_none_or(|h| {
+            h.is_ejected(now.get()) || (h.consecutive_failures == 0 && !h.forgotten(now.get()))
+        }) {
             return;
         }
         let mut health = write(&self.health);
-        if health.get(&addr).is_some_and(|h| !h.is_ejected(now.get())) {
-            health.remove(&addr);
+        let now = now.get();
+        match health.get_mut(&addr) {
+            Some(h) if h.is_ejected(now) => {}
+            Some(h) if h.forgotten(now) => {
+                health.remove(&addr);
+            }
+            Some(h) => h.consecutive_failures = 0,
+            None => {}
         }
     }
 
@@ -1202,6 +1217,41 @@ mod tests {
         tokio::time::advance(EJECT_BASE + Duration::from_secs(1)).await;
         assert!(u.is_ejected(a0));
         tokio::time::advance(EJECT_BASE).await;
+        assert!(!u.is_ejected(a0));
+    }
+
+    /// A success between ejections resets the failure count but not the backoff: the next
+    /// ejection is twice as long. Only after EJECT_MAX back without one does it start over.
+    #[tokio::test(start_paused = true)]
+    async fn a_success_between_ejections_keeps_the_backoff() {
+        let u = Upstreams::new(Arc::new(Metrics::new()), DEFAULT_MAX_EJECTION_PERCENT);
+        let b = backend(2);
+        let a0 = b.endpoints[0].addr;
+        let eject = |u: &Upstreams| {
+            for _ in 0..EJECT_AFTER_FAILURES {
+                u.record_failure(&b, a0);
+            }
+        };
+        eject(&u);
+        tokio::time::advance(EJECT_BASE + Duration::from_millis(1)).await;
+        u.record_success(a0);
+        // Four failures after the success are not five in a row.
+        for _ in 0..EJECT_AFTER_FAILURES - 1 {
+            u.record_failure(&b, a0);
+        }
+        u.record_success(a0);
+        u.record_failure(&b, a0);
+        assert!(!u.is_ejected(a0));
+        eject(&u);
+        assert!(u.is_ejected(a0));
+        tokio::time::advance(EJECT_BASE * 2 - Duration::from_millis(1)).await;
+        assert!(u.is_ejected(a0), "the second ejection lasts 20 s");
+        tokio::time::advance(Duration::from_millis(2)).await;
+        // Back for EJECT_MAX: the history is forgotten, the next ejection is 10 s again.
+        tokio::time::advance(EJECT_MAX).await;
+        u.record_success(a0);
+        eject(&u);
+        tokio::time::advance(EJECT_BASE + Duration::from_millis(1)).await;
         assert!(!u.is_ejected(a0));
     }
 
