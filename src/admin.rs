@@ -16,9 +16,9 @@ use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
+use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
@@ -28,9 +28,13 @@ use crate::proxy::listener::Shutdown;
 use crate::publish::Reader;
 
 /// Concurrent admin connections (probes and scrapers are few); more wait in the backlog.
-pub const ADMIN_MAX_CONNECTIONS: usize = 64;
-/// An admin client must send its request head within this.
+pub const ADMIN_MAX_CONNECTIONS: usize = 256;
+/// An admin client must send its request head within this of connecting.
 pub const ADMIN_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest an admin connection lives, however it is used (idle keep-alive, a response it
+/// does not read): its slot comes back, so clients that hold connections cannot lock the
+/// kubelet's probes out for longer than this.
+pub const ADMIN_CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 /// After shutdown, open admin connections get this long to finish.
 pub const ADMIN_SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// Pause after an accept error that is not about one connection (EMFILE...).
@@ -68,12 +72,31 @@ struct State {
     health: Arc<Health>,
 }
 
+/// How many admin connections, and for how long (defaults: the `ADMIN_*` constants).
+#[derive(Debug, Clone, Copy)]
+pub struct AdminLimits {
+    pub max_connections: usize,
+    pub header_timeout: Duration,
+    pub connection_lifetime: Duration,
+}
+
+impl Default for AdminLimits {
+    fn default() -> Self {
+        AdminLimits {
+            max_connections: ADMIN_MAX_CONNECTIONS,
+            header_timeout: ADMIN_HEADER_TIMEOUT,
+            connection_lifetime: ADMIN_CONNECTION_LIFETIME,
+        }
+    }
+}
+
 /// The bound admin listener.
 pub struct Admin {
     /// Bound address (the real port when asked for 0).
     pub addr: SocketAddr,
     listener: TcpListener,
     state: State,
+    limits: AdminLimits,
 }
 
 impl Admin {
@@ -92,6 +115,7 @@ impl Admin {
                 metrics,
                 health,
             },
+            limits: AdminLimits::default(),
         })
     }
 
@@ -99,19 +123,30 @@ impl Admin {
         self.addr
     }
 
+    /// Other connection limits (tests use short ones).
+    pub fn with_limits(mut self, limits: AdminLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
     /// Serve until `shutdown` fires; then close the listener, let open connections finish
     /// for up to [`ADMIN_SHUTDOWN_GRACE`] and return.
     pub async fn serve(self, mut shutdown: Shutdown) {
         let Admin {
-            listener, state, ..
+            listener,
+            state,
+            limits,
+            ..
         } = self;
-        let mut builder = auto::Builder::new(TokioExecutor::new());
+        // HTTP/1.1 only (kubelet probes and Prometheus speak it): hyper's header timer then
+        // runs from the moment the connection opens, where the protocol sniffing of an
+        // HTTP/1-or-2 server would wait for a first byte for ever.
+        let mut builder = http1::Builder::new();
         builder
-            .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(ADMIN_HEADER_TIMEOUT);
+            .header_read_timeout(limits.header_timeout);
         let builder = Arc::new(builder);
-        let sem = Arc::new(Semaphore::new(ADMIN_MAX_CONNECTIONS));
+        let sem = Arc::new(Semaphore::new(limits.max_connections));
         // Runs until shutdown; each turn accepts one connection or backs off after an error.
         loop {
             let permit = tokio::select! {
@@ -149,6 +184,8 @@ impl Admin {
                 let mut conn = std::pin::pin!(conn);
                 let res = tokio::select! {
                     res = conn.as_mut() => res,
+                    // Dropped at the end of its lifetime, whatever it was doing.
+                    () = tokio::time::sleep(limits.connection_lifetime) => Ok(()),
                     _ = conn_shutdown.fired() => {
                         // Idle keep-alives close at once; a request being answered finishes.
                         conn.as_mut().graceful_shutdown();
@@ -165,7 +202,7 @@ impl Admin {
         }
         drop(listener);
         // Each connection task holds a permit until it ends; they end within the grace.
-        let all = ADMIN_MAX_CONNECTIONS as u32;
+        let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
         if tokio::time::timeout(ADMIN_SHUTDOWN_GRACE * 2, sem.acquire_many(all))
             .await
             .is_err()

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
-use portico::admin::{Admin, Health, METRICS_CONTENT_TYPE};
+use portico::admin::{Admin, AdminLimits, Health, METRICS_CONTENT_TYPE};
 use portico::metrics::Metrics;
 use portico::model::Snapshot;
 use portico::proxy::{Proxy, ProxyConfig, ShutdownTrigger};
@@ -30,6 +30,10 @@ struct Running {
 }
 
 async fn start() -> Running {
+    start_with(AdminLimits::default()).await
+}
+
+async fn start_with(limits: AdminLimits) -> Running {
     let (publisher, reader) = portico::publish::channel();
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::new());
@@ -40,7 +44,8 @@ async fn start() -> Running {
         health.clone(),
     )
     .await
-    .expect("bind");
+    .expect("bind")
+    .with_limits(limits);
     let addr = admin.addr();
     let trigger = ShutdownTrigger::new();
     let serve = tokio::spawn(admin.serve(trigger.signal()));
@@ -104,6 +109,44 @@ async fn healthz_and_readyz_follow_first_snapshot_and_draining() {
     );
     // Query strings do not change the endpoint.
     assert_eq!(status(run.addr, "/healthz?verbose=1").await, StatusCode::OK);
+}
+
+/// Clients that hold admin connections (silent from the start, or idle after a request)
+/// cannot lock the kubelet's probes out: silent ones are closed at the header timeout, any
+/// connection at the end of its lifetime, so a probe waiting behind a full set of slots is
+/// answered well within its deadline.
+#[tokio::test]
+async fn held_admin_connections_cannot_lock_out_the_probes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let limits = AdminLimits {
+        max_connections: 4,
+        header_timeout: Duration::from_millis(300),
+        connection_lifetime: Duration::from_millis(1500),
+    };
+    let run = start_with(limits).await;
+    let mut silent = Vec::new();
+    for _ in 0..limits.max_connections {
+        silent.push(TcpStream::connect(run.addr).await.expect("connect"));
+    }
+    assert_eq!(status(run.addr, "/healthz").await, StatusCode::OK);
+    drop(silent);
+
+    // Keep-alive connections that asked once and then hold on.
+    let mut idle = Vec::new();
+    for _ in 0..limits.max_connections {
+        let mut c = TcpStream::connect(run.addr).await.expect("connect");
+        c.write_all(b"GET /healthz HTTP/1.1\r\nhost: admin\r\n\r\n")
+            .await
+            .expect("write");
+        let mut buf = [0u8; 12];
+        timeout(DEADLINE, c.read_exact(&mut buf))
+            .await
+            .expect("answered in time")
+            .expect("read");
+        assert_eq!(&buf, b"HTTP/1.1 200");
+        idle.push(c);
+    }
+    assert_eq!(status(run.addr, "/healthz").await, StatusCode::OK);
 }
 
 #[tokio::test]
