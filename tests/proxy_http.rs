@@ -1174,7 +1174,11 @@ async fn traversal_never_escapes_the_normalised_prefix() {
         let got = get(p.addr, "x", path).await;
         assert_eq!(got.status, 404, "{path}");
     }
-    for path in ["/public/..%2Fsecret", "/public/x%5C..%5Csecret"] {
+    for path in [
+        "/public/..%2Fsecret",
+        "/public/x%5C..%5Csecret",
+        "/public/..;/secret",
+    ] {
         let got = get(p.addr, "x", path).await;
         assert_eq!(got.status, 400, "{path}");
     }

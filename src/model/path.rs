@@ -25,6 +25,11 @@ pub enum PathError {
     /// place the route granted.
     #[error("encoded separator with dot-segment")]
     EncodedTraversal,
+    /// A dot-segment with path parameters, such as `..;/admin` or `.;x`: Tomcat, Jetty and
+    /// Spring drop the `;` part and resolve what is left, so `/public/..;/admin` reaches
+    /// `/admin` behind a route that only granted `/public` (the same class as `..%2F`).
+    #[error("dot-segment with path parameters")]
+    DotSegmentParams,
 }
 
 /// Result alias of this module.
@@ -104,6 +109,12 @@ pub fn normalize_path(raw: &str) -> Result<String> {
             }
             s => {
                 check_encoded_separators(s)?;
+                // `;` or its escape: a backend that decodes first strips the same parameters.
+                let before = s.split(';').next().unwrap_or(s);
+                let before = before.split("%3B").next().unwrap_or(before);
+                if before.len() < s.len() && (before == "." || before == "..") {
+                    return Err(PathError::DotSegmentParams);
+                }
                 out.push(s);
                 trailing_slash = false;
             }
@@ -211,6 +222,25 @@ mod tests {
         ] {
             assert_eq!(normalize_path(p), Err(PathError::EncodedTraversal), "{p}");
         }
+    }
+
+    /// The `..;/` bypass: a dot-segment with parameters resolves as a dot-segment on Tomcat,
+    /// Jetty and Spring. Parameters on ordinary segments, and names that merely start with
+    /// dots, are fine.
+    #[test]
+    fn dot_segments_with_parameters_are_refused() {
+        for p in [
+            "/public/..;/admin",
+            "/public/..;jsessionid=x/admin",
+            "/public/%2e%2e;/admin",
+            "/public/..%3B/admin",
+            "/public/..%3b/admin",
+            "/a/.;/b",
+        ] {
+            assert_eq!(normalize_path(p), Err(PathError::DotSegmentParams), "{p}");
+        }
+        assert_eq!(ok("/a;v=1/b;x"), "/a;v=1/b;x");
+        assert_eq!(ok("/...;x/.x;y"), "/...;x/.x;y");
     }
 
     #[test]
