@@ -1387,6 +1387,28 @@ async fn h2_client_authority_becomes_host_for_an_h1_upstream() {
     assert_eq!(e.header("host"), Some("api.example:8080"));
 }
 
+/// Browsers split cookies over several h2 fields; an HTTP/1.1 upstream gets them joined into
+/// one Cookie header with "; " (RFC 9113 §8.2.3).
+#[tokio::test]
+async fn split_h2_cookies_reach_an_h1_upstream_as_one_header() {
+    let b = echo_backend("b").await;
+    let p = proxy_with(&[RouteSpec::prefix(None, "/", &[b.addr])]).await;
+    let mut tx = h2_client(p.addr).await;
+    let req = Request::get("http://x/")
+        .header("cookie", "a=1")
+        .header("cookie", "b=2; c=3")
+        .body(http_body_util::Empty::new().boxed())
+        .expect("req");
+    let resp = tx.send_request(req).await.expect("response");
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    let e: Echo = serde_json::from_slice(&body).expect("echo");
+    assert_eq!(
+        e.headers.get("cookie"),
+        Some(&vec!["a=1; b=2; c=3".to_string()])
+    );
+}
+
 #[tokio::test]
 async fn h2_client_stream_is_reset_when_upstream_dies_mid_body() {
     let b = mid_body_close_backend().await;

@@ -1067,6 +1067,7 @@ fn build_request(
             *out.uri_mut() = Uri::from(req.path_and_query.clone());
             out.headers_mut()
                 .insert(http::header::HOST, req.authority.clone());
+            join_cookies(out.headers_mut());
         }
         Sender::H2(_) => {
             // h2 carries the authority in `:authority` (RFC 9113 §8.3.1); no Host header.
@@ -1081,6 +1082,26 @@ fn build_request(
         }
     }
     out
+}
+
+/// Cookie fields an h2 client split over several lines (RFC 9113 §8.2.3) MUST be joined
+/// with `"; "` before an HTTP/1.1 hop, which allows one Cookie header (RFC 6265 §5.4); several
+/// lines would be folded with `", "` by some backends, or all but one dropped.
+fn join_cookies(headers: &mut HeaderMap) {
+    let mut lines = headers.get_all(http::header::COOKIE).iter();
+    if lines.next().is_none() || lines.next().is_none() {
+        return;
+    }
+    let mut joined = Vec::new();
+    for line in headers.get_all(http::header::COOKIE) {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(line.as_bytes());
+    }
+    if let Ok(v) = HeaderValue::from_bytes(&joined) {
+        headers.insert(http::header::COOKIE, v);
+    }
 }
 
 enum SendFailure {
