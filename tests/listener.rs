@@ -383,6 +383,48 @@ async fn idle_h2c_connection_is_closed_after_idle_timeout() {
     finishes(conn).await.expect("clean GOAWAY close");
 }
 
+/// An h2 client that acknowledges SETTINGS but never the PING that comes with the idle
+/// GOAWAY would keep its connection (and slot) for ever: once asked to close, a connection that
+/// stays idle for the header timeout is dropped.
+#[tokio::test]
+async fn an_idle_h2_client_that_ignores_goaway_is_dropped() {
+    let run = start(ProxyConfig {
+        client_idle_timeout: Duration::from_millis(300),
+        client_header_timeout: Duration::from_millis(300),
+        ..cfg()
+    })
+    .await;
+    let mut tcp = TcpStream::connect(run.http).await.expect("connect");
+    tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .expect("preface and SETTINGS");
+    let from = Instant::now();
+    // Read frames until the server closes: acknowledge SETTINGS, ignore everything else.
+    let closed = timeout(DEADLINE, async {
+        let mut head = [0u8; 9];
+        loop {
+            if tcp.read_exact(&mut head).await.is_err() {
+                return;
+            }
+            let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+            let mut payload = vec![0u8; len];
+            if tcp.read_exact(&mut payload).await.is_err() {
+                return;
+            }
+            if head[3] == 0x4 && head[4] & 0x1 == 0 {
+                let _ = tcp.write_all(b"\0\0\0\x04\x01\0\0\0\0").await;
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the connection outlived the deadline");
+    assert!(
+        from.elapsed() >= Duration::from_millis(550),
+        "{:?}",
+        from.elapsed()
+    );
+}
+
 #[tokio::test]
 async fn keep_alive_outlives_the_header_timeout() {
     // The header timer must not run while a keep-alive connection waits for its next

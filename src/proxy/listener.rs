@@ -291,6 +291,14 @@ impl Activity {
         RequestGuard(self.clone())
     }
 
+    /// An idle connection's idle time starts again now (the close it was asked for).
+    fn idle_from_now(&self) {
+        let mut s = self.lock();
+        if let Phase::Idle(_) = s.phase {
+            s.phase = Phase::Idle(Instant::now());
+        }
+    }
+
     fn end_request(&self) {
         let mut s = self.lock();
         s.in_flight = s.in_flight.saturating_sub(1);
@@ -1197,15 +1205,24 @@ async fn drive<C, E>(
         Expired(Expiry),
     }
     let mut draining = false;
+    // Set when the idle timeout asked the connection to close: an h2 client that never
+    // acknowledges the GOAWAY's PING would otherwise keep an idle connection (and its
+    // `--max-connections` slot) for ever. From then on, being idle for the header timeout
+    // ends it.
+    let mut closing_idle = false;
     let mut fired = pin!(shutdown.fired());
     let shutdown_gate = Gate::new();
     // At most three turns: graceful start (once), then the end or a header timeout.
     loop {
         let mut timer = pin!(activity.expired(Timeouts {
-            idle: cfg.client_idle_timeout,
+            idle: if closing_idle {
+                cfg.client_header_timeout
+            } else {
+                cfg.client_idle_timeout
+            },
             header: cfg.client_header_timeout,
             stalled: cfg.stream_idle_timeout,
-            idle_enabled: !draining,
+            idle_enabled: !draining || closing_idle,
         }));
         let timer_gate = Gate::new();
         // The connection first; the side futures only when their own wakers fired (Gate).
@@ -1232,11 +1249,17 @@ async fn drive<C, E>(
             }
             Event::Expired(expiry) => {
                 match expiry {
+                    Expiry::Idle if closing_idle => {
+                        debug!(%peer, "idle connection still open after GOAWAY; closing");
+                        return;
+                    }
                     Expiry::Idle => {
                         debug!(%peer, "idle keep-alive timeout");
                         // Closes an idle h1 connection at once; h2 gets GOAWAY (RFC 9113 §6.8).
                         graceful(conn.as_mut());
                         draining = true;
+                        closing_idle = true;
+                        activity.idle_from_now();
                     }
                     Expiry::Header => {
                         // RFC 9112 §9.5 lets a server close a connection whose request does not
