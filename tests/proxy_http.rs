@@ -357,6 +357,12 @@ async fn malformed_host_and_targets_are_400() {
         b"GET /static/..%2Fsecret HTTP/1.1\r\nhost: x\r\n\r\n",
         b"GET /x%5C..%5Cy HTTP/1.1\r\nhost: x\r\n\r\n",
         b"GET /%zz HTTP/1.1\r\nhost: x\r\n\r\n",
+        // Outside the URI grammar's authority (RFC 3986 §3.2, RFC 9112 §3.2).
+        b"GET / HTTP/1.1\r\nhost: a{b}\r\n\r\n",
+        b"GET / HTTP/1.1\r\nhost: a|b\r\n\r\n",
+        b"GET / HTTP/1.1\r\nhost: a^b\r\n\r\n",
+        b"GET / HTTP/1.1\r\nhost: x:1:2\r\n\r\n",
+        b"GET / HTTP/1.1\r\nhost: x:port\r\n\r\n",
     ];
     for req in cases {
         let reply = raw(p.addr, req).await;

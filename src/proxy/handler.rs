@@ -740,11 +740,24 @@ fn validate_head<B>(req: &Request<B>, cfg: &ProxyConfig) -> Result<Head, ProxyEr
 }
 
 /// Host or authority: no userinfo (RFC 9110 §4.2.4 forbids it in http URIs), no whitespace or
-/// control bytes, nothing that belongs to a path.
+/// control bytes, nothing that belongs to a path, and otherwise the URI grammar's `authority`
+/// (RFC 3986 §3.2: no `{` `|` `^` and the like, a numeric port), as RFC 9112 §3.2 asks of Host.
 fn valid_authority(s: &str) -> bool {
     !s.is_empty()
         && s.bytes()
             .all(|b| b.is_ascii_graphic() && !matches!(b, b'@' | b'/' | b'\\' | b'?' | b'#' | b'"'))
+        && s.parse::<http::uri::Authority>().is_ok()
+        && port_is_numeric(s)
+}
+
+/// `port = *DIGIT` (RFC 3986 §3.2.3), which the `http` crate's parser leaves unchecked.
+fn port_is_numeric(authority: &str) -> bool {
+    if authority.ends_with(']') {
+        return true;
+    }
+    authority
+        .rsplit_once(':')
+        .is_none_or(|(_, port)| port.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// RFC 9112 §6.1: on HTTP/1.x only `chunked` is supported, and it must be last. HTTP/2

@@ -1073,12 +1073,22 @@ fn build_request(
             // h2 carries the authority in `:authority` (RFC 9113 §8.3.1); no Host header.
             *out.version_mut() = Version::HTTP_2;
             out.headers_mut().remove(http::header::HOST);
-            let authority = match req.authority.to_str().ok() {
-                Some(a) if !a.is_empty() => a.to_string(),
-                _ => addr.to_string(),
+            // The authority was validated with the request (a client's Host that is no URI
+            // authority is a 400); the endpoint's address stands in only if it is missing. The
+            // path and scheme are never lost to a fallback.
+            let uri = |authority: &str| {
+                Uri::builder()
+                    .scheme("http")
+                    .authority(authority)
+                    .path_and_query(req.path_and_query.clone())
+                    .build()
             };
-            let uri = format!("http://{authority}{}", req.path_and_query);
-            *out.uri_mut() = uri.parse().unwrap_or_else(|_| Uri::default());
+            let given = req.authority.to_str().ok().filter(|a| !a.is_empty());
+            *out.uri_mut() = given
+                .map(uri)
+                .and_then(Result::ok)
+                .or_else(|| uri(&addr.to_string()).ok())
+                .unwrap_or_else(|| Uri::from(req.path_and_query.clone()));
         }
     }
     out
