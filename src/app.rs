@@ -101,7 +101,7 @@ fn proxy_config(args: &RunArgs) -> ProxyConfig {
     ProxyConfig {
         http_addr: args.http_addr,
         https_addr: args.https_addr,
-        max_connections: args.max_connections.max(1),
+        max_connections: args.max_connections,
         max_concurrent_requests: (args.max_concurrent_requests > 0)
             .then_some(args.max_concurrent_requests),
         client_header_timeout: args.client_header_timeout,

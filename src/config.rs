@@ -52,13 +52,14 @@ pub struct TranslateArgs {
     #[arg(long, env = "PORTICO_DEFAULT_CERTIFICATE", value_parser = parse_ns_name)]
     pub default_certificate: Option<(String, String)>,
     /// Upstream connect timeout (annotation `proxy-connect-timeout` overrides).
-    #[arg(long, env = "PORTICO_PROXY_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_dur)]
+    #[arg(long, env = "PORTICO_PROXY_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_positive_dur)]
     pub proxy_connect_timeout: Duration,
     /// Time to wait for upstream response headers (annotation `proxy-read-timeout` overrides).
-    #[arg(long, env = "PORTICO_PROXY_READ_TIMEOUT", default_value = "60s", value_parser = parse_dur)]
+    #[arg(long, env = "PORTICO_PROXY_READ_TIMEOUT", default_value = "60s", value_parser = parse_positive_dur)]
     pub proxy_read_timeout: Duration,
-    /// Request body limit in bytes; 0 = unlimited (annotation `proxy-body-size` overrides).
-    #[arg(long, env = "PORTICO_PROXY_BODY_SIZE", default_value_t = crate::model::DEFAULT_BODY_LIMIT)]
+    /// Request body limit: bytes, or with a k, m or g suffix as the annotation takes it (1m);
+    /// 0 = unlimited (annotation `proxy-body-size` overrides).
+    #[arg(long, env = "PORTICO_PROXY_BODY_SIZE", default_value = "1m", value_parser = parse_body_size)]
     pub proxy_body_size: u64,
 }
 
@@ -96,8 +97,8 @@ pub struct RunArgs {
     /// After listeners close, in-flight requests get this long before they are cut.
     #[arg(long, env = "PORTICO_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_dur)]
     pub shutdown_grace: Duration,
-    /// Peers whose X-Forwarded-* headers are trusted (comma-separated CIDRs).
-    #[arg(long, env = "PORTICO_TRUSTED_PROXIES", value_delimiter = ',')]
+    /// Peers whose X-Forwarded-* headers are trusted (comma-separated CIDRs or addresses).
+    #[arg(long, env = "PORTICO_TRUSTED_PROXIES", value_delimiter = ',', value_parser = parse_net)]
     pub trusted_proxies: Vec<IpNet>,
     /// Log format for logs and access logs.
     #[arg(long, env = "PORTICO_LOG_FORMAT", value_enum, default_value = "json")]
@@ -109,16 +110,16 @@ pub struct RunArgs {
     #[arg(long, env = "PORTICO_WORKER_THREADS")]
     pub worker_threads: Option<usize>,
     /// Maximum open client connections; above it portico stops accepting (backpressure).
-    #[arg(long, env = "PORTICO_MAX_CONNECTIONS", default_value_t = 10_000)]
+    #[arg(long, env = "PORTICO_MAX_CONNECTIONS", default_value_t = 10_000, value_parser = parse_at_least_one)]
     pub max_connections: usize,
     /// Cap on concurrent requests for the whole proxy; excess → 503. 0 = no cap.
     #[arg(long, env = "PORTICO_MAX_CONCURRENT_REQUESTS", default_value_t = 0)]
     pub max_concurrent_requests: u32,
     /// Time allowed for a client to send the full request head; then 408 / close.
-    #[arg(long, env = "PORTICO_CLIENT_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_dur)]
+    #[arg(long, env = "PORTICO_CLIENT_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_positive_dur)]
     pub client_header_timeout: Duration,
     /// Idle keep-alive timeout for client connections.
-    #[arg(long, env = "PORTICO_CLIENT_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_dur)]
+    #[arg(long, env = "PORTICO_CLIENT_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_positive_dur)]
     pub client_idle_timeout: Duration,
     /// Idle timeout of WebSockets and other upgraded streams, and of a connection streaming a
     /// response on which no byte moves either way (a client not reading, an upstream stalled
@@ -183,6 +184,38 @@ fn parse_dur(s: &str) -> Result<Duration, String> {
         .ok_or_else(|| format!("invalid duration {s:?} (examples: 500ms, 5s, 1m, 1h30m)"))
 }
 
+/// A duration that must not be zero: a zero connect, read, header or idle timeout would fail
+/// every request or connection (the annotations refuse it too).
+fn parse_positive_dur(s: &str) -> Result<Duration, String> {
+    match parse_dur(s)? {
+        d if d.is_zero() => Err(format!("{s:?} is zero; it must be longer than that")),
+        d => Ok(d),
+    }
+}
+
+/// A count of at least one (zero would serve nothing).
+fn parse_at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".to_string()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("{s:?}: {e}")),
+    }
+}
+
+/// The annotation's size syntax (`1048576`, `512k`, `8m`, `1g`; `0` = unlimited).
+fn parse_body_size(s: &str) -> Result<u64, String> {
+    crate::translate::parse_size(s).ok_or_else(|| {
+        format!("invalid size {s:?} (examples: 1048576, 512k, 8m, 1g; 0 = unlimited)")
+    })
+}
+
+/// A CIDR, or a single address as its /32 or /128.
+fn parse_net(s: &str) -> Result<IpNet, String> {
+    s.parse::<IpNet>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
+        .map_err(|_| format!("invalid CIDR or address {s:?} (examples: 10.0.0.0/8, 192.168.1.7)"))
+}
+
 fn parse_ns_name(s: &str) -> Result<(String, String), String> {
     match s.split_once('/') {
         Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
@@ -216,6 +249,55 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    /// Values that would fail every request are refused with a message, not taken: zero
+    /// timeouts and a zero connection cap; sizes take the annotation's suffixes, and a trusted
+    /// proxy may be a single address.
+    #[test]
+    fn zero_timeouts_and_caps_are_refused_sizes_and_addresses_are_read() {
+        let parse = |args: &[&str]| {
+            let mut all = vec!["portico", "run"];
+            all.extend_from_slice(args);
+            Cli::try_parse_from(all)
+        };
+        for flag in [
+            "--client-header-timeout",
+            "--client-idle-timeout",
+            "--proxy-connect-timeout",
+            "--proxy-read-timeout",
+        ] {
+            let err = parse(&[flag, "0s"]).expect_err(flag).to_string();
+            assert!(err.contains("is zero"), "{flag}: {err}");
+        }
+        let err = parse(&["--max-connections", "0"])
+            .expect_err("0")
+            .to_string();
+        assert!(err.contains("at least 1"), "{err}");
+        let Command::Run(args) = parse(&[
+            "--proxy-body-size",
+            "8m",
+            "--trusted-proxies",
+            "10.0.0.0/8,192.168.1.7,::1",
+            "--stream-idle-timeout",
+            "0s",
+        ])
+        .expect("parses")
+        .command
+        else {
+            panic!("run subcommand");
+        };
+        assert_eq!(args.translate.proxy_body_size, 8 << 20);
+        assert_eq!(
+            args.trusted_proxies,
+            ["10.0.0.0/8", "192.168.1.7/32", "::1/128"].map(|n| n.parse::<IpNet>().expect("net"))
+        );
+        assert!(parse(&["--proxy-body-size", "8x"]).is_err());
+        assert!(parse(&["--trusted-proxies", "10.0.0.0/33"]).is_err());
+        assert_eq!(
+            run_defaults().translate.proxy_body_size,
+            crate::model::DEFAULT_BODY_LIMIT
+        );
     }
 
     #[test]

@@ -466,7 +466,7 @@ fn parse_bool(v: &str) -> Option<bool> {
 
 /// nginx size syntax as ingress-nginx accepts it for `proxy-body-size`: digits with an optional
 /// `k`, `m` or `g` suffix (either case, binary multiples); `0` disables the limit.
-pub(super) fn parse_size(v: &str) -> Option<u64> {
+pub fn parse_size(v: &str) -> Option<u64> {
     let (digits, mult) = match v.as_bytes().last()? {
         b'k' | b'K' => (&v[..v.len() - 1], 1u64 << 10),
         b'm' | b'M' => (&v[..v.len() - 1], 1u64 << 20),

@@ -39,6 +39,7 @@ use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
 use crate::crd::RateLimitPolicy;
 use crate::model::{self, BackendKey, BackendTable, HostTable, Snapshot, TlsTable};
 
+pub use annotations::parse_size;
 pub use backends::resolve_endpoints;
 pub use incremental::Translator;
 pub use service::{LoadBalancerIngress, Svc, SvcPort};
