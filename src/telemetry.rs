@@ -39,10 +39,18 @@ pub fn init(format: LogFormat, access_log: bool) {
 /// The log filter for `RUST_LOG` = `env` (unset or invalid: `info`).
 fn filter(env: Option<&str>, access_log: bool) -> EnvFilter {
     let spec = env.unwrap_or("info");
-    let mut filter = EnvFilter::try_new(spec).unwrap_or_else(|_| EnvFilter::new("info"));
-    if !spec.contains("rustls")
-        && let Ok(directive) = "rustls=error".parse()
-    {
+    let mut filter = EnvFilter::try_new(spec).unwrap_or_else(|_| {
+        // Nothing is logging yet: say it where the operator looks first.
+        eprintln!("RUST_LOG={spec:?} is not a valid filter; logging at info");
+        EnvFilter::new("info")
+    });
+    // Only a directive for rustls itself (`rustls`, `rustls::...`) lifts the clamp; one for
+    // `tokio_rustls` or `hyper_rustls` does not.
+    let names_rustls = spec.split(',').any(|d| {
+        let target = d.split(['=', '[']).next().unwrap_or_default().trim();
+        target == "rustls" || target.starts_with("rustls::")
+    });
+    if !names_rustls && let Ok(directive) = "rustls=error".parse() {
         filter = filter.add_directive(directive);
     }
     if !access_log && let Ok(directive) = format!("{ACCESS_TARGET}=off").parse() {
@@ -80,6 +88,15 @@ mod tests {
         assert_eq!(
             directives(Some("not a [filter"), true),
             ["info", "rustls=error"]
+        );
+        // A crate whose name merely contains "rustls" leaves the clamp in place.
+        assert_eq!(
+            directives(Some("info,tokio_rustls=debug"), true),
+            ["info", "rustls=error", "tokio_rustls=debug"]
+        );
+        assert_eq!(
+            directives(Some("rustls::server=debug"), true),
+            ["rustls::server=debug"]
         );
     }
 }

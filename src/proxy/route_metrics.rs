@@ -50,7 +50,13 @@ fn labels((ingress, service): &RouteKey) -> [&str; 3] {
 impl RouteMetrics {
     /// Count one finished request.
     pub(super) fn count(&self, status: StatusCode, method: &Method) {
-        let key = (status.as_u16(), method_label(method));
+        // Upstream codes pass through unchanged and hyper takes any from 100 to 999: beyond the
+        // five classes RFC 9110 defines, a backend could mint series at will, so they share one.
+        let standard = (100..600).contains(&status.as_u16());
+        let key = (
+            if standard { status.as_u16() } else { 0 },
+            method_label(method),
+        );
         if let Some(c) = self
             .requests
             .read()
@@ -71,7 +77,7 @@ impl RouteMetrics {
                     namespace,
                     ingress,
                     service,
-                    status.as_str(),
+                    if standard { status.as_str() } else { "other" },
                     key.1,
                 ])
             })
@@ -208,5 +214,24 @@ mod tests {
             ("status", "404"),
         ];
         assert_eq!(value(&metrics, "portico_requests_total", &empty), Some(1.0));
+
+        // Codes past the five standard classes (a backend may send any from 100 to 999) share
+        // one series instead of minting one each.
+        for code in [600, 777, 999] {
+            a.count(StatusCode::from_u16(code).expect("code"), &Method::GET);
+        }
+        let odd = [labels.as_slice(), &[("status", "other"), ("method", "GET")]].concat();
+        assert_eq!(value(&metrics, "portico_requests_total", &odd), Some(3.0));
+        let family = metrics
+            .registry
+            .gather()
+            .into_iter()
+            .find(|f| f.name() == "portico_requests_total")
+            .expect("family");
+        assert_eq!(
+            family.get_metric().len(),
+            4,
+            "200, 404/OTHER, other, and the empty route's 404"
+        );
     }
 }
