@@ -1361,6 +1361,30 @@ async fn requests_are_counted_with_route_labels() {
     .await;
 }
 
+/// A client that gives up before the response head (here: closes its connection while the
+/// backend holds the request) is still counted, as 499 like nginx's "client closed request",
+/// and its concurrency slot comes back.
+#[tokio::test]
+async fn a_request_the_client_abandons_is_counted_as_499() {
+    let b = gated_backend().await;
+    let p = proxy_with(&[RouteSpec::prefix(Some("a"), "/", &[b.addr]).service("svc-g")]).await;
+    let mut s = TcpStream::connect(p.addr).await.expect("connect");
+    s.write_all(b"GET /slow HTTP/1.1\r\nhost: a\r\n\r\n")
+        .await
+        .expect("write");
+    wait_until(|| b.requests.load(Ordering::SeqCst) == 1).await;
+    drop(s);
+    let m = p.metrics.clone();
+    wait_until(|| {
+        m.requests
+            .with_label_values(&["default", "ing", "svc-g", "499", "GET"])
+            .get()
+            == 1
+    })
+    .await;
+    b.gate.add_permits(1);
+}
+
 // ---------------------------------------------------------------- h2 clients, CONNECT, logs
 
 async fn h2_client(

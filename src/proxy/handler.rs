@@ -238,21 +238,39 @@ impl Handler {
         req: Request<hyper::body::Incoming>,
         conn: &ConnInfo,
     ) -> Response<ProxyBody> {
-        let start = Instant::now();
-        let mut rec = Record {
-            method: req.method().clone(),
-            path: if self.cfg.access_log {
-                req.uri().path().to_string()
-            } else {
-                String::new()
+        // Counted and logged even when the client goes away before the response head (this
+        // future is then dropped): a request abandoned on a slow backend is exactly the one an
+        // operator looks for.
+        let mut pending = Pending {
+            rec: Record {
+                method: req.method().clone(),
+                path: if self.cfg.access_log {
+                    req.uri().path().to_string()
+                } else {
+                    String::new()
+                },
+                ..Record::default()
             },
-            ..Record::default()
+            guards: Vec::new(),
+            start: Instant::now(),
+            metric_cache: self.metric_cache.clone(),
+            access_log: self.cfg.access_log,
+            armed: true,
         };
-        let mut guards = Vec::new();
         let mut pool_return = None;
         let result = self
-            .serve(req, conn, &mut rec, &mut guards, &mut pool_return)
+            .serve(
+                req,
+                conn,
+                &mut pending.rec,
+                &mut pending.guards,
+                &mut pool_return,
+            )
             .await;
+        pending.armed = false;
+        let mut rec = std::mem::take(&mut pending.rec);
+        let guards = std::mem::take(&mut pending.guards);
+        let start = pending.start;
         let mut resp = match result {
             Ok(resp) => resp,
             Err(e) => {
@@ -1149,14 +1167,55 @@ impl Body for TrackedBody {
     }
 }
 
+/// Status recorded for a request whose client went away before its response head (nginx's
+/// 499, "client closed request").
+const CLIENT_CLOSED: u16 = 499;
+
+/// A request being handled: what [`Finish`] will hold, recorded with [`CLIENT_CLOSED`] if the
+/// handling future is dropped (client disconnect, h2 RST_STREAM, shutdown cut) before it
+/// produced a response.
+struct Pending {
+    rec: Record,
+    guards: Vec<InflightGuard>,
+    start: Instant,
+    metric_cache: Arc<RouteMetricsCache>,
+    access_log: bool,
+    armed: bool,
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let status = StatusCode::from_u16(CLIENT_CLOSED).unwrap_or(StatusCode::BAD_REQUEST);
+        Finish {
+            rec: std::mem::take(&mut self.rec),
+            status,
+            start: self.start,
+            guards: std::mem::take(&mut self.guards),
+            metric_cache: self.metric_cache.clone(),
+            access_log: self.access_log,
+        }
+        .record(0, true);
+    }
+}
+
 impl Drop for TrackedBody {
     fn drop(&mut self) {
         if !self.errored && self.inner.is_end_stream() {
             self.complete();
         }
-        let Some(f) = self.finish.take() else {
-            return;
-        };
+        if let Some(f) = self.finish.take() {
+            f.record(self.bytes_out, self.errored);
+        }
+    }
+}
+
+impl Finish {
+    /// Count the request and write its access-log line; the concurrency slots go last.
+    fn record(self, bytes_out: u64, aborted: bool) {
+        let f = self;
         let rec = &f.rec;
         let (namespace, ingress) = (rec.namespace(), rec.ingress());
         let route_metrics = match &rec.route_metrics {
@@ -1185,13 +1244,13 @@ impl Drop for TrackedBody {
                 path = %rec.path,
                 status = f.status.as_u16(),
                 bytes_in = rec.bytes_in.load(Ordering::Relaxed),
-                bytes_out = self.bytes_out,
+                bytes_out,
                 duration_ms = elapsed.as_millis() as u64,
                 upstream_addr = %upstream_addr,
                 upstream_ms = rec.upstream_ms.map(|m| m as u64),
                 route = %route,
                 request_id = %rec.request_id,
-                aborted = self.errored,
+                aborted,
             );
         }
         drop(f.guards);
