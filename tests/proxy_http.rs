@@ -1338,6 +1338,39 @@ async fn websocket_holds_its_concurrency_slot_until_the_tunnel_ends() {
     }
 }
 
+/// A GET (or DELETE) whose body has no declared length (chunked from an HTTP/1.1 client, DATA
+/// without content-length from h2) reaches an HTTP/1.1 upstream with its body, chunked:
+/// hyper's client would otherwise send such a GET with no body at all (brief §4.4: never
+/// repaired silently).
+#[tokio::test]
+async fn a_get_body_of_unknown_length_reaches_an_h1_upstream() {
+    let b = echo_backend("b").await;
+    let p = proxy_with(&[RouteSpec::prefix(None, "/", &[b.addr])]).await;
+    let reply = raw(
+        p.addr,
+        b"GET /_search HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    assert_eq!(raw_status(&reply), 200, "{reply}");
+    assert!(reply.contains("\"body_len\":5"), "{reply}");
+
+    let mut tx = h2_client(p.addr).await;
+    let body = http_body_util::StreamBody::new(futures_util::stream::iter([Ok::<
+        _,
+        std::convert::Infallible,
+    >(
+        hyper::body::Frame::data(Bytes::from_static(b"0123456789")),
+    )]));
+    let req = Request::get("http://x/_search")
+        .body(body.boxed())
+        .expect("req");
+    let resp = tx.send_request(req).await.expect("response");
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    let e: Echo = serde_json::from_slice(&body).expect("echo");
+    assert_eq!(e.body_len, 10);
+}
+
 // ---------------------------------------------------------------- observability
 
 #[tokio::test]

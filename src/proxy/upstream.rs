@@ -1068,6 +1068,18 @@ fn build_request(
             out.headers_mut()
                 .insert(http::header::HOST, req.authority.clone());
             join_cookies(out.headers_mut());
+            // A body of unknown length (chunked from an h1 client, DATA without content-length
+            // from h2) goes chunked; left to itself, hyper's client sends a GET or HEAD whose
+            // length it does not know with no body at all.
+            if !hyper::body::Body::is_end_stream(out.body())
+                && hyper::body::Body::size_hint(out.body()).exact().is_none()
+                && !out.headers().contains_key(http::header::CONTENT_LENGTH)
+            {
+                out.headers_mut().insert(
+                    http::header::TRANSFER_ENCODING,
+                    HeaderValue::from_static("chunked"),
+                );
+            }
         }
         Sender::H2(_) => {
             // h2 carries the authority in `:authority` (RFC 9113 §8.3.1); no Host header.
