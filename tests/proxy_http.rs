@@ -1371,6 +1371,90 @@ async fn a_get_body_of_unknown_length_reaches_an_h1_upstream() {
     assert_eq!(e.body_len, 10);
 }
 
+/// A TCP relay to `target` whose connections stop forwarding (without closing) once `freeze`
+/// is set: a peer gone silent, as after a lost node or a dropped conntrack entry. Connections
+/// made after the freeze forward normally.
+async fn freezable_relay(
+    target: std::net::SocketAddr,
+) -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicBool>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let freeze = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let frozen = freeze.clone();
+    tokio::spawn(async move {
+        // Ends with the test's runtime.
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = TcpStream::connect(target).await else {
+                continue;
+            };
+            // Only connections that existed when the freeze came are frozen.
+            let born_frozen = frozen.load(Ordering::SeqCst);
+            let (cr, cw) = client.into_split();
+            let (sr, sw) = server.into_split();
+            for (mut r, mut w) in [
+                (
+                    Box::new(cr) as Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+                    Box::new(sw) as Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
+                ),
+                (Box::new(sr), Box::new(cw)),
+            ] {
+                let frozen = frozen.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    loop {
+                        let n = match r.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        if frozen.load(Ordering::SeqCst) && !born_frozen {
+                            // Silent from now on, with both sockets held open.
+                            std::future::pending::<()>().await;
+                        }
+                        if w.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        }
+    });
+    (addr, freeze)
+}
+
+/// A pooled h2c upstream connection whose peer goes silent is found dead by keep-alive PINGs
+/// and replaced: the next request is served on a new connection, instead of every request to
+/// the endpoint waiting out the read timeout (504) for as long as the dead connection is pooled.
+#[tokio::test]
+async fn a_silent_h2c_upstream_connection_is_dropped_by_keepalive() {
+    let g = h2c_trailers_backend().await;
+    let (relay, freeze) = freezable_relay(g.addr).await;
+    let p = start_proxy(
+        ProxyConfig {
+            upstream_h2_keepalive: Duration::from_millis(200),
+            ..quiet_config()
+        },
+        false,
+    )
+    .await;
+    p.publisher
+        .publish(snapshot(&[RouteSpec::prefix(None, "/", &[relay]).policy(
+            |p| {
+                p.upstream_protocol = UpstreamProtocol::H2c;
+                p.read_timeout = Duration::from_secs(3);
+            },
+        )]));
+    assert_eq!(get(p.addr, "x", "/").await.status, 200);
+    freeze.store(true, Ordering::SeqCst);
+    // Two keep-alive periods: the PING goes unanswered and the connection is closed.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let got = tokio::time::timeout(Duration::from_secs(2), get(p.addr, "x", "/"))
+        .await
+        .expect("answered before the read timeout");
+    assert_eq!(got.status, 200);
+}
+
 // ---------------------------------------------------------------- observability
 
 #[tokio::test]

@@ -18,7 +18,7 @@ use http::uri::PathAndQuery;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prometheus::core::Collector;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -442,6 +442,8 @@ pub struct Upstreams {
     active: Arc<ActiveHealth>,
     /// `--max-ejection-percent`.
     max_ejection_percent: u8,
+    /// Keep-alive PINGs on h2c upstream connections ([`super::UPSTREAM_H2_KEEPALIVE`]).
+    h2_keepalive: Duration,
     metrics: Arc<Metrics>,
 }
 
@@ -523,8 +525,15 @@ impl Upstreams {
             in_flight: RwLock::new(FastMap::default()),
             active: Arc::new(ActiveHealth::default()),
             max_ejection_percent: max_ejection_percent.min(100),
+            h2_keepalive: super::UPSTREAM_H2_KEEPALIVE,
             metrics,
         }
+    }
+
+    /// Another keep-alive PING interval (and ack timeout) for h2c upstream connections.
+    pub fn with_h2_keepalive(mut self, every: Duration) -> Self {
+        self.h2_keepalive = every;
+        self
     }
 
     /// The marks the active health checker writes and endpoint choice reads.
@@ -850,12 +859,15 @@ impl Upstreams {
                 Ok((Sender::H1(tx), false))
             }
             UpstreamProtocol::H2c => {
-                let (tx, conn) = tokio::time::timeout(
-                    connect_timeout,
-                    http2::handshake(TokioExecutor::new(), io),
-                )
-                .await
-                .map_err(|_| ConnectError::Timeout)??;
+                let mut builder = http2::Builder::new(TokioExecutor::new());
+                builder
+                    .timer(TokioTimer::new())
+                    .keep_alive_interval(self.h2_keepalive)
+                    .keep_alive_timeout(self.h2_keepalive)
+                    .keep_alive_while_idle(true);
+                let (tx, conn) = tokio::time::timeout(connect_timeout, builder.handshake(io))
+                    .await
+                    .map_err(|_| ConnectError::Timeout)??;
                 tokio::spawn(async move {
                     if let Err(e) = conn.await {
                         tracing::debug!(error = %e, "upstream h2c connection ended");
