@@ -225,6 +225,7 @@ impl Handler {
             self.reader.clone(),
             self.metrics.clone(),
         )
+        .with_route_metrics(self.metric_cache.clone())
     }
 
     /// Requests in flight now (counted only when a global cap is configured).

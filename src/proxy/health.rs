@@ -11,7 +11,9 @@
 //! Owns: probe tasks, their state (keyed by endpoint address + check, dropped with the
 //! endpoint) and the `portico_health_checks_total` / `portico_upstream_endpoint_healthy`
 //! series; its snapshot-following task also has upstream prune passive health's ejection
-//! series ([`prune_ejection_series`]). May import model, publish, metrics, hyper and tokio;
+//! series ([`prune_ejection_series`]) and has the request path's per-route metric handles
+//! drop the Ingresses that left (`RouteMetricsCache::prune`). May import model, publish,
+//! metrics, hyper and tokio;
 //! must not import kube, k8s-openapi, translate or the handler.
 
 use std::collections::HashMap;
@@ -32,6 +34,7 @@ use crate::model::{HealthCheck, Snapshot};
 use crate::publish::Reader;
 
 use super::listener::Shutdown;
+use super::route_metrics::RouteMetricsCache;
 use super::upstream::prune_ejection_series;
 
 /// How often the checker looks for a new snapshot (an `ArcSwap` load and a pointer compare);
@@ -89,6 +92,8 @@ pub struct HealthChecker {
     state: Arc<ActiveHealth>,
     reader: Reader,
     metrics: Arc<Metrics>,
+    /// The request path's per-route metric handles, pruned when Ingresses leave.
+    route_metrics: Option<Arc<RouteMetricsCache>>,
 }
 
 impl HealthChecker {
@@ -97,7 +102,14 @@ impl HealthChecker {
             state,
             reader,
             metrics,
+            route_metrics: None,
         }
+    }
+
+    /// Also prune `cache` (and the series of Ingresses that left) on every route change.
+    pub(super) fn with_route_metrics(mut self, cache: Arc<RouteMetricsCache>) -> Self {
+        self.route_metrics = Some(cache);
+        self
     }
 
     /// Follow the published snapshot until `shutdown` fires: start a probe task for every new
@@ -125,6 +137,14 @@ impl HealthChecker {
             }
             self.reconcile(snap.as_deref(), &mut targets, &shutdown);
             prune_ejection_series(snap.as_deref(), &self.metrics);
+            // Routes change only with the host table; endpoint-only builds reuse it.
+            let routes_changed = match (&snap, &last) {
+                (Some(a), Some(b)) => !Arc::ptr_eq(&a.hosts, &b.hosts),
+                _ => true,
+            };
+            if routes_changed && let Some(cache) = &self.route_metrics {
+                cache.prune(snap.as_deref().map(|s| &*s.hosts));
+            }
             last = snap;
         }
         for (key, t) in targets.drain() {

@@ -7,18 +7,20 @@
 //! instructions (callgrind). Here a request does one lookup keyed by the route's shared names
 //! (foldhash over two or three short strings) and then updates the handles directly.
 //!
-//! Entries are never removed, like the series they point at (nothing removes request series
-//! today); the key set is the (Ingress, Service) pairs of routes that served, bounded by the
-//! configuration, not by clients. Must not import kube or k8s-openapi.
+//! The key set is the (Ingress, Service) pairs of routes that served, bounded by the
+//! configuration, not by clients. When an Ingress leaves the configuration its entries go, and
+//! so do its series in every per-route vector ([`RouteMetricsCache::prune`], run by the task
+//! that follows snapshots), so preview environments that come and go do not grow the exported
+//! series for ever. Must not import kube or k8s-openapi.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, PoisonError, RwLock};
 
 use http::{Method, StatusCode};
 use prometheus::{Histogram, IntCounter};
 
 use crate::metrics::Metrics;
-use crate::model::IngressRef;
+use crate::model::{HostTable, IngressRef};
 
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
@@ -133,6 +135,76 @@ impl RouteMetricsCache {
     }
 }
 
+impl RouteMetricsCache {
+    /// Forget the routes of Ingresses `hosts` (the serving snapshot's host table; `None`: none)
+    /// no longer declares, with their series: requests, durations, and the rate-limit and
+    /// concurrency rejections labelled with the Ingress. Requests that never reached a route
+    /// (empty labels) stay.
+    pub(super) fn prune(&self, hosts: Option<&HostTable>) {
+        let present: HashSet<(&str, &str)> = hosts
+            .iter()
+            .flat_map(|h| {
+                h.exact
+                    .values()
+                    .chain(h.wildcard.values())
+                    .chain(h.catch_all.iter())
+                    .flat_map(|r| r.routes().iter())
+                    .chain(h.default_route.iter())
+            })
+            .map(|r| (&*r.ingress.namespace, &*r.ingress.name))
+            .collect();
+        let listed = |ns: &str, name: &str| {
+            (ns.is_empty() && name.is_empty()) || present.contains(&(ns, name))
+        };
+        let mut gone = Vec::new();
+        self.routes
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|key, m| {
+                let keep = key.0.as_ref().is_none_or(|i| listed(&i.namespace, &i.name));
+                if !keep {
+                    gone.push(m.clone());
+                }
+                keep
+            });
+        let m = &self.metrics;
+        for route in gone {
+            let l = labels(&route.key);
+            let _ = m.request_duration.remove_label_values(&l);
+            let _ = m.upstream_duration.remove_label_values(&l);
+            let requests = route
+                .requests
+                .read()
+                .unwrap_or_else(PoisonError::into_inner);
+            for (status, method) in requests.keys() {
+                let code = StatusCode::from_u16(*status).map(|c| c.as_str().to_string());
+                let status = code.unwrap_or_else(|_| "other".to_string());
+                let _ = m
+                    .requests
+                    .remove_label_values(&[l[0], l[1], l[2], &status, method]);
+            }
+        }
+        // Series made without a cached handle: read them from the vectors themselves.
+        use prometheus::core::Collector;
+        for vec in [&m.ratelimit_rejected, &m.concurrency_rejected] {
+            for family in vec.collect() {
+                for metric in family.get_metric() {
+                    let pairs: HashMap<&str, &str> = metric
+                        .get_label()
+                        .iter()
+                        .map(|p| (p.name(), p.value()))
+                        .collect();
+                    let ns = pairs.get("namespace").copied().unwrap_or_default();
+                    let name = pairs.get("ingress").copied().unwrap_or_default();
+                    if !listed(ns, name) {
+                        let _ = vec.remove(&pairs);
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// The `method` label: the nine methods of RFC 9110 §9 and PATCH by name, anything else as
 /// `OTHER` (a client must not be able to create series at will).
 pub(super) fn method_label(m: &Method) -> &'static str {
@@ -172,6 +244,100 @@ mod tests {
         } else {
             m.get_histogram().get_sample_count() as f64
         })
+    }
+
+    /// An Ingress that leaves the host table takes its cache entries and its series with it;
+    /// the others, and requests that never reached a route, stay. When it comes back it
+    /// counts from zero on live series.
+    #[test]
+    fn prune_forgets_ingresses_that_left() {
+        use crate::model::{HostRoutes, PathKind, Route, RoutePolicy, RouteTarget};
+        let metrics = Arc::new(Metrics::new());
+        let cache = RouteMetricsCache::new(metrics.clone());
+        let ing = |name: &str| IngressRef {
+            namespace: "ns".into(),
+            name: name.into(),
+        };
+        let svc: Arc<str> = Arc::from("api");
+        for name in ["kept", "gone"] {
+            cache
+                .get(Some(&ing(name)), Some(&svc))
+                .count(StatusCode::OK, &Method::GET);
+            metrics
+                .ratelimit_rejected
+                .with_label_values(&["ns", name, "p"])
+                .inc();
+        }
+        cache
+            .get(None, None)
+            .count(StatusCode::NOT_FOUND, &Method::GET);
+        metrics
+            .concurrency_rejected
+            .with_label_values(&["global", "", "", ""])
+            .inc();
+        let mut hosts = HostTable::default();
+        hosts.exact.insert(
+            "h".into(),
+            HostRoutes::new(vec![Arc::new(Route {
+                kind: PathKind::Prefix,
+                path: "/".into(),
+                ingress: ing("kept"),
+                target: RouteTarget::Unavailable {
+                    reason: String::new(),
+                },
+                policy: Arc::new(RoutePolicy::default()),
+            })]),
+        );
+        cache.prune(Some(&hosts));
+        let req = |name: &str| {
+            value(
+                &metrics,
+                "portico_requests_total",
+                &[("ingress", name), ("status", "200")],
+            )
+        };
+        assert_eq!(req("kept"), Some(1.0));
+        assert_eq!(req("gone"), None);
+        let dur = |name: &str| {
+            value(
+                &metrics,
+                "portico_request_duration_seconds",
+                &[("ingress", name)],
+            )
+        };
+        assert!(dur("kept").is_some() && dur("gone").is_none());
+        let limited = |name: &str| {
+            value(
+                &metrics,
+                "portico_ratelimit_rejected_total",
+                &[("ingress", name)],
+            )
+        };
+        assert_eq!((limited("kept"), limited("gone")), (Some(1.0), None));
+        assert_eq!(
+            value(
+                &metrics,
+                "portico_requests_total",
+                &[("ingress", ""), ("status", "404")]
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(
+                &metrics,
+                "portico_concurrency_rejected_total",
+                &[("scope", "global")]
+            ),
+            Some(1.0)
+        );
+        // Back again: a fresh entry on a live series.
+        cache
+            .get(Some(&ing("gone")), Some(&svc))
+            .count(StatusCode::OK, &Method::GET);
+        assert_eq!(req("gone"), Some(1.0));
+        // No snapshot at all: every Ingress's series go.
+        cache.prune(None);
+        assert_eq!((req("kept"), req("gone")), (None, None));
     }
 
     #[test]
