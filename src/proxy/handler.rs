@@ -194,8 +194,7 @@ impl Handler {
             metrics.ratelimit_evicted_keys.clone(),
         );
         Handler {
-            upstreams: Upstreams::new(metrics.clone(), cfg.max_ejection_percent)
-                .with_h2_keepalive(cfg.upstream_h2_keepalive),
+            upstreams: Upstreams::new(metrics.clone(), cfg.max_ejection_percent),
             metric_cache: Arc::new(RouteMetricsCache::new(metrics.clone())),
             cfg,
             reader,

@@ -124,16 +124,7 @@ pub struct ProxyConfig {
     pub rate_limit_max_keys: usize,
     /// Largest share (percent, 0-100) of a backend's endpoints passive health may eject.
     pub max_ejection_percent: u8,
-    /// PING interval, and wait for its ack, on pooled h2c upstream connections
-    /// ([`UPSTREAM_H2_KEEPALIVE`]; tests shorten it).
-    pub upstream_h2_keepalive: Duration,
 }
-
-/// An h2c upstream connection is PINGed after this long without traffic and closed when the
-/// ack does not come within as long again: a peer gone without a FIN or RST (a lost node, a
-/// NAT or conntrack entry dropped on a long-lived connection) would otherwise keep every
-/// request to it waiting for the read timeout, for as long as the pooled connection lives.
-pub const UPSTREAM_H2_KEEPALIVE: Duration = Duration::from_secs(20);
 
 impl Default for ProxyConfig {
     fn default() -> Self {
@@ -152,7 +143,6 @@ impl Default for ProxyConfig {
             max_retries: DEFAULT_MAX_RETRIES,
             trusted_proxies: Vec::new(),
             shutdown_grace: Duration::from_secs(30),
-            upstream_h2_keepalive: UPSTREAM_H2_KEEPALIVE,
             access_log: true,
             rate_limit_max_keys: DEFAULT_RATE_LIMIT_MAX_KEYS,
             max_ejection_percent: DEFAULT_MAX_EJECTION_PERCENT,

@@ -18,7 +18,7 @@ use http::uri::PathAndQuery;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use prometheus::core::Collector;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -261,6 +261,10 @@ impl Pool {
         }
     }
 
+    fn forget_h2(&self, addr: SocketAddr) {
+        lock(&self.h2).remove(&addr);
+    }
+
     fn put_h2(&self, addr: SocketAddr, tx: &http2::SendRequest<ProxyBody>) {
         lock(&self.h2).insert(addr, tx.clone());
     }
@@ -442,8 +446,6 @@ pub struct Upstreams {
     active: Arc<ActiveHealth>,
     /// `--max-ejection-percent`.
     max_ejection_percent: u8,
-    /// Keep-alive PINGs on h2c upstream connections ([`super::UPSTREAM_H2_KEEPALIVE`]).
-    h2_keepalive: Duration,
     metrics: Arc<Metrics>,
 }
 
@@ -525,15 +527,8 @@ impl Upstreams {
             in_flight: RwLock::new(FastMap::default()),
             active: Arc::new(ActiveHealth::default()),
             max_ejection_percent: max_ejection_percent.min(100),
-            h2_keepalive: super::UPSTREAM_H2_KEEPALIVE,
             metrics,
         }
-    }
-
-    /// Another keep-alive PING interval (and ack timeout) for h2c upstream connections.
-    pub fn with_h2_keepalive(mut self, every: Duration) -> Self {
-        self.h2_keepalive = every;
-        self
     }
 
     /// The marks the active health checker writes and endpoint choice reads.
@@ -859,15 +854,12 @@ impl Upstreams {
                 Ok((Sender::H1(tx), false))
             }
             UpstreamProtocol::H2c => {
-                let mut builder = http2::Builder::new(TokioExecutor::new());
-                builder
-                    .timer(TokioTimer::new())
-                    .keep_alive_interval(self.h2_keepalive)
-                    .keep_alive_timeout(self.h2_keepalive)
-                    .keep_alive_while_idle(true);
-                let (tx, conn) = tokio::time::timeout(connect_timeout, builder.handshake(io))
-                    .await
-                    .map_err(|_| ConnectError::Timeout)??;
+                let (tx, conn) = tokio::time::timeout(
+                    connect_timeout,
+                    http2::handshake(TokioExecutor::new(), io),
+                )
+                .await
+                .map_err(|_| ConnectError::Timeout)??;
                 tokio::spawn(async move {
                     if let Err(e) = conn.await {
                         tracing::debug!(error = %e, "upstream h2c connection ended");
@@ -952,6 +944,7 @@ impl Upstreams {
                     std::mem::take(&mut req.headers)
                 };
             let built = build_request(&req, headers, &sender, addr, body);
+            let shared_h2 = matches!(sender, Sender::H2(_));
             let started = Instant::now();
             let sent = if has_body {
                 // The timeout runs from the end of the upload, however long that takes, as
@@ -972,6 +965,12 @@ impl Upstreams {
                 Err(Stalled::Client) => return Err(ProxyError::ClientBodyTimeout),
                 Err(Stalled::Upstream) => {
                     self.record_failure(backend, addr);
+                    if shared_h2 {
+                        // The endpoint's one h2c connection may be dead without knowing it (a
+                        // peer gone without a FIN or RST, a NAT entry dropped): the next request
+                        // opens a new one. Streams still running on this one finish on it.
+                        self.pool.forget_h2(addr);
+                    }
                     return Err(ProxyError::UpstreamTimeout);
                 }
                 Ok(Err(SendFailure::NotSent(back))) => {
