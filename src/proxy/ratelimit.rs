@@ -48,6 +48,10 @@ pub enum KeyValue {
     HeaderDigest(u64, u64),
     /// The header is absent: all such requests share one bucket (brief §4.5).
     MissingHeader,
+    /// The header is repeated: its value is ambiguous, and keyed on any one line (or all of
+    /// them) a client could add a throwaway line to get a fresh bucket per request. All such
+    /// requests share one bucket.
+    RepeatedHeader,
     Global,
 }
 
@@ -309,31 +313,19 @@ impl Limiter {
             RateLimitKey::Global => KeyValue::Global,
             RateLimitKey::Header(name) => {
                 let mut lines = headers.get_all(name.as_str()).iter();
-                let Some(first) = lines.next() else {
+                let Some(v) = lines.next() else {
                     return KeyValue::MissingHeader;
                 };
-                // A repeated field is one value, its lines joined (RFC 9110 §5.3): keyed on the
-                // first line alone, a throwaway line in front would buy a fresh bucket per request.
-                let joined;
-                let v = match lines.next() {
-                    None => first.as_bytes(),
-                    Some(second) => {
-                        let mut all = first.as_bytes().to_vec();
-                        for line in std::iter::once(second).chain(lines) {
-                            all.extend_from_slice(b", ");
-                            all.extend_from_slice(line.as_bytes());
-                        }
-                        joined = all;
-                        &joined
-                    }
-                };
+                if lines.next().is_some() {
+                    return KeyValue::RepeatedHeader;
+                }
                 if v.len() <= MAX_KEY_BYTES {
-                    return KeyValue::Header(v.into());
+                    return KeyValue::Header(v.as_bytes().into());
                 }
                 let mut a = self.digest_keys.0.build_hasher();
                 let mut b = self.digest_keys.1.build_hasher();
-                a.write(v);
-                b.write(v);
+                a.write(v.as_bytes());
+                b.write(v.as_bytes());
                 KeyValue::HeaderDigest(a.finish(), b.finish())
             }
         }
@@ -887,10 +879,10 @@ mod tests {
         assert_eq!(p.headers.expect("h").limit, "\"p\";r=2");
     }
 
-    /// A repeated key header is keyed on all its lines: a different first line is a different
-    /// bucket, but so is the same first line followed by another.
+    /// A repeated key header is ambiguous: every such request, whatever its lines, shares one
+    /// bucket, so a throwaway line in front of a real key buys nothing.
     #[test]
-    fn a_repeated_key_header_is_keyed_on_all_its_lines() {
+    fn a_repeated_key_header_shares_one_bucket() {
         let l = limiter(100);
         let key = RateLimitKey::Header("x-api-key".into());
         let lines = |vals: &[&'static str]| {
@@ -900,13 +892,10 @@ mod tests {
             }
             l.key_value(&key, IP, &h)
         };
-        assert_eq!(
-            lines(&["a", "real"]),
-            KeyValue::Header(b"a, real"[..].into())
-        );
-        assert_ne!(lines(&["a", "real"]), lines(&["b", "real"]));
+        assert_eq!(lines(&["a", "real"]), KeyValue::RepeatedHeader);
+        assert_eq!(lines(&["a", "real"]), lines(&["b", "real"]));
+        assert_eq!(lines(&["real"]), KeyValue::Header(b"real"[..].into()));
         assert_ne!(lines(&["real"]), lines(&["x", "real"]));
-        assert_eq!(lines(&["a", "b"]), lines(&["a, b"]));
     }
 
     #[test]
