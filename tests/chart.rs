@@ -918,6 +918,20 @@ fn extra_args_from_a_values_file_render_flags_portico_accepts() {
     assert_eq!(run.max_connections, 10_485_760);
     assert!(!run.no_access_log);
 
+    // A quoted "true" (or --set-string) is a switch too.
+    let docs = documents(
+        &template(&["--set-string", "controller.extraArgs.no-access-log=true"]).expect("renders"),
+    );
+    let container = controller_container(&pod_spec(&docs));
+    assert!(
+        container
+            .args
+            .clone()
+            .unwrap_or_default()
+            .contains(&"--no-access-log".to_string())
+    );
+    assert!(run_args(&container).no_access_log);
+
     for (flag, value) in [
         ("log-format", "controller.logFormat"),
         ("shutdown-grace", "controller.shutdownGrace"),

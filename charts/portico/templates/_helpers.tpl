@@ -116,9 +116,9 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- if hasKey $owned $key }}
 {{- fail (printf "controller.extraArgs.%s: the chart sets --%s itself; use %s" $key $key (get $owned $key)) }}
 {{- end }}
-{{- if kindIs "bool" $value }}
-{{- /* A switch: true passes it, false leaves it out (a switch takes no value). */}}
-{{- if $value }}
+{{- if or (kindIs "bool" $value) (has (toString $value) (list "true" "false")) }}
+{{- /* A switch (true or "true" alike): true passes it, false leaves it out (a switch takes no value). */}}
+{{- if eq (toString $value) "true" }}
 - {{ printf "--%s" $key | quote }}
 {{- end }}
 {{- else if and (kindIs "float64" $value) (eq $value (float64 (int64 $value))) }}
