@@ -243,20 +243,22 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         let _ = rebuild_task.await;
         let _ = source_task.await;
     };
-    if tokio::time::timeout(SHUTDOWN_TAIL, tail).await.is_err() {
+    // One deadline for all of it, the admin listener included.
+    let deadline = tokio::time::Instant::now() + SHUTDOWN_TAIL;
+    if tokio::time::timeout_at(deadline, tail).await.is_err() {
         tracing::warn!(
             timeout = ?SHUTDOWN_TAIL,
             "the Lease release or a status write did not finish after the drain; exiting anyway"
         );
     }
     admin_stop.fire();
-    let _ = tokio::time::timeout(SHUTDOWN_TAIL, admin_task).await;
+    let _ = tokio::time::timeout_at(deadline, admin_task).await;
     tracing::info!("stopped");
     Ok(())
 }
 
-/// How long shutdown waits, after the drain, for the controller to release its Lease and the
-/// sources to stop (and again for the admin listener). The chart's
+/// How long shutdown waits, after the drain, for the controller to release its Lease, the
+/// sources and the admin listener to stop, all together. The chart's
 /// `terminationGracePeriodSeconds` must leave room for it.
 pub const SHUTDOWN_TAIL: std::time::Duration = std::time::Duration::from_secs(3);
 
