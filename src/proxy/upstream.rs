@@ -62,8 +62,8 @@ pub const RETRY_BUDGET_RATIO: f64 = 0.2;
 /// ...but at least this many retries per second per backend are always allowed.
 pub const RETRY_BUDGET_FLOOR_PER_SEC: f64 = 3.0;
 /// Earned retries fade with this time constant (seconds): the budget tracks recent traffic,
-/// so a backend that turns bad after a long healthy spell does not meet a bank of retries
-/// (up to 100) saved up long ago and get several times its load.
+/// so a backend that turns bad after a quiet spell does not meet a bank of retries (up to
+/// 100) saved up long ago and get several times its load.
 const RETRY_BUDGET_WINDOW_SECS: f64 = 10.0;
 
 /// Why a connection could not be obtained. Nothing was sent: always safe to retry.
@@ -303,11 +303,25 @@ impl LazyNow {
 
 #[derive(Debug, Clone, Copy)]
 struct Budget {
-    /// Earned by requests (RETRY_BUDGET_RATIO each).
+    /// Earned by requests (RETRY_BUDGET_RATIO each), fading with RETRY_BUDGET_WINDOW_SECS: an
+    /// exponentially weighted count of recent requests.
     ratio_tokens: f64,
+    /// When `ratio_tokens` was last faded.
+    faded: Instant,
     /// Refilled over time (RETRY_BUDGET_FLOOR_PER_SEC), capped at one second's worth.
     floor_tokens: f64,
     last: Instant,
+}
+
+impl Budget {
+    /// Fade the earned tokens up to `now` (a time before the last fade fades nothing).
+    fn fade(&mut self, now: Instant) {
+        let dt = now.saturating_duration_since(self.faded).as_secs_f64();
+        if dt > 0.0 {
+            self.ratio_tokens *= (-dt / RETRY_BUDGET_WINDOW_SECS).exp();
+            self.faded = now;
+        }
+    }
 }
 
 /// The outcome of forwarding: response headers from one endpoint.
@@ -779,18 +793,21 @@ impl Upstreams {
 
     fn budget(&self, key: &BackendKey) -> Arc<Mutex<Budget>> {
         shared(&self.budgets, key, || {
+            let now = Instant::now();
             Mutex::new(Budget {
                 ratio_tokens: 0.0,
+                faded: now,
                 floor_tokens: RETRY_BUDGET_FLOOR_PER_SEC,
-                last: Instant::now(),
+                last: now,
             })
         })
     }
 
-    fn budget_deposit(&self, key: &BackendKey) {
+    fn budget_deposit(&self, key: &BackendKey, now: Instant) {
         let b = self.budget(key);
         let mut e = lock(&b);
-        // Cap what idle periods can bank so a burst of retries stays bounded.
+        e.fade(now);
+        // Cap what a busy period can bank so a burst of retries stays bounded.
         e.ratio_tokens = (e.ratio_tokens + RETRY_BUDGET_RATIO).min(100.0);
     }
 
@@ -802,9 +819,7 @@ impl Upstreams {
         e.last = now;
         e.floor_tokens =
             (e.floor_tokens + elapsed * RETRY_BUDGET_FLOOR_PER_SEC).min(RETRY_BUDGET_FLOOR_PER_SEC);
-        // Faded here rather than per deposit, which would read the clock on every request:
-        // while retries are being asked for, withdrawals are close together and fade little.
-        e.ratio_tokens *= (-elapsed / RETRY_BUDGET_WINDOW_SECS).exp();
+        e.fade(now);
         if e.floor_tokens >= 1.0 {
             e.floor_tokens -= 1.0;
             true
@@ -892,7 +907,7 @@ impl Upstreams {
         let labels = [&*backend.key.namespace, &*backend.key.service];
         let has_body = req.body.is_some();
         let replayable = !has_body && is_idempotent(&req.method);
-        self.budget_deposit(&backend.key);
+        self.budget_deposit(&backend.key, Instant::now());
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut last_err = ProxyError::NoEndpoints;
         let mut attempt: u32 = 0;
@@ -1582,7 +1597,7 @@ mod tests {
     async fn retry_budget_has_floor_and_ratio() {
         let u = Upstreams::new(Arc::new(Metrics::new()), DEFAULT_MAX_EJECTION_PERCENT);
         let k = backend(1).key;
-        u.budget_deposit(&k);
+        u.budget_deposit(&k, Instant::now());
         // Floor: 3 per second.
         assert!(u.budget_withdraw(&k));
         assert!(u.budget_withdraw(&k));
@@ -1590,7 +1605,7 @@ mod tests {
         assert!(!u.budget_withdraw(&k));
         // Ratio: 10 requests earn 2 retries.
         for _ in 0..10 {
-            u.budget_deposit(&k);
+            u.budget_deposit(&k, Instant::now());
         }
         assert!(u.budget_withdraw(&k));
         assert!(u.budget_withdraw(&k));
@@ -1606,16 +1621,31 @@ mod tests {
         let u = Upstreams::new(Arc::new(Metrics::new()), DEFAULT_MAX_EJECTION_PERCENT);
         let k = backend(1).key;
         for _ in 0..1000 {
-            u.budget_deposit(&k);
+            u.budget_deposit(&k, Instant::now());
         }
         tokio::time::advance(Duration::from_secs(60)).await;
         let granted = (0..200).take_while(|_| u.budget_withdraw(&k)).count();
         assert_eq!(granted, 3);
         // Fresh traffic earns again at once (52 requests: 10.4 retries).
         for _ in 0..52 {
-            u.budget_deposit(&k);
+            u.budget_deposit(&k, Instant::now());
         }
         assert_eq!((0..200).take_while(|_| u.budget_withdraw(&k)).count(), 10);
+    }
+
+    /// What was earned in the last seconds is there when the first failure comes, however
+    /// long ago the last retry was: a busy minute without retries (100 requests a second)
+    /// banks the cap of 100, on top of the floor.
+    #[tokio::test(start_paused = true)]
+    async fn retry_budget_keeps_what_recent_traffic_earned() {
+        let u = Upstreams::new(Arc::new(Metrics::new()), DEFAULT_MAX_EJECTION_PERCENT);
+        let k = backend(1).key;
+        assert!(u.budget_withdraw(&k));
+        for _ in 0..6000 {
+            tokio::time::advance(Duration::from_millis(10)).await;
+            u.budget_deposit(&k, Instant::now());
+        }
+        assert_eq!((0..200).take_while(|_| u.budget_withdraw(&k)).count(), 103);
     }
 
     #[test]
