@@ -100,6 +100,7 @@ impl TlsTable {
     }
 
     /// Named by a TLS entry without a Secret (see [`TlsTable::default_exact`]).
+    #[inline]
     fn on_default_certificate(&self, host: &str) -> bool {
         (!self.default_exact.is_empty() && self.default_exact.contains(host))
             || (!self.default_wildcard.is_empty()
@@ -108,6 +109,7 @@ impl TlsTable {
 }
 
 /// What a one-label wildcard matches `host` by: everything after its first, non-empty label.
+#[inline]
 fn parent(host: &str) -> Option<&str> {
     host.split_once('.')
         .filter(|(first, _)| !first.is_empty())

@@ -243,7 +243,7 @@ impl Handler {
         // future is then dropped): a request abandoned on a slow backend is exactly the one an
         // operator looks for.
         let mut pending = Pending {
-            rec: Record {
+            rec: Some(Box::new(Record {
                 method: req.method().clone(),
                 path: if self.cfg.access_log {
                     req.uri().path().to_string()
@@ -251,7 +251,7 @@ impl Handler {
                     String::new()
                 },
                 ..Record::default()
-            },
+            })),
             guards: Vec::new(),
             start: Instant::now(),
             metric_cache: &self.metric_cache,
@@ -263,13 +263,13 @@ impl Handler {
             .serve(
                 req,
                 conn,
-                &mut pending.rec,
+                pending.rec.get_or_insert_with(Box::default),
                 &mut pending.guards,
                 &mut pool_return,
             )
             .await;
         pending.armed = false;
-        let mut rec = std::mem::take(&mut pending.rec);
+        let mut rec = *pending.rec.take().unwrap_or_default();
         let guards = std::mem::take(&mut pending.guards);
         let start = pending.start;
         let mut resp = match result {
@@ -492,6 +492,9 @@ impl Handler {
             .any(|net| net.contains(&conn.peer.ip()));
         let (parts, body) = req.into_parts();
         let mut headers = parts.headers;
+        if parts.version == Version::HTTP_2 && policy.upstream_protocol == UpstreamProtocol::Http1 {
+            crate::proxy::upstream::join_cookies(&mut headers);
+        }
         // Hash input from the request as the client sent it (brief §4.6), before rewriting.
         let affinity = Affinity::of(
             &policy.load_balance,
@@ -758,59 +761,74 @@ fn validate_head<B>(req: &Request<B>, cfg: &ProxyConfig) -> Result<Head, ProxyEr
     })
 }
 
+/// RFC 3986 reg-name bytes: unreserved, `%` of pct-encoded, sub-delims.
+const REG_NAME: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut i = 0;
+    while i < 256 {
+        let b = i as u8;
+        t[i] = b.is_ascii_alphanumeric()
+            || matches!(
+                b,
+                b'-' | b'.'
+                    | b'_'
+                    | b'~'
+                    | b'%'
+                    | b'!'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
+                    | b'+'
+                    | b','
+                    | b';'
+                    | b'='
+            );
+        i += 1;
+    }
+    t
+};
+
 /// Host or authority as RFC 3986 §3.2 writes it, without userinfo (RFC 9110 §4.2.4 forbids it
 /// in http URIs): a non-empty reg-name (unreserved, pct-encoded and sub-delims characters) or
 /// a bracketed IPv6 literal, and an optional all-digit port. RFC 9112 §3.2: any other Host is
 /// a 400. Checked byte by byte, with no allocation (this runs on every request).
 fn valid_authority(s: &str) -> bool {
-    let (host_ok, port) = match s.strip_prefix('[') {
-        Some(rest) => {
-            let Some((literal, after)) = rest.split_once(']') else {
-                return false;
-            };
-            let ok = !literal.is_empty()
-                && literal
-                    .bytes()
-                    .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.');
-            match after {
-                "" => (ok, None),
-                _ => match after.strip_prefix(':') {
-                    Some(p) => (ok, Some(p)),
-                    None => return false,
-                },
-            }
+    if let Some(rest) = s.strip_prefix('[') {
+        let Some((literal, after)) = rest.split_once(']') else {
+            return false;
+        };
+        let port = match after {
+            "" => "",
+            _ => match after.strip_prefix(':') {
+                Some(p) => p,
+                None => return false,
+            },
+        };
+        return !literal.is_empty()
+            && literal
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+            && port.bytes().all(|b| b.is_ascii_digit());
+    }
+    // One pass: reg-name characters up to the first `:`, digits after it.
+    let mut in_port = false;
+    for (i, b) in s.bytes().enumerate() {
+        let ok = if in_port {
+            b.is_ascii_digit()
+        } else if b == b':' {
+            in_port = true;
+            i > 0
+        } else {
+            REG_NAME[usize::from(b)]
+        };
+        if !ok {
+            return false;
         }
-        None => {
-            let (host, port) = match s.rsplit_once(':') {
-                Some((h, p)) => (h, Some(p)),
-                None => (s, None),
-            };
-            let ok = !host.is_empty()
-                && host.bytes().all(|b| {
-                    b.is_ascii_alphanumeric()
-                        || matches!(
-                            b,
-                            b'-' | b'.'
-                                | b'_'
-                                | b'~'
-                                | b'%'
-                                | b'!'
-                                | b'$'
-                                | b'&'
-                                | b'\''
-                                | b'('
-                                | b')'
-                                | b'*'
-                                | b'+'
-                                | b','
-                                | b';'
-                                | b'='
-                        )
-                });
-            (ok, port)
-        }
-    };
-    host_ok && port.is_none_or(|p| p.bytes().all(|b| b.is_ascii_digit()))
+    }
+    !s.is_empty()
 }
 
 /// RFC 9112 §6.1: on HTTP/1.x only `chunked` is supported, and it must be last. HTTP/2
@@ -1210,7 +1228,9 @@ const CLIENT_CLOSED: u16 = 499;
 /// handling future is dropped (client disconnect, h2 RST_STREAM, shutdown cut) before it
 /// produced a response.
 struct Pending<'a> {
-    rec: Record,
+    /// Taken when the handling finishes (a `None` is never recorded twice). Boxed: the
+    /// handling future, which holds this, is moved whole several times per request.
+    rec: Option<Box<Record>>,
     guards: Vec<InflightGuard>,
     start: Instant,
     /// Borrowed: cloned only when a request is abandoned.
@@ -1221,12 +1241,13 @@ struct Pending<'a> {
 
 impl Drop for Pending<'_> {
     fn drop(&mut self) {
-        if !self.armed {
+        let (true, Some(rec)) = (self.armed, self.rec.take()) else {
             return;
-        }
+        };
+        let rec = *rec;
         let status = StatusCode::from_u16(CLIENT_CLOSED).unwrap_or(StatusCode::BAD_REQUEST);
         Finish {
-            rec: std::mem::take(&mut self.rec),
+            rec,
             status,
             start: self.start,
             guards: std::mem::take(&mut self.guards),
