@@ -1909,26 +1909,15 @@ async fn h2_header_block_limit_matches_h1() {
 async fn an_ipv4_client_of_a_dual_stack_listener_is_its_ipv4_address() {
     let b = echo_backend("b").await;
     let mapped: std::net::SocketAddr = "[::ffff:127.0.0.1]:0".parse().expect("addr");
-    let cfg = ProxyConfig {
-        http_addr: mapped,
-        https_addr: mapped,
-        ..quiet_config()
-    };
-    let metrics = Arc::new(portico::metrics::Metrics::new());
-    let (publisher, reader) = portico::publish::channel();
-    let handler = Arc::new(portico::proxy::handler::Handler::new(
-        Arc::new(cfg.clone()),
-        reader.clone(),
-        metrics.clone(),
-    ));
-    let proxy = portico::proxy::Proxy::bind_with(cfg, reader, metrics, handler)
-        .await
-        .expect("bind");
-    let port = proxy.http_addr().port();
-    let stop = portico::proxy::ShutdownTrigger::new();
-    tokio::spawn(proxy.serve(stop.signal()));
-    publisher.publish(snapshot(&[RouteSpec::prefix(None, "/", &[b.addr])]));
-    let got = get(std::net::SocketAddr::from(([127, 0, 0, 1], port)), "x", "/").await;
+    let p = start_proxy_at(quiet_config(), mapped, false).await;
+    p.publisher
+        .publish(snapshot(&[RouteSpec::prefix(None, "/", &[b.addr])]));
+    let got = get(
+        std::net::SocketAddr::from(([127, 0, 0, 1], p.addr.port())),
+        "x",
+        "/",
+    )
+    .await;
     let e = got.echo();
     assert_eq!(e.header("x-real-ip"), Some("127.0.0.1"));
     assert_eq!(e.header("x-forwarded-for"), Some("127.0.0.1"));

@@ -36,8 +36,17 @@ pub enum PathError {
 pub type Result<T> = std::result::Result<T, PathError>;
 
 /// RFC 3986 §2.3 unreserved characters: escapes of these are decoded (§6.2.2.2).
-fn is_unreserved(b: u8) -> bool {
+/// RFC 3986 §2.3 `unreserved`.
+pub const fn is_unreserved(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+}
+
+/// RFC 3986 §2.2 `sub-delims`.
+pub const fn is_sub_delim(b: u8) -> bool {
+    matches!(
+        b,
+        b'!' | b'$' | b'&' | b'\'' | b'(' | b')' | b'*' | b'+' | b',' | b';' | b'='
+    )
 }
 
 fn hex_val(b: u8) -> Option<u8> {

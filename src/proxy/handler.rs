@@ -40,7 +40,7 @@ use super::ratelimit::{Limiter, RateHeaders, Verdict};
 use super::route_metrics::{RouteMetrics, RouteMetricsCache};
 use super::upstream::{BodyFlags, OutboundRequest, PoolReturn, Upstreams};
 use super::{BoxError, ConnInfo, ProxyBody, ProxyConfig};
-use crate::model::path::normalize_path;
+use crate::model::path::{is_sub_delim, is_unreserved, normalize_path};
 
 /// ACME HTTP-01 challenges must stay reachable over plain HTTP (RFC 8555 §8.3).
 const ACME_PREFIX: &str = "/.well-known/acme-challenge/";
@@ -767,25 +767,7 @@ const REG_NAME: [bool; 256] = {
     let mut i = 0;
     while i < 256 {
         let b = i as u8;
-        t[i] = b.is_ascii_alphanumeric()
-            || matches!(
-                b,
-                b'-' | b'.'
-                    | b'_'
-                    | b'~'
-                    | b'%'
-                    | b'!'
-                    | b'$'
-                    | b'&'
-                    | b'\''
-                    | b'('
-                    | b')'
-                    | b'*'
-                    | b'+'
-                    | b','
-                    | b';'
-                    | b'='
-            );
+        t[i] = is_unreserved(b) || is_sub_delim(b) || b == b'%';
         i += 1;
     }
     t

@@ -5,7 +5,9 @@
 //! tokio, hyper or the filesystem.
 
 use crate::model::PathKind;
-use crate::model::path::{PathError as SharedPathError, normalize_path};
+use crate::model::path::{
+    PathError as SharedPathError, is_sub_delim, is_unreserved, normalize_path,
+};
 
 /// Why a path rule is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -136,30 +138,9 @@ fn is_normal(raw: &str) -> bool {
     true
 }
 
-/// RFC 3986 §2.3.
-fn is_unreserved(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
-}
-
 /// RFC 3986 §3.3 `pchar` (minus `%`, handled by the caller) and `/`.
 fn is_pchar_or_slash(b: u8) -> bool {
-    is_unreserved(b)
-        || matches!(
-            b,
-            b'!' | b'$'
-                | b'&'
-                | b'\''
-                | b'('
-                | b')'
-                | b'*'
-                | b'+'
-                | b','
-                | b';'
-                | b'='
-                | b':'
-                | b'@'
-        )
-        || b == b'/'
+    is_unreserved(b) || is_sub_delim(b) || matches!(b, b':' | b'@' | b'/')
 }
 
 #[cfg(test)]

@@ -58,9 +58,14 @@ pub struct TestProxy {
 /// Start the real listeners with `cfg` (addresses forced to 127.0.0.1:0). The HTTPS listener
 /// always runs; `tls` only says whether the test wants its address and root.
 pub async fn start_proxy(cfg: ProxyConfig, tls: bool) -> TestProxy {
+    start_proxy_at(cfg, SocketAddr::from(([127, 0, 0, 1], 0)), tls).await
+}
+
+/// [`start_proxy`] with both listeners on `addr` (a loopback address, port 0).
+pub async fn start_proxy_at(cfg: ProxyConfig, addr: SocketAddr, tls: bool) -> TestProxy {
     let cfg = ProxyConfig {
-        http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-        https_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+        http_addr: addr,
+        https_addr: addr,
         ..cfg
     };
     let metrics = Arc::new(Metrics::new());
