@@ -155,6 +155,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                     namespaces: args.watch_namespace.clone(),
                     publish_service: args.publish_service.clone(),
                     default_certificate: args.translate.default_certificate.clone(),
+                    class: Some((
+                        args.translate.ingress_class.clone(),
+                        args.translate.controller_name.clone(),
+                    )),
                     ..SourceConfig::default()
                 };
                 let (source, task) = ClusterSource::start(

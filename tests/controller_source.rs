@@ -1405,6 +1405,54 @@ fn held(source: &ClusterSource) -> BTreeSet<String> {
         .collect()
 }
 
+/// Key material is held for our Ingresses only: another controller's Ingress naming a Secret
+/// (ingress-nginx during a migration) does not pull its private key into portico's memory,
+/// until an IngressClass change makes that Ingress ours.
+#[tokio::test]
+async fn secret_data_is_held_for_our_ingresses_only() {
+    let api = FakeApi::start().await;
+    api.apply(ingress_class("portico"), "kubectl")
+        .expect("class");
+    seed(&api, "shop");
+    for name in ["ours-tls", "theirs-tls"] {
+        let (s, _) = tls_secret("shop", name, "x.example.com");
+        api.create(s).expect("secret");
+    }
+    api.apply(
+        tls_ingress("shop", "ours", "ours.example.com", &["ours-tls"]),
+        "kubectl",
+    )
+    .expect("our ingress");
+    let mut theirs = tls_ingress("shop", "theirs", "theirs.example.com", &["theirs-tls"]);
+    theirs["spec"]["ingressClassName"] = json!("nginx");
+    api.apply(theirs, "kubectl").expect("their ingress");
+    let config = SourceConfig {
+        class: Some((
+            "portico".to_string(),
+            "portico.dev/ingress-controller".to_string(),
+        )),
+        ..SourceConfig::default()
+    };
+    let run = Running::start(&api, config).await;
+    run.synced().await;
+    assert_eq!(
+        held(&run.source),
+        BTreeSet::from(["shop/ours-tls".to_string()])
+    );
+
+    // The nginx class is handed to portico's controller: that Ingress is ours now.
+    let mut nginx = ingress_class("nginx");
+    nginx["metadata"]["name"] = json!("nginx");
+    api.apply(nginx, "kubectl").expect("class");
+    let source = run.source.clone();
+    assert!(
+        poll_until(DEADLINE, || held(&source).contains("shop/theirs-tls")).await,
+        "held after the class change: {:?}",
+        held(&source)
+    );
+    run.stop().await;
+}
+
 #[tokio::test]
 async fn secret_data_follows_what_ingresses_reference() {
     let api = FakeApi::start().await;

@@ -94,7 +94,8 @@ pub const API_NEEDS: &[ApiNeed] = &[
         scope: Scope::WatchedNamespaces,
         why: "source: reflector on Secret with fieldSelector type=kubernetes.io/tls, metadata \
               only (RBAC cannot narrow by type); get fetches tls.crt/tls.key of the Secrets an \
-              Ingress or --default-certificate references, the only key material kept in memory",
+              Ingress of our class or --default-certificate references, the only key material \
+              kept in memory",
     },
     ApiNeed {
         group: "portico.dev",

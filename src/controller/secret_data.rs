@@ -3,11 +3,11 @@
 //!
 //! Owns: the map `namespace/name → (resourceVersion, tls.crt/tls.key)` and the background task
 //! (`Keeper::run`) that fills it with `GET`s and empties it. May import kube, k8s-openapi,
-//! tokio, futures-util; must not import the proxy (brief §3) nor `crate::translate`.
+//! tokio, futures-util, and translate's class rule; must not import the proxy (brief §3).
 //!
 //! The Secret reflector keeps metadata only (no `data`); this module decides which Secrets are
-//! referenced, that is named by `spec.tls[].secretName` of any Ingress in the Ingress stores
-//! (in that Ingress's namespace, as translate reads them) or the `--default-certificate`
+//! referenced, that is named by `spec.tls[].secretName` of any Ingress of our class in the
+//! Ingress stores (in that Ingress's namespace, as translate reads them) or the `--default-certificate`
 //! Secret. For each referenced Secret present in the Secret stores it holds the data fetched
 //! for the store's current resourceVersion:
 //!
@@ -28,7 +28,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::api::networking::v1::Ingress;
+use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client};
 use tokio::sync::watch;
@@ -140,6 +140,9 @@ pub fn retry_delay(failures: u32) -> Duration {
 pub(crate) struct Keeper {
     pub client: Client,
     pub ingresses: Vec<Store<Ingress>>,
+    pub ingress_classes: Store<IngressClass>,
+    /// `(--ingress-class, --controller-name)`: only our Ingresses' Secrets are held.
+    pub class: Option<(String, String)>,
     pub secrets: Vec<Store<Secret>>,
     pub default_certificate: Option<SecretKey>,
     pub data: Arc<SecretData>,
@@ -195,8 +198,18 @@ impl Keeper {
 
     fn referenced(&self) -> BTreeSet<SecretKey> {
         let ingresses: Vec<Arc<Ingress>> = self.ingresses.iter().flat_map(|s| s.state()).collect();
+        let classes = self.ingress_classes.state();
         referenced(
-            ingresses.iter().map(|i| &**i),
+            ingresses
+                .iter()
+                .map(|i| &**i)
+                .filter(|i| match &self.class {
+                    // Another controller's Ingresses: their private keys are none of ours to hold.
+                    Some((class, controller)) => {
+                        crate::translate::serves_ingress(i, &classes, class, controller)
+                    }
+                    None => true,
+                }),
             self.default_certificate.as_ref(),
         )
     }

@@ -105,6 +105,9 @@ pub struct SourceConfig {
     /// `--default-certificate ns/name`: its Secret's data is held even when no Ingress names
     /// it.
     pub default_certificate: Option<(String, String)>,
+    /// `--ingress-class` and `--controller-name`: Secret data is held only for Ingresses of our
+    /// class (translate's rule). `None`: for every Ingress.
+    pub class: Option<(String, String)>,
 }
 
 impl SourceConfig {
@@ -161,9 +164,10 @@ impl Shared {
     }
 
     /// A change of `kind`: [`Self::changed`], and a wake-up for the Secret-data keeper when the
-    /// kind can change which Secrets are referenced or their versions.
+    /// kind can change which Secrets are referenced (an IngressClass decides which Ingresses
+    /// are ours) or their versions.
     fn changed_kind(&self, kind: &str) {
-        if matches!(kind, "Ingress" | "Secret") {
+        if matches!(kind, "Ingress" | "IngressClass" | "Secret") {
             self.secret_refs.send_modify(|n| *n = n.wrapping_add(1));
         }
         self.changed();
@@ -425,6 +429,8 @@ impl ClusterSource {
         let keeper = Keeper {
             client: client.clone(),
             ingresses: ingresses.clone(),
+            ingress_classes: ingress_classes.clone(),
+            class: config.class.clone(),
             secrets: secrets.clone(),
             default_certificate: config.default_certificate.clone(),
             data: secret_data.clone(),

@@ -3,7 +3,7 @@
 //!
 //! Owns: the class decision only. Must not import tokio, hyper or the filesystem.
 
-use k8s_openapi::api::networking::v1::Ingress;
+use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
 
 use super::Options;
 use super::index::Index;
@@ -17,6 +17,45 @@ pub(super) const DEFAULT_CLASS_ANNOTATION: &str = "ingressclass.kubernetes.io/is
 /// True when this controller serves the Ingress. Ingresses of other classes are silently
 /// ignored: they belong to another controller and are none of our business.
 pub(super) fn is_ours(ing: &Ingress, index: &Index<'_>, opts: &Options) -> bool {
+    ours(
+        ing,
+        |name| index.classes.get(name).copied(),
+        index.classes.values().copied(),
+        &opts.ingress_class,
+        &opts.controller_name,
+    )
+}
+
+/// [`is_ours`] for callers outside translate (the controller keeps Secret data only for the
+/// Ingresses it serves): `classes` are all IngressClasses, `ingress_class` and
+/// `controller_name` the flags of the same names.
+pub fn serves_ingress(
+    ing: &Ingress,
+    classes: &[std::sync::Arc<IngressClass>],
+    ingress_class: &str,
+    controller_name: &str,
+) -> bool {
+    ours(
+        ing,
+        |name| {
+            classes
+                .iter()
+                .map(|c| &**c)
+                .find(|c| c.metadata.name.as_deref() == Some(name))
+        },
+        classes.iter().map(|c| &**c),
+        ingress_class,
+        controller_name,
+    )
+}
+
+fn ours<'c>(
+    ing: &Ingress,
+    class_named: impl Fn(&str) -> Option<&'c IngressClass>,
+    mut all_classes: impl Iterator<Item = &'c IngressClass>,
+    ingress_class: &str,
+    controller_name: &str,
+) -> bool {
     let class_name = ing
         .spec
         .as_ref()
@@ -25,10 +64,9 @@ pub(super) fn is_ours(ing: &Ingress, index: &Index<'_>, opts: &Options) -> bool 
     if let Some(class) = class_name {
         // Named class: ours when it is our `--ingress-class`, or when the IngressClass of that
         // name points at our controller.
-        return class == opts.ingress_class
-            || index.classes.get(class).is_some_and(|c| {
-                c.spec.as_ref().and_then(|s| s.controller.as_deref())
-                    == Some(opts.controller_name.as_str())
+        return class == ingress_class
+            || class_named(class).is_some_and(|c| {
+                c.spec.as_ref().and_then(|s| s.controller.as_deref()) == Some(controller_name)
             });
     }
     if let Some(legacy) = ing
@@ -37,12 +75,12 @@ pub(super) fn is_ours(ing: &Ingress, index: &Index<'_>, opts: &Options) -> bool 
         .as_ref()
         .and_then(|a| a.get(LEGACY_CLASS_ANNOTATION))
     {
-        return legacy == &opts.ingress_class;
+        return legacy == ingress_class;
     }
     // No class at all: the default IngressClass applies, and we serve it only when the default
     // is one of ours.
-    index.classes.values().any(|c| {
-        c.spec.as_ref().and_then(|s| s.controller.as_deref()) == Some(opts.controller_name.as_str())
+    all_classes.any(|c| {
+        c.spec.as_ref().and_then(|s| s.controller.as_deref()) == Some(controller_name)
             && c.metadata
                 .annotations
                 .as_ref()

@@ -41,6 +41,7 @@ use crate::model::{self, BackendKey, BackendTable, HostTable, Snapshot, TlsTable
 
 pub use annotations::parse_size;
 pub use backends::resolve_endpoints;
+pub use class::serves_ingress;
 pub use incremental::Translator;
 pub use service::{LoadBalancerIngress, Svc, SvcPort};
 pub use slice::{AddressType, Slice, SliceEndpoint, SlicePort};
