@@ -754,11 +754,24 @@ async fn secrets_are_tls_only_and_stripped_to_tls_keys_without_managed_fields() 
             assert_eq!(query_param(&t, "fieldSelector"), None, "{t}");
         }
     }
+    // The TLS Secrets, and a data-less placeholder for the referenced Opaque one (so it is
+    // reported as the wrong type, not as missing).
     assert_eq!(
         names(&inputs.secrets),
-        BTreeSet::from(["shop/tls".to_string(), "shop/tls-extra".to_string()])
+        BTreeSet::from([
+            "shop/tls".to_string(),
+            "shop/tls-extra".to_string(),
+            "shop/db".to_string()
+        ])
     );
-    for s in &inputs.secrets {
+    let (placeholders, inputs_secrets): (Vec<_>, Vec<_>) = inputs
+        .secrets
+        .iter()
+        .partition(|s| s.metadata.name.as_deref() == Some("db"));
+    assert_eq!(placeholders[0].type_.as_deref(), Some("Opaque"));
+    assert_eq!(placeholders[0].data, None);
+    assert!(placeholders[0].metadata.annotations.is_none());
+    for s in inputs_secrets {
         let keys: Vec<&str> = s
             .data
             .as_ref()
@@ -795,7 +808,8 @@ async fn secrets_are_tls_only_and_stripped_to_tls_keys_without_managed_fields() 
     let (inputs, _) = run.source.inputs();
     assert!(!names(&inputs.secrets).contains("shop/later"));
     for s in &inputs.secrets {
-        assert_eq!(s.data.as_ref().map(|d| d.len()), Some(2));
+        let want = (s.metadata.name.as_deref() != Some("db")).then_some(2);
+        assert_eq!(s.data.as_ref().map(|d| d.len()), want);
     }
 
     // managedFields stripped on every kind.
@@ -1745,6 +1759,120 @@ async fn failed_secret_fetches_are_retried_and_404_waits_for_a_new_version() {
             == Some(crt2.clone()))
         .await,
         "a new resourceVersion is fetched again"
+    );
+    run.stop().await;
+}
+
+/// The `SecretNotFound` / `SecretWrongType` reasons translate gives for `shop`'s TLS entries.
+fn secret_reasons(source: &ClusterSource) -> BTreeSet<String> {
+    let (_, diagnostics) = translate::translate(&source.inputs().0, &Options::default());
+    diagnostics
+        .iter()
+        .filter(|d| d.reason.starts_with("Secret"))
+        .map(|d| format!("{}: {}", d.reason, d.message))
+        .collect()
+}
+
+/// A referenced Secret of another type (an Opaque Secret holding `tls.crt`/`tls.key`, which
+/// ingress-nginx accepted) is never listed by the TLS-only watch; it is reported as the wrong
+/// type, not as missing, and its data is never held.
+#[tokio::test]
+async fn a_referenced_secret_of_another_type_is_reported_as_such() {
+    let api = FakeApi::start().await;
+    api.apply(ingress_class("portico"), "kubectl")
+        .expect("class");
+    seed(&api, "shop");
+    api.apply(
+        secret("shop", "migrated", "Opaque", &["tls.crt", "tls.key"]),
+        "kubectl",
+    )
+    .expect("opaque");
+    api.apply(
+        tls_ingress(
+            "shop",
+            "secure",
+            "secure.example.com",
+            &["migrated", "absent"],
+        ),
+        "kubectl",
+    )
+    .expect("ingress");
+    let run = Running::start(&api, SourceConfig::default()).await;
+    run.synced().await;
+
+    // Known at the first sync already: a placeholder with the type and no data.
+    let (inputs, _) = run.source.inputs();
+    let listed: Vec<_> = inputs
+        .secrets
+        .iter()
+        .filter(|s| s.metadata.name.as_deref() == Some("migrated"))
+        .collect();
+    assert_eq!(listed.len(), 1, "{:?}", names(&inputs.secrets));
+    assert_eq!(listed[0].type_.as_deref(), Some("Opaque"));
+    assert_eq!(listed[0].data, None);
+    assert!(!names(&inputs.secrets).contains("shop/absent"));
+    assert!(held(&run.source).is_empty());
+    let reasons = secret_reasons(&run.source);
+    assert!(
+        reasons.contains(
+            "SecretWrongType: tls: Secret shop/migrated has type \"Opaque\", expected kubernetes.io/tls"
+        ) && reasons.contains("SecretNotFound: tls: Secret shop/absent not found"),
+        "{reasons:?}"
+    );
+
+    // No longer referenced: the placeholder goes.
+    api.apply(
+        tls_ingress("shop", "secure", "secure.example.com", &["absent"]),
+        "kubectl",
+    )
+    .expect("unreferenced");
+    let source = run.source.clone();
+    assert!(
+        poll_until(DEADLINE, || !names(&source.inputs().0.secrets)
+            .contains("shop/migrated"))
+        .await,
+        "placeholder dropped"
+    );
+
+    // Referenced again: looked up at once, not at the next periodic probe.
+    api.apply(
+        tls_ingress("shop", "secure", "secure.example.com", &["migrated"]),
+        "kubectl",
+    )
+    .expect("referenced again");
+    assert!(
+        poll_until(DEADLINE, || secret_reasons(&source)
+            .iter()
+            .any(|r| r.starts_with("SecretWrongType")))
+        .await,
+        "wrong type reported again: {:?}",
+        secret_reasons(&run.source)
+    );
+
+    // Recreated as a TLS Secret (a type is immutable): served, the placeholder gone.
+    api.delete("v1", "Secret", "shop", "migrated")
+        .expect("delete");
+    let (tls, crt) = tls_secret("shop", "migrated", "secure.example.com");
+    api.create(tls).expect("recreate");
+    assert!(
+        poll_until(DEADLINE, || crt_of(&source, "shop", "migrated").as_ref()
+            == Some(&crt))
+        .await,
+        "the TLS Secret's data is held"
+    );
+    let (inputs, _) = run.source.inputs();
+    assert_eq!(
+        inputs
+            .secrets
+            .iter()
+            .filter(|s| s.metadata.name.as_deref() == Some("migrated"))
+            .count(),
+        1
+    );
+    assert!(
+        secret_reasons(&run.source).is_empty(),
+        "{:?}",
+        secret_reasons(&run.source)
     );
     run.stop().await;
 }

@@ -95,7 +95,8 @@ pub const API_NEEDS: &[ApiNeed] = &[
         why: "source: reflector on Secret with fieldSelector type=kubernetes.io/tls, metadata \
               only (RBAC cannot narrow by type); get fetches tls.crt/tls.key of the Secrets an \
               Ingress of our class or --default-certificate references, the only key material \
-              kept in memory",
+              kept in memory (a referenced Secret not listed is fetched for its type only, to \
+              report a wrong type)",
     },
     ApiNeed {
         group: "portico.dev",

@@ -3,7 +3,8 @@
 //!
 //! Owns: the map `namespace/name → (resourceVersion, tls.crt/tls.key)` and the background task
 //! (`Keeper::run`) that fills it with `GET`s and empties it. May import kube, k8s-openapi,
-//! tokio, futures-util, and translate's class rule; must not import the proxy (brief §3).
+//! tokio, futures-util, and translate's class rule and Secret type; must not import the proxy
+//! (brief §3).
 //!
 //! The Secret reflector keeps metadata only (no `data`); this module decides which Secrets are
 //! referenced, that is named by `spec.tls[].secretName` of any Ingress of our class in the
@@ -19,6 +20,15 @@
 //! - any other error → logged, previous data (if any) kept, retried with exponential backoff
 //!   ([`RETRY_BASE`] doubling up to [`RETRY_MAX`]).
 //!
+//! A referenced Secret that is *not* in the stores is either missing or of another type (the
+//! stores only list `kubernetes.io/tls`). To tell the user which, the keeper probes it with a
+//! `GET` when it is first referenced and every [`PROBE_INTERVAL`] after (a type other than TLS
+//! is never watched, so nothing else would say it appeared), keeps only its `type` (the data
+//! in the answer is dropped at once), and [`SecretData::attach`] lists such a Secret as a
+//! metadata-only placeholder, which translate reports as `SecretWrongType` instead of
+//! `SecretNotFound`. An Opaque Secret with `tls.crt`/`tls.key` is what ingress-nginx accepted,
+//! so this is what a migration meets first.
+//!
 //! Reads ([`SecretData::attach`]) only lock the map briefly; they never wait for a fetch.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -29,6 +39,7 @@ use futures_util::StreamExt;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client};
 use tokio::sync::watch;
@@ -44,6 +55,8 @@ pub const CONCURRENT_GETS: usize = 8;
 pub const RETRY_BASE: Duration = Duration::from_millis(800);
 /// Longest retry delay.
 pub const RETRY_MAX: Duration = Duration::from_secs(30);
+/// How often a referenced Secret that is not in the stores is looked up again.
+pub const PROBE_INTERVAL: Duration = Duration::from_secs(60);
 
 /// What is known about one referenced Secret.
 #[derive(Debug, Clone, Default)]
@@ -58,27 +71,45 @@ struct Entry {
     retry_at: Option<Instant>,
 }
 
+/// What a `GET` found of a referenced Secret that is not in the stores.
+#[derive(Debug, Clone, Default)]
+struct Probe {
+    /// Its type, when it exists with a type other than `kubernetes.io/tls`.
+    other_type: Option<String>,
+    /// Consecutive failed `GET`s.
+    failures: u32,
+    /// When to look again.
+    next_at: Option<Instant>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    entries: HashMap<SecretKey, Entry>,
+    probes: HashMap<SecretKey, Probe>,
+}
+
 /// The data map shared between the keeper task and readers.
 #[derive(Debug, Default)]
 pub struct SecretData {
-    entries: Mutex<HashMap<SecretKey, Entry>>,
+    state: Mutex<State>,
 }
 
 impl SecretData {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SecretKey, Entry>> {
-        // A panic while holding the lock leaves a map that is still consistent (every write
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding the lock leaves maps that are still consistent (every write
         // is one insert or remove), so a poisoned lock is used as is.
-        self.entries.lock().unwrap_or_else(PoisonError::into_inner)
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// `secrets` (metadata-only, from the store) with data re-attached where it is held.
+    /// `secrets` (metadata-only, from the store) with data re-attached where it is held, then
+    /// a metadata-only placeholder for each referenced Secret found to be of another type.
     pub fn attach(&self, secrets: Vec<Arc<Secret>>) -> Vec<Arc<Secret>> {
-        let entries = self.lock();
-        secrets
+        let state = self.lock();
+        let mut out: Vec<Arc<Secret>> = secrets
             .into_iter()
             .map(|s| {
                 let data = key_of(&s)
-                    .and_then(|k| entries.get(&k))
+                    .and_then(|k| state.entries.get(&k))
                     .and_then(|e| e.data.clone());
                 match data {
                     Some(data) => {
@@ -89,12 +120,32 @@ impl SecretData {
                     None => s,
                 }
             })
-            .collect()
+            .collect();
+        let mut others: Vec<(&SecretKey, &String)> = state
+            .probes
+            .iter()
+            .filter_map(|(k, p)| Some((k, p.other_type.as_ref()?)))
+            .collect();
+        // Stable order, so an unchanged cluster gives unchanged inputs.
+        others.sort_unstable();
+        out.extend(others.into_iter().map(|((namespace, name), ty)| {
+            Arc::new(Secret {
+                metadata: ObjectMeta {
+                    namespace: Some(namespace.clone()),
+                    name: Some(name.clone()),
+                    ..ObjectMeta::default()
+                },
+                type_: Some(ty.clone()),
+                ..Secret::default()
+            })
+        }));
+        out
     }
 
     /// The Secrets whose data is held right now, sorted.
     pub fn held(&self) -> BTreeSet<SecretKey> {
         self.lock()
+            .entries
             .iter()
             .filter(|(_, e)| e.data.is_some())
             .map(|(k, _)| k.clone())
@@ -153,9 +204,21 @@ pub(crate) struct Keeper {
 
 /// Result of one `GET`.
 enum Fetched {
-    Data(Option<BTreeMap<String, ByteString>>),
+    Found {
+        type_: Option<String>,
+        data: Option<BTreeMap<String, ByteString>>,
+    },
     Gone,
     Failed(kube::Error),
+}
+
+/// Why a Secret is fetched in a round.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Why {
+    /// In the stores and referenced: its data is wanted.
+    Data,
+    /// Referenced but not in the stores: only its type is wanted.
+    Probe,
 }
 
 impl Keeper {
@@ -214,21 +277,30 @@ impl Keeper {
         )
     }
 
-    /// Drop entries that are no longer referenced or whose Secret left the store; true when
-    /// data was dropped.
+    /// Drop entries that are no longer referenced or whose Secret left the store, and probes
+    /// of Secrets no longer referenced or now in the store; true when what the inputs show
+    /// changed (data dropped, a placeholder gone).
     fn prune(&self, refs: &BTreeSet<SecretKey>) -> bool {
-        let mut entries = self.data.lock();
+        let mut state = self.data.lock();
         let mut dropped = false;
-        entries.retain(|k, e| {
+        state.entries.retain(|k, e| {
             let keep = refs.contains(k) && self.secret(k).is_some();
             dropped |= !keep && e.data.is_some();
+            keep
+        });
+        state.probes.retain(|k, p| {
+            let keep = refs.contains(k) && self.secret(k).is_none();
+            dropped |= !keep && p.other_type.is_some();
             keep
         });
         dropped
     }
 
     fn next_retry(&self) -> Option<Instant> {
-        self.data.lock().values().filter_map(|e| e.retry_at).min()
+        let state = self.data.lock();
+        let entries = state.entries.values().filter_map(|e| e.retry_at);
+        let probes = state.probes.values().filter_map(|p| p.next_at);
+        entries.chain(probes).min()
     }
 
     /// One reconciliation of the map against the stores.
@@ -236,46 +308,69 @@ impl Keeper {
         let now = Instant::now();
         let refs = self.referenced();
         let mut changed = self.prune(&refs);
-        let todo: Vec<(SecretKey, Option<String>)> = {
-            let entries = self.data.lock();
+        let todo: Vec<(SecretKey, Option<String>, Why)> = {
+            let state = self.data.lock();
             refs.iter()
-                .filter_map(|k| {
-                    let rv = self.secret(k)?.metadata.resource_version.clone();
-                    let fresh = entries
-                        .get(k)
-                        .is_some_and(|e| e.for_rv == rv && e.retry_at.is_none_or(|t| t > now));
-                    (!fresh).then(|| (k.clone(), rv))
+                .filter_map(|k| match self.secret(k) {
+                    Some(secret) => {
+                        let rv = secret.metadata.resource_version.clone();
+                        let fresh = state
+                            .entries
+                            .get(k)
+                            .is_some_and(|e| e.for_rv == rv && e.retry_at.is_none_or(|t| t > now));
+                        (!fresh).then(|| (k.clone(), rv, Why::Data))
+                    }
+                    None => {
+                        let due = state
+                            .probes
+                            .get(k)
+                            .is_none_or(|p| p.next_at.is_none_or(|t| t <= now));
+                        due.then(|| (k.clone(), None, Why::Probe))
+                    }
                 })
                 .collect()
         };
         let client = &self.client;
-        let results: Vec<(SecretKey, Option<String>, Fetched)> = futures_util::stream::iter(todo)
-            .map(|(k, rv)| async move {
-                let api: Api<Secret> = Api::namespaced(client.clone(), &k.0);
-                let fetched = match api.get_opt(&k.1).await {
-                    Ok(Some(mut s)) => {
-                        super::source::strip_secret(&mut s);
-                        Fetched::Data(s.data)
-                    }
-                    Ok(None) => Fetched::Gone,
-                    Err(e) => Fetched::Failed(e),
-                };
-                (k, rv, fetched)
-            })
-            .buffer_unordered(CONCURRENT_GETS)
-            .collect()
-            .await;
+        let results: Vec<(SecretKey, Option<String>, Why, Fetched)> =
+            futures_util::stream::iter(todo)
+                .map(|(k, rv, why)| async move {
+                    let api: Api<Secret> = Api::namespaced(client.clone(), &k.0);
+                    let fetched = match api.get_opt(&k.1).await {
+                        Ok(Some(mut s)) => {
+                            super::source::strip_secret(&mut s);
+                            Fetched::Found {
+                                type_: s.type_,
+                                // A probed Secret's data is never kept.
+                                data: s.data.filter(|_| why == Why::Data),
+                            }
+                        }
+                        Ok(None) => Fetched::Gone,
+                        Err(e) => Fetched::Failed(e),
+                    };
+                    (k, rv, why, fetched)
+                })
+                .buffer_unordered(CONCURRENT_GETS)
+                .collect()
+                .await;
         // The stores may have moved on while the GETs ran: only keep what is still wanted.
         let refs = self.referenced();
         {
-            let mut entries = self.data.lock();
-            for (k, rv, fetched) in results {
-                if !refs.contains(&k) || self.secret(&k).is_none() {
+            let mut state = self.data.lock();
+            for (k, rv, why, fetched) in results {
+                if !refs.contains(&k) || self.secret(&k).is_some() != (why == Why::Data) {
                     continue;
                 }
-                let prev = entries.remove(&k).unwrap_or_default();
+                if why == Why::Probe {
+                    let prev = state.probes.remove(&k).unwrap_or_default();
+                    let before = prev.other_type.clone();
+                    let probe = probed(&k, prev, fetched, now);
+                    changed |= probe.other_type != before;
+                    state.probes.insert(k, probe);
+                    continue;
+                }
+                let prev = state.entries.remove(&k).unwrap_or_default();
                 let entry = match fetched {
-                    Fetched::Data(data) => {
+                    Fetched::Found { data, .. } => {
                         changed = true;
                         Entry {
                             for_rv: rv,
@@ -310,12 +405,44 @@ impl Keeper {
                         }
                     }
                 };
-                entries.insert(k, entry);
+                state.entries.insert(k, entry);
             }
         }
         changed |= self.prune(&refs);
         if changed {
             (self.on_change)();
+        }
+    }
+}
+
+/// The next state of a probe after its `GET`.
+fn probed(key: &SecretKey, prev: Probe, fetched: Fetched, now: Instant) -> Probe {
+    match fetched {
+        Fetched::Found { type_, .. } => Probe {
+            // The API server defaults an unset type to Opaque. A TLS Secret here is one the
+            // watch has not delivered yet: it joins the store, and this probe is pruned.
+            other_type: Some(type_.unwrap_or_else(|| "Opaque".to_string()))
+                .filter(|t| t != crate::translate::SECRET_TYPE_TLS),
+            failures: 0,
+            next_at: Some(now + PROBE_INTERVAL),
+        },
+        Fetched::Gone => Probe {
+            other_type: None,
+            failures: 0,
+            next_at: Some(now + PROBE_INTERVAL),
+        },
+        Fetched::Failed(e) => {
+            let failures = prev.failures.saturating_add(1);
+            let delay = retry_delay(failures);
+            tracing::warn!(
+                namespace = %key.0, name = %key.1, error = %e, retry_in = ?delay,
+                "cannot look up a referenced Secret that is not a listed TLS Secret; retrying with backoff"
+            );
+            Probe {
+                other_type: prev.other_type,
+                failures,
+                next_at: Some(now + delay),
+            }
         }
     }
 }
@@ -384,7 +511,7 @@ mod tests {
         };
         let held: BTreeMap<String, ByteString> =
             [("tls.crt".to_string(), ByteString(b"c".to_vec()))].into();
-        data.lock().insert(
+        data.lock().entries.insert(
             ("ns".into(), "held".into()),
             Entry {
                 data: Some(held.clone()),
@@ -392,6 +519,7 @@ mod tests {
             },
         );
         data.lock()
+            .entries
             .insert(("ns".into(), "gone".into()), Entry::default());
         let out = data.attach(vec![mk("held"), mk("gone"), mk("other")]);
         assert_eq!(out[0].data.as_ref(), Some(&held));
@@ -401,5 +529,76 @@ mod tests {
             data.held(),
             BTreeSet::from([("ns".to_string(), "held".to_string())])
         );
+        assert_eq!(out.len(), 3, "no probe, no placeholder");
+    }
+
+    #[test]
+    fn attach_lists_a_placeholder_per_secret_of_another_type() {
+        let data = SecretData::default();
+        for (name, ty) in [("b", Some("Opaque")), ("a", Some("x/y")), ("gone", None)] {
+            data.lock().probes.insert(
+                ("ns".into(), name.into()),
+                Probe {
+                    other_type: ty.map(str::to_string),
+                    ..Probe::default()
+                },
+            );
+        }
+        let out = data.attach(Vec::new());
+        let got: Vec<_> = out
+            .iter()
+            .map(|s| {
+                (
+                    s.metadata.name.as_deref(),
+                    s.type_.as_deref(),
+                    s.data.is_none(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (Some("a"), Some("x/y"), true),
+                (Some("b"), Some("Opaque"), true)
+            ]
+        );
+        assert!(data.held().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_keeps_other_types_only_and_backs_off_on_errors() {
+        let key: SecretKey = ("ns".into(), "s".into());
+        let now = Instant::now();
+        let found = |ty: Option<&str>| Fetched::Found {
+            type_: ty.map(str::to_string),
+            data: None,
+        };
+        let p = probed(&key, Probe::default(), found(Some("Opaque")), now);
+        assert_eq!(p.other_type.as_deref(), Some("Opaque"));
+        assert_eq!(p.next_at, Some(now + PROBE_INTERVAL));
+        // The API server's default type.
+        let p = probed(&key, Probe::default(), found(None), now);
+        assert_eq!(p.other_type.as_deref(), Some("Opaque"));
+        // A TLS Secret the watch has not delivered yet is no placeholder.
+        let p = probed(
+            &key,
+            Probe::default(),
+            found(Some("kubernetes.io/tls")),
+            now,
+        );
+        assert_eq!(p.other_type, None);
+        let p = probed(&key, p, Fetched::Gone, now);
+        assert_eq!((p.other_type, p.failures), (None, 0));
+        // An error keeps what was known and retries sooner than the probe interval.
+        let known = Probe {
+            other_type: Some("Opaque".into()),
+            ..Probe::default()
+        };
+        let failed = || Fetched::Failed(kube::Error::LinesCodecMaxLineLengthExceeded);
+        let p = probed(&key, known, failed(), now);
+        assert_eq!(p.other_type.as_deref(), Some("Opaque"));
+        assert_eq!((p.failures, p.next_at), (1, Some(now + RETRY_BASE)));
+        let p = probed(&key, p, failed(), now);
+        assert_eq!((p.failures, p.next_at), (2, Some(now + RETRY_BASE * 2)));
     }
 }

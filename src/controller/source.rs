@@ -32,8 +32,10 @@
 //!   Secrets something references (an Ingress `spec.tls[].secretName` in its namespace, or
 //!   [`SourceConfig::default_certificate`]), fetched with `GET` by a background task and
 //!   dropped as soon as nothing references them ([`super::secret_data`]). [`Source::inputs`]
-//!   lists every TLS Secret, with data re-attached for the referenced ones. The first sync
-//!   also waits until every Secret referenced at that point was fetched (or failed).
+//!   lists every TLS Secret, with data re-attached for the referenced ones, and a metadata-only
+//!   placeholder for each referenced Secret of another type (so translate says "wrong type",
+//!   not "not found"). The first sync also waits until every Secret referenced at that point
+//!   was fetched or looked up (or failed).
 //! - Every kind: `metadata.managedFields` and the `kubectl.kubernetes.io/last-applied-
 //!   configuration` annotation are dropped before the store (memory; and for Secrets the
 //!   annotation can hold a copy of the whole Secret, keys included).

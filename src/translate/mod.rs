@@ -45,6 +45,7 @@ pub use class::serves_ingress;
 pub use incremental::Translator;
 pub use service::{LoadBalancerIngress, Svc, SvcPort};
 pub use slice::{AddressType, Slice, SliceEndpoint, SlicePort};
+pub use tls::SECRET_TYPE_TLS;
 
 /// Everything translate reads. Sources (file provider, controller) fill it; order does not
 /// matter (translate sorts where precedence depends on it). Services and EndpointSlices come in

@@ -22,7 +22,7 @@ use super::index::{self, Index};
 use super::{Diags, ObjRef, Options};
 
 /// Secret type for TLS material (Kubernetes API docs, "TLS Secrets").
-pub(super) const SECRET_TYPE_TLS: &str = "kubernetes.io/tls";
+pub const SECRET_TYPE_TLS: &str = "kubernetes.io/tls";
 pub(super) const TLS_CRT: &str = "tls.crt";
 pub(super) const TLS_KEY: &str = "tls.key";
 
