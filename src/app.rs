@@ -50,7 +50,9 @@ pub fn main(cli: Cli) -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(run(*args)) {
+            // Held until the end, so the last lines (the error below too) are written.
+            let log = crate::telemetry::init(args.log_format, !args.no_access_log);
+            match runtime.block_on(run(*args, &log)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(error = format!("{e:#}"), "portico failed");
@@ -119,9 +121,10 @@ fn proxy_config(args: &RunArgs) -> ProxyConfig {
 }
 
 /// `portico run`.
-async fn run(args: RunArgs) -> anyhow::Result<()> {
-    crate::telemetry::init(args.log_format, !args.no_access_log);
+async fn run(args: RunArgs, log: &crate::telemetry::LogGuard) -> anyhow::Result<()> {
     let metrics = Metrics::new();
+    log.register_metrics(&metrics.registry)
+        .context("registering the log writer's metric")?;
     let shared_metrics = Arc::new(metrics.clone());
     let (publisher, reader) = publish::channel();
     let health = Arc::new(Health::new());

@@ -484,3 +484,95 @@ async fn tls_secret_file_rotation_reaches_new_handshakes_and_h2_is_served() {
     assert_ne!(leaf, d1);
     assert_ne!(leaf, d2);
 }
+
+/// The value of the unlabelled metric `name` in a Prometheus text exposition.
+fn metric_value(exposition: &str, name: &str) -> Option<f64> {
+    exposition.lines().find_map(|l| {
+        let (n, v) = l.split_once(' ')?;
+        (n == name).then(|| v.trim().parse().ok())?
+    })
+}
+
+/// A log collector that stops reading portico's stdout (the container runtime's pipe fills
+/// up) never stops requests: lines queue for the writer thread, those past its queue are
+/// dropped and counted, and logging resumes once stdout drains. Every request is either
+/// logged or counted as dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_stdout_never_stops_requests() {
+    let web = backend("web").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("web.yaml"),
+        format!(
+            "{}---\n{}",
+            service_yaml("shop", "web", &[web.addr]),
+            ingress_yaml("shop", "web", "shop.test", "/", "web")
+        ),
+    )
+    .expect("write");
+    let p = Portico::start(dir.path(), &[]);
+    let c = client();
+    eventually("route serves", || async {
+        matches!(get(&c, p.http, "shop.test", "/").await, Ok((200, _)))
+    })
+    .await;
+
+    p.stop_reading();
+    // More lines than the pipe (64 KiB, about 200 access-log lines) and the writer's queue
+    // (16 384 lines) hold together, so some must be dropped.
+    const TASKS: usize = 8;
+    const EACH: usize = 2_600;
+    let mut tasks = Vec::new();
+    for t in 0..TASKS {
+        let (c, addr) = (c.clone(), p.http);
+        tasks.push(tokio::spawn(async move {
+            for i in 0..EACH {
+                let got = tokio::time::timeout(
+                    DEADLINE,
+                    get(&c, addr, "shop.test", &format!("/{t}/{i}")),
+                )
+                .await;
+                assert!(
+                    matches!(got, Ok(Ok((200, _)))),
+                    "request {t}/{i} with stdout stuck: {got:?}"
+                );
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("client task");
+    }
+    let (_, metrics) = get(&c, p.admin, "admin", "/metrics")
+        .await
+        .expect("metrics");
+    let dropped = metric_value(&metrics, "portico_log_lines_dropped_total").expect("metric");
+    assert!(dropped > 0.0, "{metrics}");
+
+    // The collector catches up: logging goes on.
+    p.resume_reading();
+    assert_eq!(
+        get(&c, p.http, "shop.test", "/after").await.map(|r| r.0),
+        Ok(200)
+    );
+    eventually("a line logged after the drain", || async {
+        p.log_contains("\"/after\"")
+    })
+    .await;
+    let (_, metrics) = get(&c, p.admin, "admin", "/metrics")
+        .await
+        .expect("metrics");
+    let dropped = metric_value(&metrics, "portico_log_lines_dropped_total").expect("metric");
+    let logged = p
+        .lines
+        .lock()
+        .expect("lock")
+        .iter()
+        .filter(|l| l.contains("portico::access"))
+        .count();
+    // Nothing lost silently: each proxied request was logged or counted as dropped.
+    assert_eq!(
+        logged + dropped as usize,
+        web.hits.load(Ordering::Relaxed),
+        "logged {logged}, dropped {dropped}"
+    );
+}

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -29,10 +29,14 @@ pub struct Portico {
     pub http: SocketAddr,
     pub https: SocketAddr,
     pub admin: SocketAddr,
+    /// Whether the thread reading portico's stdout is held ([`Portico::stop_reading`]).
+    held: Arc<(Mutex<bool>, Condvar)>,
 }
 
 impl Drop for Portico {
     fn drop(&mut self) {
+        // Let the reader run to EOF, so its thread ends with the process.
+        self.resume_reading();
         let _ = self.child.kill();
         let _ = self.child.wait();
         // A failing test shows what portico logged, so a failure that does not reproduce
@@ -76,14 +80,22 @@ impl Portico {
             http: unknown,
             https: unknown,
             admin: unknown,
+            held: Arc::new((Mutex::new(false), Condvar::new())),
         };
         let stdout = p.child.stdout.take().expect("stdout");
         let (tx, rx) = std::sync::mpsc::channel::<String>();
         let sink = p.lines.clone();
+        let held = p.held.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 sink.lock().expect("lock").push(line.clone());
                 let _ = tx.send(line);
+                // Bounded: `resume_reading` (called by Drop at the latest) opens the gate.
+                let (lock, cv) = &*held;
+                let mut g = lock.lock().expect("lock");
+                while *g {
+                    g = cv.wait(g).expect("wait");
+                }
             }
         });
         let deadline = Instant::now() + DEADLINE;
@@ -107,6 +119,20 @@ impl Portico {
                 return p;
             }
         }
+    }
+
+    /// Stop reading portico's stdout (after at most the line being read): its pipe fills, as
+    /// behind a log collector that is stuck. Until [`Portico::resume_reading`] or drop.
+    pub fn stop_reading(&self) {
+        *self.held.0.lock().expect("lock") = true;
+    }
+
+    pub fn resume_reading(&self) {
+        let (lock, cv) = &*self.held;
+        *lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = false;
+        cv.notify_all();
     }
 
     pub fn log_contains(&self, needle: &str) -> bool {
