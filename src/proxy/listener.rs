@@ -829,11 +829,19 @@ fn h1_builder(cfg: &ProxyConfig) -> hyper::server::conn::http1::Builder {
     b
 }
 
+/// Response data queued per HTTP/2 stream beyond what the socket took (hyper's default: 400
+/// KiB). A client may grant any flow-control window and then stop reading; what it can make
+/// the proxy hold is this times its streams (100 per connection by default). nginx holds a
+/// stream's `proxy_buffers` (32-64 KiB). The socket's own send buffer, not this, keeps a
+/// distant client's stream at full speed.
+const H2_MAX_SEND_BUF: usize = 64 * 1024;
+
 fn h2_builder(cfg: &ProxyConfig) -> hyper::server::conn::http2::Builder<TokioExecutor> {
     let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     b.timer(TokioTimer::new())
         .max_concurrent_streams(cfg.h2_max_concurrent_streams)
         .max_header_list_size(h2_header_list_size(cfg))
+        .max_send_buf_size(H2_MAX_SEND_BUF)
         .keep_alive_interval(H2_KEEPALIVE_INTERVAL)
         .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT);
     b
