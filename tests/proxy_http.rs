@@ -1922,3 +1922,59 @@ async fn an_ipv4_client_of_a_dual_stack_listener_is_its_ipv4_address() {
     assert_eq!(e.header("x-real-ip"), Some("127.0.0.1"));
     assert_eq!(e.header("x-forwarded-for"), Some("127.0.0.1"));
 }
+
+/// Clients that stop reading large responses from an h2c (gRPC) backend must not stall the
+/// other requests that share the proxy's one connection to it. Flow control on that
+/// connection is shared: data a stream received but nobody consumed counts against the
+/// connection's window too, so if that window is smaller than what stalled streams may hold,
+/// a few slow clients stop every other client of the backend.
+#[tokio::test]
+async fn slow_readers_do_not_stall_other_streams_on_a_shared_h2c_upstream() {
+    let g = serve_backend(|req, _| async move {
+        if req.uri().path() != "/big" {
+            return http::Response::new(support::full("small"));
+        }
+        // 64 MiB in 16 KiB chunks, produced as fast as it is taken.
+        let chunk = Bytes::from(vec![b'x'; 16 * 1024]);
+        let frames = futures_util::stream::iter((0..4096).map(move |_| {
+            Ok::<_, std::convert::Infallible>(http_body::Frame::data(chunk.clone()))
+        }));
+        http::Response::new(BodyExt::boxed(http_body_util::StreamBody::new(frames)))
+    })
+    .await;
+    let p = proxy_with(&[RouteSpec::prefix(None, "/", &[g.addr])
+        .policy(|p| p.upstream_protocol = UpstreamProtocol::H2c)])
+    .await;
+    // Slow clients: each reads its response head, then nothing.
+    let mut slow = Vec::new();
+    for _ in 0..8 {
+        let mut s = TcpStream::connect(p.addr).await.expect("connect");
+        s.write_all(b"GET /big HTTP/1.1\r\nhost: grpc.example\r\n\r\n")
+            .await
+            .expect("write");
+        let mut head = [0u8; 12];
+        s.read_exact(&mut head).await.expect("response head");
+        assert_eq!(&head, b"HTTP/1.1 200");
+        slow.push(s);
+    }
+    // Small requests on the same upstream connection, while the stalled streams hold what
+    // they can: each must complete.
+    for i in 0..20 {
+        let got = tokio::time::timeout(
+            Duration::from_secs(5),
+            get(p.addr, "grpc.example", "/small"),
+        )
+        .await
+        .map(|r| (r.status, r.body));
+        assert!(
+            matches!(&got, Ok((s, b)) if *s == 200 && b == &b"small"[..]),
+            "small request {i} with 8 stalled streams: {got:?}"
+        );
+    }
+    assert_eq!(
+        g.accepted.load(Ordering::SeqCst),
+        1,
+        "one shared connection"
+    );
+    drop(slow);
+}

@@ -52,6 +52,17 @@ pub const EJECT_BASE: Duration = Duration::from_secs(10);
 /// Longest ejection.
 pub const EJECT_MAX: Duration = Duration::from_secs(300);
 /// Pool map entries beyond this trigger a sweep of endpoints without idle connections.
+/// Receive window of each stream on an h2c upstream connection (hyper's default: 2 MiB;
+/// grpc-go starts at 64 KiB). The response data of a stream whose client reads slowly waits
+/// in portico up to this much.
+pub const UPSTREAM_H2_STREAM_WINDOW: u32 = 256 * 1024;
+/// Receive window of a whole h2c upstream connection: the largest HTTP/2 allows. One
+/// connection carries every client's requests to an endpoint, and data a stream received but
+/// its client has not taken yet counts against this window as well as the stream's; were it
+/// smaller than the stalled streams can hold (hyper's default is 5 MiB), a few clients that
+/// stop reading would stall every other request to that endpoint. Memory stays bounded by
+/// the streams' windows.
+pub const UPSTREAM_H2_CONNECTION_WINDOW: u32 = (1 << 31) - 1;
 const POOL_SWEEP_THRESHOLD: usize = 4096;
 /// Health entries beyond this trigger a sweep of entries that carry no state.
 const HEALTH_SWEEP_THRESHOLD: usize = 4096;
@@ -873,12 +884,13 @@ impl Upstreams {
                 Ok((Sender::H1(tx), false))
             }
             UpstreamProtocol::H2c => {
-                let (tx, conn) = tokio::time::timeout(
-                    connect_timeout,
-                    http2::handshake(TokioExecutor::new(), io),
-                )
-                .await
-                .map_err(|_| ConnectError::Timeout)??;
+                let handshake = http2::Builder::new(TokioExecutor::new())
+                    .initial_stream_window_size(UPSTREAM_H2_STREAM_WINDOW)
+                    .initial_connection_window_size(UPSTREAM_H2_CONNECTION_WINDOW)
+                    .handshake(io);
+                let (tx, conn) = tokio::time::timeout(connect_timeout, handshake)
+                    .await
+                    .map_err(|_| ConnectError::Timeout)??;
                 tokio::spawn(async move {
                     if let Err(e) = conn.await {
                         tracing::debug!(error = %e, "upstream h2c connection ended");

@@ -279,7 +279,7 @@ pub struct TestBackend {
 
 type BoxBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
-fn full(b: impl Into<Bytes>) -> BoxBody {
+pub fn full(b: impl Into<Bytes>) -> BoxBody {
     Full::new(b.into()).boxed()
 }
 
