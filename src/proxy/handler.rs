@@ -1296,8 +1296,10 @@ impl Finish {
     }
 }
 
-/// Copy both directions of an upgraded connection until both ends close, an error occurs,
-/// or nothing moved in either direction for `idle`.
+/// Copy both directions of an upgraded connection until both ends close, an error occurs in
+/// either direction (then both stop at once, as `tokio::io::copy_bidirectional` does: a reset
+/// or cut client must not leave the tunnel waiting on a quiet upstream), or nothing moved in
+/// either direction for `idle`.
 async fn tunnel<A, B>(a: A, b: B, idle: Duration)
 where
     A: AsyncRead + AsyncWrite + Unpin,
@@ -1308,7 +1310,7 @@ where
     let (mut ar, mut aw) = tokio::io::split(a);
     let (mut br, mut bw) = tokio::io::split(b);
     let copy = async {
-        tokio::join!(
+        tokio::try_join!(
             copy_one(&mut ar, &mut bw, &last, base),
             copy_one(&mut br, &mut aw, &last, base)
         )
@@ -1338,28 +1340,96 @@ where
     }
 }
 
-async fn copy_one<R, W>(r: &mut R, w: &mut W, last: &AtomicU64, base: Instant)
+/// One direction of [`tunnel`]: `Ok` at a clean end of `r` (passed on as a half-close of
+/// `w`), `Err` at the first error.
+async fn copy_one<R, W>(
+    r: &mut R,
+    w: &mut W,
+    last: &AtomicU64,
+    base: Instant,
+) -> std::io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let mut buf = vec![0u8; 16 * 1024];
     loop {
-        let n = match r.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
-        if w.write_all(&buf[..n]).await.is_err() {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
             break;
         }
+        w.write_all(&buf[..n]).await?;
+        // A TLS stream takes the bytes into its session and may send them only at its next
+        // write or flush; the reader may then stay quiet for a long time, so push each chunk
+        // out now (a no-op on plain TCP).
+        w.flush().await?;
         last.store(base.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
-    let _ = w.shutdown().await;
+    w.shutdown().await
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    /// A client whose reads fail (a reset or cut connection); writes go nowhere.
+    struct Broken;
+
+    impl AsyncRead for Broken {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &mut tokio::io::ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Err(std::io::ErrorKind::ConnectionAborted.into()))
+        }
+    }
+
+    impl AsyncWrite for Broken {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    /// The client side buffers what is written until flushed, as a TLS stream does: what a
+    /// quiet upstream sent last still reaches the client.
+    #[tokio::test]
+    async fn a_tunnel_flushes_what_it_wrote_to_a_buffering_client() {
+        let (mut client, a) = tokio::io::duplex(64 * 1024);
+        let (mut upstream, b) = tokio::io::duplex(64 * 1024);
+        let t = tokio::spawn(tunnel(tokio::io::BufWriter::new(a), b, HOUR));
+        upstream.write_all(b"last words").await.expect("write");
+        let mut got = [0u8; 10];
+        tokio::time::timeout(Duration::from_secs(10), client.read_exact(&mut got))
+            .await
+            .expect("the bytes reached the client although the upstream went quiet")
+            .expect("read");
+        assert_eq!(&got, b"last words");
+        t.abort();
+    }
+
+    /// An error on one side ends both directions, however quiet the other side is.
+    #[tokio::test]
+    async fn a_tunnel_ends_at_the_first_error() {
+        let (_upstream, b) = tokio::io::duplex(64 * 1024);
+        tokio::time::timeout(Duration::from_secs(10), tunnel(Broken, b, HOUR))
+            .await
+            .expect("the tunnel ended although the upstream stays open and quiet");
+    }
 
     /// RFC 3986 §3.2 authorities without userinfo; anything else is a 400.
     #[test]
