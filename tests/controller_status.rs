@@ -10,7 +10,7 @@ mod fake_api;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fake_api::{FakeApi, poll_until};
+use fake_api::{FakeApi, StallMode, poll_until};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::networking::v1::Ingress;
@@ -241,6 +241,75 @@ async fn graceful_release_hands_over_at_once() {
     assert_eq!(holder(&fake), "replica-b");
     assert_eq!(transitions(&fake), 1);
     b.shutdown().await;
+}
+
+/// A follower counts a Lease record's expiry from when its read *returned* (client-go's
+/// `observedTime`), not from when it was sent: a read the server queued can carry a renewal
+/// made while it waited, and counting from the send would end that renewal's lease early,
+/// while its holder still leads.
+#[tokio::test]
+async fn expiry_counts_from_when_the_read_returned() {
+    let fake = FakeApi::start().await;
+    fake.create(json!({
+        "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": {"name": "portico-leader", "namespace": NS},
+        "spec": {"holderIdentity": "replica-a", "leaseDurationSeconds": 1,
+                 "acquireTime": Timestamp::now().to_string(),
+                 "renewTime": Timestamp::now().to_string(), "leaseTransitions": 0}
+    }))
+    .expect("create lease");
+    let mut b = LeaderElector::new(fake.client().await, lease_config("replica-b")).expect("valid");
+    // b's read waits 600 ms at the server; the holder renews while it waits.
+    fake.stall(
+        "get",
+        "leases",
+        StallMode::Delay(Duration::from_millis(600)),
+        1,
+    );
+    let first = tokio::spawn(async move {
+        let r = b.try_acquire_or_renew().await;
+        (b, r)
+    });
+    wait("b's read arrived", || fake.count("get", "leases") == 1).await;
+    // The renewal lands 400 ms into the read's 600 ms wait (the scenario's timing, not a
+    // wait for something).
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let mut lease = lease_json(&fake);
+    lease["spec"]["renewTime"] = json!(Timestamp::now().to_string());
+    fake.update(lease).expect("renew");
+    let renewed = tokio::time::Instant::now();
+    let (mut b, r) = first.await.expect("attempt task");
+    assert!(!r.expect("attempt"), "a valid Lease is not taken");
+    // The holder renews no more: b takes over, a lease duration after it saw the renewal.
+    let deadline = renewed + DEADLINE;
+    while !b.try_acquire_or_renew().await.expect("attempt") {
+        assert!(tokio::time::Instant::now() < deadline, "b never took over");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        renewed.elapsed() >= LEASE,
+        "took over {:?} after a renewal it saw up to 600 ms later",
+        renewed.elapsed()
+    );
+    assert_eq!(holder(&fake), "replica-b");
+}
+
+/// A shutdown while a renewal hangs still clears `holderIdentity`, so the successor need not
+/// wait for the lease to expire.
+#[tokio::test]
+async fn shutdown_during_a_hung_renewal_still_releases() {
+    let fake = FakeApi::start().await;
+    let a = start_elector(&fake, "replica-a").await;
+    wait("a leads", || a.is_leader()).await;
+    fake.stall("update", "leases", StallMode::Head, 1);
+    wait("a renewal hangs", || {
+        fake.requests()
+            .iter()
+            .any(|r| r.verb == "update" && r.stalled.is_some())
+    })
+    .await;
+    a.shutdown().await;
+    assert_eq!(holder(&fake), "", "released");
 }
 
 #[tokio::test]

@@ -10,7 +10,9 @@
 //!   carrying the resourceVersion we read, so two replicas racing for it cannot both win: the
 //!   loser gets 409 Conflict, writes nothing and re-reads on its next attempt;
 //! - "expired" is judged on our own monotonic clock, as client-go's `observedTime`: a Lease
-//!   whose record has not changed for `leaseDurationSeconds` since we first saw it that way.
+//!   whose record has not changed for `leaseDurationSeconds` since we first saw it that way
+//!   ("saw": when the read returned, since a read the server queued can carry a renewal made
+//!   after it was sent).
 //!   The holder's `renewTime` is its wall clock, and a replica whose clock runs ahead would
 //!   otherwise take a Lease that is still being renewed;
 //! - `leaseTransitions` is incremented whenever the holder changes;
@@ -19,7 +21,7 @@
 //!   it stops acting before anyone else may take over;
 //! - on graceful shutdown it steps down first, then clears `holderIdentity` (as client-go's
 //!   `ReleaseOnCancel` does), so a successor takes over on its next attempt instead of waiting
-//!   for the lease to expire.
+//!   for the lease to expire; also when shutdown interrupts a renewal in flight.
 
 use std::future::Future;
 use std::time::Duration;
@@ -277,7 +279,9 @@ impl LeaderElector {
     pub async fn try_acquire_or_renew(&mut self) -> Result<bool> {
         let started = Instant::now();
         let now = Timestamp::now();
-        if let Some(mut lease) = self.held.take() {
+        // A copy: `held` stays in place while the renewal is in flight, so a shutdown (or the
+        // run loop's deadline) that drops this attempt still finds the Lease to release.
+        if let Some(mut lease) = self.held.clone() {
             let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
             spec.renew_time = Some(MicroTime(now));
             spec.lease_duration_seconds = Some(self.config.lease_duration_seconds());
@@ -308,11 +312,8 @@ impl LeaderElector {
                         }
                     });
                 }
-                Err(e) => {
-                    // Keep the version we hold so a retry still renews it.
-                    self.held = Some(lease);
-                    return Err(self.api_err(e));
-                }
+                // `held` keeps the version we hold, so a retry still renews it.
+                Err(e) => return Err(self.api_err(e)),
             }
         }
 
@@ -349,7 +350,9 @@ impl LeaderElector {
         };
 
         let ours = holder(&lease) == Some(self.config.identity.as_str());
-        let free = holder(&lease).is_none() || self.observed_expired(&lease, started);
+        // Expiry counts from when the answer arrived, as client-go's `observedTime`: a read
+        // the server queued may return a renewal made after the read was sent.
+        let free = holder(&lease).is_none() || self.observed_expired(&lease, Instant::now());
         if !ours && !free {
             self.step_down();
             return Ok(false);

@@ -54,6 +54,9 @@ pub enum StallMode {
     Head,
     /// A 200 head and the start of the body, then nothing more.
     Body,
+    /// Answered normally after this long, from the state at that time (a request queued by
+    /// the server, e.g. by API Priority and Fairness).
+    Delay(std::time::Duration),
 }
 
 /// Fault: the next `remaining` requests with this verb and resource are never completed.
@@ -125,7 +128,8 @@ fn take_stall(shared: &Shared, verb: &str, resource: &str) -> Option<StallMode> 
 /// The never-completed answer of a stalled request.
 async fn stalled(mode: StallMode) -> Response<Body> {
     match mode {
-        StallMode::Head => std::future::pending().await,
+        // `Delay` is answered by the caller; never left hanging.
+        StallMode::Head | StallMode::Delay(_) => std::future::pending().await,
         StallMode::Body => {
             let start = Bytes::from_static(b"{\"kind\":\"List\",\"apiVersion\":\"v1\",\"items\":[");
             let frames = futures_util::stream::iter([Ok::<_, Infallible>(Frame::data(start))])
@@ -301,8 +305,10 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         });
         stall
     };
-    if let Some(mode) = stall {
-        return Ok(stalled(mode).await);
+    match stall {
+        Some(StallMode::Delay(d)) => tokio::time::sleep(d).await,
+        Some(mode) => return Ok(stalled(mode).await),
+        None => {}
     }
     {
         let state = shared.lock();
