@@ -159,7 +159,7 @@ pub struct RunArgs {
     pub publish_service: Option<(String, String)>,
     /// Addresses (IPs or DNS names, comma-separated) written into the status of served
     /// Ingresses; takes precedence over --publish-service.
-    #[arg(long, env = "PORTICO_PUBLISH_STATUS_ADDRESS", value_delimiter = ',')]
+    #[arg(long, env = "PORTICO_PUBLISH_STATUS_ADDRESS", value_delimiter = ',', value_parser = parse_publish_address)]
     pub publish_status_address: Vec<String>,
     /// Name of the coordination.k8s.io/v1 Lease used for leader election.
     #[arg(long, env = "PORTICO_LEASE_NAME", default_value = "portico-leader")]
@@ -214,6 +214,19 @@ fn parse_net(s: &str) -> Result<IpNet, String> {
     s.parse::<IpNet>()
         .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
         .map_err(|_| format!("invalid CIDR or address {s:?} (examples: 10.0.0.0/8, 192.168.1.7)"))
+}
+
+/// An IP address or a DNS name as `LoadBalancerIngress.hostname` takes it: the API server
+/// refuses anything else (a port, upper case) with 422, and no status would ever be written.
+fn parse_publish_address(s: &str) -> Result<String, String> {
+    if s.parse::<std::net::IpAddr>().is_ok() || crate::translate::is_dns1123_subdomain(s) {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "{s:?} is neither an IP address nor a lower-case DNS name without a port \
+             (examples: 203.0.113.7, lb.example.com)"
+        ))
+    }
 }
 
 fn parse_ns_name(s: &str) -> Result<(String, String), String> {
@@ -424,5 +437,22 @@ mod tests {
         assert_eq!(a.lease_namespace.as_deref(), Some("ops"));
         assert_eq!(a.lease_duration, Duration::from_secs(30));
         assert!(Cli::try_parse_from(["portico", "run", "--publish-service", "edge"]).is_err());
+        for bad in [
+            "LB.Example.com",
+            "lb.example.com:443",
+            "10.0.0.1:80",
+            "",
+            "a,,b",
+        ] {
+            assert!(
+                Cli::try_parse_from(["portico", "run", "--publish-status-address", bad]).is_err(),
+                "{bad:?} accepted"
+            );
+        }
+        let a = run_args(&["--publish-status-address", "2001:db8::1,lb-1.example.com"]);
+        assert_eq!(
+            a.publish_status_address,
+            ["2001:db8::1", "lb-1.example.com"]
+        );
     }
 }

@@ -69,7 +69,9 @@ pub(super) fn parse_host(raw: Option<&str>) -> Result<HostKey, HostError> {
     })
 }
 
-fn is_dns1123_subdomain(name: &str) -> bool {
+/// A DNS-1123 subdomain (lower-case labels of a-z, 0-9 and `-`): what the API server accepts
+/// as an Ingress host or a `LoadBalancerIngress.hostname`.
+pub fn is_dns1123_subdomain(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= MAX_NAME
         && name.split('.').all(|label| {
