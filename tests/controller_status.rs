@@ -1108,3 +1108,103 @@ async fn a_new_leader_takes_over_status_writes() {
     assert_eq!(status_patches(&fake), 2, "one write by each leader");
     b.shutdown().await;
 }
+
+/// A leader that loses the Lease in the middle of a status sync abandons the rest of it, as
+/// client-go cancels a leader's work: the new leader may be writing already.
+#[tokio::test]
+async fn losing_the_lease_mid_sync_stops_the_writes() {
+    let fake = FakeApi::start().await;
+    for i in 0..5 {
+        fake.create(ingress_json(&format!("served-{i}"), "portico"))
+            .expect("create");
+    }
+    let inputs = Inputs {
+        ingresses: ingresses(&fake).await,
+        ..Inputs::default()
+    };
+    let snapshot = Arc::new(translate_inputs(&inputs));
+    let (_views, views_rx) = watch::channel(Arc::new(StatusView {
+        inputs,
+        snapshot,
+        diagnostics: Arc::default(),
+    }));
+    // The first write is held 500 ms at the server; leadership is lost meanwhile.
+    fake.stall(
+        "patch",
+        "ingresses",
+        StallMode::Delay(Duration::from_millis(500)),
+        1,
+    );
+    let (leader, leader_rx) = watch::channel(true);
+    let (stop, stop_rx) = watch::channel(false);
+    let writer = StatusWriter::new(
+        fake.client().await,
+        PublishAddress::Static(vec!["10.0.0.7".into()]),
+    );
+    let task = tokio::spawn(status::run(
+        writer,
+        leader_rx,
+        views_rx,
+        status::DEFAULT_RESYNC,
+        stopped(stop_rx),
+    ));
+    wait("the first write arrived", || status_patches(&fake) == 1).await;
+    leader.send_replace(false);
+    // The held write would have completed after 500 ms, and the four others followed at once.
+    let more = poll_until(Duration::from_millis(1500), || status_patches(&fake) > 1).await;
+    assert!(
+        !more,
+        "{} status writes after losing the Lease",
+        status_patches(&fake) - 1
+    );
+    let _ = stop.send(true);
+    tokio::time::timeout(DEADLINE, task)
+        .await
+        .expect("loop stops")
+        .expect("loop does not panic");
+}
+
+/// A write the API refuses (403 without RBAC, 422) is not repeated on every sync, and every
+/// build syncs: it waits with backoff while the status to write stays the same, and goes
+/// through once the API accepts it.
+#[tokio::test]
+async fn refused_status_writes_back_off() {
+    let fake = FakeApi::start().await;
+    for i in 0..3 {
+        fake.create(ingress_json(&format!("served-{i}"), "portico"))
+            .expect("create");
+    }
+    let inputs = Inputs {
+        ingresses: ingresses(&fake).await,
+        ..Inputs::default()
+    };
+    let snapshot = translate_inputs(&inputs);
+    fake.forbid("patch", "ingresses", "shop");
+    let mut w = StatusWriter::new(
+        fake.client().await,
+        PublishAddress::Static(vec!["10.0.0.7".into()]),
+    );
+    let r = w.sync(&inputs, &snapshot, &[]).await.expect("sync");
+    assert_eq!((r.failed, r.ingresses_written), (3, 0));
+    // Ten builds in quick succession: nothing is sent again.
+    for _ in 0..10 {
+        let r = w.sync(&inputs, &snapshot, &[]).await.expect("sync");
+        assert_eq!((r.deferred, r.failed), (3, 0));
+    }
+    assert_eq!(status_patches(&fake), 3);
+    // RBAC fixed: the writes go through once their retry is due.
+    fake.allow("patch", "ingresses", "shop");
+    let mut written = 0;
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while written < 3 {
+        assert!(tokio::time::Instant::now() < deadline, "never retried");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        written += w
+            .sync(&inputs, &snapshot, &[])
+            .await
+            .expect("sync")
+            .ingresses_written;
+    }
+    assert_eq!(status_patches(&fake), 6);
+    assert_eq!(lb(&fake, "served-0"), json!([{"ip": "10.0.0.7"}]));
+}

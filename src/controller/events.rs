@@ -419,8 +419,18 @@ pub async fn run<F>(
     loop {
         if *leader.borrow_and_update() && pending {
             let list = diagnostics.borrow_and_update().clone();
-            let summary = reporter.report(&list).await;
-            pending = summary.rate_limited > 0 || summary.failed > 0;
+            // Losing the Lease mid-report abandons the rest (see `status::run`).
+            let summary = tokio::select! {
+                s = reporter.report(&list) => Some(s),
+                _ = leader.wait_for(|l| !*l) => None,
+            };
+            match summary {
+                Some(summary) => pending = summary.rate_limited > 0 || summary.failed > 0,
+                None => {
+                    reporter.reset();
+                    pending = true;
+                }
+            }
         }
         let retry_tick = tokio::time::sleep(if pending { retry } else { refresh });
         tokio::select! {

@@ -36,6 +36,7 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use crate::crd::{Condition, RateLimitPolicy};
 use crate::model::{IngressRef, Snapshot};
@@ -49,6 +50,12 @@ pub const CONDITION_ACCEPTED: &str = "Accepted";
 pub const REASON_ACCEPTED: &str = "Accepted";
 /// Interval at which [`run`] re-syncs (retrying failed writes) while leading.
 pub const DEFAULT_RESYNC: Duration = Duration::from_secs(60);
+/// A failed write of an object is not sent again, while its desired status stays the same,
+/// for this long, doubling with each failure up to [`WRITE_RETRY_MAX`]: every build syncs, and
+/// a write the API refuses (403 without RBAC, 422) must not be repeated on each one.
+pub const WRITE_RETRY_BASE: Duration = Duration::from_secs(1);
+/// Longest wait before a failed write is tried again.
+pub const WRITE_RETRY_MAX: Duration = Duration::from_secs(300);
 
 /// Errors of status writing.
 #[derive(Debug, thiserror::Error)]
@@ -257,8 +264,28 @@ pub struct SyncReport {
     pub policies_written: usize,
     /// Objects already carrying the desired status.
     pub unchanged: usize,
-    /// Writes that failed (logged; retried on the next sync).
+    /// Writes that failed (logged; retried with backoff, [`WRITE_RETRY_BASE`]).
     pub failed: usize,
+    /// Writes not sent because the same write failed recently.
+    pub deferred: usize,
+}
+
+/// What one object's write did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Applied {
+    Written,
+    /// Nothing to write (already written, or the object is gone).
+    Unchanged,
+    /// The same write failed recently; not sent yet.
+    Deferred,
+}
+
+/// A write that failed: what it was, how often in a row, and when it may be sent again.
+#[derive(Debug)]
+struct FailedWrite {
+    status: Value,
+    failures: u32,
+    retry_at: Instant,
 }
 
 /// Key of the write cache: kind, namespace, name.
@@ -278,6 +305,8 @@ pub struct StatusWriter {
     publish_missing: bool,
     /// Last write per object: the resourceVersion we were shown and the status we applied.
     written: HashMap<ObjKey, (Option<String>, Value)>,
+    /// Writes that failed, per object, for the backoff.
+    failed: HashMap<ObjKey, FailedWrite>,
 }
 
 impl std::fmt::Debug for StatusWriter {
@@ -311,6 +340,7 @@ impl StatusWriter {
             lookup: None,
             publish_missing: false,
             written: HashMap::new(),
+            failed: HashMap::new(),
         }
     }
 
@@ -323,6 +353,7 @@ impl StatusWriter {
     /// Forgets previous writes (on losing leadership: someone else may write meanwhile).
     pub fn reset(&mut self) {
         self.written.clear();
+        self.failed.clear();
     }
 
     /// The addresses to publish now. A `--publish-service` is looked up in `services` (the
@@ -417,9 +448,10 @@ impl StatusWriter {
                 }
                 let status = json!({"loadBalancer": {"ingress": desired}});
                 match self.apply_ingress(ing, status).await {
-                    Ok(false) => report.unchanged += 1,
-                    Ok(true) if desired.is_empty() => report.ingresses_cleared += 1,
-                    Ok(true) => report.ingresses_written += 1,
+                    Ok(Applied::Unchanged) => report.unchanged += 1,
+                    Ok(Applied::Deferred) => report.deferred += 1,
+                    Ok(Applied::Written) if desired.is_empty() => report.ingresses_cleared += 1,
+                    Ok(Applied::Written) => report.ingresses_written += 1,
                     Err(e) => {
                         report.failed += 1;
                         tracing::warn!(error = %e, "Ingress status write failed");
@@ -442,8 +474,9 @@ impl StatusWriter {
             }
             let status = json!({"conditions": [desired]});
             match self.apply_policy(policy, status).await {
-                Ok(false) => report.unchanged += 1,
-                Ok(true) => report.policies_written += 1,
+                Ok(Applied::Unchanged) => report.unchanged += 1,
+                Ok(Applied::Deferred) => report.deferred += 1,
+                Ok(Applied::Written) => report.policies_written += 1,
                 Err(e) => {
                     report.failed += 1;
                     tracing::warn!(error = %e, "RateLimitPolicy status write failed");
@@ -453,6 +486,14 @@ impl StatusWriter {
         Ok(report)
     }
 
+    /// Whether the same write to `key` failed and its retry is not due yet (a different
+    /// status is sent at once).
+    fn backing_off(&self, key: &ObjKey, status: &Value) -> bool {
+        self.failed
+            .get(key)
+            .is_some_and(|f| f.status == *status && f.retry_at > Instant::now())
+    }
+
     /// Whether a write of `status` over `rv` is a repeat of our last one.
     fn repeat(&self, key: &ObjKey, rv: &Option<String>, status: &Value) -> bool {
         self.written
@@ -460,13 +501,16 @@ impl StatusWriter {
             .is_some_and(|(seen_rv, written)| seen_rv == rv && written == status)
     }
 
-    async fn apply_ingress(&mut self, ing: &Ingress, status: Value) -> Result<bool> {
+    async fn apply_ingress(&mut self, ing: &Ingress, status: Value) -> Result<Applied> {
         let ns = ing.namespace().unwrap_or_default();
         let name = ing.name_any();
         let key: ObjKey = ("Ingress", ns.clone(), name.clone());
         let rv = ing.resource_version();
         if self.repeat(&key, &rv, &status) {
-            return Ok(false);
+            return Ok(Applied::Unchanged);
+        }
+        if self.backing_off(&key, &status) {
+            return Ok(Applied::Deferred);
         }
         let patch = json!({
             "apiVersion": "networking.k8s.io/v1",
@@ -478,13 +522,16 @@ impl StatusWriter {
         self.apply(&api, key, rv, status, patch).await
     }
 
-    async fn apply_policy(&mut self, policy: &RateLimitPolicy, status: Value) -> Result<bool> {
+    async fn apply_policy(&mut self, policy: &RateLimitPolicy, status: Value) -> Result<Applied> {
         let ns = policy.namespace().unwrap_or_default();
         let name = policy.name_any();
         let key: ObjKey = ("RateLimitPolicy", ns.clone(), name.clone());
         let rv = policy.resource_version();
         if self.repeat(&key, &rv, &status) {
-            return Ok(false);
+            return Ok(Applied::Unchanged);
+        }
+        if self.backing_off(&key, &status) {
+            return Ok(Applied::Deferred);
         }
         let patch = json!({
             "apiVersion": "portico.dev/v1alpha1",
@@ -503,7 +550,7 @@ impl StatusWriter {
         rv: Option<String>,
         status: Value,
         patch: Value,
-    ) -> Result<bool>
+    ) -> Result<Applied>
     where
         K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
     {
@@ -513,20 +560,40 @@ impl StatusWriter {
             .await
         {
             Ok(_) => {
+                self.failed.remove(&key);
                 self.written.insert(key, (rv, status));
-                Ok(true)
+                Ok(Applied::Written)
             }
             // Deleted since we saw it: nothing to write.
             Err(kube::Error::Api(s)) if s.code == 404 => {
+                self.failed.remove(&key);
                 self.written.remove(&key);
-                Ok(false)
+                Ok(Applied::Unchanged)
             }
-            Err(source) => Err(StatusError::Write {
-                kind: key.0,
-                namespace: key.1,
-                name: key.2,
-                source,
-            }),
+            Err(source) => {
+                let failures = self
+                    .failed
+                    .get(&key)
+                    .filter(|f| f.status == status)
+                    .map_or(1, |f| f.failures.saturating_add(1));
+                let delay = WRITE_RETRY_BASE
+                    .saturating_mul(1u32 << failures.saturating_sub(1).min(16))
+                    .min(WRITE_RETRY_MAX);
+                self.failed.insert(
+                    key.clone(),
+                    FailedWrite {
+                        status,
+                        failures,
+                        retry_at: Instant::now() + delay,
+                    },
+                );
+                Err(StatusError::Write {
+                    kind: key.0,
+                    namespace: key.1,
+                    name: key.2,
+                    source,
+                })
+            }
         }
     }
 }
@@ -551,18 +618,26 @@ pub async fn run<F>(
         // Every wake-up below (new view, leadership change, resync tick) is a reason to sync.
         if *leader.borrow_and_update() {
             let view = views.borrow_and_update().clone();
-            match writer
-                .sync(&view.inputs, &view.snapshot, &view.diagnostics)
-                .await
-            {
-                Ok(r) if r.failed > 0 => {
+            // Losing the Lease mid-sync abandons the rest of it (and the write in flight), as
+            // client-go cancels a leader's work when it stops leading: a sync can take many
+            // API round trips, and the new leader may be writing already.
+            let outcome = tokio::select! {
+                r = writer.sync(&view.inputs, &view.snapshot, &view.diagnostics) => Some(r),
+                _ = leader.wait_for(|l| !*l) => None,
+            };
+            match outcome {
+                None => {
+                    tracing::info!("stopped leading during a status sync; abandoned the rest");
+                    writer.reset();
+                }
+                Some(Ok(r)) if r.failed > 0 => {
                     tracing::warn!(
                         failed = r.failed,
-                        "some status writes failed; retrying at the next resync"
+                        "some status writes failed; each is retried with backoff"
                     );
                 }
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "status sync failed"),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => tracing::warn!(error = %e, "status sync failed"),
             }
         }
         tokio::select! {
