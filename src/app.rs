@@ -311,6 +311,10 @@ fn start_controller(
         parts.client.clone(),
         PublishAddress::from_flags(&args.publish_status_address, args.publish_service.as_ref()),
     )
+    .with_class(
+        &args.translate.ingress_class,
+        &args.translate.controller_name,
+    )
     .with_lookup(Arc::new(move |ns: &str, name: &str| {
         source.service(ns, name)
     }));

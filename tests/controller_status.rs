@@ -1208,3 +1208,45 @@ async fn refused_status_writes_back_off() {
     assert_eq!(status_patches(&fake), 6);
     assert_eq!(lb(&fake, "served-0"), json!([{"ip": "10.0.0.7"}]));
 }
+
+/// An Ingress of another class is its controller's, even when its status carries our address
+/// (a shared load balancer, or it was ours before): it is never written, so two controllers
+/// never take turns rewriting it, and the other controller's entries are never wiped.
+#[tokio::test]
+async fn another_class_status_is_left_alone_even_with_our_address() {
+    let fake = FakeApi::start().await;
+    for (name, class, addrs) in [
+        (
+            "foreign",
+            "nginx",
+            json!([{"ip": "10.0.0.7"}, {"ip": "10.9.9.9"}]),
+        ),
+        ("dropped", "portico", json!([{"ip": "10.0.0.7"}])),
+    ] {
+        let created = fake.create(ingress_json(name, class)).expect("create");
+        let mut with_status = created;
+        with_status["status"] = json!({"loadBalancer": {"ingress": addrs}});
+        fake.update_status(with_status).expect("status");
+    }
+    let inputs = Inputs {
+        ingresses: ingresses(&fake).await,
+        ..Inputs::default()
+    };
+    let mut writer = StatusWriter::new(
+        fake.client().await,
+        PublishAddress::Static(vec!["10.0.0.7".into()]),
+    )
+    .with_class("portico", "portico.dev/ingress-controller");
+    // Nothing served: ours (class portico) is cleared, nginx's untouched.
+    let r = writer
+        .sync(&inputs, &Snapshot::default(), &[])
+        .await
+        .expect("sync");
+    assert_eq!((r.ingresses_cleared, r.failed), (1, 0));
+    assert_eq!(lb(&fake, "dropped"), json!([]));
+    assert_eq!(
+        lb(&fake, "foreign"),
+        json!([{"ip": "10.0.0.7"}, {"ip": "10.9.9.9"}])
+    );
+    assert_eq!(status_patches(&fake), 1);
+}

@@ -1,6 +1,8 @@
 //! Status writes of the elected controller (brief §1, §4.1, §4.5): Ingress
-//! `status.loadBalancer.ingress` on the Ingresses we serve (cleared on those we stopped serving)
-//! and the RateLimitPolicy `Accepted` condition. Owns: deciding the desired status from a
+//! `status.loadBalancer.ingress` on the Ingresses we serve (cleared on those of our class we
+//! do not serve; an Ingress of another class is that class's controller's, even when it still
+//! carries our address, so two controllers never take turns rewriting it) and the
+//! RateLimitPolicy `Accepted` condition. Owns: deciding the desired status from a
 //! snapshot + inputs + diagnostics, and writing only what differs. May import model, translate,
 //! crd, kube, k8s-openapi, tokio; must not import `crate::proxy`.
 //!
@@ -307,6 +309,8 @@ pub struct StatusWriter {
     written: HashMap<ObjKey, (Option<String>, Value)>,
     /// Writes that failed, per object, for the backoff.
     failed: HashMap<ObjKey, FailedWrite>,
+    /// `(--ingress-class, --controller-name)`: whose Ingresses we may clear.
+    class: (String, String),
 }
 
 impl std::fmt::Debug for StatusWriter {
@@ -341,7 +345,17 @@ impl StatusWriter {
             publish_missing: false,
             written: HashMap::new(),
             failed: HashMap::new(),
+            class: (
+                crate::translate::DEFAULT_INGRESS_CLASS.to_string(),
+                crate::translate::DEFAULT_CONTROLLER_NAME.to_string(),
+            ),
         }
+    }
+
+    /// Our `--ingress-class` and `--controller-name` (default: the flags' defaults).
+    pub fn with_class(mut self, ingress_class: &str, controller_name: &str) -> Self {
+        self.class = (ingress_class.to_string(), controller_name.to_string());
+        self
     }
 
     /// Read the publish Service through `lookup` (the controller's stores) instead of the API.
@@ -432,10 +446,20 @@ impl StatusWriter {
                 let current = current_addrs(ing);
                 let desired: Vec<IngressLoadBalancerIngress> = if served.contains(&key) {
                     addresses.clone()
-                } else if current.iter().any(|a| ours.contains(a)) {
+                } else if current.iter().any(|a| ours.contains(a))
+                    && crate::translate::serves_ingress(
+                        ing,
+                        &inputs.ingress_classes,
+                        &self.class.0,
+                        &self.class.1,
+                    )
+                {
+                    // Of our class but not served (e.g. every rule rejected): not ours to
+                    // advertise.
                     Vec::new()
                 } else {
-                    // Not ours, not carrying our address: someone else's business.
+                    // Another class's (its controller writes its status), or not carrying our
+                    // address: someone else's business.
                     continue;
                 };
                 let desired_addrs: Vec<Addr> = desired
