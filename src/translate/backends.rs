@@ -274,7 +274,7 @@ fn collect_slice(
             &ObjRef {
                 namespace: slice.namespace(),
                 name: slice.name(),
-                uid: "",
+                uid: slice.uid_if_invalid(),
             },
             "InvalidEndpointAddress",
             format!(

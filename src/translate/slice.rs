@@ -40,6 +40,9 @@ pub struct Slice {
     /// Addresses of usable endpoints that are not valid for `address_type` (each becomes a
     /// warning when a backend reads this slice).
     invalid_addresses: Box<[Box<str>]>,
+    /// `metadata.uid`, kept only when there are invalid addresses: their warnings become
+    /// Events, which `kubectl describe` finds by the object's uid.
+    uid_if_invalid: Option<Box<str>>,
 }
 
 /// `EndpointSlice.addressType`.
@@ -112,6 +115,11 @@ impl Slice {
     pub fn invalid_addresses(&self) -> &[Box<str>] {
         &self.invalid_addresses
     }
+
+    /// `metadata.uid` when [`Self::invalid_addresses`] is not empty, else "".
+    pub fn uid_if_invalid(&self) -> &str {
+        self.uid_if_invalid.as_deref().unwrap_or_default()
+    }
 }
 
 impl From<EndpointSlice> for Slice {
@@ -182,6 +190,11 @@ impl From<&EndpointSlice> for Slice {
             address_type,
             ports: ports.into_boxed_slice(),
             endpoints: endpoints.into_boxed_slice(),
+            uid_if_invalid: meta
+                .uid
+                .as_deref()
+                .filter(|_| !invalid.is_empty())
+                .map(Box::from),
             invalid_addresses: invalid.into_boxed_slice(),
         }
     }
@@ -200,7 +213,7 @@ mod tests {
     #[test]
     fn keeps_identity_service_ports_and_usable_parsed_endpoints() {
         let s = parse(json!({
-            "metadata": {"name": "web-1", "resourceVersion": "7",
+            "metadata": {"name": "web-1", "resourceVersion": "7", "uid": "slice-uid",
                          "labels": {"kubernetes.io/service-name": "web", "other": "x"}},
             "addressType": "IPv4",
             "ports": [{"name": "http", "port": 8080}, {"port": 0}, {"name": "big", "port": 70000},
@@ -252,12 +265,13 @@ mod tests {
         // An IPv6 address in an IPv4 slice is as invalid as a name.
         let invalid: Vec<&str> = s.invalid_addresses().iter().map(|a| &**a).collect();
         assert_eq!(invalid, ["fd00::1", "bogus"]);
+        assert_eq!(s.uid_if_invalid(), "slice-uid");
     }
 
     #[test]
     fn fqdn_slice_keeps_nothing_but_its_identity() {
         let s = parse(json!({
-            "metadata": {"namespace": "a", "name": "ext",
+            "metadata": {"namespace": "a", "name": "ext", "uid": "ext-uid",
                          "labels": {"kubernetes.io/service-name": "web"}},
             "addressType": "FQDN",
             "ports": [{"name": "http", "port": 80}],
@@ -267,6 +281,7 @@ mod tests {
         assert_eq!((s.namespace(), s.service()), ("a", Some("web")));
         assert!(s.ports().is_empty() && s.endpoints().is_empty());
         assert!(s.invalid_addresses().is_empty());
+        assert_eq!(s.uid_if_invalid(), "", "kept only for invalid addresses");
     }
 
     #[test]

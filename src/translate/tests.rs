@@ -1049,19 +1049,26 @@ fn endpoints_deduped_across_slices_sorted_and_filtered() {
 
 #[test]
 fn endpoint_invalid_address_is_a_warning() {
+    let mut bad = slice(
+        "default",
+        "w",
+        "web",
+        "IPv4",
+        &[("http", 8080)],
+        vec![ready("fd00::1"), ready("10.0.0.1")],
+    );
+    bad.metadata.uid = Some("slice-uid".into());
     let w = World::default()
         .svc(svc("default", "web", &[("http", 80)]))
-        .slice(slice(
-            "default",
-            "w",
-            "web",
-            "IPv4",
-            &[("http", 8080)],
-            vec![ready("fd00::1"), ready("10.0.0.1")],
-        ))
+        .slice(bad)
         .ing(Ing::new("default", "a").path("h.test", "Prefix", "/", "web", svc80()));
     let (s, d) = w.run();
-    only(&d, Severity::Warning, "InvalidEndpointAddress");
+    let warning = only(&d, Severity::Warning, "InvalidEndpointAddress");
+    // Its Event names the slice's uid, or `kubectl describe` does not list it.
+    assert_eq!(
+        (&*warning.kind, &*warning.uid),
+        ("EndpointSlice", "slice-uid")
+    );
     assert_eq!(endpoints(&s, "h.test", "/"), ["10.0.0.1:8080"]);
 }
 
