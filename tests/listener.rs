@@ -425,6 +425,38 @@ async fn an_idle_h2_client_that_ignores_goaway_is_dropped() {
     );
 }
 
+/// At shutdown, an idle h2 client that never acknowledges the GOAWAY's PING is dropped after
+/// the header timeout, not kept for the whole grace.
+#[tokio::test]
+async fn shutdown_drops_an_idle_h2_client_that_ignores_goaway_before_the_grace() {
+    let run = start(ProxyConfig {
+        client_header_timeout: Duration::from_millis(300),
+        shutdown_grace: Duration::from_secs(30),
+        ..cfg()
+    })
+    .await;
+    let mut tcp = TcpStream::connect(run.http).await.expect("connect");
+    tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .expect("preface and SETTINGS");
+    // The server's SETTINGS arrived: the connection is established (and idle).
+    let mut head = [0u8; 9];
+    tcp.read_exact(&mut head).await.expect("server SETTINGS");
+    assert_eq!(head[3], 0x4);
+    let from = Instant::now();
+    run.trigger.fire();
+    timeout(DEADLINE, run.serve)
+        .await
+        .expect("serve returned well before the 30 s grace")
+        .expect("serve task");
+    assert!(
+        from.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        from.elapsed()
+    );
+    drop(tcp);
+}
+
 #[tokio::test]
 async fn keep_alive_outlives_the_header_timeout() {
     // The header timer must not run while a keep-alive connection waits for its next

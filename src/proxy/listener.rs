@@ -1213,10 +1213,10 @@ async fn drive<C, E>(
         Expired(Expiry),
     }
     let mut draining = false;
-    // Set when the idle timeout asked the connection to close: an h2 client that never
-    // acknowledges the GOAWAY's PING would otherwise keep an idle connection (and its
-    // `--max-connections` slot) for ever. From then on, being idle for the header timeout
-    // ends it.
+    // Set when the idle timeout or the shutdown asked the connection to close: an h2 client
+    // that never acknowledges the GOAWAY's PING would otherwise keep an idle connection (and
+    // its `--max-connections` slot) for ever, or a drain for its whole grace. From then on,
+    // being idle for the header timeout ends it (requests in flight still get the grace).
     let mut closing_idle = false;
     let mut fired = pin!(shutdown.fired());
     let shutdown_gate = Gate::new();
@@ -1254,11 +1254,13 @@ async fn drive<C, E>(
             Event::Shutdown => {
                 graceful(conn.as_mut());
                 draining = true;
+                closing_idle = true;
+                activity.idle_from_now();
             }
             Event::Expired(expiry) => {
                 match expiry {
                     Expiry::Idle if closing_idle => {
-                        debug!(%peer, "idle connection still open after GOAWAY; closing");
+                        debug!(%peer, "idle connection still open after GOAWAY or shutdown; closing");
                         return;
                     }
                     Expiry::Idle => {
