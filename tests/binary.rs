@@ -44,6 +44,27 @@ fn ingress_yaml(ns: &str, name: &str, host: &str, path: &str, service: &str) -> 
     )
 }
 
+/// `file` in `dir`: a Service (`service_yaml` arguments) and an Ingress routing to it
+/// (`ingress_yaml` arguments).
+fn write_route(
+    dir: &Path,
+    file: &str,
+    service: (&str, &str, &[SocketAddr]),
+    ingress: (&str, &str, &str, &str, &str),
+) {
+    let (ns, name, endpoints) = service;
+    let (ins, iname, host, path, svc) = ingress;
+    std::fs::write(
+        dir.join(file),
+        format!(
+            "{}---\n{}",
+            service_yaml(ns, name, endpoints),
+            ingress_yaml(ins, iname, host, path, svc)
+        ),
+    )
+    .expect("write");
+}
+
 /// Write atomically (temp file + rename), as editors and ConfigMap updates do.
 fn write_atomic(dir: &Path, name: &str, text: &str) {
     let tmp = dir.join(format!(".{name}.tmp"));
@@ -113,15 +134,12 @@ fn check_reports_every_problem_and_exits_nonzero() {
 async fn bad_objects_never_break_other_routes() {
     let web = backend("web").await;
     let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(
-        dir.path().join("web.yaml"),
-        format!(
-            "{}---\n{}",
-            service_yaml("shop", "web", &[web.addr]),
-            ingress_yaml("shop", "web", "shop.test", "/", "web")
-        ),
-    )
-    .expect("write");
+    write_route(
+        dir.path(),
+        "web.yaml",
+        ("shop", "web", &[web.addr]),
+        ("shop", "web", "shop.test", "/", "web"),
+    );
     bad_objects(dir.path());
     let p = Portico::start(dir.path(), &[]);
     let c = client();
@@ -292,15 +310,12 @@ async fn sigterm_lets_in_flight_request_finish_then_exits_zero() {
         });
     }
     let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(
-        dir.path().join("app.yaml"),
-        format!(
-            "{}---\n{}",
-            service_yaml("slow", "app", &[addr]),
-            ingress_yaml("slow", "app", "slow.test", "/", "app")
-        ),
-    )
-    .expect("write");
+    write_route(
+        dir.path(),
+        "app.yaml",
+        ("slow", "app", &[addr]),
+        ("slow", "app", "slow.test", "/", "app"),
+    );
     let mut p = Portico::start(
         dir.path(),
         &["--shutdown-delay", "200ms", "--shutdown-grace", "20s"],
@@ -501,15 +516,12 @@ fn metric_value(exposition: &str, name: &str) -> Option<f64> {
 async fn a_stuck_stdout_never_stops_requests() {
     let web = backend("web").await;
     let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(
-        dir.path().join("web.yaml"),
-        format!(
-            "{}---\n{}",
-            service_yaml("shop", "web", &[web.addr]),
-            ingress_yaml("shop", "web", "shop.test", "/", "web")
-        ),
-    )
-    .expect("write");
+    write_route(
+        dir.path(),
+        "web.yaml",
+        ("shop", "web", &[web.addr]),
+        ("shop", "web", "shop.test", "/", "web"),
+    );
     let p = Portico::start(dir.path(), &[]);
     let c = client();
     eventually("route serves", || async {
@@ -634,15 +646,12 @@ async fn an_h2_client_that_stops_reading_pins_bounded_memory() {
     let sent = Arc::new(AtomicUsize::new(0));
     let up = streaming_backend(64 << 20, sent.clone()).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(
-        dir.path().join("big.yaml"),
-        format!(
-            "{}---\n{}",
-            service_yaml("big", "big", &[up]),
-            ingress_yaml("big", "big", "big.test", "/", "big")
-        ),
-    )
-    .expect("write");
+    write_route(
+        dir.path(),
+        "big.yaml",
+        ("big", "big", &[up]),
+        ("big", "big", "big.test", "/", "big"),
+    );
     let p = Portico::start(dir.path(), &["--no-access-log"]);
     let c = client();
     eventually("route serves", || async {

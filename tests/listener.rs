@@ -383,6 +383,15 @@ async fn idle_h2c_connection_is_closed_after_idle_timeout() {
     finishes(conn).await.expect("clean GOAWAY close");
 }
 
+/// A raw h2c connection that has sent the preface and an empty SETTINGS frame, nothing else.
+async fn raw_h2c(addr: SocketAddr) -> TcpStream {
+    let mut tcp = TcpStream::connect(addr).await.expect("connect");
+    tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .expect("preface and SETTINGS");
+    tcp
+}
+
 /// An h2 client that acknowledges SETTINGS but never the PING that comes with the idle
 /// GOAWAY would keep its connection (and slot) for ever: once asked to close, a connection that
 /// stays idle for the header timeout is dropped.
@@ -394,10 +403,7 @@ async fn an_idle_h2_client_that_ignores_goaway_is_dropped() {
         ..cfg()
     })
     .await;
-    let mut tcp = TcpStream::connect(run.http).await.expect("connect");
-    tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
-        .await
-        .expect("preface and SETTINGS");
+    let mut tcp = raw_h2c(run.http).await;
     let from = Instant::now();
     // Read frames until the server closes: acknowledge SETTINGS, ignore everything else.
     let closed = timeout(DEADLINE, async {
@@ -435,10 +441,7 @@ async fn shutdown_drops_an_idle_h2_client_that_ignores_goaway_before_the_grace()
         ..cfg()
     })
     .await;
-    let mut tcp = TcpStream::connect(run.http).await.expect("connect");
-    tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
-        .await
-        .expect("preface and SETTINGS");
+    let mut tcp = raw_h2c(run.http).await;
     // The server's SETTINGS arrived: the connection is established (and idle).
     let mut head = [0u8; 9];
     tcp.read_exact(&mut head).await.expect("server SETTINGS");
