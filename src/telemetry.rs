@@ -8,12 +8,14 @@
 //! (`tracing-appender`'s non-blocking writer): a request never waits on stdout. A container's
 //! stdout is a pipe that the runtime's log collector drains, and a slow or stuck collector
 //! would otherwise stop every worker thread at its next log line, so every request. The
-//! thread writes whatever queued in one `write(2)` and holds at most [`QUEUED_LINES`]; past
+//! thread writes whatever queued in as few `write(2)`s as it can (64 KiB at a time) and holds
+//! at most [`QUEUED_LINES`]; past
 //! that, lines are dropped, not waited for, and counted in `portico_log_lines_dropped_total`
 //! ([`LogGuard::register_metrics`]). The guard returned by [`init`] flushes what is queued
-//! when dropped (waiting at most about a second for a stuck stdout).
+//! when dropped, waiting at most 2 s for a stuck stdout.
 
 use std::io::Write;
+use std::time::Duration;
 
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
@@ -27,10 +29,36 @@ use crate::config::LogFormat;
 /// log at 16 000 requests/s, and at most a few MiB of memory while stdout is stuck.
 pub const QUEUED_LINES: usize = 16_384;
 
+/// Longest wait at exit for the writer thread to flush its queue.
+const FLUSH_AT_EXIT: Duration = Duration::from_secs(2);
+
 /// Keeps the writer thread's queue flushed at exit; see the module doc.
 pub struct LogGuard {
-    _worker: WorkerGuard,
+    worker: Option<WorkerGuard>,
     dropped: ErrorCounter,
+}
+
+impl Drop for LogGuard {
+    /// tracing-appender's guard waits 100 ms to queue its shutdown, then 1 s for the flush,
+    /// but when the queue is still full (stdout stuck) it reports that with `println!`, which
+    /// blocks on the same stuck stdout: the process would never exit. So the guard is dropped
+    /// on a thread of its own, and exit waits for it at most [`FLUSH_AT_EXIT`]; lines that
+    /// stdout did not take by then are lost with the process.
+    fn drop(&mut self) {
+        let Some(worker) = self.worker.take() else {
+            return;
+        };
+        let (done, flushed) = std::sync::mpsc::channel::<()>();
+        let spawned = std::thread::Builder::new()
+            .name("portico-log-exit".into())
+            .spawn(move || {
+                drop(worker);
+                let _ = done.send(());
+            });
+        if spawned.is_ok() {
+            let _ = flushed.recv_timeout(FLUSH_AT_EXIT);
+        }
+    }
 }
 
 impl LogGuard {
@@ -86,7 +114,7 @@ pub fn init(format: LogFormat, access_log: bool) -> LogGuard {
         .finish(stdout_batched());
     let guard = LogGuard {
         dropped: writer.error_counter(),
-        _worker: worker,
+        worker: Some(worker),
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
