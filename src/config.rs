@@ -218,8 +218,14 @@ fn parse_net(s: &str) -> Result<IpNet, String> {
 
 /// An IP address or a DNS name as `LoadBalancerIngress.hostname` takes it: the API server
 /// refuses anything else (a port, upper case) with 422, and no status would ever be written.
+/// Spaces around an entry and empty entries (a trailing comma, an empty variable) are allowed:
+/// the status writer trims them and skips the empty ones.
 fn parse_publish_address(s: &str) -> Result<String, String> {
-    if s.parse::<std::net::IpAddr>().is_ok() || crate::translate::is_dns1123_subdomain(s) {
+    let s = s.trim();
+    if s.is_empty()
+        || s.parse::<std::net::IpAddr>().is_ok()
+        || crate::translate::is_dns1123_subdomain(s)
+    {
         Ok(s.to_string())
     } else {
         Err(format!(
@@ -437,22 +443,19 @@ mod tests {
         assert_eq!(a.lease_namespace.as_deref(), Some("ops"));
         assert_eq!(a.lease_duration, Duration::from_secs(30));
         assert!(Cli::try_parse_from(["portico", "run", "--publish-service", "edge"]).is_err());
-        for bad in [
-            "LB.Example.com",
-            "lb.example.com:443",
-            "10.0.0.1:80",
-            "",
-            "a,,b",
-        ] {
+        for bad in ["LB.Example.com", "lb.example.com:443", "10.0.0.1:80", "a b"] {
             assert!(
                 Cli::try_parse_from(["portico", "run", "--publish-status-address", bad]).is_err(),
                 "{bad:?} accepted"
             );
         }
-        let a = run_args(&["--publish-status-address", "2001:db8::1,lb-1.example.com"]);
+        // Spaces and empty entries, as PublishAddress::from_flags has always skipped them.
+        let a = run_args(&["--publish-status-address", "2001:db8::1, lb-1.example.com,"]);
         assert_eq!(
             a.publish_status_address,
-            ["2001:db8::1", "lb-1.example.com"]
+            ["2001:db8::1", "lb-1.example.com", ""]
         );
+        let a = run_args(&["--publish-status-address", ""]);
+        assert_eq!(a.publish_status_address, [""]);
     }
 }
