@@ -434,7 +434,9 @@ fn probed(key: &SecretKey, prev: Probe, fetched: Fetched, now: Instant) -> Probe
         Fetched::Failed(e) => {
             let failures = prev.failures.saturating_add(1);
             let delay = retry_delay(failures);
-            tracing::warn!(
+            // Only refines a diagnostic (wrong type rather than not found), so no warning: a
+            // Secret the replica may not read (a hand-made RBAC) would log one every 30 s.
+            tracing::debug!(
                 namespace = %key.0, name = %key.1, error = %e, retry_in = ?delay,
                 "cannot look up a referenced Secret that is not a listed TLS Secret; retrying with backoff"
             );
