@@ -51,7 +51,6 @@ pub const EJECT_AFTER_FAILURES: u32 = 5;
 pub const EJECT_BASE: Duration = Duration::from_secs(10);
 /// Longest ejection.
 pub const EJECT_MAX: Duration = Duration::from_secs(300);
-/// Pool map entries beyond this trigger a sweep of endpoints without idle connections.
 /// Receive window of each stream on an h2c upstream connection (hyper's default: 2 MiB;
 /// grpc-go starts at 64 KiB). The response data of a stream whose client reads slowly waits
 /// in portico up to this much.
@@ -60,9 +59,11 @@ pub const UPSTREAM_H2_STREAM_WINDOW: u32 = 256 * 1024;
 /// connection carries every client's requests to an endpoint, and data a stream received but
 /// its client has not taken yet counts against this window as well as the stream's; were it
 /// smaller than the stalled streams can hold (hyper's default is 5 MiB), a few clients that
-/// stop reading would stall every other request to that endpoint. Memory stays bounded by
-/// the streams' windows.
+/// stop reading would stall every other request to that endpoint. What portico holds is then
+/// bounded per stream (this window), not per connection. (Streams beyond the backend's
+/// `SETTINGS_MAX_CONCURRENT_STREAMS` still wait for a free one: one connection per endpoint.)
 pub const UPSTREAM_H2_CONNECTION_WINDOW: u32 = (1 << 31) - 1;
+/// Pool map entries beyond this trigger a sweep of endpoints without idle connections.
 const POOL_SWEEP_THRESHOLD: usize = 4096;
 /// Health entries beyond this trigger a sweep of entries that carry no state.
 const HEALTH_SWEEP_THRESHOLD: usize = 4096;
