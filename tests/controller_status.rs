@@ -312,6 +312,22 @@ async fn shutdown_during_a_hung_renewal_still_releases() {
     assert_eq!(holder(&fake), "", "released");
 }
 
+/// The Lease version the leader holds is stale at release (a renewal interrupted after the
+/// server applied it, or here an edit of the Lease): the release re-reads it and, still
+/// holding it, clears holderIdentity.
+#[tokio::test]
+async fn release_with_a_stale_version_rereads_and_releases() {
+    let fake = FakeApi::start().await;
+    let mut a = LeaderElector::new(fake.client().await, lease_config("replica-a")).expect("valid");
+    assert!(a.try_acquire_or_renew().await.expect("acquire"));
+    let mut lease = lease_json(&fake);
+    lease["metadata"]["labels"] = json!({"edited": "yes"});
+    fake.update(lease).expect("edit");
+    a.release().await.expect("release");
+    assert_eq!(holder(&fake), "", "released");
+    assert!(!a.is_leader());
+}
+
 #[tokio::test]
 async fn renewal_conflict_rereads_and_does_not_overwrite() {
     let fake = FakeApi::start().await;

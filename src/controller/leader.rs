@@ -387,26 +387,48 @@ impl LeaderElector {
         // Stop acting as leader before anyone else can start.
         let held = self.held.take();
         self.step_down();
-        let Some(mut lease) = held else {
+        let Some(lease) = held else {
             return Ok(());
         };
+        match self.write_release(lease).await {
+            // The version we held is stale: a renewal interrupted after the server applied it,
+            // or an edit of the Lease. Re-read once; still ours → release that version.
+            Err(e) if is_conflict(&e) => {
+                let current = self
+                    .api
+                    .get_opt(&self.config.lease_name)
+                    .await
+                    .map_err(|e| self.api_err(e))?;
+                match current {
+                    Some(l) if holder(&l) == Some(self.config.identity.as_str()) => {
+                        match self.write_release(l).await {
+                            Ok(()) => Ok(()),
+                            Err(e) if is_conflict(&e) || is_not_found(&e) => Ok(()),
+                            Err(e) => Err(self.api_err(e)),
+                        }
+                    }
+                    _ => Ok(()),
+                }
+            }
+            Ok(()) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(e) => Err(self.api_err(e)),
+        }
+    }
+
+    /// As client-go's release: empty holder, 1 s duration, times set to now; the transition
+    /// count is kept (the next holder increments it). `lease` carries the version it replaces.
+    async fn write_release(&self, mut lease: Lease) -> std::result::Result<(), kube::Error> {
         let now = Timestamp::now();
         let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
-        // As client-go's release: empty holder, 1 s duration, times set to now; the transition
-        // count is kept (the next holder increments it).
         spec.holder_identity = Some(String::new());
         spec.lease_duration_seconds = Some(1);
         spec.acquire_time = Some(MicroTime(now));
         spec.renew_time = Some(MicroTime(now));
-        match self
-            .api
+        self.api
             .replace(&self.config.lease_name, &PostParams::default(), &lease)
             .await
-        {
-            Ok(_) => Ok(()),
-            Err(e) if is_conflict(&e) || is_not_found(&e) => Ok(()),
-            Err(e) => Err(self.api_err(e)),
-        }
+            .map(|_| ())
     }
 
     /// Acquire/renew every retry period until `shutdown` resolves, then release. While leading,
