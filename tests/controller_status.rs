@@ -1225,11 +1225,12 @@ async fn refused_status_writes_back_off() {
     assert_eq!(lb(&fake, "served-0"), json!([{"ip": "10.0.0.7"}]));
 }
 
-/// An Ingress of another class is its controller's, even when its status carries our address
-/// (a shared load balancer, or it was ours before): it is never written, so two controllers
-/// never take turns rewriting it, and the other controller's entries are never wiped.
+/// An Ingress another controller claims is its controller's, even when its status carries our
+/// address (a shared load balancer, or it was ours before): it is never written, so two
+/// controllers never take turns rewriting it, and the other controller's entries are never
+/// wiped. An unserved Ingress nobody claims loses our address.
 #[tokio::test]
-async fn another_class_status_is_left_alone_even_with_our_address() {
+async fn another_controllers_status_is_left_alone_even_with_our_address() {
     let fake = FakeApi::start().await;
     for (name, class, addrs) in [
         (
@@ -1238,14 +1239,22 @@ async fn another_class_status_is_left_alone_even_with_our_address() {
             json!([{"ip": "10.0.0.7"}, {"ip": "10.9.9.9"}]),
         ),
         ("dropped", "portico", json!([{"ip": "10.0.0.7"}])),
+        // A class nobody defines: nobody's, so our stale address goes.
+        ("orphaned", "gone", json!([{"ip": "10.0.0.7"}])),
     ] {
         let created = fake.create(ingress_json(name, class)).expect("create");
         let mut with_status = created;
         with_status["status"] = json!({"loadBalancer": {"ingress": addrs}});
         fake.update_status(with_status).expect("status");
     }
+    let nginx: k8s_openapi::api::networking::v1::IngressClass = serde_json::from_value(json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "IngressClass",
+        "metadata": {"name": "nginx"}, "spec": {"controller": "k8s.io/ingress-nginx"}
+    }))
+    .expect("class");
     let inputs = Inputs {
         ingresses: ingresses(&fake).await,
+        ingress_classes: vec![Arc::new(nginx)],
         ..Inputs::default()
     };
     let mut writer = StatusWriter::new(
@@ -1253,16 +1262,17 @@ async fn another_class_status_is_left_alone_even_with_our_address() {
         PublishAddress::Static(vec!["10.0.0.7".into()]),
     )
     .with_class("portico", "portico.dev/ingress-controller");
-    // Nothing served: ours (class portico) is cleared, nginx's untouched.
+    // Nothing served: ours and the orphan are cleared, ingress-nginx's is untouched.
     let r = writer
         .sync(&inputs, &Snapshot::default(), &[])
         .await
         .expect("sync");
-    assert_eq!((r.ingresses_cleared, r.failed), (1, 0));
+    assert_eq!((r.ingresses_cleared, r.failed), (2, 0));
     assert_eq!(lb(&fake, "dropped"), json!([]));
+    assert_eq!(lb(&fake, "orphaned"), json!([]));
     assert_eq!(
         lb(&fake, "foreign"),
         json!([{"ip": "10.0.0.7"}, {"ip": "10.9.9.9"}])
     );
-    assert_eq!(status_patches(&fake), 1);
+    assert_eq!(status_patches(&fake), 2);
 }

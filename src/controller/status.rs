@@ -1,7 +1,7 @@
 //! Status writes of the elected controller (brief §1, §4.1, §4.5): Ingress
-//! `status.loadBalancer.ingress` on the Ingresses we serve (cleared on those of our class we
-//! do not serve; an Ingress of another class is that class's controller's, even when it still
-//! carries our address, so two controllers never take turns rewriting it) and the
+//! `status.loadBalancer.ingress` on the Ingresses we serve (cleared on those we do not serve,
+//! unless another controller claims them: such an Ingress is its controller's even when it
+//! still carries our address, so two controllers never take turns rewriting it) and the
 //! RateLimitPolicy `Accepted` condition. Owns: deciding the desired status from a
 //! snapshot + inputs + diagnostics, and writing only what differs. May import model, translate,
 //! crd, kube, k8s-openapi, tokio; must not import `crate::proxy`.
@@ -447,18 +447,18 @@ impl StatusWriter {
                 let desired: Vec<IngressLoadBalancerIngress> = if served.contains(&key) {
                     addresses.clone()
                 } else if current.iter().any(|a| ours.contains(a))
-                    && crate::translate::serves_ingress(
+                    && !crate::translate::claimed_by_another(
                         ing,
                         &inputs.ingress_classes,
                         &self.class.0,
                         &self.class.1,
                     )
                 {
-                    // Of our class but not served (e.g. every rule rejected): not ours to
-                    // advertise.
+                    // Not served (every rule rejected, its class removed or undefined): our
+                    // address is no longer true of it.
                     Vec::new()
                 } else {
-                    // Another class's (its controller writes its status), or not carrying our
+                    // Another controller's (it writes its status), or not carrying our
                     // address: someone else's business.
                     continue;
                 };

@@ -49,6 +49,54 @@ pub fn serves_ingress(
     )
 }
 
+/// True when another controller claims the Ingress: it names an IngressClass that exists and
+/// points at another controller, or its legacy class annotation names another class, or it has
+/// no class and the default IngressClass is another controller's. An Ingress naming a class
+/// nobody defines, or with no class and no default, is nobody's. (The status writer leaves
+/// claimed Ingresses to their controller and clears our address from the rest.)
+pub fn claimed_by_another(
+    ing: &Ingress,
+    classes: &[std::sync::Arc<IngressClass>],
+    ingress_class: &str,
+    controller_name: &str,
+) -> bool {
+    if serves_ingress(ing, classes, ingress_class, controller_name) {
+        return false;
+    }
+    let controller_of = |c: &IngressClass| {
+        c.spec
+            .as_ref()
+            .and_then(|s| s.controller.clone())
+            .unwrap_or_default()
+    };
+    if let Some(class) = ing
+        .spec
+        .as_ref()
+        .and_then(|s| s.ingress_class_name.as_deref())
+        .filter(|c| !c.is_empty())
+    {
+        return classes.iter().any(|c| {
+            c.metadata.name.as_deref() == Some(class) && controller_of(c) != controller_name
+        });
+    }
+    if let Some(legacy) = ing
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(LEGACY_CLASS_ANNOTATION))
+    {
+        return legacy != ingress_class;
+    }
+    classes.iter().any(|c| {
+        controller_of(c) != controller_name
+            && c.metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(DEFAULT_CLASS_ANNOTATION))
+                .is_some_and(|v| v == "true")
+    })
+}
+
 fn ours<'c>(
     ing: &Ingress,
     class_named: impl Fn(&str) -> Option<&'c IngressClass>,

@@ -41,7 +41,7 @@ use crate::model::{self, BackendKey, BackendTable, HostTable, Snapshot, TlsTable
 
 pub use annotations::parse_size;
 pub use backends::resolve_endpoints;
-pub use class::serves_ingress;
+pub use class::{claimed_by_another, serves_ingress};
 pub use hosts::is_dns1123_subdomain;
 pub use incremental::Translator;
 pub use service::{LoadBalancerIngress, Svc, SvcPort};

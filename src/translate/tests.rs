@@ -2964,3 +2964,37 @@ fn repeated_backends_of_one_ingress_resolve_like_every_path_alone() {
     assert_eq!(conflicts[0].name, "young");
     assert_eq!(d.len(), 3, "{d:?}");
 }
+
+#[test]
+fn claimed_by_another_controller_follows_the_class_rules() {
+    let ours = "portico.dev/ingress-controller";
+    let ing = |class: Option<&str>, legacy: Option<&str>| -> Ingress {
+        let mut v = json!({"metadata": {"namespace": "default", "name": "i"}, "spec": {}});
+        if let Some(c) = class {
+            v["spec"]["ingressClassName"] = json!(c);
+        }
+        if let Some(l) = legacy {
+            v["metadata"]["annotations"] = json!({"kubernetes.io/ingress.class": l});
+        }
+        from(v)
+    };
+    let nginx = Arc::new(class("nginx", "k8s.io/ingress-nginx", false));
+    let nginx_default = Arc::new(class("nginx", "k8s.io/ingress-nginx", true));
+    let claimed = |i: &Ingress, classes: &[Arc<IngressClass>]| {
+        super::claimed_by_another(i, classes, "portico", ours)
+    };
+    let some = std::slice::from_ref(&nginx);
+    assert!(claimed(&ing(Some("nginx"), None), some));
+    assert!(
+        !claimed(&ing(Some("gone"), None), some),
+        "a class nobody defines"
+    );
+    assert!(!claimed(&ing(Some("portico"), None), some), "ours");
+    assert!(claimed(&ing(None, Some("nginx")), &[]), "legacy annotation");
+    assert!(!claimed(&ing(None, Some("portico")), &[]));
+    assert!(!claimed(&ing(None, None), some), "no class, no default");
+    assert!(
+        claimed(&ing(None, None), &[nginx_default]),
+        "the default is nginx's"
+    );
+}
