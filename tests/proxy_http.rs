@@ -1930,16 +1930,22 @@ async fn an_ipv4_client_of_a_dual_stack_listener_is_its_ipv4_address() {
 /// a few slow clients stop every other client of the backend.
 #[tokio::test]
 async fn slow_readers_do_not_stall_other_streams_on_a_shared_h2c_upstream() {
-    let g = serve_backend(|req, _| async move {
-        if req.uri().path() != "/big" {
-            return http::Response::new(support::full("small"));
+    let produced = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = produced.clone();
+    let g = serve_backend(move |req, _| {
+        let counter = counter.clone();
+        async move {
+            if req.uri().path() != "/big" {
+                return http::Response::new(support::full("small"));
+            }
+            // 64 MiB in 16 KiB chunks, produced as fast as it is taken.
+            let chunk = Bytes::from(vec![b'x'; 16 * 1024]);
+            let frames = futures_util::stream::iter((0..4096).map(move |_| {
+                counter.fetch_add(chunk.len(), Ordering::Relaxed);
+                Ok::<_, std::convert::Infallible>(http_body::Frame::data(chunk.clone()))
+            }));
+            http::Response::new(BodyExt::boxed(http_body_util::StreamBody::new(frames)))
         }
-        // 64 MiB in 16 KiB chunks, produced as fast as it is taken.
-        let chunk = Bytes::from(vec![b'x'; 16 * 1024]);
-        let frames = futures_util::stream::iter((0..4096).map(move |_| {
-            Ok::<_, std::convert::Infallible>(http_body::Frame::data(chunk.clone()))
-        }));
-        http::Response::new(BodyExt::boxed(http_body_util::StreamBody::new(frames)))
     })
     .await;
     let p = proxy_with(&[RouteSpec::prefix(None, "/", &[g.addr])
@@ -1957,8 +1963,20 @@ async fn slow_readers_do_not_stall_other_streams_on_a_shared_h2c_upstream() {
         assert_eq!(&head, b"HTTP/1.1 200");
         slow.push(s);
     }
-    // Small requests on the same upstream connection, while the stalled streams hold what
-    // they can: each must complete.
+    // Until the stalled streams hold all they can: the backend is no longer asked for more.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let (mut last, mut still) = (produced.load(Ordering::Relaxed), 0);
+    while still < 3 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the backend kept being read"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = produced.load(Ordering::Relaxed);
+        still = if now == last { still + 1 } else { 0 };
+        last = now;
+    }
+    // Small requests on the same upstream connection: each must complete.
     for i in 0..20 {
         let got = tokio::time::timeout(
             Duration::from_secs(5),
