@@ -347,18 +347,11 @@ async fn sigterm_lets_in_flight_request_finish_then_exits_zero() {
     gate.notify_one();
     let res = in_flight.await.expect("join");
     assert_eq!(res, Ok((200, "slow".to_string())));
-    let deadline = Instant::now() + DEADLINE;
-    let code = loop {
-        if let Some(s) = p.child.try_wait().expect("try_wait") {
-            break s.code();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "portico did not exit after SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    assert_eq!(code, Some(0));
+    assert_eq!(
+        exit_code(&mut p).await,
+        Some(0),
+        "portico did not exit after SIGTERM"
+    );
 }
 
 /// A host named only in `spec.tls`, served by a host-less rule: plain HTTP to it is redirected
@@ -611,18 +604,24 @@ async fn sigterm_with_a_stuck_stdout_still_exits() {
         .status()
         .expect("kill");
     assert!(st.success());
+    assert_eq!(
+        exit_code(&mut p).await,
+        Some(0),
+        "portico did not exit after SIGTERM with its stdout stuck"
+    );
+}
+
+/// portico's exit code, once it exited within [`DEADLINE`]; `None` when it did not (or was
+/// killed by a signal).
+async fn exit_code(p: &mut Portico) -> Option<i32> {
     let deadline = Instant::now() + DEADLINE;
-    let code = loop {
+    while Instant::now() < deadline {
         if let Some(s) = p.child.try_wait().expect("try_wait") {
-            break s.code();
+            return s.code();
         }
-        assert!(
-            Instant::now() < deadline,
-            "portico did not exit after SIGTERM with its stdout stuck"
-        );
         tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    assert_eq!(code, Some(0));
+    }
+    None
 }
 
 /// Resident memory of a process, in KiB (Linux `/proc`).
