@@ -157,8 +157,8 @@ pub struct RunArgs {
     /// IP, is written into the status of served Ingresses (cluster mode).
     #[arg(long, env = "PORTICO_PUBLISH_SERVICE", value_parser = parse_ns_name)]
     pub publish_service: Option<(String, String)>,
-    /// Addresses (IPs or DNS names, comma-separated) written into the status of served
-    /// Ingresses; takes precedence over --publish-service.
+    /// Addresses (IPs or lower-case DNS names without a port, comma-separated) written into
+    /// the status of served Ingresses; takes precedence over --publish-service.
     #[arg(long, env = "PORTICO_PUBLISH_STATUS_ADDRESS", value_delimiter = ',', value_parser = parse_publish_address)]
     pub publish_status_address: Vec<String>,
     /// Name of the coordination.k8s.io/v1 Lease used for leader election.
