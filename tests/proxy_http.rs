@@ -1996,3 +1996,83 @@ async fn slow_readers_do_not_stall_other_streams_on_a_shared_h2c_upstream() {
     );
     drop(slow);
 }
+
+/// Long-lived streams (gRPC watches, server streaming) that fill an h2c backend's
+/// `SETTINGS_MAX_CONCURRENT_STREAMS` must not make every other request to that endpoint wait
+/// for one of them to end: the proxy opens another connection instead. When they end, later
+/// requests share the connections already open.
+#[tokio::test]
+async fn streams_beyond_an_h2c_backends_limit_go_to_another_connection() {
+    const LIMIT: usize = 4;
+    let g = serve_backend_with_stream_limit(LIMIT as u32, |req, gate| async move {
+        if req.uri().path() == "/watch" {
+            // Held until the test releases it (bounded by the test's own end).
+            let _permit = gate.acquire().await;
+        }
+        http::Response::new(support::full("done"))
+    })
+    .await;
+    let p = proxy_with(&[RouteSpec::prefix(None, "/", &[g.addr])
+        .policy(|p| p.upstream_protocol = UpstreamProtocol::H2c)])
+    .await;
+    // One request first, so the backend's SETTINGS are known before the watches start.
+    assert_eq!(get(p.addr, "grpc.example", "/first").await.status, 200);
+    let watches = hold(&p, "grpc.example", "/watch", LIMIT, &g).await;
+    assert_eq!(
+        g.accepted.load(Ordering::SeqCst),
+        1,
+        "the watches share one connection"
+    );
+    for i in 0..5 {
+        let got = tokio::time::timeout(
+            Duration::from_secs(5),
+            get(p.addr, "grpc.example", "/unary"),
+        )
+        .await
+        .map(|r| (r.status, r.body));
+        assert!(
+            matches!(&got, Ok((s, b)) if *s == 200 && b == &b"done"[..]),
+            "unary call {i} with {LIMIT} watches open: {got:?}"
+        );
+    }
+    assert_eq!(g.accepted.load(Ordering::SeqCst), 2, "one more connection");
+    g.gate.add_permits(LIMIT);
+    for w in watches {
+        assert_eq!(w.await.expect("watch task"), 200);
+    }
+    // With the watches gone both connections have room: no third one.
+    for _ in 0..10 {
+        assert_eq!(get(p.addr, "grpc.example", "/unary").await.status, 200);
+    }
+    assert_eq!(g.accepted.load(Ordering::SeqCst), 2);
+}
+
+/// Requests that all find no h2c connection with room at once each open one; only one of
+/// those stays pooled, the others carry their request and close, so a burst leaves no
+/// surplus connections open to the backend.
+#[tokio::test]
+async fn a_burst_of_first_h2c_requests_leaves_one_connection() {
+    let g = serve_backend(|_, gate| async move {
+        let _permit = gate.acquire().await;
+        http::Response::new(support::full("done"))
+    })
+    .await;
+    let p = proxy_with(&[RouteSpec::prefix(None, "/", &[g.addr])
+        .policy(|p| p.upstream_protocol = UpstreamProtocol::H2c)])
+    .await;
+    let burst = hold(&p, "grpc.example", "/", 16, &g).await;
+    g.gate.add_permits(16);
+    for r in burst {
+        assert_eq!(r.await.expect("request task"), 200);
+    }
+    let open = g.open.clone();
+    wait_until(|| open.load(Ordering::SeqCst) == 1).await;
+    // The one left is the pooled one: later requests use it.
+    let accepted = g.accepted.load(Ordering::SeqCst);
+    g.gate.add_permits(4);
+    for _ in 0..4 {
+        assert_eq!(get(p.addr, "grpc.example", "/").await.status, 200);
+    }
+    assert_eq!(g.accepted.load(Ordering::SeqCst), accepted);
+    assert_eq!(g.open.load(Ordering::SeqCst), 1);
+}

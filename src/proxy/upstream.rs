@@ -60,8 +60,7 @@ pub const UPSTREAM_H2_STREAM_WINDOW: u32 = 256 * 1024;
 /// its client has not taken yet counts against this window as well as the stream's; were it
 /// smaller than the stalled streams can hold (hyper's default is 5 MiB), a few clients that
 /// stop reading would stall every other request to that endpoint. What portico holds is then
-/// bounded per stream (this window), not per connection. (Streams beyond the backend's
-/// `SETTINGS_MAX_CONCURRENT_STREAMS` still wait for a free one: one connection per endpoint.)
+/// bounded per stream (this window), not per connection.
 pub const UPSTREAM_H2_CONNECTION_WINDOW: u32 = (1 << 31) - 1;
 /// Pool map entries beyond this trigger a sweep of endpoints without idle connections.
 const POOL_SWEEP_THRESHOLD: usize = 4096;
@@ -94,7 +93,46 @@ pub enum ConnectError {
 /// A connection ready for one request.
 enum Sender {
     H1(http1::SendRequest<ProxyBody>),
-    H2(http2::SendRequest<ProxyBody>),
+    H2(http2::SendRequest<ProxyBody>, H2Stream),
+}
+
+/// One h2c connection to an endpoint, shared by the requests in flight to it. A connection
+/// carries at most as many streams as the backend's `SETTINGS_MAX_CONCURRENT_STREAMS` allows
+/// (gRPC watch and streaming calls hold theirs for hours); requests beyond that go to
+/// another connection to the same endpoint rather than queue behind them.
+struct H2Conn {
+    tx: http2::SendRequest<ProxyBody>,
+    /// Streams portico has opened on it and not finished (see [`H2Stream`]).
+    open: Arc<AtomicUsize>,
+    /// The backend's current `SETTINGS_MAX_CONCURRENT_STREAMS`, published by the connection
+    /// task each time it runs (hyper's default of 100 until the backend's SETTINGS arrive).
+    limit: Arc<AtomicUsize>,
+    /// When a request last took a stream on it: a connection without open streams for
+    /// [`POOL_IDLE_TIMEOUT`] is closed by the reaper.
+    last_used: Instant,
+}
+
+impl H2Conn {
+    fn has_room(&self) -> bool {
+        !self.tx.is_closed()
+            && self.open.load(Ordering::Acquire) < self.limit.load(Ordering::Acquire)
+    }
+
+    fn stream(&mut self, now: Instant) -> (http2::SendRequest<ProxyBody>, H2Stream) {
+        self.last_used = now;
+        self.open.fetch_add(1, Ordering::AcqRel);
+        (self.tx.clone(), H2Stream(self.open.clone()))
+    }
+}
+
+/// A request's stream on an [`H2Conn`], counted from the choice of the connection until the
+/// response body ends or the attempt fails (the stream is then closed or reset).
+struct H2Stream(Arc<AtomicUsize>);
+
+impl Drop for H2Stream {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// What the response body holds for its upstream until it ends: the request's in-flight slot
@@ -104,6 +142,7 @@ enum Sender {
 /// either way the in-flight slot is released.
 pub struct PoolReturn {
     conn: Option<PooledConn>,
+    _h2_stream: Option<H2Stream>,
     _in_flight: InFlight,
 }
 
@@ -116,7 +155,12 @@ struct PooledConn {
 impl PoolReturn {
     /// The response finished cleanly: park the connection for reuse.
     pub fn give_back(self) {
-        let PoolReturn { conn, _in_flight } = self;
+        let PoolReturn {
+            conn,
+            _h2_stream,
+            _in_flight,
+        } = self;
+        drop(_h2_stream);
         drop(_in_flight);
         let Some(mut c) = conn else {
             return;
@@ -187,7 +231,7 @@ type IdleList = Vec<(http1::SendRequest<ProxyBody>, Instant)>;
 struct Pool {
     /// One lock per endpoint so requests to different endpoints never contend.
     idle: RwLock<FastMap<SocketAddr, Arc<Mutex<IdleList>>>>,
-    h2: Mutex<FastMap<SocketAddr, http2::SendRequest<ProxyBody>>>,
+    h2: Mutex<FastMap<SocketAddr, Vec<H2Conn>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -260,27 +304,63 @@ impl Pool {
             list.retain(|(tx, since)| !tx.is_closed() && since.elapsed() < POOL_IDLE_TIMEOUT);
             !list.is_empty()
         });
-        lock(&self.h2).retain(|_, tx| !tx.is_closed());
+        // An h2c connection without streams for the idle timeout is dropped: hyper then
+        // closes it (GOAWAY). One with streams stays, however old.
+        lock(&self.h2).retain(|_, conns| {
+            conns.retain(|c| {
+                !c.tx.is_closed()
+                    && (c.open.load(Ordering::Acquire) > 0
+                        || c.last_used.elapsed() < POOL_IDLE_TIMEOUT)
+            });
+            !conns.is_empty()
+        });
     }
 
-    fn take_h2(&self, addr: SocketAddr) -> Option<http2::SendRequest<ProxyBody>> {
+    /// A stream on the first open h2c connection to `addr` with room for one more.
+    fn take_h2(&self, addr: SocketAddr) -> Option<(http2::SendRequest<ProxyBody>, H2Stream)> {
         let mut h2 = lock(&self.h2);
-        match h2.get(&addr) {
-            Some(tx) if !tx.is_closed() => Some(tx.clone()),
-            Some(_) => {
+        let conns = h2.get_mut(&addr)?;
+        conns.retain(|c| !c.tx.is_closed());
+        let now = Instant::now();
+        let found = conns
+            .iter_mut()
+            .find(|c| c.has_room())
+            .map(|c| c.stream(now));
+        if conns.is_empty() {
+            h2.remove(&addr);
+        }
+        found
+    }
+
+    /// Stop giving out streams on the connection whose open-stream count is `open`; the streams still
+    /// running on it finish there.
+    fn forget_h2(&self, addr: SocketAddr, open: &Arc<AtomicUsize>) {
+        let mut h2 = lock(&self.h2);
+        if let Some(conns) = h2.get_mut(&addr) {
+            conns.retain(|c| !Arc::ptr_eq(open, &c.open));
+            if conns.is_empty() {
                 h2.remove(&addr);
-                None
             }
-            None => None,
         }
     }
 
-    fn forget_h2(&self, addr: SocketAddr) {
-        lock(&self.h2).remove(&addr);
-    }
-
-    fn put_h2(&self, addr: SocketAddr, tx: &http2::SendRequest<ProxyBody>) {
-        lock(&self.h2).insert(addr, tx.clone());
+    /// Pool a new connection and open this request's stream on it. A connection opened while
+    /// another one gained room (several requests found every connection full at once) is not
+    /// pooled: it carries its one request and closes, so a burst leaves no surplus behind.
+    fn put_h2(
+        &self,
+        addr: SocketAddr,
+        mut conn: H2Conn,
+    ) -> (http2::SendRequest<ProxyBody>, H2Stream) {
+        let now = Instant::now();
+        let mut h2 = lock(&self.h2);
+        let conns = h2.entry(addr).or_default();
+        conns.retain(|c| !c.tx.is_closed());
+        let stream = conn.stream(now);
+        if !conns.iter().any(H2Conn::has_room) {
+            conns.push(conn);
+        }
+        stream
     }
 }
 
@@ -860,8 +940,8 @@ impl Upstreams {
                 }
             }
             UpstreamProtocol::H2c => {
-                if let Some(tx) = self.pool.take_h2(addr) {
-                    return Ok((Sender::H2(tx), true));
+                if let Some((tx, stream)) = self.pool.take_h2(addr) {
+                    return Ok((Sender::H2(tx, stream), true));
                 }
             }
         }
@@ -889,16 +969,32 @@ impl Upstreams {
                     .initial_stream_window_size(UPSTREAM_H2_STREAM_WINDOW)
                     .initial_connection_window_size(UPSTREAM_H2_CONNECTION_WINDOW)
                     .handshake(io);
-                let (tx, conn) = tokio::time::timeout(connect_timeout, handshake)
+                let (tx, mut conn) = tokio::time::timeout(connect_timeout, handshake)
                     .await
                     .map_err(|_| ConnectError::Timeout)??;
+                let limit = Arc::new(AtomicUsize::new(conn.current_max_send_streams()));
+                let published = limit.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = conn.await {
+                    // The backend's stream limit arrives (and may change) in SETTINGS frames,
+                    // which only this task sees: publish it after every turn.
+                    let ended = std::future::poll_fn(|cx| {
+                        let polled = std::pin::Pin::new(&mut conn).poll(cx);
+                        published.store(conn.current_max_send_streams(), Ordering::Release);
+                        polled
+                    })
+                    .await;
+                    if let Err(e) = ended {
                         tracing::debug!(error = %e, "upstream h2c connection ended");
                     }
                 });
-                self.pool.put_h2(addr, &tx);
-                Ok((Sender::H2(tx), false))
+                let conn = H2Conn {
+                    tx,
+                    open: Arc::default(),
+                    limit,
+                    last_used: Instant::now(),
+                };
+                let (tx, stream) = self.pool.put_h2(addr, conn);
+                Ok((Sender::H2(tx, stream), false))
             }
         }
     }
@@ -977,7 +1073,11 @@ impl Upstreams {
                     std::mem::take(&mut req.headers)
                 };
             let built = build_request(&req, headers, &sender, addr, body);
-            let shared_h2 = matches!(sender, Sender::H2(_));
+            // Which h2c connection this attempt uses, to stop sharing it if it times out.
+            let h2_conn = match &sender {
+                Sender::H2(_, stream) => Some(stream.0.clone()),
+                Sender::H1(_) => None,
+            };
             let started = Instant::now();
             if !deposited {
                 deposited = true;
@@ -1002,11 +1102,11 @@ impl Upstreams {
                 Err(Stalled::Client) => return Err(ProxyError::ClientBodyTimeout),
                 Err(Stalled::Upstream) => {
                     self.record_failure(backend, addr);
-                    if shared_h2 {
-                        // The endpoint's one h2c connection may be dead without knowing it (a
-                        // peer gone without a FIN or RST, a NAT entry dropped): the next request
-                        // opens a new one. Streams still running on this one finish on it.
-                        self.pool.forget_h2(addr);
+                    if let Some(conn) = &h2_conn {
+                        // The h2c connection may be dead without knowing it (a peer gone
+                        // without a FIN or RST, a NAT entry dropped): later requests go to
+                        // another one. Streams still running on this one finish on it.
+                        self.pool.forget_h2(addr, conn);
                     }
                     return Err(ProxyError::UpstreamTimeout);
                 }
@@ -1049,7 +1149,7 @@ impl Upstreams {
                     }
                     return Err(last_err);
                 }
-                Ok(Ok((response, pool_return))) => {
+                Ok(Ok((response, pool_return, h2_stream))) => {
                     let status = response.status();
                     if matches!(
                         status,
@@ -1079,6 +1179,7 @@ impl Upstreams {
                                 addr,
                                 tx,
                             }),
+                            _h2_stream: h2_stream,
                             _in_flight: in_flight,
                         }),
                     });
@@ -1128,7 +1229,7 @@ fn build_request(
                 );
             }
         }
-        Sender::H2(_) => {
+        Sender::H2(..) => {
             // h2 carries the authority in `:authority` (RFC 9113 §8.3.1); no Host header.
             *out.version_mut() = Version::HTTP_2;
             out.headers_mut().remove(http::header::HOST);
@@ -1180,7 +1281,13 @@ enum SendFailure {
     Failed(hyper::Error),
 }
 
-type SendOk = (Response<Incoming>, Option<http1::SendRequest<ProxyBody>>);
+/// The response, with what must live until its body ends: the HTTP/1.1 connection to pool
+/// again, or the h2c stream's place in its connection's count.
+type SendOk = (
+    Response<Incoming>,
+    Option<http1::SendRequest<ProxyBody>>,
+    Option<H2Stream>,
+);
 
 async fn send(sender: Sender, req: Request<ProxyBody>) -> Result<SendOk, SendFailure> {
     match sender {
@@ -1192,7 +1299,7 @@ async fn send(sender: Sender, req: Request<ProxyBody>) -> Result<SendOk, SendFai
                 Ok(resp) => {
                     // A 101 hands the connection to the upgrade; it never returns to the pool.
                     let keep = resp.status() != StatusCode::SWITCHING_PROTOCOLS;
-                    Ok((resp, keep.then_some(tx)))
+                    Ok((resp, keep.then_some(tx), None))
                 }
                 Err(mut e) => match e.take_message() {
                     Some(req) => Err(SendFailure::NotSent(Box::new(req))),
@@ -1200,12 +1307,12 @@ async fn send(sender: Sender, req: Request<ProxyBody>) -> Result<SendOk, SendFai
                 },
             }
         }
-        Sender::H2(mut tx) => {
+        Sender::H2(mut tx, stream) => {
             if tx.ready().await.is_err() {
                 return Err(SendFailure::NotSent(Box::new(req)));
             }
             match tx.try_send_request(req).await {
-                Ok(resp) => Ok((resp, None)),
+                Ok(resp) => Ok((resp, None, Some(stream))),
                 Err(mut e) => match e.take_message() {
                     Some(req) => Err(SendFailure::NotSent(Box::new(req))),
                     None => Err(SendFailure::Failed(e.into_error())),

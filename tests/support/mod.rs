@@ -271,6 +271,8 @@ pub struct TestBackend {
     pub addr: SocketAddr,
     /// TCP connections accepted.
     pub accepted: Arc<AtomicUsize>,
+    /// TCP connections open now.
+    pub open: Arc<AtomicUsize>,
     /// Requests whose head arrived.
     pub requests: Arc<AtomicUsize>,
     /// Release gated requests (gated backend only).
@@ -309,27 +311,48 @@ where
     F: Fn(Request<Incoming>, Arc<Semaphore>) -> Fut + Send + Sync + Clone + 'static,
     Fut: std::future::Future<Output = Response<BoxBody>> + Send + 'static,
 {
+    // hyper's default SETTINGS_MAX_CONCURRENT_STREAMS.
+    serve_backend_with_stream_limit(200, f).await
+}
+
+/// [`serve_backend`] whose HTTP/2 connections allow `streams` concurrent streams.
+pub async fn serve_backend_with_stream_limit<F, Fut>(streams: u32, f: F) -> TestBackend
+where
+    F: Fn(Request<Incoming>, Arc<Semaphore>) -> Fut + Send + Sync + Clone + 'static,
+    Fut: std::future::Future<Output = Response<BoxBody>> + Send + 'static,
+{
     let listener = TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind backend");
     let addr = listener.local_addr().expect("addr");
     let accepted = Arc::new(AtomicUsize::new(0));
+    let open = Arc::new(AtomicUsize::new(0));
     let requests = Arc::new(AtomicUsize::new(0));
     let gate = Arc::new(Semaphore::new(0));
-    let (acc, reqs, g) = (accepted.clone(), requests.clone(), gate.clone());
+    let (acc, live, reqs, g) = (
+        accepted.clone(),
+        open.clone(),
+        requests.clone(),
+        gate.clone(),
+    );
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             acc.fetch_add(1, Ordering::SeqCst);
             let f = f.clone();
             let reqs = reqs.clone();
             let g = g.clone();
+            let live = OpenConn::new(&live);
             tokio::spawn(async move {
+                let _live = live;
                 let svc = service_fn(move |req| {
                     reqs.fetch_add(1, Ordering::SeqCst);
                     let fut = f(req, g.clone());
                     async move { Ok::<_, Infallible>(fut.await) }
                 });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                let mut builder =
+                    hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                builder.http2().max_concurrent_streams(streams);
+                let _ = builder
                     .serve_connection_with_upgrades(TokioIo::new(stream), svc)
                     .await;
             });
@@ -338,8 +361,25 @@ where
     TestBackend {
         addr,
         accepted,
+        open,
         requests,
         gate,
+    }
+}
+
+/// Counts a backend connection as open until dropped.
+struct OpenConn(Arc<AtomicUsize>);
+
+impl OpenConn {
+    fn new(count: &Arc<AtomicUsize>) -> OpenConn {
+        count.fetch_add(1, Ordering::SeqCst);
+        OpenConn(count.clone())
+    }
+}
+
+impl Drop for OpenConn {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -478,16 +518,23 @@ where
         .expect("bind backend");
     let addr = listener.local_addr().expect("addr");
     let accepted = Arc::new(AtomicUsize::new(0));
-    let acc = accepted.clone();
+    let open = Arc::new(AtomicUsize::new(0));
+    let (acc, live) = (accepted.clone(), open.clone());
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             acc.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(on_conn(stream));
+            let conn = on_conn(stream);
+            let live = OpenConn::new(&live);
+            tokio::spawn(async move {
+                let _live = live;
+                conn.await;
+            });
         }
     });
     TestBackend {
         addr,
         accepted,
+        open,
         requests: Arc::new(AtomicUsize::new(0)),
         gate: Arc::new(Semaphore::new(0)),
     }
