@@ -44,11 +44,14 @@ const NGINX_DEFAULT_COOKIE: &str = "INGRESSCOOKIE";
 /// ingress-nginx annotations that decide who may reach a route, which portico does not
 /// implement. Served without them, a route would be open that its owner closed: such an
 /// Ingress's routes answer 503 instead, with an Error diagnostic naming the annotation.
-/// (`auth-tls-verify-client: "off"` asks for nothing and is ignored.)
+/// (`auth-tls-secret` alone asks for client certificates: ingress-nginx's
+/// `auth-tls-verify-client` defaults to "on". With `auth-tls-verify-client: "off"` neither asks
+/// for anything and both are ignored.)
 const NGINX_ACCESS_CONTROL: &[&str] = &[
     "auth-url",
     "auth-type",
     "auth-secret",
+    "auth-tls-secret",
     "auth-tls-verify-client",
     "whitelist-source-range",
     "allowlist-source-range",
@@ -87,7 +90,34 @@ const NGINX_UNSUPPORTED_ROUTING: &[(&str, &str)] = &[
     ("session-cookie-path", COOKIE_AS_BUILT),
     ("session-cookie-expires", COOKIE_AS_BUILT),
     ("session-cookie-change-on-failure", COOKIE_AS_BUILT),
+    (
+        "server-alias",
+        "only the rule's host is served; list the other hosts as rules of their own",
+    ),
+    (
+        "limit-rps",
+        "requests are not limited; a RateLimitPolicy (portico.dev/v1alpha1) limits them",
+    ),
+    (
+        "limit-rpm",
+        "requests are not limited; a RateLimitPolicy (portico.dev/v1alpha1) limits them",
+    ),
+    (
+        "limit-connections",
+        "connections are not limited; portico.dev/max-concurrent-requests caps concurrent \
+         requests",
+    ),
+    (
+        "ssl-passthrough",
+        "TLS is terminated by portico and the backend receives plain HTTP",
+    ),
 ];
+
+/// ingress-nginx `canary: "true"`: the Ingress adds a weighted or header-selected alternative
+/// backend to another Ingress's host and path. portico does not split traffic; such an Ingress
+/// is not served (as ingress-nginx, it never takes a path of its own), so the main Ingress
+/// serves all of it.
+const NGINX_CANARY: &str = "canary";
 
 /// A value that cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -128,6 +158,8 @@ pub(super) struct Annotations {
     /// The first ingress-nginx access-control annotation present ([`NGINX_ACCESS_CONTROL`]):
     /// the routes cannot be served as written.
     pub access_control: Option<String>,
+    /// ingress-nginx `canary: "true"` ([`NGINX_CANARY`]): the Ingress is not served.
+    pub canary: bool,
 }
 
 struct Reader<'a, 'd> {
@@ -238,6 +270,29 @@ pub(super) fn parse(
     let load_balance = load_balance(&mut r);
     let health_check = health_check(&mut r);
     let access_control = unsupported_nginx(&mut r);
+    let canary = match r
+        .map
+        .and_then(|m| m.get(&format!("{NGINX_PREFIX}{NGINX_CANARY}")))
+    {
+        None => false,
+        Some(v) => parse_bool(v.trim()).unwrap_or_else(|| {
+            // As in ingress-nginx, an unreadable value leaves the Ingress an ordinary one.
+            bad_nginx_value(&mut r, NGINX_CANARY, v.clone(), "\"true\" or \"false\"");
+            false
+        }),
+    };
+    if canary {
+        r.diags.warn(
+            "Ingress",
+            &r.obj,
+            "UnsupportedAnnotation",
+            format!(
+                "annotation {NGINX_PREFIX}{NGINX_CANARY} is not supported by portico: this canary \
+                 Ingress is not served, and the main Ingress of its hosts and paths serves all \
+                 of their traffic"
+            ),
+        );
+    }
     Annotations {
         connect_timeout,
         read_timeout,
@@ -249,6 +304,7 @@ pub(super) fn parse(
         load_balance,
         health_check,
         access_control,
+        canary,
     }
 }
 
@@ -274,10 +330,13 @@ fn unsupported_nginx(r: &mut Reader<'_, '_>) -> Option<String> {
             format!("annotation {full} is not supported by portico and is ignored: {instead}"),
         );
     }
+    let verify_off = map
+        .get(&format!("{NGINX_PREFIX}auth-tls-verify-client"))
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("off"));
     NGINX_ACCESS_CONTROL.iter().find_map(|name| {
         let full = format!("{NGINX_PREFIX}{name}");
-        let value = map.get(&full)?;
-        let off = *name == "auth-tls-verify-client" && value.trim().eq_ignore_ascii_case("off");
+        map.get(&full)?;
+        let off = name.starts_with("auth-tls-") && verify_off;
         (!off).then_some(full)
     })
 }
@@ -357,13 +416,38 @@ fn nginx_affinity(r: &mut Reader<'_, '_>) -> Option<LoadBalance> {
     }
     let name = match get(NGINX_SESSION_COOKIE_NAME) {
         Some(n) if is_token(n) => n.to_string(),
-        _ => NGINX_DEFAULT_COOKIE.to_string(),
+        Some(n) => {
+            let n = n.to_string();
+            bad_nginx_value(r, NGINX_SESSION_COOKIE_NAME, n, "a cookie name (a token)");
+            NGINX_DEFAULT_COOKIE.to_string()
+        }
+        None => NGINX_DEFAULT_COOKIE.to_string(),
     };
-    let ttl = get(NGINX_SESSION_COOKIE_MAX_AGE)
-        .and_then(|v| v.parse::<u64>().ok())
-        .filter(|s| *s > 0)
-        .map(Duration::from_secs);
+    let ttl = match get(NGINX_SESSION_COOKIE_MAX_AGE) {
+        None => None,
+        Some(v) => match v.parse::<u64>().ok().filter(|s| *s > 0) {
+            Some(secs) => Some(Duration::from_secs(secs)),
+            None => {
+                let v = v.to_string();
+                let expected = "a positive number of seconds (without it the cookie lasts the \
+                     browser session)";
+                bad_nginx_value(r, NGINX_SESSION_COOKIE_MAX_AGE, v, expected);
+                None
+            }
+        },
+    };
     Some(LoadBalance::ConsistentHash(HashKey::Cookie { name, ttl }))
+}
+
+/// Warns that the ingress-nginx annotation `name` holds a `value` that is not `expected`.
+fn bad_nginx_value(r: &mut Reader<'_, '_>, name: &str, value: String, expected: &'static str) {
+    let err = AnnotationError {
+        name: format!("{NGINX_PREFIX}{name}"),
+        value,
+        expected,
+    };
+    r.diags
+        .warn("Ingress", &r.obj, "InvalidAnnotation", err.to_string());
 }
 
 /// RFC 9110 §5.6.2 token (header names; RFC 6265 cookie names are tokens too).
@@ -454,10 +538,15 @@ pub(super) fn ssl_redirect_wanted(map: Option<&BTreeMap<String, String>>, defaul
         .unwrap_or(default)
 }
 
+/// A boolean as ingress-nginx reads one (Go's `strconv.ParseBool`: `1`, `t`, `true`, `0`,
+/// `f`, `false`), in any case.
 fn parse_bool(v: &str) -> Option<bool> {
-    if v.eq_ignore_ascii_case("true") {
+    if ["true", "t", "1"].iter().any(|t| v.eq_ignore_ascii_case(t)) {
         Some(true)
-    } else if v.eq_ignore_ascii_case("false") {
+    } else if ["false", "f", "0"]
+        .iter()
+        .any(|f| v.eq_ignore_ascii_case(f))
+    {
         Some(false)
     } else {
         None

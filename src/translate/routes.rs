@@ -121,7 +121,7 @@ pub(super) fn derive<'a>(inputs: &'a Inputs, opts: &Options, diags: &mut Diags) 
             diags,
         ));
         let ann = &anns[ann_idx];
-        let Some(spec) = ing.spec.as_ref() else {
+        let Some(spec) = ing.spec.as_ref().filter(|_| !ann.canary) else {
             continue;
         };
         // The last backend a path of this Ingress resolved to (see below).
@@ -438,7 +438,8 @@ fn merge_health_check(
             obj,
             "HealthCheckUnsupported",
             format!(
-                "the health check for Service {} is ignored: active checks speak HTTP/1.1 and                  this backend is HTTP/2 cleartext (h2c/gRPC)",
+                "the health check for Service {} is ignored: active checks speak HTTP/1.1 and \
+                 this backend is HTTP/2 cleartext (h2c/gRPC)",
                 spec.key
             ),
         );

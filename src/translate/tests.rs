@@ -1632,6 +1632,8 @@ fn unsupported_access_control_annotations_close_the_routes() {
         ("auth-type", "basic"),
         ("whitelist-source-range", "10.0.0.0/8"),
         ("auth-tls-verify-client", "on"),
+        // ingress-nginx's auth-tls-verify-client defaults to "on".
+        ("auth-tls-secret", "default/client-ca"),
     ] {
         let w = World::web()
             .ing(
@@ -1648,11 +1650,49 @@ fn unsupported_access_control_annotations_close_the_routes() {
         assert_eq!(hit(&s, "h.test", "/admin/x"), "503", "{name}");
         assert_eq!(hit(&s, "h.test", "/other"), "default/web:80", "{name}");
     }
-    // Asking for no client certificate asks for nothing.
+    // Asking for no client certificate asks for nothing, with or without a CA.
     let (s, d) = World::web()
         .ing(
             Ing::new("default", "a")
                 .ann("nginx.ingress.kubernetes.io/auth-tls-verify-client", "off")
+                .ann("nginx.ingress.kubernetes.io/auth-tls-secret", "default/ca")
+                .path("h.test", "Prefix", "/", "web", svc80()),
+        )
+        .run();
+    assert!(d.is_empty(), "{d:?}");
+    assert_eq!(hit(&s, "h.test", "/"), "default/web:80");
+}
+
+/// An ingress-nginx canary Ingress adds a weighted or header-selected backend to another
+/// Ingress's paths. portico does not split traffic: the canary is not served (whatever its
+/// age, so it never takes the main Ingress's paths), with a Warning; the main Ingress serves
+/// everything. `canary: "false"` is an ordinary Ingress.
+#[test]
+fn a_canary_ingress_is_not_served_and_says_so() {
+    let (s, d) = World::web()
+        .ing(
+            Ing::new("default", "canary")
+                .created("2020-01-01T00:00:00Z")
+                .ann("nginx.ingress.kubernetes.io/canary", "true")
+                .ann("nginx.ingress.kubernetes.io/canary-by-header", "x-canary")
+                .path("h.test", "Prefix", "/", "web-v2", svc80())
+                .path("h.test", "Prefix", "/only-canary", "web-v2", svc80()),
+        )
+        .ing(
+            Ing::new("default", "main")
+                .created("2021-01-01T00:00:00Z")
+                .path("h.test", "Prefix", "/", "web", svc80()),
+        )
+        .run();
+    let diag = only(&d, Severity::Warning, "UnsupportedAnnotation");
+    assert_eq!(diag.name, "canary");
+    assert!(diag.message.contains("not served"), "{}", diag.message);
+    assert_eq!(hit(&s, "h.test", "/"), "default/web:80");
+    assert_eq!(hit(&s, "h.test", "/only-canary"), "default/web:80");
+    let (s, d) = World::web()
+        .ing(
+            Ing::new("default", "a")
+                .ann("nginx.ingress.kubernetes.io/canary", "false")
                 .path("h.test", "Prefix", "/", "web", svc80()),
         )
         .run();
@@ -1709,6 +1749,29 @@ fn unsupported_routing_annotations_warn() {
         warned[0].contains("force-ssl-redirect") && warned[0].contains("only on hosts with TLS")
     );
     assert!(warned[1].contains("session-cookie-samesite") && warned[1].contains("SameSite=Lax"));
+    // Annotations users take for limits, and ones that change which hosts or how TLS reaches
+    // the backend.
+    for (name, says) in [
+        ("limit-rps", "RateLimitPolicy"),
+        ("limit-rpm", "RateLimitPolicy"),
+        ("limit-connections", "max-concurrent-requests"),
+        ("server-alias", "only the rule's host"),
+        ("ssl-passthrough", "plain HTTP"),
+    ] {
+        let (_, d) = World::web()
+            .ing(
+                Ing::new("default", "a")
+                    .ann(&format!("nginx.ingress.kubernetes.io/{name}"), "10")
+                    .path("h.test", "Prefix", "/", "web", svc80()),
+            )
+            .run();
+        let diag = only(&d, Severity::Warning, "UnsupportedAnnotation");
+        assert!(
+            diag.message.contains(name) && diag.message.contains(says),
+            "{name}: {}",
+            diag.message
+        );
+    }
     let (_, d) = World::web()
         .ing(
             Ing::new("default", "a")
@@ -1729,6 +1792,18 @@ fn annotation_ssl_redirect_opt_out_under_both_names() {
         let (p, d) = policy_with(&[(name, "false")], &o);
         assert_eq!(p.ssl_redirect, SslRedirect::No, "{name}");
         assert!(d.is_empty());
+    }
+    // ingress-nginx reads booleans with Go's strconv.ParseBool.
+    for (value, want) in [
+        ("0", SslRedirect::No),
+        ("f", SslRedirect::No),
+        ("FALSE", SslRedirect::No),
+        ("1", SslRedirect::Yes),
+        ("T", SslRedirect::Yes),
+    ] {
+        let (p, d) = policy_with(&[("nginx.ingress.kubernetes.io/ssl-redirect", value)], &o);
+        assert_eq!(p.ssl_redirect, want, "{value}");
+        assert!(d.is_empty(), "{value}: {d:?}");
     }
     // portico.dev wins over the nginx name.
     let (p, _) = policy_with(
@@ -1971,6 +2046,26 @@ fn annotation_load_balance_values_and_bad_values() {
             ],
             cookie("route", Some(172_800)),
             true,
+        ),
+        // A cookie name or lifetime that cannot be used is replaced, with a warning.
+        (
+            vec![
+                ("nginx.ingress.kubernetes.io/affinity", "cookie"),
+                (
+                    "nginx.ingress.kubernetes.io/session-cookie-name",
+                    "bad name",
+                ),
+            ],
+            cookie("INGRESSCOOKIE", None),
+            false,
+        ),
+        (
+            vec![
+                ("nginx.ingress.kubernetes.io/affinity", "cookie"),
+                ("nginx.ingress.kubernetes.io/session-cookie-max-age", "2d"),
+            ],
+            cookie("INGRESSCOOKIE", None),
+            false,
         ),
         // portico's own annotation wins over the nginx one.
         (
