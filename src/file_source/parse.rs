@@ -1,13 +1,17 @@
 //! Parsing of manifest files: multi-document YAML → typed Kubernetes objects.
 //!
-//! Comment-only and empty documents are skipped, `kind: List` is flattened, kinds portico does
-//! not read are ignored, objects without a namespace land in `default`, an object without
-//! `metadata.name` fails its document (as the API server refuses it), and Secret `stringData`
-//! is merged into `data` as the API server would. Fields translate never reads
+//! Comment-only and empty documents are skipped, `kind: List` (and any `*List` kind with
+//! `items`, as `kubectl get -o yaml` writes) is flattened, kinds portico does not read are
+//! ignored, objects without a namespace land in `default`, an object without
+//! `metadata.name` fails its document (as the API server refuses it), Secret `data` may wrap
+//! its base64 over lines (as Go's decoder, and so `kubectl apply`, accepts), and Secret
+//! `stringData` is merged into `data` as the API server would. Fields translate never reads
 //! (`managedFields`, the last-applied annotation, Ingress/Service `status`, per-endpoint
 //! EndpointSlice `targetRef`/`nodeName`/`zone`/`hints`/`hostname`) are dropped before typing,
 //! so the file source does not hold them between rebuilds. Any document that fails to
-//! parse fails the whole file, so the caller can keep the file's last good objects.
+//! parse fails the whole file, so the caller can keep the file's last good objects. Errors
+//! name the document (counting from 1, empty ones not counted) and the object when known, and
+//! never quote the file's text (a Secret's data must not reach a log).
 //!
 //! Owns: text → objects. Pure: must not import tokio, notify or the filesystem (the caller
 //! reads the bytes), nor the proxy.
@@ -51,29 +55,65 @@ pub enum Object {
 pub enum ParseError {
     #[error("invalid YAML: {0}")]
     Yaml(String),
-    #[error("document {index}: {message}")]
-    Document { index: usize, message: String },
+    /// `at` says where: "document 3", "document 3, item 5 (Service default/b)".
+    #[error("{at}: {message}")]
+    Document { at: String, message: String },
+}
+
+/// What the YAML parser may spend on one file. Files are at most 8 MiB (the scanner's cap),
+/// which real manifests fill with about a million nodes; the crate's defaults (1 024
+/// documents, 250 000 nodes) refused ordinary large files such as `kubectl get -o yaml` of a
+/// few thousand Ingresses. Aliases stay bounded by absolute caps (50 000 aliases, 262 144
+/// recorded events), which stop alias bombs; the crate's alias-to-anchor ratio heuristic is
+/// off, since one anchor shared by every object of a List is ordinary YAML.
+fn yaml_options() -> serde_saphyr::Options {
+    let mut budget = serde_saphyr::Budget::default();
+    budget.max_documents = 1 << 17;
+    budget.max_nodes = 1 << 21;
+    budget.max_events = 1 << 22;
+    budget.enforce_alias_anchor_ratio = false;
+    // What aliases may copy: an alias bomb hits this first. A quarter of the crate's default
+    // (a million events took seconds to refuse).
+    budget.max_recorded_anchor_events = 1 << 18;
+    let mut options = serde_saphyr::Options::default();
+    options.budget = Some(budget);
+    // The crate's errors would quote the lines around a syntax error: in a Secret, its data.
+    options.with_snippet = false;
+    options
 }
 
 /// Parse the text of one manifest file.
 pub fn parse_manifests(text: &str) -> Result<Vec<Object>, ParseError> {
-    let docs: Vec<Value> =
-        serde_saphyr::from_multiple(text).map_err(|e| ParseError::Yaml(e.to_string()))?;
+    let docs: Vec<Value> = serde_saphyr::from_multiple_with_options(text, yaml_options())
+        .map_err(|e| ParseError::Yaml(e.to_string()))?;
     let mut out = Vec::new();
     for (index, doc) in docs.into_iter().enumerate() {
-        parse_value(doc, index, &mut out)?;
+        parse_value(doc, &format!("document {}", index + 1), &mut out)?;
     }
     Ok(out)
 }
 
-fn parse_value(doc: Value, index: usize, out: &mut Vec<Object>) -> Result<(), ParseError> {
-    let err = |message: String| ParseError::Document { index, message };
+/// "Kind namespace/name" (or "Kind name") of an untyped object, when it has a name.
+fn describe(kind: &str, obj: &serde_json::Map<String, Value>) -> Option<String> {
+    let meta = obj.get("metadata")?;
+    let name = meta.get("name").and_then(Value::as_str)?;
+    Some(match meta.get("namespace").and_then(Value::as_str) {
+        Some(ns) => format!("{kind} {ns}/{name}"),
+        None => format!("{kind} {name}"),
+    })
+}
+
+fn parse_value(doc: Value, at: &str, out: &mut Vec<Object>) -> Result<(), ParseError> {
+    let plain = |message: String| ParseError::Document {
+        at: at.to_string(),
+        message,
+    };
     let mut obj = match doc {
         Value::Null => return Ok(()),
         Value::Object(map) => map,
         _ => {
-            return Err(err(
-                "a document must be a mapping (a Kubernetes object)".into()
+            return Err(plain(
+                "a document must be a mapping (a Kubernetes object)".into(),
             ));
         }
     };
@@ -88,22 +128,34 @@ fn parse_value(doc: Value, index: usize, out: &mut Vec<Object>) -> Result<(), Pa
         .unwrap_or_default()
         .to_string();
     if kind.is_empty() {
-        return Err(err("missing `kind`".into()));
+        return Err(plain("missing `kind`".into()));
     }
+    // `kind: List`, and the typed lists the API returns (`IngressList`, `ServiceList`...).
+    if kind.ends_with("List") && (kind == "List" || obj.contains_key("items")) {
+        let items = match obj.remove("items") {
+            Some(Value::Array(items)) => items,
+            Some(Value::Null) | None => Vec::new(),
+            Some(_) => return Err(plain(format!("{kind} `items` must be a sequence"))),
+        };
+        for (i, item) in items.into_iter().enumerate() {
+            parse_value(item, &format!("{at}, item {}", i + 1), out)?;
+        }
+        return Ok(());
+    }
+    let named = describe(&kind, &obj);
+    let err = |message: String| ParseError::Document {
+        at: match &named {
+            Some(named) => format!("{at} ({named})"),
+            None => at.to_string(),
+        },
+        message,
+    };
     trim(&mut obj, &kind);
+    if kind == "Secret" {
+        unwrap_base64_lines(&mut obj);
+    }
     let value = Value::Object(obj);
     let parsed = match (api_version.as_str(), kind.as_str()) {
-        ("v1", "List") => {
-            let items = match value.get("items") {
-                Some(Value::Array(items)) => items.clone(),
-                Some(Value::Null) | None => Vec::new(),
-                Some(_) => return Err(err("List `items` must be a sequence".into())),
-            };
-            for item in items {
-                parse_value(item, index, out)?;
-            }
-            return Ok(());
-        }
         ("networking.k8s.io/v1", "Ingress") => Object::Ingress(typed(value, &kind).map_err(err)?),
         ("networking.k8s.io/v1", "IngressClass") => {
             Object::IngressClass(typed(value, &kind).map_err(err)?)
@@ -177,6 +229,21 @@ fn trim(obj: &mut serde_json::Map<String, Value>, kind: &str) {
         meta.remove("managedFields");
         if let Some(Value::Object(annotations)) = meta.get_mut("annotations") {
             annotations.remove(LAST_APPLIED_ANNOTATION);
+        }
+    }
+}
+
+/// Secret `data` values with their line breaks removed: base64 wrapped at 76 columns (what
+/// `base64` prints) is valid there, since Go's decoder skips `\r` and `\n`.
+fn unwrap_base64_lines(obj: &mut serde_json::Map<String, Value>) {
+    let Some(Value::Object(data)) = obj.get_mut("data") else {
+        return;
+    };
+    for value in data.values_mut() {
+        if let Value::String(s) = value
+            && s.contains(['\r', '\n'])
+        {
+            s.retain(|c| c != '\r' && c != '\n');
         }
     }
 }
@@ -278,7 +345,7 @@ mod tests {
     fn an_object_needs_a_name_and_cluster_scoped_ones_get_no_namespace() {
         let err = parse_manifests("apiVersion: v1\nkind: Service\nmetadata: {namespace: a}\n");
         assert!(
-            matches!(&err, Err(ParseError::Document { index: 0, message }) if message.contains("metadata.name")),
+            matches!(&err, Err(ParseError::Document { at, message }) if at == "document 1" && message.contains("metadata.name")),
             "{err:?}"
         );
         let text =
@@ -426,5 +493,87 @@ spec: {type: ExternalName, externalName: example.org}
     fn list_is_flattened() {
         let text = "apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Service\n  metadata: {name: a}\n- apiVersion: v1\n  kind: Service\n  metadata: {name: b}\n";
         assert_eq!(parse_manifests(text).expect("parses").len(), 2);
+        // What `kubectl get ingress,svc -o yaml` of one kind writes.
+        let text = "apiVersion: networking.k8s.io/v1\nkind: IngressList\nmetadata: {resourceVersion: \"1\"}\nitems:\n- apiVersion: networking.k8s.io/v1\n  kind: Ingress\n  metadata: {name: a}\n";
+        let objs = parse_manifests(text).expect("parses");
+        assert!(matches!(objs.as_slice(), [Object::Ingress(_)]), "{objs:?}");
+    }
+
+    /// Errors say which document (from 1, as an editor counts the non-empty ones) and which
+    /// object, and List items by position.
+    #[test]
+    fn errors_name_the_document_and_the_object() {
+        let text = "# header\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec: {ports: 80}\n";
+        let e = parse_manifests(text).expect_err("bad ports").to_string();
+        assert!(
+            e.starts_with("document 2 (Service shop/web): invalid Service"),
+            "{e}"
+        );
+        let text = "apiVersion: v1\nkind: List\nitems:\n- {apiVersion: v1, kind: Service, metadata: {name: a}}\n- {apiVersion: v1, kind: Service, metadata: {name: b}, spec: {ports: 80}}\n";
+        let e = parse_manifests(text).expect_err("bad ports").to_string();
+        assert!(e.starts_with("document 1, item 2 (Service b): "), "{e}");
+    }
+
+    /// A syntax error's message does not quote the lines around it: in a Secret they are its
+    /// data, and the message goes to the log and to `portico check`.
+    #[test]
+    fn a_syntax_error_does_not_quote_the_file() {
+        let text = "apiVersion: v1\nkind: Secret\nmetadata: {name: s}\nstringData:\n  password: s3cr3t-do-not-log\n  other: [unclosed\n";
+        let e = parse_manifests(text).expect_err("syntax error").to_string();
+        assert!(!e.contains("s3cr3t"), "{e}");
+    }
+
+    /// base64 wrapped at 76 columns (`base64` without `-w0`) is what many Secret manifests
+    /// hold; the API server's decoder skips the line breaks.
+    #[test]
+    fn secret_data_may_wrap_its_base64() {
+        let text = "apiVersion: v1\nkind: Secret\nmetadata: {name: s}\ndata:\n  tls.crt: |\n    aGVsbG8g\n    d29ybGQ=\n";
+        let objs = parse_manifests(text).expect("parses");
+        let Object::Secret(s) = &objs[0] else {
+            panic!("not a secret")
+        };
+        let data = s.data.as_ref().expect("data");
+        assert_eq!(
+            data.get("tls.crt").map(|b| b.0.as_slice()),
+            Some(&b"hello world"[..])
+        );
+    }
+
+    /// Large ordinary files parse: more than the YAML crate's default 1 024 documents and
+    /// 250 000 nodes, and one anchor shared by every object.
+    #[test]
+    fn large_files_and_shared_anchors_parse() {
+        let mut text = String::new();
+        for i in 0..2000 {
+            text.push_str(&format!("---\napiVersion: v1\nkind: Service\nmetadata: {{name: s{i}}}\nspec: {{ports: [{{port: 80}}]}}\n"));
+        }
+        assert_eq!(parse_manifests(&text).expect("2000 documents").len(), 2000);
+        let mut text = String::from(
+            "apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Service\n  metadata: {name: s0, labels: &l {app: web}}\n",
+        );
+        for i in 1..300 {
+            text.push_str(&format!(
+                "- apiVersion: v1\n  kind: Service\n  metadata: {{name: s{i}, labels: *l}}\n"
+            ));
+        }
+        assert_eq!(parse_manifests(&text).expect("shared anchor").len(), 300);
+        let item = "- apiVersion: networking.k8s.io/v1\n  kind: Ingress\n  metadata: {name: NAME, annotations: {a: b, c: d}}\n  spec:\n    rules:\n    - host: h.example\n      http:\n        paths:\n        - {path: /a, pathType: Prefix, backend: {service: {name: web, port: {number: 80}}}}\n        - {path: /b, pathType: Prefix, backend: {service: {name: web, port: {number: 80}}}}\n";
+        let mut text = String::from("apiVersion: v1\nkind: List\nitems:\n");
+        for i in 0..9000 {
+            text.push_str(&item.replace("NAME", &format!("i{i}")));
+        }
+        assert_eq!(parse_manifests(&text).expect("9000 Ingresses").len(), 9000);
+    }
+
+    /// An alias bomb (each level doubles ten times) is refused, not expanded.
+    #[test]
+    fn an_alias_bomb_is_refused() {
+        let mut text = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+        for i in 1..10 {
+            let p = i - 1;
+            text.push_str(&format!("a{i}: &a{i} [*a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}]\n"));
+        }
+        let e = parse_manifests(&text).expect_err("bomb");
+        assert!(matches!(e, ParseError::Yaml(_)), "{e}");
     }
 }
