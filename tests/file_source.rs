@@ -712,3 +712,78 @@ async fn file_changes_reach_the_rebuild_loop_within_a_second() {
             .expect("no panic");
     }
 }
+
+/// Wait (bounded) until the source has finished a rescan after `seen` ones.
+async fn rescanned_after(live: &Live, seen: u64) {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while live.source.rescans() <= seen {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no rescan within {DEADLINE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// `kubectl get -o yaml > a.yaml` and `helm template > a.yaml`: the shell truncates the file
+/// first, and the writer may pause before (and while) writing. Until the file is closed its
+/// last version keeps serving; a new file is not read before its close either.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn a_file_being_written_keeps_its_last_version_until_closed() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().to_path_buf();
+    write(&d.join("a.yaml"), &service("a", 80));
+    // Only event-driven rescans, so each one counted below follows the write before it.
+    let mut config = FileSourceConfig::new(&d);
+    config.rescan_interval = Duration::from_secs(3600);
+    let live = start_live(config).await;
+    assert_eq!(services(&live.source.inputs().0), ["default/a:80"]);
+
+    let seen = live.source.rescans();
+    let mut f = fs::File::create(d.join("a.yaml")).expect("truncate");
+    rescanned_after(&live, seen).await;
+    assert_eq!(
+        services(&live.source.inputs().0),
+        ["default/a:80"],
+        "the truncated file is not served"
+    );
+    let text = service("a", 81) + "---\n" + &service("a2", 81);
+    let (first, rest) = text.split_at(text.find("---").expect("separator"));
+    let seen = live.source.rescans();
+    f.write_all(first.as_bytes()).expect("write");
+    f.flush().expect("flush");
+    rescanned_after(&live, seen).await;
+    assert_eq!(
+        services(&live.source.inputs().0),
+        ["default/a:80"],
+        "half the new version is not served"
+    );
+    // A new file, open and half written.
+    let seen = live.source.rescans();
+    let mut g = fs::File::create(d.join("b.yaml")).expect("create");
+    g.write_all(b"apiVersion: v1\nkind: Serv").expect("write");
+    rescanned_after(&live, seen).await;
+    let (inputs, diags) = live.source.inputs();
+    assert_eq!(services(&inputs), ["default/a:80"]);
+    assert!(
+        diags.is_empty(),
+        "the half-written new file is not read: {diags:?}"
+    );
+
+    f.write_all(rest.as_bytes()).expect("write");
+    drop(f);
+    live.until("a.yaml closed", |i, _| {
+        services(i) == ["default/a2:81", "default/a:81"]
+    })
+    .await;
+    g.write_all(b"ice\nmetadata: {name: b}\nspec: {ports: [{port: 80}]}\n")
+        .expect("write");
+    drop(g);
+    live.until("b.yaml closed", |i, d| {
+        services(i) == ["default/a2:81", "default/a:81", "default/b:80"] && d.is_empty()
+    })
+    .await;
+    live.stop().await;
+}

@@ -34,6 +34,11 @@
 //!   lead to (a linked file's directory, a linked directory) get their own non-recursive
 //!   watches, kept in step with each rescan. A rescan reads only the files whose `stat`
 //!   changed since they were last read (see `scan::SETTLE_BEFORE_TRUST`).
+//! - Files being written: on Linux, inotify reports when a file written to is closed. A file
+//!   written to (or truncated) and not closed since, keeps the version last read (a new one is
+//!   not read yet) for up to [`WRITE_HOLD_CAP`], so `kubectl get -o yaml > f` or `helm
+//!   template > f` with a pause between the truncation and the writing never serves the empty
+//!   or partial file in between.
 //!
 //! # Wiring (what `app` does for `portico run --manifests DIR`)
 //!
@@ -72,7 +77,7 @@
 pub mod parse;
 mod scan;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -101,6 +106,12 @@ pub const DEFAULT_RESCAN_INTERVAL: Duration = Duration::from_secs(2);
 pub const DEFAULT_SETTLE: Duration = Duration::from_millis(25);
 /// The longest a rescan waits for a quiet moment after the first event.
 pub const MAX_SETTLE: Duration = Duration::from_millis(300);
+/// The longest a file written to and not closed keeps its last version (a writer that holds
+/// it open longer, or a close event lost to an inotify overflow, costs this much delay).
+pub const WRITE_HOLD_CAP: Duration = Duration::from_secs(5);
+
+/// Files written to and not closed since, with when that was first seen (see the module doc).
+type Writing = Arc<Mutex<HashMap<PathBuf, std::time::Instant>>>;
 
 /// Errors of the file source.
 #[derive(Debug, thiserror::Error)]
@@ -187,9 +198,10 @@ impl FileSource {
         F: std::future::Future<Output = ()> + Send + 'static,
     {
         let events = Arc::new(Notify::new());
+        let writing = Writing::default();
         // Watch before the first scan, so a change made during the scan is not missed.
         let watcher = if config.watch {
-            match make_watcher(&config.dir, events.clone()) {
+            match make_watcher(&config.dir, events.clone(), writing.clone()) {
                 Ok(w) => Some(w),
                 Err(e) => {
                     tracing::warn!(
@@ -252,6 +264,7 @@ impl FileSource {
             source.clone(),
             state,
             events,
+            writing,
             watch,
             config,
             metrics,
@@ -287,6 +300,7 @@ async fn watch_loop<F>(
     source: Arc<FileSource>,
     state: Arc<Mutex<scan::DirState>>,
     events: Arc<Notify>,
+    writing: Writing,
     // Owned by the task, so the watch lives exactly as long as it.
     mut watch: WatchState,
     config: FileSourceConfig,
@@ -313,9 +327,10 @@ async fn watch_loop<F>(
         }
         let st = state.clone();
         let dir = config.dir.clone();
+        let held = being_written(&writing);
         let result = tokio::task::spawn_blocking(move || {
             let mut st = st.lock().unwrap_or_else(PoisonError::into_inner);
-            let changed = st.refresh(&dir);
+            let changed = st.refresh(&dir, &held);
             let update = changed.then(|| (st.inputs(), st.invalid_files()));
             (update, st.external_dirs().clone())
         })
@@ -345,6 +360,44 @@ async fn watch_loop<F>(
         }
     }
 }
+
+/// The files written to and not closed since, for at most [`WRITE_HOLD_CAP`] (older entries
+/// are forgotten).
+fn being_written(writing: &Writing) -> HashSet<PathBuf> {
+    let mut writing = writing.lock().unwrap_or_else(PoisonError::into_inner);
+    writing.retain(|_, since| since.elapsed() < WRITE_HOLD_CAP);
+    writing.keys().cloned().collect()
+}
+
+/// Keep [`Writing`] in step with one event. Only where the watch reports closes (inotify):
+/// elsewhere nothing would end a hold but the cap.
+#[cfg(target_os = "linux")]
+fn track_writes(writing: &Writing, event: &notify::Event) {
+    use notify::event::{AccessKind, AccessMode, ModifyKind};
+    // A write (a truncation included) opens the hold, not a creation: a symlink (a ConfigMap
+    // key) is created without ever being written or closed, and an empty new file serves
+    // nothing anyway.
+    let opened = match event.kind {
+        EventKind::Modify(ModifyKind::Data(_)) => true,
+        EventKind::Access(AccessKind::Close(AccessMode::Write))
+        | EventKind::Remove(_)
+        | EventKind::Modify(ModifyKind::Name(_)) => false,
+        _ => return,
+    };
+    let mut writing = writing.lock().unwrap_or_else(PoisonError::into_inner);
+    for path in &event.paths {
+        if opened {
+            writing
+                .entry(path.clone())
+                .or_insert_with(std::time::Instant::now);
+        } else {
+            writing.remove(path);
+        }
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn track_writes(_writing: &Writing, _event: &notify::Event) {}
 
 /// Drop a stored wake-up, if any: polling a fresh `Notified` once consumes the permit.
 /// Consume a notification stored while nobody waited; true when there was one.
@@ -404,11 +457,19 @@ fn set_invalid_gauge(metrics: &Metrics, invalid: usize) {
         .set(i64::try_from(invalid).unwrap_or(i64::MAX));
 }
 
-fn make_watcher(dir: &Path, events: Arc<Notify>) -> notify::Result<notify::RecommendedWatcher> {
+fn make_watcher(
+    dir: &Path,
+    events: Arc<Notify>,
+    writing: Writing,
+) -> notify::Result<notify::RecommendedWatcher> {
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         match res {
-            Ok(event) if !is_relevant(&event.kind) => {}
-            Ok(_) => events.notify_one(),
+            Ok(event) => {
+                track_writes(&writing, &event);
+                if is_relevant(&event.kind) {
+                    events.notify_one();
+                }
+            }
             Err(e) => {
                 // E.g. an inotify queue overflow: events may be lost, so rescan now.
                 tracing::warn!(error = %e, "manifests directory watch error");

@@ -145,9 +145,11 @@ impl DirState {
     }
 
     /// Rescan `root`, recording a DIR-level diagnostic (and keeping every file as it was) when
-    /// DIR itself cannot be listed. Returns whether inputs or diagnostics changed.
-    pub fn refresh(&mut self, root: &Path) -> bool {
-        match self.rescan(root) {
+    /// DIR itself cannot be listed. Files in `held` (paths as the walk builds them: `root`
+    /// joined with the names below it) are open for writing: each keeps the version last read,
+    /// and one not read before waits. Returns whether inputs or diagnostics changed.
+    pub fn refresh(&mut self, root: &Path, held: &HashSet<PathBuf>) -> bool {
+        match self.rescan_at(root, SystemTime::now(), held) {
             Ok(changed) => {
                 let cleared = self.root_error.take().is_some();
                 changed || cleared
@@ -164,12 +166,17 @@ impl DirState {
     /// Rescan `root`. Fails only when `root` itself cannot be listed, leaving the state as it
     /// was. Returns whether inputs or diagnostics changed.
     pub fn rescan(&mut self, root: &Path) -> io::Result<bool> {
-        self.rescan_at(root, SystemTime::now())
+        self.rescan_at(root, SystemTime::now(), &HashSet::new())
     }
 
     /// [`DirState::rescan`] as of `scan_start` (tests move it forward instead of waiting for
     /// files to settle).
-    fn rescan_at(&mut self, root: &Path, scan_start: SystemTime) -> io::Result<bool> {
+    fn rescan_at(
+        &mut self,
+        root: &Path,
+        scan_start: SystemTime,
+        held: &HashSet<PathBuf>,
+    ) -> io::Result<bool> {
         let walk = walk(root)?;
         let mut changed = walk.problems != self.walk_problems;
         self.walk_problems = walk.problems;
@@ -177,6 +184,14 @@ impl DirState {
 
         let mut next: BTreeMap<String, FileEntry> = BTreeMap::new();
         for found in walk.files {
+            // Being written (truncated and not yet closed, say): what it holds now may be a
+            // part of the new version, which parses as fewer objects as often as not.
+            if held.contains(&found.path) {
+                if let Some(prev) = self.files.remove(&found.rel) {
+                    next.insert(found.rel, prev);
+                }
+                continue;
+            }
             // Stat'ed before the read: a change after it gives the next scan another stamp.
             let stamp = found
                 .meta
@@ -635,11 +650,19 @@ mod tests {
         fs::write(&b, service("two")).expect("write");
         let later = SystemTime::now() + Duration::from_secs(10);
         let mut state = DirState::new();
-        assert!(state.rescan_at(dir.path(), later).expect("scan"));
+        assert!(
+            state
+                .rescan_at(dir.path(), later, &HashSet::new())
+                .expect("scan")
+        );
         let both = state.bytes_read;
         assert_eq!(both, (service("one").len() + service("two").len()) as u64);
 
-        assert!(!state.rescan_at(dir.path(), later).expect("scan"));
+        assert!(
+            !state
+                .rescan_at(dir.path(), later, &HashSet::new())
+                .expect("scan")
+        );
         assert_eq!(state.bytes_read, both, "nothing changed: nothing read");
 
         // Replaced by rename, as a ConfigMap update or an editor does: only b is read.
@@ -647,7 +670,11 @@ mod tests {
         fs::write(&tmp, service("three")).expect("write");
         fs::rename(&tmp, &b).expect("rename");
         let later = SystemTime::now() + Duration::from_secs(10);
-        assert!(state.rescan_at(dir.path(), later).expect("scan"));
+        assert!(
+            state
+                .rescan_at(dir.path(), later, &HashSet::new())
+                .expect("scan")
+        );
         assert_eq!(state.bytes_read, both + service("three").len() as u64);
         assert_eq!(names(&state), ["one", "three"]);
     }
@@ -677,11 +704,19 @@ mod tests {
         f.set_modified(mtime).expect("set mtime back");
         drop(f);
         let later = SystemTime::now() + Duration::from_secs(10);
-        assert!(state.rescan_at(dir.path(), later).expect("scan"));
+        assert!(
+            state
+                .rescan_at(dir.path(), later, &HashSet::new())
+                .expect("scan")
+        );
         assert_eq!(names(&state), ["two"]);
         // Now settled: the next scan at that time does not read it again.
         let read = state.bytes_read;
-        assert!(!state.rescan_at(dir.path(), later).expect("scan"));
+        assert!(
+            !state
+                .rescan_at(dir.path(), later, &HashSet::new())
+                .expect("scan")
+        );
         assert_eq!(state.bytes_read, read);
     }
 
@@ -725,14 +760,17 @@ mod tests {
         fs::create_dir(&root).expect("mkdir");
         fs::write(root.join("a.yaml"), service("one")).expect("write");
         let mut state = DirState::new();
-        assert!(state.refresh(&root));
+        assert!(state.refresh(&root, &HashSet::new()));
 
         fs::remove_dir_all(&root).expect("rm");
         assert!(
-            state.refresh(&root),
+            state.refresh(&root, &HashSet::new()),
             "losing DIR is a change (a diagnostic)"
         );
-        assert!(!state.refresh(&root), "still gone: no further change");
+        assert!(
+            !state.refresh(&root, &HashSet::new()),
+            "still gone: no further change"
+        );
         assert_eq!(names(&state), ["one"]);
         let diags = state.inputs().1;
         assert_eq!(diags.len(), 1, "{diags:?}");
@@ -743,7 +781,7 @@ mod tests {
 
         fs::create_dir(&root).expect("mkdir");
         fs::write(root.join("b.yaml"), service("two")).expect("write");
-        assert!(state.refresh(&root));
+        assert!(state.refresh(&root, &HashSet::new()));
         assert_eq!(names(&state), ["two"]);
         assert!(state.inputs().1.is_empty());
     }
