@@ -37,10 +37,14 @@ pub const MAX_KEY_BYTES: usize = 64;
 /// How many of the least recently used entries are looked at for a full (stateless) bucket
 /// before the oldest one with state is evicted.
 const EVICT_SCAN: usize = 8;
+/// How far down the least recently used entries an eviction looks for a bucket of the policy
+/// that holds the most keys (see [`Shard::make_room`]).
+const VICTIM_SCAN: usize = 256;
 
 /// What a bucket is keyed by within one policy.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum KeyValue {
+    /// An IPv4 address, or an IPv6 address's /64 (see [`client_key`]).
     Ip(IpAddr),
     /// A header value up to [`MAX_KEY_BYTES`].
     Header(Box<[u8]>),
@@ -127,6 +131,20 @@ fn view_of(u: &Units, level: u128) -> BucketView {
     }
 }
 
+/// The bucket key of a client address: an IPv4 address as is, an IPv6 address by its /64.
+/// One IPv6 host (or subscriber) is routinely given a whole /64 and may use any address in it,
+/// so keyed by full address a single client would have 2^64 fresh buckets (RFC 6177: end
+/// sites get a /64 or more).
+pub fn client_key(client: IpAddr) -> IpAddr {
+    match client {
+        IpAddr::V4(_) => client,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((v6.to_bits() & !u128::from(u64::MAX)).into()),
+        },
+    }
+}
+
 fn elapsed_ns(from: Instant, now: Instant) -> u128 {
     now.saturating_duration_since(from).as_nanos()
 }
@@ -137,6 +155,8 @@ struct Shard {
     /// Least recently used first.
     lru: BTreeMap<u64, BucketKey>,
     next_seq: u64,
+    /// Keys held per policy.
+    per_policy: HashMap<PolicyRef, usize>,
 }
 
 impl Shard {
@@ -148,7 +168,19 @@ impl Shard {
     fn remove(&mut self, key: &BucketKey) -> Option<Slot> {
         let slot = self.map.remove(key)?;
         self.lru.remove(&slot.seq);
+        if let Some(n) = self.per_policy.get_mut(&key.policy) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_policy.remove(&key.policy);
+            }
+        }
         Some(slot)
+    }
+
+    fn insert(&mut self, key: BucketKey, slot: Slot) {
+        *self.per_policy.entry(key.policy.clone()).or_default() += 1;
+        self.lru.insert(slot.seq, key.clone());
+        self.map.insert(key, slot);
     }
 
     fn touch(&mut self, key: &BucketKey) {
@@ -182,8 +214,10 @@ impl Shard {
     }
 
     /// Make room for one more key under `cap`: a full bucket among the least recently used
-    /// goes first (no state lost); otherwise the least recently used one. Returns (dropped,
-    /// of which evicted with state).
+    /// goes first (no state lost); otherwise the least recently used bucket of the policy
+    /// that holds the most keys. A flood of distinct keys (header values a client makes up,
+    /// addresses) thus evicts its own policy's buckets, not the state of clients another
+    /// policy is limiting. Returns (dropped, of which evicted with state).
     fn make_room(&mut self, cap: usize, now: Instant) -> (usize, usize) {
         let (mut dropped, mut evicted) = (0, 0);
         while self.map.len() >= cap {
@@ -195,13 +229,28 @@ impl Shard {
                 .cloned();
             let victim = match full {
                 Some(k) => k,
-                None => match self.lru.first_key_value() {
-                    Some((_, k)) => {
-                        evicted += 1;
-                        k.clone()
+                None => {
+                    let largest = self
+                        .per_policy
+                        .iter()
+                        .max_by_key(|(_, n)| **n)
+                        .map(|(p, _)| p);
+                    // The largest policy holds at least its share of the keys, so one of
+                    // them is near the front unless it is also the most active one; then the
+                    // least recently used bucket of any policy goes.
+                    let of_largest = self
+                        .lru
+                        .values()
+                        .take(VICTIM_SCAN)
+                        .find(|k| Some(&k.policy) == largest);
+                    match of_largest.or_else(|| self.lru.values().next()) {
+                        Some(k) => {
+                            evicted += 1;
+                            k.clone()
+                        }
+                        None => break,
                     }
-                    None => break,
-                },
+                }
             };
             self.remove(&victim);
             dropped += 1;
@@ -309,7 +358,7 @@ impl Limiter {
     /// The key value of `limit` for this request.
     pub fn key_value(&self, key: &RateLimitKey, client: IpAddr, headers: &HeaderMap) -> KeyValue {
         match key {
-            RateLimitKey::ClientIp => KeyValue::Ip(client),
+            RateLimitKey::ClientIp => KeyValue::Ip(client_key(client)),
             RateLimitKey::Global => KeyValue::Global,
             RateLimitKey::Header(name) => {
                 let mut lines = headers.get_all(name.as_str()).iter();
@@ -450,7 +499,7 @@ impl Limiter {
             }
             let seq = shard.next_seq;
             shard.next_seq += 1;
-            shard.map.insert(
+            shard.insert(
                 key.clone(),
                 Slot {
                     level,
@@ -459,7 +508,6 @@ impl Limiter {
                     seq,
                 },
             );
-            shard.lru.insert(seq, key.clone());
             added = true;
         }
         drop(shard);
@@ -590,6 +638,25 @@ fn sf_string(s: &str) -> String {
 /// next token (left out while the bucket is full). A `maxInFlight`-only policy uses the draft's
 /// `concurrent-requests` quota unit (§3.1.2), with `r` = free slots. `None` when no policy
 /// applies.
+/// The largest integer a structured field may carry (RFC 9651 §3.3.1: 15 digits); a larger
+/// one makes a client discard the whole field.
+const SF_INTEGER_MAX: u128 = 999_999_999_999_999;
+
+/// `RateLimit-Policy`'s `q` and `w` of a bucket: `w` is the time to refill the burst in whole
+/// seconds (rounded up, at least 1, at most [`SF_INTEGER_MAX`]) and `q` the tokens that refill
+/// in `w`. When the refill takes whole seconds `q` is the burst; otherwise (1000 a second with a
+/// burst of 1, say) `q` grows with the rounded-up window, so `q/w` stays the sustained rate
+/// instead of falling to 1 a second.
+fn quota_window(spec: &TokenBucketSpec) -> (u128, u128) {
+    let u = Units::of(spec);
+    let window = u
+        .ns_until(0, u.cap)
+        .div_ceil(1_000_000_000)
+        .clamp(1, SF_INTEGER_MAX);
+    let quota = (u.r * window * 1_000_000_000 / u.p).clamp(1, SF_INTEGER_MAX);
+    (quota, window)
+}
+
 fn render(
     limits: &[RateLimit],
     views: &[Option<BucketView>],
@@ -601,9 +668,8 @@ fn render(
         let name = sf_string(&limit.policy.name);
         match (&limit.bucket, view, limit.max_in_flight) {
             (Some(spec), Some(view), _) => {
-                let u = Units::of(spec);
-                let window = u.ns_until(0, u.cap).div_ceil(1_000_000_000).max(1);
-                policy.push(format!("{name};q={};w={window}", spec.burst.max(1)));
+                let (quota, window) = quota_window(spec);
+                policy.push(format!("{name};q={quota};w={window}"));
                 state.push(match view.reset_secs {
                     Some(t) => format!("{name};r={};t={t}", view.remaining),
                     None => format!("{name};r={}", view.remaining),
@@ -957,6 +1023,92 @@ mod tests {
         // The regular client's bucket survived with its state: 5 - 1 - 200 touches → empty.
         let c = l.check(&limits, regular, &headers, Instant::now());
         assert!(matches!(c.verdict, Verdict::Limited { .. }));
+    }
+
+    /// `q/w` is the sustained rate also when refilling the burst takes less than a second or
+    /// not a whole number of seconds, and neither exceeds a structured-field integer.
+    #[test]
+    fn quota_and_window_keep_the_rate_and_fit_a_structured_field() {
+        let spec = |requests, period, burst| TokenBucketSpec {
+            requests,
+            period,
+            burst,
+        };
+        let s = Duration::from_secs;
+        // Refill in whole seconds: q is the burst.
+        assert_eq!(quota_window(&spec(10, s(60), 20)), (20, 120));
+        // 1000 a second, burst 1: refilled in 1 ms.
+        assert_eq!(quota_window(&spec(1000, s(1), 1)), (1000, 1));
+        // 2 a second, burst 3: 1.5 s → w = 2, q = 4.
+        assert_eq!(quota_window(&spec(2, s(1), 3)), (4, 2));
+        // The longest window: capped at 15 digits, q keeps the rate (1 per 8784 h).
+        let (q, w) = quota_window(&spec(1, s(8784 * 3600), u32::MAX));
+        assert_eq!(w, SF_INTEGER_MAX);
+        assert_eq!(q, SF_INTEGER_MAX / (8784 * 3600));
+        let (q, w) = quota_window(&spec(u32::MAX, Duration::from_millis(1), u32::MAX));
+        assert!(q <= SF_INTEGER_MAX && w >= 1, "{q} {w}");
+    }
+
+    /// An IPv6 client is keyed by its /64: every address a host may take from its prefix
+    /// shares one bucket. IPv4 (and IPv4-mapped) addresses are keyed as they are.
+    #[tokio::test(start_paused = true)]
+    async fn ipv6_clients_share_a_bucket_per_64() {
+        let l = limiter(100);
+        let limits = [limit("p", 1, Duration::from_secs(3600), 2)];
+        let h = HeaderMap::new();
+        let verdicts: Vec<bool> = (1..=3)
+            .map(|i| {
+                let ip: IpAddr = format!("2001:db8:1:2::{i:x}").parse().expect("ip");
+                l.check(&limits, ip, &h, Instant::now()).verdict == Verdict::Admitted
+            })
+            .collect();
+        assert_eq!(verdicts, [true, true, false], "one /64, one bucket of 2");
+        let other: IpAddr = "2001:db8:1:3::1".parse().expect("ip");
+        assert_eq!(
+            l.check(&limits, other, &h, Instant::now()).verdict,
+            Verdict::Admitted
+        );
+        let mapped: IpAddr = "::ffff:192.0.2.1".parse().expect("ip");
+        assert_eq!(client_key(mapped), IP);
+        let v4: IpAddr = "192.0.2.2".parse().expect("ip");
+        assert_eq!(client_key(v4), v4);
+    }
+
+    /// A flood of made-up keys on one policy, past the key cap, evicts that policy's own
+    /// buckets: a client another policy is limiting stays limited.
+    #[tokio::test(start_paused = true)]
+    async fn a_key_flood_on_one_policy_does_not_free_clients_of_another() {
+        // One shard of 64 keys.
+        let l = limiter(64);
+        let shop = [limit("shop", 1, Duration::from_secs(3600), 1)];
+        let api = [RateLimit {
+            key: RateLimitKey::Header("x-api-key".into()),
+            ..limit("api", 1, Duration::from_secs(3600), 1)
+        }];
+        let throttled: IpAddr = "198.51.100.7".parse().expect("ip");
+        let no_headers = HeaderMap::new();
+        assert_eq!(
+            l.check(&shop, throttled, &no_headers, Instant::now())
+                .verdict,
+            Verdict::Admitted
+        );
+        for i in 0..1000 {
+            let mut h = HeaderMap::new();
+            h.insert(
+                "x-api-key",
+                HeaderValue::from_str(&format!("k{i}")).expect("v"),
+            );
+            l.check(&api, IP, &h, Instant::now());
+        }
+        assert!(l.tracked() <= 64);
+        assert!(
+            matches!(
+                l.check(&shop, throttled, &no_headers, Instant::now())
+                    .verdict,
+                Verdict::Limited { .. }
+            ),
+            "the flood gave the throttled client a fresh bucket"
+        );
     }
 
     #[tokio::test(start_paused = true)]
