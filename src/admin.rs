@@ -5,11 +5,12 @@
 //! May import: publish (readiness), metrics, proxy::listener (the shutdown signal), hyper.
 //! Must not import kube, k8s-openapi, translate or the request pipeline.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::io;
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -29,6 +30,10 @@ use crate::publish::Reader;
 
 /// Concurrent admin connections (probes and scrapers are few); more wait in the backlog.
 pub const ADMIN_MAX_CONNECTIONS: usize = 256;
+/// Concurrent admin connections from one address; more are closed at once. The kubelet (the
+/// node's address) holds at most one per probe, a Prometheus replica one: one client that
+/// opens connections and holds them cannot take every slot from the probes.
+pub const ADMIN_MAX_CONNECTIONS_PER_PEER: usize = 16;
 /// An admin client must send its request head within this of connecting.
 pub const ADMIN_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// The longest an admin connection lives, however it is used (idle keep-alive, a response it
@@ -76,6 +81,7 @@ struct State {
 #[derive(Debug, Clone, Copy)]
 pub struct AdminLimits {
     pub max_connections: usize,
+    pub max_connections_per_peer: usize,
     pub header_timeout: Duration,
     pub connection_lifetime: Duration,
 }
@@ -84,6 +90,7 @@ impl Default for AdminLimits {
     fn default() -> Self {
         AdminLimits {
             max_connections: ADMIN_MAX_CONNECTIONS,
+            max_connections_per_peer: ADMIN_MAX_CONNECTIONS_PER_PEER,
             header_timeout: ADMIN_HEADER_TIMEOUT,
             connection_lifetime: ADMIN_CONNECTION_LIFETIME,
         }
@@ -147,6 +154,7 @@ impl Admin {
             .header_read_timeout(limits.header_timeout);
         let builder = Arc::new(builder);
         let sem = Arc::new(Semaphore::new(limits.max_connections));
+        let peers = Arc::new(Peers::default());
         // Runs until shutdown; each turn accepts one connection or backs off after an error.
         loop {
             let permit = tokio::select! {
@@ -171,6 +179,11 @@ impl Admin {
                 },
                 _ = shutdown.fired() => break,
             };
+            let Some(peer_slot) = Peers::admit(&peers, peer.ip(), limits.max_connections_per_peer)
+            else {
+                debug!(%peer, "admin connection refused: too many from this address");
+                continue;
+            };
             let state = state.clone();
             let svc = service_fn(move |req| {
                 let state = state.clone();
@@ -180,6 +193,7 @@ impl Admin {
             let mut conn_shutdown = shutdown.clone();
             tokio::spawn(async move {
                 let _permit = permit;
+                let _peer_slot = peer_slot;
                 let conn = builder.serve_connection(TokioIo::new(stream), svc);
                 let mut conn = std::pin::pin!(conn);
                 let res = tokio::select! {
@@ -210,6 +224,44 @@ impl Admin {
             debug!("admin connections still open after the grace");
         }
         info!("admin server stopped");
+    }
+}
+
+/// Open admin connections per client address.
+#[derive(Default)]
+struct Peers(Mutex<HashMap<IpAddr, usize>>);
+
+impl Peers {
+    /// A slot for one more connection from `ip`, unless it has `max` open already.
+    fn admit(peers: &Arc<Peers>, ip: IpAddr, max: usize) -> Option<PeerSlot> {
+        let mut open = peers.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = open.entry(ip).or_default();
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(PeerSlot {
+            peers: peers.clone(),
+            ip,
+        })
+    }
+}
+
+/// One connection's place in [`Peers`], given back when dropped.
+struct PeerSlot {
+    peers: Arc<Peers>,
+    ip: IpAddr,
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut open = self.peers.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
+        }
     }
 }
 

@@ -120,6 +120,7 @@ async fn held_admin_connections_cannot_lock_out_the_probes() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let limits = AdminLimits {
         max_connections: 4,
+        max_connections_per_peer: 16,
         header_timeout: Duration::from_millis(300),
         connection_lifetime: Duration::from_millis(1500),
     };
@@ -147,6 +148,58 @@ async fn held_admin_connections_cannot_lock_out_the_probes() {
         idle.push(c);
     }
     assert_eq!(status(run.addr, "/healthz").await, StatusCode::OK);
+}
+
+/// One client that opens connections and holds them gets at most its share of the slots; the
+/// rest are closed at once, so a probe from another address is answered without waiting for
+/// the held ones to time out.
+#[tokio::test]
+async fn one_client_cannot_take_every_admin_slot() {
+    use tokio::io::AsyncReadExt;
+    let limits = AdminLimits {
+        max_connections: 8,
+        max_connections_per_peer: 4,
+        // Longer than the test waits: only the per-peer cap can let the probe in.
+        header_timeout: Duration::from_secs(30),
+        connection_lifetime: Duration::from_secs(60),
+    };
+    let run = start_with(limits).await;
+    let mut held = Vec::new();
+    for _ in 0..limits.max_connections {
+        held.push(TcpStream::connect(run.addr).await.expect("connect"));
+    }
+    // Those over the cap are closed by the server (EOF); the first four stay open.
+    let mut closed = 0;
+    for c in &mut held[limits.max_connections_per_peer..] {
+        let mut buf = [0u8; 1];
+        let n = timeout(DEADLINE, c.read(&mut buf))
+            .await
+            .expect("closed in time")
+            .unwrap_or(0);
+        assert_eq!(n, 0);
+        closed += 1;
+    }
+    assert_eq!(closed, 4);
+    // The kubelet, from the node's address.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(SocketAddr::from(([127, 0, 0, 2], 0)))
+        .expect("bind 127.0.0.2");
+    let stream = socket.connect(run.addr).await.expect("connect");
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    let req = Request::get("/healthz")
+        .header("host", "admin")
+        .body(Empty::<Bytes>::new())
+        .expect("request");
+    let resp = timeout(DEADLINE, tx.send_request(req))
+        .await
+        .expect("the probe is answered while the held connections stay open")
+        .expect("response");
+    assert_eq!(resp.status(), StatusCode::OK);
+    drop(held);
 }
 
 #[tokio::test]
