@@ -832,10 +832,10 @@ async fn secrets_are_tls_only_and_stripped_to_tls_keys_without_managed_fields() 
 
 #[tokio::test]
 async fn not_synced_until_every_kind_listed() {
-    // A cluster without the RateLimitPolicy CRD: every other kind lists, that one 404s.
-    let mut opts = fake_api::Options::default();
-    opts.types.retain(|t| t.kind != "RateLimitPolicy");
-    let api = FakeApi::start_with(opts).await;
+    // RBAC without the RateLimitPolicy grant: every other kind lists, that one is refused.
+    // Policies may exist, so serving without them could serve limited routes unlimited.
+    let api = FakeApi::start().await;
+    api.forbid("list", "ratelimitpolicies", "");
     api.apply(ingress_class("portico"), "kubectl")
         .expect("class");
     api.apply(ingress("shop", "web", "shop.example.com", "web"), "kubectl")
@@ -862,6 +862,30 @@ async fn not_synced_until_every_kind_listed() {
     // `synced()` is still pending (checked without waiting: one poll).
     let pending = futures_poll_once(run.source.synced());
     assert!(pending, "synced() must not complete");
+    run.stop().await;
+}
+
+/// A cluster without the RateLimitPolicy CRD (`helm install --skip-crds`, a hand-made
+/// manifest): its list is a 404, so no policy can exist, and the first sync completes without
+/// any instead of holding every route back for ever.
+#[tokio::test]
+async fn a_kind_the_api_does_not_serve_does_not_block_the_first_sync() {
+    let mut opts = fake_api::Options::default();
+    opts.types.retain(|t| t.kind != "RateLimitPolicy");
+    let api = FakeApi::start_with(opts).await;
+    api.apply(ingress_class("portico"), "kubectl")
+        .expect("class");
+    api.apply(ingress("shop", "web", "shop.example.com", "web"), "kubectl")
+        .expect("ingress");
+    let run = Running::start(&api, SourceConfig::default()).await;
+    run.synced().await;
+    let (inputs, _) = run.source.inputs();
+    assert_eq!(
+        names(&inputs.ingresses),
+        BTreeSet::from(["shop/web".to_string()])
+    );
+    assert!(inputs.rate_limit_policies.is_empty());
+    assert!(run.source.watch_errors() >= 1, "the 404 was seen");
     run.stop().await;
 }
 

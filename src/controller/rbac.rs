@@ -103,8 +103,9 @@ pub const API_NEEDS: &[ApiNeed] = &[
         resource: "ratelimitpolicies",
         verbs: &["list", "watch"],
         scope: Scope::WatchedNamespaces,
-        why: "source: reflector on RateLimitPolicy (the CRD must be installed, else the source \
-              never syncs)",
+        why: "source: reflector on RateLimitPolicy (without the CRD the list is a 404 and \
+              portico serves without policies until it is installed; without this grant the \
+              source never syncs)",
     },
     ApiNeed {
         group: "networking.k8s.io",

@@ -58,6 +58,10 @@
 //!   first sync like the other stores (the first snapshot serves that certificate) until its
 //!   first error: without RBAC for it, portico becomes ready with the generated fallback and
 //!   the diagnostic, and picks the certificate up once a grant lets the watcher list.
+//! - A kind the API server does not serve (its list answers 404: the RateLimitPolicy CRD not
+//!   installed) has no objects, so its empty store counts as listed for the first sync; the
+//!   watcher keeps retrying and fills the store once the kind is served. Any other error
+//!   (403, 5xx) keeps the first sync waiting: objects of that kind may exist.
 
 use std::collections::BTreeSet;
 use std::fmt::Debug;
@@ -469,7 +473,8 @@ impl ClusterSource {
         (source, task)
     }
 
-    /// True once every store (each kind, each watched namespace) completed its first list and
+    /// True once every store (each kind, each watched namespace) completed its first list (or
+    /// found its kind not served) and
     /// the Secrets referenced then had their data fetched (or failed). Stays true: later relists keep the previous list readable until they complete.
     pub fn is_synced(&self) -> bool {
         *self.synced.borrow()
@@ -606,9 +611,22 @@ where
                 }
                 Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
                 Err(e) => {
-                    if gating && gate_until_error {
+                    // 404 on the list: the API server does not serve this kind at all (the
+                    // RateLimitPolicy CRD not installed, `helm install --skip-crds`), so no
+                    // such object can exist and the empty store is the complete view. Once the
+                    // kind is served, the retried list fills it.
+                    let not_served = is_not_served(&e);
+                    if gating && (gate_until_error || not_served) {
                         gating = false;
                         shared.first_sync();
+                        if not_served {
+                            tracing::warn!(
+                                kind,
+                                namespace = %namespace,
+                                "the API server does not serve this kind (is its CRD installed?); \
+                                 serving without any until it does"
+                            );
+                        }
                     }
                     shared.watch_errors.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(
@@ -623,6 +641,16 @@ where
         tracing::error!(kind, namespace = %namespace, "Kubernetes watch stream ended");
     });
     reader
+}
+
+/// The list of a kind failed with 404: the kind is not served (a namespace that does not
+/// exist lists as empty, it is no 404).
+fn is_not_served(e: &watcher::Error) -> bool {
+    matches!(
+        e,
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+            | watcher::Error::WatchStartFailed(kube::Error::Api(s)) if s.code == 404
+    )
 }
 
 /// `keep` applied to the object of a watcher event (markers pass through).
