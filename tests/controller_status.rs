@@ -1276,3 +1276,46 @@ async fn another_controllers_status_is_left_alone_even_with_our_address() {
     );
     assert_eq!(status_patches(&fake), 2);
 }
+
+/// A policy attached to another controller's Ingress is that controller's to report on: ours
+/// would write `Accepted=False` (TargetNotServed) where the other writes `True`, in turn.
+/// A policy whose target nobody claims still gets our answer.
+#[tokio::test]
+async fn a_policy_on_another_controllers_ingress_is_left_alone() {
+    let fake = FakeApi::start().await;
+    fake.create(ingress_json("foreign", "nginx"))
+        .expect("create");
+    fake.create(ingress_json("orphaned", "gone"))
+        .expect("create");
+    for (name, target) in [("theirs", "foreign"), ("nobodys", "orphaned")] {
+        let mut p = policy_json(name);
+        p["spec"]["targetRef"]["name"] = json!(target);
+        fake.create(p).expect("create policy");
+    }
+    let nginx: k8s_openapi::api::networking::v1::IngressClass = serde_json::from_value(json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "IngressClass",
+        "metadata": {"name": "nginx"}, "spec": {"controller": "k8s.io/ingress-nginx"}
+    }))
+    .expect("class");
+    let inputs = Inputs {
+        ingresses: ingresses(&fake).await,
+        ingress_classes: vec![Arc::new(nginx)],
+        rate_limit_policies: policies(&fake).await,
+        ..Inputs::default()
+    };
+    let (_, diagnostics) = translate::translate(&inputs, &Options::default());
+    let mut writer = StatusWriter::new(fake.client().await, PublishAddress::None)
+        .with_class("portico", "portico.dev/ingress-controller");
+    let r = writer
+        .sync(&inputs, &Snapshot::default(), &diagnostics)
+        .await
+        .expect("sync");
+    assert_eq!((r.policies_written, r.failed), (1, 0));
+    let nobodys = accepted(&fake, "nobodys");
+    assert_eq!(nobodys["status"], "False");
+    assert_eq!(nobodys["reason"], "TargetNotServed");
+    let theirs = fake
+        .get("portico.dev/v1alpha1", "RateLimitPolicy", "shop", "theirs")
+        .expect("policy");
+    assert!(theirs.pointer("/status/conditions").is_none(), "{theirs}");
+}

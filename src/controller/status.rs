@@ -485,6 +485,11 @@ impl StatusWriter {
         }
         let now = Timestamp::now();
         for policy in &inputs.rate_limit_policies {
+            if self.targets_anothers(policy, inputs) {
+                // Attached to another controller's Ingress: that controller (another portico
+                // with its own class, say) reports on it; two writers would flip the condition.
+                continue;
+            }
             let desired = accepted_condition(policy, diagnostics, now);
             // Only our condition: the list is keyed by type (the CRD's list-map), so server-side
             // apply leaves other writers' conditions alone, and they are no reason to write.
@@ -508,6 +513,25 @@ impl StatusWriter {
             }
         }
         Ok(report)
+    }
+
+    /// The policy names an Ingress of its namespace that another controller claims
+    /// ([`crate::translate::claimed_by_another`]).
+    fn targets_anothers(&self, policy: &RateLimitPolicy, inputs: &Inputs) -> bool {
+        let ns = policy.namespace().unwrap_or_default();
+        let target = &policy.spec.target_ref;
+        target.kind == "Ingress"
+            && target.namespace.as_deref().is_none_or(|n| n == ns)
+            && inputs.ingresses.iter().any(|ing| {
+                ing.namespace().as_deref() == Some(ns.as_str())
+                    && ing.name_any() == target.name
+                    && crate::translate::claimed_by_another(
+                        ing,
+                        &inputs.ingress_classes,
+                        &self.class.0,
+                        &self.class.1,
+                    )
+            })
     }
 
     /// Whether the same write to `key` failed and its retry is not due yet (a different

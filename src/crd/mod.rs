@@ -60,6 +60,11 @@ pub struct TargetRef {
     /// Name of the target, in the policy's namespace.
     #[schemars(length(min = 1))]
     pub name: String,
+    /// Only the policy's own namespace is supported; any other is refused (Accepted=False)
+    /// rather than pruned by the API server and the policy silently applied to a same-named
+    /// Ingress of the policy's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
 }
 
 /// Token-bucket parameters.
@@ -69,12 +74,16 @@ pub struct TargetRef {
 /// translate as one invalid policy, not fail the deserialisation of the whole list and with it
 /// the controller's first sync.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "duration(self.period) > duration('0s') && duration(self.period) <= duration('8784h')",
+    "message": "limit.period must be more than 0 and at most 8784h (366 days)"
+}]))]
 pub struct Limit {
     /// Tokens added per `period` (the sustained rate).
     #[schemars(range(min = 1, max = 4294967295_i64))]
     pub requests: i64,
-    /// Duration such as `1m`, `30s`, `1h30m`, `500ms`.
-    #[schemars(pattern(r"^([0-9]+(ms|s|m|h))+$"))]
+    /// Duration such as `1m`, `30s`, `1h30m`, `500ms`; more than 0, at most 8784h.
+    #[schemars(pattern(r"^([0-9]+(ms|s|m|h))+$"), length(max = 64))]
     pub period: String,
     /// Bucket capacity: requests that may arrive at once (default `requests`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -91,8 +100,9 @@ pub struct Limit {
 pub struct Key {
     #[serde(rename = "type")]
     pub key_type: KeyType,
-    /// Header name, for `type: Header`.
+    /// Header name, for `type: Header` (an HTTP field name: a token).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(r"^[-!#$%&'*+.^_`|~0-9A-Za-z]+$"), length(max = 256))]
     pub name: Option<String>,
 }
 
@@ -213,6 +223,10 @@ mod tests {
         assert_eq!(
             rule(&spec["properties"]["key"]),
             "self.type != 'Header' || (has(self.name) && self.name != '')"
+        );
+        assert_eq!(
+            rule(&spec["properties"]["limit"]),
+            "duration(self.period) > duration('0s') && duration(self.period) <= duration('8784h')"
         );
     }
 

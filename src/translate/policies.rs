@@ -1,5 +1,5 @@
-//! RateLimitPolicy validation and assembly (brief §4.5): a policy whose target is missing or of
-//! the wrong kind, or whose values make no sense, becomes an Error diagnostic (so its status is
+//! RateLimitPolicy validation and assembly (brief §4.5): a policy whose target is missing, of
+//! the wrong kind or an Ingress of another class, or whose values make no sense, becomes an Error diagnostic (so its status is
 //! Accepted=False and `portico check` fails) and is not applied; every valid one becomes a
 //! [`RateLimit`] on the routes of its target Ingress. Enforcement is the proxy's.
 //!
@@ -8,6 +8,8 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+
+use k8s_openapi::api::networking::v1::Ingress;
 
 use crate::crd::{KeyType, RateLimitPolicy};
 use crate::model::duration::parse_duration;
@@ -23,18 +25,21 @@ const KIND: &str = "RateLimitPolicy";
 pub(super) type Limits = FastMap<IngressRef, Arc<[RateLimit]>>;
 
 /// Check every policy (diagnostics go to `diags`) and map the valid ones to their target
-/// Ingress. Policies with the same namespace/name (two manifest files) are reduced to one,
-/// chosen by content so the result does not depend on input order.
-pub(super) fn build(inputs: &Inputs, diags: &mut Diags) -> Limits {
+/// Ingress, which must be one of `ours` (the Ingresses of our class). Policies with the same
+/// namespace/name (two manifest files) are reduced to one, chosen by content so the result
+/// does not depend on input order.
+pub(super) fn build(inputs: &Inputs, ours: &[&Ingress], diags: &mut Diags) -> Limits {
     // Most clusters have no policy: skip indexing every Ingress for nothing.
     if inputs.rate_limit_policies.is_empty() {
         return Limits::default();
     }
-    let ingresses: FastSet<(&str, &str)> = inputs
-        .ingresses
-        .iter()
-        .map(|i| (index::namespace(&i.metadata), index::name(&i.metadata)))
-        .collect();
+    fn key(i: &Ingress) -> (&str, &str) {
+        (index::namespace(&i.metadata), index::name(&i.metadata))
+    }
+    let ingresses = Targets {
+        all: inputs.ingresses.iter().map(|i| key(i)).collect(),
+        ours: ours.iter().map(|i| key(i)).collect(),
+    };
     let mut unique: BTreeMap<(&str, &str), (&RateLimitPolicy, String)> = BTreeMap::new();
     for policy in &inputs.rate_limit_policies {
         let id = (
@@ -77,6 +82,12 @@ pub(super) fn build(inputs: &Inputs, diags: &mut Diags) -> Limits {
             .push(rate_limit(policy, namespace, name));
     }
     out.into_iter().map(|(k, v)| (k, Arc::from(v))).collect()
+}
+
+/// The Ingresses a policy may name, as (namespace, name).
+struct Targets<'a> {
+    all: FastSet<(&'a str, &'a str)>,
+    ours: FastSet<(&'a str, &'a str)>,
 }
 
 fn duplicate(diags: &mut Diags, (namespace, name): (&str, &str)) {
@@ -142,14 +153,24 @@ fn count_problem(field: &str, n: i64) -> Option<String> {
 fn check(
     policy: &RateLimitPolicy,
     obj: &ObjRef<'_>,
-    ingresses: &FastSet<(&str, &str)>,
+    ingresses: &Targets<'_>,
     diags: &mut Diags,
 ) -> bool {
     let before = diags.0.len();
     let namespace = obj.namespace;
     let spec = &policy.spec;
     let target = &spec.target_ref;
-    if target.kind != "Ingress" {
+    if let Some(other) = target.namespace.as_deref().filter(|n| *n != namespace) {
+        diags.error(
+            KIND,
+            obj,
+            "InvalidTarget",
+            format!(
+                "targetRef.namespace {other:?} is not supported: a policy applies to an Ingress \
+                 of its own namespace ({namespace:?})"
+            ),
+        );
+    } else if target.kind != "Ingress" {
         diags.error(
             KIND,
             obj,
@@ -159,12 +180,23 @@ fn check(
                 target.kind
             ),
         );
-    } else if !ingresses.contains(&(namespace, target.name.as_str())) {
+    } else if !ingresses.all.contains(&(namespace, target.name.as_str())) {
         diags.error(
             KIND,
             obj,
             "TargetNotFound",
             format!("Ingress {namespace}/{} does not exist", target.name),
+        );
+    } else if !ingresses.ours.contains(&(namespace, target.name.as_str())) {
+        diags.error(
+            KIND,
+            obj,
+            "TargetNotServed",
+            format!(
+                "Ingress {namespace}/{} is not of the ingress class this controller serves; the \
+                 policy applies to nothing",
+                target.name
+            ),
         );
     }
     for problem in value_problems(spec) {
@@ -237,6 +269,7 @@ mod unit {
                 target_ref: TargetRef {
                     kind: kind.into(),
                     name: target.into(),
+                    namespace: None,
                 },
                 limit,
                 key,
@@ -257,7 +290,8 @@ mod unit {
 
     fn reasons(inputs: &Inputs) -> Vec<(String, String)> {
         let mut d = Diags::default();
-        build(inputs, &mut d);
+        let ours: Vec<&Ingress> = inputs.ingresses.iter().map(|i| &**i).collect();
+        build(inputs, &ours, &mut d);
         d.finish().into_iter().map(|d| (d.name, d.reason)).collect()
     }
 

@@ -75,7 +75,7 @@ pub(super) fn derive<'a>(inputs: &'a Inputs, opts: &Options, diags: &mut Diags) 
         .filter(|i| class::is_ours(i, &index, opts))
         .collect();
     let tls = tls::build(&ours, &index, opts, diags);
-    let limits = policies::build(inputs, diags);
+    let limits = policies::build(inputs, &ours, diags);
 
     let mut backends = Backends {
         specs: Vec::with_capacity(inputs.services.len()),

@@ -2579,6 +2579,46 @@ fn ratelimit_policy_in_another_namespace_does_not_reach_the_ingress() {
     assert!(limits_of(&s, "shop.test", "/").is_empty());
 }
 
+/// A targetRef naming another namespace is refused, not applied to the same-named Ingress of
+/// the policy's own namespace; naming its own namespace is fine.
+#[test]
+fn ratelimit_cross_namespace_target_is_refused() {
+    let spec = |ns: &str| {
+        json!({"targetRef": {"kind": "Ingress", "name": "shop", "namespace": ns},
+               "limit": {"requests": 1, "period": "1s"}})
+    };
+    let (s, d) = limited_world(vec![rlp("default", "cross", None, spec("other"))]).run();
+    let diag = only(&d, Severity::Error, "InvalidTarget");
+    assert!(diag.message.contains("\"other\""), "{}", diag.message);
+    assert!(limits_of(&s, "shop.test", "/").is_empty());
+    let (s, d) = limited_world(vec![rlp("default", "own", None, spec("default"))]).run();
+    assert!(d.is_empty(), "{d:?}");
+    assert_eq!(limits_of(&s, "shop.test", "/").len(), 1);
+}
+
+/// A policy on an Ingress of another class applies to nothing, and says so (Accepted=False),
+/// instead of reporting itself applied.
+#[test]
+fn ratelimit_target_of_another_class_is_not_served() {
+    let mut w = limited_world(vec![rlp(
+        "default",
+        "elsewhere",
+        None,
+        json!({"targetRef": {"kind": "Ingress", "name": "theirs"},
+               "limit": {"requests": 1, "period": "1s"}}),
+    )]);
+    w = w.ing(Ing::new("default", "theirs").class("nginx").path(
+        "theirs.test",
+        "Prefix",
+        "/",
+        "web",
+        svc80(),
+    ));
+    let (_, d) = w.run();
+    let diag = only(&d, Severity::Error, "TargetNotServed");
+    assert_eq!(diag.name, "elsewhere");
+}
+
 #[test]
 fn ratelimit_edit_changes_only_the_numbers_identity_is_stable() {
     let spec = |n: u32| {
