@@ -184,6 +184,42 @@ fn symlinked_files_are_followed() {
     assert!(diags.is_empty(), "{diags:?}");
 }
 
+/// A link to a manifest inside DIR (`current.yaml → releases/v2.yaml`) is an alias of a file
+/// the walk reads anyway: its objects are read once, not reported as duplicates of themselves.
+#[test]
+fn a_symlinked_file_inside_the_dir_is_read_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write(&dir.path().join("releases/v2.yaml"), &service("web", 80));
+    symlink("releases/v2.yaml", dir.path().join("current.yaml")).expect("symlink");
+    // A link to a file the walk does not read by itself (not *.yaml) is still followed.
+    write(&dir.path().join("raw/web-api.txt"), &service("api", 80));
+    symlink("raw/web-api.txt", dir.path().join("api.yaml")).expect("symlink");
+    let (inputs, diags) = file_source::load_dir(dir.path()).expect("load");
+    assert_eq!(services(&inputs), ["default/api:80", "default/web:80"]);
+    assert!(diags.is_empty(), "{diags:?}");
+}
+
+/// Names that are not UTF-8 are reported and not read: as text keys two of them could
+/// collide, and one file's objects would vanish.
+#[test]
+fn file_names_that_are_not_utf8_are_reported() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (byte, name) in [(0xfe_u8, "a"), (0xff, "b")] {
+        let bytes = [b'x', byte, b'.', b'y', b'a', b'm', b'l'];
+        let file = std::ffi::OsStr::from_bytes(&bytes);
+        fs::write(dir.path().join(file), service(name, 80)).expect("write");
+    }
+    write(&dir.path().join("ok.yaml"), &service("ok", 80));
+    let (inputs, diags) = file_source::load_dir(dir.path()).expect("load");
+    assert_eq!(services(&inputs), ["default/ok:80"]);
+    let reported: Vec<_> = diags
+        .iter()
+        .filter(|d| d.reason == REASON_INVALID_MANIFEST && d.message.contains("UTF-8"))
+        .collect();
+    assert_eq!(reported.len(), 2, "{diags:?}");
+}
+
 #[test]
 fn symlinked_directories_outside_are_followed_once_and_cycles_are_not() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -783,6 +819,44 @@ async fn a_file_being_written_keeps_its_last_version_until_closed() {
     drop(g);
     live.until("b.yaml closed", |i, d| {
         services(i) == ["default/a2:81", "default/a:81", "default/b:80"] && d.is_empty()
+    })
+    .await;
+    live.stop().await;
+}
+
+/// DIR as a symlink pointed at another release directory (`current → release-2`), the usual
+/// way to switch a whole set at once: the new directory is read, and from then on watched, so
+/// its edits apply live again (before, the watch stayed on the old directory and only the 2 s
+/// safety-net rescan saw anything).
+#[tokio::test]
+async fn a_replaced_dir_is_watched_again() {
+    let top = tempfile::tempdir().expect("tempdir");
+    let t = top.path().to_path_buf();
+    write(&t.join("release-1/web.yaml"), &service("web", 80));
+    write(&t.join("release-2/web.yaml"), &service("web", 81));
+    symlink("release-1", t.join("current")).expect("symlink");
+    let mut config = FileSourceConfig::new(t.join("current"));
+    config.rescan_interval = Duration::from_secs(3);
+    let live = start_live(config).await;
+    assert_eq!(services(&live.source.inputs().0), ["default/web:80"]);
+
+    // Switch atomically: a new link renamed over the old one.
+    symlink("release-2", t.join("current.new")).expect("symlink");
+    fs::rename(t.join("current.new"), t.join("current")).expect("switch");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while live.source.rearms() == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "no re-arm");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    live.until("release-2 read", |i, _| services(i) == ["default/web:81"])
+        .await;
+    // The re-arm asks for one more rescan (changes made before the new watch existed); after
+    // it, well before the next periodic rescan, only the new watch can see an edit.
+    let seen = live.source.rescans();
+    rescanned_after(&live, seen).await;
+    write(&t.join("release-2/web.yaml"), &service("web", 82));
+    live.until("edit in the new directory", |i, _| {
+        services(i) == ["default/web:82"]
     })
     .await;
     live.stop().await;

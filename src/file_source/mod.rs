@@ -33,7 +33,9 @@
 //!   is the only mechanism, with a warning in the log). Directories outside DIR that symlinks
 //!   lead to (a linked file's directory, a linked directory) get their own non-recursive
 //!   watches, kept in step with each rescan. A rescan reads only the files whose `stat`
-//!   changed since they were last read (see `scan::SETTLE_BEFORE_TRUST`).
+//!   changed since they were last read (see `scan::SETTLE_BEFORE_TRUST`). After every rescan
+//!   DIR's identity (real path and inode) is compared with the watched one: a DIR made again,
+//!   or a symlink DIR pointed elsewhere, gets a new watch.
 //! - Files being written: on Linux, inotify reports when a file written to is closed. A file
 //!   written to (or truncated) and not closed since, keeps the version last read (a new one is
 //!   not read yet) for up to [`WRITE_HOLD_CAP`], so `kubectl get -o yaml > f` or `helm
@@ -172,6 +174,8 @@ pub struct FileSource {
     rescans: AtomicU64,
     /// Rescans that found a change (and poked the trigger).
     changes: AtomicU64,
+    /// Times the watch was set up again because DIR was replaced.
+    rearms: Arc<AtomicU64>,
 }
 
 impl Source for FileSource {
@@ -252,12 +256,15 @@ impl FileSource {
             watching: watcher.is_some(),
             rescans: AtomicU64::new(1),
             changes: AtomicU64::new(0),
+            rearms: Arc::default(),
         });
         // The rebuild loop may already be running: make sure it reads the first scan.
         trigger.poke();
         let mut watch = WatchState {
+            root: root_identity(&config.dir),
             watcher,
             external: BTreeSet::new(),
+            rearms: source.rearms.clone(),
         };
         watch.sync_external(external);
         let task = tokio::spawn(watch_loop(
@@ -292,6 +299,12 @@ impl FileSource {
     /// Rescans after the first that found changed content and poked the rebuild trigger.
     pub fn changes(&self) -> u64 {
         self.changes.load(Ordering::Acquire)
+    }
+
+    /// Times the watch was set up again because DIR itself was replaced (removed and made
+    /// again, or a symlink DIR pointed elsewhere).
+    pub fn rearms(&self) -> u64 {
+        self.rearms.load(Ordering::Acquire)
     }
 }
 
@@ -336,6 +349,7 @@ async fn watch_loop<F>(
         })
         .await
         .map(|(update, external)| {
+            watch.rearm_if_replaced(&config.dir, &events, &writing);
             watch.sync_external(external);
             update
         });
@@ -423,11 +437,70 @@ async fn quiet(events: &Notify, settle: Duration, cap: Duration) {
 /// The `notify` watcher plus the extra, non-recursive watches on directories outside DIR
 /// that symlinks lead to (the recursive watch on DIR sees the links, not their targets).
 struct WatchState {
+    /// The directory the watch was set up on (see [`root_identity`]).
+    root: Option<RootId>,
     watcher: Option<notify::RecommendedWatcher>,
     external: BTreeSet<PathBuf>,
+    rearms: Arc<AtomicU64>,
+}
+
+/// What DIR is: its real path and inode. A watch follows the directory it was set up on, so
+/// when DIR is removed and made again, or is a symlink pointed at another directory, the
+/// watch sees nothing more and must be set up again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct RootId {
+    real: PathBuf,
+    #[cfg(unix)]
+    inode: (u64, u64),
+}
+
+fn root_identity(dir: &Path) -> Option<RootId> {
+    let real = std::fs::canonicalize(dir).ok()?;
+    #[cfg(unix)]
+    let inode = {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(&real).ok()?;
+        (meta.dev(), meta.ino())
+    };
+    Some(RootId {
+        real,
+        #[cfg(unix)]
+        inode,
+    })
 }
 
 impl WatchState {
+    /// Set the watch up again when DIR is another directory than the one watched (checked
+    /// after every rescan, so the 2 s safety-net rescan finds it at the latest). Only when a
+    /// watch was set up at start, and only once DIR exists again.
+    fn rearm_if_replaced(&mut self, dir: &Path, events: &Arc<Notify>, writing: &Writing) {
+        if self.watcher.is_none() {
+            return;
+        }
+        let Some(now) = root_identity(dir) else {
+            return;
+        };
+        if self.root.as_ref() == Some(&now) {
+            return;
+        }
+        match make_watcher(dir, events.clone(), writing.clone()) {
+            Ok(w) => {
+                tracing::info!(dir = %dir.display(), "manifests directory replaced; watching the new one");
+                self.watcher = Some(w);
+                // The new watcher has none of the old external watches.
+                self.external.clear();
+                self.root = Some(now);
+                self.rearms.fetch_add(1, Ordering::AcqRel);
+                // Changes made before the new watch existed are covered by a rescan now.
+                events.notify_one();
+            }
+            Err(e) => {
+                // Tried again after the next rescan; the periodic rescan covers it meanwhile.
+                tracing::debug!(dir = %dir.display(), error = %e, "cannot watch the replaced manifests directory yet");
+            }
+        }
+    }
+
     fn sync_external(&mut self, wanted: BTreeSet<PathBuf>) {
         let Some(watcher) = self.watcher.as_mut() else {
             return;

@@ -465,7 +465,8 @@ fn walked_anyway(root_real: &Path, real: &Path) -> bool {
 /// followed (so the ConfigMap's `foo.yaml → ..data/foo.yaml` links are read, and always through
 /// the current `..data`); symlinked directories are followed, each target at most once, unless
 /// the walk reads their target anyway (inside DIR, no hidden component on the way): that link is
-/// an alias, and the visited set rules out cycles. A ConfigMap key mounted at a nested path
+/// an alias, and the visited set rules out cycles. The same holds for a symlinked manifest
+/// file whose target the walk reads. Names that are not UTF-8 are reported, not read. A ConfigMap key mounted at a nested path
 /// (`team-a → ..data/team-a`) is only reachable through its link, so it is followed. Only regular files are read (never a
 /// FIFO or device, which could block). Entries are visited in name order.
 fn walk(root: &Path) -> io::Result<Walk> {
@@ -509,8 +510,25 @@ fn walk(root: &Path) -> io::Result<Walk> {
             let Ok(entry) = entry else {
                 continue;
             };
-            let name = entry.file_name().to_string_lossy().into_owned();
             let is_link = entry.file_type().is_ok_and(|t| t.is_symlink());
+            let Some(name) = entry.file_name().to_str().map(str::to_string) else {
+                // Files are keyed by their path as text: two names that differ only in bytes
+                // that are not UTF-8 would be one key, and one file's objects would vanish.
+                let lossy = entry.file_name().to_string_lossy().into_owned();
+                if !lossy.starts_with('.') {
+                    let rel = if rel.is_empty() {
+                        lossy
+                    } else {
+                        format!("{rel}/{lossy}")
+                    };
+                    out.problems.push(file_diagnostic(
+                        &rel,
+                        REASON_INVALID_MANIFEST,
+                        "the name is not valid UTF-8; not read".to_string(),
+                    ));
+                }
+                continue;
+            };
             entries.push((name, entry.path(), is_link));
         }
         entries.sort();
@@ -567,6 +585,19 @@ fn walk(root: &Path) -> io::Result<Walk> {
                     listing: None,
                 });
             } else if meta.is_file() && is_manifest_name(&name) {
+                // A link to a manifest the walk reads anyway (`current.yaml →
+                // releases/v2.yaml`) is an alias: read once, under the target's own name.
+                if (is_link || via_link)
+                    && fs::canonicalize(&path).is_ok_and(|real| {
+                        walked_anyway(&root_real, &real)
+                            && real
+                                .file_name()
+                                .and_then(|n| n.to_str())
+                                .is_some_and(is_manifest_name)
+                    })
+                {
+                    continue;
+                }
                 if is_link && !via_link {
                     // Files below an external directory are covered by that directory.
                     if let Some(parent) = fs::canonicalize(&path)
