@@ -427,15 +427,40 @@ fn set_diagnostic_gauges(metrics: &Metrics, diagnostics: &[Diagnostic]) {
     for d in diagnostics {
         *counts.entry((&d.kind, &d.reason)).or_default() += 1;
     }
-    // Reset first so a (kind, reason) that no longer occurs disappears rather than sticking at
-    // its last value.
-    metrics.config_diagnostics.reset();
-    for ((kind, reason), n) in counts {
+    for ((kind, reason), n) in &counts {
         metrics
             .config_diagnostics
             .with_label_values(&[kind, reason])
-            .set(n);
+            .set(*n);
     }
+    // A (kind, reason) that no longer occurs disappears rather than sticking at its last
+    // value. Removed after the new values are set, not reset before: a scrape in between
+    // would see no diagnostics at all, and an alert on them would flap.
+    remove_stale(&metrics.config_diagnostics, |l| {
+        counts.contains_key(&(label(l, "kind"), label(l, "reason")))
+    });
+}
+
+/// Remove the series of `vec` whose labels `keep` refuses.
+fn remove_stale(vec: &prometheus::IntGaugeVec, keep: impl Fn(&HashMap<&str, &str>) -> bool) {
+    use prometheus::core::Collector;
+    for family in vec.collect() {
+        for metric in family.get_metric() {
+            let pairs: HashMap<&str, &str> = metric
+                .get_label()
+                .iter()
+                .map(|p| (p.name(), p.value()))
+                .collect();
+            if !keep(&pairs) {
+                let _ = vec.remove(&pairs);
+            }
+        }
+    }
+}
+
+/// The value of label `name` ("" when absent).
+fn label<'a>(labels: &HashMap<&str, &'a str>, name: &str) -> &'a str {
+    labels.get(name).copied().unwrap_or_default()
 }
 
 /// `backend_ready_endpoints` as last set. The gauge is per (namespace, service, port) label set;
@@ -498,8 +523,6 @@ impl BackendGauges {
                 return;
             }
         }
-        // Reset first so removed backends disappear rather than sticking at their last value.
-        metrics.backend_ready_endpoints.reset();
         let mut last: HashMap<(&str, &str, std::borrow::Cow<'_, str>), usize> = HashMap::new();
         for (i, backend) in table.backends.iter().enumerate() {
             let port = port_label(&backend.key.port);
@@ -509,6 +532,12 @@ impl BackendGauges {
                 .set(ready_endpoints(backend));
             last.insert((&*backend.key.namespace, &*backend.key.service, port), i);
         }
+        // Removed backends disappear rather than stick at their last value; removed after the
+        // new values are set, so no scrape sees the gauge empty.
+        remove_stale(&metrics.backend_ready_endpoints, |l| {
+            let port = std::borrow::Cow::Borrowed(label(l, "port"));
+            last.contains_key(&(label(l, "namespace"), label(l, "service"), port))
+        });
         let mut owner = vec![false; table.backends.len()];
         for i in last.into_values() {
             owner[i] = true;

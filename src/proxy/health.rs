@@ -11,7 +11,7 @@
 //! Owns: probe tasks, their state (keyed by endpoint address + check, dropped with the
 //! endpoint) and the `portico_health_checks_total` / `portico_upstream_endpoint_healthy`
 //! series; its snapshot-following task also has upstream prune passive health's ejection
-//! series ([`prune_ejection_series`]) and has the request path's per-route metric handles
+//! series ([`prune_upstream_series`]) and has the request path's per-route metric handles
 //! drop the Ingresses that left (`RouteMetricsCache::prune`). May import model, publish,
 //! metrics, hyper and tokio;
 //! must not import kube, k8s-openapi, translate or the handler.
@@ -35,7 +35,7 @@ use crate::publish::Reader;
 
 use super::listener::Shutdown;
 use super::route_metrics::RouteMetricsCache;
-use super::upstream::prune_ejection_series;
+use super::upstream::prune_upstream_series;
 
 /// How often the checker looks for a new snapshot (an `ArcSwap` load and a pointer compare);
 /// well inside the brief's "changes take effect within 1 s".
@@ -136,14 +136,14 @@ impl HealthChecker {
                 continue;
             }
             self.reconcile(snap.as_deref(), &mut targets, &shutdown);
-            prune_ejection_series(snap.as_deref(), &self.metrics);
+            prune_upstream_series(snap.as_deref(), &self.metrics);
             // Routes change only with the host table; endpoint-only builds reuse it.
             let routes_changed = match (&snap, &last) {
                 (Some(a), Some(b)) => !Arc::ptr_eq(&a.hosts, &b.hosts),
                 _ => true,
             };
             if routes_changed && let Some(cache) = &self.route_metrics {
-                cache.prune(snap.as_deref().map(|s| &*s.hosts));
+                cache.prune(snap.as_deref());
             }
             last = snap;
         }

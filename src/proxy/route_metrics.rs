@@ -20,7 +20,7 @@ use http::{Method, StatusCode};
 use prometheus::{Histogram, IntCounter};
 
 use crate::metrics::Metrics;
-use crate::model::{HostTable, IngressRef};
+use crate::model::{IngressRef, RouteTarget, Snapshot};
 
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
@@ -136,32 +136,50 @@ impl RouteMetricsCache {
 }
 
 impl RouteMetricsCache {
-    /// Forget the routes of Ingresses `hosts` (the serving snapshot's host table; `None`: none)
-    /// no longer declares, with their series: requests, durations, and the rate-limit and
-    /// concurrency rejections labelled with the Ingress. Requests that never reached a route
-    /// (empty labels) stay.
-    pub(super) fn prune(&self, hosts: Option<&HostTable>) {
-        let present: HashSet<(&str, &str)> = hosts
-            .iter()
-            .flat_map(|h| {
-                h.exact
-                    .values()
-                    .chain(h.wildcard.values())
-                    .chain(h.catch_all.iter())
-                    .flat_map(|r| r.routes().iter())
-                    .chain(h.default_route.iter())
-            })
-            .map(|r| (&*r.ingress.namespace, &*r.ingress.name))
-            .collect();
+    /// Forget the routes `snap` (the serving snapshot; `None`: none) no longer has, with their
+    /// series: requests and durations of an (Ingress, Service) pair that is gone (the Ingress
+    /// left, or now routes to another Service), and the rate-limit and concurrency rejections
+    /// of an Ingress that left or of a policy no longer attached to it. Requests that never
+    /// reached a route (empty labels) stay.
+    pub(super) fn prune(&self, snap: Option<&Snapshot>) {
+        let routes = snap.iter().flat_map(|s| {
+            let h = &*s.hosts;
+            h.exact
+                .values()
+                .chain(h.wildcard.values())
+                .chain(h.catch_all.iter())
+                .flat_map(|r| r.routes().iter())
+                .chain(h.default_route.iter())
+                .map(move |r| (s, r))
+        });
+        let mut ingresses: HashSet<(&str, &str)> = HashSet::new();
+        let mut pairs: HashSet<(&str, &str, &str)> = HashSet::new();
+        let mut policies: HashSet<(&str, &str, &str)> = HashSet::new();
+        for (s, r) in routes {
+            let (ns, name) = (&*r.ingress.namespace, &*r.ingress.name);
+            ingresses.insert((ns, name));
+            if let RouteTarget::Backend(id) = &r.target
+                && let Some(b) = s.backends.get(*id)
+            {
+                pairs.insert((ns, name, &*b.key.service));
+            }
+            for l in r.policy.rate_limits.iter() {
+                policies.insert((ns, name, &*l.policy.name));
+            }
+        }
         let listed = |ns: &str, name: &str| {
-            (ns.is_empty() && name.is_empty()) || present.contains(&(ns, name))
+            (ns.is_empty() && name.is_empty()) || ingresses.contains(&(ns, name))
         };
         let mut gone = Vec::new();
         self.routes
             .write()
             .unwrap_or_else(PoisonError::into_inner)
-            .retain(|key, m| {
-                let keep = key.0.as_ref().is_none_or(|i| listed(&i.namespace, &i.name));
+            .retain(|(ingress, service), m| {
+                let keep = match (ingress, service) {
+                    (None, _) => true,
+                    (Some(i), None) => listed(&i.namespace, &i.name),
+                    (Some(i), Some(svc)) => pairs.contains(&(&i.namespace, &i.name, svc)),
+                };
                 if !keep {
                     gone.push(m.clone());
                 }
@@ -194,9 +212,11 @@ impl RouteMetricsCache {
                         .iter()
                         .map(|p| (p.name(), p.value()))
                         .collect();
-                    let ns = pairs.get("namespace").copied().unwrap_or_default();
-                    let name = pairs.get("ingress").copied().unwrap_or_default();
-                    if !listed(ns, name) {
+                    let label = |n: &str| pairs.get(n).copied().unwrap_or_default();
+                    let (ns, name, policy) =
+                        (label("namespace"), label("ingress"), label("policy"));
+                    let attached = policy.is_empty() || policies.contains(&(ns, name, policy));
+                    if !listed(ns, name) || !attached {
                         let _ = vec.remove(&pairs);
                     }
                 }
@@ -251,7 +271,10 @@ mod tests {
     /// counts from zero on live series.
     #[test]
     fn prune_forgets_ingresses_that_left() {
-        use crate::model::{HostRoutes, PathKind, Route, RoutePolicy, RouteTarget};
+        use crate::model::{
+            Backend, BackendKey, BackendTable, HostRoutes, HostTable, PathKind, Route, RoutePolicy,
+            RouteTarget, ServicePortRef,
+        };
         let metrics = Arc::new(Metrics::new());
         let cache = RouteMetricsCache::new(metrics.clone());
         let ing = |name: &str| IngressRef {
@@ -275,20 +298,54 @@ mod tests {
             .concurrency_rejected
             .with_label_values(&["global", "", "", ""])
             .inc();
-        let mut hosts = HostTable::default();
-        hosts.exact.insert(
-            "h".into(),
-            HostRoutes::new(vec![Arc::new(Route {
-                kind: PathKind::Prefix,
-                path: "/".into(),
-                ingress: ing("kept"),
-                target: RouteTarget::Unavailable {
-                    reason: String::new(),
-                },
-                policy: Arc::new(RoutePolicy::default()),
-            })]),
-        );
-        cache.prune(Some(&hosts));
+        // `kept` routes to Service `service`, with policy `p` attached.
+        let snapshot = |service: &str| {
+            let mut hosts = HostTable::default();
+            let policy = RoutePolicy {
+                rate_limits: Arc::from(vec![crate::model::RateLimit {
+                    policy: crate::model::PolicyRef {
+                        namespace: "ns".into(),
+                        name: "p".into(),
+                        uid: "".into(),
+                    },
+                    bucket: None,
+                    key: crate::model::RateLimitKey::Global,
+                    max_in_flight: Some(1),
+                }]),
+                ..RoutePolicy::default()
+            };
+            hosts.exact.insert(
+                "h".into(),
+                HostRoutes::new(vec![Arc::new(Route {
+                    kind: PathKind::Prefix,
+                    path: "/".into(),
+                    ingress: ing("kept"),
+                    target: RouteTarget::Backend(crate::model::BackendId(0)),
+                    policy: Arc::new(policy),
+                })]),
+            );
+            Snapshot {
+                hosts: Arc::new(hosts),
+                backends: Arc::new(BackendTable {
+                    backends: vec![Backend {
+                        key: BackendKey {
+                            namespace: "ns".into(),
+                            service: service.into(),
+                            port: ServicePortRef::Number(80),
+                        },
+                        endpoints: Arc::from(Vec::new()),
+                        draining_fallback: false,
+                        health_check: None,
+                    }],
+                }),
+                ..Snapshot::default()
+            }
+        };
+        metrics
+            .ratelimit_rejected
+            .with_label_values(&["ns", "kept", "detached"])
+            .inc();
+        cache.prune(Some(&snapshot("api")));
         let req = |name: &str| {
             value(
                 &metrics,
@@ -314,6 +371,15 @@ mod tests {
             )
         };
         assert_eq!((limited("kept"), limited("gone")), (Some(1.0), None));
+        // A policy no longer attached to the Ingress takes its series with it.
+        assert_eq!(
+            value(
+                &metrics,
+                "portico_ratelimit_rejected_total",
+                &[("policy", "detached")],
+            ),
+            None
+        );
         assert_eq!(
             value(
                 &metrics,
@@ -335,6 +401,14 @@ mod tests {
             .get(Some(&ing("gone")), Some(&svc))
             .count(StatusCode::OK, &Method::GET);
         assert_eq!(req("gone"), Some(1.0));
+        // `kept` now routes to another Service: its (kept, api) series go.
+        cache.prune(Some(&snapshot("web")));
+        assert_eq!(req("kept"), None);
+        assert!(dur("kept").is_none());
+        cache
+            .get(Some(&ing("kept")), Some(&Arc::from("web")))
+            .count(StatusCode::OK, &Method::GET);
+        assert_eq!(req("kept"), Some(1.0));
         // No snapshot at all: every Ingress's series go.
         cache.prune(None);
         assert_eq!((req("kept"), req("gone")), (None, None));

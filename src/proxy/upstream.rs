@@ -559,13 +559,58 @@ pub struct Upstreams {
     metrics: Arc<Metrics>,
 }
 
+/// Remove the per-Service upstream series of Services `snap` (the snapshot now serving;
+/// `None`: none) no longer routes to (`portico_upstream_connect_errors_total`,
+/// `portico_upstream_retries_total`, and `portico_upstream_in_flight` once nothing is in
+/// flight), so namespaces and Services that come and go (preview environments) do not grow
+/// the exported series for ever; then [`prune_ejection_series`]. The active health checker's
+/// task calls it on every snapshot change.
+pub fn prune_upstream_series(snap: Option<&Snapshot>, metrics: &Metrics) {
+    let services: HashSet<(&str, &str)> = snap
+        .iter()
+        .flat_map(|s| s.backends.backends.iter())
+        .map(|b| (&*b.key.namespace, &*b.key.service))
+        .collect();
+    let gone = |pairs: &HashMap<&str, &str>| {
+        let label = |n: &str| pairs.get(n).copied().unwrap_or_default();
+        !services.contains(&(label("namespace"), label("service")))
+    };
+    for vec in [&metrics.upstream_connect_errors, &metrics.upstream_retries] {
+        for family in vec.collect() {
+            for m in family.get_metric() {
+                let pairs: HashMap<&str, &str> = m
+                    .get_label()
+                    .iter()
+                    .map(|p| (p.name(), p.value()))
+                    .collect();
+                if gone(&pairs) {
+                    let _ = vec.remove(&pairs);
+                }
+            }
+        }
+    }
+    for family in metrics.upstream_in_flight.collect() {
+        for m in family.get_metric() {
+            let pairs: HashMap<&str, &str> = m
+                .get_label()
+                .iter()
+                .map(|p| (p.name(), p.value()))
+                .collect();
+            // Requests still in flight hold the handle; the series goes at a later change.
+            if gone(&pairs) && m.get_gauge().get_value() == 0.0 {
+                let _ = metrics.upstream_in_flight.remove(&pairs);
+            }
+        }
+    }
+    prune_ejection_series(snap, metrics);
+}
+
 /// Remove the `portico_upstream_ejections_total` series whose endpoint `snap` (the snapshot
 /// now serving; `None`: none) no longer lists under their Service. Pod IPs churn, so without
-/// this the label values would grow with every pod that ever failed; the active health
-/// checker's task calls it on every snapshot change, beside pruning its own series. The
-/// series are read from the counter vector itself (only ejected endpoints have one): nothing
-/// to do when none was ever ejected, and only their Services' endpoints are looked at.
-pub fn prune_ejection_series(snap: Option<&Snapshot>, metrics: &Metrics) {
+/// this the label values would grow with every pod that ever failed. The series are read from
+/// the counter vector itself (only ejected endpoints have one): nothing to do when none was
+/// ever ejected, and only their Services' endpoints are looked at.
+fn prune_ejection_series(snap: Option<&Snapshot>, metrics: &Metrics) {
     let families = metrics.upstream_ejections.collect();
     let made: Vec<[&str; 3]> = families
         .iter()
@@ -1542,6 +1587,44 @@ mod tests {
         assert_eq!(series(&metrics), [third.to_string()]);
         prune_ejection_series(None, &metrics);
         assert!(series(&metrics).is_empty());
+    }
+
+    /// A Service the snapshot no longer routes to takes its connect-error, retry and (once
+    /// idle) in-flight series with it.
+    #[test]
+    fn per_service_series_leave_with_their_service() {
+        let metrics = Arc::new(Metrics::new());
+        let b = backend(1);
+        let labels = [&*b.key.namespace, &*b.key.service];
+        metrics
+            .upstream_connect_errors
+            .with_label_values(&labels)
+            .inc();
+        metrics.upstream_retries.with_label_values(&labels).inc();
+        let in_flight = metrics.upstream_in_flight.with_label_values(&labels);
+        in_flight.inc();
+        let count = |m: &Metrics| {
+            m.registry
+                .gather()
+                .iter()
+                .filter(|f| f.name().starts_with("portico_upstream_"))
+                .map(|f| f.get_metric().len())
+                .sum::<usize>()
+        };
+        let snapshot = |b: Backend| Snapshot {
+            backends: Arc::new(crate::model::BackendTable { backends: vec![b] }),
+            ..Snapshot::default()
+        };
+        prune_upstream_series(Some(&snapshot(b.clone())), &metrics);
+        assert_eq!(count(&metrics), 3);
+        let mut other = b.clone();
+        other.key.service = "other".into();
+        // Gone, but a request is still in flight: its gauge stays until it ends.
+        prune_upstream_series(Some(&snapshot(other.clone())), &metrics);
+        assert_eq!(count(&metrics), 1);
+        in_flight.dec();
+        prune_upstream_series(Some(&snapshot(other)), &metrics);
+        assert_eq!(count(&metrics), 0);
     }
 
     #[test]
