@@ -150,7 +150,7 @@ pub struct RunArgs {
     #[arg(long, env = "PORTICO_API_TIMEOUT", default_value = "60s", value_parser = parse_dur)]
     pub api_timeout: Duration,
     /// Namespaces to watch (comma-separated or repeated); all namespaces when absent.
-    /// IngressClasses are cluster-scoped and always watched.
+    /// IngressClasses are cluster-scoped and always watched. Ignored with --manifests.
     #[arg(long, env = "PORTICO_WATCH_NAMESPACE", value_delimiter = ',')]
     pub watch_namespace: Vec<String>,
     /// Service (namespace/name) whose load-balancer address, else external IPs, else cluster

@@ -313,11 +313,18 @@ pub(super) fn parse(
 /// [`Annotations::access_control`]; the diagnostic is the route's).
 fn unsupported_nginx(r: &mut Reader<'_, '_>) -> Option<String> {
     let map = r.map?;
+    let mut snippet_access = None;
     for (name, instead) in NGINX_UNSUPPORTED_ROUTING {
         let full = format!("{NGINX_PREFIX}{name}");
         let Some(value) = map.get(&full) else {
             continue;
         };
+        // A snippet that restricts access (`deny all;`, `auth_request`) closed the routes in
+        // nginx: refused like the access-control annotations, not served open with a warning.
+        if matches!(*name, "configuration-snippet" | "server-snippet") && restricts_access(value) {
+            snippet_access.get_or_insert(full);
+            continue;
+        }
         // `use-regex: "false"` and `force-ssl-redirect: "false"` ask for what portico does
         // anyway.
         if matches!(*name, "use-regex" | "force-ssl-redirect") && parse_bool(value) == Some(false) {
@@ -333,12 +340,34 @@ fn unsupported_nginx(r: &mut Reader<'_, '_>) -> Option<String> {
     let verify_off = map
         .get(&format!("{NGINX_PREFIX}auth-tls-verify-client"))
         .is_some_and(|v| v.trim().eq_ignore_ascii_case("off"));
-    NGINX_ACCESS_CONTROL.iter().find_map(|name| {
-        let full = format!("{NGINX_PREFIX}{name}");
-        map.get(&full)?;
-        let off = name.starts_with("auth-tls-") && verify_off;
-        (!off).then_some(full)
-    })
+    NGINX_ACCESS_CONTROL
+        .iter()
+        .find_map(|name| {
+            let full = format!("{NGINX_PREFIX}{name}");
+            map.get(&full)?;
+            let off = name.starts_with("auth-tls-") && verify_off;
+            (!off).then_some(full)
+        })
+        .or(snippet_access)
+}
+
+/// nginx directives that decide who may reach a location.
+const NGINX_ACCESS_DIRECTIVES: &[&str] = &[
+    "allow",
+    "deny",
+    "auth_basic",
+    "auth_request",
+    "auth_jwt",
+    "satisfy",
+];
+
+/// Whether an nginx snippet holds an access directive: a statement (after the start, a `;`,
+/// `{` or `}`) whose first word is one of [`NGINX_ACCESS_DIRECTIVES`].
+fn restricts_access(snippet: &str) -> bool {
+    snippet
+        .split([';', '{', '}'])
+        .filter_map(|statement| statement.split_whitespace().next())
+        .any(|word| NGINX_ACCESS_DIRECTIVES.contains(&word))
 }
 
 /// What `load-balance` names, before the hash key is attached.

@@ -1634,6 +1634,12 @@ fn unsupported_access_control_annotations_close_the_routes() {
         ("auth-tls-verify-client", "on"),
         // ingress-nginx's auth-tls-verify-client defaults to "on".
         ("auth-tls-secret", "default/client-ca"),
+        // A snippet that restricts access.
+        (
+            "configuration-snippet",
+            "more_set_headers \"X-Frame-Options: DENY\";\nallow 10.0.0.0/8;\ndeny all;",
+        ),
+        ("server-snippet", "location /x { auth_request /auth; }"),
     ] {
         let w = World::web()
             .ing(
@@ -1650,6 +1656,19 @@ fn unsupported_access_control_annotations_close_the_routes() {
         assert_eq!(hit(&s, "h.test", "/admin/x"), "503", "{name}");
         assert_eq!(hit(&s, "h.test", "/other"), "default/web:80", "{name}");
     }
+    // A snippet without access directives (a commented one included) only warns.
+    let (s, d) = World::web()
+        .ing(
+            Ing::new("default", "a")
+                .ann(
+                    "nginx.ingress.kubernetes.io/configuration-snippet",
+                    "more_set_headers \"X-Deny: allow\";\n# deny all;",
+                )
+                .path("h.test", "Prefix", "/", "web", svc80()),
+        )
+        .run();
+    only(&d, Severity::Warning, "UnsupportedAnnotation");
+    assert_eq!(hit(&s, "h.test", "/"), "default/web:80");
     // Asking for no client certificate asks for nothing, with or without a CA.
     let (s, d) = World::web()
         .ing(
