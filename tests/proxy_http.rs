@@ -2076,3 +2076,57 @@ async fn a_burst_of_first_h2c_requests_leaves_one_connection() {
     assert_eq!(g.accepted.load(Ordering::SeqCst), accepted);
     assert_eq!(g.open.load(Ordering::SeqCst), 1);
 }
+
+/// A WebSocket's access-log line is written when its tunnel ends, with the bytes it carried
+/// each way and how long the session lasted (as nginx logs it at close), not at the 101 with
+/// nothing carried yet.
+#[tokio::test]
+async fn a_websocket_is_logged_when_it_closes_with_what_it_carried() {
+    let logs = LogBuf::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .json()
+        .with_writer(move || writer.clone())
+        .with_max_level(tracing::Level::INFO)
+        .finish();
+    // current-thread runtime: every task of this test logs through this default.
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let ws = websocket_backend().await;
+    let p = start_proxy(ProxyConfig::default(), false).await;
+    p.publisher.publish(snapshot(&[
+        RouteSpec::prefix(None, "/", &[ws.addr]).ingress("chat")
+    ]));
+    let mut s = websocket_handshake(p.addr).await;
+    let head = String::from_utf8_lossy(&read_head(&mut s).await).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    for msg in [&b"hello"[..], b"second frame"] {
+        s.write_all(msg).await.expect("write");
+        let mut buf = vec![0u8; msg.len()];
+        tokio::time::timeout(DEADLINE, s.read_exact(&mut buf))
+            .await
+            .expect("echo in time")
+            .expect("read");
+    }
+    let access_lines = || {
+        let raw = logs.0.lock().map(|v| v.clone()).unwrap_or_default();
+        String::from_utf8_lossy(&raw)
+            .lines()
+            .filter(|l| l.contains("portico::access"))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        access_lines().is_empty(),
+        "logged while open: {:?}",
+        access_lines()
+    );
+    drop(s);
+    wait_until(|| access_lines().len() == 1).await;
+    let line: serde_json::Value = serde_json::from_str(&access_lines()[0]).expect("json line");
+    let f = &line["fields"];
+    assert_eq!(f["status"], 101);
+    assert_eq!(f["bytes_in"], 17);
+    assert_eq!(f["bytes_out"], 17);
+    assert_eq!(f["route"], "default/chat");
+    assert_eq!(f["upstream_addr"], ws.addr.to_string());
+}

@@ -163,6 +163,17 @@ struct Record {
     rate_headers: Option<RateHeaders>,
     /// Metric handles of (ingress, service), once both are known.
     route_metrics: Option<Arc<RouteMetrics>>,
+    /// An upgraded (WebSocket) request: its tunnel's bytes, sent when the tunnel ends. The
+    /// access-log line waits for it, so it says how long the session lasted and what it
+    /// carried, as nginx logs a WebSocket at close.
+    tunnel: Option<tokio::sync::oneshot::Receiver<TunnelBytes>>,
+}
+
+/// What an upgraded connection carried, each way.
+#[derive(Debug, Default, Clone, Copy)]
+struct TunnelBytes {
+    from_client: u64,
+    to_client: u64,
 }
 
 impl Record {
@@ -582,12 +593,18 @@ impl Handler {
             // ends, not just until the 101 is written.
             let held_guards = std::mem::take(guards);
             let held_upstream = forwarded.pool_return;
+            let (done, tunnel_done) = tokio::sync::oneshot::channel();
+            rec.tunnel = Some(tunnel_done);
             tokio::spawn(async move {
-                match tokio::try_join!(client_upgrade, upstream_upgrade) {
+                let carried = match tokio::try_join!(client_upgrade, upstream_upgrade) {
                     Ok((c, u)) => tunnel(TokioIo::new(c), TokioIo::new(u), idle).await,
-                    Err(e) => tracing::debug!(error = %e, "upgrade failed"),
-                }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "upgrade failed");
+                        TunnelBytes::default()
+                    }
+                };
                 drop((held_guards, held_upstream));
+                let _ = done.send(carried);
             });
             let (mut parts, _) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers, true);
@@ -1252,11 +1269,12 @@ impl Drop for TrackedBody {
 }
 
 impl Finish {
-    /// Count the request and write its access-log line; the concurrency slots go last.
-    fn record(self, bytes_out: u64, aborted: bool) {
+    /// Count the request and write its access-log line; the concurrency slots go last. An
+    /// upgraded request is counted now (its 101), and logged when its tunnel ends.
+    fn record(mut self, bytes_out: u64, aborted: bool) {
+        let tunnel = self.rec.tunnel.take();
         let f = self;
         let rec = &f.rec;
-        let (namespace, ingress) = (rec.namespace(), rec.ingress());
         let route_metrics = match &rec.route_metrics {
             Some(m) => m.clone(),
             // Answered before a backend was chosen (no route, redirect, limits, ...).
@@ -1270,49 +1288,79 @@ impl Finish {
             .request_duration
             .observe(elapsed.as_secs_f64());
         if f.access_log {
-            let route = if ingress.is_empty() {
-                String::new()
-            } else {
-                format!("{namespace}/{ingress}")
-            };
-            let upstream_addr = rec.upstream_addr.map(|a| a.to_string()).unwrap_or_default();
-            tracing::info!(
-                target: "portico::access",
-                method = %rec.method,
-                host = %rec.host,
-                path = %rec.path,
-                status = f.status.as_u16(),
-                bytes_in = rec.bytes_in.load(Ordering::Relaxed),
-                bytes_out,
-                duration_ms = elapsed.as_millis() as u64,
-                upstream_addr = %upstream_addr,
-                upstream_ms = rec.upstream_ms.map(|m| m as u64),
-                route = %route,
-                request_id = %rec.request_id,
-                aborted,
-            );
+            match (tunnel, tokio::runtime::Handle::try_current()) {
+                (Some(done), Ok(rt)) => {
+                    let (rec, status, start) = (f.rec, f.status, f.start);
+                    rt.spawn(async move {
+                        // The tunnel task always answers, unless the runtime shuts down first.
+                        let carried = done.await.unwrap_or_default();
+                        let bytes_in = rec.bytes_in.load(Ordering::Relaxed) + carried.from_client;
+                        access_line(&rec, status, start, bytes_in, carried.to_client, false);
+                    });
+                    drop(f.guards);
+                    return;
+                }
+                _ => {
+                    let bytes_in = rec.bytes_in.load(Ordering::Relaxed);
+                    access_line(rec, f.status, f.start, bytes_in, bytes_out, aborted);
+                }
+            }
         }
         drop(f.guards);
     }
+}
+
+/// One access-log line (target `portico::access`).
+fn access_line(
+    rec: &Record,
+    status: StatusCode,
+    start: Instant,
+    bytes_in: u64,
+    bytes_out: u64,
+    aborted: bool,
+) {
+    let (namespace, ingress) = (rec.namespace(), rec.ingress());
+    let route = if ingress.is_empty() {
+        String::new()
+    } else {
+        format!("{namespace}/{ingress}")
+    };
+    let upstream_addr = rec.upstream_addr.map(|a| a.to_string()).unwrap_or_default();
+    tracing::info!(
+        target: "portico::access",
+        method = %rec.method,
+        host = %rec.host,
+        path = %rec.path,
+        status = status.as_u16(),
+        bytes_in,
+        bytes_out,
+        duration_ms = start.elapsed().as_millis() as u64,
+        upstream_addr = %upstream_addr,
+        upstream_ms = rec.upstream_ms.map(|m| m as u64),
+        route = %route,
+        request_id = %rec.request_id,
+        aborted,
+    );
 }
 
 /// Copy both directions of an upgraded connection until both ends close, an error occurs in
 /// either direction (then both stop at once, as `tokio::io::copy_bidirectional` does: a reset
 /// or cut client must not leave the tunnel waiting on a quiet upstream), or nothing moved in
 /// either direction for `idle`.
-async fn tunnel<A, B>(a: A, b: B, idle: Duration)
+async fn tunnel<A, B>(a: A, b: B, idle: Duration) -> TunnelBytes
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
     let base = Instant::now();
     let last = AtomicU64::new(0);
+    let (from_a, from_b) = (AtomicU64::new(0), AtomicU64::new(0));
     let (mut ar, mut aw) = tokio::io::split(a);
     let (mut br, mut bw) = tokio::io::split(b);
     let copy = async {
         tokio::try_join!(
-            copy_one(&mut ar, &mut bw, &last, base),
-            copy_one(&mut br, &mut aw, &last, base)
+            copy_one(&mut ar, &mut bw, &last, base, &from_a),
+            copy_one(&mut br, &mut aw, &last, base, &from_b)
         )
     };
     let watchdog = async {
@@ -1338,6 +1386,10 @@ where
         _ = copy => {}
         _ = watchdog => tracing::debug!("upgraded stream idle, closing"),
     }
+    TunnelBytes {
+        from_client: from_a.load(Ordering::Relaxed),
+        to_client: from_b.load(Ordering::Relaxed),
+    }
 }
 
 /// One direction of [`tunnel`]: `Ok` at a clean end of `r` (passed on as a half-close of
@@ -1347,6 +1399,7 @@ async fn copy_one<R, W>(
     w: &mut W,
     last: &AtomicU64,
     base: Instant,
+    copied: &AtomicU64,
 ) -> std::io::Result<()>
 where
     R: AsyncRead + Unpin,
@@ -1363,6 +1416,7 @@ where
         // write or flush; the reader may then stay quiet for a long time, so push each chunk
         // out now (a no-op on plain TCP).
         w.flush().await?;
+        copied.fetch_add(n as u64, Ordering::Relaxed);
         last.store(base.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
     w.shutdown().await
