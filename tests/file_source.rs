@@ -211,6 +211,9 @@ fn file_names_that_are_not_utf8_are_reported() {
         fs::write(dir.path().join(file), service(name, 80)).expect("write");
     }
     write(&dir.path().join("ok.yaml"), &service("ok", 80));
+    // Not a manifest name: ignored like any other file.
+    let notes = std::ffi::OsStr::from_bytes(b"notes-caf\xe9.txt");
+    fs::write(dir.path().join(notes), "x").expect("write");
     let (inputs, diags) = file_source::load_dir(dir.path()).expect("load");
     assert_eq!(services(&inputs), ["default/ok:80"]);
     let reported: Vec<_> = diags
@@ -767,9 +770,28 @@ async fn rescanned_after(live: &Live, seen: u64) {
 #[cfg(target_os = "linux")]
 #[tokio::test]
 async fn a_file_being_written_keeps_its_last_version_until_closed() {
-    use std::io::Write;
     let dir = tempfile::tempdir().expect("tempdir");
-    let d = dir.path().to_path_buf();
+    being_written(dir.path().to_path_buf()).await;
+}
+
+/// The same with `--manifests` given as a relative path (notify reports absolute ones).
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn a_file_being_written_is_held_with_a_relative_dir_too() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cwd = std::env::current_dir().expect("cwd");
+    let mut relative = std::path::PathBuf::new();
+    for _ in cwd.components().skip(1) {
+        relative.push("..");
+    }
+    relative.push(dir.path().strip_prefix("/").expect("absolute tempdir"));
+    assert!(relative.is_relative());
+    being_written(relative).await;
+}
+
+#[cfg(target_os = "linux")]
+async fn being_written(d: std::path::PathBuf) {
+    use std::io::Write;
     write(&d.join("a.yaml"), &service("a", 80));
     // Only event-driven rescans, so each one counted below follows the write before it.
     let mut config = FileSourceConfig::new(&d);

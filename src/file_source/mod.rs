@@ -201,6 +201,13 @@ impl FileSource {
     where
         F: std::future::Future<Output = ()> + Send + 'static,
     {
+        // notify reports absolute paths (it joins a relative DIR to the working directory);
+        // the walk builds its paths from DIR as given, and the two must compare equal (files
+        // being written are matched by path).
+        let mut config = config;
+        if let Ok(absolute) = std::path::absolute(&config.dir) {
+            config.dir = absolute;
+        }
         let events = Arc::new(Notify::new());
         let writing = Writing::default();
         // Watch before the first scan, so a change made during the scan is not missed.

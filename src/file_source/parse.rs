@@ -130,14 +130,27 @@ fn parse_value(doc: Value, at: &str, out: &mut Vec<Object>) -> Result<(), ParseE
     if kind.is_empty() {
         return Err(plain("missing `kind`".into()));
     }
-    // `kind: List`, and the typed lists the API returns (`IngressList`, `ServiceList`...).
-    if kind.ends_with("List") && (kind == "List" || obj.contains_key("items")) {
+    // `kind: List`, and the typed lists the API returns (`IngressList`, `ServiceList`...),
+    // whose items may leave out their kind and apiVersion (the API's own encoding does; they
+    // are the list's). Another kind ending in "List" without a sequence of items is not a
+    // list, and like any kind portico does not read, it is ignored.
+    let typed_list = kind.strip_suffix("List").filter(|k| !k.is_empty());
+    if kind == "List" || (typed_list.is_some() && matches!(obj.get("items"), Some(Value::Array(_))))
+    {
         let items = match obj.remove("items") {
             Some(Value::Array(items)) => items,
             Some(Value::Null) | None => Vec::new(),
-            Some(_) => return Err(plain(format!("{kind} `items` must be a sequence"))),
+            Some(_) => return Err(plain("List `items` must be a sequence".into())),
         };
-        for (i, item) in items.into_iter().enumerate() {
+        for (i, mut item) in items.into_iter().enumerate() {
+            if let (Some(item_kind), Value::Object(fields)) = (typed_list, &mut item) {
+                fields
+                    .entry("kind")
+                    .or_insert_with(|| Value::String(item_kind.to_string()));
+                fields
+                    .entry("apiVersion")
+                    .or_insert_with(|| Value::String(api_version.clone()));
+            }
             parse_value(item, &format!("{at}, item {}", i + 1), out)?;
         }
         return Ok(());
@@ -497,6 +510,13 @@ spec: {type: ExternalName, externalName: example.org}
         let text = "apiVersion: networking.k8s.io/v1\nkind: IngressList\nmetadata: {resourceVersion: \"1\"}\nitems:\n- apiVersion: networking.k8s.io/v1\n  kind: Ingress\n  metadata: {name: a}\n";
         let objs = parse_manifests(text).expect("parses");
         assert!(matches!(objs.as_slice(), [Object::Ingress(_)]), "{objs:?}");
+        // The API's own encoding (`kubectl get --raw`): items without kind and apiVersion.
+        let text = "apiVersion: v1\nkind: ServiceList\nitems:\n- metadata: {name: a}\n  spec: {ports: [{port: 80}]}\n";
+        let objs = parse_manifests(text).expect("parses");
+        assert!(matches!(objs.as_slice(), [Object::Service(_)]), "{objs:?}");
+        // Some other kind that happens to end in List is not a list: ignored.
+        let text = "apiVersion: example.com/v1\nkind: AllowList\nitems: 3\n";
+        assert!(parse_manifests(text).expect("parses").is_empty());
     }
 
     /// Errors say which document (from 1, as an editor counts the non-empty ones) and which

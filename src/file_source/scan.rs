@@ -515,7 +515,11 @@ fn walk(root: &Path) -> io::Result<Walk> {
                 // Files are keyed by their path as text: two names that differ only in bytes
                 // that are not UTF-8 would be one key, and one file's objects would vanish.
                 let lossy = entry.file_name().to_string_lossy().into_owned();
-                if !lossy.starts_with('.') {
+                let could_hold_manifests = is_manifest_name(&lossy)
+                    || entry
+                        .file_type()
+                        .is_ok_and(|t| t.is_dir() || t.is_symlink());
+                if !lossy.starts_with('.') && could_hold_manifests {
                     let rel = if rel.is_empty() {
                         lossy
                     } else {

@@ -62,6 +62,9 @@ pub const UPSTREAM_H2_STREAM_WINDOW: u32 = 256 * 1024;
 /// stop reading would stall every other request to that endpoint. What portico holds is then
 /// bounded per stream (this window), not per connection.
 pub const UPSTREAM_H2_CONNECTION_WINDOW: u32 = (1 << 31) - 1;
+/// How often an h2c connection's task re-reads the backend's stream limit when no request
+/// made it run (see `Upstreams::connect`).
+const H2_LIMIT_REFRESH: Duration = Duration::from_millis(250);
 /// Pool map entries beyond this trigger a sweep of endpoints without idle connections.
 const POOL_SWEEP_THRESHOLD: usize = 4096;
 /// Health entries beyond this trigger a sweep of entries that carry no state.
@@ -102,36 +105,54 @@ enum Sender {
 /// another connection to the same endpoint rather than queue behind them.
 struct H2Conn {
     tx: http2::SendRequest<ProxyBody>,
-    /// Streams portico has opened on it and not finished (see [`H2Stream`]).
-    open: Arc<AtomicUsize>,
+    /// Its streams (see [`H2Stream`]).
+    load: Arc<H2Load>,
     /// The backend's current `SETTINGS_MAX_CONCURRENT_STREAMS`, published by the connection
-    /// task each time it runs (hyper's default of 100 until the backend's SETTINGS arrive).
+    /// task (hyper's default of 100 until the backend's SETTINGS arrive).
     limit: Arc<AtomicUsize>,
-    /// When a request last took a stream on it: a connection without open streams for
-    /// [`POOL_IDLE_TIMEOUT`] is closed by the reaper.
-    last_used: Instant,
+}
+
+/// The streams portico has open on one h2c connection, and since when it has had none.
+struct H2Load {
+    open: AtomicUsize,
+    /// When the connection was made: the clock [`Self::idle_since_ms`] counts from.
+    base: Instant,
+    /// Milliseconds after `base` when the last stream ended (or the connection was made).
+    idle_since_ms: AtomicU64,
+}
+
+impl H2Load {
+    /// No stream for [`POOL_IDLE_TIMEOUT`]: the reaper closes the connection.
+    fn idle_expired(&self) -> bool {
+        let idle_since = Duration::from_millis(self.idle_since_ms.load(Ordering::Acquire));
+        self.open.load(Ordering::Acquire) == 0
+            && self.base.elapsed().saturating_sub(idle_since) >= POOL_IDLE_TIMEOUT
+    }
 }
 
 impl H2Conn {
     fn has_room(&self) -> bool {
         !self.tx.is_closed()
-            && self.open.load(Ordering::Acquire) < self.limit.load(Ordering::Acquire)
+            && self.load.open.load(Ordering::Acquire) < self.limit.load(Ordering::Acquire)
     }
 
-    fn stream(&mut self, now: Instant) -> (http2::SendRequest<ProxyBody>, H2Stream) {
-        self.last_used = now;
-        self.open.fetch_add(1, Ordering::AcqRel);
-        (self.tx.clone(), H2Stream(self.open.clone()))
+    fn stream(&mut self) -> (http2::SendRequest<ProxyBody>, H2Stream) {
+        self.load.open.fetch_add(1, Ordering::AcqRel);
+        (self.tx.clone(), H2Stream(self.load.clone()))
     }
 }
 
 /// A request's stream on an [`H2Conn`], counted from the choice of the connection until the
 /// response body ends or the attempt fails (the stream is then closed or reset).
-struct H2Stream(Arc<AtomicUsize>);
+struct H2Stream(Arc<H2Load>);
 
 impl Drop for H2Stream {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        let load = &self.0;
+        if load.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let ms = u64::try_from(load.base.elapsed().as_millis()).unwrap_or(u64::MAX);
+            load.idle_since_ms.store(ms, Ordering::Release);
+        }
     }
 }
 
@@ -307,11 +328,7 @@ impl Pool {
         // An h2c connection without streams for the idle timeout is dropped: hyper then
         // closes it (GOAWAY). One with streams stays, however old.
         lock(&self.h2).retain(|_, conns| {
-            conns.retain(|c| {
-                !c.tx.is_closed()
-                    && (c.open.load(Ordering::Acquire) > 0
-                        || c.last_used.elapsed() < POOL_IDLE_TIMEOUT)
-            });
+            conns.retain(|c| !c.tx.is_closed() && !c.load.idle_expired());
             !conns.is_empty()
         });
     }
@@ -321,23 +338,19 @@ impl Pool {
         let mut h2 = lock(&self.h2);
         let conns = h2.get_mut(&addr)?;
         conns.retain(|c| !c.tx.is_closed());
-        let now = Instant::now();
-        let found = conns
-            .iter_mut()
-            .find(|c| c.has_room())
-            .map(|c| c.stream(now));
+        let found = conns.iter_mut().find(|c| c.has_room()).map(H2Conn::stream);
         if conns.is_empty() {
             h2.remove(&addr);
         }
         found
     }
 
-    /// Stop giving out streams on the connection whose open-stream count is `open`; the streams still
+    /// Stop giving out streams on the connection whose streams `load` counts; the streams still
     /// running on it finish there.
-    fn forget_h2(&self, addr: SocketAddr, open: &Arc<AtomicUsize>) {
+    fn forget_h2(&self, addr: SocketAddr, load: &Arc<H2Load>) {
         let mut h2 = lock(&self.h2);
         if let Some(conns) = h2.get_mut(&addr) {
-            conns.retain(|c| !Arc::ptr_eq(open, &c.open));
+            conns.retain(|c| !Arc::ptr_eq(load, &c.load));
             if conns.is_empty() {
                 h2.remove(&addr);
             }
@@ -352,11 +365,10 @@ impl Pool {
         addr: SocketAddr,
         mut conn: H2Conn,
     ) -> (http2::SendRequest<ProxyBody>, H2Stream) {
-        let now = Instant::now();
         let mut h2 = lock(&self.h2);
         let conns = h2.entry(addr).or_default();
         conns.retain(|c| !c.tx.is_closed());
-        let stream = conn.stream(now);
+        let stream = conn.stream();
         if !conns.iter().any(H2Conn::has_room) {
             conns.push(conn);
         }
@@ -1021,9 +1033,13 @@ impl Upstreams {
                 let published = limit.clone();
                 tokio::spawn(async move {
                     // The backend's stream limit arrives (and may change) in SETTINGS frames,
-                    // which only this task sees: publish it after every turn.
+                    // which hyper's own connection task handles; this task (hyper's dispatch)
+                    // can only read it. It runs when a request is dispatched, and on a tick,
+                    // so a limit that arrived while nothing was sent is seen within a tick.
+                    let mut tick = tokio::time::interval(H2_LIMIT_REFRESH);
                     let ended = std::future::poll_fn(|cx| {
                         let polled = std::pin::Pin::new(&mut conn).poll(cx);
+                        while tick.poll_tick(cx).is_ready() {}
                         published.store(conn.current_max_send_streams(), Ordering::Release);
                         polled
                     })
@@ -1034,9 +1050,12 @@ impl Upstreams {
                 });
                 let conn = H2Conn {
                     tx,
-                    open: Arc::default(),
+                    load: Arc::new(H2Load {
+                        open: AtomicUsize::new(0),
+                        base: Instant::now(),
+                        idle_since_ms: AtomicU64::new(0),
+                    }),
                     limit,
-                    last_used: Instant::now(),
                 };
                 let (tx, stream) = self.pool.put_h2(addr, conn);
                 Ok((Sender::H2(tx, stream), false))

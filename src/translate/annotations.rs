@@ -250,8 +250,17 @@ pub(super) fn parse(
         parse_timeout,
     );
     let max_age = defaults.hsts_max_age.as_secs();
+    // A portico-only annotation: only "true" and "false". Browsers remember HSTS, so a typo
+    // must not turn it on.
     let hsts = r.read(HSTS, false, "\"true\" or \"false\"", None, |v| {
-        parse_bool(v).map(|on| on.then(|| format!("max-age={max_age}")))
+        let on = if v.eq_ignore_ascii_case("true") {
+            true
+        } else if v.eq_ignore_ascii_case("false") {
+            false
+        } else {
+            return None;
+        };
+        Some(on.then(|| format!("max-age={max_age}")))
     });
     let max_concurrent_requests = r.read(
         MAX_CONCURRENT_REQUESTS,
@@ -362,10 +371,14 @@ const NGINX_ACCESS_DIRECTIVES: &[&str] = &[
 ];
 
 /// Whether an nginx snippet holds an access directive: a statement (after the start, a `;`,
-/// `{` or `}`) whose first word is one of [`NGINX_ACCESS_DIRECTIVES`].
+/// `{` or `}`, comments removed) whose first word is one of [`NGINX_ACCESS_DIRECTIVES`].
 fn restricts_access(snippet: &str) -> bool {
-    snippet
-        .split([';', '{', '}'])
+    let code: String = snippet
+        .lines()
+        .map(|line| line.split('#').next().unwrap_or_default())
+        .collect::<Vec<_>>()
+        .join("\n");
+    code.split([';', '{', '}'])
         .filter_map(|statement| statement.split_whitespace().next())
         .any(|word| NGINX_ACCESS_DIRECTIVES.contains(&word))
 }
@@ -466,6 +479,14 @@ fn nginx_affinity(r: &mut Reader<'_, '_>) -> Option<LoadBalance> {
         },
     };
     Some(LoadBalance::ConsistentHash(HashKey::Cookie { name, ttl }))
+}
+
+/// Whether the annotations mark an ingress-nginx canary (`canary: "true"`, as ingress-nginx
+/// reads it), without diagnostics ([`parse`] reports a bad value).
+pub(super) fn is_canary(map: Option<&BTreeMap<String, String>>) -> bool {
+    map.and_then(|m| m.get(&format!("{NGINX_PREFIX}{NGINX_CANARY}")))
+        .and_then(|v| parse_bool(v.trim()))
+        .unwrap_or(false)
 }
 
 /// Warns that the ingress-nginx annotation `name` holds a `value` that is not `expected`.

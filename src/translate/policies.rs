@@ -9,14 +9,14 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use k8s_openapi::api::networking::v1::Ingress;
+use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
 
 use crate::crd::{KeyType, RateLimitPolicy};
 use crate::model::duration::parse_duration;
 use crate::model::{IngressRef, PolicyRef, RateLimit, RateLimitKey, TokenBucketSpec};
 
 use super::index::{self, FastMap, FastSet};
-use super::{Diags, Inputs, ObjRef};
+use super::{Diags, Inputs, ObjRef, Options};
 
 const KIND: &str = "RateLimitPolicy";
 
@@ -28,7 +28,14 @@ pub(super) type Limits = FastMap<IngressRef, Arc<[RateLimit]>>;
 /// Ingress, which must be one of `ours` (the Ingresses of our class). Policies with the same
 /// namespace/name (two manifest files) are reduced to one, chosen by content so the result
 /// does not depend on input order.
-pub(super) fn build(inputs: &Inputs, ours: &[&Ingress], diags: &mut Diags) -> Limits {
+/// A policy on an Ingress another controller claims ([`super::class::claimed_by_another`]) is
+/// that controller's: not applied and not reported.
+pub(super) fn build(
+    inputs: &Inputs,
+    ours: &[&Ingress],
+    opts: &Options,
+    diags: &mut Diags,
+) -> Limits {
     // Most clusters have no policy: skip indexing every Ingress for nothing.
     if inputs.rate_limit_policies.is_empty() {
         return Limits::default();
@@ -37,8 +44,10 @@ pub(super) fn build(inputs: &Inputs, ours: &[&Ingress], diags: &mut Diags) -> Li
         (index::namespace(&i.metadata), index::name(&i.metadata))
     }
     let ingresses = Targets {
-        all: inputs.ingresses.iter().map(|i| key(i)).collect(),
+        all: inputs.ingresses.iter().map(|i| (key(i), &**i)).collect(),
         ours: ours.iter().map(|i| key(i)).collect(),
+        classes: &inputs.ingress_classes,
+        opts,
     };
     let mut unique: BTreeMap<(&str, &str), (&RateLimitPolicy, String)> = BTreeMap::new();
     for policy in &inputs.rate_limit_policies {
@@ -70,7 +79,7 @@ pub(super) fn build(inputs: &Inputs, ours: &[&Ingress], diags: &mut Diags) -> Li
             name,
             uid: policy.metadata.uid.as_deref().unwrap_or_default(),
         };
-        if !check(policy, &obj, &ingresses, diags) {
+        if theirs(policy, namespace, &ingresses) || !check(policy, &obj, &ingresses, diags) {
             continue;
         }
         let target = IngressRef {
@@ -84,10 +93,12 @@ pub(super) fn build(inputs: &Inputs, ours: &[&Ingress], diags: &mut Diags) -> Li
     out.into_iter().map(|(k, v)| (k, Arc::from(v))).collect()
 }
 
-/// The Ingresses a policy may name, as (namespace, name).
+/// The Ingresses a policy may name, by (namespace, name).
 struct Targets<'a> {
-    all: FastSet<(&'a str, &'a str)>,
+    all: FastMap<(&'a str, &'a str), &'a Ingress>,
     ours: FastSet<(&'a str, &'a str)>,
+    classes: &'a [Arc<IngressClass>],
+    opts: &'a Options,
 }
 
 fn duplicate(diags: &mut Diags, (namespace, name): (&str, &str)) {
@@ -149,6 +160,24 @@ fn count_problem(field: &str, n: i64) -> Option<String> {
         .then(|| format!("{field} must be between 1 and {} (got {n})", u32::MAX))
 }
 
+/// The policy names an Ingress of its namespace that another controller claims.
+fn theirs(policy: &RateLimitPolicy, namespace: &str, ingresses: &Targets<'_>) -> bool {
+    let target = &policy.spec.target_ref;
+    target.kind == "Ingress"
+        && target.namespace.as_deref().is_none_or(|n| n == namespace)
+        && ingresses
+            .all
+            .get(&(namespace, target.name.as_str()))
+            .is_some_and(|ing| {
+                super::class::claimed_by_another(
+                    ing,
+                    ingresses.classes,
+                    &ingresses.opts.ingress_class,
+                    &ingresses.opts.controller_name,
+                )
+            })
+}
+
 /// Diagnostics for one policy; true when it has no errors and so is applied.
 fn check(
     policy: &RateLimitPolicy,
@@ -180,7 +209,10 @@ fn check(
                 target.kind
             ),
         );
-    } else if !ingresses.all.contains(&(namespace, target.name.as_str())) {
+    } else if !ingresses
+        .all
+        .contains_key(&(namespace, target.name.as_str()))
+    {
         diags.error(
             KIND,
             obj,
@@ -193,8 +225,8 @@ fn check(
             obj,
             "TargetNotServed",
             format!(
-                "Ingress {namespace}/{} is not of the ingress class this controller serves; the \
-                 policy applies to nothing",
+                "Ingress {namespace}/{} is not served by this controller (no ingress class of \
+                 ours, or an ingress-nginx canary); the policy applies to nothing",
                 target.name
             ),
         );
@@ -291,7 +323,7 @@ mod unit {
     fn reasons(inputs: &Inputs) -> Vec<(String, String)> {
         let mut d = Diags::default();
         let ours: Vec<&Ingress> = inputs.ingresses.iter().map(|i| &**i).collect();
-        build(inputs, &ours, &mut d);
+        build(inputs, &ours, &Options::default(), &mut d);
         d.finish().into_iter().map(|d| (d.name, d.reason)).collect()
     }
 

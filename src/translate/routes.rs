@@ -74,8 +74,15 @@ pub(super) fn derive<'a>(inputs: &'a Inputs, opts: &Options, diags: &mut Diags) 
         .copied()
         .filter(|i| class::is_ours(i, &index, opts))
         .collect();
-    let tls = tls::build(&ours, &index, opts, diags);
-    let limits = policies::build(inputs, &ours, diags);
+    // A canary is not served (annotations::NGINX_CANARY): its TLS and policies apply to
+    // nothing either.
+    let served: Vec<_> = ours
+        .iter()
+        .copied()
+        .filter(|i| !annotations::is_canary(i.metadata.annotations.as_ref()))
+        .collect();
+    let tls = tls::build(&served, &index, opts, diags);
+    let limits = policies::build(inputs, &served, opts, diags);
 
     let mut backends = Backends {
         specs: Vec::with_capacity(inputs.services.len()),

@@ -1640,6 +1640,11 @@ fn unsupported_access_control_annotations_close_the_routes() {
             "more_set_headers \"X-Frame-Options: DENY\";\nallow 10.0.0.0/8;\ndeny all;",
         ),
         ("server-snippet", "location /x { auth_request /auth; }"),
+        // Comment lines before the directives.
+        (
+            "configuration-snippet",
+            "# office only\nallow 10.0.0.0/8;\n# everyone else\ndeny all;",
+        ),
     ] {
         let w = World::web()
             .ing(
@@ -2633,9 +2638,34 @@ fn ratelimit_target_of_another_class_is_not_served() {
         "web",
         svc80(),
     ));
-    let (_, d) = w.run();
+    let (_, d) = w.clone().run();
     let diag = only(&d, Severity::Error, "TargetNotServed");
     assert_eq!(diag.name, "elsewhere");
+    // When another controller claims that class, the policy is its business: no diagnostic
+    // here (two controllers would otherwise each report the other's policies).
+    let (_, d) = w.class(class("nginx", "k8s.io/ingress-nginx", false)).run();
+    assert!(d.is_empty(), "{d:?}");
+    // A canary Ingress is not served either: its policy applies to nothing.
+    let mut w = limited_world(vec![rlp(
+        "default",
+        "on-canary",
+        None,
+        json!({"targetRef": {"kind": "Ingress", "name": "canary"},
+               "limit": {"requests": 1, "period": "1s"}}),
+    )]);
+    w = w.ing(
+        Ing::new("default", "canary")
+            .ann("nginx.ingress.kubernetes.io/canary", "true")
+            .path("shop.test", "Prefix", "/", "web", svc80()),
+    );
+    let (_, d) = w.run();
+    assert_eq!(
+        reasons(&d),
+        [
+            (Severity::Warning, "UnsupportedAnnotation"),
+            (Severity::Error, "TargetNotServed")
+        ]
+    );
 }
 
 #[test]
