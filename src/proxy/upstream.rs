@@ -1608,6 +1608,26 @@ mod tests {
         assert!(series(&metrics).is_empty());
     }
 
+    /// An h2c connection is idle from when its last stream ended, not from when it began: a
+    /// watch that ran for hours does not leave its connection reaped the moment it ends.
+    #[tokio::test(start_paused = true)]
+    async fn an_h2c_connection_is_idle_from_its_last_streams_end() {
+        let load = Arc::new(H2Load {
+            open: AtomicUsize::new(0),
+            base: Instant::now(),
+            idle_since_ms: AtomicU64::new(0),
+        });
+        load.open.fetch_add(1, Ordering::AcqRel);
+        let stream = H2Stream(load.clone());
+        tokio::time::advance(Duration::from_secs(7200)).await;
+        assert!(!load.idle_expired(), "a stream is open");
+        drop(stream);
+        tokio::time::advance(POOL_IDLE_TIMEOUT - Duration::from_secs(1)).await;
+        assert!(!load.idle_expired());
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(load.idle_expired());
+    }
+
     /// A Service the snapshot no longer routes to takes its connect-error, retry and (once
     /// idle) in-flight series with it.
     #[test]

@@ -1903,6 +1903,8 @@ fn annotation_values_and_bad_values() {
         ),
         ("portico.dev/hsts", "false", Some(|p| p.hsts.is_none())),
         ("portico.dev/hsts", "yes", None),
+        // Only true/false: a browser remembers HSTS, so "1" is not taken for "true".
+        ("portico.dev/hsts", "1", None),
         (
             "portico.dev/max-concurrent-requests",
             "5",
