@@ -3,6 +3,8 @@
 //! Owns: metric names, labels and buckets (documented in the README). Names follow
 //! ingress-nginx where one exists, with the `portico_` prefix.
 
+use std::collections::HashMap;
+
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
@@ -219,6 +221,33 @@ impl Metrics {
         }
         String::from_utf8(buf).unwrap_or_default()
     }
+}
+
+/// Remove every series of `vec` for which `gone` (given its labels by name, and the series
+/// itself) says so. The series are read from the vector, so this needs no record of the label
+/// values ever made.
+pub fn remove_series<T: prometheus::core::MetricVecBuilder>(
+    vec: &prometheus::core::MetricVec<T>,
+    mut gone: impl FnMut(&HashMap<&str, &str>, &prometheus::proto::Metric) -> bool,
+) {
+    use prometheus::core::Collector;
+    for family in vec.collect() {
+        for metric in family.get_metric() {
+            let labels: HashMap<&str, &str> = metric
+                .get_label()
+                .iter()
+                .map(|p| (p.name(), p.value()))
+                .collect();
+            if gone(&labels, metric) {
+                let _ = vec.remove(&labels);
+            }
+        }
+    }
+}
+
+/// The value of label `name` in `labels` ("" when absent).
+pub fn label<'a>(labels: &HashMap<&str, &'a str>, name: &str) -> &'a str {
+    labels.get(name).copied().unwrap_or_default()
 }
 
 impl Default for Metrics {

@@ -45,7 +45,7 @@ use k8s_openapi::api::core::v1::Secret;
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, label, remove_series};
 use crate::model::{Backend, BackendTable, ServicePortRef, Snapshot};
 use crate::publish::{Published, Publisher};
 use crate::translate::{self, Diagnostic, Inputs, Options, Severity};
@@ -436,31 +436,9 @@ fn set_diagnostic_gauges(metrics: &Metrics, diagnostics: &[Diagnostic]) {
     // A (kind, reason) that no longer occurs disappears rather than sticking at its last
     // value. Removed after the new values are set, not reset before: a scrape in between
     // would see no diagnostics at all, and an alert on them would flap.
-    remove_stale(&metrics.config_diagnostics, |l| {
-        counts.contains_key(&(label(l, "kind"), label(l, "reason")))
+    remove_series(&metrics.config_diagnostics, |l, _| {
+        !counts.contains_key(&(label(l, "kind"), label(l, "reason")))
     });
-}
-
-/// Remove the series of `vec` whose labels `keep` refuses.
-fn remove_stale(vec: &prometheus::IntGaugeVec, keep: impl Fn(&HashMap<&str, &str>) -> bool) {
-    use prometheus::core::Collector;
-    for family in vec.collect() {
-        for metric in family.get_metric() {
-            let pairs: HashMap<&str, &str> = metric
-                .get_label()
-                .iter()
-                .map(|p| (p.name(), p.value()))
-                .collect();
-            if !keep(&pairs) {
-                let _ = vec.remove(&pairs);
-            }
-        }
-    }
-}
-
-/// The value of label `name` ("" when absent).
-fn label<'a>(labels: &HashMap<&str, &'a str>, name: &str) -> &'a str {
-    labels.get(name).copied().unwrap_or_default()
 }
 
 /// `backend_ready_endpoints` as last set. The gauge is per (namespace, service, port) label set;
@@ -534,9 +512,9 @@ impl BackendGauges {
         }
         // Removed backends disappear rather than stick at their last value; removed after the
         // new values are set, so no scrape sees the gauge empty.
-        remove_stale(&metrics.backend_ready_endpoints, |l| {
+        remove_series(&metrics.backend_ready_endpoints, |l, _| {
             let port = std::borrow::Cow::Borrowed(label(l, "port"));
-            last.contains_key(&(label(l, "namespace"), label(l, "service"), port))
+            !last.contains_key(&(label(l, "namespace"), label(l, "service"), port))
         });
         let mut owner = vec![false; table.backends.len()];
         for i in last.into_values() {

@@ -1247,14 +1247,9 @@ async fn another_controllers_status_is_left_alone_even_with_our_address() {
         with_status["status"] = json!({"loadBalancer": {"ingress": addrs}});
         fake.update_status(with_status).expect("status");
     }
-    let nginx: k8s_openapi::api::networking::v1::IngressClass = serde_json::from_value(json!({
-        "apiVersion": "networking.k8s.io/v1", "kind": "IngressClass",
-        "metadata": {"name": "nginx"}, "spec": {"controller": "k8s.io/ingress-nginx"}
-    }))
-    .expect("class");
     let inputs = Inputs {
         ingresses: ingresses(&fake).await,
-        ingress_classes: vec![Arc::new(nginx)],
+        ingress_classes: vec![Arc::new(nginx_class())],
         ..Inputs::default()
     };
     let mut writer = StatusWriter::new(
@@ -1292,14 +1287,9 @@ async fn a_policy_on_another_controllers_ingress_is_left_alone() {
         p["spec"]["targetRef"]["name"] = json!(target);
         fake.create(p).expect("create policy");
     }
-    let nginx: k8s_openapi::api::networking::v1::IngressClass = serde_json::from_value(json!({
-        "apiVersion": "networking.k8s.io/v1", "kind": "IngressClass",
-        "metadata": {"name": "nginx"}, "spec": {"controller": "k8s.io/ingress-nginx"}
-    }))
-    .expect("class");
     let inputs = Inputs {
         ingresses: ingresses(&fake).await,
-        ingress_classes: vec![Arc::new(nginx)],
+        ingress_classes: vec![Arc::new(nginx_class())],
         rate_limit_policies: policies(&fake).await,
         ..Inputs::default()
     };
@@ -1318,4 +1308,13 @@ async fn a_policy_on_another_controllers_ingress_is_left_alone() {
         .get("portico.dev/v1alpha1", "RateLimitPolicy", "shop", "theirs")
         .expect("policy");
     assert!(theirs.pointer("/status/conditions").is_none(), "{theirs}");
+}
+
+/// ingress-nginx's IngressClass.
+fn nginx_class() -> k8s_openapi::api::networking::v1::IngressClass {
+    serde_json::from_value(json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "IngressClass",
+        "metadata": {"name": "nginx"}, "spec": {"controller": "k8s.io/ingress-nginx"}
+    }))
+    .expect("class")
 }

@@ -1696,17 +1696,34 @@ impl std::io::Write for LogBuf {
     }
 }
 
+impl LogBuf {
+    /// Capture this thread's logs as JSON lines (a current-thread runtime: every task of the
+    /// test logs through this default) until the guard drops.
+    fn capture() -> (LogBuf, tracing::subscriber::DefaultGuard) {
+        let logs = LogBuf::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .with_writer(move || writer.clone())
+            .with_max_level(tracing::Level::INFO)
+            .finish();
+        (logs, tracing::subscriber::set_default(subscriber))
+    }
+
+    /// The access-log lines so far.
+    fn access_lines(&self) -> Vec<String> {
+        let raw = self.0.lock().map(|v| v.clone()).unwrap_or_default();
+        String::from_utf8_lossy(&raw)
+            .lines()
+            .filter(|l| l.contains("portico::access"))
+            .map(str::to_string)
+            .collect()
+    }
+}
+
 #[tokio::test]
 async fn one_access_log_line_per_request() {
-    let logs = LogBuf::default();
-    let writer = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .json()
-        .with_writer(move || writer.clone())
-        .with_max_level(tracing::Level::INFO)
-        .finish();
-    // current-thread runtime: every task of this test logs through this default.
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (logs, _guard) = LogBuf::capture();
 
     let b = echo_backend("b").await;
     let p = start_proxy(ProxyConfig::default(), false).await;
@@ -1726,16 +1743,8 @@ async fn one_access_log_line_per_request() {
     .expect("response");
     assert_eq!(got.status, 200);
     let _ = get(p.addr, "unknown", "/").await;
-    let access_lines = || {
-        let raw = logs.0.lock().map(|v| v.clone()).unwrap_or_default();
-        String::from_utf8_lossy(&raw)
-            .lines()
-            .filter(|l| l.contains("portico::access"))
-            .map(str::to_string)
-            .collect::<Vec<_>>()
-    };
-    wait_until(|| access_lines().len() == 2).await;
-    let lines = access_lines();
+    wait_until(|| logs.access_lines().len() == 2).await;
+    let lines = logs.access_lines();
     let first: serde_json::Value = serde_json::from_str(&lines[0]).expect("json line");
     let f = &first["fields"];
     assert_eq!(f["method"], "POST");
@@ -2082,15 +2091,7 @@ async fn a_burst_of_first_h2c_requests_leaves_one_connection() {
 /// nothing carried yet.
 #[tokio::test]
 async fn a_websocket_is_logged_when_it_closes_with_what_it_carried() {
-    let logs = LogBuf::default();
-    let writer = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .json()
-        .with_writer(move || writer.clone())
-        .with_max_level(tracing::Level::INFO)
-        .finish();
-    // current-thread runtime: every task of this test logs through this default.
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (logs, _guard) = LogBuf::capture();
     let ws = websocket_backend().await;
     let p = start_proxy(ProxyConfig::default(), false).await;
     p.publisher.publish(snapshot(&[
@@ -2107,22 +2108,14 @@ async fn a_websocket_is_logged_when_it_closes_with_what_it_carried() {
             .expect("echo in time")
             .expect("read");
     }
-    let access_lines = || {
-        let raw = logs.0.lock().map(|v| v.clone()).unwrap_or_default();
-        String::from_utf8_lossy(&raw)
-            .lines()
-            .filter(|l| l.contains("portico::access"))
-            .map(str::to_string)
-            .collect::<Vec<_>>()
-    };
     assert!(
-        access_lines().is_empty(),
+        logs.access_lines().is_empty(),
         "logged while open: {:?}",
-        access_lines()
+        logs.access_lines()
     );
     drop(s);
-    wait_until(|| access_lines().len() == 1).await;
-    let line: serde_json::Value = serde_json::from_str(&access_lines()[0]).expect("json line");
+    wait_until(|| logs.access_lines().len() == 1).await;
+    let line: serde_json::Value = serde_json::from_str(&logs.access_lines()[0]).expect("json line");
     let f = &line["fields"];
     assert_eq!(f["status"], 101);
     assert_eq!(f["bytes_in"], 17);

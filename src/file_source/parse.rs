@@ -333,18 +333,20 @@ mod tests {
         }
     }
 
-    #[test]
-    fn string_data_is_merged() {
-        let text = "apiVersion: v1\nkind: Secret\nmetadata: {name: s, namespace: ns}\ntype: kubernetes.io/tls\nstringData:\n  tls.crt: abc\n";
+    /// `tls.crt` of the one Secret `text` holds.
+    fn tls_crt_of(text: &str) -> Vec<u8> {
         let objs = parse_manifests(text).expect("parses");
         let Object::Secret(s) = &objs[0] else {
             panic!("not a secret")
         };
         let data = s.data.as_ref().expect("data");
-        assert_eq!(
-            data.get("tls.crt").map(|b| b.0.as_slice()),
-            Some(&b"abc"[..])
-        );
+        data.get("tls.crt").expect("tls.crt").0.clone()
+    }
+
+    #[test]
+    fn string_data_is_merged() {
+        let text = "apiVersion: v1\nkind: Secret\nmetadata: {name: s, namespace: ns}\ntype: kubernetes.io/tls\nstringData:\n  tls.crt: abc\n";
+        assert_eq!(tls_crt_of(text), b"abc");
     }
 
     #[test]
@@ -548,15 +550,7 @@ spec: {type: ExternalName, externalName: example.org}
     #[test]
     fn secret_data_may_wrap_its_base64() {
         let text = "apiVersion: v1\nkind: Secret\nmetadata: {name: s}\ndata:\n  tls.crt: |\n    aGVsbG8g\n    d29ybGQ=\n";
-        let objs = parse_manifests(text).expect("parses");
-        let Object::Secret(s) = &objs[0] else {
-            panic!("not a secret")
-        };
-        let data = s.data.as_ref().expect("data");
-        assert_eq!(
-            data.get("tls.crt").map(|b| b.0.as_slice()),
-            Some(&b"hello world"[..])
-        );
+        assert_eq!(tls_crt_of(text), b"hello world");
     }
 
     /// Large ordinary files parse: more than the YAML crate's default 1 024 documents and

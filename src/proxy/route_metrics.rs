@@ -19,7 +19,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 use http::{Method, StatusCode};
 use prometheus::{Histogram, IntCounter};
 
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, label, remove_series};
 use crate::model::{IngressRef, RouteTarget, Snapshot};
 
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
@@ -203,24 +203,16 @@ impl RouteMetricsCache {
             }
         }
         // Series made without a cached handle: read them from the vectors themselves.
-        use prometheus::core::Collector;
         for vec in [&m.ratelimit_rejected, &m.concurrency_rejected] {
-            for family in vec.collect() {
-                for metric in family.get_metric() {
-                    let pairs: HashMap<&str, &str> = metric
-                        .get_label()
-                        .iter()
-                        .map(|p| (p.name(), p.value()))
-                        .collect();
-                    let label = |n: &str| pairs.get(n).copied().unwrap_or_default();
-                    let (ns, name, policy) =
-                        (label("namespace"), label("ingress"), label("policy"));
-                    let attached = policy.is_empty() || policies.contains(&(ns, name, policy));
-                    if !listed(ns, name) || !attached {
-                        let _ = vec.remove(&pairs);
-                    }
-                }
-            }
+            remove_series(vec, |l, _| {
+                let (ns, name, policy) = (
+                    label(l, "namespace"),
+                    label(l, "ingress"),
+                    label(l, "policy"),
+                );
+                let attached = policy.is_empty() || policies.contains(&(ns, name, policy));
+                !listed(ns, name) || !attached
+            });
         }
     }
 }

@@ -23,7 +23,7 @@ use prometheus::core::Collector;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, label, remove_series};
 use crate::model::{Backend, BackendKey, LoadBalance, RoutePolicy, Snapshot, UpstreamProtocol};
 
 use super::ProxyBody;
@@ -583,37 +583,14 @@ pub fn prune_upstream_series(snap: Option<&Snapshot>, metrics: &Metrics) {
         .flat_map(|s| s.backends.backends.iter())
         .map(|b| (&*b.key.namespace, &*b.key.service))
         .collect();
-    let gone = |pairs: &HashMap<&str, &str>| {
-        let label = |n: &str| pairs.get(n).copied().unwrap_or_default();
-        !services.contains(&(label("namespace"), label("service")))
-    };
-    for vec in [&metrics.upstream_connect_errors, &metrics.upstream_retries] {
-        for family in vec.collect() {
-            for m in family.get_metric() {
-                let pairs: HashMap<&str, &str> = m
-                    .get_label()
-                    .iter()
-                    .map(|p| (p.name(), p.value()))
-                    .collect();
-                if gone(&pairs) {
-                    let _ = vec.remove(&pairs);
-                }
-            }
-        }
-    }
-    for family in metrics.upstream_in_flight.collect() {
-        for m in family.get_metric() {
-            let pairs: HashMap<&str, &str> = m
-                .get_label()
-                .iter()
-                .map(|p| (p.name(), p.value()))
-                .collect();
-            // Requests still in flight hold the handle; the series goes at a later change.
-            if gone(&pairs) && m.get_gauge().get_value() == 0.0 {
-                let _ = metrics.upstream_in_flight.remove(&pairs);
-            }
-        }
-    }
+    let gone =
+        |l: &HashMap<&str, &str>| !services.contains(&(label(l, "namespace"), label(l, "service")));
+    remove_series(&metrics.upstream_connect_errors, |l, _| gone(l));
+    remove_series(&metrics.upstream_retries, |l, _| gone(l));
+    // Requests still in flight hold the handle; the series goes at a later change.
+    remove_series(&metrics.upstream_in_flight, |l, m| {
+        gone(l) && m.get_gauge().get_value() == 0.0
+    });
     prune_ejection_series(snap, metrics);
 }
 
