@@ -1987,16 +1987,13 @@ async fn slow_readers_do_not_stall_other_streams_on_a_shared_h2c_upstream() {
     }
     // Small requests on the same upstream connection: each must complete.
     for i in 0..20 {
-        let got = tokio::time::timeout(
-            Duration::from_secs(5),
-            get(p.addr, "grpc.example", "/small"),
+        answers_in_time(
+            p.addr,
+            "/small",
+            "small",
+            &format!("small request {i} with 8 stalled streams"),
         )
-        .await
-        .map(|r| (r.status, r.body));
-        assert!(
-            matches!(&got, Ok((s, b)) if *s == 200 && b == &b"small"[..]),
-            "small request {i} with 8 stalled streams: {got:?}"
-        );
+        .await;
     }
     assert_eq!(
         g.accepted.load(Ordering::SeqCst),
@@ -2033,16 +2030,13 @@ async fn streams_beyond_an_h2c_backends_limit_go_to_another_connection() {
         "the watches share one connection"
     );
     for i in 0..5 {
-        let got = tokio::time::timeout(
-            Duration::from_secs(5),
-            get(p.addr, "grpc.example", "/unary"),
+        answers_in_time(
+            p.addr,
+            "/unary",
+            "done",
+            &format!("unary call {i} with {LIMIT} watches open"),
         )
-        .await
-        .map(|r| (r.status, r.body));
-        assert!(
-            matches!(&got, Ok((s, b)) if *s == 200 && b == &b"done"[..]),
-            "unary call {i} with {LIMIT} watches open: {got:?}"
-        );
+        .await;
     }
     assert_eq!(g.accepted.load(Ordering::SeqCst), 2, "one more connection");
     g.gate.add_permits(LIMIT);
@@ -2122,4 +2116,15 @@ async fn a_websocket_is_logged_when_it_closes_with_what_it_carried() {
     assert_eq!(f["bytes_out"], 17);
     assert_eq!(f["route"], "default/chat");
     assert_eq!(f["upstream_addr"], ws.addr.to_string());
+}
+
+/// `GET path` on `grpc.example` is answered 200 with `body` within 5 s.
+async fn answers_in_time(addr: std::net::SocketAddr, path: &str, body: &str, what: &str) {
+    let got = tokio::time::timeout(Duration::from_secs(5), get(addr, "grpc.example", path))
+        .await
+        .map(|r| (r.status, r.body));
+    assert!(
+        matches!(&got, Ok((s, b)) if *s == 200 && b == body.as_bytes()),
+        "{what}: {got:?}"
+    );
 }
