@@ -2128,3 +2128,42 @@ async fn answers_in_time(addr: std::net::SocketAddr, path: &str, body: &str, wha
         "{what}: {got:?}"
     );
 }
+
+/// A backend that answers before the client finished its request body (bidirectional gRPC may)
+/// leaves the stream open until the body ends: it still takes one of the backend's concurrent
+/// streams, so the next request goes to another connection instead of waiting for it.
+#[tokio::test]
+async fn an_h2c_stream_counts_until_its_request_body_ends() {
+    let g = serve_backend_with_stream_limit(1, |req, gate| async move {
+        if req.uri().path() == "/upload" {
+            // Answer at once, holding the request body unread until the test ends.
+            let body = req.into_body();
+            tokio::spawn(async move {
+                let _permit = gate.acquire().await;
+                drop(body);
+            });
+        }
+        http::Response::new(support::full("done"))
+    })
+    .await;
+    let p = proxy_with(&[RouteSpec::prefix(None, "/", &[g.addr])
+        .policy(|p| p.upstream_protocol = UpstreamProtocol::H2c)])
+    .await;
+    // The backend's SETTINGS (one stream) are read with the first request.
+    answers_in_time(p.addr, "/first", "done", "first request").await;
+    // An upload that never ends, answered before its end.
+    let mut upload = TcpStream::connect(p.addr).await.expect("connect");
+    upload
+        .write_all(b"POST /upload HTTP/1.1\r\nhost: grpc.example\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        .await
+        .expect("write");
+    let mut head = [0u8; 12];
+    tokio::time::timeout(DEADLINE, upload.read_exact(&mut head))
+        .await
+        .expect("answered in time")
+        .expect("read");
+    assert_eq!(&head, b"HTTP/1.1 200");
+    answers_in_time(p.addr, "/small", "done", "a request beside the open upload").await;
+    assert_eq!(g.accepted.load(Ordering::SeqCst), 2, "one more connection");
+    g.gate.add_permits(1);
+}

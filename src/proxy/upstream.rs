@@ -96,7 +96,7 @@ pub enum ConnectError {
 /// A connection ready for one request.
 enum Sender {
     H1(http1::SendRequest<ProxyBody>),
-    H2(http2::SendRequest<ProxyBody>, H2Stream),
+    H2(http2::SendRequest<ProxyBody>, Arc<H2Stream>),
 }
 
 /// One h2c connection to an endpoint, shared by the requests in flight to it. A connection
@@ -136,15 +136,44 @@ impl H2Conn {
             && self.load.open.load(Ordering::Acquire) < self.limit.load(Ordering::Acquire)
     }
 
-    fn stream(&mut self) -> (http2::SendRequest<ProxyBody>, H2Stream) {
+    fn stream(&mut self) -> (http2::SendRequest<ProxyBody>, Arc<H2Stream>) {
         self.load.open.fetch_add(1, Ordering::AcqRel);
-        (self.tx.clone(), H2Stream(self.load.clone()))
+        (self.tx.clone(), Arc::new(H2Stream(self.load.clone())))
     }
 }
 
-/// A request's stream on an [`H2Conn`], counted from the choice of the connection until the
-/// response body ends or the attempt fails (the stream is then closed or reset).
+/// A request's stream on an [`H2Conn`], counted from the choice of the connection until both
+/// its response body and its request body have ended, or the attempt failed: the stream is
+/// then closed or reset. (A backend may finish its response while the client still streams
+/// its request, as bidirectional gRPC may: the stream stays open, and counts, until then.)
+/// Shared by the response's [`PoolReturn`] and the request body ([`HoldsStream`]).
 struct H2Stream(Arc<H2Load>);
+
+/// A request body that keeps its h2c stream counted until hyper has sent or dropped it.
+struct HoldsStream {
+    inner: ProxyBody,
+    _stream: Arc<H2Stream>,
+}
+
+impl hyper::body::Body for HoldsStream {
+    type Data = bytes::Bytes;
+    type Error = super::BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
 
 impl Drop for H2Stream {
     fn drop(&mut self) {
@@ -163,7 +192,7 @@ impl Drop for H2Stream {
 /// either way the in-flight slot is released.
 pub struct PoolReturn {
     conn: Option<PooledConn>,
-    _h2_stream: Option<H2Stream>,
+    _h2_stream: Option<Arc<H2Stream>>,
     _in_flight: InFlight,
 }
 
@@ -334,7 +363,7 @@ impl Pool {
     }
 
     /// A stream on the first open h2c connection to `addr` with room for one more.
-    fn take_h2(&self, addr: SocketAddr) -> Option<(http2::SendRequest<ProxyBody>, H2Stream)> {
+    fn take_h2(&self, addr: SocketAddr) -> Option<(http2::SendRequest<ProxyBody>, Arc<H2Stream>)> {
         let mut h2 = lock(&self.h2);
         let conns = h2.get_mut(&addr)?;
         conns.retain(|c| !c.tx.is_closed());
@@ -364,7 +393,7 @@ impl Pool {
         &self,
         addr: SocketAddr,
         mut conn: H2Conn,
-    ) -> (http2::SendRequest<ProxyBody>, H2Stream) {
+    ) -> (http2::SendRequest<ProxyBody>, Arc<H2Stream>) {
         let mut h2 = lock(&self.h2);
         let conns = h2.entry(addr).or_default();
         conns.retain(|c| !c.tx.is_closed());
@@ -1104,6 +1133,13 @@ impl Upstreams {
             };
 
             let body = req.body.take().unwrap_or_else(super::error::empty_body);
+            let body = match &sender {
+                Sender::H2(_, stream) if has_body => http_body_util::BodyExt::boxed(HoldsStream {
+                    inner: body,
+                    _stream: stream.clone(),
+                }),
+                _ => body,
+            };
             // The header map moves into the request unless a later attempt may need it again
             // (a bodyless idempotent request that can still be retried on another endpoint):
             // copying it for every request cost several allocations each.
@@ -1327,7 +1363,7 @@ enum SendFailure {
 type SendOk = (
     Response<Incoming>,
     Option<http1::SendRequest<ProxyBody>>,
-    Option<H2Stream>,
+    Option<Arc<H2Stream>>,
 );
 
 async fn send(sender: Sender, req: Request<ProxyBody>) -> Result<SendOk, SendFailure> {
