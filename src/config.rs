@@ -97,7 +97,8 @@ pub struct RunArgs {
     /// After listeners close, in-flight requests get this long before they are cut.
     #[arg(long, env = "PORTICO_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_dur)]
     pub shutdown_grace: Duration,
-    /// Peers whose X-Forwarded-* headers are trusted (comma-separated CIDRs or addresses).
+    /// Peers whose X-Forwarded-* headers are trusted (comma-separated CIDRs or addresses);
+    /// their X-Forwarded-Proto: https counts as HTTPS (no redirect to HTTPS, HSTS sent).
     #[arg(long, env = "PORTICO_TRUSTED_PROXIES", value_delimiter = ',', value_parser = parse_net)]
     pub trusted_proxies: Vec<IpNet>,
     /// Log format for logs and access logs.

@@ -639,6 +639,45 @@ async fn ssl_redirect_is_308_except_acme() {
     assert_eq!(got.echo().uri, "/.well-known/acme-challenge/tok");
 }
 
+/// Behind a load balancer that terminates TLS and is a trusted proxy, requests arrive on the
+/// plain port with `X-Forwarded-Proto: https`: they are not redirected (that would loop for
+/// ever) and get HSTS. The same header from an untrusted client changes nothing.
+#[tokio::test]
+async fn a_trusted_proxys_https_is_not_redirected_and_gets_hsts() {
+    let b = echo_backend("b").await;
+    let route = || {
+        RouteSpec::prefix(Some("shop.example"), "/", &[b.addr]).policy(|p| {
+            p.ssl_redirect = SslRedirect::Yes;
+            p.hsts = Some("max-age=31536000".to_string());
+        })
+    };
+    let trusted = ProxyConfig {
+        trusted_proxies: vec!["127.0.0.0/8".parse().expect("cidr")],
+        ..cfg()
+    };
+    let p = start_proxy(trusted, false).await;
+    p.publisher.publish(snapshot(&[route()]));
+    let forwarded = |proto: &'static str| {
+        request(
+            "GET",
+            "/pay",
+            &[("host", "shop.example"), ("x-forwarded-proto", proto)],
+            Bytes::new(),
+        )
+    };
+    let got = send(p.addr, forwarded("HTTPS")).await.expect("response");
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(got.headers["strict-transport-security"], "max-age=31536000");
+    let got = send(p.addr, forwarded("http")).await.expect("response");
+    assert_eq!(got.status, StatusCode::PERMANENT_REDIRECT);
+    // Not trusted: the client's claim is ignored.
+    let untrusted = proxy_with(&[route()]).await;
+    let got = send(untrusted.addr, forwarded("https"))
+        .await
+        .expect("response");
+    assert_eq!(got.status, StatusCode::PERMANENT_REDIRECT);
+}
+
 #[tokio::test]
 async fn hsts_only_over_tls() {
     let b = echo_backend("b").await;

@@ -439,8 +439,17 @@ impl Handler {
         rec.ingress = Some(route.ingress.clone());
         let policy = route.policy.clone();
 
+        let trusted = self
+            .cfg
+            .trusted_proxies
+            .iter()
+            .any(|net| net.contains(&conn.peer.ip()));
+        // The client's own scheme: a trusted proxy that terminated TLS (a cloud load balancer
+        // in front of the plain port) says so in X-Forwarded-Proto. Redirecting such requests
+        // would loop for ever; HSTS belongs on them.
+        let https = conn.tls || (trusted && forwarded_https(req.headers()));
         // Plain HTTP on a TLS host → 308 keeps method and body (RFC 9110 §15.4.9).
-        if !conn.tls
+        if !https
             && !head.path.starts_with(ACME_PREFIX)
             && policy.redirects(&snapshot.tls, &head.host)
         {
@@ -496,11 +505,6 @@ impl Handler {
             websocket_upgrade(&req) && policy.upstream_protocol == UpstreamProtocol::Http1;
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
-        let trusted = self
-            .cfg
-            .trusted_proxies
-            .iter()
-            .any(|net| net.contains(&conn.peer.ip()));
         let (parts, body) = req.into_parts();
         let mut headers = parts.headers;
         if parts.version == Version::HTTP_2 && policy.upstream_protocol == UpstreamProtocol::Http1 {
@@ -641,7 +645,7 @@ impl Handler {
         }
         strip_present_hop_by_hop(&mut parts.headers, present, false);
         affinity.apply(&mut parts.headers);
-        if conn.tls
+        if https
             && let Some(hsts) = &policy.hsts
             && let Ok(v) = HeaderValue::from_str(hsts)
         {
@@ -1037,6 +1041,15 @@ fn hop_by_hop_bit(name: &HeaderName) -> u8 {
 
 /// X-Forwarded-* and X-Real-IP. Client-sent values survive only from trusted proxies;
 /// otherwise they are replaced (and `Forwarded` dropped) so clients cannot spoof them.
+/// X-Forwarded-Proto says `https`: its first entry (the proxy nearest the client), in any case.
+fn forwarded_https(headers: &HeaderMap) -> bool {
+    headers
+        .get(&X_FORWARDED_PROTO)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(',').next())
+        .is_some_and(|scheme| scheme.trim().eq_ignore_ascii_case("https"))
+}
+
 fn set_forwarding_headers(
     headers: &mut HeaderMap,
     conn: &ConnInfo,
