@@ -507,7 +507,12 @@ async fn a_client_resumes_its_session_after_hundreds_of_other_handshakes() {
 #[tokio::test]
 async fn http11_over_tls_by_alpn_and_without_alpn() {
     let srv = start().await;
-    for alpn in [vec![b"http/1.1".to_vec()], vec![]] {
+    // `curl --http1.0` offers only http/1.0; HTTP/1.1 is answered on it as on no ALPN.
+    for alpn in [
+        vec![b"http/1.1".to_vec()],
+        vec![],
+        vec![b"http/1.0".to_vec()],
+    ] {
         let client = Client {
             alpn: alpn.clone(),
             ..Client::default()

@@ -24,6 +24,9 @@ pub const FALLBACK_CERT_NAME: &str = "portico-default";
 pub const ALPN_H2: &[u8] = b"h2";
 /// ALPN identifier of HTTP/1.1.
 pub const ALPN_HTTP11: &[u8] = b"http/1.1";
+/// ALPN id of HTTP/1.0 (`curl --http1.0` offers only it): served by the HTTP/1 server, as nginx
+/// does; without it such a client's handshake fails with no_application_protocol.
+pub const ALPN_HTTP10: &[u8] = b"http/1.0";
 
 /// The only protocol versions served: TLS 1.3 and 1.2 (brief §4.4, "TLS 1.2 minimum").
 pub static PROTOCOL_VERSIONS: &[&SupportedProtocolVersion] =
@@ -137,7 +140,7 @@ pub fn server_config(resolver: Arc<dyn ResolvesServerCert>) -> Result<Arc<Server
         .with_no_client_auth()
         .with_cert_resolver(resolver);
     // h2 first: clients offering both get HTTP/2 (RFC 7301 §3.2, server picks).
-    cfg.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec()];
+    cfg.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec(), ALPN_HTTP10.to_vec()];
     // No 0-RTT: early data is replayable (RFC 8446 §8) and a proxy cannot know which
     // requests are safe to replay.
     cfg.max_early_data_size = 0;
@@ -172,7 +175,7 @@ mod tests {
         let cfg = server_config(Arc::new(SniResolver::new(reader, fallback))).expect("config");
         assert_eq!(
             cfg.alpn_protocols,
-            vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+            vec![b"h2".to_vec(), b"http/1.1".to_vec(), b"http/1.0".to_vec()]
         );
         assert_eq!(cfg.max_early_data_size, 0);
         assert!(cfg.ignore_client_order);

@@ -49,7 +49,11 @@ pub(super) fn parse_host(raw: Option<&str>) -> Result<HostKey, HostError> {
         return Ok(HostKey::CatchAll);
     };
     let mut host = raw.to_ascii_lowercase();
-    if host.parse::<Ipv4Addr>().is_ok() || host.contains(':') || host.starts_with('[') {
+    // A `:` alone is no IP address (`a.test:443` is an invalid name, below).
+    if host.parse::<Ipv4Addr>().is_ok()
+        || host.parse::<std::net::Ipv6Addr>().is_ok()
+        || host.starts_with('[')
+    {
         return Err(HostError::IpLiteral(raw.to_string()));
     }
     let wildcard = host.starts_with("*.");
@@ -83,4 +87,33 @@ pub fn is_dns1123_subdomain(name: &str) -> bool {
                 && b.first() != Some(&b'-')
                 && b.last() != Some(&b'-')
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_ip_literals_and_names_with_a_port() {
+        for ip in ["10.0.0.1", "::1", "2001:db8::1", "[::1]"] {
+            assert!(
+                matches!(parse_host(Some(ip)), Err(HostError::IpLiteral(_))),
+                "{ip}"
+            );
+        }
+        // A port is no IP address: the name is invalid.
+        assert!(matches!(
+            parse_host(Some("a.test:443")),
+            Err(HostError::InvalidName(_))
+        ));
+        assert_eq!(
+            parse_host(Some("A.Test")).ok(),
+            Some(HostKey::Exact("a.test".into()))
+        );
+        assert_eq!(
+            parse_host(Some("*.Apps.test")).ok(),
+            Some(HostKey::Wildcard("apps.test".into()))
+        );
+        assert_eq!(parse_host(Some("")).ok(), Some(HostKey::CatchAll));
+    }
 }

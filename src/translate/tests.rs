@@ -1462,6 +1462,66 @@ fn tls_conflicting_certificates_oldest_wins() {
     assert!(diag.message.contains("default/old"), "{}", diag.message);
 }
 
+/// A certificate that does not name its TLS host is served (clients refuse it either way, and it
+/// is the one the user meant) with a Warning; one that names the host beats an older one that
+/// does not. Wildcard hosts need a wildcard certificate.
+#[test]
+fn tls_certificates_that_do_not_name_their_host_warn_and_lose_conflicts() {
+    let (s, d) = World::web()
+        .secret(tls_secret("default", "wrong", &["unrelated.test"]))
+        .secret(tls_secret("default", "right", &["h.test"]))
+        .secret(tls_secret("default", "wild", &["*.apps.test"]))
+        .secret(tls_secret("default", "one-app", &["a.apps.test"]))
+        .ing(
+            Ing::new("default", "old")
+                .created("2020-01-01T00:00:00Z")
+                .tls(Some(&["h.test", "lone.test"]), "wrong"),
+        )
+        .ing(
+            Ing::new("default", "new")
+                .created("2025-01-01T00:00:00Z")
+                .tls(Some(&["h.test"]), "right"),
+        )
+        .ing(Ing::new("default", "apps").tls(Some(&["*.apps.test"]), "wild"))
+        .ing(Ing::new("default", "narrow").tls(Some(&["*.more.test"]), "one-app"))
+        .run();
+    let served = |host: &str| s.tls.resolve(Some(host)).map(|c| c.source.to_string());
+    assert_eq!(served("h.test").as_deref(), Some("default/right"));
+    assert_eq!(served("lone.test").as_deref(), Some("default/wrong"));
+    assert_eq!(served("x.apps.test").as_deref(), Some("default/wild"));
+    let got: Vec<(Severity, &str, &str)> = d
+        .iter()
+        .map(|d| (d.severity, d.reason.as_str(), d.name.as_str()))
+        .collect();
+    assert_eq!(
+        got.iter()
+            .filter(|g| g.1 == "CertificateHostMismatch")
+            .count(),
+        3,
+        "h.test and lone.test of `old`, *.more.test of `narrow`: {d:#?}"
+    );
+    assert!(
+        got.contains(&(Severity::Warning, "TlsConflict", "new")),
+        "{d:#?}"
+    );
+    assert!(!got.iter().any(|g| g.0 == Severity::Error), "{d:#?}");
+}
+
+/// A TLS entry without hosts on an Ingress whose rules name none serves nothing: it says so.
+#[test]
+fn tls_entry_without_any_host_warns() {
+    let (_, d) = World::web()
+        .secret(tls_secret("default", "c", &["h.test"]))
+        .ing(
+            Ing::new("default", "a")
+                .tls(None, "c")
+                .path("", "Prefix", "/", "web", svc80()),
+        )
+        .run();
+    let diag = only(&d, Severity::Warning, "TlsWithoutHosts");
+    assert!(diag.message.contains("Secret c"), "{}", diag.message);
+}
+
 /// A TLS host is never served in the clear by falling through to a route that does not name
 /// it: the catch-all rule, the default backend, or a wildcard rule without a wildcard
 /// certificate redirect a plain-HTTP request whose own host has a valid certificate (and only

@@ -187,7 +187,20 @@ pub(super) fn build(
                     continue;
                 }
             };
-            for host in entry_hosts(ing, entry.hosts.as_deref()) {
+            let hosts = entry_hosts(ing, entry.hosts.as_deref());
+            if hosts.is_empty() {
+                diags.warn(
+                    "Ingress",
+                    &obj,
+                    "TlsWithoutHosts",
+                    format!(
+                        "tls: the entry for Secret {secret_name} lists no hosts and no rule of \
+                         this Ingress names one: the certificate serves nothing (list its hosts, \
+                         or make it --default-certificate)"
+                    ),
+                );
+            }
+            for host in hosts {
                 let key = match hosts::parse_host(Some(host)) {
                     Ok(HostKey::CatchAll) => continue,
                     Ok(k) => k,
@@ -271,6 +284,25 @@ fn entry_hosts<'a>(ing: &'a Ingress, hosts: Option<&'a [String]>) -> Vec<&'a str
     }
 }
 
+/// Whether the leaf certificate of `cert` is valid for `host` by RFC 6125's rules (its
+/// subjectAltName; a wildcard name covers one label). A wildcard host (`*.example.com`) needs a
+/// certificate that covers every name below it, checked with a name no certificate lists.
+fn names_host(cert: &CertKey, host: &HostKey) -> bool {
+    let probe = match host {
+        HostKey::Exact(h) => h.clone(),
+        HostKey::Wildcard(suffix) => format!("portico-wildcard-probe.{suffix}"),
+        HostKey::CatchAll => return true,
+    };
+    let Some(leaf) = cert.key.cert.first() else {
+        return false;
+    };
+    let Ok(name) = rustls_pki_types::ServerName::try_from(probe) else {
+        return false;
+    };
+    webpki::EndEntityCert::try_from(leaf)
+        .is_ok_and(|ee| ee.verify_is_valid_for_subject_name(&name).is_ok())
+}
+
 fn assign(
     table: &mut TlsTable,
     owner: &mut HashMap<HostKey, String>,
@@ -293,12 +325,43 @@ fn assign(
         HostKey::CatchAll => return,
     };
     let this = format!("{}/{}", obj.namespace, obj.name);
+    let covers = names_host(cert, &key);
+    if !covers {
+        diags.warn(
+            "Ingress",
+            obj,
+            "CertificateHostMismatch",
+            format!(
+                "tls: certificate {} does not name host {key} (its subjectAltName): clients will \
+                 refuse it for that host",
+                cert.source
+            ),
+        );
+    }
     match slot {
         Entry::Vacant(v) => {
             v.insert(cert.clone());
             owner.insert(key, this);
         }
-        Entry::Occupied(o) => {
+        Entry::Occupied(mut o) => {
+            // A certificate that names the host beats an older one that does not: clients would
+            // refuse that one anyway.
+            if covers && o.get().material != cert.material && !names_host(o.get(), &key) {
+                let loser = owner.insert(key.clone(), this).unwrap_or_default();
+                diags.warn(
+                    "Ingress",
+                    obj,
+                    "TlsConflict",
+                    format!(
+                        "tls: host {key}: certificate {} from Ingress {loser} does not name the \
+                         host; {} is used for it",
+                        o.get().source,
+                        cert.source
+                    ),
+                );
+                o.insert(cert.clone());
+                return;
+            }
             // Two Secrets with identical material are the same certificate: no conflict.
             if o.get().material != cert.material {
                 let winner = owner.get(&key).cloned().unwrap_or_default();
