@@ -2206,3 +2206,23 @@ async fn an_h2c_stream_counts_until_its_request_body_ends() {
     assert_eq!(g.accepted.load(Ordering::SeqCst), 2, "one more connection");
     g.gate.add_permits(1);
 }
+
+/// A request hidden behind a bare LF in a chunked body's trailer is never served: the
+/// connection closes after the response to the request that carried it.
+#[tokio::test]
+async fn a_request_hidden_in_a_trailer_is_never_served() {
+    let b = echo_backend("b").await;
+    let p = proxy_with(&[RouteSpec::prefix(None, "/", &[b.addr])]).await;
+    let mut s = TcpStream::connect(p.addr).await.expect("connect");
+    let (reply, closed) = raw_until_closed(
+        &mut s,
+        b"POST /public/1 HTTP/1.1\r\nHost: t.local\r\nTransfer-Encoding: chunked\r\n\r\n\
+          5\r\nhello\r\n0\r\nX: 1\n\r\n\
+          GET /admin/victim HTTP/1.1\r\nHost: t.local\r\n\r\n\
+          GET /admin/after HTTP/1.1\r\nHost: t.local\r\n\r\n",
+    )
+    .await;
+    assert!(closed, "{reply}");
+    assert_eq!(reply.matches("HTTP/1.1 ").count(), 1, "{reply}");
+    assert_eq!(b.requests.load(Ordering::SeqCst), 1);
+}

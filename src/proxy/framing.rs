@@ -520,6 +520,11 @@ fn chunk_step(chunk: Chunk, size: u64, b: u8) -> State {
         // Any other byte starts a trailer field line; it runs to CR, and LF must follow.
         (Chunk::EndCr, _) => go(Chunk::Trailer, 0),
         (Chunk::Trailer, b'\r') => go(Chunk::TrailerLf, 0),
+        // A bare LF in a trailer line: hyper takes it as part of the line, so its idea of
+        // where the trailers end (and the next request starts) differs from a peer that ends
+        // lines at LF (RFC 9112 §2.2 lets it) — a way to hide a request. Stop following: the
+        // connection closes after this response, and nothing after it is read as a request.
+        (Chunk::Trailer, b'\n') => State::Passthrough,
         (Chunk::Trailer, _) => go(Chunk::Trailer, 0),
         (Chunk::TrailerLf, b'\n') => go(Chunk::EndCr, 0),
         (Chunk::EndLf, b'\n') => State::Head,
@@ -810,6 +815,17 @@ mod tests {
             41\r\nGET / HTTP/1.1\r\ncontent-length: 1\r\ntransfer-encoding: chunked\r\n\r\n\r\n0;last\r\nTrailer-One: 1\r\nContent-Length: 5\r\n\r\n\
             GET /after HTTP/1.1\r\nhost: x\r\n\r\n";
         check_all_splits(reqs, reqs, 0, End::Idle);
+    }
+
+    /// A bare LF inside a trailer line ends the following: no request hidden after it is ever
+    /// read (the connection closes after the current response).
+    #[test]
+    fn a_bare_lf_in_a_trailer_stops_the_following() {
+        let smuggle: &[u8] = b"POST /public/1 HTTP/1.1\r\nHost: t.local\r\n\
+            Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX: 1\n\r\n\
+            GET /admin/victim HTTP/1.1\r\nHost: t.local\r\n\r\n\
+            GET /admin/after HTTP/1.1\r\nHost: t.local\r\n\r\n";
+        check_all_splits(smuggle, smuggle, 0, End::Passthrough);
     }
 
     #[test]
