@@ -1133,10 +1133,12 @@ async fn forwarding_headers_from_trusted_proxies_are_appended() {
             "/",
             &[
                 ("host", "x"),
-                ("x-forwarded-for", "203.0.113.7"),
+                ("x-forwarded-for", "6.6.6.6, 203.0.113.7"),
                 ("x-forwarded-proto", "https"),
                 ("x-forwarded-host", "public.example"),
                 ("x-request-id", "client-id-42"),
+                // Spoofed by the client, passed on by the load balancer.
+                ("x-real-ip", "6.6.6.6"),
             ],
             Bytes::new(),
         ),
@@ -1144,7 +1146,12 @@ async fn forwarding_headers_from_trusted_proxies_are_appended() {
     .await
     .expect("response");
     let e = got.echo();
-    assert_eq!(e.header("x-forwarded-for"), Some("203.0.113.7, 127.0.0.1"));
+    assert_eq!(
+        e.header("x-forwarded-for"),
+        Some("6.6.6.6, 203.0.113.7, 127.0.0.1")
+    );
+    // The client portico decided on: the right-most entry that is not a trusted proxy.
+    assert_eq!(e.header("x-real-ip"), Some("203.0.113.7"));
     assert_eq!(e.header("x-forwarded-proto"), Some("https"));
     assert_eq!(e.header("x-forwarded-host"), Some("public.example"));
     assert_eq!(e.header("x-request-id"), Some("client-id-42"));

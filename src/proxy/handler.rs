@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
@@ -527,7 +527,11 @@ impl Handler {
         // it (validate_head admitted visible ASCII only, so the conversion cannot fail).
         let authority = HeaderValue::try_from(std::mem::take(&mut head.authority))
             .map_err(|_| ProxyError::BadRequest("invalid_host"))?;
-        set_forwarding_headers(&mut headers, conn, trusted, &authority);
+        // From a trusted proxy the client is the right-most X-Forwarded-For entry that is not
+        // itself a trusted proxy (what rate limits and hashing use too); otherwise the peer.
+        let real_ip =
+            trusted.then(|| client_ip(conn.peer.ip(), &headers, &self.cfg.trusted_proxies));
+        set_forwarding_headers(&mut headers, conn, trusted, real_ip, &authority);
         let id_ok = headers.get(&X_REQUEST_ID).is_some_and(sane_request_id);
         if !id_ok {
             headers.insert(X_REQUEST_ID.clone(), self.request_ids.generate());
@@ -1054,6 +1058,7 @@ fn set_forwarding_headers(
     headers: &mut HeaderMap,
     conn: &ConnInfo,
     trusted: bool,
+    real_ip: Option<IpAddr>,
     authority: &HeaderValue,
 ) {
     let peer_ip = &conn.peer_ip_value;
@@ -1090,7 +1095,15 @@ fn set_forwarding_headers(
     );
     set(headers, &X_FORWARDED_HOST, authority.clone());
     set(headers, &X_FORWARDED_PORT, conn.local_port_value.clone());
-    set(headers, &X_REAL_IP, peer_ip.clone());
+    // Never taken from the request (brief §4.5: X-Real-IP from clients is not trusted, and
+    // a load balancer passes a client's on unchanged): the client address portico decided.
+    let real_ip = match real_ip {
+        Some(ip) if ip != conn.peer.ip() => {
+            HeaderValue::from_str(&ip.to_string()).unwrap_or_else(|_| peer_ip.clone())
+        }
+        _ => peer_ip.clone(),
+    };
+    headers.insert(X_REAL_IP.clone(), real_ip);
     if !trusted {
         headers.remove(&FORWARDED);
     }
