@@ -418,6 +418,41 @@ async fn ambiguous_framing_is_400() {
     assert_eq!(b.requests.load(Ordering::SeqCst), 0);
 }
 
+/// Authority-form targets belong to CONNECT only, and absolute-form ones must be http(s):
+/// taken as the authority, `GET other.example:80` would reach another Ingress than its Host
+/// says. Absolute-form http still wins over Host (RFC 9112 §3.2.2).
+#[tokio::test]
+async fn authority_form_and_foreign_schemes_are_400() {
+    let a = echo_backend("a").await;
+    let other = echo_backend("other").await;
+    let p = proxy_with(&[
+        RouteSpec::prefix(Some("t.local"), "/", &[a.addr]),
+        RouteSpec::prefix(Some("other.local"), "/", &[other.addr]),
+    ])
+    .await;
+    for req in [
+        &b"GET other.local:80 HTTP/1.1\r\nhost: t.local\r\n\r\n"[..],
+        b"OPTIONS other.local:80 HTTP/1.1\r\nhost: t.local\r\n\r\n",
+        b"GET ftp://other.local/x HTTP/1.1\r\nhost: t.local\r\n\r\n",
+    ] {
+        let reply = raw(p.addr, req).await;
+        assert_eq!(
+            raw_status(&reply),
+            400,
+            "{}: {reply}",
+            String::from_utf8_lossy(req)
+        );
+    }
+    assert_eq!(other.requests.load(Ordering::SeqCst), 0);
+    let reply = raw(
+        p.addr,
+        b"GET http://other.local/x HTTP/1.1\r\nhost: t.local\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(raw_status(&reply), 200, "{reply}");
+    assert_eq!(other.requests.load(Ordering::SeqCst), 1);
+}
+
 /// Write `bytes`, read until the proxy closes; `closed` is false if the deadline came first.
 async fn raw_until_closed<S>(s: &mut S, bytes: &[u8]) -> (String, bool)
 where
@@ -1155,6 +1190,26 @@ async fn forwarding_headers_from_trusted_proxies_are_appended() {
     assert_eq!(e.header("x-forwarded-proto"), Some("https"));
     assert_eq!(e.header("x-forwarded-host"), Some("public.example"));
     assert_eq!(e.header("x-request-id"), Some("client-id-42"));
+    // A repeated X-Request-ID reaches the backend once: the first.
+    let got = send(
+        p.addr,
+        request(
+            "GET",
+            "/",
+            &[
+                ("host", "x"),
+                ("x-request-id", "abc"),
+                ("x-request-id", "def"),
+            ],
+            Bytes::new(),
+        ),
+    )
+    .await
+    .expect("response");
+    assert_eq!(
+        got.echo().headers.get("x-request-id"),
+        Some(&vec!["abc".to_string()])
+    );
 }
 
 #[tokio::test]

@@ -147,7 +147,16 @@ fn check_encoded_separators(seg: &str) -> Result<()> {
         return Ok(());
     }
     let unified = seg.replace("%5C", "%2F");
-    if unified.split("%2F").any(|sub| sub == "." || sub == "..") {
+    // Parameters (`;` or its escape) come off first, as a backend that decodes and strips them
+    // (Tomcat, Spring) does: `x%2F..;%2F..;` climbs out there.
+    let bare = |sub: &str| {
+        let b = sub.split(';').next().unwrap_or(sub);
+        b.split("%3B").next().unwrap_or(b).to_string()
+    };
+    if unified
+        .split("%2F")
+        .any(|sub| matches!(bare(sub).as_str(), "." | ".."))
+    {
         return Err(PathError::EncodedTraversal);
     }
     Ok(())
@@ -228,6 +237,10 @@ mod tests {
             "/a%2F..",
             "/a%2F.%2Fb",
             "/%2F..%2F",
+            // With parameters, as Tomcat and Spring strip them.
+            "/public/x%2F..;%2F..;/admin",
+            "/public/x%2F..%3Bv%2F..%3B/admin",
+            "/a%2F.;x",
         ] {
             assert_eq!(normalize_path(p), Err(PathError::EncodedTraversal), "{p}");
         }

@@ -532,9 +532,20 @@ impl Handler {
         let real_ip =
             trusted.then(|| client_ip(conn.peer.ip(), &headers, &self.cfg.trusted_proxies));
         set_forwarding_headers(&mut headers, conn, trusted, real_ip, &authority);
-        let id_ok = headers.get(&X_REQUEST_ID).is_some_and(sane_request_id);
-        if !id_ok {
-            headers.insert(X_REQUEST_ID.clone(), self.request_ids.generate());
+        // One X-Request-ID reaches the upstream: the client's first, when it is sane, else a
+        // new one (a repeated field would give the backend and the access log different ids).
+        let mut ids = headers.get_all(&X_REQUEST_ID).iter();
+        let first = ids.next();
+        let repeated = ids.next().is_some();
+        match first.filter(|v| sane_request_id(v)) {
+            Some(id) if repeated => {
+                let id = id.clone();
+                headers.insert(X_REQUEST_ID.clone(), id);
+            }
+            Some(_) => {}
+            None => {
+                headers.insert(X_REQUEST_ID.clone(), self.request_ids.generate());
+            }
         }
         if self.cfg.access_log
             && let Some(id) = headers.get(&X_REQUEST_ID).and_then(|v| v.to_str().ok())
@@ -709,6 +720,18 @@ fn validate_head<B>(req: &Request<B>, cfg: &ProxyConfig) -> Result<Head, ProxyEr
         return Err(ProxyError::UnsupportedMethod);
     }
     let uri = req.uri();
+    // Authority-form (`GET other.example:80`) is for CONNECT only (RFC 9112 §3.2.3); taken as
+    // the authority it would route a request past a front proxy's Host-based checks. An
+    // absolute-form target must be http or https (RFC 9112 §3.2.2).
+    if uri.authority().is_some() {
+        match uri.scheme_str() {
+            None => return Err(ProxyError::BadRequest("authority_form")),
+            Some(s) if !s.eq_ignore_ascii_case("http") && !s.eq_ignore_ascii_case("https") => {
+                return Err(ProxyError::BadRequest("bad_scheme"));
+            }
+            Some(_) => {}
+        }
+    }
     let target_len = uri.path_and_query().map_or(1, |p| p.as_str().len())
         + uri.authority().map_or(0, |a| a.as_str().len())
         + uri.scheme_str().map_or(0, |s| s.len() + 3);
