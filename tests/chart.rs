@@ -385,18 +385,20 @@ fn needed(run: &RunArgs) -> BTreeSet<Grant> {
         .expect("the chart sets --lease-namespace");
     let mut out = BTreeSet::new();
     for need in API_NEEDS {
-        // The default certificate's own Role is narrowed to that Secret.
+        // The default certificate's Secret rule is narrowed to that Secret, the lease's to
+        // that Lease.
         let resource = match (need.scope, &run.translate.default_certificate) {
-            (Scope::DefaultCertificateNamespace, Some((_, name))) => {
+            (Scope::DefaultCertificateNamespace, Some((_, name))) if need.resource == "secrets" => {
                 format!("{}#{name}", need.resource)
             }
+            (Scope::LeaseObject, _) => format!("{}#{}", need.resource, run.lease_name),
             _ => need.resource.to_string(),
         };
         let places: Vec<String> = match need.scope {
             Scope::Cluster => vec!["*".into()],
             Scope::WatchedNamespaces if run.watch_namespace.is_empty() => vec!["*".into()],
             Scope::WatchedNamespaces => run.watch_namespace.clone(),
-            Scope::LeaseNamespace => vec![lease_ns.clone()],
+            Scope::LeaseNamespace | Scope::LeaseObject => vec![lease_ns.clone()],
             Scope::PublishServiceNamespace => match &run.publish_service {
                 Some((ns, _)) => vec![ns.clone()],
                 None => vec![],
@@ -887,6 +889,41 @@ fn no_disruption_budget_over_a_single_replica() {
         1
     );
     assert_eq!(pdbs(&["--set", "controller.kind=DaemonSet"]), 1);
+    // On by default: the two default replicas are never evicted together by a node drain.
+    let defaults = documents(&template(&[]).expect("renders"));
+    let pdb = objects::<PodDisruptionBudget>(&defaults, "PodDisruptionBudget");
+    assert_eq!(pdb.len(), 1);
+    assert_eq!(
+        pdb[0].spec.as_ref().and_then(|s| s.min_available.clone()),
+        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(1))
+    );
+}
+
+/// Service names are DNS labels (63 characters): a long release name must not push the
+/// metrics Service's past that.
+#[test]
+fn a_long_release_name_still_gives_valid_service_names() {
+    let chart = chart();
+    let release = "a-very-long-release-name-for-the-edge-ingress-tier1";
+    assert_eq!(release.len(), 51);
+    let text = run_helm(&[
+        "template",
+        release,
+        chart.to_str().expect("UTF-8 path"),
+        "--namespace",
+        NAMESPACE,
+        "--set",
+        "controller.metrics.service.enabled=true",
+    ])
+    .expect("renders");
+    let docs = documents(&text);
+    let services = objects::<k8s_openapi::api::core::v1::Service>(&docs, "Service");
+    assert!(services.len() >= 2, "the public and the metrics Service");
+    for svc in services {
+        let name = svc.metadata.name.unwrap_or_default();
+        assert!(name.len() <= 63, "{name} ({} characters)", name.len());
+        assert!(!name.contains("--"), "{name}");
+    }
 }
 
 /// `controller.extraArgs` from a values file: YAML numbers (which Helm reads as floats) are
@@ -981,7 +1018,8 @@ fn default_certificate_outside_the_watched_namespaces_gets_a_role_on_that_secret
     let in_certs = roles(&docs);
     assert_eq!(in_certs.len(), 1, "one Role in the certificate's namespace");
     let rules = in_certs[0].rules.clone().unwrap_or_default();
-    assert_eq!(rules.len(), 1);
+    // That Secret, and Events about it.
+    assert_eq!(rules.len(), 2);
     assert_eq!(
         rules[0].resources.as_deref(),
         Some(&["secrets".to_string()][..])
@@ -990,6 +1028,11 @@ fn default_certificate_outside_the_watched_namespaces_gets_a_role_on_that_secret
         rules[0].resource_names.as_deref(),
         Some(&["wildcard".to_string()][..])
     );
+    assert_eq!(
+        rules[1].resources.as_deref(),
+        Some(&["events".to_string()][..])
+    );
+    assert_eq!(rules[1].verbs, ["create"]);
 
     let docs = render("shop\\,certs");
     check_rbac("defaultCertificate inside", &docs);
@@ -1424,6 +1467,17 @@ fn notes_tell_how_to_reach_portico_and_create_an_ingress() {
     assert!(text.contains("ports 80 and 443"), "{text}");
     let text = notes(&["-f", &values_file("daemonset-values.yaml")]);
     assert!(text.contains("rollout status daemonset/portico"), "{text}");
+    // Without a Service to publish, the NOTES say Ingress status stays empty, and how to fix it.
+    assert!(!notes(&[]).contains("Ingress status is not written"));
+    let text = notes(&["--set", "controller.service.enabled=false"]);
+    assert!(text.contains("Ingress status is not written"), "{text}");
+    let text = notes(&[
+        "--set",
+        "controller.service.enabled=false",
+        "--set",
+        "controller.publishStatusAddress=203.0.113.10",
+    ]);
+    assert!(!text.contains("Ingress status is not written"), "{text}");
 }
 
 #[test]

@@ -18,10 +18,14 @@ pub enum Scope {
     WatchedNamespaces,
     /// Namespaced, only in the `--lease-namespace` (a Role there is enough).
     LeaseNamespace,
+    /// The `--lease-name` Lease itself (a Role in the lease namespace, narrowed to it by
+    /// `resourceNames`).
+    LeaseObject,
     /// Namespaced, only in the namespace of `--publish-service` (a Role there is enough).
     PublishServiceNamespace,
-    /// The `--default-certificate` Secret, when its namespace is not watched (a Role there,
-    /// narrowed to that Secret by `resourceNames`: the watcher selects it by `metadata.name`).
+    /// The namespace of the `--default-certificate` Secret, when it is not watched (a Role
+    /// there; the Secret's own rule is narrowed to it by `resourceNames`: the watcher selects
+    /// it by `metadata.name`).
     DefaultCertificateNamespace,
 }
 
@@ -32,9 +36,10 @@ impl Scope {
             Scope::Cluster => "cluster",
             Scope::WatchedNamespaces => "watched namespaces",
             Scope::LeaseNamespace => "lease namespace",
+            Scope::LeaseObject => "the --lease-name Lease (lease namespace, resourceNames)",
             Scope::PublishServiceNamespace => "publish-service namespace",
             Scope::DefaultCertificateNamespace => {
-                "default-certificate namespace (when not watched; that Secret only)"
+                "default-certificate namespace (when not watched)"
             }
         }
     }
@@ -93,7 +98,9 @@ pub const API_NEEDS: &[ApiNeed] = &[
         verbs: &["get", "list", "watch"],
         scope: Scope::WatchedNamespaces,
         why: "source: reflector on Secret with fieldSelector type=kubernetes.io/tls, metadata \
-              only (RBAC cannot narrow by type); get fetches tls.crt/tls.key of the Secrets an \
+              only (RBAC cannot narrow by type; the API still sends whole TLS Secrets, keys \
+              included, on list and watch, so this grant reads every TLS key in scope, as \
+              ingress-nginx's does); get fetches tls.crt/tls.key of the Secrets an \
               Ingress of our class or --default-certificate references, the only key material \
               kept in memory (a referenced Secret not listed is fetched for its type only, to \
               report a wrong type)",
@@ -131,9 +138,17 @@ pub const API_NEEDS: &[ApiNeed] = &[
     ApiNeed {
         group: "coordination.k8s.io",
         resource: "leases",
-        verbs: &["get", "create", "update"],
+        verbs: &["create"],
         scope: Scope::LeaseNamespace,
-        why: "leader election: the --lease-name Lease",
+        why: "leader election: creates the --lease-name Lease when it does not exist (create \
+              cannot be narrowed to one name)",
+    },
+    ApiNeed {
+        group: "coordination.k8s.io",
+        resource: "leases",
+        verbs: &["get", "update"],
+        scope: Scope::LeaseObject,
+        why: "leader election: reads and renews the --lease-name Lease, and no other",
     },
     ApiNeed {
         group: "",
@@ -149,7 +164,16 @@ pub const API_NEEDS: &[ApiNeed] = &[
         verbs: &["get", "list", "watch"],
         scope: Scope::DefaultCertificateNamespace,
         why: "source: reflector on the --default-certificate Secret (fieldSelector \
-              metadata.name) when its namespace is not watched; get fetches its tls.crt/tls.key",
+              metadata.name, and resourceNames: that Secret only) when its namespace is not \
+              watched; get fetches its tls.crt/tls.key",
+    },
+    ApiNeed {
+        group: "events.k8s.io",
+        resource: "events",
+        verbs: &["create"],
+        scope: Scope::DefaultCertificateNamespace,
+        why: "events: a diagnostic about the --default-certificate Secret is an Event in its \
+              namespace",
     },
 ];
 
@@ -225,8 +249,6 @@ mod tests {
         let rows = md.lines().filter(|l| l.starts_with("| ")).count();
         // One header row plus one per need.
         assert_eq!(rows, API_NEEDS.len() + 1);
-        assert!(
-            md.contains("| coordination.k8s.io | leases | get, create, update | lease namespace |")
-        );
+        assert!(md.contains("| coordination.k8s.io | leases | create | lease namespace |"));
     }
 }

@@ -36,6 +36,13 @@ Create a first Ingress (class "{{ .Values.controller.ingressClassResource.name }
   kubectl create ingress web --class={{ .Values.controller.ingressClassResource.name }} --rule="web.example.com/*=web:80"
   curl -H 'Host: web.example.com' http://<address>/
 
+{{- if and (not .Values.controller.publishStatusAddress) (not (include "portico.publishService" .)) }}
+
+Ingress status is not written: no Service is published (controller.service.enabled is off, or
+controller.publishService.enabled is). Set controller.publishStatusAddress to the addresses
+clients use, or controller.publishService.pathOverride to another Service.
+{{- end }}
+
 {{- if .Values.controller.watchNamespace }}
 
 Only these namespaces are watched: {{ .Values.controller.watchNamespace }}. Ingresses elsewhere are ignored.
