@@ -85,6 +85,9 @@ enum State {
     Chunked { chunk: Chunk, size: u64 },
     /// Not following any more: every byte is released as it is.
     Passthrough,
+    /// Framing hyper would accept but must not (see `chunk_step`): nothing from here on is
+    /// released, and the reader gets an error, so no byte after it is read as a request.
+    Rejected,
 }
 
 /// The sans-IO byte-stream scanner. Feed it what the client sent, in any split; it appends
@@ -131,6 +134,11 @@ impl Scanner {
         self.state == State::Passthrough
     }
 
+    /// True once the scanner refused the stream ([`State::Rejected`]).
+    pub fn is_rejected(&self) -> bool {
+        self.state == State::Rejected
+    }
+
     /// How many CL+TE heads were marked.
     pub fn marked(&self) -> u64 {
         self.marked
@@ -152,6 +160,9 @@ impl Scanner {
     /// End of the client's stream: release whatever head is held, unchanged (hyper sees the
     /// truncated head and the EOF, as without the scanner).
     pub fn finish(&mut self, out: &mut Vec<u8>) {
+        if self.state == State::Rejected {
+            return;
+        }
         out.extend_from_slice(&self.head);
         self.clear_head();
         self.state = State::Passthrough;
@@ -242,10 +253,14 @@ impl Scanner {
                     self.state = State::Chunked { chunk, size };
                 }
                 State::Chunked { chunk, size } => {
-                    out.push(data[i]);
                     self.state = chunk_step(chunk, size, data[i]);
+                    if self.state == State::Rejected {
+                        return None;
+                    }
+                    out.push(data[i]);
                     i += 1;
                 }
+                State::Rejected => return None,
                 State::Head => {
                     if self.head.is_empty() || self.head == b"\r" {
                         // RFC 9112 §2.2: empty lines before a request line are ignored
@@ -522,9 +537,10 @@ fn chunk_step(chunk: Chunk, size: u64, b: u8) -> State {
         (Chunk::Trailer, b'\r') => go(Chunk::TrailerLf, 0),
         // A bare LF in a trailer line: hyper takes it as part of the line, so its idea of
         // where the trailers end (and the next request starts) differs from a peer that ends
-        // lines at LF (RFC 9112 §2.2 lets it) — a way to hide a request. Stop following: the
-        // connection closes after this response, and nothing after it is read as a request.
-        (Chunk::Trailer, b'\n') => State::Passthrough,
+        // lines at LF (RFC 9112 §2.2 lets it) — a way to hide a request. hyper would go on, so
+        // the stream is cut here: the body fails and the connection closes, and nothing after
+        // this byte is read as a request, whenever the response went out.
+        (Chunk::Trailer, b'\n') => State::Rejected,
         (Chunk::Trailer, _) => go(Chunk::Trailer, 0),
         (Chunk::TrailerLf, b'\n') => go(Chunk::EndCr, 0),
         (Chunk::EndLf, b'\n') => State::Head,
@@ -589,10 +605,11 @@ impl<T: AsyncRead + Unpin> AsyncRead for FramingIo<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        let passing = this.scanner.is_passthrough();
+        let stopped = |s: &Scanner| s.is_passthrough() || s.is_rejected();
+        let was = stopped(&this.scanner);
         let polled = this.poll_scanned(cx, buf);
         // (At the client's EOF the scanner passes through what is left too; nothing follows.)
-        if !passing && this.scanner.is_passthrough() && !this.eof {
+        if !was && stopped(&this.scanner) && !this.eof {
             this.stopped.store(true, Ordering::Release);
         }
         polled
@@ -614,6 +631,12 @@ impl<T: AsyncRead + Unpin> FramingIo<T> {
         loop {
             if this.drain_out(buf) {
                 return Poll::Ready(Ok(()));
+            }
+            if this.scanner.is_rejected() {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "request framing refused (bare LF in a chunked trailer)",
+                )));
             }
             if this.eof {
                 return Poll::Ready(Ok(()));
@@ -669,6 +692,7 @@ mod tests {
         /// Between messages, nothing held.
         Idle,
         Passthrough,
+        Rejected,
     }
 
     /// Feed the chunks the way [`FramingIo`] does: the in-place fast path first, the copying
@@ -740,6 +764,7 @@ mod tests {
                     assert!(s.head.is_empty(), "{how}");
                 }
                 End::Passthrough => assert!(s.is_passthrough(), "{how}"),
+                End::Rejected => assert!(s.is_rejected(), "{how}"),
             }
         };
         verify("whole", run(&[input], false));
@@ -825,7 +850,12 @@ mod tests {
             Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX: 1\n\r\n\
             GET /admin/victim HTTP/1.1\r\nHost: t.local\r\n\r\n\
             GET /admin/after HTTP/1.1\r\nHost: t.local\r\n\r\n";
-        check_all_splits(smuggle, smuggle, 0, End::Passthrough);
+        // Released up to the bare LF, nothing after it.
+        let at = smuggle
+            .windows(2)
+            .position(|w| w == b"1\n")
+            .expect("the bare LF");
+        check_all_splits(smuggle, &smuggle[..=at], 0, End::Rejected);
     }
 
     #[test]
