@@ -98,7 +98,7 @@ pub struct RunArgs {
     #[arg(long, env = "PORTICO_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_dur)]
     pub shutdown_grace: Duration,
     /// Peers whose X-Forwarded-* headers are trusted (comma-separated CIDRs or addresses);
-    /// their X-Forwarded-Proto: https counts as HTTPS (no redirect to HTTPS, HSTS sent).
+    /// their X-Forwarded-Proto (last entry) https counts as HTTPS (no redirect, HSTS sent).
     #[arg(long, env = "PORTICO_TRUSTED_PROXIES", value_delimiter = ',', value_parser = parse_net)]
     pub trusted_proxies: Vec<IpNet>,
     /// Log format for logs and access logs.

@@ -705,6 +705,16 @@ async fn a_trusted_proxys_https_is_not_redirected_and_gets_hsts() {
     assert_eq!(got.headers["strict-transport-security"], "max-age=31536000");
     let got = send(p.addr, forwarded("http")).await.expect("response");
     assert_eq!(got.status, StatusCode::PERMANENT_REDIRECT);
+    // An appending proxy: the last entry is its own; a client's claim before it counts for
+    // nothing.
+    let got = send(p.addr, forwarded("https, http"))
+        .await
+        .expect("response");
+    assert_eq!(got.status, StatusCode::PERMANENT_REDIRECT);
+    let got = send(p.addr, forwarded("http, https"))
+        .await
+        .expect("response");
+    assert_eq!(got.status, StatusCode::OK);
     // Not trusted: the client's claim is ignored.
     let untrusted = proxy_with(&[route()]).await;
     let got = send(untrusted.addr, forwarded("https"))

@@ -1068,12 +1068,16 @@ fn hop_by_hop_bit(name: &HeaderName) -> u8 {
 
 /// X-Forwarded-* and X-Real-IP. Client-sent values survive only from trusted proxies;
 /// otherwise they are replaced (and `Forwarded` dropped) so clients cannot spoof them.
-/// X-Forwarded-Proto says `https`: its first entry (the proxy nearest the client), in any case.
+/// X-Forwarded-Proto says `https`: its last entry, the one the trusted peer itself set or
+/// added (entries before it came from further away, a client's own claim included), in any
+/// case; over several field lines, the last line's.
 fn forwarded_https(headers: &HeaderMap) -> bool {
     headers
-        .get(&X_FORWARDED_PROTO)
+        .get_all(&X_FORWARDED_PROTO)
+        .iter()
+        .next_back()
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(',').next())
+        .and_then(|v| v.rsplit(',').next())
         .is_some_and(|scheme| scheme.trim().eq_ignore_ascii_case("https"))
 }
 

@@ -1505,6 +1505,26 @@ fn tls_certificates_that_do_not_name_their_host_warn_and_lose_conflicts() {
         "{d:#?}"
     );
     assert!(!got.iter().any(|g| g.0 == Severity::Error), "{d:#?}");
+
+    // The host's redirect follows the Ingress whose certificate it now has: a catch-all rule
+    // redirects h.test when the winner redirects, though the older loser said not to.
+    let (s, _) = World::web()
+        .secret(tls_secret("default", "wrong", &["unrelated.test"]))
+        .secret(tls_secret("default", "right", &["h.test"]))
+        .ing(
+            Ing::new("default", "old")
+                .created("2020-01-01T00:00:00Z")
+                .ann("portico.dev/ssl-redirect", "false")
+                .tls(Some(&["h.test"]), "wrong"),
+        )
+        .ing(
+            Ing::new("default", "new")
+                .created("2025-01-01T00:00:00Z")
+                .tls(Some(&["h.test"]), "right")
+                .path("", "Prefix", "/", "web", svc80()),
+        )
+        .run();
+    assert!(redirects(&s, "h.test", "/"));
 }
 
 /// A TLS entry without hosts on an Ingress whose rules name none serves nothing: it says so.

@@ -303,6 +303,18 @@ fn names_host(cert: &CertKey, host: &HostKey) -> bool {
         .is_ok_and(|ee| ee.verify_is_valid_for_subject_name(&name).is_ok())
 }
 
+/// Record whether `key`'s redirect is off (the Ingress giving it its certificate says
+/// `ssl-redirect: "false"`).
+fn set_no_redirect(table: &mut TlsTable, key: &HostKey, no_redirect: bool) {
+    match (key, no_redirect) {
+        (HostKey::Exact(h), true) => table.no_redirect_exact.insert(h.clone()),
+        (HostKey::Exact(h), false) => table.no_redirect_exact.remove(h),
+        (HostKey::Wildcard(s), true) => table.no_redirect_wildcard.insert(s.clone()),
+        (HostKey::Wildcard(s), false) => table.no_redirect_wildcard.remove(s),
+        (HostKey::CatchAll, _) => false,
+    };
+}
+
 fn assign(
     table: &mut TlsTable,
     owner: &mut HashMap<HostKey, String>,
@@ -312,12 +324,8 @@ fn assign(
     no_redirect: bool,
     diags: &mut Diags,
 ) {
-    if no_redirect && !owner.contains_key(&key) {
-        match &key {
-            HostKey::Exact(h) => table.no_redirect_exact.insert(h.clone()),
-            HostKey::Wildcard(s) => table.no_redirect_wildcard.insert(s.clone()),
-            HostKey::CatchAll => false,
-        };
+    if !owner.contains_key(&key) {
+        set_no_redirect(table, &key, no_redirect);
     }
     let slot = match &key {
         HostKey::Exact(h) => table.exact.entry(h.clone()),
@@ -360,6 +368,8 @@ fn assign(
                     ),
                 );
                 o.insert(cert.clone());
+                // The host's redirect follows the Ingress its certificate now comes from.
+                set_no_redirect(table, &key, no_redirect);
                 return;
             }
             // Two Secrets with identical material are the same certificate: no conflict.

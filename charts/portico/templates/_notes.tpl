@@ -40,7 +40,8 @@ Create a first Ingress (class "{{ .Values.controller.ingressClassResource.name }
 
 Ingress status is not written: no Service is published (controller.service.enabled is off, or
 controller.publishService.enabled is). Set controller.publishStatusAddress to the addresses
-clients use, or controller.publishService.pathOverride to another Service.
+clients use, or controller.publishService.enabled=true with controller.publishService.pathOverride
+naming another Service.
 {{- end }}
 
 {{- if .Values.controller.watchNamespace }}
