@@ -399,6 +399,13 @@ fn needed(run: &RunArgs) -> BTreeSet<Grant> {
             Scope::WatchedNamespaces if run.watch_namespace.is_empty() => vec!["*".into()],
             Scope::WatchedNamespaces => run.watch_namespace.clone(),
             Scope::LeaseNamespace | Scope::LeaseObject => vec![lease_ns.clone()],
+            Scope::ClusterEventsNamespace
+                if !run.watch_namespace.is_empty()
+                    && !run.watch_namespace.iter().any(|n| n == "default") =>
+            {
+                vec!["default".into()]
+            }
+            Scope::ClusterEventsNamespace => vec![],
             Scope::PublishServiceNamespace => match &run.publish_service {
                 Some((ns, _)) => vec![ns.clone()],
                 None => vec![],

@@ -23,6 +23,9 @@ pub enum Scope {
     LeaseObject,
     /// Namespaced, only in the namespace of `--publish-service` (a Role there is enough).
     PublishServiceNamespace,
+    /// The `default` namespace, when `--watch-namespace` leaves it out: Events about
+    /// cluster-scoped objects (an IngressClass) go there, as client-go puts them.
+    ClusterEventsNamespace,
     /// The namespace of the `--default-certificate` Secret, when it is not watched (a Role
     /// there; the Secret's own rule is narrowed to it by `resourceNames`: the watcher selects
     /// it by `metadata.name`).
@@ -37,6 +40,7 @@ impl Scope {
             Scope::WatchedNamespaces => "watched namespaces",
             Scope::LeaseNamespace => "lease namespace",
             Scope::LeaseObject => "the --lease-name Lease (lease namespace, resourceNames)",
+            Scope::ClusterEventsNamespace => "`default` (when --watch-namespace leaves it out)",
             Scope::PublishServiceNamespace => "publish-service namespace",
             Scope::DefaultCertificateNamespace => {
                 "default-certificate namespace (when not watched)"
@@ -134,6 +138,14 @@ pub const API_NEEDS: &[ApiNeed] = &[
         verbs: &["create"],
         scope: Scope::WatchedNamespaces,
         why: "events: diagnostics as Events on the object they are about (its namespace)",
+    },
+    ApiNeed {
+        group: "events.k8s.io",
+        resource: "events",
+        verbs: &["create"],
+        scope: Scope::ClusterEventsNamespace,
+        why: "events: diagnostics about cluster-scoped objects (an IngressClass) as Events in \
+              `default`",
     },
     ApiNeed {
         group: "coordination.k8s.io",
