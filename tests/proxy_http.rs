@@ -1347,9 +1347,7 @@ async fn websocket_upgrade_echoes_both_ways() {
 #[tokio::test]
 async fn h2c_upstream_carries_trailers_to_an_h2_client() {
     let g = h2c_trailers_backend().await;
-    let p = proxy_with(&[RouteSpec::prefix(None, "/", &[g.addr])
-        .policy(|p| p.upstream_protocol = UpstreamProtocol::H2c)])
-    .await;
+    let p = h2c_proxy(g.addr).await;
     let tcp = TcpStream::connect(p.addr).await.expect("connect");
     let (mut tx, conn) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
@@ -2046,9 +2044,7 @@ async fn slow_readers_do_not_stall_other_streams_on_a_shared_h2c_upstream() {
         }
     })
     .await;
-    let p = proxy_with(&[RouteSpec::prefix(None, "/", &[g.addr])
-        .policy(|p| p.upstream_protocol = UpstreamProtocol::H2c)])
-    .await;
+    let p = h2c_proxy(g.addr).await;
     // Slow clients: each reads its response head, then nothing.
     let mut slow = Vec::new();
     for _ in 0..8 {
@@ -2107,9 +2103,7 @@ async fn streams_beyond_an_h2c_backends_limit_go_to_another_connection() {
         http::Response::new(support::full("done"))
     })
     .await;
-    let p = proxy_with(&[RouteSpec::prefix(None, "/", &[g.addr])
-        .policy(|p| p.upstream_protocol = UpstreamProtocol::H2c)])
-    .await;
+    let p = h2c_proxy(g.addr).await;
     // One request first, so the backend's SETTINGS are known before the watches start.
     assert_eq!(get(p.addr, "grpc.example", "/first").await.status, 200);
     let watches = hold(&p, "grpc.example", "/watch", LIMIT, &g).await;
@@ -2149,9 +2143,7 @@ async fn a_burst_of_first_h2c_requests_leaves_one_connection() {
         http::Response::new(support::full("done"))
     })
     .await;
-    let p = proxy_with(&[RouteSpec::prefix(None, "/", &[g.addr])
-        .policy(|p| p.upstream_protocol = UpstreamProtocol::H2c)])
-    .await;
+    let p = h2c_proxy(g.addr).await;
     let burst = hold(&p, "grpc.example", "/", 16, &g).await;
     g.gate.add_permits(16);
     for r in burst {
@@ -2235,9 +2227,7 @@ async fn an_h2c_stream_counts_until_its_request_body_ends() {
         http::Response::new(support::full("done"))
     })
     .await;
-    let p = proxy_with(&[RouteSpec::prefix(None, "/", &[g.addr])
-        .policy(|p| p.upstream_protocol = UpstreamProtocol::H2c)])
-    .await;
+    let p = h2c_proxy(g.addr).await;
     // The backend's SETTINGS (one stream) are read with the first request.
     answers_in_time(p.addr, "/first", "done", "first request").await;
     // An upload that never ends, answered before its end.
@@ -2322,4 +2312,11 @@ async fn a_request_hidden_in_a_trailer_after_an_early_answer_is_never_served() {
     assert_eq!(rest.matches("HTTP/1.1 ").count(), 0, "{rest}");
     let paths = seen.lock().map(|l| l.clone()).unwrap_or_default();
     assert_eq!(paths, ["/public/1"]);
+}
+
+/// A proxy routing everything to `backend` over h2c.
+async fn h2c_proxy(backend: std::net::SocketAddr) -> TestProxy {
+    proxy_with(&[RouteSpec::prefix(None, "/", &[backend])
+        .policy(|p| p.upstream_protocol = UpstreamProtocol::H2c)])
+    .await
 }
