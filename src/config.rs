@@ -97,8 +97,10 @@ pub struct RunArgs {
     /// After listeners close, in-flight requests get this long before they are cut.
     #[arg(long, env = "PORTICO_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_dur)]
     pub shutdown_grace: Duration,
-    /// Peers whose X-Forwarded-* headers are trusted (comma-separated CIDRs or addresses);
-    /// their X-Forwarded-Proto (last entry) https counts as HTTPS (no redirect, HSTS sent).
+    /// Peers whose forwarding headers are trusted (comma-separated CIDRs or addresses); from
+    /// others, X-Forwarded-* are replaced or removed, and Forwarded, X-Original-*,
+    /// X-Rewrite-URL and X-Scheme removed. Their X-Forwarded-Proto (last entry) https counts
+    /// as HTTPS (no redirect, HSTS sent).
     #[arg(long, env = "PORTICO_TRUSTED_PROXIES", value_delimiter = ',', value_parser = parse_net)]
     pub trusted_proxies: Vec<IpNet>,
     /// Log format for logs and access logs.

@@ -1100,6 +1100,14 @@ async fn forwarding_headers_from_untrusted_peers_are_replaced() {
                 ("x-forwarded-host", "evil"),
                 ("x-real-ip", "6.6.6.6"),
                 ("forwarded", "for=6.6.6.6"),
+                // URL overrides and the other forwarding fields a backend may believe.
+                ("x-original-url", "/admin"),
+                ("X-Original-URI", "/admin"),
+                ("x-rewrite-url", "/admin"),
+                ("x-forwarded-prefix", "/evil"),
+                ("x-forwarded-scheme", "https"),
+                ("x-scheme", "https"),
+                ("x-originality", "kept"),
             ],
             Bytes::new(),
         ),
@@ -1107,6 +1115,17 @@ async fn forwarding_headers_from_untrusted_peers_are_replaced() {
     .await
     .expect("response");
     let e = got.echo();
+    for gone in [
+        "x-original-url",
+        "x-original-uri",
+        "x-rewrite-url",
+        "x-forwarded-prefix",
+        "x-forwarded-scheme",
+        "x-scheme",
+    ] {
+        assert_eq!(e.header(gone), None, "{gone} from an untrusted peer");
+    }
+    assert_eq!(e.header("x-originality"), Some("kept"));
     assert_eq!(e.header("x-forwarded-for"), Some("127.0.0.1"));
     assert_eq!(e.header("x-forwarded-proto"), Some("http"));
     assert_eq!(e.header("x-forwarded-host"), Some("app.example:8080"));
@@ -1149,6 +1168,8 @@ async fn forwarding_headers_from_trusted_proxies_are_appended() {
                 ("x-request-id", "client-id-42"),
                 // Spoofed by the client, passed on by the load balancer.
                 ("x-real-ip", "6.6.6.6"),
+                ("x-forwarded-prefix", "/shop"),
+                ("x-original-url", "/orig"),
             ],
             Bytes::new(),
         ),
@@ -1164,6 +1185,8 @@ async fn forwarding_headers_from_trusted_proxies_are_appended() {
     assert_eq!(e.header("x-real-ip"), Some("203.0.113.7"));
     assert_eq!(e.header("x-forwarded-proto"), Some("https"));
     assert_eq!(e.header("x-forwarded-host"), Some("public.example"));
+    assert_eq!(e.header("x-forwarded-prefix"), Some("/shop"));
+    assert_eq!(e.header("x-original-url"), Some("/orig"));
     assert_eq!(e.header("x-request-id"), Some("client-id-42"));
     // A repeated X-Request-ID reaches the backend once: the first.
     let got = send(

@@ -53,7 +53,6 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 static X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
 static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
@@ -1132,7 +1131,34 @@ fn set_forwarding_headers(
     };
     headers.insert(X_REAL_IP.clone(), real_ip);
     if !trusted {
-        headers.remove(&FORWARDED);
+        strip_untrusted_forwarding(headers);
+    }
+}
+
+/// From a peer outside `--trusted-proxies`, the other forwarding fields a backend may believe
+/// go too: `Forwarded`, any further `X-Forwarded-*` (Prefix, Server, Scheme, Ssl, ...),
+/// `X-Original-*` and `X-Rewrite-URL` (URL overrides some frameworks honour: a client could
+/// reach a path the route does not expose) and `X-Scheme`. One pass over the names; most
+/// requests carry none.
+fn strip_untrusted_forwarding(headers: &mut HeaderMap) {
+    let spoofable = |name: &HeaderName| {
+        let name = name.as_str();
+        match name.strip_prefix("x-forwarded-") {
+            Some(rest) => !matches!(rest, "for" | "proto" | "host" | "port"),
+            None => {
+                name == "forwarded"
+                    || name.starts_with("x-original-")
+                    || name == "x-rewrite-url"
+                    || name == "x-scheme"
+            }
+        }
+    };
+    if !headers.keys().any(spoofable) {
+        return;
+    }
+    let names: Vec<HeaderName> = headers.keys().filter(|n| spoofable(n)).cloned().collect();
+    for name in names {
+        headers.remove(name);
     }
 }
 
