@@ -155,13 +155,14 @@ impl From<&EndpointSlice> for Slice {
                 })
                 .collect();
             for ep in slice.endpoints.as_deref().unwrap_or_default() {
-                // EndpointConditions: a nil `ready` means ready and a nil `serving` means
-                // serving (discovery/v1); `serving` and `terminating` together mark a draining
-                // endpoint (used only when none is ready).
+                // EndpointConditions (discovery/v1): a nil `ready` means ready ("consumers
+                // should interpret this unknown state as ready"), and for a nil `serving`
+                // "consumers should defer to the ready condition"; `serving` and `terminating`
+                // together mark a draining endpoint (used only when none is ready).
                 let cond = ep.conditions.as_ref();
                 let ready = cond.and_then(|c| c.ready) != Some(false);
                 let draining =
-                    cond.is_some_and(|c| c.serving != Some(false) && c.terminating == Some(true));
+                    cond.is_some_and(|c| c.serving.unwrap_or(ready) && c.terminating == Some(true));
                 if !ready && !draining {
                     continue;
                 }

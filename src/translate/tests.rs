@@ -947,17 +947,15 @@ fn endpoints_fall_back_to_serving_terminating_when_none_ready() {
                 ep("10.0.0.4", Some(false), Some(true), Some(true)),
                 ep("10.0.0.5", Some(false), Some(false), Some(true)),
                 ep("10.0.0.6", Some(false), Some(true), Some(false)),
-                // A nil `serving` means serving (discovery/v1 EndpointConditions).
+                // For a nil `serving`, "consumers should defer to the ready condition"
+                // (discovery/v1 EndpointConditions): not ready, so not serving.
                 ep("10.0.0.7", Some(false), None, Some(true)),
             ],
         ))
         .ing(Ing::new("default", "a").path("h.test", "Prefix", "/", "web", svc80()));
     let (s, d) = w.run();
     assert!(d.is_empty());
-    assert_eq!(
-        endpoints(&s, "h.test", "/"),
-        ["10.0.0.4:8080", "10.0.0.7:8080"]
-    );
+    assert_eq!(endpoints(&s, "h.test", "/"), ["10.0.0.4:8080"]);
     assert!(s.backends.backends[0].draining_fallback);
 }
 
