@@ -46,7 +46,7 @@ pub(super) enum BackendError {
     ServiceNotFound(String),
     #[error("Service {0} is of type ExternalName; portico only proxies to pod endpoints")]
     ExternalName(String),
-    #[error("Service {service} has no port {port}")]
+    #[error("Service {service} has no TCP port {port}")]
     ServicePortNotFound { service: String, port: String },
 }
 

@@ -117,6 +117,9 @@ impl From<&Service> for Svc {
             .and_then(|s| s.ports.as_deref())
             .unwrap_or_default()
             .iter()
+            // HTTP runs over TCP: a UDP or SCTP port (which may share its number with the TCP
+            // one, as DNS's 53 does) is never a backend. `protocol` defaults to TCP.
+            .filter(|p| p.protocol.as_deref().is_none_or(|proto| proto == "TCP"))
             .map(|p| SvcPort {
                 name: p.name.as_deref().filter(|n| !n.is_empty()).map(Box::from),
                 port: p.port,

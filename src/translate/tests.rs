@@ -890,6 +890,35 @@ fn backend_port_by_name() {
 }
 
 #[test]
+fn backend_port_by_number_skips_udp_and_sctp_ports() {
+    // Port numbers are unique per protocol only: DNS-style Services list 53/UDP before 53/TCP.
+    let w = World::default()
+        .svc(from(
+            json!({"metadata": {"namespace": "default", "name": "dns"},
+            "spec": {"ports": [
+                {"name": "dns-udp", "port": 53, "protocol": "UDP"},
+                {"name": "dns-sctp", "port": 53, "protocol": "SCTP"},
+                {"name": "dns-tcp", "port": 53, "protocol": "TCP"},
+                {"name": "only-udp", "port": 54, "protocol": "UDP"}]}}),
+        ))
+        .slice(slice(
+            "default",
+            "dns-1",
+            "dns",
+            "IPv4",
+            &[("dns-udp", 5353), ("dns-sctp", 5454), ("dns-tcp", 8053)],
+            vec![ready("10.0.0.1")],
+        ))
+        .ing(Ing::new("default", "a").path("h.test", "Prefix", "/", "dns", json!(53)))
+        .ing(Ing::new("default", "b").path("h.test", "Prefix", "/udp", "dns", json!("only-udp")));
+    let (s, d) = w.run();
+    assert_eq!(hit(&s, "h.test", "/"), "default/dns:53");
+    assert_eq!(endpoints(&s, "h.test", "/"), ["10.0.0.1:8053"]);
+    let d = only(&d, Severity::Error, "ServicePortNotFound");
+    assert!(d.message.contains("no TCP port \"only-udp\""), "{d:?}");
+}
+
+#[test]
 fn backend_unnamed_service_port_matches_unnamed_slice_port() {
     let w = World::default()
         .svc(svc("default", "solo", &[("", 80)]))
