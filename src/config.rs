@@ -124,10 +124,11 @@ pub struct RunArgs {
     /// Idle keep-alive timeout for client connections.
     #[arg(long, env = "PORTICO_CLIENT_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_positive_dur)]
     pub client_idle_timeout: Duration,
-    /// Idle timeout of WebSockets and other upgraded streams, and of a connection streaming a
-    /// response on which no byte moves either way (a client not reading, an upstream stalled
-    /// mid-body): it is closed. Waiting for response headers is the read timeout's business.
-    /// 0s turns both off.
+    /// Idle timeout of WebSockets and other upgraded streams, and of a response being
+    /// streamed on which nothing moves either way (a client not reading, an upstream stalled
+    /// mid-body): an HTTP/1.1 connection is closed, an HTTP/2 stream reset (its upstream
+    /// exchange ends at once). Waiting for response headers is the read timeout's business.
+    /// 0s turns it off.
     #[arg(long, env = "PORTICO_STREAM_IDLE_TIMEOUT", default_value = "1h", value_parser = parse_dur)]
     pub stream_idle_timeout: Duration,
     /// Maximum retries of a failed request on other endpoints.

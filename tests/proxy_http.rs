@@ -1769,6 +1769,167 @@ async fn a_response_with_no_bytes_moving_is_cut_after_the_stream_idle_timeout() 
     assert_eq!(got.text(), "slow");
 }
 
+/// HTTP/2 streams time out one by one: on one connection, a response whose upstream hung and
+/// a response the client stopped reading (its stream window full, so hyper no longer polls
+/// the body) both lose their upstream exchange while a sibling stream keeps moving, and the
+/// sibling is served to its end. Before, any byte on the connection (the sibling's, or the
+/// server's keep-alive PINGs and their ACKs) kept every stream alive.
+#[tokio::test]
+async fn h2_streams_time_out_one_by_one_while_a_sibling_moves() {
+    const DRIPS: usize = 30;
+    let stalling = mid_body_stall_backend().await;
+    // Announces a large body and writes until its connection is closed.
+    let unread = raw_backend(|mut s| async move {
+        let _ = read_head(&mut s).await;
+        let _ = s
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 67108864\r\n\r\n")
+            .await;
+        let chunk = vec![b'z'; 16 * 1024];
+        for _ in 0..4096 {
+            if s.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    // One byte every 100 ms: the sibling stream that keeps the connection busy.
+    let drip = raw_backend(|mut s| async move {
+        let _ = read_head(&mut s).await;
+        let _ = s
+            .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+            .await;
+        for _ in 0..DRIPS {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if s.write_all(b"1\r\nd\r\n").await.is_err() {
+                return;
+            }
+        }
+        let _ = s.write_all(b"0\r\n\r\n").await;
+    })
+    .await;
+    let p = proxy_with_stream_idle(
+        Duration::from_millis(300),
+        &[
+            RouteSpec::prefix(Some("stall"), "/", &[stalling.addr]),
+            RouteSpec::prefix(Some("unread"), "/", &[unread.addr]),
+            RouteSpec::prefix(Some("drip"), "/", &[drip.addr]),
+        ],
+    )
+    .await;
+    let tcp = TcpStream::connect(p.addr).await.expect("connect");
+    // A 64 KiB window per stream, a wide one for the connection: the unread stream fills its
+    // own window and blocks nothing else.
+    let (mut tx, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(65_535)
+        .initial_connection_window_size(16 << 20)
+        .handshake(TokioIo::new(tcp))
+        .await
+        .expect("h2c prior knowledge");
+    tokio::spawn(conn);
+    let get = |host: &str| {
+        Request::get(format!("http://{host}/"))
+            .body(http_body_util::Empty::<Bytes>::new().boxed())
+            .expect("req")
+    };
+    let drip_resp = tx.send_request(get("drip")).await.expect("drip head");
+    let dripped = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let reader = {
+        let dripped = dripped.clone();
+        tokio::spawn(async move {
+            let mut body = drip_resp.into_body();
+            let mut all = Vec::new();
+            while let Some(frame) = body.frame().await {
+                if let Ok(data) = frame.expect("drip frame").into_data() {
+                    dripped.fetch_add(data.len(), Ordering::SeqCst);
+                    all.extend_from_slice(&data);
+                }
+            }
+            all
+        })
+    };
+    let unread_resp = tx.send_request(get("unread")).await.expect("unread head");
+    assert_eq!(unread_resp.status(), 200);
+    let stalled = tx.send_request(get("stall")).await.expect("stall head");
+    let res = tokio::time::timeout(DEADLINE, stalled.into_body().collect())
+        .await
+        .expect("the hung stream ends in time");
+    assert!(res.is_err(), "a hung stream ends in a reset");
+    // The unread stream's upstream connection is closed although the client still holds the
+    // stream (its body unread).
+    wait_until(|| {
+        unread.accepted.load(Ordering::SeqCst) == 1 && unread.open.load(Ordering::SeqCst) == 0
+    })
+    .await;
+    assert!(
+        dripped.load(Ordering::SeqCst) < DRIPS,
+        "the streams timed out only once the sibling ended"
+    );
+    let all = tokio::time::timeout(DEADLINE, reader)
+        .await
+        .expect("drip in time")
+        .expect("join");
+    assert_eq!(all, vec![b'd'; DRIPS]);
+    drop(unread_resp);
+}
+
+/// The client's half counts as the stream moving: an upload slower than the stream idle
+/// timeout in all, to an upstream that answered its head at once and then waits for the
+/// whole body, is served to its end.
+#[tokio::test]
+async fn an_h2_upload_keeps_its_stream_alive_while_the_response_waits() {
+    let b = raw_backend(|mut s| async move {
+        let _ = read_head(&mut s).await;
+        let _ = s
+            .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+            .await;
+        let _ = s.flush().await;
+        // The body arrives chunked (an h2 request without content-length); read to its end.
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !got.ends_with(b"0\r\n\r\n") {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        let _ = s.write_all(b"4\r\ndone\r\n0\r\n\r\n").await;
+    })
+    .await;
+    let p = proxy_with_stream_idle(
+        Duration::from_millis(300),
+        &[RouteSpec::prefix(None, "/", &[b.addr])],
+    )
+    .await;
+    let (body_tx, mut body_rx) =
+        tokio::sync::mpsc::channel::<Result<http_body::Frame<Bytes>, std::convert::Infallible>>(4);
+    let body = http_body_util::StreamBody::new(futures_util::stream::poll_fn(move |cx| {
+        body_rx.poll_recv(cx)
+    }));
+    let mut tx = h2_client(p.addr).await;
+    let req = Request::post("http://x/up")
+        .body(body.boxed())
+        .expect("req");
+    let sending = tokio::spawn(async move {
+        // Twelve frames 100 ms apart: four stall timeouts in all, never one without a frame.
+        for _ in 0..12 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let frame = http_body::Frame::data(Bytes::from_static(b"u"));
+            if body_tx.send(Ok(frame)).await.is_err() {
+                return;
+            }
+        }
+    });
+    let resp = tx.send_request(req).await.expect("response head");
+    assert_eq!(resp.status(), 200);
+    let body = tokio::time::timeout(DEADLINE, resp.into_body().collect())
+        .await
+        .expect("in time")
+        .expect("the stream was not reset while the client was sending")
+        .to_bytes();
+    assert_eq!(body, "done");
+    sending.await.expect("join");
+}
+
 /// `--stream-idle-timeout 0s` turns the idle timeout off, it does not close every tunnel at
 /// once.
 #[tokio::test]

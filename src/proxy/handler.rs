@@ -39,7 +39,7 @@ use super::health::HealthChecker;
 use super::ratelimit::{Limiter, RateHeaders, Verdict};
 use super::route_metrics::{RouteMetrics, RouteMetricsCache};
 use super::upstream::{BodyFlags, OutboundRequest, PoolReturn, Upstreams};
-use super::{BoxError, ConnInfo, ProxyBody, ProxyConfig};
+use super::{BoxError, ConnInfo, ProxyBody, ProxyConfig, StreamProgress};
 use crate::model::path::{is_sub_delim, is_unreserved, normalize_path};
 
 /// ACME HTTP-01 challenges must stay reachable over plain HTTP (RFC 8555 §8.3).
@@ -563,6 +563,12 @@ impl Handler {
                     seen: 0,
                     flags: body_flags.clone(),
                     counter: rec.bytes_in.clone(),
+                    // HTTP/2: the listener's stream idle timer counts these frames.
+                    progress: if parts.version == Version::HTTP_2 {
+                        parts.extensions.get::<StreamProgress>().cloned()
+                    } else {
+                        None
+                    },
                 }
                 .boxed(),
             )
@@ -1175,6 +1181,7 @@ struct LimitedBody {
     seen: u64,
     flags: Arc<BodyFlags>,
     counter: Arc<AtomicU64>,
+    progress: Option<StreamProgress>,
 }
 
 impl Body for LimitedBody {
@@ -1194,6 +1201,9 @@ impl Body for LimitedBody {
         });
         match polled {
             Poll::Ready(Some(Ok(frame))) => {
+                if let Some(p) = &this.progress {
+                    p.moved();
+                }
                 if let Some(data) = frame.data_ref() {
                     let n = data.len() as u64;
                     this.seen = this.seen.saturating_add(n);

@@ -35,7 +35,7 @@ use super::handler::Handler;
 use super::health::HealthChecker;
 use super::sniff::{self, H2_PREFACE};
 use super::tls::{self, SniResolver};
-use super::{BoxError, ConnInfo, ProxyBody, ProxyConfig};
+use super::{BoxError, ConnInfo, ProxyBody, ProxyConfig, StreamProgress};
 use crate::metrics::Metrics;
 use crate::publish::Reader;
 
@@ -205,6 +205,83 @@ struct Activity {
     /// Requests whose handler has not produced a response head yet: the upstream's read
     /// timeout (and the client-body timeout) bound those, per route, so the stall timer waits.
     handling: AtomicUsize,
+    /// HTTP/2 responses being sent, each with its own idle timer (see [`StreamWatch`]).
+    streams: Mutex<Vec<WatchEntry>>,
+}
+
+/// One HTTP/2 response in [`Activity::streams`]: its frame count when last seen moving.
+#[derive(Debug)]
+struct WatchEntry {
+    watch: std::sync::Weak<StreamWatch>,
+    seen: u64,
+    since: Instant,
+}
+
+/// The stream idle timer of one HTTP/2 response (brief §4.4 "streams idle"). On HTTP/1.1 the
+/// connection is the stream, and bytes moving on it are the stream's; an HTTP/2 connection
+/// carries the server's keep-alive PINGs (answered by any live client) and its other streams,
+/// so a response whose upstream hung, or whose client stopped reading it, would never count
+/// as stalled. Here each response counts its own frames, and the client's request body frames
+/// ([`StreamProgress`]); the connection task's timer sweeps them ([`Activity::sweep_streams`]).
+///
+/// A stream that stalls loses its response body at once: the upstream exchange ends and its
+/// concurrency slots come back, even while hyper cannot poll the body (it holds a chunk for a
+/// client whose flow-control window stays shut). The next poll then fails the body, and hyper
+/// resets the stream (RST_STREAM); its siblings go on.
+struct StreamWatch {
+    /// Frames moved either way, shared with the request's [`StreamProgress`].
+    moved: Arc<AtomicU64>,
+    /// The response body until the stream ends or stalls.
+    body: Mutex<Option<ProxyBody>>,
+    /// The stream's task, woken when the body is taken.
+    waker: AtomicWaker,
+}
+
+/// The error a stalled HTTP/2 response ends with (hyper resets the stream).
+#[derive(Debug, thiserror::Error)]
+#[error("no frame moved for the stream idle timeout")]
+struct StreamStalled;
+
+impl StreamWatch {
+    fn new() -> Arc<StreamWatch> {
+        Arc::new(StreamWatch {
+            moved: Arc::new(AtomicU64::new(0)),
+            body: Mutex::new(None),
+            waker: AtomicWaker::new(),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Option<ProxyBody>> {
+        // Only ever replaced whole: a panic elsewhere cannot leave it half-written.
+        self.body.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Drop the body (outside the lock) and wake the stream so hyper learns of it.
+    fn expire(&self) {
+        let body = self.lock().take();
+        drop(body);
+        self.waker.wake();
+    }
+
+    fn poll_frame(&self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut body = self.lock();
+        let Some(inner) = body.as_mut() else {
+            return Poll::Ready(Some(Err(StreamStalled.into())));
+        };
+        match Pin::new(inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                self.moved.fetch_add(1, Ordering::Relaxed);
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Pending => {
+                // Under the lock: an expiry either came first (the body is gone and this
+                // branch is not reached) or wakes the waker registered here.
+                self.waker.register(cx.waker());
+                Poll::Pending
+            }
+            done => done,
+        }
+    }
 }
 
 impl Activity {
@@ -224,7 +301,53 @@ impl Activity {
             }),
             progress: AtomicU64::new(0),
             handling: AtomicUsize::new(0),
+            streams: Mutex::new(Vec::new()),
         })
+    }
+
+    fn lock_streams(&self) -> MutexGuard<'_, Vec<WatchEntry>> {
+        // Entries are pushed and removed whole.
+        self.streams.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Start the idle timer of an HTTP/2 response.
+    fn watch_stream(&self, watch: &Arc<StreamWatch>) {
+        let mut streams = self.lock_streams();
+        // Ended streams leave their entries until the next sweep (one timer step); a
+        // connection serving thousands of requests per step drops them here too, amortised.
+        if streams.len() >= 64 && streams.len().is_power_of_two() {
+            streams.retain(|e| e.watch.strong_count() > 0);
+        }
+        streams.push(WatchEntry {
+            watch: Arc::downgrade(watch),
+            seen: 0,
+            since: Instant::now(),
+        });
+    }
+
+    /// Expire the HTTP/2 responses on which no frame moved for `stalled`; forget ended ones.
+    fn sweep_streams(&self, now: Instant, stalled: Duration) {
+        let mut expired = Vec::new();
+        self.lock_streams().retain_mut(|e| {
+            let Some(watch) = e.watch.upgrade() else {
+                return false;
+            };
+            let moved = watch.moved.load(Ordering::Relaxed);
+            if moved != e.seen {
+                e.seen = moved;
+                e.since = now;
+                return true;
+            }
+            if now.saturating_duration_since(e.since) < stalled {
+                return true;
+            }
+            expired.push(watch);
+            false
+        });
+        for watch in expired {
+            debug!(timeout = ?stalled, "no frame moved on an HTTP/2 stream; resetting it");
+            watch.expire();
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, ActState> {
@@ -347,10 +470,20 @@ impl Activity {
                 seen = progress;
                 quiet_since = now;
             }
-            let deadline = match self.lock().phase {
+            let (phase, protocol) = {
+                let s = self.lock();
+                (s.phase, s.protocol)
+            };
+            // HTTP/2: each stream has its own idle timer (the connection's bytes include
+            // keep-alive PINGs and other streams); its streams are swept on every wake-up.
+            let h2 = protocol == Protocol::H2;
+            if h2 && stall_enabled {
+                self.sweep_streams(now, stalled);
+            }
+            let deadline = match phase {
                 Phase::Idle(t) if idle_enabled => t.checked_add(idle).map(|at| (at, Expiry::Idle)),
                 Phase::Head(t) => t.checked_add(header).map(|at| (at, Expiry::Header)),
-                Phase::Busy if stall_enabled => quiet_since
+                Phase::Busy if stall_enabled && !h2 => quiet_since
                     .checked_add(stalled)
                     .map(|at| (at, Expiry::Stalled)),
                 Phase::Idle(_) | Phase::Busy => None,
@@ -392,8 +525,15 @@ impl Drop for RequestGuard {
 /// The response body, carrying the request's [`RequestGuard`] so a streaming response keeps
 /// the connection busy until its last byte.
 struct TrackedBody {
-    inner: ProxyBody,
+    inner: Tracked,
     _guard: RequestGuard,
+}
+
+enum Tracked {
+    /// HTTP/1.1 (the connection's timer is the stream's), or no stream idle timeout.
+    Plain(ProxyBody),
+    /// HTTP/2: the body is the [`StreamWatch`]'s until it stalls.
+    Watched(Arc<StreamWatch>),
 }
 
 impl Body for TrackedBody {
@@ -404,15 +544,28 @@ impl Body for TrackedBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+        match &mut self.get_mut().inner {
+            Tracked::Plain(body) => Pin::new(body).poll_frame(cx),
+            Tracked::Watched(watch) => watch.poll_frame(cx),
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.inner {
+            Tracked::Plain(body) => body.is_end_stream(),
+            // A stalled stream still has its error to deliver.
+            Tracked::Watched(watch) => watch.lock().as_ref().is_some_and(Body::is_end_stream),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.inner {
+            Tracked::Plain(body) => body.size_hint(),
+            Tracked::Watched(watch) => watch
+                .lock()
+                .as_ref()
+                .map_or_else(SizeHint::default, Body::size_hint),
+        }
     }
 }
 
@@ -1121,6 +1274,7 @@ async fn serve_http<I>(
         info,
         activity.clone(),
         unfollowed.clone(),
+        !cfg.stream_idle_timeout.is_zero(),
     );
     if h2 {
         // HTTP/2 framing is hyper's h2 codec's business (RFC 9113 §8.2.2 forbids
@@ -1156,6 +1310,7 @@ fn make_service(
     info: ConnInfo,
     activity: Arc<Activity>,
     unfollowed: Option<Arc<AtomicBool>>,
+    stream_idle: bool,
 ) -> impl hyper::service::Service<
     Request<Incoming>,
     Response = Response<TrackedBody>,
@@ -1163,12 +1318,19 @@ fn make_service(
     Future = impl Future<Output = Result<Response<TrackedBody>, Infallible>> + Send + 'static,
 > + Clone {
     let info = Arc::new(info);
-    service_fn(move |req: Request<Incoming>| {
+    service_fn(move |mut req: Request<Incoming>| {
         let guard = activity.begin_request();
         let handling = activity.begin_handling();
         let service = service.clone();
         let info = info.clone();
         let unfollowed = unfollowed.clone();
+        let activity = activity.clone();
+        let watch = (stream_idle && req.version() == http::Version::HTTP_2).then(|| {
+            let watch = StreamWatch::new();
+            req.extensions_mut()
+                .insert(StreamProgress(watch.moved.clone()));
+            watch
+        });
         async move {
             let mut resp = service.serve(req, &info).await;
             drop(handling);
@@ -1182,7 +1344,16 @@ fn make_service(
                     http::HeaderValue::from_static("close"),
                 );
             }
-            Ok::<_, Infallible>(resp.map(|inner| TrackedBody {
+            let inner = match watch {
+                None => resp.map(Tracked::Plain),
+                Some(watch) => {
+                    let (parts, body) = resp.into_parts();
+                    *watch.lock() = Some(body);
+                    activity.watch_stream(&watch);
+                    Response::from_parts(parts, Tracked::Watched(watch))
+                }
+            };
+            Ok::<_, Infallible>(inner.map(|inner| TrackedBody {
                 inner,
                 _guard: guard,
             }))
@@ -1436,6 +1607,57 @@ mod tests {
             total >= STALLED * 4 && total <= STALLED * 4 + HEADER * 2,
             "{total:?}"
         );
+    }
+
+    /// On HTTP/2 a stream stalls by its own frames: the connection's bytes (the server's
+    /// keep-alive PINGs every 20 s and the client's ACKs) keep neither it nor the connection
+    /// from timing out, and a frame of the stream restarts its timer.
+    #[tokio::test(start_paused = true)]
+    async fn an_h2_stream_stalls_by_its_own_frames_not_the_connections_bytes() {
+        use http_body_util::BodyExt;
+        let a = Activity::new(Protocol::H2);
+        a.on_read(H2_PREFACE);
+        let _req = a.begin_request();
+        let watch = StreamWatch::new();
+        *watch.lock() = Some(
+            http_body_util::Empty::<Bytes>::new()
+                .map_err(|never| match never {})
+                .boxed(),
+        );
+        a.watch_stream(&watch);
+        let waiter = {
+            let a = a.clone();
+            tokio::spawn(async move { expiry_after(&a, true).await })
+        };
+        let ping = Duration::from_secs(20);
+        let mut elapsed = Duration::ZERO;
+        // Half a stall, then one frame of the stream: its timer starts again.
+        while elapsed < STALLED / 2 {
+            tokio::time::advance(ping).await;
+            elapsed += ping;
+            a.on_read(b"ping ack");
+            a.moved();
+        }
+        watch.moved.fetch_add(1, Ordering::Relaxed);
+        let moved_at = elapsed;
+        while watch.lock().is_some() {
+            assert!(elapsed < STALLED * 3, "the stream never stalled");
+            tokio::time::advance(ping).await;
+            elapsed += ping;
+            a.on_read(b"ping ack");
+            a.moved();
+        }
+        let stalled_after = elapsed - moved_at;
+        assert!(
+            stalled_after >= STALLED && stalled_after <= STALLED + HEADER + ping,
+            "{stalled_after:?}"
+        );
+        // Its next poll fails (hyper resets the stream); the connection stays.
+        let waker = std::task::Waker::noop();
+        let polled = watch.poll_frame(&mut Context::from_waker(waker));
+        assert!(matches!(polled, Poll::Ready(Some(Err(_)))));
+        assert!(!waiter.is_finished());
+        waiter.abort();
     }
 
     #[tokio::test(start_paused = true)]
