@@ -577,6 +577,58 @@ async fn shutdown_drains_in_flight_refuses_new_and_returns() {
     finishes(run.serve).await;
 }
 
+/// A shutdown that comes while a request head is arriving waits for it: the request is
+/// answered, with `Connection: close`, instead of its connection being dropped unanswered
+/// (hyper counts a connection idle until it has a whole head), on a new connection and on a
+/// keep-alive one alike.
+#[tokio::test]
+async fn shutdown_answers_a_request_whose_head_was_arriving() {
+    let mut run = start(cfg()).await;
+    let mut fresh = TcpStream::connect(run.http).await.expect("connect");
+    fresh
+        .write_all(b"GET /a HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .expect("write");
+    let mut kept = TcpStream::connect(run.http).await.expect("connect");
+    kept.write_all(b"GET /1 HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .expect("write");
+    assert_eq!(run.started.recv().await.as_deref(), Some("/1"));
+    let mut first = Vec::new();
+    while !first.ends_with(b"/1\n") {
+        let mut buf = [0u8; 512];
+        let n = timeout(DEADLINE, kept.read(&mut buf))
+            .await
+            .expect("in time")
+            .expect("read");
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&first));
+        first.extend_from_slice(&buf[..n]);
+    }
+    kept.write_all(b"GET /b HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .expect("write");
+    // A whole exchange on a third connection, after the partial heads were written; its
+    // connection, idle then, closes once the shutdown reached the connections.
+    let (mut probe, probe_conn) = h1(run.http).await;
+    let resp = probe.send_request(get("/")).await.expect("response");
+    assert_eq!(body_text(resp).await, "/\n");
+    run.trigger.fire();
+    finishes(probe_conn).await.expect("idle connection closed");
+    for (mut conn, path) in [(fresh, "/a"), (kept, "/b")] {
+        conn.write_all(b"\r\n").await.expect("rest of the head");
+        let mut reply = Vec::new();
+        timeout(DEADLINE, conn.read_to_end(&mut reply))
+            .await
+            .expect("closed in time")
+            .expect("read");
+        let reply = String::from_utf8_lossy(&reply).to_ascii_lowercase();
+        assert!(reply.starts_with("http/1.1 200"), "{path}: {reply:?}");
+        assert!(reply.contains("connection: close"), "{path}: {reply:?}");
+        assert!(reply.ends_with(&format!("{path}\n")), "{path}: {reply:?}");
+    }
+    finishes(run.serve).await;
+}
+
 #[tokio::test]
 async fn shutdown_cuts_connections_still_open_after_the_grace() {
     let mut run = start(ProxyConfig {

@@ -207,6 +207,10 @@ struct Activity {
     handling: AtomicUsize,
     /// HTTP/2 responses being sent, each with its own idle timer (see [`StreamWatch`]).
     streams: Mutex<Vec<WatchEntry>>,
+    /// The shutdown came while an HTTP/1.1 head was arriving: its answer says
+    /// `Connection: close` (the graceful close, asked for only once it started, may come
+    /// after hyper wrote a quick answer's head).
+    close_after_head: AtomicBool,
 }
 
 /// One HTTP/2 response in [`Activity::streams`]: its frame count when last seen moving.
@@ -302,6 +306,7 @@ impl Activity {
             progress: AtomicU64::new(0),
             handling: AtomicUsize::new(0),
             streams: Mutex::new(Vec::new()),
+            close_after_head: AtomicBool::new(false),
         })
     }
 
@@ -393,6 +398,14 @@ impl Activity {
             // header timer runs, not the idle timer.
             s.phase = Phase::Head(Instant::now());
         }
+    }
+
+    /// An HTTP/1.1 request head is on its way (or the connection's first, which is due):
+    /// closing now would lose a request the client has started to send, so the graceful
+    /// shutdown waits for it (bounded by the header timeout).
+    fn receiving_h1_head(&self) -> bool {
+        let s = self.lock();
+        matches!(s.phase, Phase::Head(_)) && s.protocol != Protocol::H2
     }
 
     /// Bytes moved to or from the client.
@@ -1325,7 +1338,8 @@ fn make_service(
         let info = info.clone();
         let unfollowed = unfollowed.clone();
         let activity = activity.clone();
-        let watch = (stream_idle && req.version() == http::Version::HTTP_2).then(|| {
+        let h2 = req.version() == http::Version::HTTP_2;
+        let watch = (stream_idle && h2).then(|| {
             let watch = StreamWatch::new();
             req.extensions_mut()
                 .insert(StreamProgress(watch.moved.clone()));
@@ -1335,10 +1349,11 @@ fn make_service(
             let mut resp = service.serve(req, &info).await;
             drop(handling);
             // The framing guard no longer checks this connection's requests: nothing may
-            // follow an answer that did not switch protocols (brief §4.4 framing).
-            if unfollowed.is_some_and(|u| u.load(Ordering::Acquire))
-                && resp.status() != http::StatusCode::SWITCHING_PROTOCOLS
-            {
+            // follow an answer that did not switch protocols (brief §4.4 framing). Nor may
+            // anything follow the answer to a head that was arriving at shutdown.
+            let closing = unfollowed.is_some_and(|u| u.load(Ordering::Acquire))
+                || (!h2 && activity.close_after_head.load(Ordering::Acquire));
+            if closing && resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
                 resp.headers_mut().insert(
                     http::header::CONNECTION,
                     http::HeaderValue::from_static("close"),
@@ -1389,9 +1404,14 @@ async fn drive<C, E>(
     // its `--max-connections` slot) for ever, or a drain for its whole grace. From then on,
     // being idle for the header timeout ends it (requests in flight still get the grace).
     let mut closing_idle = false;
+    // The shutdown came while an HTTP/1.1 head was arriving: hyper, asked to close then,
+    // would drop it unanswered (it counts a connection idle until a whole head is parsed).
+    // The graceful close waits until the request starts; the header timer bounds the wait.
+    let mut graceful_after_head = false;
     let mut fired = pin!(shutdown.fired());
     let shutdown_gate = Gate::new();
-    // At most three turns: graceful start (once), then the end or a header timeout.
+    // At most four turns: graceful start (once, or deferred once past a head), then the end
+    // or a header timeout.
     loop {
         let mut timer = pin!(activity.expired(Timeouts {
             idle: if closing_idle {
@@ -1409,6 +1429,11 @@ async fn drive<C, E>(
             if let Poll::Ready(res) = conn.as_mut().poll(cx) {
                 return Poll::Ready(Event::Ended(res));
             }
+            // The head completed in that poll (the request started) or the connection went
+            // idle: the close can be asked for now.
+            if graceful_after_head && !activity.receiving_h1_head() {
+                return Poll::Ready(Event::Shutdown);
+            }
             if !draining && shutdown_gate.poll(fired.as_mut(), cx).is_ready() {
                 return Poll::Ready(Event::Shutdown);
             }
@@ -1422,7 +1447,14 @@ async fn drive<C, E>(
                 }
                 return;
             }
+            Event::Shutdown if !graceful_after_head && activity.receiving_h1_head() => {
+                debug!(%peer, "shutdown while a request head arrives; closing after its answer");
+                graceful_after_head = true;
+                activity.close_after_head.store(true, Ordering::Release);
+                draining = true;
+            }
             Event::Shutdown => {
+                graceful_after_head = false;
                 graceful(conn.as_mut());
                 draining = true;
                 closing_idle = true;
