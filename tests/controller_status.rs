@@ -1225,6 +1225,70 @@ async fn refused_status_writes_back_off() {
     assert_eq!(lb(&fake, "served-0"), json!([{"ip": "10.0.0.7"}]));
 }
 
+/// A refused RateLimitPolicy status write backs off like an Ingress one, although its
+/// condition carries a time: a sync in a later second computes the same transition (it keeps
+/// the time of the first attempt), so it is not a new status to send at once. Before, every
+/// build (one per EndpointSlice change) sent it again.
+#[tokio::test]
+async fn refused_policy_status_writes_back_off_across_seconds() {
+    let fake = FakeApi::start().await;
+    fake.create(policy_json("p")).expect("create");
+    fake.forbid("patch", "ratelimitpolicies", "shop");
+    let inputs = Inputs {
+        rate_limit_policies: policies(&fake).await,
+        ..Inputs::default()
+    };
+    let mut w = StatusWriter::new(fake.client().await, PublishAddress::None);
+    let r = w
+        .sync(&inputs, &Snapshot::default(), &[])
+        .await
+        .expect("sync");
+    assert_eq!((r.failed, r.policies_written), (1, 0));
+    let attempted = Timestamp::now().as_second();
+    // metav1.Time has second precision: the next syncs run in a later second.
+    assert!(
+        poll_until(DEADLINE, || Timestamp::now().as_second() > attempted).await,
+        "the clock moved on"
+    );
+    for _ in 0..5 {
+        let r = w
+            .sync(&inputs, &Snapshot::default(), &[])
+            .await
+            .expect("sync");
+        assert_eq!((r.deferred, r.failed), (1, 0), "{r:?}");
+    }
+    let policy_patches = || {
+        fake.requests()
+            .iter()
+            .filter(|r| r.verb == "patch" && r.resource == "ratelimitpolicies")
+            .count()
+    };
+    assert_eq!(policy_patches(), 1);
+    // RBAC fixed: the retry, when due, says when the transition happened: at the first try.
+    fake.allow("patch", "ratelimitpolicies", "shop");
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let r = w
+            .sync(&inputs, &Snapshot::default(), &[])
+            .await
+            .expect("sync");
+        if r.policies_written == 1 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never retried");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(policy_patches(), 2);
+    let c = accepted(&fake, "p");
+    assert_eq!(c["status"], "True");
+    let at: Timestamp = c["lastTransitionTime"]
+        .as_str()
+        .expect("time")
+        .parse()
+        .expect("RFC 3339");
+    assert!(at.as_second() <= attempted, "{at} is the retry's time");
+}
+
 /// An Ingress another controller claims is its controller's, even when its status carries our
 /// address (a shared load balancer, or it was ours before): it is never written, so two
 /// controllers never take turns rewriting it, and the other controller's entries are never

@@ -490,7 +490,15 @@ impl StatusWriter {
                 // with its own class, say) reports on it; two writers would flip the condition.
                 continue;
             }
-            let desired = accepted_condition(policy, diagnostics, now);
+            let mut desired = accepted_condition(policy, diagnostics, now);
+            let key: ObjKey = (
+                "RateLimitPolicy",
+                policy.namespace().unwrap_or_default(),
+                policy.name_any(),
+            );
+            if let Some(t) = self.pending_transition(&key, policy, &desired.status) {
+                desired.last_transition_time = Some(t);
+            }
             // Only our condition: the list is keyed by type (the CRD's list-map), so server-side
             // apply leaves other writers' conditions alone, and they are no reason to write.
             let current = policy
@@ -532,6 +540,36 @@ impl StatusWriter {
                         &self.class.1,
                     )
             })
+    }
+
+    /// The `lastTransitionTime` of our last write of `key`'s condition (refused, or sent and not
+    /// seen back yet) when it made the same transition to `status` that the object does not
+    /// show: the transition happened then. A fresh time on every sync would make each one a
+    /// different status, so a refused write would be retried every second instead of backing
+    /// off, and a write the watch has not echoed yet would be sent again.
+    fn pending_transition(
+        &self,
+        key: &ObjKey,
+        policy: &RateLimitPolicy,
+        status: &str,
+    ) -> Option<String> {
+        let shown = policy
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == CONDITION_ACCEPTED))
+            .is_some_and(|c| c.status == status);
+        if shown {
+            return None;
+        }
+        let sent = match self.failed.get(key) {
+            Some(f) => &f.status,
+            None => &self.written.get(key)?.1,
+        };
+        let condition = sent.pointer("/conditions/0")?;
+        if condition.get("status")?.as_str()? != status {
+            return None;
+        }
+        Some(condition.get("lastTransitionTime")?.as_str()?.to_string())
     }
 
     /// Whether the same write to `key` failed and its retry is not due yet (a different
