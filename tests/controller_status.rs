@@ -1225,6 +1225,40 @@ async fn refused_status_writes_back_off() {
     assert_eq!(lb(&fake, "served-0"), json!([{"ip": "10.0.0.7"}]));
 }
 
+/// The writer forgets what it wrote to objects that are gone: a leader that sees many
+/// short-lived Ingresses (preview environments) keeps entries for the ones that exist.
+#[tokio::test]
+async fn the_status_writer_forgets_deleted_objects() {
+    let fake = FakeApi::start().await;
+    for i in 0..5 {
+        fake.create(ingress_json(&format!("served-{i}"), "portico"))
+            .expect("create");
+    }
+    let all = Inputs {
+        ingresses: ingresses(&fake).await,
+        ..Inputs::default()
+    };
+    let mut w = StatusWriter::new(
+        fake.client().await,
+        PublishAddress::Static(vec!["10.0.0.7".into()]),
+    );
+    let r = w
+        .sync(&all, &translate_inputs(&all), &[])
+        .await
+        .expect("sync");
+    assert_eq!(r.ingresses_written, 5);
+    assert!(format!("{w:?}").contains("written: 5"), "{w:?}");
+    // Four deleted: their entries go.
+    let one = Inputs {
+        ingresses: all.ingresses[..1].to_vec(),
+        ..Inputs::default()
+    };
+    w.sync(&one, &translate_inputs(&one), &[])
+        .await
+        .expect("sync");
+    assert!(format!("{w:?}").contains("written: 1,"), "{w:?}");
+}
+
 /// A refused RateLimitPolicy status write backs off like an Ingress one, although its
 /// condition carries a time: a sync in a later second computes the same transition (it keeps
 /// the time of the first attempt), so it is not a new status to send at once. Before, every

@@ -319,6 +319,7 @@ impl std::fmt::Debug for StatusWriter {
         f.debug_struct("StatusWriter")
             .field("publish", &self.publish)
             .field("written", &self.written.len())
+            .field("failed", &self.failed.len())
             .finish_non_exhaustive()
     }
 }
@@ -422,6 +423,7 @@ impl StatusWriter {
         diagnostics: &[Diagnostic],
     ) -> Result<SyncReport> {
         let mut report = SyncReport::default();
+        self.forget_deleted(inputs);
         // Without addresses the Ingress part is skipped; the policy conditions below do not
         // depend on them, so a failed lookup must not hold those back.
         let addresses = match self.addresses(&inputs.services).await {
@@ -540,6 +542,38 @@ impl StatusWriter {
                         &self.class.1,
                     )
             })
+    }
+
+    /// Forget the writes and refusals of objects that are gone. Each object present has at
+    /// most one entry, so only caches larger than the inputs can hold any: then they are swept
+    /// (a leader through many short-lived Ingresses, preview environments, would otherwise
+    /// keep an entry per name ever written).
+    fn forget_deleted(&mut self, inputs: &Inputs) {
+        let present = inputs.ingresses.len() + inputs.rate_limit_policies.len();
+        if self.written.len() <= present && self.failed.len() <= present {
+            return;
+        }
+        let keys: std::collections::HashSet<(&str, &str, &str)> = inputs
+            .ingresses
+            .iter()
+            .map(|i| ("Ingress", &i.metadata))
+            .chain(
+                inputs
+                    .rate_limit_policies
+                    .iter()
+                    .map(|p| ("RateLimitPolicy", &p.metadata)),
+            )
+            .map(|(kind, m)| {
+                (
+                    kind,
+                    m.namespace.as_deref().unwrap_or_default(),
+                    m.name.as_deref().unwrap_or_default(),
+                )
+            })
+            .collect();
+        let kept = |k: &ObjKey| keys.contains(&(k.0, k.1.as_str(), k.2.as_str()));
+        self.written.retain(|k, _| kept(k));
+        self.failed.retain(|k, _| kept(k));
     }
 
     /// The `lastTransitionTime` of our last write of `key`'s condition (refused, or sent and not
