@@ -263,15 +263,31 @@ fn api_version_of(kind: &str) -> &'static str {
     }
 }
 
-/// Object names are DNS subdomains: keep the Event name valid whatever the object name is.
+/// Event names are DNS subdomains (RFC 1123: at most 253 characters, dot-separated labels of
+/// lower-case letters, digits and `-` that start and end with a letter or digit): keep the
+/// name valid whatever the object name is, cut to 200 characters included (a name cut after
+/// a `-` or `.` would be refused, and its object would never get an Event).
 fn event_name(object: &str, now: Timestamp) -> String {
     let seq = SEQUENCE.fetch_add(1, Ordering::Relaxed);
-    let mut base: String = object
-        .chars()
-        .map(|c| c.to_ascii_lowercase())
-        .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '.')
-        .take(200)
-        .collect();
+    let mut base = String::new();
+    for label in object.split('.') {
+        let label: String = label
+            .chars()
+            .map(|c| c.to_ascii_lowercase())
+            .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+            .collect();
+        let label = label.trim_matches('-');
+        if label.is_empty() {
+            continue;
+        }
+        if !base.is_empty() {
+            base.push('.');
+        }
+        base.push_str(label);
+    }
+    base.truncate(200);
+    let keep = base.trim_end_matches(['-', '.']).len();
+    base.truncate(keep);
     if base.is_empty() {
         base.push_str("portico");
     }
@@ -466,10 +482,31 @@ mod tests {
         let b = event_name("Shop_Front", now);
         assert_ne!(a, b);
         assert!(a.starts_with("shopfront."));
-        assert!(
-            a.chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.' || c == '-')
-        );
+        let long = format!("{}-b", "a".repeat(199));
+        let dotted = format!("{}.b", "a".repeat(199));
+        for object in [
+            "Shop_Front",
+            long.as_str(),
+            dotted.as_str(),
+            "_-x.-y-._.z",
+            "..",
+            "",
+        ] {
+            let name = event_name(object, now);
+            assert!(name.len() <= 253, "{name}");
+            for label in name.split('.') {
+                assert!(
+                    !label.is_empty()
+                        && !label.starts_with('-')
+                        && !label.ends_with('-')
+                        && label
+                            .chars()
+                            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'),
+                    "{object:?} -> {name:?}"
+                );
+            }
+        }
+        assert!(event_name("_-x.-y-._.z", now).starts_with("x.y.z."));
     }
 
     #[test]
