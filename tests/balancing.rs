@@ -369,6 +369,21 @@ async fn an_endpoint_that_starts_failing_is_ejected_and_traffic_moves_away() {
     ]));
     wait_until(|| !p.metrics.render().contains(&series)).await;
     assert_eq!(get(p.addr, "x", "/").await.echo().name, "good");
+    // ... and so does its ejection (forgotten first): back in the Service (ready again),
+    // healthy, it serves at once rather than after the rest of its ejection.
+    assert!(!ups.is_ejected(flaky.addr));
+    sw.failing.store(false, Ordering::SeqCst);
+    p.publisher.publish(snapshot(&[RouteSpec::prefix(
+        None,
+        "/",
+        &[flaky.addr, good.addr],
+    )
+    .service("pas")]));
+    let mut names = HashSet::new();
+    for _ in 0..4 {
+        names.insert(get(p.addr, "x", "/").await.echo().name);
+    }
+    assert_eq!(names.len(), 2, "both serve again");
     // (Restoration after the 10 s backoff is asserted with paused time in
     // proxy::upstream::tests::ejected_endpoint_is_skipped_by_every_strategy_and_restored_after_backoff.)
 }

@@ -235,6 +235,7 @@ impl Handler {
             self.metrics.clone(),
         )
         .with_route_metrics(self.metric_cache.clone())
+        .with_retained_state(self.upstreams.retained_state())
     }
 
     /// Requests in flight now (counted only when a global cap is configured).

@@ -10,8 +10,9 @@
 //!
 //! Owns: probe tasks, their state (keyed by endpoint address + check, dropped with the
 //! endpoint) and the `portico_health_checks_total` / `portico_upstream_endpoint_healthy`
-//! series; its snapshot-following task also has upstream prune passive health's ejection
-//! series ([`prune_upstream_series`]) and has the request path's per-route metric handles
+//! series; its snapshot-following task also has upstream forget the state of endpoints and
+//! backends that left ([`RetainedState::prune`]: passive health, cursors, budgets) and prune
+//! their series ([`prune_upstream_series`]), and has the request path's per-route metric handles
 //! drop the Ingresses that left (`RouteMetricsCache::prune`). May import model, publish,
 //! metrics, hyper and tokio;
 //! must not import kube, k8s-openapi, translate or the handler.
@@ -35,7 +36,7 @@ use crate::publish::Reader;
 
 use super::listener::Shutdown;
 use super::route_metrics::RouteMetricsCache;
-use super::upstream::prune_upstream_series;
+use super::upstream::{RetainedState, prune_upstream_series};
 
 /// How often the checker looks for a new snapshot (an `ArcSwap` load and a pointer compare);
 /// well inside the brief's "changes take effect within 1 s".
@@ -94,6 +95,8 @@ pub struct HealthChecker {
     metrics: Arc<Metrics>,
     /// The request path's per-route metric handles, pruned when Ingresses leave.
     route_metrics: Option<Arc<RouteMetricsCache>>,
+    /// The upstream state kept across snapshots, pruned on every change.
+    retained: Option<RetainedState>,
 }
 
 impl HealthChecker {
@@ -103,7 +106,14 @@ impl HealthChecker {
             reader,
             metrics,
             route_metrics: None,
+            retained: None,
         }
+    }
+
+    /// Also prune the upstream state of endpoints and backends that left, on every change.
+    pub(super) fn with_retained_state(mut self, retained: RetainedState) -> Self {
+        self.retained = Some(retained);
+        self
     }
 
     /// Also prune `cache` (and the series of Ingresses that left) on every route change.
@@ -136,6 +146,9 @@ impl HealthChecker {
                 continue;
             }
             self.reconcile(snap.as_deref(), &mut targets, &shutdown);
+            if let Some(retained) = &self.retained {
+                retained.prune(snap.as_deref());
+            }
             prune_upstream_series(snap.as_deref(), &self.metrics);
             // Routes change only with the host table; endpoint-only builds reuse it.
             let routes_changed = match (&snap, &last) {

@@ -586,18 +586,71 @@ enum Stalled {
 
 /// Upstream state shared by every connection and worker thread; survives snapshot swaps.
 pub struct Upstreams {
-    cursors: RwLock<FastMap<BackendKey, Arc<AtomicUsize>>>,
+    cursors: Arc<RwLock<FastMap<BackendKey, Arc<AtomicUsize>>>>,
     pool: Arc<Pool>,
     /// Read on every pick, written only on failures (and the success after one).
-    health: RwLock<FastMap<SocketAddr, Health>>,
-    budgets: RwLock<FastMap<BackendKey, Arc<Mutex<Budget>>>>,
+    health: Arc<RwLock<FastMap<SocketAddr, Health>>>,
+    budgets: Arc<RwLock<FastMap<BackendKey, Arc<Mutex<Budget>>>>>,
     /// Requests in flight per endpoint address (least request), across snapshots.
-    in_flight: RwLock<FastMap<SocketAddr, Arc<AtomicUsize>>>,
+    in_flight: Arc<RwLock<FastMap<SocketAddr, Arc<AtomicUsize>>>>,
     /// Marks of the active health checker ([`super::health`]).
     active: Arc<ActiveHealth>,
     /// `--max-ejection-percent`.
     max_ejection_percent: u8,
     metrics: Arc<Metrics>,
+}
+
+/// The per-endpoint and per-backend state of [`Upstreams`] that outlives snapshots (passive
+/// health, round-robin cursors, retry budgets, least-request counts): pruned on every
+/// snapshot change by the active health checker's task, so it follows what is served.
+pub struct RetainedState {
+    cursors: Arc<RwLock<FastMap<BackendKey, Arc<AtomicUsize>>>>,
+    health: Arc<RwLock<FastMap<SocketAddr, Health>>>,
+    budgets: Arc<RwLock<FastMap<BackendKey, Arc<Mutex<Budget>>>>>,
+    in_flight: Arc<RwLock<FastMap<SocketAddr, Arc<AtomicUsize>>>>,
+}
+
+impl RetainedState {
+    /// Forget the state of endpoints and backends `snap` (the snapshot now serving; `None`:
+    /// none) no longer has.
+    ///
+    /// - An endpoint that left loses its passive-health record (brief §4.6), ejection and
+    ///   doubling history included: when its address comes back (the pod turned ready again,
+    ///   or a new pod got it), Kubernetes says it is ready, and it starts afresh rather than
+    ///   staying ejected for up to 300 s. The record is small (failed endpoints only), so it is
+    ///   checked on every change.
+    /// - Cursors, budgets and in-flight counters hold at most one entry per live backend or
+    ///   endpoint, so they are swept only once they hold more than that (Services and pods
+    ///   that come and go would otherwise grow them for ever). An in-flight counter a request
+    ///   still holds stays.
+    pub fn prune(&self, snap: Option<&Snapshot>) {
+        let backends = snap.map_or(&[][..], |s| &s.backends.backends[..]);
+        if !read(&self.health).is_empty() {
+            let mut health = write(&self.health);
+            let mut listed: HashSet<SocketAddr> = HashSet::with_capacity(health.len());
+            for ep in backends.iter().flat_map(|b| b.endpoints.iter()) {
+                if health.contains_key(&ep.addr) {
+                    listed.insert(ep.addr);
+                }
+            }
+            health.retain(|addr, _| listed.contains(addr));
+        }
+        let live_backends = backends.len();
+        if read(&self.cursors).len() > live_backends || read(&self.budgets).len() > live_backends {
+            let keys: HashSet<&BackendKey> = backends.iter().map(|b| &b.key).collect();
+            write(&self.cursors).retain(|k, _| keys.contains(k));
+            write(&self.budgets).retain(|k, _| keys.contains(k));
+        }
+        let live_endpoints: usize = backends.iter().map(|b| b.endpoints.len()).sum();
+        if read(&self.in_flight).len() > live_endpoints {
+            let addrs: HashSet<SocketAddr> = backends
+                .iter()
+                .flat_map(|b| b.endpoints.iter().map(|e| e.addr))
+                .collect();
+            write(&self.in_flight)
+                .retain(|addr, n| addrs.contains(addr) || Arc::strong_count(n) > 1);
+        }
+    }
 }
 
 /// Remove the per-Service upstream series of Services `snap` (the snapshot now serving;
@@ -693,11 +746,11 @@ impl Upstreams {
             });
         }
         Upstreams {
-            cursors: RwLock::new(FastMap::default()),
+            cursors: Arc::default(),
             pool,
-            health: RwLock::new(FastMap::default()),
-            budgets: RwLock::new(FastMap::default()),
-            in_flight: RwLock::new(FastMap::default()),
+            health: Arc::default(),
+            budgets: Arc::default(),
+            in_flight: Arc::default(),
             active: Arc::new(ActiveHealth::default()),
             max_ejection_percent: max_ejection_percent.min(100),
             metrics,
@@ -707,6 +760,17 @@ impl Upstreams {
     /// The marks the active health checker writes and endpoint choice reads.
     pub fn active_health(&self) -> Arc<ActiveHealth> {
         self.active.clone()
+    }
+
+    /// The state kept per endpoint and per backend across snapshots, for
+    /// [`RetainedState::prune`].
+    pub fn retained_state(&self) -> RetainedState {
+        RetainedState {
+            cursors: self.cursors.clone(),
+            health: self.health.clone(),
+            budgets: self.budgets.clone(),
+            in_flight: self.in_flight.clone(),
+        }
     }
 
     /// Requests in flight to `addr` now (tests, admin).
@@ -1619,6 +1683,53 @@ mod tests {
         assert_eq!(series(&metrics), [third.to_string()]);
         prune_ejection_series(None, &metrics);
         assert!(series(&metrics).is_empty());
+    }
+
+    /// An endpoint that leaves the snapshot loses its passive-health record: when its address
+    /// is listed again (ready again, or a new pod), it is not ejected, and its next ejection
+    /// is the first (10 s), not a doubled one. Endpoints still listed keep theirs; cursors,
+    /// budgets and idle in-flight counters of what left go too.
+    #[tokio::test(start_paused = true)]
+    async fn state_of_endpoints_and_backends_that_left_is_forgotten() {
+        let u = Upstreams::new(Arc::new(Metrics::new()), 100);
+        let b = backend(3);
+        let (a0, a1) = (b.endpoints[0].addr, b.endpoints[1].addr);
+        let retained = u.retained_state();
+        let snapshot = |backends: Vec<Backend>| Snapshot {
+            backends: Arc::new(crate::model::BackendTable { backends }),
+            ..Snapshot::default()
+        };
+        let eject = |addr| {
+            for _ in 0..EJECT_AFTER_FAILURES {
+                u.record_failure(&b, addr);
+            }
+        };
+        // a0 ejected twice (the second ejection lasts 20 s), a1 once.
+        eject(a0);
+        tokio::time::advance(EJECT_BASE + Duration::from_secs(1)).await;
+        eject(a0);
+        eject(a1);
+        let _ = u.cursor(&b.key);
+        let _ = u.in_flight_counter(a0);
+        retained.prune(Some(&snapshot(vec![b.clone()])));
+        assert!(u.is_ejected(a0) && u.is_ejected(a1), "listed: kept");
+        // a0's pod went away.
+        let mut fewer = b.clone();
+        fewer.endpoints = b.endpoints[1..].to_vec().into();
+        retained.prune(Some(&snapshot(vec![fewer])));
+        assert!(!u.is_ejected(a0), "its record went with it");
+        assert!(u.is_ejected(a1));
+        // Back: five failures eject it for the first period again.
+        retained.prune(Some(&snapshot(vec![b.clone()])));
+        eject(a0);
+        assert!(u.is_ejected(a0));
+        tokio::time::advance(EJECT_BASE + Duration::from_millis(1)).await;
+        assert!(!u.is_ejected(a0), "a first ejection, not a third");
+        // The Service left: its cursor and a0's idle in-flight counter go.
+        assert_eq!((read(&u.cursors).len(), read(&u.in_flight).len()), (1, 1));
+        retained.prune(Some(&snapshot(Vec::new())));
+        assert_eq!((read(&u.cursors).len(), read(&u.in_flight).len()), (0, 0));
+        assert!(read(&u.health).is_empty());
     }
 
     /// An h2c connection is idle from when its last stream ended, not from when it began: a
