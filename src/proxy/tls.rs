@@ -150,7 +150,11 @@ pub fn server_config(resolver: Arc<dyn ResolvesServerCert>) -> Result<Arc<Server
     // sealed into the ticket under a key that rotates every 6 hours, so every client can
     // resume. rustls' default is a 256-entry server-side cache, which a busy listener turns
     // over in a fraction of a second (two entries per handshake), so most clients would not
-    // resume. Resumption always runs a fresh key exchange (rustls offers psk_dhe_ke only).
+    // resume. TLS 1.3 resumption runs a fresh key exchange (rustls offers psk_dhe_ke only);
+    // TLS 1.2 resumption reuses the session's master secret, so a ticket key, while held
+    // (in memory only, at most 12 h: the current and the previous one), could decrypt the
+    // TLS 1.2 sessions it sealed. Tickets are per process: one replica's do not resume on
+    // another.
     cfg.ticketer = rustls::crypto::ring::Ticketer::new()?;
     Ok(Arc::new(cfg))
 }
