@@ -377,13 +377,29 @@ async fn fired(mut s: crate::proxy::listener::Shutdown) {
     s.fired().await;
 }
 
-/// Wait for SIGTERM or SIGINT (Ctrl-C).
+/// Wait for SIGTERM or SIGINT (Ctrl-C). A second one during the shutdown sequence ends the
+/// process at once (exit 128 + the signal's number, as a shell reports it): the handlers stay
+/// installed for the life of the process, so without this a second Ctrl-C would do nothing
+/// for the whole delay and grace. Kubernetes sends one SIGTERM, then SIGKILL.
 async fn wait_for_signal() -> anyhow::Result<&'static str> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot install SIGINT handler")?;
-    Ok(tokio::select! {
+    let first = tokio::select! {
         _ = term.recv() => "SIGTERM",
         _ = int.recv() => "SIGINT",
-    })
+    };
+    // Ends with the process.
+    tokio::spawn(async move {
+        let (second, code) = tokio::select! {
+            _ = term.recv() => ("SIGTERM", 128 + 15),
+            _ = int.recv() => ("SIGINT", 128 + 2),
+        };
+        tracing::warn!(
+            signal = second,
+            "second signal during shutdown: exiting now"
+        );
+        std::process::exit(code);
+    });
+    Ok(first)
 }

@@ -607,6 +607,40 @@ async fn a_stuck_stdout_never_stops_requests() {
     assert!(seen.0 > 0 && seen.1 > 0.0, "{seen:?}");
 }
 
+/// A second SIGINT (or SIGTERM) during the shutdown sequence exits at once, with 130 as a
+/// shell reports it, instead of sitting through the rest of the delay and grace (here a
+/// minute of shutdown delay).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_during_shutdown_exits_at_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut p = Portico::start(dir.path(), &["--shutdown-delay", "60s"]);
+    let c = client();
+    eventually("ready", || async {
+        matches!(get(&c, p.admin, "a", "/readyz").await, Ok((200, _)))
+    })
+    .await;
+    let pid = p.child.id().to_string();
+    let interrupt = || {
+        let st = Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .expect("kill");
+        assert!(st.success());
+    };
+    interrupt();
+    // The first one is being handled: readiness is off, the delay runs.
+    eventually("readyz 503 while draining", || async {
+        matches!(get(&client(), p.admin, "a", "/readyz").await, Ok((503, _)))
+    })
+    .await;
+    interrupt();
+    assert_eq!(
+        exit_code(&mut p).await,
+        Some(130),
+        "portico did not exit on the second signal"
+    );
+}
+
 /// SIGTERM while stdout is still stuck: portico exits anyway (the flush of queued lines at
 /// exit is bounded), and with 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
