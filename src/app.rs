@@ -74,8 +74,13 @@ fn check(args: &CheckArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let (_snapshot, translated) = translate::translate(&inputs, &args.translate.options());
+    let (snapshot, translated) = translate::translate(&inputs, &args.translate.options());
     diagnostics.extend(translated);
+    diagnostics.extend(translate::certificate_diagnostics(
+        &snapshot.tls,
+        &inputs.secrets,
+        crate::rebuild::unix_now(),
+    ));
     diagnostics.sort();
     diagnostics.dedup();
     let errors = diagnostics

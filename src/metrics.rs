@@ -40,6 +40,9 @@ pub struct Metrics {
     pub config_diagnostics: IntGaugeVec,
     /// `portico_backend_ready_endpoints{namespace,service,port}`.
     pub backend_ready_endpoints: IntGaugeVec,
+    /// `portico_tls_certificate_expiry_timestamp_seconds{namespace,secret}`: `notAfter` of
+    /// each served certificate.
+    pub certificate_expiry: IntGaugeVec,
     /// `portico_manifest_files_invalid`: files of the manifests dir that do not parse.
     pub manifest_files_invalid: IntGauge,
     /// `portico_rejected_requests_total{reason}`: requests refused before routing (framing,
@@ -145,6 +148,11 @@ impl Metrics {
                     "portico_backend_ready_endpoints",
                     "Usable endpoints per backend",
                     &["namespace", "service", "port"],
+                )?,
+                certificate_expiry: gauge(
+                    "portico_tls_certificate_expiry_timestamp_seconds",
+                    "notAfter of each served certificate (Unix time), by the Secret it came from",
+                    &["namespace", "secret"],
                 )?,
                 manifest_files_invalid: {
                     let g = IntGauge::new(

@@ -29,6 +29,11 @@
 //! - Snapshots that stopped serving are freed here, not by the last request that held one
 //!   ([`Publisher::release`]): after each build, and every [`RELEASE_INTERVAL`] while a
 //!   request still holds one.
+//! - A served certificate past its `notAfter`, or before its `notBefore`, is a warning on its
+//!   Secret (`CertificateExpired`, `CertificateNotYetValid`): checked when the TLS table
+//!   changes and when such a date passes (the loop wakes up for it, up to hourly, with no
+//!   change pending). `portico_tls_certificate_expiry_timestamp_seconds{namespace,secret}`
+//!   carries every served certificate's `notAfter` for alerts ahead of time.
 //! - A TLS Secret whose data turns invalid (a bad rotation, a truncated edit) is replaced in the
 //!   inputs by its last valid version, with an Error diagnostic on the Secret (brief §4.4: "a
 //!   file or object that turns invalid keeps its last good version serving, and is reported"):
@@ -46,7 +51,7 @@ use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
 use crate::metrics::{Metrics, label, remove_series};
-use crate::model::{Backend, BackendTable, ServicePortRef, Snapshot};
+use crate::model::{Backend, BackendTable, ServicePortRef, Snapshot, TlsTable};
 use crate::publish::{Published, Publisher};
 use crate::translate::{self, Diagnostic, Inputs, Options, Severity};
 
@@ -167,6 +172,86 @@ pub struct Rebuilder {
     translator: translate::Translator,
     /// The last valid version of each TLS Secret (module doc).
     secrets: LastGoodSecrets,
+    /// The served certificates' validity: warnings, the expiry gauge, the next check.
+    certs: CertWatch,
+}
+
+/// Certificates served past their `notAfter` (or before their `notBefore`) are reported
+/// (module doc): checked when the TLS table changes and again when a validity boundary
+/// passes, which [`Rebuilder::run`] wakes up for even without any change.
+#[derive(Debug, Default)]
+struct CertWatch {
+    tls: Option<Arc<TlsTable>>,
+    diagnostics: Vec<Diagnostic>,
+    /// Unix seconds of the next notBefore/notAfter still to come.
+    next: Option<i64>,
+}
+
+/// Longest sleep before the loop looks at the clock again for certificate dates (a wall clock
+/// set forward, or a boundary weeks away).
+const CERT_RECHECK_MAX: Duration = Duration::from_secs(3600);
+
+/// The wall clock in Unix seconds (certificate dates are wall-clock times).
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+impl CertWatch {
+    /// This build's certificate diagnostics; the expiry gauge follows a changed table.
+    fn update(
+        &mut self,
+        metrics: &Metrics,
+        tls: &Arc<TlsTable>,
+        secrets: &[Arc<Secret>],
+        now: i64,
+    ) -> &[Diagnostic] {
+        let same = self.tls.as_ref().is_some_and(|t| Arc::ptr_eq(t, tls));
+        if same && self.next.is_none_or(|t| now < t) {
+            return &self.diagnostics;
+        }
+        if !same {
+            let certs = tls.certificates();
+            let mut set: HashMap<(&str, &str), i64> = HashMap::new();
+            for (cert, _) in &certs {
+                if let Some(v) = cert.validity {
+                    let (ns, name) = cert.source.split_once('/').unwrap_or(("", &cert.source));
+                    set.insert((ns, name), v.not_after);
+                }
+            }
+            for ((ns, name), not_after) in &set {
+                metrics
+                    .certificate_expiry
+                    .with_label_values(&[ns, name])
+                    .set(*not_after);
+            }
+            // Set first, then removed: no scrape sees the gauge empty.
+            remove_series(&metrics.certificate_expiry, |l, _| {
+                !set.contains_key(&(label(l, "namespace"), label(l, "secret")))
+            });
+        }
+        self.diagnostics = translate::certificate_diagnostics(tls, secrets, now);
+        self.next = translate::next_validity_change(tls, now);
+        self.tls = Some(Arc::clone(tls));
+        &self.diagnostics
+    }
+
+    /// How long until the next certificate date passes (with a second's margin, the dates
+    /// being whole seconds), at most [`CERT_RECHECK_MAX`]; `None`: no date to come.
+    fn recheck_in(&self) -> Option<Duration> {
+        let wait = self
+            .next?
+            .saturating_sub(unix_now())
+            .saturating_add(1)
+            .max(0);
+        Some(Duration::from_secs(u64::try_from(wait).unwrap_or(0)).min(CERT_RECHECK_MAX))
+    }
+
+    /// A certificate date passed since the last check.
+    fn due(&self) -> bool {
+        self.next.is_some_and(|t| unix_now() >= t)
+    }
 }
 
 /// `(namespace, name)` → what the last build saw of that Secret.
@@ -263,6 +348,7 @@ impl Rebuilder {
             gauges: BackendGauges::default(),
             translator: translate::Translator::new(),
             secrets: LastGoodSecrets::default(),
+            certs: CertWatch::default(),
         }
     }
 
@@ -290,11 +376,19 @@ impl Rebuilder {
         self.build(source);
         loop {
             let held = self.publisher.release();
+            let recheck = self.certs.recheck_in();
             tokio::select! {
                 biased;
                 () = &mut shutdown => return,
                 () = self.trigger.changed() => {}
                 () = tokio::time::sleep(RELEASE_INTERVAL), if held > 0 => continue,
+                // A certificate expires (or becomes valid) with no input changing.
+                () = tokio::time::sleep(recheck.unwrap_or_default()), if recheck.is_some() => {
+                    if self.certs.due() {
+                        self.build(source);
+                    }
+                    continue;
+                }
             }
             let first = Instant::now();
             let forced = first + self.config.max_delay;
@@ -326,10 +420,16 @@ impl Rebuilder {
         let started = std::time::Instant::now();
         let (mut inputs, mut source_diagnostics) = source.inputs();
         source_diagnostics.extend(self.secrets.apply(&mut inputs.secrets));
-        let (snapshot, translate_diagnostics) = match self.config.translate {
+        let (snapshot, mut translate_diagnostics) = match self.config.translate {
             Some(f) => f(&inputs, &self.config.options),
             None => self.translator.translate(&inputs, &self.config.options),
         };
+        translate_diagnostics.extend_from_slice(self.certs.update(
+            &self.metrics,
+            &snapshot.tls,
+            &inputs.secrets,
+            unix_now(),
+        ));
         let diagnostics = merge_diagnostics(source_diagnostics, translate_diagnostics);
 
         self.gauges.update(&self.metrics, &snapshot);

@@ -130,6 +130,55 @@ fn check_reports_every_problem_and_exits_nonzero() {
     );
 }
 
+/// `portico check` judges certificate dates by the clock it runs at: an expired certificate
+/// is a warning on its Secret, naming the host it serves.
+#[test]
+fn check_warns_about_an_expired_certificate() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_route(
+        dir.path(),
+        "web.yaml",
+        ("shop", "web", &[]),
+        ("shop", "web", "shop.test", "/", "web"),
+    );
+    let mut params = rcgen::CertificateParams::new(vec!["old.test".to_string()]).expect("params");
+    params.not_before = rcgen::date_time_ymd(2000, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2001, 1, 1);
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = params.self_signed(&key).expect("certificate");
+    let indent = |pem: String| {
+        pem.lines()
+            .map(|l| format!("    {l}\n"))
+            .collect::<String>()
+    };
+    let secret = format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: old, namespace: shop}}\ntype: kubernetes.io/tls\nstringData:\n  tls.crt: |\n{}  tls.key: |\n{}",
+        indent(cert.pem()),
+        indent(key.serialize_pem())
+    );
+    let ingress = "apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {name: old, namespace: shop}\nspec:\n  ingressClassName: portico\n  tls: [{hosts: [old.test], secretName: old}]\n  rules:\n  - host: old.test\n    http:\n      paths:\n      - {path: /, pathType: Prefix, backend: {service: {name: web, port: {number: 80}}}}\n";
+    std::fs::write(
+        dir.path().join("old.yaml"),
+        format!("{secret}---\n{ingress}"),
+    )
+    .expect("write");
+    let out = Command::new(BIN)
+        .arg("check")
+        .arg(dir.path())
+        .output()
+        .expect("run check");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("warning: Secret shop/old: CertificateExpired: tls.crt expired 2001-01-01T00:00:00Z: clients refuse it for old.test"),
+        "{text}"
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "a warning, not an error:\n{text}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_objects_never_break_other_routes() {
     let web = backend("web").await;

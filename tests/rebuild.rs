@@ -734,6 +734,88 @@ fn tls_ingress(secret: &str, host: &str) -> Arc<k8s_openapi::api::networking::v1
     Arc::new(serde_json::from_value(json).expect("ingress"))
 }
 
+/// A self-signed certificate for `host` valid until `not_after` (Unix seconds), PEM.
+fn cert_until(host: &str, not_after: u64) -> (String, String) {
+    let mut params = rcgen::CertificateParams::new(vec![host.to_string()]).expect("params");
+    params.not_before = rcgen::date_time_ymd(2000, 1, 1);
+    params.not_after = rcgen::date_time_ymd(1970, 1, 1) + Duration::from_secs(not_after);
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = params.self_signed(&key).expect("certificate");
+    (cert.pem(), key.serialize_pem())
+}
+
+fn portico_class() -> Arc<k8s_openapi::api::networking::v1::IngressClass> {
+    Arc::new(
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "networking.k8s.io/v1", "kind": "IngressClass",
+            "metadata": {"name": "portico"},
+            "spec": {"controller": "portico.dev/ingress-controller"}
+        }))
+        .expect("class"),
+    )
+}
+
+/// A served certificate is reported on its Secret when it expires, with no input changing:
+/// the loop wakes up for the date. Every served certificate's notAfter is exported, for alerts
+/// ahead of time.
+#[tokio::test]
+async fn a_served_certificate_is_reported_when_it_expires() {
+    let host = "shop.example";
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    // The property under test is a date: three seconds from now.
+    let not_after = now + 3;
+    let (crt, key) = cert_until(host, not_after);
+    let (source, mut builds) = TestSource::new();
+    source.set(
+        Inputs {
+            ingresses: vec![tls_ingress("cert", host)],
+            ingress_classes: vec![portico_class()],
+            secrets: vec![tls_secret("cert", host, Some((&crt, &key)))],
+            ..Inputs::default()
+        },
+        Vec::new(),
+    );
+    let mut run = start(source, RebuildConfig::default(), Trigger::new());
+    next_build(&mut builds).await;
+    assert_eq!(
+        metric_lines(
+            &run.metrics,
+            "portico_tls_certificate_expiry_timestamp_seconds"
+        ),
+        [format!(
+            "portico_tls_certificate_expiry_timestamp_seconds{{namespace=\"shop\",secret=\"cert\"}} {not_after}"
+        )]
+    );
+    let expired = |d: &Arc<Vec<Diagnostic>>| d.iter().any(|d| d.reason == "CertificateExpired");
+    assert!(
+        !expired(&run.diagnostics.borrow()),
+        "valid at the first build"
+    );
+    tokio::time::timeout(Duration::from_secs(10), run.diagnostics.wait_for(expired))
+        .await
+        .expect("reported in time")
+        .expect("loop alive");
+    let d = run
+        .diagnostics
+        .borrow()
+        .iter()
+        .find(|d| d.reason == "CertificateExpired")
+        .cloned()
+        .expect("diagnostic");
+    assert_eq!(
+        (d.severity, d.kind.as_str(), d.namespace.as_str()),
+        (Severity::Warning, "Secret", "shop")
+    );
+    assert_eq!((d.name.as_str(), d.uid.as_str()), ("cert", "uid-cert"));
+    assert!(d.message.contains(host), "{}", d.message);
+    // It expired while nothing changed: the build that said so was the date's own.
+    assert!(builds.try_recv().is_ok(), "a build for the date");
+    run.shutdown().await;
+}
+
 /// Brief §4.4: a TLS Secret whose data turns invalid keeps its last valid version serving, and
 /// is reported on the Secret; a valid rotation replaces it, and a Secret that leaves is gone.
 #[test]

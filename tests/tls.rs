@@ -103,6 +103,7 @@ fn cert(names: &[&str], source: &str) -> (CertKey, CertificateDer<'static>) {
             key: certified,
             source: Arc::from(source),
             material: Arc::from(material),
+            validity: None,
         },
         der,
     )

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 pub use describe::describe;
 pub use lookup::{HostMatch, RouteMatch, normalize_host};
-pub use tls::{CertKey, TlsTable};
+pub use tls::{CertKey, TlsTable, Validity};
 pub use traffic::*;
 
 /// Default upstream connect timeout (brief §4.4; annotation `proxy-connect-timeout`).

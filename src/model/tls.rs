@@ -16,6 +16,49 @@ pub struct CertKey {
     pub source: Arc<str>,
     /// The certificate and key bytes it was parsed from.
     pub material: Arc<[u8]>,
+    /// The leaf certificate's validity period; `None` when its dates could not be read (it is
+    /// served all the same: a TLS server does not check its own certificate's dates).
+    pub validity: Option<Validity>,
+}
+
+/// X.509 `notBefore`/`notAfter` of a certificate, in Unix seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Validity {
+    pub not_before: i64,
+    pub not_after: i64,
+}
+
+impl TlsTable {
+    /// Each certificate in the table once (by its parsed key), with the names it serves:
+    /// exact hosts, `*.suffix` for wildcards, and `(default)` for `--default-certificate`.
+    /// Sorted by Secret, names sorted.
+    pub fn certificates(&self) -> Vec<(&CertKey, Vec<String>)> {
+        let named = (self.exact.iter().map(|(host, cert)| (cert, host.clone())))
+            .chain(
+                self.wildcard
+                    .iter()
+                    .map(|(suffix, cert)| (cert, format!("*.{suffix}"))),
+            )
+            .chain(
+                self.default
+                    .iter()
+                    .map(|cert| (cert, "(default)".to_string())),
+            );
+        let mut by_key: HashMap<*const CertifiedKey, (&CertKey, Vec<String>)> = HashMap::new();
+        for (cert, name) in named {
+            by_key
+                .entry(Arc::as_ptr(&cert.key))
+                .or_insert_with(|| (cert, Vec::new()))
+                .1
+                .push(name);
+        }
+        let mut all: Vec<(&CertKey, Vec<String>)> = by_key.into_values().collect();
+        for (_, names) in &mut all {
+            names.sort_unstable();
+        }
+        all.sort_by(|a, b| (&a.0.source, &a.1).cmp(&(&b.0.source, &b.1)));
+        all
+    }
 }
 
 impl PartialEq for CertKey {

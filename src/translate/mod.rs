@@ -46,7 +46,7 @@ pub use hosts::is_dns1123_subdomain;
 pub use incremental::Translator;
 pub use service::{LoadBalancerIngress, Svc, SvcPort};
 pub use slice::{AddressType, Slice, SliceEndpoint, SlicePort};
-pub use tls::SECRET_TYPE_TLS;
+pub use tls::{SECRET_TYPE_TLS, certificate_diagnostics, next_validity_change};
 
 /// Everything translate reads. Sources (file provider, controller) fill it; order does not
 /// matter (translate sorts where precedence depends on it). Services and EndpointSlices come in

@@ -206,6 +206,23 @@ fn cert(names: &[&str]) -> (String, String) {
     (ck.cert.pem(), ck.signing_key.serialize_pem())
 }
 
+/// A self-signed certificate valid from January 1st of `from` to January 1st of `until`.
+fn tls_secret_valid(ns: &str, name: &str, names: &[&str], from: i32, until: i32) -> Secret {
+    let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+    let mut params = rcgen::CertificateParams::new(names).expect("params");
+    params.not_before = rcgen::date_time_ymd(from, 1, 1);
+    params.not_after = rcgen::date_time_ymd(until, 1, 1);
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = params.self_signed(&key).expect("certificate");
+    let (c, k) = (cert.pem(), key.serialize_pem());
+    secret(
+        ns,
+        name,
+        "kubernetes.io/tls",
+        &[("tls.crt", c.as_bytes()), ("tls.key", k.as_bytes())],
+    )
+}
+
 fn tls_secret(ns: &str, name: &str, names: &[&str]) -> Secret {
     let (c, k) = cert(names);
     secret(
@@ -887,6 +904,77 @@ fn backend_port_by_name() {
         endpoints(&s, "h.test", "/"),
         ["10.0.0.1:8080", "10.0.0.2:8080"]
     );
+}
+
+/// Translate records each certificate's dates and knows no clock; the caller's clock says
+/// which served certificates clients refuse (on the Secret, naming what it serves) and when
+/// the next date passes.
+#[test]
+fn tls_certificate_dates_are_judged_by_the_callers_clock() {
+    let w = World::web()
+        .secret(tls_secret_valid(
+            "default",
+            "old",
+            &["old.test", "*.old.test"],
+            2000,
+            2001,
+        ))
+        .secret(tls_secret_valid(
+            "default",
+            "early",
+            &["early.test"],
+            2999,
+            3000,
+        ))
+        .secret(tls_secret_valid(
+            "default",
+            "fine",
+            &["fine.test"],
+            2000,
+            2999,
+        ))
+        .ing(
+            Ing::new("default", "a")
+                .path("old.test", "Prefix", "/", "web", svc80())
+                .tls(Some(&["old.test", "*.old.test"]), "old")
+                .tls(Some(&["early.test"]), "early")
+                .tls(Some(&["fine.test"]), "fine"),
+        );
+    let (s, d) = w.run();
+    assert!(d.is_empty(), "{d:?}");
+    let old = s.tls.exact.get("old.test").expect("served").validity;
+    assert_eq!(
+        old.map(|v| (v.not_before, v.not_after)),
+        Some((946_684_800, 978_307_200))
+    );
+    // 2027-01-15.
+    let now = 1_799_971_200;
+    let d = super::certificate_diagnostics(&s.tls, &w.0.secrets, now);
+    assert_eq!(
+        reasons(&d),
+        [
+            (Severity::Warning, "CertificateNotYetValid"),
+            (Severity::Warning, "CertificateExpired")
+        ],
+        "{d:#?}"
+    );
+    assert_eq!((d[1].kind.as_str(), d[1].name.as_str()), ("Secret", "old"));
+    assert_eq!(
+        d[1].message,
+        "tls.crt expired 2001-01-01T00:00:00Z: clients refuse it for *.old.test, old.test \
+         (renew the Secret)"
+    );
+    assert!(
+        d[0].message
+            .contains("is not valid before 2999-01-01T00:00:00Z")
+    );
+    // The next date: `early` turns valid as `fine` expires.
+    assert_eq!(
+        super::next_validity_change(&s.tls, now),
+        Some(32_472_144_000)
+    );
+    assert_eq!(super::next_validity_change(&s.tls, 32_503_680_000), None);
+    assert!(super::certificate_diagnostics(&s.tls, &w.0.secrets, 946_684_800).len() == 1);
 }
 
 #[test]

@@ -14,12 +14,12 @@ use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
-use crate::model::{CertKey, TlsTable};
+use crate::model::{CertKey, TlsTable, Validity};
 
 use super::annotations;
 use super::hosts::{self, HostKey};
 use super::index::{self, Index};
-use super::{Diags, ObjRef, Options};
+use super::{Diagnostic, Diags, ObjRef, Options, Severity};
 
 /// Secret type for TLS material (Kubernetes API docs, "TLS Secrets").
 pub const SECRET_TYPE_TLS: &str = "kubernetes.io/tls";
@@ -117,11 +117,88 @@ pub(super) fn load_secret(secret: &Secret) -> Result<CertKey, TlsError> {
     let mut material = Vec::with_capacity(crt.len() + key.len());
     material.extend_from_slice(crt);
     material.extend_from_slice(key);
+    let validity = certified.cert.first().and_then(|leaf| validity(leaf));
     Ok(CertKey {
         key: Arc::new(certified),
         source: Arc::from(source),
         material: Arc::from(material),
+        validity,
     })
+}
+
+/// The leaf's `notBefore`/`notAfter` (RFC 5280 §4.1.2.5), read with x509-parser: rustls and
+/// webpki check peers' dates but do not expose a certificate's own.
+fn validity(leaf: &CertificateDer<'_>) -> Option<Validity> {
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+    let v = cert.validity();
+    Some(Validity {
+        not_before: v.not_before.timestamp(),
+        not_after: v.not_after.timestamp(),
+    })
+}
+
+/// Warnings for the certificates of `tls` that clients refuse at `now` (Unix seconds): past
+/// their `notAfter` (`CertificateExpired`) or before their `notBefore`
+/// (`CertificateNotYetValid`), about the Secret they came from (its uid from `secrets`, so
+/// its Events show on `kubectl describe secret`). They are served all the same: a renewed
+/// Secret replaces them. Pure: the caller brings the clock (the rebuild loop checks again at
+/// [`next_validity_change`]).
+pub fn certificate_diagnostics(
+    tls: &TlsTable,
+    secrets: &[Arc<Secret>],
+    now: i64,
+) -> Vec<Diagnostic> {
+    let mut out = Vec::new();
+    for (cert, names) in tls.certificates() {
+        let Some(v) = cert.validity else {
+            continue;
+        };
+        let (reason, what, at) = if now >= v.not_after {
+            ("CertificateExpired", "expired", v.not_after)
+        } else if now < v.not_before {
+            (
+                "CertificateNotYetValid",
+                "is not valid before",
+                v.not_before,
+            )
+        } else {
+            continue;
+        };
+        let (namespace, name) = cert.source.split_once('/').unwrap_or(("", &cert.source));
+        let uid = secrets
+            .iter()
+            .find(|s| {
+                index::namespace(&s.metadata) == namespace && index::name(&s.metadata) == name
+            })
+            .and_then(|s| s.metadata.uid.clone())
+            .unwrap_or_default();
+        let at = k8s_openapi::jiff::Timestamp::from_second(at)
+            .map_or_else(|_| at.to_string(), |t| t.to_string());
+        out.push(Diagnostic {
+            severity: Severity::Warning,
+            kind: "Secret".to_string(),
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+            uid,
+            reason: reason.to_string(),
+            message: format!(
+                "tls.crt {what} {at}: clients refuse it for {} (renew the Secret)",
+                names.join(", ")
+            ),
+        });
+    }
+    out
+}
+
+/// The next instant (Unix seconds, after `now`) at which a certificate of `tls` becomes valid
+/// or expires: when [`certificate_diagnostics`] would say something new.
+pub fn next_validity_change(tls: &TlsTable, now: i64) -> Option<i64> {
+    tls.certificates()
+        .into_iter()
+        .filter_map(|(cert, _)| cert.validity)
+        .flat_map(|v| [v.not_before, v.not_after])
+        .filter(|t| *t > now)
+        .min()
 }
 
 /// Parses each Secret once per translation even when several Ingresses use it.

@@ -105,6 +105,7 @@ fn test_cert() -> &'static (CertKey, rustls_pki_types::CertificateDer<'static>) 
             key: certified,
             source: Arc::from("test/localhost"),
             material: Arc::from(der.as_ref()),
+            validity: None,
         };
         (cert_key, der)
     })
