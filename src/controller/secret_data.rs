@@ -65,6 +65,11 @@ struct Entry {
     for_rv: Option<String>,
     /// `tls.crt`/`tls.key`; `None` after a 404, or a failure with nothing fetched before.
     data: Option<BTreeMap<String, ByteString>>,
+    /// The store's object last handed to [`SecretData::attach`] and what it gave for it: the
+    /// same object with the same data gets the same `Arc` back, so an unchanged Secret stays
+    /// pointer-equal from build to build (compared without reading its key material, which
+    /// is neither copied again).
+    attached: Option<(Arc<Secret>, Arc<Secret>)>,
     /// Consecutive failed `GET`s.
     failures: u32,
     /// Set after a failure: when to try again.
@@ -104,21 +109,26 @@ impl SecretData {
     /// `secrets` (metadata-only, from the store) with data re-attached where it is held, then
     /// a metadata-only placeholder for each referenced Secret found to be of another type.
     pub fn attach(&self, secrets: Vec<Arc<Secret>>) -> Vec<Arc<Secret>> {
-        let state = self.lock();
+        let mut state = self.lock();
         let mut out: Vec<Arc<Secret>> = secrets
             .into_iter()
             .map(|s| {
-                let data = key_of(&s)
-                    .and_then(|k| state.entries.get(&k))
-                    .and_then(|e| e.data.clone());
-                match data {
-                    Some(data) => {
-                        let mut with = (*s).clone();
-                        with.data = Some(data);
-                        Arc::new(with)
-                    }
-                    None => s,
+                let Some(entry) = key_of(&s).and_then(|k| state.entries.get_mut(&k)) else {
+                    return s;
+                };
+                let Some(data) = &entry.data else {
+                    return s;
+                };
+                if let Some((seen, given)) = &entry.attached
+                    && Arc::ptr_eq(seen, &s)
+                {
+                    return Arc::clone(given);
                 }
+                let mut with = (*s).clone();
+                with.data = Some(data.clone());
+                let with = Arc::new(with);
+                entry.attached = Some((s, Arc::clone(&with)));
+                with
             })
             .collect();
         let mut others: Vec<(&SecretKey, &String)> = state
@@ -375,6 +385,7 @@ impl Keeper {
                         Entry {
                             for_rv: rv,
                             data,
+                            attached: None,
                             failures: 0,
                             retry_at: None,
                         }
@@ -384,6 +395,7 @@ impl Keeper {
                         Entry {
                             for_rv: rv,
                             data: None,
+                            attached: None,
                             failures: 0,
                             retry_at: None,
                         }
@@ -400,6 +412,7 @@ impl Keeper {
                             // Keep serving what was fetched before (an older rotation) rather
                             // than nothing.
                             data: prev.data,
+                            attached: prev.attached,
                             failures,
                             retry_at: Some(now + delay),
                         }
@@ -523,10 +536,20 @@ mod tests {
         data.lock()
             .entries
             .insert(("ns".into(), "gone".into()), Entry::default());
-        let out = data.attach(vec![mk("held"), mk("gone"), mk("other")]);
+        let (held_obj, gone_obj) = (mk("held"), mk("gone"));
+        let out = data.attach(vec![held_obj.clone(), gone_obj.clone(), mk("other")]);
         assert_eq!(out[0].data.as_ref(), Some(&held));
         assert_eq!(out[1].data, None);
         assert_eq!(out[2].data, None);
+        // The next build's inputs: the same store objects give the same objects back, so
+        // an unchanged Secret compares by pointer; a new version of it is attached afresh.
+        let again = data.attach(vec![held_obj.clone(), gone_obj.clone()]);
+        assert!(Arc::ptr_eq(&again[0], &out[0]));
+        assert!(Arc::ptr_eq(&again[1], &gone_obj));
+        let updated = mk("held");
+        let third = data.attach(vec![updated]);
+        assert!(!Arc::ptr_eq(&third[0], &out[0]));
+        assert_eq!(third[0].data.as_ref(), Some(&held));
         assert_eq!(
             data.held(),
             BTreeSet::from([("ns".to_string(), "held".to_string())])
