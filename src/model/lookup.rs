@@ -32,7 +32,20 @@ pub struct RouteMatch<'a> {
 impl Snapshot {
     /// Route a request. `host` must already be normalised ([`normalize_host`]) and `path`
     /// RFC 3986-normalised without the query.
+    ///
+    /// A segment's parameters (from a `;` to the segment's end, RFC 3986 §3.3) are not part
+    /// of it for matching: servlet containers and most frameworks drop them, so to the backend
+    /// `/admin;x=1` is `/admin`, and it must be to the rules too, or it would reach a route
+    /// that does not expose `/admin`, past `/admin`'s rate limits and closures. (nginx's
+    /// string prefixes match it to `/admin` as well.) The backend receives the path as sent.
     pub fn route<'a>(&'a self, host: &str, path: &str) -> RouteMatch<'a> {
+        let without_params;
+        let path = if path.contains(';') {
+            without_params = strip_path_params(path);
+            without_params.as_str()
+        } else {
+            path
+        };
         let (kind, entry) = self.select_host(host);
         if let Some(entry) = entry
             && let Some(route) = entry.find(path)
@@ -180,6 +193,18 @@ impl PathTable {
                     || self.tails.get(e.start..e.start + (e.len - HEAD)) == path.get(HEAD..e.len))
         })
     }
+}
+
+/// `path` with each segment's `;parameters` removed.
+fn strip_path_params(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    for (i, segment) in path.split('/').enumerate() {
+        if i > 0 {
+            out.push('/');
+        }
+        out.push_str(segment.split_once(';').map_or(segment, |(name, _)| name));
+    }
+    out
 }
 
 /// Ingress v1 path matching. `Exact` is whole-string and case-sensitive. `Prefix` is

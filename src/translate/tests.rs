@@ -977,6 +977,34 @@ fn tls_certificate_dates_are_judged_by_the_callers_clock() {
     assert!(super::certificate_diagnostics(&s.tls, &w.0.secrets, 946_684_800).len() == 1);
 }
 
+/// `;` parameters do not hide a segment from its rule: `/admin;x=1` is routed as `/admin`
+/// (a servlet container serves it as `/admin`), not by the catch-all `/` past `/admin`'s
+/// own limits.
+#[test]
+fn path_parameters_do_not_hide_a_segment_from_its_rule() {
+    let w = World::default()
+        .svc(svc("default", "admin", &[("http", 80)]))
+        .svc(svc("default", "web", &[("http", 80)]))
+        .ing(
+            Ing::new("default", "a")
+                .path("h.test", "Prefix", "/admin", "admin", svc80())
+                .path("h.test", "Exact", "/login", "admin", svc80()),
+        )
+        .ing(Ing::new("default", "b").path("h.test", "Prefix", "/", "web", svc80()));
+    let (s, _) = w.run();
+    for path in [
+        "/admin;x=1",
+        "/admin;jsessionid=1/users",
+        "/login;a",
+        "/admin/;x",
+    ] {
+        assert_eq!(hit(&s, "h.test", path), "default/admin:80", "{path}");
+    }
+    for path in ["/adminx;a", "/x/admin;a", "/log;in"] {
+        assert_eq!(hit(&s, "h.test", path), "default/web:80", "{path}");
+    }
+}
+
 #[test]
 fn backend_port_by_number_skips_udp_and_sctp_ports() {
     // Port numbers are unique per protocol only: DNS-style Services list 53/UDP before 53/TCP.
