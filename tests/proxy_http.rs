@@ -2499,6 +2499,112 @@ async fn a_request_hidden_in_a_trailer_after_an_early_answer_is_never_served() {
 }
 
 /// A proxy routing everything to `backend` over h2c.
+/// An h2c backend (the h2 crate, driven by hand) that resets every other stream it receives
+/// with REFUSED_STREAM, starting with the first, and answers the others 200 "ok".
+async fn refusing_h2c_backend() -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let streams = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = streams.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                    return;
+                };
+                while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                    if seen.fetch_add(1, Ordering::SeqCst).is_multiple_of(2) {
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                        continue;
+                    }
+                    let head = http::Response::builder()
+                        .status(200)
+                        .body(())
+                        .expect("head");
+                    if let Ok(mut body) = respond.send_response(head, false) {
+                        let _ = body.send_data(Bytes::from_static(b"ok"), true);
+                    }
+                }
+            });
+        }
+    });
+    (addr, streams)
+}
+
+/// A stream the h2c upstream refused (REFUSED_STREAM: closed before any processing, RFC 9113
+/// §8.7) is sent again, whatever the method when there is no body, and is no failure of the
+/// endpoint. Before, every such request answered 502 and counted towards ejection; a
+/// backend at its stream limit, or restarting, failed requests it never saw.
+#[tokio::test]
+async fn a_refused_h2c_stream_is_sent_again_and_is_no_endpoint_failure() {
+    let (refusing, streams) = refusing_h2c_backend().await;
+    // A lone endpoint may be ejected here: five failures in a row would show.
+    let p = start_proxy(
+        ProxyConfig {
+            max_ejection_percent: 100,
+            ..cfg()
+        },
+        false,
+    )
+    .await;
+    p.publisher
+        .publish(snapshot(&[RouteSpec::prefix(None, "/", &[refusing])
+            .policy(|p| p.upstream_protocol = UpstreamProtocol::H2c)]));
+    for method in ["POST", "GET", "DELETE", "POST", "PUT", "POST"] {
+        let got = send(p.addr, request(method, "/", &[("host", "x")], Bytes::new()))
+            .await
+            .expect("response");
+        assert_eq!(got.status, 200, "{method}");
+        assert_eq!(got.text(), "ok");
+    }
+    assert_eq!(
+        streams.load(Ordering::SeqCst),
+        12,
+        "each refused once, then served"
+    );
+    assert!(!p.handler.upstreams().is_ejected(refusing));
+    // With a body, nothing can be sent again: 502, still no failure of the endpoint.
+    for i in 0..6 {
+        let got = send(p.addr, request("POST", "/", &[("host", "x")], "body"))
+            .await
+            .expect("response");
+        if got.status == 502 {
+            continue;
+        }
+        assert_eq!(got.status, 200, "POST with a body {i}");
+    }
+    assert!(!p.handler.upstreams().is_ejected(refusing));
+}
+
+/// A retry that meets a refused stream and is sent again is one retry, not two.
+#[tokio::test]
+async fn a_retry_sent_again_counts_once() {
+    let (refusing, _) = refusing_h2c_backend().await;
+    let dead = refusing_addr().await;
+    let p = proxy_with(&[RouteSpec::prefix(None, "/", &[dead, refusing])
+        .policy(|p| p.upstream_protocol = UpstreamProtocol::H2c)])
+    .await;
+    for i in 0..4 {
+        assert_eq!(get(p.addr, "x", "/").await.status, 200, "GET {i}");
+    }
+    let service = format!("svc-{}", dead.port());
+    let labels = ["default", service.as_str()];
+    let connect_errors = p
+        .metrics
+        .upstream_connect_errors
+        .with_label_values(&labels)
+        .get();
+    assert!(connect_errors >= 1, "the dead endpoint was tried");
+    assert_eq!(
+        p.metrics.upstream_retries.with_label_values(&labels).get(),
+        connect_errors,
+        "one retry per connect failure"
+    );
+}
+
 async fn h2c_proxy(backend: std::net::SocketAddr) -> TestProxy {
     proxy_with(&[RouteSpec::prefix(None, "/", &[backend])
         .policy(|p| p.upstream_protocol = UpstreamProtocol::H2c)])

@@ -717,6 +717,18 @@ fn prune_ejection_series(snap: Option<&Snapshot>, metrics: &Metrics) {
     }
 }
 
+/// An h2c upstream reset the stream with REFUSED_STREAM: it never processed the request.
+fn refused_stream(e: &hyper::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(err) = source {
+        if let Some(h2) = err.downcast_ref::<h2::Error>() {
+            return h2.is_remote() && h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+        }
+        source = err.source();
+    }
+    false
+}
+
 /// RFC 9110 §9.2.2 idempotent methods (CONNECT/POST/PATCH are not).
 fn is_idempotent(m: &Method) -> bool {
     matches!(
@@ -1160,6 +1172,9 @@ impl Upstreams {
         let mut last_err = ProxyError::NoEndpoints;
         let mut attempt: u32 = 0;
         let mut stale_allowance: u32 = STALE_CONNECTION_ALLOWANCE;
+        // The attempt is the last one sent again (stale connection, refused stream), not a
+        // retry: it is counted once.
+        let mut resend = false;
         let choice = self.choice(backend, policy, affinity);
         let in_flight_gauge = self.metrics.upstream_in_flight.with_label_values(&labels);
         loop {
@@ -1171,12 +1186,13 @@ impl Upstreams {
             };
             tried.push(addr);
             let in_flight = InFlight::new(self.in_flight_counter(addr), in_flight_gauge.clone());
-            if attempt > 0 {
+            if attempt > 0 && !resend {
                 self.metrics
                     .upstream_retries
                     .with_label_values(&labels)
                     .inc();
             }
+            resend = false;
             attempt += 1;
 
             let (sender, reused) = match self
@@ -1205,14 +1221,17 @@ impl Upstreams {
                 _ => body,
             };
             // The header map moves into the request unless a later attempt may need it again
-            // (a bodyless idempotent request that can still be retried on another endpoint):
-            // copying it for every request cost several allocations each.
-            let headers =
-                if replayable && attempt <= max_retries && Self::has_untried(backend, &tried) {
-                    req.headers.clone()
-                } else {
-                    std::mem::take(&mut req.headers)
-                };
+            // (a bodyless idempotent request that can still be retried on another endpoint,
+            // or a bodyless h2c one its stream could be refused for): copying it for every
+            // request cost several allocations each.
+            let resendable = !has_body && stale_allowance > 0 && matches!(sender, Sender::H2(..));
+            let keep_headers = resendable
+                || (replayable && attempt <= max_retries && Self::has_untried(backend, &tried));
+            let headers = if keep_headers {
+                req.headers.clone()
+            } else {
+                std::mem::take(&mut req.headers)
+            };
             let built = build_request(&req, headers, &sender, addr, body);
             // Which h2c connection this attempt uses, to stop sharing it if it times out.
             let h2_conn = match &sender {
@@ -1268,6 +1287,7 @@ impl Upstreams {
                         stale_allowance -= 1;
                         tried.pop();
                         attempt -= 1;
+                        resend = true;
                         continue;
                     }
                     self.record_failure(backend, addr);
@@ -1277,6 +1297,22 @@ impl Upstreams {
                 Ok(Err(SendFailure::Failed(e))) => {
                     if let Some(e) = req.body_flags.client_error() {
                         return Err(e);
+                    }
+                    if refused_stream(&e) {
+                        // Closed before any processing (RFC 9113 §8.7): the endpoint is at its
+                        // stream limit or going away, not failing, and the request may be sent
+                        // again, whatever its method, when it had no body (bounded, on
+                        // another stream of the same endpoint, without spending a retry).
+                        tracing::debug!(endpoint = %addr, "upstream refused the stream");
+                        last_err = ProxyError::UpstreamReset;
+                        if resendable {
+                            stale_allowance -= 1;
+                            tried.pop();
+                            attempt -= 1;
+                            resend = true;
+                            continue;
+                        }
+                        return Err(last_err);
                     }
                     tracing::debug!(endpoint = %addr, error = %e, "upstream failed before response headers");
                     self.record_failure(backend, addr);
