@@ -51,6 +51,13 @@ pub const EJECT_AFTER_FAILURES: u32 = 5;
 pub const EJECT_BASE: Duration = Duration::from_secs(10);
 /// Longest ejection.
 pub const EJECT_MAX: Duration = Duration::from_secs(300);
+/// Silence after which an upstream connection is probed ([`keep_alive`]).
+pub const UPSTREAM_KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+/// Between two keepalive probes.
+pub const UPSTREAM_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// Unanswered probes after which the kernel closes the connection.
+pub const UPSTREAM_KEEPALIVE_PROBES: u32 = 3;
+
 /// Receive window of each stream on an h2c upstream connection (hyper's default: 2 MiB;
 /// grpc-go starts at 64 KiB). The response data of a stream whose client reads slowly waits
 /// in portico up to this much.
@@ -717,6 +724,26 @@ fn prune_ejection_series(snap: Option<&Snapshot>, metrics: &Metrics) {
     }
 }
 
+/// TCP keepalive of upstream connections: probed after [`UPSTREAM_KEEPALIVE_IDLE`] without
+/// traffic, every [`UPSTREAM_KEEPALIVE_INTERVAL`], given up after
+/// [`UPSTREAM_KEEPALIVE_PROBES`] unanswered. An upstream whose host died without a FIN or RST
+/// (its node gone, a NAT entry dropped) is then noticed by the kernel within about a minute
+/// of silence: its pooled connections close, and a response it was streaming (a gRPC watch,
+/// an event stream) fails instead of waiting out the stream idle timeout, an hour. The kernel
+/// does it without any frame a server could object to: gRPC servers answer HTTP/2 PINGs more
+/// frequent than every 5 minutes with GOAWAY "too_many_pings". The probes also keep NAT and
+/// load-balancer idle timers from dropping quiet connections. Best effort: a socket that
+/// refuses the options is used as it is.
+fn keep_alive(stream: &TcpStream) {
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(UPSTREAM_KEEPALIVE_IDLE)
+        .with_interval(UPSTREAM_KEEPALIVE_INTERVAL)
+        .with_retries(UPSTREAM_KEEPALIVE_PROBES);
+    if let Err(e) = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive) {
+        tracing::debug!(error = %e, "cannot set TCP keepalive on an upstream connection");
+    }
+}
+
 /// An h2c upstream reset the stream with REFUSED_STREAM: it never processed the request.
 fn refused_stream(e: &hyper::Error) -> bool {
     let mut source = std::error::Error::source(e);
@@ -1089,6 +1116,7 @@ impl Upstreams {
             .map_err(|_| ConnectError::Timeout)??;
         // Small request/response writes must not wait for Nagle.
         stream.set_nodelay(true)?;
+        keep_alive(&stream);
         let io = TokioIo::new(stream);
         match proto {
             UpstreamProtocol::Http1 => {
@@ -1504,6 +1532,33 @@ mod tests {
     use super::*;
     use crate::model::{Endpoint, ServicePortRef};
     use crate::proxy::DEFAULT_MAX_EJECTION_PERCENT;
+
+    /// Upstream sockets carry TCP keepalive with portico's timings.
+    #[tokio::test]
+    async fn upstream_sockets_probe_a_silent_peer() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let stream = TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let sock = socket2::SockRef::from(&stream);
+        assert!(!sock.keepalive().expect("SO_KEEPALIVE"));
+        keep_alive(&stream);
+        assert!(sock.keepalive().expect("SO_KEEPALIVE"));
+        assert_eq!(
+            sock.tcp_keepalive_time().expect("TCP_KEEPIDLE"),
+            UPSTREAM_KEEPALIVE_IDLE
+        );
+        assert_eq!(
+            sock.tcp_keepalive_interval().expect("TCP_KEEPINTVL"),
+            UPSTREAM_KEEPALIVE_INTERVAL
+        );
+        assert_eq!(
+            sock.tcp_keepalive_retries().expect("TCP_KEEPCNT"),
+            UPSTREAM_KEEPALIVE_PROBES
+        );
+    }
 
     #[test]
     fn deadline_adds_the_timeout_and_caps_a_huge_one() {
