@@ -786,10 +786,16 @@ async fn an_h2_client_that_stops_reading_pins_bounded_memory() {
     );
     let p = Portico::start(dir.path(), &["--no-access-log"]);
     let c = client();
-    eventually("route serves", || async {
-        get(&c, p.http, "big.test", "/health").await.is_ok()
+    // Ready: the first snapshot serves (before it, every request is a 503).
+    eventually("ready", || async {
+        matches!(get(&c, p.admin, "a", "/readyz").await, Ok((200, _)))
     })
     .await;
+    // One whole response first, so the baseline has the buffers a response uses.
+    assert_eq!(
+        get(&c, p.http, "big.test", "/warm-up").await.map(|r| r.0),
+        Ok(200)
+    );
     let before = rss_kib(p.child.id());
 
     let tcp = tokio::net::TcpStream::connect(p.http)
