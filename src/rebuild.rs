@@ -50,6 +50,8 @@ use k8s_openapi::api::core::v1::Secret;
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
+use prometheus::IntGaugeVec;
+
 use crate::metrics::{Metrics, label, remove_series};
 use crate::model::{Backend, BackendTable, ServicePortRef, Snapshot, TlsTable};
 use crate::publish::{Published, Publisher};
@@ -213,23 +215,18 @@ impl CertWatch {
         }
         if !same {
             let certs = tls.certificates();
-            let mut set: HashMap<(&str, &str), i64> = HashMap::new();
+            let mut expiry: BTreeMap<(&str, &str), i64> = BTreeMap::new();
             for (cert, _) in &certs {
                 if let Some(v) = cert.validity {
                     let (ns, name) = cert.source.split_once('/').unwrap_or(("", &cert.source));
-                    set.insert((ns, name), v.not_after);
+                    expiry.insert((ns, name), v.not_after);
                 }
             }
-            for ((ns, name), not_after) in &set {
-                metrics
-                    .certificate_expiry
-                    .with_label_values(&[ns, name])
-                    .set(*not_after);
-            }
-            // Set first, then removed: no scrape sees the gauge empty.
-            remove_series(&metrics.certificate_expiry, |l, _| {
-                !set.contains_key(&(label(l, "namespace"), label(l, "secret")))
-            });
+            replace_series(
+                &metrics.certificate_expiry,
+                ["namespace", "secret"],
+                &expiry,
+            );
         }
         self.diagnostics = translate::certificate_diagnostics(tls, secrets, now);
         self.next = translate::next_validity_change(tls, now);
@@ -527,17 +524,19 @@ fn set_diagnostic_gauges(metrics: &Metrics, diagnostics: &[Diagnostic]) {
     for d in diagnostics {
         *counts.entry((&d.kind, &d.reason)).or_default() += 1;
     }
-    for ((kind, reason), n) in &counts {
-        metrics
-            .config_diagnostics
-            .with_label_values(&[kind, reason])
-            .set(*n);
+    // A (kind, reason) that no longer occurs disappears rather than sticking at its last value.
+    replace_series(&metrics.config_diagnostics, ["kind", "reason"], &counts);
+}
+
+/// Set the two-label gauge `vec` (labels `names`) to `values`, then remove the series
+/// `values` lacks. Removed after the new values are set, not reset before: a scrape in between
+/// would see the gauge empty, and an alert on it would flap.
+fn replace_series(vec: &IntGaugeVec, names: [&str; 2], values: &BTreeMap<(&str, &str), i64>) {
+    for ((a, b), v) in values {
+        vec.with_label_values(&[a, b]).set(*v);
     }
-    // A (kind, reason) that no longer occurs disappears rather than sticking at its last
-    // value. Removed after the new values are set, not reset before: a scrape in between
-    // would see no diagnostics at all, and an alert on them would flap.
-    remove_series(&metrics.config_diagnostics, |l, _| {
-        !counts.contains_key(&(label(l, "kind"), label(l, "reason")))
+    remove_series(vec, |l, _| {
+        !values.contains_key(&(label(l, names[0]), label(l, names[1])))
     });
 }
 

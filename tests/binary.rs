@@ -93,28 +93,32 @@ fn bad_objects(dir: &Path) {
     .expect("write");
 }
 
+/// `portico check DIR`: its exit code and what it printed.
+fn check(dir: &Path) -> (Option<i32>, String) {
+    let out = Command::new(BIN)
+        .arg("check")
+        .arg(dir)
+        .output()
+        .expect("run check");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
 #[test]
 fn quickstart_example_checks_clean() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/quickstart");
-    let out = Command::new(BIN)
-        .args(["check", dir])
-        .output()
-        .expect("run check");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "check failed:\n{text}");
+    let (code, text) = check(Path::new(dir));
+    assert_eq!(code, Some(0), "check failed:\n{text}");
 }
 
 #[test]
 fn check_reports_every_problem_and_exits_nonzero() {
     let dir = tempfile::tempdir().expect("tempdir");
     bad_objects(dir.path());
-    let out = Command::new(BIN)
-        .arg("check")
-        .arg(dir.path())
-        .output()
-        .expect("run check");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(1), "check must fail:\n{text}");
+    let (code, text) = check(dir.path());
+    assert_eq!(code, Some(1), "check must fail:\n{text}");
     assert!(
         text.contains("broken.yaml"),
         "malformed file reported:\n{text}"
@@ -162,21 +166,12 @@ fn check_warns_about_an_expired_certificate() {
         format!("{secret}---\n{ingress}"),
     )
     .expect("write");
-    let out = Command::new(BIN)
-        .arg("check")
-        .arg(dir.path())
-        .output()
-        .expect("run check");
-    let text = String::from_utf8_lossy(&out.stdout);
+    let (code, text) = check(dir.path());
     assert!(
         text.contains("warning: Secret shop/old: CertificateExpired: tls.crt expired 2001-01-01T00:00:00Z: clients refuse it for old.test"),
         "{text}"
     );
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "a warning, not an error:\n{text}"
-    );
+    assert_eq!(code, Some(0), "a warning, not an error:\n{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
