@@ -1341,8 +1341,11 @@ fn make_service(
         let h2 = req.version() == http::Version::HTTP_2;
         let watch = (stream_idle && h2).then(|| {
             let watch = StreamWatch::new();
-            req.extensions_mut()
-                .insert(StreamProgress(watch.moved.clone()));
+            // Only a request body has frames to count.
+            if !req.body().is_end_stream() {
+                req.extensions_mut()
+                    .insert(StreamProgress(watch.moved.clone()));
+            }
             watch
         });
         async move {
@@ -1360,6 +1363,9 @@ fn make_service(
                 );
             }
             let inner = match watch {
+                // A response that is whole with its head (an error, a redirect, an empty
+                // body) has nothing to stall.
+                Some(_) if resp.body().is_end_stream() => resp.map(Tracked::Plain),
                 None => resp.map(Tracked::Plain),
                 Some(watch) => {
                     let (parts, body) = resp.into_parts();
