@@ -538,15 +538,8 @@ impl Drop for RequestGuard {
 /// The response body, carrying the request's [`RequestGuard`] so a streaming response keeps
 /// the connection busy until its last byte.
 struct TrackedBody {
-    inner: Tracked,
+    inner: ProxyBody,
     _guard: RequestGuard,
-}
-
-enum Tracked {
-    /// HTTP/1.1 (the connection's timer is the stream's), or no stream idle timeout.
-    Plain(ProxyBody),
-    /// HTTP/2: the body is the [`StreamWatch`]'s until it stalls.
-    Watched(Arc<StreamWatch>),
 }
 
 impl Body for TrackedBody {
@@ -557,28 +550,43 @@ impl Body for TrackedBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match &mut self.get_mut().inner {
-            Tracked::Plain(body) => Pin::new(body).poll_frame(cx),
-            Tracked::Watched(watch) => watch.poll_frame(cx),
-        }
+        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
     }
 
     fn is_end_stream(&self) -> bool {
-        match &self.inner {
-            Tracked::Plain(body) => body.is_end_stream(),
-            // A stalled stream still has its error to deliver.
-            Tracked::Watched(watch) => watch.lock().as_ref().is_some_and(Body::is_end_stream),
-        }
+        self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        match &self.inner {
-            Tracked::Plain(body) => body.size_hint(),
-            Tracked::Watched(watch) => watch
-                .lock()
-                .as_ref()
-                .map_or_else(SizeHint::default, Body::size_hint),
-        }
+        self.inner.size_hint()
+    }
+}
+
+/// An HTTP/2 response body held by its [`StreamWatch`] until it stalls (boxed into the
+/// [`TrackedBody`], so HTTP/1.1 responses pay nothing for it).
+struct WatchedBody(Arc<StreamWatch>);
+
+impl Body for WatchedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.0.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        // A stalled stream still has its error to deliver.
+        self.0.lock().as_ref().is_some_and(Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.0
+            .lock()
+            .as_ref()
+            .map_or_else(SizeHint::default, Body::size_hint)
     }
 }
 
@@ -1337,7 +1345,6 @@ fn make_service(
         let service = service.clone();
         let info = info.clone();
         let unfollowed = unfollowed.clone();
-        let activity = activity.clone();
         let h2 = req.version() == http::Version::HTTP_2;
         let watch = (stream_idle && h2).then(|| {
             let watch = StreamWatch::new();
@@ -1355,7 +1362,7 @@ fn make_service(
             // follow an answer that did not switch protocols (brief §4.4 framing). Nor may
             // anything follow the answer to a head that was arriving at shutdown.
             let closing = unfollowed.is_some_and(|u| u.load(Ordering::Acquire))
-                || (!h2 && activity.close_after_head.load(Ordering::Acquire));
+                || (!h2 && guard.0.close_after_head.load(Ordering::Acquire));
             if closing && resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
                 resp.headers_mut().insert(
                     http::header::CONNECTION,
@@ -1365,14 +1372,13 @@ fn make_service(
             let inner = match watch {
                 // A response that is whole with its head (an error, a redirect, an empty
                 // body) has nothing to stall.
-                Some(_) if resp.body().is_end_stream() => resp.map(Tracked::Plain),
-                None => resp.map(Tracked::Plain),
-                Some(watch) => {
+                Some(watch) if !resp.body().is_end_stream() => {
                     let (parts, body) = resp.into_parts();
                     *watch.lock() = Some(body);
-                    activity.watch_stream(&watch);
-                    Response::from_parts(parts, Tracked::Watched(watch))
+                    guard.0.watch_stream(&watch);
+                    Response::from_parts(parts, http_body_util::BodyExt::boxed(WatchedBody(watch)))
                 }
+                _ => resp,
             };
             Ok::<_, Infallible>(inner.map(|inner| TrackedBody {
                 inner,
