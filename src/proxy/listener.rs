@@ -218,7 +218,9 @@ struct Activity {
 struct WatchEntry {
     watch: std::sync::Weak<StreamWatch>,
     seen: u64,
-    since: Instant,
+    /// Since when `seen` is the count; `None` until a sweep first saw the stream (the
+    /// clock is not read per request: the stall is noticed up to one more step late).
+    since: Option<Instant>,
 }
 
 /// The stream idle timer of one HTTP/2 response (brief §4.4 "streams idle"). On HTTP/1.1 the
@@ -232,9 +234,9 @@ struct WatchEntry {
 /// concurrency slots come back, even while hyper cannot poll the body (it holds a chunk for a
 /// client whose flow-control window stays shut). The next poll then fails the body, and hyper
 /// resets the stream (RST_STREAM); its siblings go on.
-struct StreamWatch {
-    /// Frames moved either way, shared with the request's [`StreamProgress`].
-    moved: Arc<AtomicU64>,
+pub(super) struct StreamWatch {
+    /// Frames moved either way (the request's through its [`StreamProgress`]).
+    moved: AtomicU64,
     /// The response body until the stream ends or stalls.
     body: Mutex<Option<ProxyBody>>,
     /// The stream's task, woken when the body is taken.
@@ -249,7 +251,7 @@ struct StreamStalled;
 impl StreamWatch {
     fn new() -> Arc<StreamWatch> {
         Arc::new(StreamWatch {
-            moved: Arc::new(AtomicU64::new(0)),
+            moved: AtomicU64::new(0),
             body: Mutex::new(None),
             waker: AtomicWaker::new(),
         })
@@ -258,6 +260,11 @@ impl StreamWatch {
     fn lock(&self) -> MutexGuard<'_, Option<ProxyBody>> {
         // Only ever replaced whole: a panic elsewhere cannot leave it half-written.
         self.body.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// One frame moved.
+    pub(super) fn moved(&self) {
+        self.moved.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Drop the body (outside the lock) and wake the stream so hyper learns of it.
@@ -274,7 +281,7 @@ impl StreamWatch {
         };
         match Pin::new(inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
-                self.moved.fetch_add(1, Ordering::Relaxed);
+                self.moved();
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Pending => {
@@ -326,7 +333,7 @@ impl Activity {
         streams.push(WatchEntry {
             watch: Arc::downgrade(watch),
             seen: 0,
-            since: Instant::now(),
+            since: None,
         });
     }
 
@@ -338,12 +345,15 @@ impl Activity {
                 return false;
             };
             let moved = watch.moved.load(Ordering::Relaxed);
-            if moved != e.seen {
-                e.seen = moved;
-                e.since = now;
-                return true;
-            }
-            if now.saturating_duration_since(e.since) < stalled {
+            let since = match e.since {
+                Some(since) if moved == e.seen => since,
+                _ => {
+                    e.seen = moved;
+                    e.since = Some(now);
+                    return true;
+                }
+            };
+            if now.saturating_duration_since(since) < stalled {
                 return true;
             }
             expired.push(watch);
@@ -1348,10 +1358,10 @@ fn make_service(
         let h2 = req.version() == http::Version::HTTP_2;
         let watch = (stream_idle && h2).then(|| {
             let watch = StreamWatch::new();
-            // Only a request body has frames to count.
-            if !req.body().is_end_stream() {
-                req.extensions_mut()
-                    .insert(StreamProgress(watch.moved.clone()));
+            // Only a request body has frames to count (a size hint, unlike `is_end_stream`,
+            // does not lock the h2 stream).
+            if req.body().size_hint().exact() != Some(0) {
+                req.extensions_mut().insert(StreamProgress(watch.clone()));
             }
             watch
         });
@@ -1682,7 +1692,7 @@ mod tests {
             a.on_read(b"ping ack");
             a.moved();
         }
-        watch.moved.fetch_add(1, Ordering::Relaxed);
+        watch.moved();
         let moved_at = elapsed;
         while watch.lock().is_some() {
             assert!(elapsed < STALLED * 3, "the stream never stalled");
@@ -1693,7 +1703,7 @@ mod tests {
         }
         let stalled_after = elapsed - moved_at;
         assert!(
-            stalled_after >= STALLED && stalled_after <= STALLED + HEADER + ping,
+            stalled_after >= STALLED && stalled_after <= STALLED + 2 * HEADER + ping,
             "{stalled_after:?}"
         );
         // Its next poll fails (hyper resets the stream); the connection stays.

@@ -153,13 +153,19 @@ impl Default for ProxyConfig {
 /// Progress of one HTTP/2 stream, in a request's extensions (the listener's per-stream idle
 /// timer, brief §4.4 "streams idle"): the handler counts the request body's frames here, so
 /// an upload, or the client's half of a bidirectional stream, keeps its stream alive.
-#[derive(Debug, Clone)]
-pub struct StreamProgress(pub Arc<std::sync::atomic::AtomicU64>);
+#[derive(Clone)]
+pub struct StreamProgress(Arc<listener::StreamWatch>);
 
 impl StreamProgress {
     /// One frame moved.
     pub fn moved(&self) {
-        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.0.moved();
+    }
+}
+
+impl std::fmt::Debug for StreamProgress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamProgress").finish_non_exhaustive()
     }
 }
 
