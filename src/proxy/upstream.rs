@@ -37,8 +37,10 @@ use super::health::ActiveHealth;
 /// over the cap). nginx's `keepalive` and ingress-nginx's `upstream-keepalive-connections`
 /// are in the same range (hundreds); unused ones leave after [`POOL_IDLE_TIMEOUT`].
 pub const MAX_IDLE_PER_ENDPOINT: usize = 256;
-/// Idle pooled connections older than this are dropped (below common upstream keep-alive
-/// timeouts would be ideal; 90 s matches the brief).
+/// Idle pooled connections older than this are dropped. The brief sets no value; many app
+/// servers close idle connections sooner (Node and uvicorn after 5 s): such a connection is
+/// usually found closed when taken and skipped ([`STALE_CONNECTION_ALLOWANCE`]), but one whose
+/// close crosses a request fails that request (retried only when idempotent and bodiless).
 pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Pooled connections found closed at send time that may be skipped per request without
 /// counting as a retry or an endpoint failure.
