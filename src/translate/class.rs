@@ -5,8 +5,8 @@
 
 use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
 
-use super::Options;
-use super::index::Index;
+use super::index::{self, Index};
+use super::{Diags, ObjRef, Options};
 
 /// Deprecated annotation that predates `spec.ingressClassName`; still honoured.
 pub(super) const LEGACY_CLASS_ANNOTATION: &str = "kubernetes.io/ingress.class";
@@ -24,6 +24,55 @@ pub(super) fn is_ours(ing: &Ingress, index: &Index<'_>, opts: &Options) -> bool 
         &opts.ingress_class,
         &opts.controller_name,
     )
+}
+
+fn is_default(c: &IngressClass) -> bool {
+    c.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(DEFAULT_CLASS_ANNOTATION))
+        .is_some_and(|v| v == "true")
+}
+
+fn controller(c: &IngressClass) -> Option<&str> {
+    c.spec.as_ref().and_then(|s| s.controller.as_deref())
+}
+
+/// A default IngressClass of ours beside another controller's default: Ingresses without a
+/// class are then served by both controllers, which also both write their status (Kubernetes
+/// calls more than one default an error, and admission refuses new class-less Ingresses while
+/// it lasts, but the ones already there stay). A warning on each of our default classes.
+pub(super) fn check_defaults(index: &Index<'_>, opts: &Options, diags: &mut Diags) {
+    let mut others: Vec<&str> = index
+        .classes
+        .values()
+        .filter(|c| is_default(c) && controller(c) != Some(opts.controller_name.as_str()))
+        .map(|c| index::name(&c.metadata))
+        .collect();
+    if others.is_empty() {
+        return;
+    }
+    others.sort_unstable();
+    for ours in index
+        .classes
+        .values()
+        .filter(|c| is_default(c) && controller(c) == Some(opts.controller_name.as_str()))
+    {
+        let r = ObjRef {
+            namespace: "",
+            ..index::obj_ref(&ours.metadata)
+        };
+        diags.warn(
+            "IngressClass",
+            &r,
+            "AmbiguousDefaultClass",
+            format!(
+                "is marked default, and so is {} of another controller: Ingresses without a \
+                 class are served by both (mark one default only)",
+                others.join(", ")
+            ),
+        );
+    }
 }
 
 /// [`is_ours`] for callers outside translate (the controller keeps Secret data only for the
@@ -63,12 +112,6 @@ pub fn claimed_by_another(
     if serves_ingress(ing, classes, ingress_class, controller_name) {
         return false;
     }
-    let controller_of = |c: &IngressClass| {
-        c.spec
-            .as_ref()
-            .and_then(|s| s.controller.clone())
-            .unwrap_or_default()
-    };
     if let Some(class) = ing
         .spec
         .as_ref()
@@ -76,7 +119,7 @@ pub fn claimed_by_another(
         .filter(|c| !c.is_empty())
     {
         return classes.iter().any(|c| {
-            c.metadata.name.as_deref() == Some(class) && controller_of(c) != controller_name
+            c.metadata.name.as_deref() == Some(class) && controller(c) != Some(controller_name)
         });
     }
     if let Some(legacy) = ing
@@ -87,14 +130,9 @@ pub fn claimed_by_another(
     {
         return legacy != ingress_class;
     }
-    classes.iter().any(|c| {
-        controller_of(c) != controller_name
-            && c.metadata
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(DEFAULT_CLASS_ANNOTATION))
-                .is_some_and(|v| v == "true")
-    })
+    classes
+        .iter()
+        .any(|c| controller(c) != Some(controller_name) && is_default(c))
 }
 
 fn ours<'c>(
@@ -113,9 +151,7 @@ fn ours<'c>(
         // Named class: ours when it is our `--ingress-class`, or when the IngressClass of that
         // name points at our controller.
         return class == ingress_class
-            || class_named(class).is_some_and(|c| {
-                c.spec.as_ref().and_then(|s| s.controller.as_deref()) == Some(controller_name)
-            });
+            || class_named(class).is_some_and(|c| controller(c) == Some(controller_name));
     }
     if let Some(legacy) = ing
         .metadata
@@ -127,12 +163,5 @@ fn ours<'c>(
     }
     // No class at all: the default IngressClass applies, and we serve it only when the default
     // is one of ours.
-    all_classes.any(|c| {
-        c.spec.as_ref().and_then(|s| s.controller.as_deref()) == Some(controller_name)
-            && c.metadata
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(DEFAULT_CLASS_ANNOTATION))
-                .is_some_and(|v| v == "true")
-    })
+    all_classes.any(|c| controller(c) == Some(controller_name) && is_default(c))
 }

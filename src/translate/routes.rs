@@ -68,6 +68,7 @@ fn id(n: usize) -> u32 {
 /// order, and the host table and backend list are sorted or placed by id.
 pub(super) fn derive<'a>(inputs: &'a Inputs, opts: &Options, diags: &mut Diags) -> Routes {
     let index = Index::new(inputs, diags);
+    class::check_defaults(&index, opts, diags);
     let ours: Vec<_> = index
         .ingresses
         .iter()

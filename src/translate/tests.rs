@@ -404,6 +404,39 @@ fn class_by_legacy_annotation() {
     assert_eq!(hit(&s, "b.test", "/"), "404");
 }
 
+/// Our default class beside another controller's default: a class-less Ingress is served
+/// (by both controllers), and our class says so.
+#[test]
+fn two_default_classes_of_two_controllers_warn_on_ours() {
+    let w = World::web()
+        .ing(
+            Ing::new("default", "plain")
+                .no_class()
+                .path("a.test", "Prefix", "/", "web", svc80()),
+        )
+        .class(class("portico", DEFAULT_CONTROLLER_NAME, true))
+        .class(class("nginx", "k8s.io/ingress-nginx", true));
+    let (s, d) = w.run();
+    assert_eq!(hit(&s, "a.test", "/"), "default/web:80");
+    let d = only(&d, Severity::Warning, "AmbiguousDefaultClass");
+    assert_eq!(
+        (d.kind.as_str(), d.name.as_str()),
+        ("IngressClass", "portico")
+    );
+    assert!(d.message.contains("nginx"), "{}", d.message);
+    // One default, or only others' defaults: nothing to say.
+    let (_, d) = World::web()
+        .class(class("portico", DEFAULT_CONTROLLER_NAME, true))
+        .class(class("nginx", "k8s.io/ingress-nginx", false))
+        .run();
+    assert!(d.is_empty(), "{d:?}");
+    let (_, d) = World::web()
+        .class(class("nginx", "k8s.io/ingress-nginx", true))
+        .class(class("haproxy", "haproxy.org/ingress-controller", true))
+        .run();
+    assert!(d.is_empty(), "{d:?}");
+}
+
 #[test]
 fn class_absent_served_only_by_our_default_class() {
     let ing = Ing::new("default", "plain")
