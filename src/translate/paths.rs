@@ -22,6 +22,11 @@ pub(super) enum PathError {
     InvalidChar(String),
     #[error("path {0:?} contains a malformed percent-escape")]
     BadEscape(String),
+    #[error(
+        "path {0:?} has segment parameters (`;`): request paths are matched without theirs, \
+         so it could never match (write it without them, or encode `;` as %3B)"
+    )]
+    Parameters(String),
 }
 
 impl PathError {
@@ -66,6 +71,11 @@ pub(super) fn parse_path(path: Option<&str>, path_type: &str) -> Result<PathRule
         }
     };
     let mut norm = normalize_rule_path(raw)?;
+    // Requests are routed without their `;` parameters (Snapshot::route): a rule with some
+    // would be dead.
+    if norm.contains(';') {
+        return Err(PathError::Parameters(raw.to_string()));
+    }
     if kind == PathKind::Prefix {
         // Prefix matching is element-wise and ignores a trailing slash: store `/foo` for
         // `/foo/` (the lookup then matches `/foo`, `/foo/` and `/foo/bar`); `/` stays `/`.

@@ -689,6 +689,9 @@ fn path_invalid_is_diagnosed_and_skipped() {
         ("Exact", Some("/a b"), "InvalidPath"),
         ("Prefix", Some("/a%zz"), "InvalidPath"),
         ("Prefix", Some("/a?b=1"), "InvalidPath"),
+        // Requests are routed without their `;` parameters: such a rule could never match.
+        ("Prefix", Some("/a;v=1"), "InvalidPath"),
+        ("Exact", Some("/a;v=1/b"), "InvalidPath"),
         ("Exact", None, "InvalidPath"),
         ("Regex", Some("/a"), "InvalidPathType"),
     ];
