@@ -37,11 +37,13 @@ use super::health::ActiveHealth;
 /// over the cap). nginx's `keepalive` and ingress-nginx's `upstream-keepalive-connections`
 /// are in the same range (hundreds); unused ones leave after [`POOL_IDLE_TIMEOUT`].
 pub const MAX_IDLE_PER_ENDPOINT: usize = 256;
-/// Idle pooled connections older than this are dropped. The brief sets no value; many app
-/// servers close idle connections sooner (Node and uvicorn after 5 s): such a connection is
-/// usually found closed when taken and skipped ([`STALE_CONNECTION_ALLOWANCE`]), but one whose
-/// close crosses a request fails that request (retried only when idempotent and bodiless).
-pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Idle pooled connections older than this are dropped: 60 s, ingress-nginx's
+/// `upstream-keepalive-timeout`, below nginx's own 75 s `keepalive_timeout` (a common app
+/// server), so portico closes first. The brief sets no value. Servers that close idle
+/// connections sooner (Node and uvicorn after 5 s) are usually found closed when taken and
+/// skipped ([`STALE_CONNECTION_ALLOWANCE`]), but a close that crosses a request fails that
+/// request (retried only when idempotent and bodiless).
+pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Pooled connections found closed at send time that may be skipped per request without
 /// counting as a retry or an endpoint failure.
 pub const STALE_CONNECTION_ALLOWANCE: u32 = 2;
@@ -1823,6 +1825,39 @@ mod tests {
         retained.prune(Some(&snapshot(Vec::new())));
         assert_eq!((read(&u.cursors).len(), read(&u.in_flight).len()), (0, 0));
         assert!(read(&u.health).is_empty());
+    }
+
+    /// An idle pooled HTTP/1.1 connection is reused until [`POOL_IDLE_TIMEOUT`] (60 s), and
+    /// not after: by then an nginx upstream (75 s `keepalive_timeout`) has not closed it yet,
+    /// so portico never sends on a connection such a server is closing.
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_pooled_connection_is_reused_until_the_idle_timeout() {
+        assert!(POOL_IDLE_TIMEOUT < Duration::from_secs(75));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        // Holds each accepted socket open (an upstream that never closes idle connections).
+        let held = tokio::spawn(async move {
+            let mut socks = Vec::new();
+            while let Ok((s, _)) = listener.accept().await {
+                socks.push(s);
+            }
+        });
+        let pool = Pool::default();
+        for _ in 0..2 {
+            let tcp = TcpStream::connect(addr).await.expect("connect");
+            let (tx, conn) = http1::handshake::<_, ProxyBody>(TokioIo::new(tcp))
+                .await
+                .expect("handshake");
+            tokio::spawn(conn);
+            pool.put(addr, tx);
+        }
+        tokio::time::advance(POOL_IDLE_TIMEOUT - Duration::from_secs(1)).await;
+        assert!(pool.take_h1(addr).is_some(), "59 s idle: reused");
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(pool.take_h1(addr).is_none(), "61 s idle: dropped");
+        held.abort();
     }
 
     /// An h2c connection is idle from when its last stream ended, not from when it began: a
