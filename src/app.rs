@@ -77,7 +77,7 @@ fn check(args: &CheckArgs) -> ExitCode {
     let (snapshot, translated) = translate::translate(&inputs, &args.translate.options());
     diagnostics.extend(translated);
     diagnostics.extend(translate::certificate_diagnostics(
-        &snapshot.tls,
+        &snapshot.tls.certificates(),
         &inputs.secrets,
         crate::rebuild::unix_now(),
     ));

@@ -213,8 +213,9 @@ impl CertWatch {
         if same && self.next.is_none_or(|t| now < t) {
             return &self.diagnostics;
         }
+        // Each certificate once, with its names: for the gauge, the warnings and the next date.
+        let certs = tls.certificates();
         if !same {
-            let certs = tls.certificates();
             let mut expiry: BTreeMap<(&str, &str), i64> = BTreeMap::new();
             for (cert, _) in &certs {
                 if let Some(v) = cert.validity {
@@ -228,8 +229,8 @@ impl CertWatch {
                 &expiry,
             );
         }
-        self.diagnostics = translate::certificate_diagnostics(tls, secrets, now);
-        self.next = translate::next_validity_change(tls, now);
+        self.diagnostics = translate::certificate_diagnostics(&certs, secrets, now);
+        self.next = translate::next_validity_change(&certs, now);
         self.tls = Some(Arc::clone(tls));
         &self.diagnostics
     }

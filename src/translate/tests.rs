@@ -985,7 +985,8 @@ fn tls_certificate_dates_are_judged_by_the_callers_clock() {
     );
     // 2027-01-15.
     let now = 1_799_971_200;
-    let d = super::certificate_diagnostics(&s.tls, &w.0.secrets, now);
+    let certs = s.tls.certificates();
+    let d = super::certificate_diagnostics(&certs, &w.0.secrets, now);
     assert_eq!(
         reasons(&d),
         [
@@ -1006,11 +1007,11 @@ fn tls_certificate_dates_are_judged_by_the_callers_clock() {
     );
     // The next date: `early` turns valid as `fine` expires.
     assert_eq!(
-        super::next_validity_change(&s.tls, now),
+        super::next_validity_change(&certs, now),
         Some(32_472_144_000)
     );
-    assert_eq!(super::next_validity_change(&s.tls, 32_503_680_000), None);
-    assert!(super::certificate_diagnostics(&s.tls, &w.0.secrets, 946_684_800).len() == 1);
+    assert_eq!(super::next_validity_change(&certs, 32_503_680_000), None);
+    assert!(super::certificate_diagnostics(&certs, &w.0.secrets, 946_684_800).len() == 1);
 }
 
 /// `;` parameters do not hide a segment from its rule: `/admin;x=1` is routed as `/admin`

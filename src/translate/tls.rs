@@ -137,19 +137,19 @@ fn validity(leaf: &CertificateDer<'_>) -> Option<Validity> {
     })
 }
 
-/// Warnings for the certificates of `tls` that clients refuse at `now` (Unix seconds): past
+/// Warnings for the certificates (`TlsTable::certificates`) that clients refuse at `now` (Unix seconds): past
 /// their `notAfter` (`CertificateExpired`) or before their `notBefore`
 /// (`CertificateNotYetValid`), about the Secret they came from (its uid from `secrets`, so
 /// its Events show on `kubectl describe secret`). They are served all the same: a renewed
 /// Secret replaces them. Pure: the caller brings the clock (the rebuild loop checks again at
 /// [`next_validity_change`]).
 pub fn certificate_diagnostics(
-    tls: &TlsTable,
+    certificates: &[(&CertKey, Vec<String>)],
     secrets: &[Arc<Secret>],
     now: i64,
 ) -> Vec<Diagnostic> {
     let mut out = Vec::new();
-    for (cert, names) in tls.certificates() {
+    for (cert, names) in certificates {
         let Some(v) = cert.validity else {
             continue;
         };
@@ -190,11 +190,11 @@ pub fn certificate_diagnostics(
     out
 }
 
-/// The next instant (Unix seconds, after `now`) at which a certificate of `tls` becomes valid
+/// The next instant (Unix seconds, after `now`) at which one of the certificates becomes valid
 /// or expires: when [`certificate_diagnostics`] would say something new.
-pub fn next_validity_change(tls: &TlsTable, now: i64) -> Option<i64> {
-    tls.certificates()
-        .into_iter()
+pub fn next_validity_change(certificates: &[(&CertKey, Vec<String>)], now: i64) -> Option<i64> {
+    certificates
+        .iter()
         .filter_map(|(cert, _)| cert.validity)
         .flat_map(|v| [v.not_before, v.not_after])
         .filter(|t| *t > now)
